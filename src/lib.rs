@@ -1,0 +1,14 @@
+//! IDAICS agent: receives spine CT series over DICOM, classifies each intervertebral disc with a
+//! YOLOv8-seg network and reports the findings back to the PACS.
+//!
+//! Modules follow the data flow: [`scp`] receives instances into the [`spool`], [`series`]
+//! decides when a series is complete; the analysis stages attach to the decisions it emits.
+
+pub mod cli;
+pub mod config;
+pub mod scp;
+pub mod series;
+pub mod service;
+pub mod spool;
+pub mod synthetic;
+pub mod systemd;

@@ -1,0 +1,168 @@
+//! DIMSE command sets (PS3.7 section 9 and annex E): the few fields the SCP reads from requests
+//! and the responses it writes. Command sets are always Implicit VR Little Endian.
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+
+pub const C_STORE_RQ: u16 = 0x0001;
+pub const C_ECHO_RQ: u16 = 0x0030;
+/// Bit set on the CommandField of every response.
+const RESPONSE_BIT: u16 = 0x8000;
+/// CommandDataSetType value meaning "no data set follows".
+const NO_DATA_SET: u16 = 0x0101;
+
+/// DIMSE status codes used by this SCP (PS3.4 annex B.2.3 and PS3.7 annex C).
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    pub const UNRECOGNIZED_OPERATION: u16 = 0x0211;
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    pub const DATA_SET_DOES_NOT_MATCH_SOP_CLASS: u16 = 0xA900;
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("command set does not parse: {0}")]
+    Unparsable(String),
+    #[error("command set lacks {0}")]
+    Missing(&'static str),
+}
+
+/// The fields of a request command set that the SCP acts on.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub command_field: u16,
+    pub message_id: u16,
+    pub has_data_set: bool,
+    pub affected_sop_class_uid: Option<String>,
+    pub affected_sop_instance_uid: Option<String>,
+}
+
+impl Request {
+    pub fn parse(bytes: &[u8]) -> Result<Request, CommandError> {
+        let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+            .map_err(|e| CommandError::Unparsable(e.to_string()))?;
+        let uint = |tag: Tag, name: &'static str| -> Result<u16, CommandError> {
+            obj.element(tag)
+                .ok()
+                .and_then(|e| e.to_int::<u16>().ok())
+                .ok_or(CommandError::Missing(name))
+        };
+        let uid = |tag: Tag| -> Option<String> {
+            obj.element(tag)
+                .ok()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| crate::spool::trim_uid(&s).to_string())
+        };
+        Ok(Request {
+            command_field: uint(tags::COMMAND_FIELD, "CommandField")?,
+            message_id: uint(tags::MESSAGE_ID, "MessageID")?,
+            has_data_set: uint(tags::COMMAND_DATA_SET_TYPE, "CommandDataSetType")? != NO_DATA_SET,
+            affected_sop_class_uid: uid(tags::AFFECTED_SOP_CLASS_UID),
+            affected_sop_instance_uid: uid(tags::AFFECTED_SOP_INSTANCE_UID),
+        })
+    }
+}
+
+/// Encodes the response to `request` with `status` and, for failures, an error comment that
+/// tells the sender's operator why (truncated to the 64 characters LO allows).
+pub fn response(request: &Request, status: u16, error_comment: Option<&str>) -> Vec<u8> {
+    let mut body = Vec::with_capacity(256);
+    if let Some(uid) = &request.affected_sop_class_uid {
+        put_text(&mut body, tags::AFFECTED_SOP_CLASS_UID, uid, 0);
+    }
+    put_u16(&mut body, tags::COMMAND_FIELD, request.command_field | RESPONSE_BIT);
+    put_u16(&mut body, tags::MESSAGE_ID_BEING_RESPONDED_TO, request.message_id);
+    put_u16(&mut body, tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET);
+    put_u16(&mut body, tags::STATUS, status);
+    if let Some(uid) = &request.affected_sop_instance_uid {
+        put_text(&mut body, tags::AFFECTED_SOP_INSTANCE_UID, uid, 0);
+    }
+    if let Some(comment) = error_comment {
+        let clean: String = comment
+            .chars()
+            .map(|c| if c.is_ascii() && !c.is_ascii_control() && c != '\\' { c } else { ' ' })
+            .take(64)
+            .collect();
+        put_text(&mut body, tags::ERROR_COMMENT, &clean, b' ');
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
+    put_u32(&mut out, tags::COMMAND_GROUP_LENGTH, body.len() as u32);
+    out.extend_from_slice(&body);
+    out
+}
+
+fn put_header(out: &mut Vec<u8>, tag: Tag, len: u32) {
+    out.extend_from_slice(&tag.group().to_le_bytes());
+    out.extend_from_slice(&tag.element().to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
+}
+
+fn put_u16(out: &mut Vec<u8>, tag: Tag, value: u16) {
+    put_header(out, tag, 2);
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, tag: Tag, value: u32) {
+    put_header(out, tag, 4);
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_text(out: &mut Vec<u8>, tag: Tag, value: &str, pad: u8) {
+    let padded_len = value.len() + value.len() % 2;
+    put_header(out, tag, padded_len as u32);
+    out.extend_from_slice(value.as_bytes());
+    if value.len() % 2 == 1 {
+        out.push(pad);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_round_trips_through_the_parser() {
+        let request = Request {
+            command_field: C_STORE_RQ,
+            message_id: 7,
+            has_data_set: true,
+            affected_sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".into()),
+            affected_sop_instance_uid: Some("1.2.3".into()),
+        };
+        let bytes = response(&request, status::OUT_OF_RESOURCES, Some("disk full"));
+        let obj = InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
+        assert_eq!(obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(), 0x8001);
+        assert_eq!(obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(), 0xA700);
+        assert_eq!(obj.element(tags::MESSAGE_ID_BEING_RESPONDED_TO).unwrap().to_int::<u16>().unwrap(), 7);
+        assert_eq!(obj.element(tags::ERROR_COMMENT).unwrap().to_str().unwrap().trim(), "disk full");
+        let group_length = obj.element(tags::COMMAND_GROUP_LENGTH).unwrap().to_int::<u32>().unwrap();
+        assert_eq!(group_length as usize, bytes.len() - 12);
+    }
+
+    #[test]
+    fn store_request_is_parsed() {
+        let mut bytes = Vec::new();
+        put_text(&mut bytes, tags::AFFECTED_SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.2", 0);
+        put_u16(&mut bytes, tags::COMMAND_FIELD, C_STORE_RQ);
+        put_u16(&mut bytes, tags::MESSAGE_ID, 3);
+        put_u16(&mut bytes, tags::PRIORITY, 0);
+        put_u16(&mut bytes, tags::COMMAND_DATA_SET_TYPE, 0x0000);
+        put_text(&mut bytes, tags::AFFECTED_SOP_INSTANCE_UID, "1.2.345", 0);
+        let parsed = Request::parse(&bytes).unwrap();
+        assert_eq!(parsed.command_field, C_STORE_RQ);
+        assert_eq!(parsed.message_id, 3);
+        assert!(parsed.has_data_set);
+        assert_eq!(parsed.affected_sop_instance_uid.as_deref(), Some("1.2.345"));
+        assert_eq!(parsed.affected_sop_class_uid.as_deref(), Some("1.2.840.10008.5.1.4.1.1.2"));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Request::parse(&[1, 2, 3]).is_err());
+        assert!(Request::parse(&[]).is_err());
+    }
+}

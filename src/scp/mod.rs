@@ -1,0 +1,528 @@
+//! The DICOM storage SCP: one tokio task per association on dicom-ul's async API.
+//!
+//! Verification and CT / Enhanced CT storage; other storage SOP classes are refused at
+//! negotiation or accepted and discarded, as configured. Each instance is streamed into the spool
+//! fragment by fragment (memory per association is bounded by the PDU size), made durable, checked,
+//! and only then answered with Success. Every failure maps to a DIMSE status and a log line.
+
+pub mod dimse;
+mod storage_sop_classes;
+pub mod transfer_syntaxes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dicom_dictionary_std::uids;
+use dicom_ul::association::server::{AccessControl, ServerAssociationOptions};
+use dicom_ul::association::{Association, AsyncServerAssociation};
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, PDataValue, PDataValueType, PresentationContextNegotiated, PresentationContextResultReason,
+    UserIdentity,
+};
+use dicom_ul::Pdu;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, field};
+
+use crate::config::{Config, OtherSopClassPolicy, PeerRule};
+use crate::series::{AssociationId, TrackerEvent};
+use crate::spool::{self, PartialInstance, Spool, SpoolError, StoreRequest};
+use dimse::status;
+
+pub use storage_sop_classes::STORAGE_SOP_CLASSES;
+
+/// The storage SOP classes this agent analyses.
+pub const CT_SOP_CLASSES: &[&str] = &[uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE];
+
+/// Counters for logs now and the metrics endpoint later.
+#[derive(Debug, Default)]
+pub struct ScpStats {
+    pub associations_accepted: AtomicU64,
+    pub associations_rejected: AtomicU64,
+    pub instances_stored: AtomicU64,
+    pub bytes_stored: AtomicU64,
+    pub instances_discarded: AtomicU64,
+    pub store_failures: AtomicU64,
+}
+
+/// What an association task needs, shared by all of them.
+pub struct ScpContext {
+    pub config: Arc<Config>,
+    pub spool: Arc<Spool>,
+    pub tracker: mpsc::UnboundedSender<TrackerEvent>,
+    pub stats: Arc<ScpStats>,
+    peer_rules: Vec<PeerRule>,
+    next_association: AtomicU64,
+}
+
+impl ScpContext {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        tracker: mpsc::UnboundedSender<TrackerEvent>,
+        stats: Arc<ScpStats>,
+    ) -> ScpContext {
+        ScpContext {
+            peer_rules: config.peer_rules(),
+            config,
+            spool,
+            tracker,
+            stats,
+            next_association: AtomicU64::new(1),
+        }
+    }
+
+    fn disk_is_low(&self) -> Option<u64> {
+        let free = spool::free_disk_bytes(self.spool.spool_dir()).ok()?;
+        (free < self.config.limits.min_free_disk_bytes()).then_some(free)
+    }
+}
+
+/// Accepts associations until `shutdown` turns true, then gives open associations the configured
+/// grace period to finish before aborting them.
+pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
+    let mut associations = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(_) = associations.join_next(), if !associations.is_empty() => {}
+            accepted = listener.accept() => {
+                let (socket, peer) = match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = socket.set_nodelay(true);
+                let id = ctx.next_association.fetch_add(1, Ordering::Relaxed);
+                let span = tracing::info_span!("association", id, peer = %peer, calling_ae = field::Empty, called_ae = field::Empty);
+                let ctx = ctx.clone();
+                match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        associations.spawn(async move {
+                            handle_connection(socket, peer, id, ctx).await;
+                            drop(permit);
+                        }.instrument(span));
+                    }
+                    Err(_) => {
+                        associations.spawn(async move {
+                            tracing::warn!(limit = ctx.config.limits.max_associations, "too many associations; rejecting (transient)");
+                            ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+                            reject(socket, AssociationRJResult::Transient, AssociationRJSource::ServiceProviderPresentation(
+                                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded)).await;
+                        }.instrument(span));
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    let open = associations.len();
+    if open > 0 {
+        let grace = Duration::from_secs(ctx.config.limits.shutdown_grace_s);
+        tracing::info!(open, grace_s = grace.as_secs(), "shutting down: waiting for open associations");
+        let drained = tokio::time::timeout(grace, async { while associations.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!(open = associations.len(), "grace period over: aborting open associations");
+            associations.abort_all();
+            while associations.join_next().await.is_some() {}
+        }
+    }
+}
+
+/// Reads the association request (so the peer is waiting for an answer) and rejects it.
+async fn reject(mut socket: TcpStream, result: AssociationRJResult, source: AssociationRJSource) {
+    let mut header = [0u8; 6];
+    let read = async {
+        socket.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]).min(1 << 20);
+        let mut body = vec![0u8; len as usize];
+        socket.read_exact(&mut body).await
+    };
+    if tokio::time::timeout(Duration::from_secs(10), read).await.is_err() {
+        return;
+    }
+    let mut out = Vec::new();
+    if dicom_ul::write_pdu(&mut out, &Pdu::AssociationRJ(AssociationRJ { result, source })).is_ok() {
+        let _ = socket.write_all(&out).await;
+        let _ = socket.shutdown().await;
+    }
+}
+
+/// Called/calling AE title policy, applied by dicom-ul during negotiation.
+#[derive(Clone)]
+struct AeTitlePolicy {
+    require_called_ae_title: bool,
+    allowed_calling: Vec<String>,
+}
+
+impl AccessControl for AeTitlePolicy {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        if self.require_called_ae_title && called_ae_title.trim() != this_ae_title.trim() {
+            tracing::warn!(called_ae = called_ae_title.trim(), "called AE title does not match ours; rejecting");
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        if !self.allowed_calling.is_empty() && !self.allowed_calling.iter().any(|a| a == calling_ae_title.trim()) {
+            tracing::warn!(calling_ae = calling_ae_title.trim(), "calling AE title not in the allow-list; rejecting");
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        Ok(())
+    }
+}
+
+fn association_options(config: &Config) -> ServerAssociationOptions<'static, AeTitlePolicy, dicom_ul::association::server::DefaultNegotiation> {
+    let mut options = ServerAssociationOptions::new()
+        .ae_access_control(AeTitlePolicy {
+            require_called_ae_title: config.dicom.require_called_ae_title,
+            allowed_calling: config.dicom.allowed_calling_ae_titles.clone(),
+        })
+        .ae_title(config.dicom.ae_title.clone())
+        .max_pdu_length(config.limits.max_pdu_length)
+        .read_timeout(config.limits.idle_timeout())
+        .with_abstract_syntax(uids::VERIFICATION);
+    options = match config.dicom.other_sop_classes {
+        OtherSopClassPolicy::Refuse => CT_SOP_CLASSES.iter().fold(options, |o, uid| o.with_abstract_syntax(*uid)),
+        OtherSopClassPolicy::Discard => STORAGE_SOP_CLASSES.iter().fold(options, |o, (uid, _)| o.with_abstract_syntax(*uid)),
+    };
+    transfer_syntaxes::ACCEPTED.iter().fold(options, |o, (uid, _)| o.with_transfer_syntax(*uid))
+}
+
+/// Where the data set of the current C-STORE goes.
+enum Sink {
+    Spool(PartialInstance),
+    Discard,
+    /// Already failed: remaining fragments are read and dropped, then this status is sent.
+    Fail { status: u16, reason: String },
+}
+
+/// Tallies for the end-of-association log line.
+#[derive(Default)]
+struct Tally {
+    stored: u64,
+    bytes: u64,
+    discarded: u64,
+    failed: u64,
+}
+
+struct Session<'a> {
+    ctx: &'a ScpContext,
+    id: AssociationId,
+    calling_ae: String,
+    contexts: Vec<PresentationContextNegotiated>,
+    command_bytes: Vec<u8>,
+    current: Option<(dimse::Request, u8, Sink)>,
+    tally: Tally,
+}
+
+async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: Arc<ScpContext>) {
+    if !ctx.peer_rules.is_empty() && !ctx.peer_rules.iter().any(|r| r.matches(peer.ip())) {
+        tracing::warn!("peer address not in the allow-list; rejecting");
+        ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+        reject(socket, AssociationRJResult::Permanent, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven)).await;
+        return;
+    }
+    if let Some(free) = ctx.disk_is_low() {
+        tracing::error!(free_mb = free / (1024 * 1024), min_mb = ctx.config.limits.min_free_disk_mb, "free disk below the minimum; rejecting association (transient)");
+        ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+        reject(socket, AssociationRJResult::Transient, AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded)).await;
+        return;
+    }
+    let options = association_options(&ctx.config);
+    let established = tokio::time::timeout(ctx.config.limits.association_timeout(), options.establish_async(socket)).await;
+    let mut association = match established {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => {
+            ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "association not established");
+            return;
+        }
+        Err(_) => {
+            ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("no association request within the timeout; closing");
+            return;
+        }
+    };
+    ctx.stats.associations_accepted.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::Span::current();
+    span.record("calling_ae", association.peer_ae_title().trim());
+    span.record("called_ae", association.called_ae_title().trim());
+    let accepted: Vec<String> = association
+        .presentation_contexts()
+        .iter()
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .map(|pc| format!("{}:{}", transfer_syntaxes::short_sop_name(&pc.abstract_syntax), transfer_syntaxes::name(&pc.transfer_syntax)))
+        .collect();
+    tracing::info!(contexts = ?accepted, "association accepted");
+
+    let mut session = Session {
+        ctx: &ctx,
+        id,
+        calling_ae: association.peer_ae_title().trim().to_string(),
+        contexts: association.presentation_contexts().to_vec(),
+        command_bytes: Vec::new(),
+        current: None,
+        tally: Tally::default(),
+    };
+    let released = session.run(&mut association).await;
+    let _ = ctx.tracker.send(TrackerEvent::AssociationEnded { association: id, released });
+    let t = &session.tally;
+    tracing::info!(released, stored = t.stored, bytes = t.bytes, discarded = t.discarded, failed = t.failed, "association ended");
+}
+
+impl Session<'_> {
+    /// Serves DIMSE requests until release (true) or abort/error (false).
+    async fn run(&mut self, association: &mut AsyncServerAssociation<TcpStream>) -> bool {
+        loop {
+            let pdu = match association.receive().await {
+                Ok(pdu) => pdu,
+                Err(e) => {
+                    tracing::warn!(error = %e, "association broken or idle too long");
+                    let _ = abort(association).await;
+                    return false;
+                }
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    for value in data {
+                        match self.on_pdv(association, value).await {
+                            Ok(()) => {}
+                            Err(reason) => {
+                                tracing::warn!(%reason, "protocol error; aborting association");
+                                let _ = abort(association).await;
+                                return false;
+                            }
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    if self.current.is_some() {
+                        tracing::warn!("release requested in the middle of an instance; it was not acknowledged");
+                    }
+                    let _ = association.send(&Pdu::ReleaseRP).await;
+                    return true;
+                }
+                Pdu::AbortRQ { source } => {
+                    tracing::warn!(?source, "association aborted by the peer");
+                    return false;
+                }
+                other => {
+                    tracing::warn!(pdu = ?std::mem::discriminant(&other), "unexpected PDU; aborting association");
+                    let _ = abort(association).await;
+                    return false;
+                }
+            }
+        }
+    }
+
+    async fn on_pdv(&mut self, association: &mut AsyncServerAssociation<TcpStream>, value: PDataValue) -> Result<(), String> {
+        match value.value_type {
+            PDataValueType::Command => {
+                if self.current.is_some() {
+                    return Err("a command arrived before the previous data set was complete".into());
+                }
+                if self.command_bytes.len() + value.data.len() > 1 << 20 {
+                    return Err("command set larger than 1 MiB".into());
+                }
+                self.command_bytes.extend_from_slice(&value.data);
+                if value.is_last {
+                    let bytes = std::mem::take(&mut self.command_bytes);
+                    let request = dimse::Request::parse(&bytes).map_err(|e| e.to_string())?;
+                    self.on_command(association, request, value.presentation_context_id).await?;
+                }
+                Ok(())
+            }
+            PDataValueType::Data => {
+                let Some((_, pc_id, sink)) = self.current.as_mut() else {
+                    return Err("a data set fragment arrived without a command".into());
+                };
+                if *pc_id != value.presentation_context_id {
+                    return Err("data set fragment on a different presentation context than its command".into());
+                }
+                if let Sink::Spool(partial) = sink {
+                    if let Err(e) = partial.write_fragment(&value.data) {
+                        *sink = Sink::Fail { status: status::OUT_OF_RESOURCES, reason: e.to_string() };
+                    }
+                }
+                if value.is_last {
+                    let (request, pc_id, sink) = self.current.take().expect("checked above");
+                    let (code, reason) = self.finish_store(sink).await;
+                    self.respond(association, &request, pc_id, code, reason.as_deref()).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_command(
+        &mut self,
+        association: &mut AsyncServerAssociation<TcpStream>,
+        request: dimse::Request,
+        pc_id: u8,
+    ) -> Result<(), String> {
+        let Some(pc) = self
+            .contexts
+            .iter()
+            .find(|pc| pc.id == pc_id && pc.reason == PresentationContextResultReason::Acceptance)
+            .cloned()
+        else {
+            return Err(format!("request on presentation context {pc_id}, which was not accepted"));
+        };
+        match request.command_field {
+            dimse::C_ECHO_RQ => {
+                tracing::debug!("C-ECHO");
+                self.respond(association, &request, pc_id, status::SUCCESS, None).await
+            }
+            dimse::C_STORE_RQ if request.has_data_set => {
+                let sink = self.open_sink(&request, &pc);
+                self.current = Some((request, pc_id, sink));
+                Ok(())
+            }
+            dimse::C_STORE_RQ => {
+                self.respond(association, &request, pc_id, status::CANNOT_UNDERSTAND, Some("C-STORE without a data set")).await
+            }
+            other => {
+                tracing::warn!(command = format!("{other:#06x}"), "unsupported DIMSE operation");
+                if request.has_data_set {
+                    let sink = Sink::Fail { status: status::UNRECOGNIZED_OPERATION, reason: "operation not supported".into() };
+                    self.current = Some((request, pc_id, sink));
+                    Ok(())
+                } else {
+                    self.respond(association, &request, pc_id, status::UNRECOGNIZED_OPERATION, Some("operation not supported")).await
+                }
+            }
+        }
+    }
+
+    /// Decides where a C-STORE's data set goes before its first byte arrives.
+    fn open_sink(&self, request: &dimse::Request, pc: &PresentationContextNegotiated) -> Sink {
+        let sop_class = request
+            .affected_sop_class_uid
+            .clone()
+            .unwrap_or_else(|| spool::trim_uid(&pc.abstract_syntax).to_string());
+        if sop_class != spool::trim_uid(&pc.abstract_syntax) {
+            return Sink::Fail {
+                status: status::SOP_CLASS_NOT_SUPPORTED,
+                reason: format!("SOP class {sop_class} sent on a context negotiated for {}", pc.abstract_syntax),
+            };
+        }
+        if !CT_SOP_CLASSES.contains(&sop_class.as_str()) {
+            return match self.ctx.config.dicom.other_sop_classes {
+                OtherSopClassPolicy::Discard => Sink::Discard,
+                OtherSopClassPolicy::Refuse => Sink::Fail {
+                    status: status::SOP_CLASS_NOT_SUPPORTED,
+                    reason: format!("SOP class {sop_class} is not accepted"),
+                },
+            };
+        }
+        let sop_instance = request.affected_sop_instance_uid.clone().unwrap_or_default();
+        if let Err(e) = spool::check_uid(&sop_instance) {
+            return Sink::Fail { status: status::CANNOT_UNDERSTAND, reason: format!("invalid AffectedSOPInstanceUID: {e}") };
+        }
+        if let Some(free) = self.ctx.disk_is_low() {
+            return Sink::Fail {
+                status: status::OUT_OF_RESOURCES,
+                reason: format!("free disk {} MiB below the minimum of {} MiB", free >> 20, self.ctx.config.limits.min_free_disk_mb),
+            };
+        }
+        let store = StoreRequest {
+            sop_class_uid: sop_class,
+            sop_instance_uid: sop_instance,
+            transfer_syntax_uid: spool::trim_uid(&pc.transfer_syntax).to_string(),
+            calling_ae_title: self.calling_ae.clone(),
+        };
+        match self.ctx.spool.begin(store) {
+            Ok(partial) => Sink::Spool(partial),
+            Err(e) => Sink::Fail { status: status::OUT_OF_RESOURCES, reason: e.to_string() },
+        }
+    }
+
+    /// Commits or discards a fully received data set; returns the status to send.
+    async fn finish_store(&mut self, sink: Sink) -> (u16, Option<String>) {
+        let stats = &self.ctx.stats;
+        match sink {
+            Sink::Discard => {
+                self.tally.discarded += 1;
+                stats.instances_discarded.fetch_add(1, Ordering::Relaxed);
+                tracing::info!("instance of a non-CT SOP class accepted and discarded");
+                (status::SUCCESS, None)
+            }
+            Sink::Fail { status, reason } => self.failure(status, reason, None),
+            Sink::Spool(partial) => {
+                let sop_uid = partial.request().sop_instance_uid.clone();
+                let spool = self.ctx.spool.clone();
+                let committed = tokio::task::spawn_blocking(move || spool.commit(partial)).await;
+                match committed {
+                    Ok(Ok(stored)) => {
+                        self.tally.stored += 1;
+                        self.tally.bytes += stored.bytes;
+                        stats.instances_stored.fetch_add(1, Ordering::Relaxed);
+                        stats.bytes_stored.fetch_add(stored.bytes, Ordering::Relaxed);
+                        tracing::debug!(sop_uid = %sop_uid, path = %stored.path.display(), "instance stored");
+                        let _ = self.ctx.tracker.send(TrackerEvent::Stored { association: self.id, header: stored.header });
+                        (status::SUCCESS, None)
+                    }
+                    Ok(Err(e)) => {
+                        let code = match &e {
+                            e if e.is_local_resource_problem() => status::OUT_OF_RESOURCES,
+                            SpoolError::Mismatch { attribute: "SOPClassUID", .. } => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                            _ => status::CANNOT_UNDERSTAND,
+                        };
+                        self.failure(code, e.to_string(), Some(&sop_uid))
+                    }
+                    Err(join) => self.failure(status::OUT_OF_RESOURCES, format!("storage task failed: {join}"), Some(&sop_uid)),
+                }
+            }
+        }
+    }
+
+    fn failure(&mut self, code: u16, reason: String, sop_uid: Option<&str>) -> (u16, Option<String>) {
+        self.tally.failed += 1;
+        self.ctx.stats.store_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(status = format!("{code:#06X}"), sop_uid = sop_uid.unwrap_or(""), %reason, "store failed");
+        (code, Some(reason))
+    }
+
+    async fn respond(
+        &mut self,
+        association: &mut AsyncServerAssociation<TcpStream>,
+        request: &dimse::Request,
+        pc_id: u8,
+        code: u16,
+        reason: Option<&str>,
+    ) -> Result<(), String> {
+        let data = dimse::response(request, code, reason);
+        association
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc_id,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data,
+                }],
+            })
+            .await
+            .map_err(|e| format!("cannot send response: {e}"))
+    }
+}
+
+async fn abort(association: &mut AsyncServerAssociation<TcpStream>) -> Result<(), dicom_ul::association::Error> {
+    use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
+    association
+        .send(&Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) })
+        .await
+}

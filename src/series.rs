@@ -1,0 +1,536 @@
+//! Series completion: groups stored instances by series and decides when a series is complete,
+//! or why it is skipped.
+//!
+//! DICOM has no "end of series" message, so completion is inferred: a quiet period with no new
+//! instance, or the release of the association that carried the series when its slices already
+//! form a contiguous stack, bounded by a maximum wait. Decisions are written to the series'
+//! `series.json` in the spool, so a restarted agent neither repeats nor forgets them.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::config::SeriesConfig;
+use crate::spool::{InstanceHeader, SeriesRecord, Spool, SpoolError};
+
+/// Identifies one association for the tracker's bookkeeping.
+pub type AssociationId = u64;
+
+#[derive(Debug)]
+pub enum TrackerEvent {
+    /// An instance is durable in the spool.
+    Stored {
+        association: AssociationId,
+        header: InstanceHeader,
+    },
+    /// An association ended; `released` is false when it was aborted or broke.
+    AssociationEnded {
+        association: AssociationId,
+        released: bool,
+    },
+}
+
+/// A series the tracker decided on, handed to the pipeline.
+#[derive(Debug, Clone)]
+pub struct DecidedSeries {
+    pub dir: PathBuf,
+    pub record: SeriesRecord,
+}
+
+impl DecidedSeries {
+    pub fn is_complete(&self) -> bool {
+        self.record.state == "complete"
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    AssociationReleased,
+    QuietPeriod,
+    MaxWait,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::AssociationReleased => "association-released",
+            Trigger::QuietPeriod => "quiet-period",
+            Trigger::MaxWait => "max-wait",
+        }
+    }
+}
+
+struct PendingSeries {
+    study_uid: String,
+    instances: HashMap<String, InstanceHeader>,
+    first_seen: Instant,
+    last_seen: Instant,
+    carried_by: HashSet<AssociationId>,
+    revision: u32,
+}
+
+/// The outcome of looking at a series' geometry.
+#[derive(Debug, PartialEq)]
+pub enum Assessment {
+    /// A usable stack of this many slices (frames for multi-frame objects).
+    Stack { slices: usize },
+    /// Not usable as a volume, with the reason recorded for the administrator.
+    Skip(String),
+}
+
+/// Judges whether the instances of a series form one CT volume the pipeline can use.
+pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessment {
+    if let Some(m) = instances.iter().filter_map(|h| h.modality.as_deref()).find(|m| *m != "CT") {
+        return Assessment::Skip(format!("modality {m} is not CT"));
+    }
+    if instances.iter().any(|h| h.image_type.iter().any(|t| t == "LOCALIZER")) {
+        return Assessment::Skip("localizer (scout) images".into());
+    }
+    let slices: usize = instances.iter().map(|h| h.number_of_frames as usize).sum();
+    if slices < config.min_slices {
+        return Assessment::Skip(format!(
+            "{slices} slice(s); at least {} needed for a volume",
+            config.min_slices
+        ));
+    }
+    if instances.iter().any(|h| h.number_of_frames > 1) {
+        // Enhanced CT carries per-frame geometry in functional groups; the volume stage checks it.
+        return Assessment::Stack { slices };
+    }
+    let mut geometry = Vec::with_capacity(instances.len());
+    for h in instances {
+        match (h.image_position, h.image_orientation) {
+            (Some(p), Some(o)) => geometry.push((p, o)),
+            _ => {
+                return Assessment::Skip(format!(
+                    "instance {} lacks ImagePositionPatient or ImageOrientationPatient",
+                    h.sop_instance_uid
+                ));
+            }
+        }
+    }
+    let orientation = geometry[0].1;
+    if geometry
+        .iter()
+        .any(|(_, o)| o.iter().zip(orientation.iter()).any(|(a, b)| (a - b).abs() > 1e-3))
+    {
+        return Assessment::Skip("slices with different orientations".into());
+    }
+    let row = [orientation[0], orientation[1], orientation[2]];
+    let col = [orientation[3], orientation[4], orientation[5]];
+    let normal = cross(row, col);
+    let norm = dot(normal, normal).sqrt();
+    if !(0.9..1.1).contains(&norm) {
+        return Assessment::Skip("ImageOrientationPatient is not two unit orthogonal vectors".into());
+    }
+    let normal = normal.map(|x| x / norm);
+    let mut positions: Vec<([f64; 3], f64)> = geometry.iter().map(|(p, _)| (*p, dot(*p, normal))).collect();
+    positions.sort_by(|a, b| a.1.total_cmp(&b.1));
+    let gaps: Vec<f64> = positions.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    let mut sorted = gaps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    if median < 1e-3 {
+        return Assessment::Skip("most slices share one position (duplicates or several acquisitions)".into());
+    }
+    for (i, gap) in gaps.iter().enumerate() {
+        if (gap - median).abs() > config.spacing_tolerance * median {
+            let what = if *gap < 1e-3 {
+                "duplicate slice position"
+            } else if *gap > median {
+                "gap (missing slices)"
+            } else {
+                "uneven spacing"
+            };
+            return Assessment::Skip(format!(
+                "{what}: {gap:.2} mm between slices at {:.2} and {:.2} mm along the normal, median spacing {median:.2} mm",
+                positions[i].1,
+                positions[i + 1].1
+            ));
+        }
+    }
+    let first = positions[0].0;
+    let last = positions[positions.len() - 1].0;
+    let direction = [last[0] - first[0], last[1] - first[1], last[2] - first[2]];
+    let length = dot(direction, direction).sqrt();
+    let cos = (dot(direction, normal).abs() / length).clamp(-1.0, 1.0);
+    let tilt = cos.acos().to_degrees();
+    if tilt > config.max_tilt_degrees {
+        return Assessment::Skip(format!(
+            "oblique stack: slice positions deviate {tilt:.1} degrees from the image normal (gantry tilt or shear)"
+        ));
+    }
+    Assessment::Stack { slices }
+}
+
+fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
+    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
+}
+
+fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
+    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Tracks pending series and decides them. Owned by one task; fed through [`TrackerEvent`]s.
+pub struct SeriesTracker {
+    config: SeriesConfig,
+    spool: Arc<Spool>,
+    pending: HashMap<String, PendingSeries>,
+    /// Decided series: their instances and revision, to recognise resends and late additions.
+    decided: HashMap<String, (HashSet<String>, u32)>,
+    decisions: mpsc::UnboundedSender<DecidedSeries>,
+}
+
+impl SeriesTracker {
+    /// Rebuilds the tracker from the spool: decided series are remembered, undecided ones become
+    /// pending again with a fresh quiet period. Blocking (reads headers).
+    pub fn recover(
+        config: SeriesConfig,
+        spool: Arc<Spool>,
+        decisions: mpsc::UnboundedSender<DecidedSeries>,
+    ) -> Result<SeriesTracker, SpoolError> {
+        let mut tracker = SeriesTracker {
+            config,
+            spool,
+            pending: HashMap::new(),
+            decided: HashMap::new(),
+            decisions,
+        };
+        let now = Instant::now();
+        let mut recovered_instances = 0;
+        for series in tracker.spool.scan()? {
+            let sops: HashSet<String> = series
+                .instance_files
+                .iter()
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect();
+            match series.record {
+                Some(record) if record.instances == sops.len() => {
+                    tracker
+                        .decided
+                        .insert(series.series_instance_uid, (sops, record.revision));
+                }
+                record => {
+                    let mut instances = HashMap::new();
+                    for file in &series.instance_files {
+                        match InstanceHeader::read(file) {
+                            Ok(h) => {
+                                instances.insert(h.sop_instance_uid.clone(), h);
+                            }
+                            Err(e) => tracing::warn!(path = %file.display(), error = %e, "spooled file unreadable; left out of its series"),
+                        }
+                    }
+                    if instances.is_empty() {
+                        continue;
+                    }
+                    recovered_instances += instances.len();
+                    tracing::info!(
+                        series_uid = %series.series_instance_uid,
+                        instances = instances.len(),
+                        "recovered pending series from the spool"
+                    );
+                    tracker.pending.insert(
+                        series.series_instance_uid,
+                        PendingSeries {
+                            study_uid: series.study_instance_uid,
+                            instances,
+                            first_seen: now,
+                            last_seen: now,
+                            carried_by: HashSet::new(),
+                            revision: record.map_or(0, |r| r.revision),
+                        },
+                    );
+                }
+            }
+        }
+        tracing::info!(
+            pending = tracker.pending.len(),
+            decided = tracker.decided.len(),
+            recovered_instances,
+            "series state rebuilt from the spool"
+        );
+        Ok(tracker)
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn handle(&mut self, event: TrackerEvent) {
+        match event {
+            TrackerEvent::Stored { association, header } => self.on_stored(association, header),
+            TrackerEvent::AssociationEnded { association, released } => {
+                let carried: Vec<String> = self
+                    .pending
+                    .iter_mut()
+                    .filter_map(|(uid, s)| s.carried_by.remove(&association).then(|| uid.clone()))
+                    .collect();
+                if released && self.config.complete_on_release {
+                    for uid in carried {
+                        self.try_complete_on_release(&uid);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_stored(&mut self, association: AssociationId, header: InstanceHeader) {
+        let now = Instant::now();
+        let series_uid = header.series_instance_uid.clone();
+        if let Some((sops, revision)) = self.decided.get(&series_uid) {
+            if sops.contains(&header.sop_instance_uid) {
+                tracing::debug!(series_uid = %series_uid, sop_uid = %header.sop_instance_uid, "resent instance of a decided series");
+                return;
+            }
+            let revision = *revision;
+            let sops = self.decided.remove(&series_uid).map(|(s, _)| s).unwrap_or_default();
+            tracing::info!(series_uid = %series_uid, "new instance for a decided series: reopening it");
+            let dir = self.spool.series_dir(&header.study_instance_uid, &series_uid);
+            let instances = sops
+                .iter()
+                .filter_map(|sop| InstanceHeader::read(&dir.join(format!("{sop}.dcm"))).ok())
+                .map(|h| (h.sop_instance_uid.clone(), h))
+                .collect();
+            self.pending.insert(
+                series_uid.clone(),
+                PendingSeries {
+                    study_uid: header.study_instance_uid.clone(),
+                    instances,
+                    first_seen: now,
+                    last_seen: now,
+                    carried_by: HashSet::new(),
+                    revision,
+                },
+            );
+        }
+        let series = self.pending.entry(series_uid).or_insert_with(|| PendingSeries {
+            study_uid: header.study_instance_uid.clone(),
+            instances: HashMap::new(),
+            first_seen: now,
+            last_seen: now,
+            carried_by: HashSet::new(),
+            revision: 0,
+        });
+        series.last_seen = now;
+        series.carried_by.insert(association);
+        series.instances.insert(header.sop_instance_uid.clone(), header);
+    }
+
+    fn try_complete_on_release(&mut self, series_uid: &str) {
+        let Some(series) = self.pending.get(series_uid) else { return };
+        if !series.carried_by.is_empty() {
+            return; // another association is still sending this series
+        }
+        let headers: Vec<&InstanceHeader> = series.instances.values().collect();
+        let stated_total = headers.iter().filter_map(|h| h.images_in_acquisition).max();
+        let slices: usize = headers.iter().map(|h| h.number_of_frames as usize).sum();
+        if stated_total.is_some_and(|total| slices < total as usize) {
+            return;
+        }
+        if let Assessment::Stack { .. } = assess(&headers, &self.config) {
+            self.decide(series_uid, Trigger::AssociationReleased);
+        }
+    }
+
+    /// Decides series whose quiet period or maximum wait has passed.
+    pub fn tick(&mut self, now: Instant) {
+        let due: Vec<(String, Trigger)> = self
+            .pending
+            .iter()
+            .filter_map(|(uid, s)| {
+                if now.duration_since(s.first_seen) >= self.config.max_wait() {
+                    Some((uid.clone(), Trigger::MaxWait))
+                } else if now.duration_since(s.last_seen) >= self.config.quiet_period() {
+                    Some((uid.clone(), Trigger::QuietPeriod))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (uid, trigger) in due {
+            self.decide(&uid, trigger);
+        }
+    }
+
+    fn decide(&mut self, series_uid: &str, trigger: Trigger) {
+        let Some(series) = self.pending.remove(series_uid) else { return };
+        let headers: Vec<&InstanceHeader> = series.instances.values().collect();
+        let assessment = assess(&headers, &self.config);
+        let (state, skip_reason, slices) = match assessment {
+            Assessment::Stack { slices } => ("complete", None, slices),
+            Assessment::Skip(reason) => (
+                "skipped",
+                Some(reason),
+                headers.iter().map(|h| h.number_of_frames as usize).sum(),
+            ),
+        };
+        let record = SeriesRecord {
+            study_instance_uid: series.study_uid.clone(),
+            series_instance_uid: series_uid.to_string(),
+            state: state.to_string(),
+            skip_reason,
+            trigger: trigger.as_str().to_string(),
+            instances: series.instances.len(),
+            slices,
+            revision: series.revision + 1,
+            decided_at: now_rfc3339(),
+        };
+        if let Err(e) = self.spool.write_series_record(&record) {
+            // Keep it pending: the decision is retried at the next tick rather than lost.
+            tracing::error!(series_uid, error = %e, "cannot record series decision; will retry");
+            self.pending.insert(series_uid.to_string(), series);
+            return;
+        }
+        match &record.skip_reason {
+            None => tracing::info!(
+                series_uid, study_uid = %record.study_instance_uid, trigger = %record.trigger,
+                slices = record.slices, revision = record.revision, "series complete"
+            ),
+            Some(reason) => tracing::info!(
+                series_uid, study_uid = %record.study_instance_uid, trigger = %record.trigger,
+                slices = record.slices, reason = %reason, "series skipped"
+            ),
+        }
+        let sops = series.instances.keys().cloned().collect();
+        self.decided.insert(series_uid.to_string(), (sops, record.revision));
+        let dir = self.spool.series_dir(&record.study_instance_uid, series_uid);
+        let _ = self.decisions.send(DecidedSeries { dir, record });
+    }
+}
+
+/// Runs the tracker until the event channel closes.
+pub async fn run_tracker(mut tracker: SeriesTracker, mut events: mpsc::UnboundedReceiver<TrackerEvent>) {
+    let period = (tracker.config.quiet_period() / 4).clamp(
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(1),
+    );
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => tokio::task::block_in_place(|| tracker.handle(event)),
+                None => break,
+            },
+            _ = ticker.tick() => tokio::task::block_in_place(|| tracker.tick(Instant::now())),
+        }
+    }
+    tracing::debug!(pending = tracker.pending_count(), "series tracker stopped");
+}
+
+/// UTC time as RFC 3339 with seconds, without pulling in a date library for one format.
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(i: usize, z: f64) -> InstanceHeader {
+        InstanceHeader {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: format!("1.2.3.{i}"),
+            study_instance_uid: "1.2.3".into(),
+            series_instance_uid: "1.2.3.4".into(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            modality: Some("CT".into()),
+            image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
+            instance_number: Some(i as i32),
+            image_position: Some([-100.0, -100.0, z]),
+            image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
+            number_of_frames: 1,
+            images_in_acquisition: None,
+        }
+    }
+
+    fn judge(slices: &[InstanceHeader]) -> Assessment {
+        let refs: Vec<&InstanceHeader> = slices.iter().collect();
+        assess(&refs, &SeriesConfig::default())
+    }
+
+    #[test]
+    fn contiguous_stack_in_any_order_is_complete() {
+        let mut s: Vec<_> = (0..20).map(|i| slice(i, i as f64 * 1.25)).collect();
+        s.reverse();
+        s.swap(3, 11);
+        assert_eq!(judge(&s), Assessment::Stack { slices: 20 });
+    }
+
+    #[test]
+    fn skip_reasons_are_specific() {
+        let gappy: Vec<_> = (0..20).filter(|i| *i != 7).map(|i| slice(i, i as f64)).collect();
+        assert!(matches!(judge(&gappy), Assessment::Skip(r) if r.contains("gap")));
+
+        let mut dup: Vec<_> = (0..20).map(|i| slice(i, i as f64)).collect();
+        dup.push(slice(99, 5.0));
+        assert!(matches!(judge(&dup), Assessment::Skip(r) if r.contains("duplicate")));
+
+        let tilted: Vec<_> = (0..20)
+            .map(|i| {
+                let mut h = slice(i, i as f64);
+                h.image_position = Some([-100.0, -100.0 + i as f64 * 0.3, i as f64]);
+                h
+            })
+            .collect();
+        assert!(matches!(judge(&tilted), Assessment::Skip(r) if r.contains("oblique")));
+
+        let mut scout = vec![slice(0, 0.0), slice(1, 1.0)];
+        scout[0].image_type = vec!["ORIGINAL".into(), "PRIMARY".into(), "LOCALIZER".into()];
+        assert!(matches!(judge(&scout), Assessment::Skip(r) if r.contains("localizer")));
+
+        assert!(matches!(judge(&[slice(0, 0.0)]), Assessment::Skip(r) if r.contains("1 slice")));
+
+        let mut mr: Vec<_> = (0..5).map(|i| slice(i, i as f64)).collect();
+        mr[2].modality = Some("MR".into());
+        assert!(matches!(judge(&mr), Assessment::Skip(r) if r.contains("MR")));
+
+        let mut mixed: Vec<_> = (0..5).map(|i| slice(i, i as f64)).collect();
+        mixed[1].image_orientation = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+        assert!(matches!(judge(&mixed), Assessment::Skip(r) if r.contains("orientations")));
+    }
+
+    #[test]
+    fn sagittal_stack_is_judged_along_its_own_normal() {
+        let s: Vec<_> = (0..10)
+            .map(|i| {
+                let mut h = slice(i, 0.0);
+                h.image_orientation = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+                h.image_position = Some([i as f64 * 0.8, -120.0, 50.0]);
+                h
+            })
+            .collect();
+        assert_eq!(judge(&s), Assessment::Stack { slices: 10 });
+    }
+
+    #[test]
+    fn rfc3339_looks_right() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 20);
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
+}

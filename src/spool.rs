@@ -1,0 +1,503 @@
+//! The on-disk spool: the truth for what was received.
+//!
+//! An instance is streamed into `<state>/tmp/` while it arrives, made durable (fdatasync), checked,
+//! and only then renamed into `<state>/spool/<study>/<series>/<sop>.dcm` and its directory synced.
+//! Only after that may the SCP answer Success, so an acknowledged instance survives a crash or a
+//! power cut. Path components come from UIDs that passed [`check_uid`], never from raw input.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
+use serde::{Deserialize, Serialize};
+
+/// Instances up to this size are parsed whole (pixel data included) before they are accepted,
+/// which catches truncated pixel data; larger ones (big Enhanced CT objects) are checked up to
+/// the pixel data only, to keep memory bounded.
+const FULL_PARSE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Implementation Class UID written in the file meta of spooled files (a 2.25 UUID-derived root).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.190116135946232479478412063364591935811";
+pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("IDAICS_", env!("CARGO_PKG_VERSION"));
+
+/// Name of the per-series state file written when a series is completed or skipped.
+pub const SERIES_STATE_FILE: &str = "series.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("I/O error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("instance is larger than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("not a readable DICOM data set: {0}")]
+    Unparsable(String),
+    #[error("invalid {attribute}: {reason}")]
+    InvalidAttribute { attribute: &'static str, reason: String },
+    #[error("{attribute} in the data set ({in_dataset}) differs from the C-STORE request ({in_command})")]
+    Mismatch {
+        attribute: &'static str,
+        in_dataset: String,
+        in_command: String,
+    },
+}
+
+impl SpoolError {
+    /// True when the failure is ours (disk, permissions), not the sender's data.
+    pub fn is_local_resource_problem(&self) -> bool {
+        matches!(self, SpoolError::Io { .. } | SpoolError::TooLarge { .. })
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Checks a UID against PS3.5 section 9.1: 1 to 64 characters, digits and dots, components not
+/// empty and without leading zeros. Trailing NUL or space padding must already be stripped.
+pub fn check_uid(uid: &str) -> Result<(), String> {
+    if uid.is_empty() {
+        return Err("empty".into());
+    }
+    if uid.len() > 64 {
+        return Err(format!("{} characters long, at most 64", uid.len()));
+    }
+    for component in uid.split('.') {
+        if component.is_empty() {
+            return Err(format!("{uid:?} has an empty component"));
+        }
+        if !component.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{uid:?} has characters other than digits and dots"));
+        }
+        if component.len() > 1 && component.starts_with('0') {
+            return Err(format!("{uid:?} has a component with a leading zero"));
+        }
+    }
+    Ok(())
+}
+
+/// Strips the padding DICOM allows at the end of UI values.
+pub fn trim_uid(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
+/// Identifiers the C-STORE request announced, which the data set must repeat.
+#[derive(Debug, Clone)]
+pub struct StoreRequest {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub transfer_syntax_uid: String,
+    pub calling_ae_title: String,
+}
+
+/// What the rest of the agent needs to know about an instance, read from its header.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceHeader {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub transfer_syntax_uid: String,
+    pub modality: Option<String>,
+    pub image_type: Vec<String>,
+    pub instance_number: Option<i32>,
+    pub image_position: Option<[f64; 3]>,
+    pub image_orientation: Option<[f64; 6]>,
+    pub number_of_frames: u32,
+    pub images_in_acquisition: Option<u32>,
+}
+
+impl InstanceHeader {
+    /// Extracts and validates the header fields; the UIDs must be present and valid.
+    pub fn from_object(obj: &DefaultDicomObject) -> Result<InstanceHeader, SpoolError> {
+        let uid = |tag: Tag, attribute: &'static str| -> Result<String, SpoolError> {
+            let value = obj
+                .element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| trim_uid(&s).to_string())
+                .ok_or_else(|| SpoolError::InvalidAttribute {
+                    attribute,
+                    reason: "missing".into(),
+                })?;
+            check_uid(&value).map_err(|reason| SpoolError::InvalidAttribute { attribute, reason })?;
+            Ok(value)
+        };
+        let text = |tag: Tag| -> Option<String> {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_str().ok())
+                .map(|s| s.trim_matches([' ', '\0']).to_string())
+                .filter(|s| !s.is_empty())
+        };
+        let floats = |tag: Tag| -> Option<Vec<f64>> {
+            obj.element_opt(tag)
+                .ok()
+                .flatten()
+                .and_then(|e| e.to_multi_float64().ok())
+                .filter(|v| v.iter().all(|x| x.is_finite()))
+        };
+        let int = |tag: Tag| -> Option<i64> {
+            obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<i64>().ok())
+        };
+        Ok(InstanceHeader {
+            sop_class_uid: uid(tags::SOP_CLASS_UID, "SOPClassUID")?,
+            sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
+            study_instance_uid: uid(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
+            series_instance_uid: uid(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
+            transfer_syntax_uid: trim_uid(obj.meta().transfer_syntax()).to_string(),
+            modality: text(tags::MODALITY),
+            image_type: text(tags::IMAGE_TYPE)
+                .map(|s| s.split('\\').map(|p| p.trim().to_string()).collect())
+                .unwrap_or_default(),
+            instance_number: int(tags::INSTANCE_NUMBER).and_then(|v| i32::try_from(v).ok()),
+            image_position: floats(tags::IMAGE_POSITION_PATIENT)
+                .and_then(|v| <[f64; 3]>::try_from(v.as_slice()).ok()),
+            image_orientation: floats(tags::IMAGE_ORIENTATION_PATIENT)
+                .and_then(|v| <[f64; 6]>::try_from(v.as_slice()).ok()),
+            number_of_frames: int(tags::NUMBER_OF_FRAMES)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|v| *v > 0)
+                .unwrap_or(1),
+            images_in_acquisition: int(tags::IMAGES_IN_ACQUISITION)
+                .and_then(|v| u32::try_from(v).ok())
+                .filter(|v| *v > 0),
+        })
+    }
+
+    /// Reads the header of a spooled file (pixel data not loaded).
+    pub fn read(path: &Path) -> Result<InstanceHeader, SpoolError> {
+        let obj = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| SpoolError::Unparsable(e.to_string()))?;
+        Self::from_object(&obj)
+    }
+}
+
+/// The state of a series as recorded in its `series.json` once the tracker decided on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesRecord {
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    /// "complete" or "skipped".
+    pub state: String,
+    pub skip_reason: Option<String>,
+    /// What ended the wait: "association-released", "quiet-period", "max-wait".
+    pub trigger: String,
+    pub instances: usize,
+    pub slices: usize,
+    /// Counts completions of this series: a series reopened by later instances is decided again.
+    pub revision: u32,
+    pub decided_at: String,
+}
+
+/// A series directory found in the spool.
+#[derive(Debug)]
+pub struct SpooledSeries {
+    pub dir: PathBuf,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub record: Option<SeriesRecord>,
+    pub instance_files: Vec<PathBuf>,
+}
+
+/// A file being received into the temporary directory.
+pub struct PartialInstance {
+    file: File,
+    path: PathBuf,
+    written: u64,
+    limit: u64,
+    request: StoreRequest,
+}
+
+impl PartialInstance {
+    /// Appends a fragment of the data set as it came off the wire.
+    pub fn write_fragment(&mut self, data: &[u8]) -> Result<(), SpoolError> {
+        self.written += data.len() as u64;
+        if self.written > self.limit {
+            return Err(SpoolError::TooLarge { limit: self.limit });
+        }
+        self.file.write_all(data).map_err(io_err(&self.path))
+    }
+
+    pub fn request(&self) -> &StoreRequest {
+        &self.request
+    }
+}
+
+impl Drop for PartialInstance {
+    fn drop(&mut self) {
+        // Committed files were renamed away; anything still here was never acknowledged.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// An instance that is durable in the spool.
+#[derive(Debug, Clone)]
+pub struct StoredInstance {
+    pub path: PathBuf,
+    pub header: InstanceHeader,
+    pub bytes: u64,
+}
+
+pub struct Spool {
+    spool_dir: PathBuf,
+    tmp_dir: PathBuf,
+    fsync: bool,
+    max_instance_bytes: u64,
+    counter: AtomicU64,
+}
+
+impl Spool {
+    /// Creates the directories and removes temporary files a previous run left behind: they
+    /// were never acknowledged, so the sender still has them.
+    pub fn open(spool_dir: PathBuf, tmp_dir: PathBuf, fsync: bool, max_instance_bytes: u64) -> Result<Spool, SpoolError> {
+        fs::create_dir_all(&spool_dir).map_err(io_err(&spool_dir))?;
+        fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
+        let mut removed = 0;
+        for entry in fs::read_dir(&tmp_dir).map_err(io_err(&tmp_dir))?.flatten() {
+            if fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "removed unacknowledged partial files from a previous run");
+        }
+        Ok(Spool {
+            spool_dir,
+            tmp_dir,
+            fsync,
+            max_instance_bytes,
+            counter: AtomicU64::new(0),
+        })
+    }
+
+    pub fn spool_dir(&self) -> &Path {
+        &self.spool_dir
+    }
+
+    pub fn series_dir(&self, study_uid: &str, series_uid: &str) -> PathBuf {
+        self.spool_dir.join(study_uid).join(series_uid)
+    }
+
+    /// Opens a temporary file and writes the preamble and file meta group for an instance whose
+    /// data set will follow in fragments.
+    pub fn begin(&self, request: StoreRequest) -> Result<PartialInstance, SpoolError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.tmp_dir.join(format!("{}-{n}.part", std::process::id()));
+        let mut file = File::create(&path).map_err(io_err(&path))?;
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(request.sop_class_uid.as_str())
+            .media_storage_sop_instance_uid(request.sop_instance_uid.as_str())
+            .transfer_syntax(request.transfer_syntax_uid.as_str())
+            .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+            .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+            .source_application_entity_title(request.calling_ae_title.as_str())
+            .build()
+            .map_err(|e| SpoolError::InvalidAttribute {
+                attribute: "file meta",
+                reason: e.to_string(),
+            })?;
+        let mut head = Vec::with_capacity(512);
+        head.extend_from_slice(&[0u8; 128]);
+        head.extend_from_slice(b"DICM");
+        meta.write(&mut head).map_err(|e| SpoolError::InvalidAttribute {
+            attribute: "file meta",
+            reason: e.to_string(),
+        })?;
+        file.write_all(&head).map_err(io_err(&path))?;
+        Ok(PartialInstance {
+            file,
+            path,
+            written: 0,
+            limit: self.max_instance_bytes,
+            request,
+        })
+    }
+
+    /// Makes a received instance durable and moves it into the spool. Blocking: call it from a
+    /// blocking context. On error the temporary file is removed and nothing enters the spool.
+    pub fn commit(&self, partial: PartialInstance) -> Result<StoredInstance, SpoolError> {
+        if self.fsync {
+            partial.file.sync_data().map_err(io_err(&partial.path))?;
+        }
+        let bytes = partial.file.metadata().map(|m| m.len()).map_err(io_err(&partial.path))?;
+        let mut options = OpenFileOptions::new();
+        if bytes > FULL_PARSE_LIMIT {
+            options = options.read_until(tags::PIXEL_DATA);
+        }
+        let obj = options
+            .open_file(&partial.path)
+            .map_err(|e| SpoolError::Unparsable(e.to_string()))?;
+        let header = InstanceHeader::from_object(&obj)?;
+        drop(obj);
+        let request = &partial.request;
+        for (attribute, in_dataset, in_command) in [
+            ("SOPClassUID", &header.sop_class_uid, &request.sop_class_uid),
+            ("SOPInstanceUID", &header.sop_instance_uid, &request.sop_instance_uid),
+        ] {
+            if in_dataset != in_command {
+                return Err(SpoolError::Mismatch {
+                    attribute,
+                    in_dataset: in_dataset.clone(),
+                    in_command: in_command.clone(),
+                });
+            }
+        }
+        let series_dir = self.series_dir(&header.study_instance_uid, &header.series_instance_uid);
+        self.create_dirs_durably(&series_dir)?;
+        let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
+        fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
+        if self.fsync {
+            sync_dir(&series_dir)?;
+        }
+        Ok(StoredInstance {
+            path: final_path,
+            header,
+            bytes,
+        })
+    }
+
+    /// Creates missing directories down to `dir`, syncing each parent so a new directory entry
+    /// is as durable as the files inside it.
+    fn create_dirs_durably(&self, dir: &Path) -> Result<(), SpoolError> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let mut missing = Vec::new();
+        let mut cursor = dir;
+        while !cursor.is_dir() {
+            missing.push(cursor.to_path_buf());
+            match cursor.parent() {
+                Some(parent) => cursor = parent,
+                None => break,
+            }
+        }
+        for d in missing.iter().rev() {
+            match fs::create_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err(d)(e)),
+            }
+            if self.fsync {
+                if let Some(parent) = d.parent() {
+                    sync_dir(parent)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a series' decision atomically (temporary file, sync, rename, directory sync).
+    pub fn write_series_record(&self, record: &SeriesRecord) -> Result<(), SpoolError> {
+        let dir = self.series_dir(&record.study_instance_uid, &record.series_instance_uid);
+        let tmp = dir.join(format!(".{SERIES_STATE_FILE}.tmp"));
+        let json = serde_json::to_vec_pretty(record).expect("a record always serialises");
+        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
+        file.write_all(&json).map_err(io_err(&tmp))?;
+        if self.fsync {
+            file.sync_data().map_err(io_err(&tmp))?;
+        }
+        let path = dir.join(SERIES_STATE_FILE);
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        if self.fsync {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    }
+
+    /// Lists every series directory with its record (if decided) and its instance files.
+    pub fn scan(&self) -> Result<Vec<SpooledSeries>, SpoolError> {
+        scan_spool(&self.spool_dir)
+    }
+}
+
+/// Lists the series of a spool directory; usable without opening a [`Spool`] (the CLI does).
+pub fn scan_spool(spool_dir: &Path) -> Result<Vec<SpooledSeries>, SpoolError> {
+    let mut found = Vec::new();
+    let studies = match fs::read_dir(spool_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(io_err(spool_dir)(e)),
+    };
+    for study in studies.flatten() {
+        let study_uid = study.file_name().to_string_lossy().into_owned();
+        if check_uid(&study_uid).is_err() || !study.path().is_dir() {
+            continue;
+        }
+        for series in fs::read_dir(study.path()).map_err(io_err(&study.path()))?.flatten() {
+            let series_uid = series.file_name().to_string_lossy().into_owned();
+            let dir = series.path();
+            if check_uid(&series_uid).is_err() || !dir.is_dir() {
+                continue;
+            }
+            let record = fs::read(dir.join(SERIES_STATE_FILE))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<SeriesRecord>(&bytes).ok());
+            let mut instance_files: Vec<PathBuf> = fs::read_dir(&dir)
+                .map_err(io_err(&dir))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+                .collect();
+            instance_files.sort();
+            found.push(SpooledSeries {
+                dir,
+                study_instance_uid: study_uid.clone(),
+                series_instance_uid: series_uid,
+                record,
+                instance_files,
+            });
+        }
+    }
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    Ok(found)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
+}
+
+/// Free bytes available to unprivileged writers on the file system holding `path`.
+pub fn free_disk_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string and stat a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_checked_as_the_standard_says() {
+        assert!(check_uid("1.2.840.10008.5.1.4.1.1.2").is_ok());
+        assert!(check_uid("1.2.0.3").is_ok());
+        for bad in ["", "1..2", "1.02", "1.2.", "../etc", "1.2/3", "1.2.a", &"1.".repeat(40)] {
+            assert!(check_uid(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn free_disk_is_reported() {
+        assert!(free_disk_bytes(Path::new("/")).unwrap() > 0);
+        assert!(free_disk_bytes(Path::new("/no/such/dir")).is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! Synthetic CT series written with dicom-object: a cylinder of soft tissue with a bony ring, in
+//! Hounsfield units, on a regular axial grid. Used by the tests and the ingest benchmark, where a
+//! series with known geometry and UIDs is needed and no real patient data may be committed.
+
+use std::path::{Path, PathBuf};
+
+use dicom_core::value::PrimitiveValue;
+use dicom_core::{DataElement, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::InMemDicomObject;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyntheticError {
+    #[error("cannot create {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("cannot encode DICOM: {0}")]
+    Encode(String),
+}
+
+/// Shape of a synthetic series.
+#[derive(Debug, Clone)]
+pub struct SeriesSpec {
+    pub slices: usize,
+    pub size: u16,
+    pub pixel_spacing_mm: f64,
+    pub slice_spacing_mm: f64,
+    /// Determines the UIDs: the same seed gives the same study, series and instance UIDs.
+    pub seed: u64,
+    /// Reverses the file order relative to the slice order, as some scanners do.
+    pub reverse_instance_numbers: bool,
+}
+
+impl Default for SeriesSpec {
+    fn default() -> Self {
+        SeriesSpec {
+            slices: 40,
+            size: 128,
+            pixel_spacing_mm: 0.8,
+            slice_spacing_mm: 1.0,
+            seed: 1,
+            reverse_instance_numbers: false,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct SyntheticSeries {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub sop_uids: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+/// A UID under 2.25 (UUID-derived root, PS3.5 B.2) made deterministic from a seed and a role.
+pub fn derived_uid(seed: u64, role: u64) -> String {
+    let mut x = seed ^ role.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = || {
+        x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let value = (u128::from(next()) << 64 | u128::from(next())) >> 2;
+    format!("2.25.{value}")
+}
+
+/// Writes `spec.slices` CT Image Storage files named `slice_NNNN.dcm` into `dir`.
+pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries, SyntheticError> {
+    std::fs::create_dir_all(dir).map_err(|source| SyntheticError::Io { path: dir.to_path_buf(), source })?;
+    let study_uid = derived_uid(spec.seed, 1);
+    let series_uid = derived_uid(spec.seed, 2);
+    let frame_of_reference = derived_uid(spec.seed, 3);
+    let n = spec.size as usize;
+    let half_extent = spec.pixel_spacing_mm * (n as f64) / 2.0;
+    let mut written = SyntheticSeries {
+        study_uid: study_uid.clone(),
+        series_uid: series_uid.clone(),
+        sop_uids: Vec::new(),
+        files: Vec::new(),
+    };
+    for i in 0..spec.slices {
+        let sop_uid = derived_uid(spec.seed, 1000 + i as u64);
+        let z = -(i as f64) * spec.slice_spacing_mm;
+        let instance_number = if spec.reverse_instance_numbers { spec.slices - i } else { i + 1 };
+        let pixels = slice_pixels(n, spec.pixel_spacing_mm, i);
+        let mut obj = InMemDicomObject::new_empty();
+        let mut put = |tag, vr, value: PrimitiveValue| obj.put(DataElement::new(tag, vr, value));
+        put(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100".into());
+        put(tags::IMAGE_TYPE, VR::CS, strs(&["ORIGINAL", "PRIMARY", "AXIAL"]));
+        put(tags::SOP_CLASS_UID, VR::UI, uids::CT_IMAGE_STORAGE.into());
+        put(tags::SOP_INSTANCE_UID, VR::UI, sop_uid.as_str().into());
+        put(tags::STUDY_DATE, VR::DA, "20260101".into());
+        put(tags::STUDY_TIME, VR::TM, "120000".into());
+        put(tags::ACCESSION_NUMBER, VR::SH, format!("ACC{}", spec.seed).into());
+        put(tags::MODALITY, VR::CS, "CT".into());
+        put(tags::MANUFACTURER, VR::LO, "IDAICS synthetic".into());
+        put(tags::REFERRING_PHYSICIAN_NAME, VR::PN, "".into());
+        put(tags::PATIENT_NAME, VR::PN, "SYNTHETIC^PHANTOM".into());
+        put(tags::PATIENT_ID, VR::LO, format!("SYN{}", spec.seed).into());
+        put(tags::PATIENT_BIRTH_DATE, VR::DA, "".into());
+        put(tags::PATIENT_SEX, VR::CS, "O".into());
+        put(tags::BODY_PART_EXAMINED, VR::CS, "LSPINE".into());
+        put(tags::SLICE_THICKNESS, VR::DS, format!("{}", spec.slice_spacing_mm).into());
+        put(tags::KVP, VR::DS, "120".into());
+        put(tags::PATIENT_POSITION, VR::CS, "HFS".into());
+        put(tags::STUDY_INSTANCE_UID, VR::UI, study_uid.as_str().into());
+        put(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str().into());
+        put(tags::STUDY_ID, VR::SH, "1".into());
+        put(tags::SERIES_NUMBER, VR::IS, "2".into());
+        put(tags::INSTANCE_NUMBER, VR::IS, instance_number.to_string().into());
+        put(
+            tags::IMAGE_POSITION_PATIENT,
+            VR::DS,
+            strs(&[&format!("{:.3}", -half_extent), &format!("{:.3}", -half_extent), &format!("{z:.3}")]),
+        );
+        put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&["1", "0", "0", "0", "1", "0"]));
+        put(tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_of_reference.as_str().into());
+        put(tags::POSITION_REFERENCE_INDICATOR, VR::LO, "".into());
+        put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16));
+        put(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into());
+        put(tags::ROWS, VR::US, PrimitiveValue::from(spec.size));
+        put(tags::COLUMNS, VR::US, PrimitiveValue::from(spec.size));
+        let spacing = format!("{}", spec.pixel_spacing_mm);
+        put(tags::PIXEL_SPACING, VR::DS, strs(&[&spacing, &spacing]));
+        put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16));
+        put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16_u16));
+        put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15_u16));
+        put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(1_u16));
+        put(tags::WINDOW_CENTER, VR::DS, "40".into());
+        put(tags::WINDOW_WIDTH, VR::DS, "400".into());
+        put(tags::RESCALE_INTERCEPT, VR::DS, "-1024".into());
+        put(tags::RESCALE_SLOPE, VR::DS, "1".into());
+        put(tags::RESCALE_TYPE, VR::LO, "HU".into());
+        put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::I16(pixels.into()));
+        let meta = FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(uids::CT_IMAGE_STORAGE)
+            .media_storage_sop_instance_uid(sop_uid.as_str())
+            .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+            .implementation_class_uid(crate::spool::IMPLEMENTATION_CLASS_UID)
+            .build()
+            .map_err(|e| SyntheticError::Encode(e.to_string()))?;
+        let file_obj = obj.with_exact_meta(meta);
+        let path = dir.join(format!("slice_{:04}.dcm", i + 1));
+        file_obj.write_to_file(&path).map_err(|e| SyntheticError::Encode(e.to_string()))?;
+        written.sop_uids.push(sop_uid);
+        written.files.push(path);
+    }
+    Ok(written)
+}
+
+fn strs(values: &[&str]) -> PrimitiveValue {
+    PrimitiveValue::Strs(values.iter().map(|s| s.to_string()).collect())
+}
+
+/// Stored values (HU + 1024): air outside, soft tissue in a body ellipse, a bony ring near the
+/// centre whose radius drifts with the slice so neighbouring slices differ.
+fn slice_pixels(n: usize, spacing: f64, slice: usize) -> Vec<i16> {
+    let mut out = Vec::with_capacity(n * n);
+    let c = n as f64 / 2.0;
+    let ring = 12.0 + 3.0 * ((slice as f64) / 7.0).sin();
+    for y in 0..n {
+        for x in 0..n {
+            let dx = (x as f64 - c) * spacing;
+            let dy = (y as f64 - c) * spacing;
+            let body = (dx / (0.45 * n as f64 * spacing)).powi(2) + (dy / (0.35 * n as f64 * spacing)).powi(2) <= 1.0;
+            let r = (dx * dx + (dy - 0.1 * n as f64 * spacing).powi(2)).sqrt();
+            let hu: i32 = if !body {
+                -1000
+            } else if (r - ring).abs() < 3.0 {
+                900
+            } else if r < ring {
+                250
+            } else {
+                40 + ((x * 7 + y * 13 + slice * 3) % 11) as i32 - 5
+            };
+            out.push((hu + 1024) as i16);
+        }
+    }
+    out
+}
