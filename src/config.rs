@@ -94,6 +94,7 @@ pub struct SeriesConfig {
 pub struct StorageConfig {
     pub state_dir: PathBuf,
     pub fsync: bool,
+    pub verify_compressed_pixel_data: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -187,6 +188,7 @@ impl Default for StorageConfig {
         StorageConfig {
             state_dir: PathBuf::from("/var/lib/idaics"),
             fsync: true,
+            verify_compressed_pixel_data: true,
         }
     }
 }

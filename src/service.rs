@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::scp::{self, ScpContext, ScpStats};
 use crate::series::{self, DecidedSeries, SeriesTracker};
-use crate::spool::{Spool, SpoolError};
+use crate::spool::{Spool, SpoolError, SpoolPolicy};
 use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +35,11 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let spool = Arc::new(Spool::open(
         config.storage.spool_dir(),
         config.storage.tmp_dir(),
-        config.storage.fsync,
-        config.limits.max_instance_bytes(),
+        SpoolPolicy {
+            fsync: config.storage.fsync,
+            max_instance_bytes: config.limits.max_instance_bytes(),
+            verify_compressed_pixel_data: config.storage.verify_compressed_pixel_data,
+        },
     )?);
     if !config.storage.fsync {
         tracing::warn!("storage.fsync is off: acknowledged instances may be lost in a power failure");

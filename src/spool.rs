@@ -38,6 +38,8 @@ pub enum SpoolError {
     Unparsable(String),
     #[error("invalid {attribute}: {reason}")]
     InvalidAttribute { attribute: &'static str, reason: String },
+    #[error("pixel data cannot be decoded: {0}")]
+    UndecodablePixelData(String),
     #[error("{attribute} in the data set ({in_dataset}) differs from the C-STORE request ({in_command})")]
     Mismatch {
         attribute: &'static str,
@@ -250,18 +252,29 @@ pub struct StoredInstance {
     pub bytes: u64,
 }
 
+/// How the spool treats incoming instances.
+#[derive(Debug, Clone, Copy)]
+pub struct SpoolPolicy {
+    /// Sync data and directories before an instance counts as stored.
+    pub fsync: bool,
+    pub max_instance_bytes: u64,
+    /// Decode the first frame of compressed pixel data before accepting an instance.
+    pub verify_compressed_pixel_data: bool,
+}
+
 pub struct Spool {
     spool_dir: PathBuf,
     tmp_dir: PathBuf,
     fsync: bool,
     max_instance_bytes: u64,
+    verify_compressed: bool,
     counter: AtomicU64,
 }
 
 impl Spool {
     /// Creates the directories and removes temporary files a previous run left behind: they
     /// were never acknowledged, so the sender still has them.
-    pub fn open(spool_dir: PathBuf, tmp_dir: PathBuf, fsync: bool, max_instance_bytes: u64) -> Result<Spool, SpoolError> {
+    pub fn open(spool_dir: PathBuf, tmp_dir: PathBuf, policy: SpoolPolicy) -> Result<Spool, SpoolError> {
         fs::create_dir_all(&spool_dir).map_err(io_err(&spool_dir))?;
         fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         let mut removed = 0;
@@ -276,8 +289,9 @@ impl Spool {
         Ok(Spool {
             spool_dir,
             tmp_dir,
-            fsync,
-            max_instance_bytes,
+            fsync: policy.fsync,
+            max_instance_bytes: policy.max_instance_bytes,
+            verify_compressed: policy.verify_compressed_pixel_data,
             counter: AtomicU64::new(0),
         })
     }
@@ -340,6 +354,13 @@ impl Spool {
             .open_file(&partial.path)
             .map_err(|e| SpoolError::Unparsable(e.to_string()))?;
         let header = InstanceHeader::from_object(&obj)?;
+        if self.verify_compressed && bytes <= FULL_PARSE_LIMIT && is_encapsulated(&header.transfer_syntax_uid) {
+            // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
+            // parameters that contradict the header): refuse it now, while the sender can act.
+            use dicom_pixeldata::PixelDecoder;
+            obj.decode_pixel_data_frame(0)
+                .map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+        }
         drop(obj);
         let request = &partial.request;
         for (attribute, in_dataset, in_command) in [
@@ -462,6 +483,13 @@ pub fn scan_spool(spool_dir: &Path) -> Result<Vec<SpooledSeries>, SpoolError> {
     }
     found.sort_by(|a, b| a.dir.cmp(&b.dir));
     Ok(found)
+}
+
+fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
+    use dicom_encoding::TransferSyntaxIndex;
+    dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(transfer_syntax_uid)
+        .is_some_and(|ts| ts.is_encapsulated_pixel_data())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {

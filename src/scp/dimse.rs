@@ -78,9 +78,6 @@ pub fn response(request: &Request, status: u16, error_comment: Option<&str>) -> 
     put_u16(&mut body, tags::MESSAGE_ID_BEING_RESPONDED_TO, request.message_id);
     put_u16(&mut body, tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET);
     put_u16(&mut body, tags::STATUS, status);
-    if let Some(uid) = &request.affected_sop_instance_uid {
-        put_text(&mut body, tags::AFFECTED_SOP_INSTANCE_UID, uid, 0);
-    }
     if let Some(comment) = error_comment {
         let clean: String = comment
             .chars()
@@ -88,6 +85,9 @@ pub fn response(request: &Request, status: u16, error_comment: Option<&str>) -> 
             .take(64)
             .collect();
         put_text(&mut body, tags::ERROR_COMMENT, &clean, b' ');
+    }
+    if let Some(uid) = &request.affected_sop_instance_uid {
+        put_text(&mut body, tags::AFFECTED_SOP_INSTANCE_UID, uid, 0);
     }
     let mut out = Vec::with_capacity(body.len() + 12);
     put_u32(&mut out, tags::COMMAND_GROUP_LENGTH, body.len() as u32);
@@ -134,6 +134,7 @@ mod tests {
             affected_sop_instance_uid: Some("1.2.3".into()),
         };
         let bytes = response(&request, status::OUT_OF_RESOURCES, Some("disk full"));
+        assert_ascending_tags(&bytes);
         let obj = InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
         assert_eq!(obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(), 0x8001);
         assert_eq!(obj.element(tags::STATUS).unwrap().to_int::<u16>().unwrap(), 0xA700);
@@ -158,6 +159,21 @@ mod tests {
         assert!(parsed.has_data_set);
         assert_eq!(parsed.affected_sop_instance_uid.as_deref(), Some("1.2.345"));
         assert_eq!(parsed.affected_sop_class_uid.as_deref(), Some("1.2.840.10008.5.1.4.1.1.2"));
+    }
+
+    /// Elements must be in ascending tag order (PS3.5 7.1), or peers warn or reject the response.
+    fn assert_ascending_tags(bytes: &[u8]) {
+        let mut offset = 0;
+        let mut previous = 0u32;
+        while offset < bytes.len() {
+            let group = u16::from_le_bytes([bytes[offset], bytes[offset + 1]]);
+            let element = u16::from_le_bytes([bytes[offset + 2], bytes[offset + 3]]);
+            let len = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap()) as usize;
+            let tag = (u32::from(group) << 16) | u32::from(element);
+            assert!(offset == 0 || tag > previous, "({group:04X},{element:04X}) out of order");
+            previous = tag;
+            offset += 8 + len;
+        }
     }
 
     #[test]

@@ -267,7 +267,8 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
         .map(|pc| format!("{}:{}", transfer_syntaxes::short_sop_name(&pc.abstract_syntax), transfer_syntaxes::name(&pc.transfer_syntax)))
         .collect();
-    tracing::info!(contexts = ?accepted, "association accepted");
+    tracing::info!(accepted_contexts = accepted.len(), "association accepted");
+    tracing::debug!(contexts = ?accepted, "accepted presentation contexts");
 
     let mut session = Session {
         ctx: &ctx,

@@ -1,0 +1,306 @@
+//! Test harness: starts the real `idaics` binary on a free port with a fresh state directory and
+//! talks to it with DCMTK's tools (and, for deliberately broken data sets that DCMTK refuses to
+//! send, with a raw dicom-ul SCU).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const AE: &str = "IDAICS";
+
+/// Repository-relative path of the shared test data (never copied into the repository).
+pub fn shared_data() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    assert!(p.is_dir(), "shared test data not found at {}", p.display());
+    p
+}
+
+/// Fails the test (never skips it) when a DCMTK tool is missing.
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {name}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(found, "{name} is not installed: the README's test command installs it (dcmtk)");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Agent {
+    pub port: u16,
+    pub state_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Starts the agent with `env` as IDAICS_* overrides and waits until it answers C-ECHO.
+    pub fn start(state_dir: &Path, env: &[(&str, &str)]) -> Agent {
+        Self::start_on(state_dir, free_port(), env)
+    }
+
+    pub fn start_on(state_dir: &Path, port: u16, env: &[(&str, &str)]) -> Agent {
+        require_tool("echoscu");
+        std::fs::create_dir_all(state_dir).unwrap();
+        let log_path = state_dir.with_extension(format!("{}.log", now_ms()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idaics"));
+        cmd.args(["serve", "--port", &port.to_string(), "--state-dir"])
+            .arg(state_dir)
+            .env("IDAICS_LOGGING_FORMAT", "json")
+            .env("IDAICS_DICOM_BIND_ADDRESS", "127.0.0.1")
+            .env("IDAICS_LIMITS_MIN_FREE_DISK_MB", "16")
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start idaics");
+        let mut agent = Agent {
+            port,
+            state_dir: state_dir.to_path_buf(),
+            log_path,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if agent.log().contains("listening for DICOM associations") {
+                break;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {status} during start-up:\n{}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "agent did not start:\n{}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Log records (JSON lines) whose message is `message`.
+    pub fn events(&self, message: &str) -> Vec<serde_json::Value> {
+        log_events(&self.log_path, message)
+    }
+
+    pub fn echo(&self) -> bool {
+        Command::new("echoscu")
+            .args(["-aec", AE, "-to", "10", "127.0.0.1", &self.port.to_string()])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    pub fn storescu(&self, extra: &[&str], files: &[PathBuf]) -> Output {
+        storescu(self.port, extra, files)
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn spool_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        walk(&self.state_dir.join("spool"), &mut out);
+        out.retain(|p| p.extension().is_some_and(|e| e == "dcm"));
+        out.sort();
+        out
+    }
+
+    pub fn series_record(&self, study: &str, series: &str) -> Option<serde_json::Value> {
+        let p = self.state_dir.join("spool").join(study).join(series).join("series.json");
+        std::fs::read(p).ok().map(|b| serde_json::from_slice(&b).unwrap())
+    }
+
+    /// Waits until `predicate` holds or panics after `timeout` with the log.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut predicate: impl FnMut(&Agent) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !predicate(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn log_events(path: &Path, message: &str) -> Vec<serde_json::Value> {
+    let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
+    BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .filter(|v| v["fields"]["message"] == message)
+        .collect()
+}
+
+pub fn storescu(port: u16, extra: &[&str], files: &[PathBuf]) -> Output {
+    require_tool("storescu");
+    Command::new("storescu")
+        .args(["-v", "-R", "-aec", AE, "-to", "20"])
+        .args(extra)
+        .arg("127.0.0.1")
+        .arg(port.to_string())
+        .args(files)
+        .output()
+        .expect("run storescu")
+}
+
+/// Store responses storescu reported, as (success, failure) counts.
+pub fn store_outcomes(output: &Output) -> (usize, usize) {
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let ok = text.matches("Received Store Response (Success)").count();
+    let failed = text.matches("Received Store Response").count() - ok + text.matches("Store Failed").count();
+    (ok, failed)
+}
+
+pub fn output_text(output: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+}
+
+fn now_ms() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Runs a DCMTK conversion tool and asserts it worked; an empty `output` modifies in place.
+pub fn dcmtk(tool: &str, args: &[&str], input: &Path, output: &Path) {
+    require_tool(tool);
+    let mut cmd = Command::new(tool);
+    cmd.args(args).arg(input);
+    if !output.as_os_str().is_empty() {
+        cmd.arg(output);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{tool} {args:?} failed: {}", output_text(&out));
+}
+
+/// A minimal SCU that sends arbitrary bytes as a C-STORE data set, for inputs no well-behaved
+/// tool would send. Returns the DIMSE status of the response.
+pub fn raw_store(port: u16, sop_class: &str, sop_instance: &str, ts: &str, dataset: &[u8]) -> u16 {
+    use dicom_ul::association::client::ClientAssociationOptions;
+    use dicom_ul::association::SyncAssociation;
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+    use dicom_ul::Pdu;
+    let mut assoc = ClientAssociationOptions::new()
+        .calling_ae_title("RAWSCU")
+        .with_presentation_context(sop_class, vec![ts])
+        .establish_with(&format!("{AE}@127.0.0.1:{port}"))
+        .expect("association");
+    let pc = assoc.presentation_contexts()[0].id;
+    let command = store_command(sop_class, sop_instance);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![PDataValue { presentation_context_id: pc, value_type: PDataValueType::Command, is_last: true, data: command }],
+        })
+        .unwrap();
+    let chunks: Vec<&[u8]> = if dataset.is_empty() { vec![&[]] } else { dataset.chunks(16_000).collect() };
+    let n = chunks.len();
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        assoc
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: pc,
+                    value_type: PDataValueType::Data,
+                    is_last: i + 1 == n,
+                    data: chunk.to_vec(),
+                }],
+            })
+            .unwrap();
+    }
+    let status = match assoc.receive().unwrap() {
+        Pdu::PData { data } => {
+            let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(
+                &data[0].data[..],
+                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .unwrap();
+            obj.element(dicom_dictionary_std::tags::STATUS).unwrap().to_int::<u16>().unwrap()
+        }
+        other => panic!("unexpected PDU {other:?}"),
+    };
+    let _ = assoc.release();
+    status
+}
+
+fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
+    fn put(out: &mut Vec<u8>, group: u16, element: u16, value: &[u8]) {
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    fn uid(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    }
+    let mut body = Vec::new();
+    put(&mut body, 0, 0x0002, &uid(sop_class));
+    put(&mut body, 0, 0x0100, &1u16.to_le_bytes());
+    put(&mut body, 0, 0x0110, &1u16.to_le_bytes());
+    put(&mut body, 0, 0x0700, &0u16.to_le_bytes());
+    put(&mut body, 0, 0x0800, &0u16.to_le_bytes());
+    put(&mut body, 0, 0x1000, &uid(sop_instance));
+    let mut out = Vec::new();
+    put(&mut out, 0, 0x0000, &(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The data set bytes of a DICOM file (everything after the file meta group), and its TS.
+pub fn dataset_bytes(path: &Path) -> (Vec<u8>, String) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[128..132], b"DICM");
+    let group_len = u32::from_le_bytes(bytes[140..144].try_into().unwrap()) as usize;
+    let start = 144 + group_len;
+    let obj = dicom_object::open_file(path).unwrap();
+    (bytes[start..].to_vec(), obj.meta().transfer_syntax().trim_end_matches('\0').to_string())
+}

@@ -1,0 +1,439 @@
+//! The agent receiving CT over DICOM from real peers (DCMTK), end to end over loopback.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use dicom_dictionary_std::tags;
+use dicom_pixeldata::PixelDecoder;
+use idaics::synthetic::{SeriesSpec, write_ct_series};
+
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+fn pixel_bytes(path: &Path) -> Vec<u8> {
+    let obj = dicom_object::open_file(path).unwrap();
+    obj.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().into_owned()
+}
+
+#[test]
+fn generated_series_is_stored_whole_and_completed_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 24, size: 96, seed: 11, reverse_instance_numbers: true, ..Default::default() }).unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    assert!(agent.echo(), "C-ECHO failed");
+
+    let out = agent.storescu(&[], &series.files);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(store_outcomes(&out), (24, 0), "{}", output_text(&out));
+
+    // Every instance is in the spool under its UIDs, with the pixels that were sent.
+    let series_dir = agent.state_dir.join("spool").join(&series.study_uid).join(&series.series_uid);
+    for (file, sop) in series.files.iter().zip(&series.sop_uids) {
+        let stored = series_dir.join(format!("{sop}.dcm"));
+        assert!(stored.is_file(), "{} missing", stored.display());
+        assert_eq!(pixel_bytes(&stored), pixel_bytes(file));
+        let obj = dicom_object::open_file(&stored).unwrap();
+        assert_eq!(obj.meta().source_application_entity_title().map(str::trim), Some("STORESCU"));
+    }
+    assert_eq!(agent.spool_files().len(), 24);
+    assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
+
+    // Completed on release (contiguous stack), and only once: wait past the quiet period too.
+    agent.wait_for("series completion", Duration::from_secs(10), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    std::thread::sleep(Duration::from_secs(3));
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!(record["state"], "complete");
+    assert_eq!(record["trigger"], "association-released");
+    assert_eq!(record["slices"], 24);
+    let completions: Vec<_> = agent.events("series complete").into_iter().filter(|e| e["fields"]["series_uid"] == series.series_uid.as_str()).collect();
+    assert_eq!(completions.len(), 1, "log:\n{}", agent.log());
+
+    // Resending the same series creates nothing new and completes nothing again.
+    let again = agent.storescu(&[], &series.files);
+    assert_eq!(store_outcomes(&again), (24, 0));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.events("series complete").len(), 1);
+    assert_eq!(agent.spool_files().len(), 24);
+
+    // The listing CLI shows it.
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["series", "--format", "json", "--state-dir"])
+        .arg(&agent.state_dir)
+        .output()
+        .unwrap();
+    let rows: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(rows[0]["series_uid"], series.series_uid.as_str());
+    assert_eq!(rows[0]["state"], "complete");
+    assert_eq!(rows[0]["instances"], 24);
+}
+
+#[test]
+fn partial_series_waits_for_the_quiet_period_and_gappy_series_is_skipped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 12, ..Default::default() }).unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    // Slice 6 missing: the stack is not contiguous, so release does not complete it.
+    let mut files = series.files.clone();
+    files.remove(5);
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)), (11, 0));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent.series_record(&series.study_uid, &series.series_uid).is_none(), "completed on release despite a gap");
+    agent.wait_for("quiet period", Duration::from_secs(10), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!(record["state"], "skipped");
+    assert_eq!(record["trigger"], "quiet-period");
+    assert!(record["skip_reason"].as_str().unwrap().contains("gap"), "{record}");
+
+    // The missing slice arrives late: the series is reopened and, now whole, completed.
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files[5..6])), (1, 0));
+    agent.wait_for("second decision", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some_and(|r| r["revision"] == 2)
+    });
+    assert_eq!(agent.series_record(&series.study_uid, &series.series_uid).unwrap()["state"], "complete");
+}
+
+/// Every CT image of the shared corpora, and CT transcoded by DCMTK into each transfer syntax the
+/// corpora lack, is stored and decodable; broken CT files fail with a status and the agent stays up.
+#[test]
+fn corpus_ct_in_every_transfer_syntax() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    let data = shared_data().join("corpora");
+    let mut ct_files: Vec<PathBuf> = Vec::new();
+    collect(&data, &mut ct_files);
+    ct_files.retain(|p| {
+        dicom_object::OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(p)
+            .ok()
+            .and_then(|o| o.element(tags::SOP_CLASS_UID).ok().and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches('\0') == CT))
+            .unwrap_or(false)
+    });
+    assert!(ct_files.len() >= 10, "expected the corpora's CT files, found {}", ct_files.len());
+
+    // Transfer syntaxes the corpora have no CT in (JPEG 2000 and near-lossless JPEG-LS they do):
+    // made from CT_small.dcm with DCMTK.
+    let ct_small = data.join("pydicom-test-files/CT_small.dcm");
+    let conv = tmp.path().join("conv");
+    std::fs::create_dir_all(&conv).unwrap();
+    let variants: &[(&str, &[&str], &str)] = &[
+        ("dcmconv", &["+ti"], "1.2.840.10008.1.2"),
+        ("dcmconv", &["+tb"], "1.2.840.10008.1.2.2"),
+        ("dcmconv", &["+td"], "1.2.840.10008.1.2.1.99"),
+        ("dcmcjpeg", &["+el"], "1.2.840.10008.1.2.4.57"),
+        ("dcmcjpeg", &["+e1"], "1.2.840.10008.1.2.4.70"),
+        ("dcmcjpls", &["+el"], "1.2.840.10008.1.2.4.80"),
+        ("dcmcrle", &[], "1.2.840.10008.1.2.5"),
+    ];
+    for (i, (tool, args, ts)) in variants.iter().enumerate() {
+        let out = conv.join(format!("variant_{i}.dcm"));
+        dcmtk(tool, args, &ct_small, &out);
+        // A distinct SOP instance per variant, so each lands as its own file.
+        dcmtk("dcmodify", &["-nb", "-m", &format!("(0008,0018)=1.2.826.0.1.3680043.8.498.77.{i}")], &out, Path::new(""));
+        assert_eq!(dataset_bytes(&out).1, *ts, "{tool} {args:?} made another syntax");
+        ct_files.push(out);
+    }
+    // An 8-bit grayscale JPEG Baseline image from the corpus, relabelled as CT (no CT in the
+    // corpora uses baseline JPEG: it cannot hold CT's 12 to 16 bits).
+    let baseline = conv.join("baseline.dcm");
+    std::fs::copy(data.join("pylibjpeg-data/ds/JPEGBaseline/JPEGBaseline_1s_1f_u_08_08.dcm"), &baseline).unwrap();
+    dcmtk("dcmodify", &["-nb", "-m", &format!("(0008,0016)={CT}"), "-m", "(0008,0060)=CT"], &baseline, Path::new(""));
+    ct_files.push(baseline);
+
+    let mut stored_ts = std::collections::BTreeSet::new();
+    let mut failures = Vec::new();
+    for file in &ct_files {
+        let header = dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(file).unwrap();
+        let sop = header.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string();
+        let ts = header.meta().transfer_syntax().trim_end_matches('\0').to_string();
+        let (acknowledged, transcript) = match propose_flag(&ts) {
+            Some(flag) => {
+                let out = agent.storescu(&[flag], std::slice::from_ref(file));
+                (store_outcomes(&out).0 == 1, output_text(&out))
+            }
+            None => {
+                // storescu cannot propose this syntax on its own: send the data set as it is.
+                let (bytes, ts) = dataset_bytes(file);
+                let status = raw_store(agent.port, CT, &sop, &ts, &bytes);
+                (status == 0, format!("status {status:#06x}"))
+            }
+        };
+        assert!(agent.echo(), "agent down after {}", file.display());
+        if !acknowledged {
+            failures.push(format!("{}: {transcript}", file.display()));
+            continue;
+        }
+        let spooled = agent.spool_files().into_iter().find(|p| p.file_stem().unwrap().to_string_lossy() == sop);
+        let spooled = spooled.unwrap_or_else(|| panic!("{} acknowledged but not in the spool", file.display()));
+        let obj = dicom_object::open_file(&spooled).unwrap();
+        let kept_ts = obj.meta().transfer_syntax().trim_end_matches('\0').to_string();
+        assert_eq!(kept_ts, ts, "{} was not kept in its syntax", file.display());
+        stored_ts.insert(kept_ts);
+        // What was acknowledged can be decoded by this build.
+        obj.decode_pixel_data().unwrap_or_else(|e| panic!("{} stored but not decodable: {e}", file.display()));
+    }
+    assert!(failures.is_empty(), "failed to store:\n{}", failures.join("\n"));
+    for (uid, name) in idaics::scp::transfer_syntaxes::ACCEPTED {
+        assert!(stored_ts.contains(*uid), "no CT stored in {name}; stored: {stored_ts:?}");
+    }
+}
+
+#[test]
+fn jpeg_extended_is_refused_at_negotiation_and_accepted_once_decompressed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    let ext = tmp.path().join("ext.dcm");
+    dcmtk("dcmcjpeg", &["+ee"], &shared_data().join("corpora/pydicom-test-files/CT_small.dcm"), &ext);
+    let out = agent.storescu(&[], std::slice::from_ref(&ext));
+    assert_eq!(store_outcomes(&out).0, 0, "12-bit JPEG Extended was accepted: {}", output_text(&out));
+    assert!(agent.spool_files().is_empty());
+    let plain = tmp.path().join("plain.dcm");
+    dcmtk("dcmdjpeg", &[], &ext, &plain);
+    assert_eq!(store_outcomes(&agent.storescu(&[], &[plain])), (1, 0));
+    assert_eq!(agent.spool_files().len(), 1);
+}
+
+#[test]
+fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    let corpus = shared_data().join("corpora/pydicom-test-files");
+    let (good, ts) = dataset_bytes(&corpus.join("CT_small.dcm"));
+    let good_sop = dicom_object::open_file(corpus.join("CT_small.dcm"))
+        .unwrap()
+        .element(tags::SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+
+    let mut cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
+        ("truncated in the pixel data", good_sop.clone(), good[..good.len() - 5000].to_vec(), 0xC000),
+        ("truncated in the header", good_sop.clone(), good[..300].to_vec(), 0xC000),
+        ("random bytes", good_sop.clone(), (0..4000u32).map(|i| (i * 7919 % 251) as u8).collect(), 0xC000),
+        ("empty data set", good_sop.clone(), Vec::new(), 0xC000),
+        ("SOP instance differs from the command", "1.2.3.4.5".into(), good.clone(), 0xC000),
+        ("invalid SOP instance UID in the command", "1.2.abc".into(), good.clone(), 0xC000),
+    ];
+    // Corpus files broken by their makers, sent byte for byte as data sets.
+    for name in ["no_meta.dcm", "MR_truncated.dcm", "rtplan_truncated.dcm"] {
+        let bytes = std::fs::read(corpus.join(name)).unwrap();
+        cases.push((name, good_sop.clone(), bytes, 0xC000));
+    }
+    // A data set whose UIDs are missing.
+    let no_study_uid = {
+        let obj = dicom_object::open_file(corpus.join("CT_small.dcm")).unwrap();
+        let mut obj = obj.into_inner();
+        obj.remove_element(tags::STUDY_INSTANCE_UID);
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
+        out
+    };
+    cases.push(("no StudyInstanceUID", good_sop.clone(), no_study_uid, 0xC000));
+    // A JPEG-LS codestream damaged in the middle: the file parses, the pixels do not decode.
+    let jls = tmp.path().join("jls.dcm");
+    dcmtk("dcmcjpls", &["+el"], &corpus.join("CT_small.dcm"), &jls);
+    let (mut jls_bytes, jls_ts) = dataset_bytes(&jls);
+    let n = jls_bytes.len();
+    jls_bytes[n * 6 / 10..n * 9 / 10].fill(0xFF);
+
+    let mut sent = 0;
+    for (what, sop, bytes, expected) in &cases {
+        let status = raw_store(agent.port, CT, sop, &ts, bytes);
+        sent += 1;
+        assert_eq!(status, *expected, "{what}: status {status:#06x}");
+        assert!(agent.echo(), "agent stopped answering after: {what}");
+    }
+    let status = raw_store(agent.port, CT, &good_sop, &jls_ts, &jls_bytes);
+    sent += 1;
+    assert_eq!(status, 0xC000, "corrupt JPEG-LS codestream: status {status:#06x}");
+    assert!(agent.echo());
+    assert!(agent.spool_files().is_empty(), "a broken instance entered the spool");
+    assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
+    // Each failure is logged with its reason.
+    assert_eq!(agent.events("store failed").len(), sent, "{}", agent.log());
+    // And a good instance still goes through.
+    assert_eq!(raw_store(agent.port, CT, &good_sop, EXPLICIT_LE, &good), 0x0000);
+    assert_eq!(agent.spool_files().len(), 1);
+}
+
+#[test]
+fn non_ct_objects_follow_the_configured_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = shared_data().join("corpora/pydicom-test-files");
+    let others = [corpus.join("MR_small.dcm"), corpus.join("reportsi.dcm"), corpus.join("waveform_ecg.dcm")];
+
+    let discard = Agent::start(&tmp.path().join("discard"), &[("IDAICS_DICOM_OTHER_SOP_CLASSES", "discard")]);
+    let out = discard.storescu(&[], &others);
+    assert_eq!(store_outcomes(&out), (3, 0), "{}", output_text(&out));
+    assert!(discard.spool_files().is_empty(), "discarded objects were stored");
+    assert_eq!(discard.events("instance of a non-CT SOP class accepted and discarded").len(), 3);
+
+    let refuse = Agent::start(&tmp.path().join("refuse"), &[("IDAICS_DICOM_OTHER_SOP_CLASSES", "refuse")]);
+    let out = refuse.storescu(&[], &others[..1]);
+    assert_eq!(store_outcomes(&out).0, 0, "{}", output_text(&out));
+    let text = output_text(&out);
+    assert!(text.contains("No Acceptable Presentation Contexts") || text.contains("No presentation context"), "{text}");
+    // A CT in the same association mix still goes through.
+    let out = refuse.storescu(&["--no-halt"], &[others[0].clone(), corpus.join("CT_small.dcm")]);
+    assert_eq!(store_outcomes(&out).0, 1, "{}", output_text(&out));
+    assert_eq!(refuse.spool_files().len(), 1);
+}
+
+#[test]
+fn kill_during_a_series_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 150, size: 256, seed: 13, ..Default::default() }).unwrap();
+    let state = tmp.path().join("state");
+    let env = [("IDAICS_SERIES_QUIET_PERIOD_S", "60")];
+    let mut agent = Agent::start(&state, &env);
+    let port = agent.port;
+
+    let files = series.files.clone();
+    let sender = std::thread::spawn(move || storescu(port, &[], &files));
+    agent.wait_for("the first instances", Duration::from_secs(30), |a| a.spool_files().len() >= 30);
+    agent.kill();
+    let out = sender.join().unwrap();
+    let (acknowledged, _) = store_outcomes(&out);
+    assert!(acknowledged >= 30 && acknowledged < 150, "not killed mid-series: {acknowledged} acknowledged");
+
+    // Every acknowledged instance is there, whole.
+    let spooled = agent.spool_files();
+    assert!(spooled.len() >= acknowledged, "{} acknowledged, {} in the spool", acknowledged, spooled.len());
+    for p in &spooled {
+        dicom_object::open_file(p).unwrap_or_else(|e| panic!("{} is damaged: {e}", p.display()));
+    }
+    let first_log = agent.log_path.clone();
+
+    // Restart, send what is missing, and the series completes exactly once.
+    let agent = Agent::start_on(&state, free_port(), &env);
+    assert!(agent.log().contains("recovered pending series from the spool"), "{}", agent.log());
+    let have: std::collections::HashSet<String> = spooled.iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    let rest: Vec<PathBuf> = series.files.iter().zip(&series.sop_uids).filter(|(_, s)| !have.contains(*s)).map(|(f, _)| f.clone()).collect();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &rest)), (rest.len(), 0));
+    agent.wait_for("completion", Duration::from_secs(15), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!(record["state"], "complete");
+    assert_eq!(record["instances"], 150);
+    assert_eq!(record["revision"], 1);
+    assert_eq!(agent.spool_files().len(), 150);
+    let total = log_events(&first_log, "series complete").len() + agent.events("series complete").len();
+    assert_eq!(total, 1);
+    assert!(std::fs::read_dir(state.join("tmp")).unwrap().next().is_none(), "partial file survived the restart");
+}
+
+#[test]
+fn four_concurrent_associations_deliver_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    let all: Vec<_> = (0..4)
+        .map(|i| write_ct_series(&tmp.path().join(format!("in{i}")), &SeriesSpec { slices: 30, size: 128, seed: 100 + i, ..Default::default() }).unwrap())
+        .collect();
+    let port = agent.port;
+    let senders: Vec<_> = all
+        .iter()
+        .map(|s| {
+            let files = s.files.clone();
+            std::thread::spawn(move || storescu(port, &[], &files))
+        })
+        .collect();
+    for sender in senders {
+        let out = sender.join().unwrap();
+        assert_eq!(store_outcomes(&out), (30, 0), "{}", output_text(&out));
+    }
+    assert_eq!(agent.spool_files().len(), 120);
+    for s in &all {
+        agent.wait_for("completion", Duration::from_secs(10), |a| a.series_record(&s.study_uid, &s.series_uid).is_some());
+        assert_eq!(agent.series_record(&s.study_uid, &s.series_uid).unwrap()["instances"], 30);
+    }
+    assert_eq!(agent.events("series complete").len(), 4);
+}
+
+#[test]
+fn access_control_and_limits_reject_with_reasons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("a"), &[("IDAICS_DICOM_ALLOWED_CALLING_AE_TITLES", "PACS,CT1")]);
+    let echo = |calling: &str, called: &str| {
+        std::process::Command::new("echoscu")
+            .args(["-aet", calling, "-aec", called, "127.0.0.1", &agent.port.to_string()])
+            .output()
+            .unwrap()
+    };
+    assert!(echo("PACS", AE).status.success());
+    let wrong_called = echo("PACS", "OTHER");
+    assert!(!wrong_called.status.success());
+    assert!(output_text(&wrong_called).contains("Called AE Title Not Recognized"), "{}", output_text(&wrong_called));
+    let stranger = echo("STRANGER", AE);
+    assert!(output_text(&stranger).contains("Calling AE Title Not Recognized"), "{}", output_text(&stranger));
+
+    let peers = Agent::start(&tmp.path().join("b"), &[("IDAICS_DICOM_ALLOWED_PEERS", "10.0.0.0/8")]);
+    assert!(!peers.echo(), "loopback peer accepted despite the allow-list");
+    assert!(peers.log().contains("peer address not in the allow-list"));
+
+    // Free disk below the minimum: associations are refused, nothing is written.
+    let full = Agent::start(&tmp.path().join("c"), &[("IDAICS_LIMITS_MIN_FREE_DISK_MB", "999999999")]);
+    let out = full.storescu(&[], &[shared_data().join("corpora/pydicom-test-files/CT_small.dcm")]);
+    assert!(output_text(&out).contains("Rejected Transient"), "{}", output_text(&out));
+    assert!(full.spool_files().is_empty());
+
+    // An instance over the size limit gets 0xA700 and leaves no file behind.
+    let small = Agent::start(&tmp.path().join("d"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "1")]);
+    let big = write_ct_series(&tmp.path().join("big"), &SeriesSpec { slices: 2, size: 1024, seed: 5, ..Default::default() }).unwrap();
+    let out = small.storescu(&[], &big.files[..1]);
+    assert!(output_text(&out).contains("Refused: OutOfResources"), "{}", output_text(&out));
+    assert!(small.spool_files().is_empty());
+    assert!(std::fs::read_dir(small.state_dir.join("tmp")).unwrap().next().is_none());
+    assert!(small.echo());
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_state_survives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 6, size: 64, seed: 21, ..Default::default() }).unwrap();
+    let state = tmp.path().join("state");
+    let mut agent = Agent::start(&state, &[("IDAICS_SERIES_COMPLETE_ON_RELEASE", "false"), ("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)), (6, 0));
+    let status = agent.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(agent.log().contains("\"stopped\""));
+    // Pending when stopped; completed by the quiet period after the restart.
+    assert!(agent.series_record(&series.study_uid, &series.series_uid).is_none());
+    let agent = Agent::start_on(&state, free_port(), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    agent.wait_for("completion after restart", Duration::from_secs(10), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    assert_eq!(agent.series_record(&series.study_uid, &series.series_uid).unwrap()["trigger"], "quiet-period");
+}
+
+/// The storescu option that proposes a file's own transfer syntax, so that it is sent as it is
+/// rather than converted (storescu cannot decompress JPEG 2000 or JPEG-LS near-lossless).
+fn propose_flag(ts: &str) -> Option<&'static str> {
+    Some(match ts {
+        "1.2.840.10008.1.2" => "-xi",
+        "1.2.840.10008.1.2.2" => "-xb",
+        "1.2.840.10008.1.2.1.99" => "-xd",
+        "1.2.840.10008.1.2.4.50" => "-xy",
+        "1.2.840.10008.1.2.4.70" => "-xs",
+        "1.2.840.10008.1.2.4.80" => "-xt",
+        "1.2.840.10008.1.2.4.81" => "-xu",
+        "1.2.840.10008.1.2.4.90" => "-xv",
+        "1.2.840.10008.1.2.4.91" => "-xw",
+        "1.2.840.10008.1.2.5" => "-xr",
+        "1.2.840.10008.1.2.1" => "-xe",
+        _ => return None,
+    })
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect(&p, out);
+        } else if p.extension().is_some_and(|x| x == "dcm") {
+            out.push(p);
+        }
+    }
+    out.sort();
+}
