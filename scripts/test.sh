@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian machine: installs what the tests talk to (DCMTK for the
+# real DICOM peers, cmake for the CharLS JPEG-LS codec build), then runs every test.
+# Usage: scripts/test.sh   (as root, or with sudo available)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(dcmtk cmake pkg-config clang bc)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+test -d ../shared/data/corpora || { echo "shared test data not found at ../shared/data" >&2; exit 1; }
+
+# Two cores here: the integration tests start several agents and DCMTK processes each.
+export RUST_BACKTRACE=1
+cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-4}"
