@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod detector;
 pub mod scp;
 pub mod series;
 pub mod service;

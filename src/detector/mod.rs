@@ -1,0 +1,166 @@
+//! The disc detector: YOLOv8-seg weights loaded into candle, on CUDA when available.
+
+pub mod detrand;
+pub mod yolov8_seg;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use yolov8_seg::{Config, Scale, YoloV8Seg};
+
+/// Batch-norm epsilon of models built by ultralytics (its `initialize_weights` sets 1e-3).
+pub const ULTRALYTICS_BN_EPS: f64 = 1e-3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error("cannot read weights {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("weights {path}: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("device {spec}: {message}")]
+    Device { spec: String, message: String },
+    #[error("inference failed: {0}")]
+    Inference(#[from] candle_core::Error),
+}
+
+/// What the weights file says about itself.
+#[derive(Debug, Clone)]
+pub struct WeightsInfo {
+    pub config: Config,
+    pub class_names: Vec<String>,
+    pub input_size: usize,
+}
+
+/// Tensor shapes and metadata from a safetensors header, read without loading the tensors.
+struct Header {
+    shapes: HashMap<String, Vec<usize>>,
+    metadata: HashMap<String, String>,
+}
+
+fn read_header(path: &Path) -> Result<Header, DetectorError> {
+    let read_err = |message: String| DetectorError::Read { path: path.to_path_buf(), message };
+    let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| read_err(format!("not a safetensors file: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 * 1024 * 1024 {
+        return Err(read_err(format!("not a safetensors file: header of {len} bytes")));
+    }
+    let mut json = vec![0u8; len as usize];
+    file.read_exact(&mut json).map_err(|e| read_err(format!("truncated header: {e}")))?;
+    let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| read_err(format!("header is not JSON: {e}")))?;
+    let object = value.as_object().ok_or_else(|| read_err("header is not a JSON object".into()))?;
+    let mut shapes = HashMap::new();
+    let mut metadata = HashMap::new();
+    for (name, entry) in object {
+        if name == "__metadata__" {
+            if let Some(m) = entry.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string));
+                }
+            }
+            continue;
+        }
+        let shape = entry["shape"]
+            .as_array()
+            .map(|dims| dims.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or_else(|| read_err(format!("tensor {name} has no shape")))?;
+        shapes.insert(name.clone(), shape);
+    }
+    Ok(Header { shapes, metadata })
+}
+
+impl WeightsInfo {
+    /// Reads the architecture from the tensor shapes, and class names and input size from the
+    /// metadata (`names`: JSON list, `imgsz`: integer, `bn_eps`: float).
+    pub fn read(path: &Path) -> Result<WeightsInfo, DetectorError> {
+        let header = read_header(path)?;
+        let weights_err = |message: String| DetectorError::Weights { path: path.to_path_buf(), message };
+        let dim = |name: &str, axis: usize| -> Result<usize, DetectorError> {
+            header
+                .shapes
+                .get(name)
+                .and_then(|s| s.get(axis).copied())
+                .ok_or_else(|| weights_err(format!("missing tensor {name}")))
+        };
+        let stem = dim("model.0.conv.weight", 0)?;
+        let scale = match header.metadata.get("scale").and_then(|s| s.chars().next()).and_then(Scale::from_name) {
+            Some(s) => s,
+            None => Scale::from_stem_channels(stem)
+                .ok_or_else(|| weights_err(format!("model.0.conv.weight has {stem} output channels; not a YOLOv8 n/s/m/l/x")))?,
+        };
+        let num_classes = dim("model.22.cv3.0.2.weight", 0)?;
+        let num_masks = dim("model.22.proto.cv3.conv.weight", 0)?;
+        let reg_max = dim("model.22.cv2.0.2.weight", 0)? / 4;
+        let bn_eps = match header.metadata.get("bn_eps") {
+            Some(v) => v.parse().map_err(|_| weights_err(format!("metadata bn_eps {v:?} is not a number")))?,
+            None => ULTRALYTICS_BN_EPS,
+        };
+        let class_names = match header.metadata.get("names") {
+            Some(v) => serde_json::from_str::<Vec<String>>(v)
+                .map_err(|e| weights_err(format!("metadata names is not a JSON list of strings: {e}")))?,
+            None => (0..num_classes).map(|i| format!("class{i}")).collect(),
+        };
+        if class_names.len() != num_classes {
+            return Err(weights_err(format!("{} class names for {num_classes} classes", class_names.len())));
+        }
+        let input_size = match header.metadata.get("imgsz") {
+            Some(v) => v.trim_matches(|c| c == '[' || c == ']').split(',').next().unwrap_or("").trim().parse()
+                .map_err(|_| weights_err(format!("metadata imgsz {v:?} is not a size")))?,
+            None => 640,
+        };
+        Ok(WeightsInfo {
+            config: Config { scale, num_classes, num_masks, reg_max, bn_eps },
+            class_names,
+            input_size,
+        })
+    }
+}
+
+/// Loads a network from safetensors with ultralytics tensor names. A missing or misshapen tensor
+/// is an error naming it.
+pub fn load_network(path: &Path, device: &Device) -> Result<(YoloV8Seg, WeightsInfo), DetectorError> {
+    let info = WeightsInfo::read(path)?;
+    // SAFETY: the file is mapped read-only; weights files are not modified while the agent runs.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
+        .map_err(|e| DetectorError::Read { path: path.to_path_buf(), message: e.to_string() })?;
+    let network = YoloV8Seg::load(vb, info.config).map_err(|e| DetectorError::Weights {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok((network, info))
+}
+
+/// Resolves `auto`, `cpu` or `cuda:N`. `auto` takes the first GPU when this build has CUDA and
+/// one answers, otherwise the CPU, with one warning line saying why.
+pub fn select_device(spec: &str) -> Result<Device, DetectorError> {
+    let device_err = |message: String| DetectorError::Device { spec: spec.to_string(), message };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if cfg!(feature = "cuda") {
+                match Device::new_cuda(0) {
+                    Ok(d) => return Ok(d),
+                    Err(e) => tracing::warn!(error = %e, "no CUDA device answered; running on the CPU"),
+                }
+            } else {
+                tracing::warn!("this build has no CUDA support; running on the CPU");
+            }
+            Ok(Device::Cpu)
+        }
+        other => {
+            let ordinal: usize = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| device_err("expected auto, cpu or cuda:N".into()))?;
+            if !cfg!(feature = "cuda") {
+                return Err(device_err("this build has no CUDA support (build with --features cuda)".into()));
+            }
+            Device::new_cuda(ordinal).map_err(|e| device_err(e.to_string()))
+        }
+    }
+}

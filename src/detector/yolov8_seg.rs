@@ -1,0 +1,414 @@
+//! YOLOv8-seg (ultralytics 8.x) in candle: backbone (Conv, C2f, SPPF), PAN-FPN neck and the
+//! Segment head (box distribution + classes + mask coefficients, and the mask prototypes).
+//!
+//! Layer names follow the ultralytics checkpoint (`model.N.…`), so weights load without renaming.
+//! Batch norm is folded into the preceding convolution when the weights are loaded: inference then
+//! runs one convolution with bias per block, as ultralytics' own `fuse()` does.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// Width, depth and channel cap of the five published sizes (ultralytics `yolov8-seg.yaml`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scale {
+    pub name: char,
+    pub depth: f64,
+    pub width: f64,
+    pub max_channels: usize,
+}
+
+impl Scale {
+    pub const ALL: [Scale; 5] = [
+        Scale { name: 'n', depth: 0.33, width: 0.25, max_channels: 1024 },
+        Scale { name: 's', depth: 0.33, width: 0.50, max_channels: 1024 },
+        Scale { name: 'm', depth: 0.67, width: 0.75, max_channels: 768 },
+        Scale { name: 'l', depth: 1.00, width: 1.00, max_channels: 512 },
+        Scale { name: 'x', depth: 1.00, width: 1.25, max_channels: 512 },
+    ];
+
+    /// The size whose first convolution has `channels` output channels (16, 32, 48, 64 or 80).
+    pub fn from_stem_channels(channels: usize) -> Option<Scale> {
+        Self::ALL.into_iter().find(|s| s.channels(64) == channels)
+    }
+
+    pub fn from_name(name: char) -> Option<Scale> {
+        Self::ALL.into_iter().find(|s| s.name == name)
+    }
+
+    /// Output channels of a layer declared with `c` in the yaml.
+    fn channels(&self, c: usize) -> usize {
+        let scaled = (c.min(self.max_channels) as f64) * self.width;
+        ((scaled / 8.0).ceil() as usize) * 8
+    }
+
+    /// Repeats of a block declared with `n` in the yaml.
+    fn repeats(&self, n: usize) -> usize {
+        ((n as f64 * self.depth).round() as usize).max(1)
+    }
+}
+
+/// Architecture hyper-parameters read from the weights.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    pub scale: Scale,
+    pub num_classes: usize,
+    pub num_masks: usize,
+    pub reg_max: usize,
+    pub bn_eps: f64,
+}
+
+/// Conv2d + BatchNorm2d + SiLU, with the batch norm folded into the convolution.
+#[derive(Debug, Clone)]
+struct ConvBlock {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+    activation: bool,
+}
+
+impl ConvBlock {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize, k: usize, stride: usize, eps: f64) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, k, k), "conv.weight")?;
+        let bn = vb.pp("bn");
+        let gamma = bn.get(c_out, "weight")?;
+        let beta = bn.get(c_out, "bias")?;
+        let mean = bn.get(c_out, "running_mean")?;
+        let var = bn.get(c_out, "running_var")?;
+        // Fold in f64 so the fused weights round once, like ultralytics' fuse_conv_and_bn.
+        let scale = (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + eps)?.sqrt()?)?;
+        let weight = weight
+            .to_dtype(DType::F64)?
+            .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?
+            .to_dtype(DType::F32)?;
+        let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?.to_dtype(DType::F32)?;
+        Ok(ConvBlock { weight, bias, stride, padding: k / 2, activation: true })
+    }
+
+    /// A plain Conv2d with bias (the last layer of each head branch).
+    fn load_plain(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+        let weight = vb.get((c_out, c_in, 1, 1), "weight")?.to_dtype(DType::F32)?;
+        let bias = vb.get(c_out, "bias")?.to_dtype(DType::F32)?;
+        Ok(ConvBlock { weight, bias, stride: 1, padding: 0, activation: false })
+    }
+}
+
+impl Module for ConvBlock {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
+        if self.activation { ys.silu() } else { Ok(ys) }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Bottleneck {
+    cv1: ConvBlock,
+    cv2: ConvBlock,
+    residual: bool,
+}
+
+impl Bottleneck {
+    fn load(vb: VarBuilder, c: usize, shortcut: bool, eps: f64) -> Result<Self> {
+        Ok(Bottleneck {
+            cv1: ConvBlock::load(vb.pp("cv1"), c, c, 3, 1, eps)?,
+            cv2: ConvBlock::load(vb.pp("cv2"), c, c, 3, 1, eps)?,
+            residual: shortcut,
+        })
+    }
+}
+
+impl Module for Bottleneck {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.cv2.forward(&self.cv1.forward(xs)?)?;
+        if self.residual { xs + ys } else { Ok(ys) }
+    }
+}
+
+/// CSP bottleneck with two convolutions, keeping every intermediate output ("C2f").
+#[derive(Debug, Clone)]
+struct C2f {
+    cv1: ConvBlock,
+    cv2: ConvBlock,
+    blocks: Vec<Bottleneck>,
+    hidden: usize,
+}
+
+impl C2f {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize, n: usize, shortcut: bool, eps: f64) -> Result<Self> {
+        let hidden = c_out / 2;
+        let cv1 = ConvBlock::load(vb.pp("cv1"), c_in, 2 * hidden, 1, 1, eps)?;
+        let cv2 = ConvBlock::load(vb.pp("cv2"), (2 + n) * hidden, c_out, 1, 1, eps)?;
+        let blocks = (0..n)
+            .map(|i| Bottleneck::load(vb.pp(format!("m.{i}")), hidden, shortcut, eps))
+            .collect::<Result<_>>()?;
+        Ok(C2f { cv1, cv2, blocks, hidden })
+    }
+}
+
+impl Module for C2f {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.cv1.forward(xs)?;
+        let mut parts = vec![ys.narrow(1, 0, self.hidden)?, ys.narrow(1, self.hidden, self.hidden)?];
+        for block in &self.blocks {
+            let next = block.forward(parts.last().expect("two parts to start"))?;
+            parts.push(next);
+        }
+        self.cv2.forward(&Tensor::cat(&parts, 1)?)
+    }
+}
+
+/// Spatial pyramid pooling, fast: three chained 5x5 max-pools.
+#[derive(Debug, Clone)]
+struct Sppf {
+    cv1: ConvBlock,
+    cv2: ConvBlock,
+}
+
+impl Sppf {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize, eps: f64) -> Result<Self> {
+        let hidden = c_in / 2;
+        Ok(Sppf {
+            cv1: ConvBlock::load(vb.pp("cv1"), c_in, hidden, 1, 1, eps)?,
+            cv2: ConvBlock::load(vb.pp("cv2"), hidden * 4, c_out, 1, 1, eps)?,
+        })
+    }
+}
+
+/// 5x5 max-pool, stride 1, padding 2. Edge replication gives the same maxima as -inf padding,
+/// since the replicated values are already inside each border window.
+fn max_pool_5(xs: &Tensor) -> Result<Tensor> {
+    xs.pad_with_same(2, 2, 2)?.pad_with_same(3, 2, 2)?.max_pool2d_with_stride(5, 1)
+}
+
+impl Module for Sppf {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = self.cv1.forward(xs)?;
+        let y1 = max_pool_5(&x)?;
+        let y2 = max_pool_5(&y1)?;
+        let y3 = max_pool_5(&y2)?;
+        self.cv2.forward(&Tensor::cat(&[&x, &y1, &y2, &y3], 1)?)
+    }
+}
+
+/// Mask prototypes: 3x3 conv, 2x transposed conv, 3x3 conv, 1x1 conv to `num_masks` channels.
+#[derive(Debug, Clone)]
+struct Proto {
+    cv1: ConvBlock,
+    up_weight: Tensor,
+    up_bias: Tensor,
+    cv2: ConvBlock,
+    cv3: ConvBlock,
+}
+
+impl Proto {
+    fn load(vb: VarBuilder, c_in: usize, hidden: usize, num_masks: usize, eps: f64) -> Result<Self> {
+        Ok(Proto {
+            cv1: ConvBlock::load(vb.pp("cv1"), c_in, hidden, 3, 1, eps)?,
+            up_weight: vb.get((hidden, hidden, 2, 2), "upsample.weight")?.to_dtype(DType::F32)?,
+            up_bias: vb.get(hidden, "upsample.bias")?.to_dtype(DType::F32)?,
+            cv2: ConvBlock::load(vb.pp("cv2"), hidden, hidden, 3, 1, eps)?,
+            cv3: ConvBlock::load(vb.pp("cv3"), hidden, num_masks, 1, 1, eps)?,
+        })
+    }
+}
+
+impl Module for Proto {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let x = self.cv1.forward(xs)?;
+        let x = x
+            .conv_transpose2d(&self.up_weight, 0, 0, 2, 1)?
+            .broadcast_add(&self.up_bias.reshape((1, (), 1, 1))?)?;
+        self.cv3.forward(&self.cv2.forward(&x)?)
+    }
+}
+
+/// One three-layer branch of the head (two 3x3 ConvBlocks and a 1x1 Conv2d), per pyramid level.
+#[derive(Debug, Clone)]
+struct Branch(ConvBlock, ConvBlock, ConvBlock);
+
+impl Branch {
+    fn load(vb: VarBuilder, c_in: usize, hidden: usize, c_out: usize, eps: f64) -> Result<Self> {
+        Ok(Branch(
+            ConvBlock::load(vb.pp("0"), c_in, hidden, 3, 1, eps)?,
+            ConvBlock::load(vb.pp("1"), hidden, hidden, 3, 1, eps)?,
+            ConvBlock::load_plain(vb.pp("2"), hidden, c_out)?,
+        ))
+    }
+}
+
+impl Module for Branch {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.2.forward(&self.1.forward(&self.0.forward(xs)?)?)
+    }
+}
+
+/// The Segment head: per level a box branch (distribution over `reg_max` bins per side), a class
+/// branch and a mask-coefficient branch, plus the prototypes from the finest level.
+#[derive(Debug, Clone)]
+struct SegmentHead {
+    boxes: Vec<Branch>,
+    classes: Vec<Branch>,
+    masks: Vec<Branch>,
+    proto: Proto,
+    num_classes: usize,
+    num_masks: usize,
+    reg_max: usize,
+}
+
+const STRIDES: [usize; 3] = [8, 16, 32];
+
+impl SegmentHead {
+    fn load(vb: VarBuilder, levels: [usize; 3], cfg: &Config) -> Result<Self> {
+        let eps = cfg.bn_eps;
+        let c2 = (levels[0] / 4).max(cfg.reg_max * 4).max(16);
+        let c3 = levels[0].max(cfg.num_classes.min(100));
+        let c4 = (levels[0] / 4).max(cfg.num_masks);
+        let prototypes = cfg.scale.channels(256);
+        let branches = |name: &str, hidden: usize, out: usize| -> Result<Vec<Branch>> {
+            levels
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| Branch::load(vb.pp(format!("{name}.{i}")), c, hidden, out, eps))
+                .collect()
+        };
+        Ok(SegmentHead {
+            boxes: branches("cv2", c2, 4 * cfg.reg_max)?,
+            classes: branches("cv3", c3, cfg.num_classes)?,
+            masks: branches("cv4", c4, cfg.num_masks)?,
+            proto: Proto::load(vb.pp("proto"), levels[0], prototypes, cfg.num_masks, eps)?,
+            num_classes: cfg.num_classes,
+            num_masks: cfg.num_masks,
+            reg_max: cfg.reg_max,
+        })
+    }
+
+    /// Returns (predictions `(b, 4 + classes + masks, anchors)` with boxes as centre x, centre y,
+    /// width, height in input pixels and class scores after the sigmoid; prototypes `(b, masks,
+    /// h/4, w/4)`), the raw outputs of ultralytics' Segment head in inference mode.
+    fn forward(&self, features: [&Tensor; 3]) -> Result<(Tensor, Tensor)> {
+        let batch = features[0].dim(0)?;
+        let proto = self.proto.forward(features[0])?;
+        let mut box_parts = Vec::with_capacity(3);
+        let mut class_parts = Vec::with_capacity(3);
+        let mut mask_parts = Vec::with_capacity(3);
+        let mut anchor_parts = Vec::with_capacity(3);
+        let mut stride_parts = Vec::with_capacity(3);
+        let device = features[0].device();
+        for (level, x) in features.iter().enumerate() {
+            let (_, _, h, w) = x.dims4()?;
+            box_parts.push(self.boxes[level].forward(x)?.reshape((batch, 4 * self.reg_max, h * w))?);
+            class_parts.push(self.classes[level].forward(x)?.reshape((batch, self.num_classes, h * w))?);
+            mask_parts.push(self.masks[level].forward(x)?.reshape((batch, self.num_masks, h * w))?);
+            // Anchor points at cell centres, in grid units of this level.
+            let xs = Tensor::arange(0u32, w as u32, device)?.to_dtype(DType::F32)?.affine(1.0, 0.5)?;
+            let ys = Tensor::arange(0u32, h as u32, device)?.to_dtype(DType::F32)?.affine(1.0, 0.5)?;
+            let ax = xs.unsqueeze(0)?.broadcast_as((h, w))?.flatten_all()?;
+            let ay = ys.unsqueeze(1)?.broadcast_as((h, w))?.flatten_all()?;
+            anchor_parts.push(Tensor::stack(&[ax, ay], 0)?);
+            stride_parts.push(Tensor::full(STRIDES[level] as f32, h * w, device)?);
+        }
+        let distribution = Tensor::cat(&box_parts, 2)?;
+        let anchors_total = distribution.dim(2)?;
+        // Expected distance per side: softmax over the bins, weighted by the bin index.
+        let distribution = distribution.reshape((batch, 4, self.reg_max, anchors_total))?;
+        let probabilities = candle_nn::ops::softmax(&distribution, 2)?;
+        let bins = Tensor::arange(0u32, self.reg_max as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((1, 1, self.reg_max, 1))?;
+        let distances = probabilities.broadcast_mul(&bins)?.sum(2)?; // (b, 4, anchors)
+        let anchors = Tensor::cat(&anchor_parts, 1)?.unsqueeze(0)?; // (1, 2, anchors)
+        let strides = Tensor::cat(&stride_parts, 0)?.reshape((1, 1, anchors_total))?;
+        let left_top = distances.narrow(1, 0, 2)?;
+        let right_bottom = distances.narrow(1, 2, 2)?;
+        let top_left = anchors.broadcast_sub(&left_top)?;
+        let bottom_right = anchors.broadcast_add(&right_bottom)?;
+        let centre = ((&top_left + &bottom_right)? * 0.5)?;
+        let size = (&bottom_right - &top_left)?;
+        let boxes = Tensor::cat(&[centre, size], 1)?.broadcast_mul(&strides)?;
+        let scores = candle_nn::ops::sigmoid(&Tensor::cat(&class_parts, 2)?)?;
+        let coefficients = Tensor::cat(&mask_parts, 2)?;
+        Ok((Tensor::cat(&[boxes, scores, coefficients], 1)?, proto))
+    }
+}
+
+/// The whole network.
+#[derive(Debug, Clone)]
+pub struct YoloV8Seg {
+    cfg: Config,
+    // Backbone: model.0 … model.9
+    stem: ConvBlock,
+    down1: ConvBlock,
+    c2f2: C2f,
+    down3: ConvBlock,
+    c2f4: C2f,
+    down5: ConvBlock,
+    c2f6: C2f,
+    down7: ConvBlock,
+    c2f8: C2f,
+    sppf9: Sppf,
+    // Neck: model.12, 15, 16, 18, 19, 21 (10, 11, 13, 14, 17, 20 are parameter-free)
+    c2f12: C2f,
+    c2f15: C2f,
+    down16: ConvBlock,
+    c2f18: C2f,
+    down19: ConvBlock,
+    c2f21: C2f,
+    head: SegmentHead,
+}
+
+impl YoloV8Seg {
+    pub fn load(vb: VarBuilder, cfg: Config) -> Result<Self> {
+        let s = cfg.scale;
+        let eps = cfg.bn_eps;
+        let (c64, c128, c256, c512, c1024) = (s.channels(64), s.channels(128), s.channels(256), s.channels(512), s.channels(1024));
+        let (n3, n6) = (s.repeats(3), s.repeats(6));
+        let m = |i: usize| vb.pp(format!("model.{i}"));
+        Ok(YoloV8Seg {
+            stem: ConvBlock::load(m(0), 3, c64, 3, 2, eps)?,
+            down1: ConvBlock::load(m(1), c64, c128, 3, 2, eps)?,
+            c2f2: C2f::load(m(2), c128, c128, n3, true, eps)?,
+            down3: ConvBlock::load(m(3), c128, c256, 3, 2, eps)?,
+            c2f4: C2f::load(m(4), c256, c256, n6, true, eps)?,
+            down5: ConvBlock::load(m(5), c256, c512, 3, 2, eps)?,
+            c2f6: C2f::load(m(6), c512, c512, n6, true, eps)?,
+            down7: ConvBlock::load(m(7), c512, c1024, 3, 2, eps)?,
+            c2f8: C2f::load(m(8), c1024, c1024, n3, true, eps)?,
+            sppf9: Sppf::load(m(9), c1024, c1024, eps)?,
+            c2f12: C2f::load(m(12), c1024 + c512, c512, n3, false, eps)?,
+            c2f15: C2f::load(m(15), c512 + c256, c256, n3, false, eps)?,
+            down16: ConvBlock::load(m(16), c256, c256, 3, 2, eps)?,
+            c2f18: C2f::load(m(18), c256 + c512, c512, n3, false, eps)?,
+            down19: ConvBlock::load(m(19), c512, c512, 3, 2, eps)?,
+            c2f21: C2f::load(m(21), c512 + c1024, c1024, n3, false, eps)?,
+            head: SegmentHead::load(m(22), [c256, c512, c1024], &cfg)?,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// `images`: `(batch, 3, H, W)` RGB in [0, 1], H and W multiples of 32.
+    /// Returns the raw head outputs, see [`SegmentHead::forward`].
+    pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = self.down1.forward(&self.stem.forward(images)?)?;
+        let x = self.c2f2.forward(&x)?;
+        let p3 = self.c2f4.forward(&self.down3.forward(&x)?)?;
+        let p4 = self.c2f6.forward(&self.down5.forward(&p3)?)?;
+        let p5 = self.sppf9.forward(&self.c2f8.forward(&self.down7.forward(&p4)?)?)?;
+        let up = upsample2(&p5)?;
+        let n4 = self.c2f12.forward(&Tensor::cat(&[&up, &p4], 1)?)?;
+        let up = upsample2(&n4)?;
+        let out3 = self.c2f15.forward(&Tensor::cat(&[&up, &p3], 1)?)?;
+        let out4 = self.c2f18.forward(&Tensor::cat(&[&self.down16.forward(&out3)?, &n4], 1)?)?;
+        let out5 = self.c2f21.forward(&Tensor::cat(&[&self.down19.forward(&out4)?, &p5], 1)?)?;
+        self.head.forward([&out3, &out4, &out5])
+    }
+}
+
+fn upsample2(xs: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    xs.upsample_nearest2d(2 * h, 2 * w)
+}
