@@ -37,6 +37,28 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Run the detector on 2D images (PNG, JPEG, single-frame DICOM) and print the detections.
+    Detect {
+        /// YOLOv8-seg weights (safetensors with ultralytics tensor names).
+        #[arg(long)]
+        weights: PathBuf,
+        /// Network input size (default: the size stored in the weights).
+        #[arg(long)]
+        imgsz: Option<usize>,
+        /// Minimum class confidence.
+        #[arg(long, default_value_t = 0.25)]
+        conf: f32,
+        /// IoU above which NMS suppresses a box of the same class.
+        #[arg(long, default_value_t = 0.7)]
+        iou: f32,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, value_enum, default_value_t = DetectFormat::Table)]
+        format: DetectFormat,
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+    },
     /// List the series in the spool with their state (pending, complete, skipped and why).
     Series {
         #[arg(long, short)]
@@ -46,6 +68,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DetectFormat {
+    Table,
+    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -88,6 +116,10 @@ pub fn main() -> anyhow::Result<()> {
             println!("  destinations: {}", cfg.destinations.len());
             Ok(())
         }
+        Command::Detect { weights, imgsz, conf, iou, device, format, images } => {
+            init_cli_logging();
+            detect(&weights, imgsz, conf, iou, &device, format, &images)
+        }
         Command::Series { config, state_dir, format } => {
             let mut cfg = Config::load(config.as_deref())?;
             if let Some(dir) = state_dir {
@@ -127,6 +159,75 @@ pub fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn detect(
+    weights: &std::path::Path,
+    imgsz: Option<usize>,
+    conf: f32,
+    iou: f32,
+    device: &str,
+    format: DetectFormat,
+    images: &[PathBuf],
+) -> anyhow::Result<()> {
+    use crate::detector::{self, predict};
+    anyhow::ensure!((0.0..=1.0).contains(&conf), "--conf must be between 0 and 1");
+    anyhow::ensure!((0.0..=1.0).contains(&iou), "--iou must be between 0 and 1");
+    let device = detector::select_device(device)?;
+    let (network, info) = detector::load_network(weights, &device)?;
+    let imgsz = imgsz.unwrap_or(info.input_size);
+    anyhow::ensure!(imgsz >= 32 && imgsz % 32 == 0, "--imgsz must be a multiple of 32");
+    let options = predict::PredictOptions { imgsz, conf, iou, ..Default::default() };
+    let mut report = Vec::with_capacity(images.len());
+    for path in images {
+        let image = detector::read_image(path)?;
+        let detections = predict::predict(&network, &image, &options, &device)?;
+        let items: Vec<serde_json::Value> = detections
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "class_id": d.class_id,
+                    "class_name": info.class_names[d.class_id],
+                    "confidence": d.confidence,
+                    "box": d.bbox,
+                    "mask_area": d.mask.area(),
+                    "polygon": predict::outline(&d.mask),
+                })
+            })
+            .collect();
+        report.push(serde_json::json!({
+            "image": path.display().to_string(),
+            "width": image.width,
+            "height": image.height,
+            "detections": items,
+        }));
+    }
+    match format {
+        DetectFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        DetectFormat::Table => {
+            for r in &report {
+                println!("{} ({}x{})", r["image"].as_str().unwrap_or(""), r["width"], r["height"]);
+                for d in r["detections"].as_array().into_iter().flatten() {
+                    let b: Vec<f64> = d["box"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
+                    println!(
+                        "  {:<12} {:.3}  box [{:.1}, {:.1}, {:.1}, {:.1}]  mask {} px",
+                        d["class_name"].as_str().unwrap_or(""),
+                        d["confidence"].as_f64().unwrap_or(0.0),
+                        b[0], b[1], b[2], b[3],
+                        d["mask_area"]
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Logging for one-shot commands: warnings and errors to stderr.
+fn init_cli_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
 }
 
 /// Hides the password of a database URL for printing and logging.

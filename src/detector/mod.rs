@@ -1,6 +1,7 @@
 //! The disc detector: YOLOv8-seg weights loaded into candle, on CUDA when available.
 
 pub mod detrand;
+pub mod predict;
 pub mod yolov8_seg;
 
 use std::collections::HashMap;
@@ -23,6 +24,8 @@ pub enum DetectorError {
     Weights { path: PathBuf, message: String },
     #[error("device {spec}: {message}")]
     Device { spec: String, message: String },
+    #[error("cannot read image {path}: {message}")]
+    Image { path: PathBuf, message: String },
     #[error("inference failed: {0}")]
     Inference(#[from] candle_core::Error),
 }
@@ -163,4 +166,38 @@ pub fn select_device(spec: &str) -> Result<Device, DetectorError> {
             Device::new_cuda(ordinal).map_err(|e| device_err(e.to_string()))
         }
     }
+}
+
+/// Reads a PNG, JPEG or single-frame DICOM image as 8-bit RGB. DICOM pixels go through the
+/// object's rescale and VOI window (or the full range when it has none), as a viewer shows them.
+pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
+    let image_err = |message: String| DetectorError::Image { path: path.to_path_buf(), message };
+    let mut magic = [0u8; 132];
+    let is_dicom = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map(|_| &magic[128..132] == b"DICM")
+        .unwrap_or(false);
+    let dynamic = if is_dicom {
+        use dicom_pixeldata::PixelDecoder;
+        let obj = dicom_object::open_file(path).map_err(|e| image_err(e.to_string()))?;
+        let frames = obj
+            .element_opt(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
+            .ok()
+            .flatten()
+            .and_then(|e| e.to_int::<u32>().ok())
+            .unwrap_or(1);
+        if frames > 1 {
+            return Err(image_err(format!("{frames} frames; detect takes single-frame images")));
+        }
+        let decoded = obj.decode_pixel_data().map_err(|e| image_err(e.to_string()))?;
+        decoded.to_dynamic_image(0).map_err(|e| image_err(e.to_string()))?
+    } else {
+        image::open(path).map_err(|e| image_err(e.to_string()))?
+    };
+    let rgb = dynamic.to_rgb8();
+    Ok(predict::RgbImage {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        data: rgb.into_raw(),
+    })
 }

@@ -1,0 +1,38 @@
+"""PyTorch side of bench/detector.sh: YOLOv8-seg forward time on the same weights and input size.
+
+Set up as ultralytics' predictor runs it on CPU: fused Conv+BN, eval, channels-last on x86, the
+given thread count. Prints one JSON line.
+"""
+import json
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+from ultralytics.nn.tasks import SegmentationModel
+
+
+def main(weights: str, size: int, threads: int, runs: int) -> None:
+    torch.set_num_threads(threads)
+    state = load_file(weights)
+    stem = state["model.0.conv.weight"].shape[0]
+    scale = {16: "n", 32: "s", 48: "m", 64: "l", 80: "x"}[stem]
+    nc = state["model.22.cv3.0.2.weight"].shape[0]
+    model = SegmentationModel(f"yolov8{scale}-seg.yaml", nc=nc, verbose=False)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model = model.fuse(verbose=False).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(1, 3, size, size).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({"peer": f"pytorch {torch.__version__}", "median_ms": 1000 * times[len(times) // 2], "min_ms": 1000 * times[0]}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

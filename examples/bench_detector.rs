@@ -1,0 +1,35 @@
+//! candle side of bench/detector.sh: YOLOv8-seg forward time and peak memory.
+//! `bench_detector WEIGHTS SIZE RUNS` prints one JSON line.
+use candle_core::{Device, Tensor};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    anyhow::ensure!(args.len() == 3, "usage: bench_detector WEIGHTS SIZE RUNS");
+    let size: usize = args[1].parse()?;
+    let runs: usize = args[2].parse()?;
+    let device = Device::Cpu;
+    let (network, _) = idaics::detector::load_network(std::path::Path::new(&args[0]), &device)?;
+    let input = Tensor::rand(0f32, 1f32, (1, 3, size, size), &device)?;
+    for _ in 0..3 {
+        network.forward(&input)?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = std::time::Instant::now();
+        network.forward(&input)?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let peak_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    println!(
+        "{}",
+        serde_json::json!({"peer": "candle", "median_ms": times[runs / 2], "min_ms": times[0], "peak_rss_mb": peak_kb as f64 / 1024.0})
+    );
+    Ok(())
+}
