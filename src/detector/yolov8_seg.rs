@@ -8,6 +8,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::cpu_conv::{ConvShape, conv2d_bias_act};
+
 /// Width, depth and channel cap of the five published sizes (ultralytics `yolov8-seg.yaml`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Scale {
@@ -62,8 +64,7 @@ pub struct Config {
 struct ConvBlock {
     weight: Tensor,
     bias: Tensor,
-    stride: usize,
-    padding: usize,
+    shape: ConvShape,
     activation: bool,
 }
 
@@ -82,20 +83,26 @@ impl ConvBlock {
             .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?
             .to_dtype(DType::F32)?;
         let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?.to_dtype(DType::F32)?;
-        Ok(ConvBlock { weight, bias, stride, padding: k / 2, activation: true })
+        let weight = weight.contiguous()?;
+        let shape = ConvShape { c_in, c_out, kernel: k, stride, padding: k / 2 };
+        Ok(ConvBlock { weight, bias, shape, activation: true })
     }
 
     /// A plain Conv2d with bias (the last layer of each head branch).
     fn load_plain(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
         let weight = vb.get((c_out, c_in, 1, 1), "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(c_out, "bias")?.to_dtype(DType::F32)?;
-        Ok(ConvBlock { weight, bias, stride: 1, padding: 0, activation: false })
+        let shape = ConvShape { c_in, c_out, kernel: 1, stride: 1, padding: 0 };
+        Ok(ConvBlock { weight, bias, shape, activation: false })
     }
 }
 
 impl Module for ConvBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let ys = xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        if xs.device().is_cpu() {
+            return conv2d_bias_act(xs, &self.weight, &self.bias, self.shape, self.activation);
+        }
+        let ys = xs.conv2d(&self.weight, self.shape.padding, self.shape.stride, 1, 1)?;
         let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         if self.activation { ys.silu() } else { Ok(ys) }
     }

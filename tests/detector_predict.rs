@@ -1,0 +1,104 @@
+//! `idaics detect` against ultralytics predict on a trained model: the shapes test model
+//! (yolov8n-seg, 4 classes, float16 weights) on images of several sizes, with the golden
+//! detections `model/tools/golden_predict.py` recorded from ultralytics on the same weights.
+
+use std::path::Path;
+use std::process::Command;
+
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/shapes")
+}
+
+fn iou(a: &[f64], b: &[f64]) -> f64 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = w * h;
+    inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
+#[test]
+fn detect_matches_ultralytics_predict() {
+    let dir = fixtures();
+    let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
+    let images: Vec<_> = golden["images"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["detect", "--device", "cpu", "--format", "json", "--weights"])
+        .arg(dir.join("shapes-yolov8n-seg.safetensors"))
+        .args(["--imgsz", &golden["imgsz"].to_string(), "--conf", &golden["conf"].to_string(), "--iou", &golden["iou"].to_string()])
+        .args(&images)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut compared = 0;
+    for (expected, got) in golden["images"].as_array().unwrap().iter().zip(ours.as_array().unwrap()) {
+        let file = expected["file"].as_str().unwrap();
+        assert_eq!(got["width"], expected["width"], "{file}");
+        assert_eq!(got["height"], expected["height"], "{file}");
+        let want = expected["detections"].as_array().unwrap();
+        let have = got["detections"].as_array().unwrap();
+        assert_eq!(have.len(), want.len(), "{file}: {} detections, ultralytics has {}\nours: {have:#?}\ntheirs: {want:#?}", have.len(), want.len());
+        let mut used = vec![false; have.len()];
+        for w in want {
+            let wb = floats(&w["box"]);
+            let (best, overlap) = have
+                .iter()
+                .enumerate()
+                .filter(|(i, h)| !used[*i] && h["class_id"] == w["class_id"])
+                .map(|(i, h)| (i, iou(&wb, &floats(&h["box"]))))
+                .fold((usize::MAX, 0.0), |acc, cur| if cur.1 > acc.1 { cur } else { acc });
+            assert!(best != usize::MAX && overlap >= 0.95, "{file}: no match for {w} (best IoU {overlap})");
+            used[best] = true;
+            let h = &have[best];
+            let dc = (h["confidence"].as_f64().unwrap() - w["confidence"].as_f64().unwrap()).abs();
+            assert!(dc <= 0.01, "{file}: confidence {} vs {}", h["confidence"], w["confidence"]);
+            let (ma, mb) = (h["mask_area"].as_f64().unwrap(), w["mask_area"].as_f64().unwrap());
+            assert!((ma - mb).abs() <= 0.03 * mb, "{file}: mask area {ma} vs {mb}");
+            assert_eq!(h["class_name"].as_str().unwrap().is_empty(), false);
+            assert!(h["polygon"].as_array().unwrap().len() >= 3, "{file}: no outline");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 5, "only {compared} detections compared: the fixture model is too weak to test with");
+}
+
+#[test]
+fn detect_reads_dicom_images_and_reports_bad_input() {
+    let dir = fixtures();
+    let weights = dir.join("shapes-yolov8n-seg.safetensors");
+    let ct = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/corpora/pydicom-test-files/CT_small.dcm");
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["detect", "--device", "cpu", "--format", "json", "--weights"])
+        .arg(&weights)
+        .arg(&ct)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report[0]["width"], 128);
+    assert!(report[0]["detections"].is_array());
+
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["detect", "--device", "cpu", "--weights"])
+        .arg(&weights)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read image"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["detect", "--device", "cuda:0", "--weights"])
+        .arg(&weights)
+        .arg(&ct)
+        .output()
+        .unwrap();
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no CUDA support"));
+    }
+}
