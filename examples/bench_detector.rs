@@ -1,13 +1,13 @@
 //! candle side of bench/detector.sh: YOLOv8-seg forward time and peak memory.
 //! `bench_detector WEIGHTS SIZE RUNS` prints one JSON line.
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     anyhow::ensure!(args.len() == 3, "usage: bench_detector WEIGHTS SIZE RUNS");
     let size: usize = args[1].parse()?;
     let runs: usize = args[2].parse()?;
-    let device = Device::Cpu;
+    let device = idaics::detector::select_device(&std::env::var("IDAICS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()))?;
     let (network, _) = idaics::detector::load_network(std::path::Path::new(&args[0]), &device)?;
     let input = Tensor::rand(0f32, 1f32, (1, 3, size, size), &device)?;
     for _ in 0..3 {
@@ -16,7 +16,9 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let t = std::time::Instant::now();
-        network.forward(&input)?;
+        let (y, _) = network.forward(&input)?;
+        device.synchronize()?;
+        drop(y);
         times.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     times.sort_by(f64::total_cmp);

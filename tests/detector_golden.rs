@@ -33,18 +33,24 @@ fn write_weights(golden: &serde_json::Value, dir: &Path, edit: impl Fn(&str, Vec
     path
 }
 
+/// The device under test: the CPU unless IDAICS_TEST_DEVICE says otherwise (scripts/gpu-check.sh).
+fn device() -> Device {
+    detector::select_device(&std::env::var("IDAICS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap()
+}
+
 fn check(model: &str) {
     let golden = fixture(&format!("{model}-random.json"));
     let dir = tempfile::tempdir().unwrap();
     let weights = write_weights(&golden, dir.path(), |_, s| Some(s));
-    let (network, info) = detector::load_network(&weights, &Device::Cpu).unwrap();
+    let device = device();
+    let (network, info) = detector::load_network(&weights, &device).unwrap();
     assert_eq!(info.config.num_classes, 4);
     assert_eq!(info.config.scale.name, model.chars().nth(6).unwrap());
     assert!((info.config.bn_eps - golden["bn_eps"].as_f64().unwrap()).abs() < 1e-12);
 
     let size = golden["input_size"].as_u64().unwrap() as usize;
     let pixels = detrand::image(golden["image_seed"].as_u64().unwrap(), 3 * size * size);
-    let input = Tensor::from_vec(pixels, (1, 3, size, size), &Device::Cpu).unwrap();
+    let input = Tensor::from_vec(pixels, (1, 3, size, size), &device).unwrap();
     let (y, proto) = network.forward(&input).unwrap();
 
     for (name, tensor) in [("y", &y), ("proto", &proto)] {

@@ -20,13 +20,18 @@ fn floats(v: &serde_json::Value) -> Vec<f64> {
     v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
 }
 
+/// The device under test: the CPU unless IDAICS_TEST_DEVICE says otherwise (scripts/gpu-check.sh).
+fn device() -> String {
+    std::env::var("IDAICS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 #[test]
 fn detect_matches_ultralytics_predict() {
     let dir = fixtures();
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
     let images: Vec<_> = golden["images"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
     let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
-        .args(["detect", "--device", "cpu", "--format", "json", "--weights"])
+        .args(["detect", "--device", &device(), "--format", "json", "--weights"])
         .arg(dir.join("shapes-yolov8n-seg.safetensors"))
         .args(["--imgsz", &golden["imgsz"].to_string(), "--conf", &golden["conf"].to_string(), "--iou", &golden["iou"].to_string()])
         .args(&images)
@@ -41,7 +46,9 @@ fn detect_matches_ultralytics_predict() {
         assert_eq!(got["height"], expected["height"], "{file}");
         let want = expected["detections"].as_array().unwrap();
         let have = got["detections"].as_array().unwrap();
-        assert_eq!(have.len(), want.len(), "{file}: {} detections, ultralytics has {}\nours: {have:#?}\ntheirs: {want:#?}", have.len(), want.len());
+        // Detections within the allowed confidence difference of the threshold may fall on
+        // either side of it; every other detection must be matched one to one.
+        let borderline = |d: &serde_json::Value| d["confidence"].as_f64().unwrap() < golden["conf"].as_f64().unwrap() + 0.01;
         let mut used = vec![false; have.len()];
         for w in want {
             let wb = floats(&w["box"]);
@@ -51,16 +58,22 @@ fn detect_matches_ultralytics_predict() {
                 .filter(|(i, h)| !used[*i] && h["class_id"] == w["class_id"])
                 .map(|(i, h)| (i, iou(&wb, &floats(&h["box"]))))
                 .fold((usize::MAX, 0.0), |acc, cur| if cur.1 > acc.1 { cur } else { acc });
-            assert!(best != usize::MAX && overlap >= 0.95, "{file}: no match for {w} (best IoU {overlap})");
+            if best == usize::MAX || overlap < 0.95 {
+                assert!(borderline(w), "{file}: no match for ultralytics' {w} (best IoU {overlap})\nours: {have:#?}");
+                continue;
+            }
             used[best] = true;
             let h = &have[best];
             let dc = (h["confidence"].as_f64().unwrap() - w["confidence"].as_f64().unwrap()).abs();
             assert!(dc <= 0.01, "{file}: confidence {} vs {}", h["confidence"], w["confidence"]);
             let (ma, mb) = (h["mask_area"].as_f64().unwrap(), w["mask_area"].as_f64().unwrap());
             assert!((ma - mb).abs() <= 0.03 * mb, "{file}: mask area {ma} vs {mb}");
-            assert_eq!(h["class_name"].as_str().unwrap().is_empty(), false);
+            assert!(!h["class_name"].as_str().unwrap().is_empty());
             assert!(h["polygon"].as_array().unwrap().len() >= 3, "{file}: no outline");
             compared += 1;
+        }
+        for (h, used) in have.iter().zip(&used) {
+            assert!(*used || borderline(h), "{file}: detection {h} that ultralytics does not have");
         }
     }
     assert!(compared >= 5, "only {compared} detections compared: the fixture model is too weak to test with");
