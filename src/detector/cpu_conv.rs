@@ -160,11 +160,13 @@ fn epilogue(dst: &mut [f32], bias: &[f32], n: usize, silu: bool) {
 }
 
 /// e^x to about 2 ulp, branch-free so the SiLU loop vectorises: Cody-Waite range reduction to
-/// [-ln2/2, ln2/2], a degree-6 Taylor polynomial, and 2^n through the exponent bits.
+/// [-ln2/2, ln2/2], a degree-6 Taylor polynomial, and 2^n through the exponent bits. Rounding
+/// uses the 1.5 * 2^23 trick, since `f32::round` is a libm call without SSE4.1.
 #[inline(always)]
 fn fast_exp(x: f32) -> f32 {
+    const ROUNDER: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let n = (x * std::f32::consts::LOG2_E + ROUNDER) - ROUNDER;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
