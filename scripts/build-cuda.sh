@@ -38,6 +38,12 @@ export CUDA_ROOT=$root CUDA_PATH=$root CUDA_TOOLKIT_ROOT_DIR=$root
 export PATH=$root/bin:$PATH
 export LIBRARY_PATH=$root/lib64:${LIBRARY_PATH:-}
 export LD_LIBRARY_PATH=$root/lib64:${LD_LIBRARY_PATH:-}
+# Without a GPU here (a build-only machine), candle's kernels need the target compute capability.
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+fi
 nvcc --version | tail -n 1
+# A target directory of its own, so the CPU build stays as it is.
+export CARGO_TARGET_DIR=$PWD/target/cuda
 cargo build --release --features cuda --bin idaics --example bench_detector
-echo "built target/release/idaics with CUDA; run with LD_LIBRARY_PATH=$root/lib64"
+echo "built $CARGO_TARGET_DIR/release/idaics with CUDA; run with LD_LIBRARY_PATH=$root/lib64"
