@@ -1,44 +1,37 @@
 #!/usr/bin/env bash
-# Builds idaics with --features cuda using the CUDA toolkit from PyPI wheels (no system toolkit):
-# nvcc for candle's kernels, and the cuBLAS, cuRAND, NVRTC and runtime libraries cudarc links.
-#   scripts/build-cuda.sh            -> target/release/idaics with CUDA
-# Needs: python3 with pip, network access to PyPI (or the wheels in a local pip cache), and on the
-# machine that runs it, an NVIDIA driver (libcuda.so.1).
-# Status: prepared on a machine without a GPU; not yet run on one (see the issue notes).
+# Builds idaics with --features cuda using the CUDA 13 toolkit from PyPI wheels (no system toolkit):
+# nvcc for candle's kernels, and the runtime, cuBLAS, cuRAND and NVRTC libraries cudarc links.
+# All of them unpack into one toolkit-shaped tree, site-packages/nvidia/cu13/{bin,include,lib}.
+#
+#   scripts/build-cuda.sh
+#
+# leaves target/cuda/release/idaics, and in target/cuda/gpu-check/ stripped copies of idaics, the
+# detector benchmark and the detector test binaries, for scripts/gpu-check.sh to run on a GPU
+# machine that has the CUDA libraries but no Rust toolchain (carry target/cuda/gpu-check).
+# nvcc is pinned to 13.0, the CUDA version of the GPU machines' driver (580): candle loads its
+# kernels as PTX, which a driver older than the compiler refuses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${CUDA_VENV:-$PWD/target/cuda-venv}
-cuda_major=${CUDA_MAJOR:-12}
-if [ ! -x "$venv/bin/nvcc-root" ]; then
-  python3 -m venv "$venv"
-  "$venv/bin/pip" install -q \
-    "nvidia-cuda-nvcc-cu${cuda_major}" "nvidia-cuda-runtime-cu${cuda_major}" "nvidia-cublas-cu${cuda_major}" \
-    "nvidia-curand-cu${cuda_major}" "nvidia-cuda-nvrtc-cu${cuda_major}"
-  touch "$venv/bin/nvcc-root"
-fi
+cuda=${CUDA_WHEELS_VERSION:-13.0.*}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q "nvidia-cuda-nvcc==$cuda" "nvidia-cuda-runtime==$cuda" "nvidia-cuda-nvrtc==$cuda" \
+  "nvidia-cublas<13.1" "nvidia-curand"
 site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-# Merge the wheels into one toolkit-shaped tree: bin/nvcc, include/, lib64/.
-root=$PWD/target/cuda-root
-rm -rf "$root"; mkdir -p "$root/bin" "$root/include" "$root/lib64"
-for pkg in "$site"/nvidia/*/; do
-  [ -d "$pkg/bin" ] && cp -rs "$pkg/bin/." "$root/bin/" 2>/dev/null || true
-  [ -d "$pkg/include" ] && cp -rs "$pkg/include/." "$root/include/" 2>/dev/null || true
-  [ -d "$pkg/lib" ] && cp -rs "$pkg/lib/." "$root/lib64/" 2>/dev/null || true
-  [ -d "$pkg/nvvm" ] && ln -sfn "$pkg/nvvm" "$root/nvvm"
-done
-# Unversioned names for the linker.
-for lib in "$root"/lib64/lib*.so.*; do
+root=$site/nvidia/cu13
+[ -x "$root/bin/nvcc" ] || { echo "no nvcc in $root/bin" >&2; exit 1; }
+[ -e "$root/lib64" ] || ln -s lib "$root/lib64"
+# Unversioned names for the linker (the wheels ship only libX.so.N).
+for lib in "$root"/lib/lib*.so.*; do
   base=${lib%%.so.*}.so
-  [ -e "$base" ] || ln -s "$lib" "$base"
+  [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
 done
-if ! ls /usr/lib/x86_64-linux-gnu/libcuda.so* >/dev/null 2>&1 && [ -d "$root/lib64/stubs" ]; then
-  export LIBRARY_PATH="$root/lib64/stubs:${LIBRARY_PATH:-}"
-fi
 export CUDA_ROOT=$root CUDA_PATH=$root CUDA_TOOLKIT_ROOT_DIR=$root
 export PATH=$root/bin:$PATH
-export LIBRARY_PATH=$root/lib64:${LIBRARY_PATH:-}
-export LD_LIBRARY_PATH=$root/lib64:${LD_LIBRARY_PATH:-}
-# Without a GPU here (a build-only machine), candle's kernels need the target compute capability.
+export LIBRARY_PATH=$root/lib:${LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$root/lib:${LD_LIBRARY_PATH:-}
+# Without a GPU here (a build-only machine), candle's kernels need the target compute capability
+# (9.0: H100/H200).
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 fi
@@ -46,4 +39,16 @@ nvcc --version | tail -n 1
 # A target directory of its own, so the CPU build stays as it is.
 export CARGO_TARGET_DIR=$PWD/target/cuda
 cargo build --release --features cuda --bin idaics --example bench_detector
-echo "built $CARGO_TARGET_DIR/release/idaics with CUDA; run with LD_LIBRARY_PATH=$root/lib64"
+tests=$(cargo test --release --features cuda --test detector_golden --test detector_predict --no-run --message-format=json 2>/dev/null \
+  | "$venv/bin/python" -c 'import sys, json
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])')
+out=$CARGO_TARGET_DIR/gpu-check
+rm -rf "$out"; mkdir -p "$out"
+cp "$CARGO_TARGET_DIR/release/idaics" "$CARGO_TARGET_DIR/release/examples/bench_detector" "$out/"
+while read -r name exe; do cp "$exe" "$out/$name"; done <<<"$tests"
+strip "$out"/*
+du -sh "$out"
+echo "built $out; run scripts/gpu-check.sh on the GPU machine with target/cuda/gpu-check carried"

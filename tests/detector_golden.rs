@@ -9,8 +9,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use idaics::detector::{self, detrand, DetectorError};
 
+/// The repository, also when a prebuilt test binary runs from another checkout (scripts/gpu-check.sh).
+fn repo_root() -> PathBuf {
+    std::env::var_os("IDAICS_REPO_ROOT").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
 fn fixture(name: &str) -> serde_json::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name);
+    let path = repo_root().join("tests/fixtures/golden").join(name);
     serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
 }
 

@@ -2,11 +2,21 @@
 //! (yolov8n-seg, 4 classes, float16 weights) on images of several sizes, with the golden
 //! detections `model/tools/golden_predict.py` recorded from ultralytics on the same weights.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::process::Command;
 
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/shapes")
+/// The repository, also when a prebuilt test binary runs from another checkout (scripts/gpu-check.sh).
+fn repo_root() -> PathBuf {
+    std::env::var_os("IDAICS_REPO_ROOT").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
+}
+
+fn fixtures() -> PathBuf {
+    repo_root().join("tests/fixtures/shapes")
+}
+
+/// The idaics binary under test; IDAICS_BIN overrides it for prebuilt runs.
+fn idaics() -> Command {
+    Command::new(std::env::var_os("IDAICS_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_idaics").into()))
 }
 
 fn iou(a: &[f64], b: &[f64]) -> f64 {
@@ -30,7 +40,7 @@ fn detect_matches_ultralytics_predict() {
     let dir = fixtures();
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
     let images: Vec<_> = golden["images"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+    let out = idaics()
         .args(["detect", "--device", &device(), "--format", "json", "--weights"])
         .arg(dir.join("shapes-yolov8n-seg.safetensors"))
         .args(["--imgsz", &golden["imgsz"].to_string(), "--conf", &golden["conf"].to_string(), "--iou", &golden["iou"].to_string()])
@@ -83,8 +93,8 @@ fn detect_matches_ultralytics_predict() {
 fn detect_reads_dicom_images_and_reports_bad_input() {
     let dir = fixtures();
     let weights = dir.join("shapes-yolov8n-seg.safetensors");
-    let ct = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/corpora/pydicom-test-files/CT_small.dcm");
-    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+    let ct = repo_root().join("../shared/data/corpora/pydicom-test-files/CT_small.dcm");
+    let out = idaics()
         .args(["detect", "--device", "cpu", "--format", "json", "--weights"])
         .arg(&weights)
         .arg(&ct)
@@ -95,16 +105,16 @@ fn detect_reads_dicom_images_and_reports_bad_input() {
     assert_eq!(report[0]["width"], 128);
     assert!(report[0]["detections"].is_array());
 
-    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+    let out = idaics()
         .args(["detect", "--device", "cpu", "--weights"])
         .arg(&weights)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg(repo_root().join("Cargo.toml"))
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read image"), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+    let out = idaics()
         .args(["detect", "--device", "cuda:0", "--weights"])
         .arg(&weights)
         .arg(&ct)
