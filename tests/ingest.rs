@@ -391,6 +391,41 @@ fn access_control_and_limits_reject_with_reasons() {
 }
 
 #[test]
+fn association_limit_rejects_transiently_and_frees_the_slot() {
+    use dicom_ul::association::client::ClientAssociationOptions;
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_MAX_ASSOCIATIONS", "1")]);
+    let held = ClientAssociationOptions::new()
+        .calling_ae_title("HOLDER")
+        .with_abstract_syntax("1.2.840.10008.1.1")
+        .establish_with(&format!("{AE}@127.0.0.1:{}", agent.port))
+        .unwrap();
+    let out = std::process::Command::new("echoscu").args(["-aec", AE, "127.0.0.1", &agent.port.to_string()]).output().unwrap();
+    assert!(output_text(&out).contains("Rejected Transient"), "{}", output_text(&out));
+    held.release().unwrap();
+    agent.wait_for("the slot to free", Duration::from_secs(5), |a| a.echo());
+}
+
+#[test]
+fn enhanced_ct_multiframe_is_stored_and_completed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    // The corpora hold no Enhanced CT: an Enhanced MR multi-frame object relabelled as one.
+    let file = tmp.path().join("enhanced_ct.dcm");
+    std::fs::copy(shared_data().join("corpora/pylibjpeg-data/ds/LittleEndianExplicit/emri_small.dcm"), &file).unwrap();
+    dcmtk("dcmodify", &["-nb", "-m", "(0008,0016)=1.2.840.10008.5.1.4.1.1.2.1", "-m", "(0008,0060)=CT"], &file, Path::new(""));
+    let header = dicom_object::open_file(&file).unwrap();
+    let frames: u32 = header.element(tags::NUMBER_OF_FRAMES).unwrap().to_int().unwrap();
+    let study = header.element(tags::STUDY_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+    let series = header.element(tags::SERIES_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &[file])), (1, 0));
+    agent.wait_for("completion", Duration::from_secs(10), |a| a.series_record(&study, &series).is_some());
+    let record = agent.series_record(&study, &series).unwrap();
+    assert_eq!(record["state"], "complete", "{record}");
+    assert_eq!(record["slices"], u64::from(frames));
+}
+
+#[test]
 fn sigterm_stops_cleanly_and_state_survives() {
     let tmp = tempfile::tempdir().unwrap();
     let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 6, size: 64, seed: 21, ..Default::default() }).unwrap();
