@@ -13,3 +13,4 @@ pub mod service;
 pub mod spool;
 pub mod synthetic;
 pub mod systemd;
+pub mod volume;

@@ -100,12 +100,42 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
         // Enhanced CT carries per-frame geometry in functional groups; the volume stage checks it.
         return Assessment::Stack { slices };
     }
+    match stack_geometry(instances, config) {
+        Ok(_) => Assessment::Stack { slices },
+        Err(reason) => Assessment::Skip(reason),
+    }
+}
+
+/// Where the slices of a single-frame stack lie: the shared orientation, the instances in order
+/// along the image normal, and the slice spacing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StackGeometry {
+    /// Direction of increasing column index (ImageOrientationPatient's first triplet).
+    pub row_direction: [f64; 3],
+    /// Direction of increasing row index (its second triplet).
+    pub column_direction: [f64; 3],
+    /// `row_direction x column_direction`: the direction in which the sorted slices advance.
+    pub normal: [f64; 3],
+    /// Indices into the input, sorted along the normal.
+    pub order: Vec<usize>,
+    /// ImagePositionPatient of the first sorted slice.
+    pub first_position: [f64; 3],
+    /// Median distance between neighbouring slices, mm.
+    pub spacing: f64,
+}
+
+/// Sorts single-frame slices along their normal and checks that they form one regular stack:
+/// same orientation, no duplicates or gaps beyond the tolerance, positions along the normal.
+pub fn stack_geometry(instances: &[&InstanceHeader], config: &SeriesConfig) -> Result<StackGeometry, String> {
+    if instances.len() < 2 {
+        return Err(format!("{} slice(s); a stack needs at least 2", instances.len()));
+    }
     let mut geometry = Vec::with_capacity(instances.len());
     for h in instances {
         match (h.image_position, h.image_orientation) {
             (Some(p), Some(o)) => geometry.push((p, o)),
             _ => {
-                return Assessment::Skip(format!(
+                return Err(format!(
                     "instance {} lacks ImagePositionPatient or ImageOrientationPatient",
                     h.sop_instance_uid
                 ));
@@ -117,24 +147,25 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
         .iter()
         .any(|(_, o)| o.iter().zip(orientation.iter()).any(|(a, b)| (a - b).abs() > 1e-3))
     {
-        return Assessment::Skip("slices with different orientations".into());
+        return Err("slices with different orientations".into());
     }
     let row = [orientation[0], orientation[1], orientation[2]];
     let col = [orientation[3], orientation[4], orientation[5]];
     let normal = cross(row, col);
     let norm = dot(normal, normal).sqrt();
     if !(0.9..1.1).contains(&norm) {
-        return Assessment::Skip("ImageOrientationPatient is not two unit orthogonal vectors".into());
+        return Err("ImageOrientationPatient is not two unit orthogonal vectors".into());
     }
     let normal = normal.map(|x| x / norm);
-    let mut positions: Vec<([f64; 3], f64)> = geometry.iter().map(|(p, _)| (*p, dot(*p, normal))).collect();
-    positions.sort_by(|a, b| a.1.total_cmp(&b.1));
-    let gaps: Vec<f64> = positions.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    let mut positions: Vec<(usize, [f64; 3], f64)> =
+        geometry.iter().enumerate().map(|(i, (p, _))| (i, *p, dot(*p, normal))).collect();
+    positions.sort_by(|a, b| a.2.total_cmp(&b.2));
+    let gaps: Vec<f64> = positions.windows(2).map(|w| w[1].2 - w[0].2).collect();
     let mut sorted = gaps.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     if median < 1e-3 {
-        return Assessment::Skip("most slices share one position (duplicates or several acquisitions)".into());
+        return Err("most slices share one position (duplicates or several acquisitions)".into());
     }
     for (i, gap) in gaps.iter().enumerate() {
         if (gap - median).abs() > config.spacing_tolerance * median {
@@ -145,25 +176,32 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
             } else {
                 "uneven spacing"
             };
-            return Assessment::Skip(format!(
+            return Err(format!(
                 "{what}: {gap:.2} mm between slices at {:.2} and {:.2} mm along the normal, median spacing {median:.2} mm",
-                positions[i].1,
-                positions[i + 1].1
+                positions[i].2,
+                positions[i + 1].2
             ));
         }
     }
-    let first = positions[0].0;
-    let last = positions[positions.len() - 1].0;
+    let first = positions[0].1;
+    let last = positions[positions.len() - 1].1;
     let direction = [last[0] - first[0], last[1] - first[1], last[2] - first[2]];
     let length = dot(direction, direction).sqrt();
     let cos = (dot(direction, normal).abs() / length).clamp(-1.0, 1.0);
     let tilt = cos.acos().to_degrees();
     if tilt > config.max_tilt_degrees {
-        return Assessment::Skip(format!(
+        return Err(format!(
             "oblique stack: slice positions deviate {tilt:.1} degrees from the image normal (gantry tilt or shear)"
         ));
     }
-    Assessment::Stack { slices }
+    Ok(StackGeometry {
+        row_direction: row,
+        column_direction: col,
+        normal,
+        order: positions.iter().map(|p| p.0).collect(),
+        first_position: first,
+        spacing: median,
+    })
 }
 
 fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {

@@ -1,0 +1,85 @@
+//! Loading a CT series as a Hounsfield-unit volume with its LPS geometry.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::dcmtk;
+use idaics::config::SeriesConfig;
+use idaics::synthetic::{SeriesSpec, write_ct_series};
+use idaics::volume::{VolumeError, load_series};
+
+#[test]
+fn synthetic_series_loads_sorted_with_its_geometry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SeriesSpec { slices: 12, size: 64, pixel_spacing_mm: 0.7, slice_spacing_mm: 1.5, seed: 3, reverse_instance_numbers: true };
+    let series = write_ct_series(tmp.path(), &spec).unwrap();
+    // Files in a scrambled order: the loader sorts by position, not by name or instance number.
+    let mut files = series.files.clone();
+    files.rotate_left(5);
+    files.swap(0, 7);
+    let volume = load_series(&files, &SeriesConfig::default()).unwrap();
+    assert_eq!(volume.dims, [64, 64, 12]);
+    assert_eq!(volume.series_uid, series.series_uid);
+    assert!((volume.spacing[0] - 0.7).abs() < 1e-9 && (volume.spacing[2] - 1.5).abs() < 1e-9, "{:?}", volume.spacing);
+    assert_eq!(volume.axes[2], [0.0, 0.0, 1.0]);
+    // Slice z = -(i * 1.5): sorted along +z the first is the deepest one written.
+    let half = 0.7 * 64.0 / 2.0;
+    let expected_origin = [-half, -half, -(11.0 * 1.5)];
+    for d in 0..3 {
+        assert!((volume.origin[d] - expected_origin[d]).abs() < 1e-3, "{:?}", volume.origin);
+    }
+    // Air outside the body, bone on the ring: rescaled to HU.
+    assert_eq!(volume.at(0, 0, 0), -1000.0);
+    assert!(volume.hu.iter().any(|v| *v == 900.0));
+    // Geometry round trip and trilinear sampling at voxel centres.
+    let p = volume.voxel_to_lps([10.0, 20.0, 5.0]);
+    let v = volume.lps_to_voxel(p);
+    assert!((v[0] - 10.0).abs() < 1e-9 && (v[1] - 20.0).abs() < 1e-9 && (v[2] - 5.0).abs() < 1e-9);
+    assert_eq!(volume.sample(p), Some(volume.at(10, 20, 5)));
+    assert_eq!(volume.sample([1000.0, 0.0, 0.0]), None);
+    assert_eq!(volume.byte_size(), 64 * 64 * 12 * 4);
+}
+
+#[test]
+fn compressed_series_gives_the_same_hounsfield_units() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SeriesSpec { slices: 4, size: 48, seed: 4, ..Default::default() };
+    let series = write_ct_series(&tmp.path().join("plain"), &spec).unwrap();
+    let reference = load_series(&series.files, &SeriesConfig::default()).unwrap();
+    for (tool, args) in [("dcmcrle", &[][..]), ("dcmcjpls", &["+el"][..]), ("dcmcjpeg", &["+el"][..])] {
+        let dir = tmp.path().join(tool);
+        std::fs::create_dir_all(&dir).unwrap();
+        let files: Vec<PathBuf> = series
+            .files
+            .iter()
+            .map(|f| {
+                let out = dir.join(f.file_name().unwrap());
+                dcmtk(tool, args, f, &out);
+                out
+            })
+            .collect();
+        let volume = load_series(&files, &SeriesConfig::default()).unwrap();
+        assert_eq!(volume.hu, reference.hu, "{tool} changed the pixels");
+    }
+}
+
+#[test]
+fn gaps_and_mixed_series_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = write_ct_series(&tmp.path().join("a"), &SeriesSpec { slices: 8, size: 32, seed: 5, ..Default::default() }).unwrap();
+    let mut gappy = a.files.clone();
+    gappy.remove(4);
+    match load_series(&gappy, &SeriesConfig::default()) {
+        Err(VolumeError::Geometry(reason)) => assert!(reason.contains("gap"), "{reason}"),
+        other => panic!("expected a gap error, got {other:?}"),
+    }
+    let b = write_ct_series(&tmp.path().join("b"), &SeriesSpec { slices: 2, size: 32, seed: 6, ..Default::default() }).unwrap();
+    let mut mixed = a.files.clone();
+    mixed.push(b.files[0].clone());
+    assert!(matches!(load_series(&mixed, &SeriesConfig::default()), Err(VolumeError::Inconsistent(_))));
+    let broken = tmp.path().join("broken.dcm");
+    std::fs::write(&broken, b"not dicom").unwrap();
+    let err = load_series(&[broken.clone()], &SeriesConfig::default()).unwrap_err();
+    assert!(err.to_string().contains("broken.dcm"), "{err}");
+}
