@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds idaics with --features cuda using the CUDA 13 toolkit from PyPI wheels (no system toolkit):
-# nvcc for candle's kernels, and the runtime, cuBLAS, cuRAND and NVRTC libraries cudarc links.
+# nvcc and the CCCL headers for candle's kernels, and the runtime, cuBLAS, cuRAND and NVRTC libraries
+# cudarc links.
 # All of them unpack into one toolkit-shaped tree, site-packages/nvidia/cu13/{bin,include,lib}.
 #
 #   scripts/build-cuda.sh
@@ -15,7 +16,8 @@ cd "$(dirname "$0")/.."
 venv=${CUDA_VENV:-$PWD/target/cuda-venv}
 cuda=${CUDA_WHEELS_VERSION:-13.0.*}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q "nvidia-cuda-nvcc==$cuda" "nvidia-cuda-runtime==$cuda" "nvidia-cuda-nvrtc==$cuda" \
+"$venv/bin/pip" install -q "nvidia-cuda-nvcc==$cuda" "nvidia-cuda-runtime==$cuda" "nvidia-cuda-nvrtc==$cuda" "nvidia-cuda-cccl==$cuda" \
+  "nvidia-nvvm==$cuda" "nvidia-cuda-crt==$cuda" \
   "nvidia-cublas<13.1" "nvidia-curand"
 site=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
 root=$site/nvidia/cu13
@@ -24,7 +26,7 @@ root=$site/nvidia/cu13
 # Unversioned names for the linker (the wheels ship only libX.so.N).
 for lib in "$root"/lib/lib*.so.*; do
   base=${lib%%.so.*}.so
-  [ -e "$base" ] || ln -s "$(basename "$lib")" "$base"
+  [ -e "$base" ] || ln -sfn "$(basename "$lib")" "$base"
 done
 export CUDA_ROOT=$root CUDA_PATH=$root CUDA_TOOLKIT_ROOT_DIR=$root
 export PATH=$root/bin:$PATH
