@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # GPU check, on a machine with an NVIDIA GPU and the CUDA 13 libraries (the device machines' image
-# has them in its Python environment) but no Rust: runs the binaries scripts/build-cuda.sh left in
-# target/cuda/gpu-check (carry that folder). Under a minute:
+# has them in its Python environment) but no Rust: runs the binaries scripts/build-cuda.sh packed in
+# target/cuda/gpu-check.tar.xz (carry that file). Under a minute:
 #  1. the raw-output goldens (n and s) and the shapes-model predict goldens, on cuda:0;
 #  2. the forward pass of the shapes model at 512x512 on CPU and on cuda:0, same weights.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/cuda/gpu-check
+[ -d "$bin" ] || tar -C target/cuda -xJf target/cuda/gpu-check.tar.xz
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # The CUDA libraries of the image's Python packages (nvidia-cublas, nvidia-curand, ...).
 libs=$(python3 - <<'PY'
