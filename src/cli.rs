@@ -59,6 +59,22 @@ enum Command {
         #[arg(required = true)]
         images: Vec<PathBuf>,
     },
+    /// Write a synthetic lumbar CT series (T12 to the sacrum) with truth.json, for tests and training.
+    Phantom {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Conditions per level, e.g. "L3/L4=protrusion,L4/L5=schmorl"; others are normal.
+        #[arg(long, default_value = "")]
+        levels: String,
+        #[arg(long, default_value_t = 0.8)]
+        pixel_spacing: f64,
+        #[arg(long, default_value_t = 1.0)]
+        slice_thickness: f64,
+        #[arg(long, default_value_t = 512)]
+        size: u16,
+    },
     /// List the series in the spool with their state (pending, complete, skipped and why).
     Series {
         #[arg(long, short)]
@@ -119,6 +135,20 @@ pub fn main() -> anyhow::Result<()> {
         Command::Detect { weights, imgsz, conf, iou, device, format, images } => {
             init_cli_logging();
             detect(&weights, imgsz, conf, iou, &device, format, &images)
+        }
+        Command::Phantom { out, seed, levels, pixel_spacing, slice_thickness, size } => {
+            anyhow::ensure!(pixel_spacing > 0.05 && slice_thickness > 0.05, "spacings must be positive millimetres");
+            anyhow::ensure!(size >= 32, "--size must be at least 32");
+            let spec = crate::phantom::PhantomSpec {
+                seed,
+                levels: crate::phantom::parse_levels(&levels).map_err(anyhow::Error::msg)?,
+                pixel_spacing_mm: pixel_spacing,
+                slice_thickness_mm: slice_thickness,
+                size,
+            };
+            let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
+            println!("{} slices, series {}, truth in {}", series.files.len(), truth.series_uid, out.join("truth.json").display());
+            Ok(())
         }
         Command::Series { config, state_dir, format } => {
             let mut cfg = Config::load(config.as_deref())?;

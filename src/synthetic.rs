@@ -69,12 +69,26 @@ pub fn derived_uid(seed: u64, role: u64) -> String {
 
 /// Writes `spec.slices` CT Image Storage files named `slice_NNNN.dcm` into `dir`.
 pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries, SyntheticError> {
+    let n = spec.size as usize;
+    let half_extent = spec.pixel_spacing_mm * (n as f64) / 2.0;
+    write_axial_series(dir, spec, [-half_extent, -half_extent], |i| -(i as f64) * spec.slice_spacing_mm, |i| {
+        slice_pixels(n, spec.pixel_spacing_mm, i)
+    })
+}
+
+/// Writes an axial series: slice `i` lies at height `z_of(i)` with its first pixel at `corner`
+/// (LPS x, y), and holds `pixels(i)`, stored values (HU + 1024) row by row.
+pub fn write_axial_series(
+    dir: &Path,
+    spec: &SeriesSpec,
+    corner: [f64; 2],
+    z_of: impl Fn(usize) -> f64,
+    pixels: impl Fn(usize) -> Vec<i16>,
+) -> Result<SyntheticSeries, SyntheticError> {
     std::fs::create_dir_all(dir).map_err(|source| SyntheticError::Io { path: dir.to_path_buf(), source })?;
     let study_uid = derived_uid(spec.seed, 1);
     let series_uid = derived_uid(spec.seed, 2);
     let frame_of_reference = derived_uid(spec.seed, 3);
-    let n = spec.size as usize;
-    let half_extent = spec.pixel_spacing_mm * (n as f64) / 2.0;
     let mut written = SyntheticSeries {
         study_uid: study_uid.clone(),
         series_uid: series_uid.clone(),
@@ -83,9 +97,9 @@ pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries,
     };
     for i in 0..spec.slices {
         let sop_uid = derived_uid(spec.seed, 1000 + i as u64);
-        let z = -(i as f64) * spec.slice_spacing_mm;
+        let z = z_of(i);
         let instance_number = if spec.reverse_instance_numbers { spec.slices - i } else { i + 1 };
-        let pixels = slice_pixels(n, spec.pixel_spacing_mm, i);
+        let pixels = pixels(i);
         let mut obj = InMemDicomObject::new_empty();
         let mut put = |tag, vr, value: PrimitiveValue| obj.put(DataElement::new(tag, vr, value));
         put(tags::SPECIFIC_CHARACTER_SET, VR::CS, "ISO_IR 100".into());
@@ -114,7 +128,7 @@ pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries,
         put(
             tags::IMAGE_POSITION_PATIENT,
             VR::DS,
-            strs(&[&format!("{:.3}", -half_extent), &format!("{:.3}", -half_extent), &format!("{z:.3}")]),
+            strs(&[&format!("{:.3}", corner[0]), &format!("{:.3}", corner[1]), &format!("{z:.3}")]),
         );
         put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&["1", "0", "0", "0", "1", "0"]));
         put(tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_of_reference.as_str().into());

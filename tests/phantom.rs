@@ -1,0 +1,75 @@
+//! `idaics phantom`: a synthetic lumbar CT series whose ground truth matches its voxels.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use idaics::config::SeriesConfig;
+use idaics::phantom::{Condition, Truth};
+use idaics::volume::load_series;
+
+fn phantom(dir: &std::path::Path, seed: u64, levels: &str) -> (Truth, Vec<PathBuf>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["phantom", "--out"])
+        .arg(dir)
+        .args(["--seed", &seed.to_string(), "--levels", levels, "--size", "128", "--pixel-spacing", "2.4", "--slice-thickness", "2.5"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let truth: Truth = serde_json::from_slice(&std::fs::read(dir.join("truth.json")).unwrap()).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect();
+    files.sort();
+    (truth, files)
+}
+
+#[test]
+fn discs_and_bodies_lie_where_the_truth_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (truth, files) = phantom(tmp.path(), 7, "L3/L4=protrusion,L4/L5=bulge,L5/S1=schmorl");
+    let volume = load_series(&files, &SeriesConfig::default()).unwrap();
+    assert_eq!(truth.series_uid, volume.series_uid);
+    let names: Vec<&str> = truth.levels.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1"]);
+    assert_eq!(truth.levels[1].condition, Condition::Bulge);
+    assert_eq!(truth.levels[2].condition, Condition::Protrusion);
+    assert_eq!(truth.levels[0].condition, Condition::Schmorl);
+    for level in &truth.levels {
+        let c = level.center_lps_mm;
+        let n = level.normal;
+        assert!((n[0] * n[0] + n[1] * n[1] + n[2] * n[2] - 1.0).abs() < 1e-9);
+        // Disc at the centre (noise averaged over a small neighbourhood along the normal).
+        let disc: f32 = (-1..=1).map(|t| volume.sample([c[0], c[1] + t as f64 * 0.5 * n[1], c[2] + t as f64 * 0.5 * n[2]]).unwrap()).sum::<f32>() / 3.0;
+        assert!((40.0..130.0).contains(&disc), "{}: {disc} HU at the disc centre", level.name);
+        // Bone 18 mm up and down the normal, in the vertebral bodies (or the sacrum).
+        for sign in [-1.0, 1.0] {
+            let p = [c[0] + sign * 18.0 * n[0], c[1] + sign * 18.0 * n[1], c[2] + sign * 18.0 * n[2]];
+            let bone = volume.sample(p).unwrap();
+            assert!(bone > 150.0, "{}: {bone} HU 18 mm from the disc", level.name);
+        }
+    }
+    // Air outside the patient.
+    assert!(volume.at(0, 0, 0) < -900.0);
+}
+
+#[test]
+fn seeds_move_the_patient_and_vary_the_spine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, _) = phantom(&tmp.path().join("a"), 1, "");
+    let (b, _) = phantom(&tmp.path().join("b"), 2, "");
+    let (a2, _) = phantom(&tmp.path().join("a2"), 1, "");
+    assert_ne!(a.levels[3].center_lps_mm, b.levels[3].center_lps_mm);
+    assert_eq!(a.levels[3].center_lps_mm, a2.levels[3].center_lps_mm);
+    assert!(a.levels.iter().all(|l| l.condition == Condition::Normal));
+    let bad = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["phantom", "--out"])
+        .arg(tmp.path().join("c"))
+        .args(["--levels", "L9/L10=bulge"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("L9/L10"));
+}
