@@ -11,6 +11,7 @@ pub mod phantom;
 pub mod scp;
 pub mod series;
 pub mod service;
+pub mod spine;
 pub mod spool;
 pub mod synthetic;
 pub mod systemd;
