@@ -75,6 +75,17 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         size: u16,
     },
+    /// Find the disc levels of CT series in files or folders (no network). Until weights are
+    /// configured each level's finding is null.
+    Analyze {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Folder for outputs (created).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = DetectFormat::Table)]
+        format: DetectFormat,
+    },
     /// List the series in the spool with their state (pending, complete, skipped and why).
     Series {
         #[arg(long, short)]
@@ -149,6 +160,10 @@ pub fn main() -> anyhow::Result<()> {
             let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
             println!("{} slices, series {}, truth in {}", series.files.len(), truth.series_uid, out.join("truth.json").display());
             Ok(())
+        }
+        Command::Analyze { paths, out, format } => {
+            init_cli_logging();
+            analyze(&paths, &out, format)
         }
         Command::Series { config, state_dir, format } => {
             let mut cfg = Config::load(config.as_deref())?;
@@ -249,6 +264,82 @@ fn detect(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    // Every DICOM file under the paths, grouped by series.
+    let mut files = Vec::new();
+    for path in paths {
+        collect_files(path, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    let mut by_series: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    for file in files {
+        match crate::spool::InstanceHeader::read(&file) {
+            Ok(h) => by_series.entry(h.series_instance_uid).or_default().push(file),
+            Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),
+        }
+    }
+    let config = crate::config::SeriesConfig::default();
+    let mut report = Vec::new();
+    for (series_uid, files) in by_series {
+        let result = crate::volume::load_series(&files, &config)
+            .map_err(|e| e.to_string())
+            .and_then(|volume| crate::spine::locate_discs(&volume).map_err(|e| e.to_string()));
+        let (levels, skipped) = match result {
+            Ok(levels) => (
+                levels
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "name": l.name, "name_certain": l.name_certain,
+                            "center_lps_mm": l.center_lps_mm, "normal": l.normal, "finding": null,
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+                None,
+            ),
+            Err(reason) => (Vec::new(), Some(reason)),
+        };
+        report.push(serde_json::json!({"series_uid": series_uid, "levels": levels, "skipped": skipped}));
+    }
+    let document = serde_json::json!({ "series": report });
+    std::fs::write(out.join("analysis.json"), serde_json::to_vec_pretty(&document)?)?;
+    match format {
+        DetectFormat::Json => println!("{}", serde_json::to_string_pretty(&document)?),
+        DetectFormat::Table => {
+            for s in document["series"].as_array().into_iter().flatten() {
+                println!("series {}", s["series_uid"].as_str().unwrap_or(""));
+                if let Some(reason) = s["skipped"].as_str() {
+                    println!("  skipped: {reason}");
+                }
+                for l in s["levels"].as_array().into_iter().flatten() {
+                    let c: Vec<f64> = l["center_lps_mm"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
+                    println!(
+                        "  {:<8}{} at ({:.1}, {:.1}, {:.1}) mm",
+                        l["name"].as_str().unwrap_or(""),
+                        if l["name_certain"].as_bool() == Some(true) { " " } else { "?" },
+                        c[0], c[1], c[2]
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.flatten().map(|e| e.path()).collect();
+        entries.sort();
+        for entry in entries {
+            collect_files(&entry, out)?;
+        }
+    } else if path.extension().is_none_or(|e| e == "dcm" || e == "DCM") {
+        out.push(path.to_path_buf());
     }
     Ok(())
 }

@@ -73,3 +73,31 @@ fn seeds_move_the_patient_and_vary_the_spine() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("L9/L10"));
 }
+
+#[test]
+fn analyze_reports_levels_and_skipped_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (truth, _) = phantom(&tmp.path().join("ph"), 11, "L4/L5=protrusion");
+    let ct_small = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/corpora/pydicom-test-files/CT_small.dcm");
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .arg("analyze")
+        .arg(tmp.path().join("ph"))
+        .arg(&ct_small)
+        .arg("--out")
+        .arg(tmp.path().join("out"))
+        .args(["--format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/analysis.json")).unwrap()).unwrap();
+    assert_eq!(report, written);
+    let series = report["series"].as_array().unwrap();
+    let phantom = series.iter().find(|s| s["series_uid"] == truth.series_uid.as_str()).unwrap();
+    assert!(phantom["skipped"].is_null());
+    let names: Vec<&str> = phantom["levels"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1"]);
+    assert!(phantom["levels"].as_array().unwrap().iter().all(|l| l["finding"].is_null() && l["name_certain"] == true));
+    let single = series.iter().find(|s| s["series_uid"] != truth.series_uid.as_str()).unwrap();
+    assert!(single["skipped"].as_str().unwrap().contains("1 slice"));
+}
