@@ -85,6 +85,9 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = DetectFormat::Table)]
         format: DetectFormat,
+        /// Also write the slices the network sees as PNG, with the levels marked on the sagittal.
+        #[arg(long)]
+        png: bool,
     },
     /// List the series in the spool with their state (pending, complete, skipped and why).
     Series {
@@ -161,9 +164,9 @@ pub fn main() -> anyhow::Result<()> {
             println!("{} slices, series {}, truth in {}", series.files.len(), truth.series_uid, out.join("truth.json").display());
             Ok(())
         }
-        Command::Analyze { paths, out, format } => {
+        Command::Analyze { paths, out, format, png } => {
             init_cli_logging();
-            analyze(&paths, &out, format)
+            analyze(&paths, &out, format, png)
         }
         Command::Series { config, state_dir, format } => {
             let mut cfg = Config::load(config.as_deref())?;
@@ -268,7 +271,7 @@ fn detect(
     Ok(())
 }
 
-fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat) -> anyhow::Result<()> {
+fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: bool) -> anyhow::Result<()> {
     use std::collections::BTreeMap;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // Every DICOM file under the paths, grouped by series.
@@ -286,9 +289,13 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat) -> an
     let config = crate::config::SeriesConfig::default();
     let mut report = Vec::new();
     for (series_uid, files) in by_series {
-        let result = crate::volume::load_series(&files, &config)
-            .map_err(|e| e.to_string())
-            .and_then(|volume| crate::spine::locate_discs(&volume).map_err(|e| e.to_string()));
+        let result = crate::volume::load_series(&files, &config).map_err(|e| e.to_string()).and_then(|volume| {
+            let levels = crate::spine::locate_discs(&volume).map_err(|e| e.to_string())?;
+            if png {
+                write_pngs(&volume, &levels, &out.join(&series_uid)).map_err(|e| format!("writing PNGs: {e}"))?;
+            }
+            Ok(levels)
+        });
         let (levels, skipped) = match result {
             Ok(levels) => (
                 levels
@@ -327,6 +334,36 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat) -> an
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The sagittal with a cross at each level, and each level's axial image, for a person to look at.
+fn write_pngs(volume: &crate::volume::Volume, levels: &[crate::spine::DiscLevel], dir: &std::path::Path) -> anyhow::Result<()> {
+    use crate::slices;
+    std::fs::create_dir_all(dir)?;
+    let save = |image: &slices::SliceImage, name: &str, marks: &[(f64, f64)]| -> anyhow::Result<()> {
+        let mut img = image::GrayImage::from_raw(image.size as u32, image.size as u32, image.pixels.clone())
+            .ok_or_else(|| anyhow::anyhow!("image buffer size"))?;
+        for &(c, r) in marks {
+            for d in -6i64..=6 {
+                for (x, y) in [(c as i64 + d, r as i64), (c as i64, r as i64 + d)] {
+                    if x >= 0 && y >= 0 && (x as usize) < image.size && (y as usize) < image.size {
+                        img.put_pixel(x as u32, y as u32, image::Luma([255]));
+                    }
+                }
+            }
+        }
+        img.save(dir.join(name))?;
+        Ok(())
+    };
+    if let Some(sagittal) = slices::sagittal(volume, levels, 512) {
+        let marks: Vec<(f64, f64)> = levels.iter().map(|l| sagittal.lps_to_pixel(l.center_lps_mm)).collect();
+        save(&sagittal, "sagittal.png", &marks)?;
+    }
+    for level in levels {
+        let axial = slices::axial(volume, level, 512);
+        save(&axial, &format!("axial_{}.png", level.name.replace('/', "-")), &[])?;
     }
     Ok(())
 }

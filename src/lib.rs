@@ -10,6 +10,7 @@ pub mod detector;
 pub mod phantom;
 pub mod scp;
 pub mod series;
+pub mod slices;
 pub mod service;
 pub mod spine;
 pub mod spool;

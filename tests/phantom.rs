@@ -85,10 +85,15 @@ fn analyze_reports_levels_and_skipped_series() {
         .arg(&ct_small)
         .arg("--out")
         .arg(tmp.path().join("out"))
-        .args(["--format", "json"])
+        .args(["--format", "json", "--png"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pngs = tmp.path().join("out").join(&truth.series_uid);
+    for name in ["sagittal.png", "axial_L4-L5.png", "axial_T12-L1.png"] {
+        let img = image::open(pngs.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!((img.width(), img.height()), (512, 512));
+    }
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let written: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/analysis.json")).unwrap()).unwrap();
     assert_eq!(report, written);

@@ -67,3 +67,39 @@ fn without_the_sacrum_names_are_uncertain() {
         assert!(nearest <= 3.0, "{f:?} is {nearest:.2} mm from any true disc");
     }
 }
+
+#[test]
+fn slices_are_cut_through_the_discs_with_their_geometry() {
+    use idaics::slices::{axial, sagittal, window};
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = PhantomSpec { seed: 12, pixel_spacing_mm: 1.5, slice_thickness_mm: 1.5, size: 224, ..Default::default() };
+    let (series, truth) = write_phantom(tmp.path(), &spec).unwrap();
+    let volume = load_series(&series.files, &SeriesConfig::default()).unwrap();
+    let levels = locate_discs(&volume).unwrap();
+    let sag = sagittal(&volume, &levels, 512).unwrap();
+    assert_eq!(sag.pixels.len(), 512 * 512);
+    assert!((sag.pixel_spacing_mm * 512.0 - idaics::slices::SAGITTAL_FOV_MM).abs() < 1e-9);
+    for t in &truth.levels {
+        let (c, r) = sag.lps_to_pixel(t.center_lps_mm);
+        assert!((0.0..512.0).contains(&c) && (0.0..512.0).contains(&r), "{} outside the sagittal", t.name);
+        let back = sag.pixel_to_lps(c, r);
+        // The sagittal plane passes within a few mm of every disc centre (x is the only lost axis).
+        assert!((back[1] - t.center_lps_mm[1]).abs() < 1e-6 && (back[2] - t.center_lps_mm[2]).abs() < 1e-6);
+        assert!((back[0] - t.center_lps_mm[0]).abs() < 3.0);
+    }
+    for level in &levels {
+        let ax = axial(&volume, level, 512);
+        // The centre of the image is the disc centre, in the disc's plane, shown through the window.
+        let (c, r) = ax.lps_to_pixel(level.center_lps_mm);
+        assert!((c - 255.5).abs() < 1e-6 && (r - 255.5).abs() < 1e-6);
+        let plane_dot: f64 = (0..3).map(|d| ax.row_direction[d] * level.normal[d]).sum::<f64>().abs()
+            + (0..3).map(|d| ax.column_direction[d] * level.normal[d]).sum::<f64>().abs();
+        assert!(plane_dot < 1e-9, "{}: image plane not the disc plane", level.name);
+        let centre_pixel = ax.pixels[256 * 512 + 256];
+        let expected = window(volume.sample(ax.pixel_to_lps(256.0, 256.0)).unwrap());
+        assert_eq!(centre_pixel, expected);
+        assert!((60..130).contains(&centre_pixel), "{}: {centre_pixel} is not disc tissue", level.name);
+        // Anterior at the top: the top-centre pixel (60 mm anterior) is soft tissue, not air.
+        assert!(ax.pixels[256] > window(-500.0), "{}: air at the top", level.name);
+    }
+}
