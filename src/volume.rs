@@ -8,8 +8,9 @@
 use std::path::{Path, PathBuf};
 
 use dicom_dictionary_std::tags;
-use dicom_object::DefaultDicomObject;
+use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use dicom_pixeldata::PixelDecoder;
+use rayon::prelude::*;
 
 use crate::config::SeriesConfig;
 use crate::series::stack_geometry;
@@ -114,12 +115,15 @@ struct Slice {
     rows: usize,
     columns: usize,
     pixel_spacing: [f64; 2],
-    object: DefaultDicomObject,
 }
 
+/// Reads a slice's header only: the pixels are decoded later, straight into the volume.
 fn read_slice(path: &Path) -> Result<Slice, VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
-    let object = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
+    let object = OpenFileOptions::new()
+        .read_until(tags::PIXEL_DATA)
+        .open_file(path)
+        .map_err(|e| err(e.to_string()))?;
     let header = InstanceHeader::from_object(&object).map_err(|e| err(e.to_string()))?;
     if header.number_of_frames > 1 {
         return Err(VolumeError::Unsupported(format!(
@@ -136,13 +140,26 @@ fn read_slice(path: &Path) -> Result<Slice, VolumeError> {
         .and_then(|e| e.to_multi_float64().ok())
         .filter(|v| v.len() == 2 && v.iter().all(|x| x.is_finite() && *x > 0.0))
         .ok_or_else(|| err("no valid PixelSpacing".into()))?;
-    Ok(Slice { header, rows, columns, pixel_spacing: [spacing[0], spacing[1]], object })
+    Ok(Slice { header, rows, columns, pixel_spacing: [spacing[0], spacing[1]] })
+}
+
+/// Decodes one slice's pixels as Hounsfield units into `out` (one plane).
+fn decode_into(path: &Path, out: &mut [f32]) -> Result<(), VolumeError> {
+    let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
+    let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
+    let decoded = object.decode_pixel_data().map_err(|e| err(format!("pixel data: {e}")))?;
+    let values: Vec<f32> = decoded.to_vec().map_err(|e| err(format!("pixel values: {e}")))?;
+    if values.len() != out.len() {
+        return Err(err(format!("{} values where {} were expected", values.len(), out.len())));
+    }
+    out.copy_from_slice(&values);
+    Ok(())
 }
 
 /// Loads single-frame CT files of one series into a volume: sorted along the normal, pixels
 /// decoded (every transfer syntax the SCP accepts) and rescaled to Hounsfield units.
 pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, VolumeError> {
-    let slices: Vec<Slice> = paths.iter().map(|p| read_slice(p)).collect::<Result<_, _>>()?;
+    let slices: Vec<Slice> = paths.par_iter().map(|p| read_slice(p)).collect::<Result<_, _>>()?;
     let first = slices.first().ok_or_else(|| VolumeError::Geometry("no slices".into()))?;
     for (s, path) in slices.iter().zip(paths) {
         if s.header.series_instance_uid != first.header.series_instance_uid {
@@ -162,25 +179,12 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
     let geometry = stack_geometry(&headers, config).map_err(VolumeError::Geometry)?;
     let (rows, columns) = (first.rows, first.columns);
     let plane = rows * columns;
-    let mut hu = Vec::with_capacity(plane * slices.len());
-    for &index in &geometry.order {
-        let slice = &slices[index];
-        let decoded = slice.object.decode_pixel_data().map_err(|e| VolumeError::Instance {
-            path: paths[index].clone(),
-            message: format!("pixel data: {e}"),
-        })?;
-        let values: Vec<f32> = decoded.to_vec().map_err(|e| VolumeError::Instance {
-            path: paths[index].clone(),
-            message: format!("pixel values: {e}"),
-        })?;
-        if values.len() != plane {
-            return Err(VolumeError::Instance {
-                path: paths[index].clone(),
-                message: format!("{} values for a {columns}x{rows} single-channel image", values.len()),
-            });
-        }
-        hu.extend_from_slice(&values);
-    }
+    // Decoded in parallel, each slice straight into its place: memory stays at the volume plus
+    // one file per thread.
+    let mut hu = vec![0f32; plane * slices.len()];
+    hu.par_chunks_mut(plane)
+        .zip(geometry.order.par_iter())
+        .try_for_each(|(out, &index)| decode_into(&paths[index], out))?;
     Ok(Volume {
         study_uid: first.header.study_instance_uid.clone(),
         series_uid: first.header.series_instance_uid.clone(),
