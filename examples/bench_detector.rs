@@ -7,7 +7,8 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.len() == 3, "usage: bench_detector WEIGHTS SIZE RUNS");
     let size: usize = args[1].parse()?;
     let runs: usize = args[2].parse()?;
-    let device = idaics::detector::select_device(&std::env::var("IDAICS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()))?;
+    let device =
+        idaics::detector::select_device(&std::env::var("IDAICS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()))?;
     let (network, _) = idaics::detector::load_network(std::path::Path::new(&args[0]), &device)?;
     let input = Tensor::rand(0f32, 1f32, (1, 3, size, size), &device)?;
     for _ in 0..3 {

@@ -21,10 +21,18 @@ fn main() -> anyhow::Result<()> {
     let slices: usize = args.first().map(|s| s.parse()).transpose()?.unwrap_or(300);
     let dir = std::path::PathBuf::from(args.get(1).cloned().unwrap_or_else(|| "target/bench-spine".into()));
     // Slice thickness chosen so the phantom's T12-to-sacrum span gives about `slices` slices.
-    let probe = write_phantom(&dir.join("probe"), &PhantomSpec { size: 32, slice_thickness_mm: 1.0, pixel_spacing_mm: 10.0, ..Default::default() })?;
+    let probe = write_phantom(
+        &dir.join("probe"),
+        &PhantomSpec { size: 32, slice_thickness_mm: 1.0, pixel_spacing_mm: 10.0, ..Default::default() },
+    )?;
     let span_mm = probe.0.files.len() as f64;
     std::fs::remove_dir_all(dir.join("probe"))?;
-    let spec = PhantomSpec { size: 512, pixel_spacing_mm: 0.7, slice_thickness_mm: span_mm / slices as f64, ..Default::default() };
+    let spec = PhantomSpec {
+        size: 512,
+        pixel_spacing_mm: 0.7,
+        slice_thickness_mm: span_mm / slices as f64,
+        ..Default::default()
+    };
     let (series, _) = write_phantom(&dir.join("series"), &spec)?;
     let before = peak_rss_mb();
 

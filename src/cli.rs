@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "idaics", version, about = "IDAICS: intervertebral disc anomaly classification, a DICOM agent beside the PACS")]
+#[command(
+    name = "idaics",
+    version,
+    about = "IDAICS: intervertebral disc anomaly classification, a DICOM agent beside the PACS"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -161,7 +165,12 @@ pub fn main() -> anyhow::Result<()> {
                 size,
             };
             let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
-            println!("{} slices, series {}, truth in {}", series.files.len(), truth.series_uid, out.join("truth.json").display());
+            println!(
+                "{} slices, series {}, truth in {}",
+                series.files.len(),
+                truth.series_uid,
+                out.join("truth.json").display()
+            );
             Ok(())
         }
         Command::Analyze { paths, out, format, png } => {
@@ -192,7 +201,7 @@ pub fn main() -> anyhow::Result<()> {
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
                 Format::Table => {
-                    println!("{:<9} {:>9}  {:<64}  {}", "STATE", "INSTANCES", "SERIES UID", "NOTE");
+                    println!("{:<9} {:>9}  {:<64}  NOTE", "STATE", "INSTANCES", "SERIES UID");
                     for r in &rows {
                         println!(
                             "{:<9} {:>9}  {:<64}  {}",
@@ -224,7 +233,7 @@ fn detect(
     let device = detector::select_device(device)?;
     let (network, info) = detector::load_network(weights, &device)?;
     let imgsz = imgsz.unwrap_or(info.input_size);
-    anyhow::ensure!(imgsz >= 32 && imgsz % 32 == 0, "--imgsz must be a multiple of 32");
+    anyhow::ensure!(imgsz >= 32 && imgsz.is_multiple_of(32), "--imgsz must be a multiple of 32");
     let options = predict::PredictOptions { imgsz, conf, iou, ..Default::default() };
     let mut report = Vec::with_capacity(images.len());
     for path in images {
@@ -261,7 +270,10 @@ fn detect(
                         "  {:<12} {:.3}  box [{:.1}, {:.1}, {:.1}, {:.1}]  mask {} px",
                         d["class_name"].as_str().unwrap_or(""),
                         d["confidence"].as_f64().unwrap_or(0.0),
-                        b[0], b[1], b[2], b[3],
+                        b[0],
+                        b[1],
+                        b[2],
+                        b[3],
                         d["mask_area"]
                     );
                 }
@@ -324,12 +336,15 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: 
                     println!("  skipped: {reason}");
                 }
                 for l in s["levels"].as_array().into_iter().flatten() {
-                    let c: Vec<f64> = l["center_lps_mm"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
+                    let c: Vec<f64> =
+                        l["center_lps_mm"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
                     println!(
                         "  {:<8}{} at ({:.1}, {:.1}, {:.1}) mm",
                         l["name"].as_str().unwrap_or(""),
                         if l["name_certain"].as_bool() == Some(true) { " " } else { "?" },
-                        c[0], c[1], c[2]
+                        c[0],
+                        c[1],
+                        c[2]
                     );
                 }
             }
@@ -339,7 +354,11 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: 
 }
 
 /// The sagittal with a cross at each level, and each level's axial image, for a person to look at.
-fn write_pngs(volume: &crate::volume::Volume, levels: &[crate::spine::DiscLevel], dir: &std::path::Path) -> anyhow::Result<()> {
+fn write_pngs(
+    volume: &crate::volume::Volume,
+    levels: &[crate::spine::DiscLevel],
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
     use crate::slices;
     std::fs::create_dir_all(dir)?;
     let save = |image: &slices::SliceImage, name: &str, marks: &[(f64, f64)]| -> anyhow::Result<()> {
@@ -417,7 +436,10 @@ fn init_logging(cfg: &Config) {
 mod tests {
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(super::redact_url("postgres://idaics:s3cret@db:5432/idaics"), "postgres://idaics:***@db:5432/idaics");
+        assert_eq!(
+            super::redact_url("postgres://idaics:s3cret@db:5432/idaics"),
+            "postgres://idaics:***@db:5432/idaics"
+        );
         assert_eq!(super::redact_url("sqlite:///var/lib/idaics/idaics.db"), "sqlite:///var/lib/idaics/idaics.db");
     }
 }

@@ -16,19 +16,13 @@ pub const ENV_PREFIX: &str = "IDAICS_";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
     #[error("{source_name}: {} problem(s):\n{}", problems.len(), problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid {
-        source_name: String,
-        problems: Vec<String>,
-    },
+    Invalid { source_name: String, problems: Vec<String> },
 }
 
 /// What to do with storage SOP classes other than CT and Enhanced CT.
@@ -41,7 +35,7 @@ pub enum OtherSopClassPolicy {
     Discard,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub dicom: DicomConfig,
@@ -127,21 +121,6 @@ pub struct Destination {
     pub port: u16,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            dicom: DicomConfig::default(),
-            limits: LimitsConfig::default(),
-            series: SeriesConfig::default(),
-            storage: StorageConfig::default(),
-            database: DatabaseConfig::default(),
-            model: ModelConfig::default(),
-            logging: LoggingConfig::default(),
-            destinations: Vec::new(),
-        }
-    }
-}
-
 impl Default for DicomConfig {
     fn default() -> Self {
         DicomConfig {
@@ -185,29 +164,19 @@ impl Default for SeriesConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig {
-            state_dir: PathBuf::from("/var/lib/idaics"),
-            fsync: true,
-            verify_compressed_pixel_data: true,
-        }
+        StorageConfig { state_dir: PathBuf::from("/var/lib/idaics"), fsync: true, verify_compressed_pixel_data: true }
     }
 }
 
 impl Default for ModelConfig {
     fn default() -> Self {
-        ModelConfig {
-            weights: String::new(),
-            device: "auto".into(),
-        }
+        ModelConfig { weights: String::new(), device: "auto".into() }
     }
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig {
-            level: "info".into(),
-            format: "text".into(),
-        }
+        LoggingConfig { level: "info".into(), format: "text".into() }
     }
 }
 
@@ -268,10 +237,8 @@ impl PeerRule {
             Some((a, p)) => (a, Some(p)),
             None => (text, None),
         };
-        let network: IpAddr = addr
-            .trim()
-            .parse()
-            .map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
+        let network: IpAddr =
+            addr.trim().parse().map_err(|_| format!("{text:?} is not an IP address or CIDR block"))?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix_len = match prefix {
             None => max,
@@ -282,10 +249,7 @@ impl PeerRule {
                 .filter(|p| *p <= max)
                 .ok_or_else(|| format!("{text:?}: prefix length must be 0 to {max}"))?,
         };
-        Ok(PeerRule {
-            network,
-            prefix_len,
-        })
+        Ok(PeerRule { network, prefix_len })
     }
 
     pub fn matches(&self, peer: IpAddr) -> bool {
@@ -335,10 +299,8 @@ impl Config {
     pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let (mut config, source_name) = match path {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
                 (Self::parse(&text, &path.display().to_string())?, path.display().to_string())
             }
             None => (Config::default(), "built-in defaults".to_string()),
@@ -350,32 +312,24 @@ impl Config {
 
     /// Parses TOML text; errors carry the line and column of the offending key.
     pub fn parse(text: &str, source_name: &str) -> Result<Config, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: source_name.to_string(),
-            message: describe_toml_error(text, &e),
-        })
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: source_name.to_string(), message: describe_toml_error(text, &e) })
     }
 
     /// Applies `IDAICS_<SECTION>_<KEY>=value` overrides. Values are read as TOML when they parse
     /// as a TOML value (numbers, booleans, arrays), else as a plain string; a comma-separated
     /// value sets a list.
     pub fn apply_env(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
-        let mut tree = toml::Value::try_from(&*self).map_err(|e| ConfigError::Env {
-            var: String::new(),
-            message: e.to_string(),
-        })?;
+        let mut tree = toml::Value::try_from(&*self)
+            .map_err(|e| ConfigError::Env { var: String::new(), message: e.to_string() })?;
         let mut changed = false;
         for (var, raw) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else { continue };
             let rest = rest.to_ascii_lowercase();
             let table = tree.as_table_mut().expect("a config serialises to a table");
-            let Some((section, key)) = table
-                .iter()
-                .filter(|(_, v)| v.is_table())
-                .find_map(|(section, _)| {
-                    rest.strip_prefix(&format!("{section}_")).map(|k| (section.clone(), k.to_string()))
-                })
-            else {
+            let Some((section, key)) = table.iter().filter(|(_, v)| v.is_table()).find_map(|(section, _)| {
+                rest.strip_prefix(&format!("{section}_")).map(|k| (section.clone(), k.to_string()))
+            }) else {
                 continue;
             };
             let section_table = table[&section].as_table_mut().expect("checked above");
@@ -465,11 +419,7 @@ impl Config {
         );
         check(
             "storage.state_dir",
-            if self.storage.state_dir.as_os_str().is_empty() {
-                Err("must not be empty".into())
-            } else {
-                Ok(())
-            },
+            if self.storage.state_dir.as_os_str().is_empty() { Err("must not be empty".into()) } else { Ok(()) },
         );
         check(
             "database.url",
@@ -513,10 +463,7 @@ impl Config {
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(ConfigError::Invalid {
-                source_name: source_name.to_string(),
-                problems,
-            })
+            Err(ConfigError::Invalid { source_name: source_name.to_string(), problems })
         }
     }
 
@@ -568,8 +515,10 @@ mod tests {
         for (section, value) in defaults.as_table().unwrap() {
             if let Some(table) = value.as_table() {
                 for key in table.keys() {
-                    assert!(text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
-                        "conf/idaics.toml does not document {section}.{key}");
+                    assert!(
+                        text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
+                        "conf/idaics.toml does not document {section}.{key}"
+                    );
                 }
             }
         }

@@ -287,7 +287,8 @@ fn hounsfield(anatomy: &Anatomy, p: [f64; 3]) -> f64 {
             return CSF;
         }
         if s.kind == SegmentKind::Vertebra
-            && ((c <= 1.55 && ap > s.radii[1]) || (lateral.abs() < 3.5 && ap > s.radii[1] + 18.0 && ap < s.radii[1] + 48.0))
+            && ((c <= 1.55 && ap > s.radii[1])
+                || (lateral.abs() < 3.5 && ap > s.radii[1] + 18.0 && ap < s.radii[1] + 48.0))
         {
             value = 700.0;
         }
@@ -318,7 +319,8 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
         let mut out = Vec::with_capacity(n * n);
         for row in 0..n {
             for col in 0..n {
-                let p = [corner[0] + col as f64 * spec.pixel_spacing_mm, corner[1] + row as f64 * spec.pixel_spacing_mm, z];
+                let p =
+                    [corner[0] + col as f64 * spec.pixel_spacing_mm, corner[1] + row as f64 * spec.pixel_spacing_mm, z];
                 let base = hounsfield(&anatomy, p);
                 // Gaussian noise (Box-Muller), none in air.
                 let g = if base > -900.0 {
@@ -341,7 +343,12 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
             _ => None,
         })
         .zip(LEVELS)
-        .map(|((s, condition), name)| DiscTruth { name: name.to_string(), center_lps_mm: s.center, normal: s.axis, condition })
+        .map(|((s, condition), name)| DiscTruth {
+            name: name.to_string(),
+            center_lps_mm: s.center,
+            normal: s.axis,
+            condition,
+        })
         .collect();
     let truth = Truth {
         seed: spec.seed,
@@ -374,7 +381,10 @@ mod tests {
     #[test]
     fn definitions_hold_bulge_wide_protrusion_focal_with_broad_base() {
         let steps = 3600;
-        let covered = |c: Condition| (0..steps).filter(|i| disc_extension(c, 2.0 * PI * *i as f64 / steps as f64) > 0.0).count() as f64 / steps as f64;
+        let covered = |c: Condition| {
+            (0..steps).filter(|i| disc_extension(c, 2.0 * PI * *i as f64 / steps as f64) > 0.0).count() as f64
+                / steps as f64
+        };
         assert!(covered(Condition::Bulge) > 0.25);
         assert!(covered(Condition::Protrusion) < 0.25 && covered(Condition::Protrusion) > 0.0);
         // Base (arc at the rim, ~16 mm AP radius) wider than the 5 mm extension.

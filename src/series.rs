@@ -22,15 +22,9 @@ pub type AssociationId = u64;
 #[derive(Debug)]
 pub enum TrackerEvent {
     /// An instance is durable in the spool.
-    Stored {
-        association: AssociationId,
-        header: InstanceHeader,
-    },
+    Stored { association: AssociationId, header: InstanceHeader },
     /// An association ended; `released` is false when it was aborted or broke.
-    AssociationEnded {
-        association: AssociationId,
-        released: bool,
-    },
+    AssociationEnded { association: AssociationId, released: bool },
 }
 
 /// A series the tracker decided on, handed to the pipeline.
@@ -91,10 +85,7 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
     }
     let slices: usize = instances.iter().map(|h| h.number_of_frames as usize).sum();
     if slices < config.min_slices {
-        return Assessment::Skip(format!(
-            "{slices} slice(s); at least {} needed for a volume",
-            config.min_slices
-        ));
+        return Assessment::Skip(format!("{slices} slice(s); at least {} needed for a volume", config.min_slices));
     }
     if instances.iter().any(|h| h.number_of_frames > 1) {
         // Enhanced CT carries per-frame geometry in functional groups; the volume stage checks it.
@@ -143,10 +134,7 @@ pub fn stack_geometry(instances: &[&InstanceHeader], config: &SeriesConfig) -> R
         }
     }
     let orientation = geometry[0].1;
-    if geometry
-        .iter()
-        .any(|(_, o)| o.iter().zip(orientation.iter()).any(|(a, b)| (a - b).abs() > 1e-3))
-    {
+    if geometry.iter().any(|(_, o)| o.iter().zip(orientation.iter()).any(|(a, b)| (a - b).abs() > 1e-3)) {
         return Err("slices with different orientations".into());
     }
     let row = [orientation[0], orientation[1], orientation[2]];
@@ -230,13 +218,7 @@ impl SeriesTracker {
         spool: Arc<Spool>,
         decisions: mpsc::UnboundedSender<DecidedSeries>,
     ) -> Result<SeriesTracker, SpoolError> {
-        let mut tracker = SeriesTracker {
-            config,
-            spool,
-            pending: HashMap::new(),
-            decided: HashMap::new(),
-            decisions,
-        };
+        let mut tracker = SeriesTracker { config, spool, pending: HashMap::new(), decided: HashMap::new(), decisions };
         let now = Instant::now();
         let mut recovered_instances = 0;
         for series in tracker.spool.scan()? {
@@ -247,9 +229,7 @@ impl SeriesTracker {
                 .collect();
             match series.record {
                 Some(record) if record.instances == sops.len() => {
-                    tracker
-                        .decided
-                        .insert(series.series_instance_uid, (sops, record.revision));
+                    tracker.decided.insert(series.series_instance_uid, (sops, record.revision));
                 }
                 record => {
                     let mut instances = HashMap::new();
@@ -258,7 +238,9 @@ impl SeriesTracker {
                             Ok(h) => {
                                 instances.insert(h.sop_instance_uid.clone(), h);
                             }
-                            Err(e) => tracing::warn!(path = %file.display(), error = %e, "spooled file unreadable; left out of its series"),
+                            Err(e) => {
+                                tracing::warn!(path = %file.display(), error = %e, "spooled file unreadable; left out of its series")
+                            }
                         }
                     }
                     if instances.is_empty() {
@@ -399,11 +381,9 @@ impl SeriesTracker {
         let assessment = assess(&headers, &self.config);
         let (state, skip_reason, slices) = match assessment {
             Assessment::Stack { slices } => ("complete", None, slices),
-            Assessment::Skip(reason) => (
-                "skipped",
-                Some(reason),
-                headers.iter().map(|h| h.number_of_frames as usize).sum(),
-            ),
+            Assessment::Skip(reason) => {
+                ("skipped", Some(reason), headers.iter().map(|h| h.number_of_frames as usize).sum())
+            }
         };
         let record = SeriesRecord {
             study_instance_uid: series.study_uid.clone(),
@@ -441,10 +421,8 @@ impl SeriesTracker {
 
 /// Runs the tracker until the event channel closes.
 pub async fn run_tracker(mut tracker: SeriesTracker, mut events: mpsc::UnboundedReceiver<TrackerEvent>) {
-    let period = (tracker.config.quiet_period() / 4).clamp(
-        std::time::Duration::from_millis(100),
-        std::time::Duration::from_secs(1),
-    );
+    let period = (tracker.config.quiet_period() / 4)
+        .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -461,10 +439,7 @@ pub async fn run_tracker(mut tracker: SeriesTracker, mut events: mpsc::Unbounded
 
 /// UTC time as RFC 3339 with seconds, without pulling in a date library for one format.
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil-from-days (H. Hinnant's algorithm).
@@ -477,12 +452,7 @@ pub fn now_rfc3339() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 #[cfg(test)]

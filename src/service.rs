@@ -28,10 +28,8 @@ pub enum ServiceError {
 pub async fn run(config: Config) -> Result<(), ServiceError> {
     let config = Arc::new(config);
     let state_dir = &config.storage.state_dir;
-    std::fs::create_dir_all(state_dir).map_err(|source| ServiceError::StateDir {
-        path: state_dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(state_dir)
+        .map_err(|source| ServiceError::StateDir { path: state_dir.display().to_string(), source })?;
     let spool = Arc::new(Spool::open(
         config.storage.spool_dir(),
         config.storage.tmp_dir(),
@@ -54,9 +52,8 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     };
 
     let addr = format!("{}:{}", config.dicom.bind_address, config.dicom.port);
-    let listener = TcpListener::bind(&addr)
-        .await
-        .map_err(|source| ServiceError::Bind { addr: addr.clone(), source })?;
+    let listener =
+        TcpListener::bind(&addr).await.map_err(|source| ServiceError::Bind { addr: addr.clone(), source })?;
     let local: SocketAddr = listener.local_addr().map_err(|source| ServiceError::Bind { addr, source })?;
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();

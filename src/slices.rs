@@ -70,14 +70,30 @@ fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
     [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
-fn resample(volume: &Volume, view: View, centre: [f64; 3], row_direction: [f64; 3], column_direction: [f64; 3], size: usize, fov_mm: f64) -> SliceImage {
+fn resample(
+    volume: &Volume,
+    view: View,
+    centre: [f64; 3],
+    row_direction: [f64; 3],
+    column_direction: [f64; 3],
+    size: usize,
+    fov_mm: f64,
+) -> SliceImage {
     let spacing = fov_mm / size as f64;
     let half = (size as f64 - 1.0) / 2.0;
     let mut origin = centre;
     for d in 0..3 {
         origin[d] -= (row_direction[d] + column_direction[d]) * half * spacing;
     }
-    let mut image = SliceImage { view, size, pixels: vec![0; size * size], origin, row_direction, column_direction, pixel_spacing_mm: spacing };
+    let mut image = SliceImage {
+        view,
+        size,
+        pixels: vec![0; size * size],
+        origin,
+        row_direction,
+        column_direction,
+        pixel_spacing_mm: spacing,
+    };
     for row in 0..size {
         for column in 0..size {
             let p = image.pixel_to_lps(column as f64, row as f64);
@@ -116,5 +132,13 @@ pub fn axial(volume: &Volume, level: &DiscLevel, size: usize) -> SliceImage {
     if column_direction[1] < 0.0 {
         column_direction = column_direction.map(|v| -v);
     }
-    resample(volume, View::Axial { level: level.name.clone() }, level.center_lps_mm, row_direction, column_direction, size, AXIAL_FOV_MM)
+    resample(
+        volume,
+        View::Axial { level: level.name.clone() },
+        level.center_lps_mm,
+        row_direction,
+        column_direction,
+        size,
+        AXIAL_FOV_MM,
+    )
 }

@@ -108,7 +108,12 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
             for dj in -radius..=radius {
                 for di in -radius..=radius {
                     let (i, j) = (mid_i as isize + di, jc + dj);
-                    if di * di + dj * dj <= radius * radius && i >= 0 && j >= 0 && (i as usize) < nx && (j as usize) < ny {
+                    if di * di + dj * dj <= radius * radius
+                        && i >= 0
+                        && j >= 0
+                        && (i as usize) < nx
+                        && (j as usize) < ny
+                    {
                         sum += volume.at(i as usize, j as usize, k);
                         n += 1;
                     }
@@ -236,7 +241,9 @@ fn fit_cubic(points: &[(f64, f64)]) -> [f64; 4] {
 mod tests {
     #[test]
     fn cubic_fit_recovers_a_cubic() {
-        let pts: Vec<(f64, f64)> = (0..50).map(|k| (k as f64, 3.0 - 0.5 * k as f64 + 0.02 * (k * k) as f64 - 0.0003 * (k * k * k) as f64)).collect();
+        let pts: Vec<(f64, f64)> = (0..50)
+            .map(|k| (k as f64, 3.0 - 0.5 * k as f64 + 0.02 * (k * k) as f64 - 0.0003 * (k * k * k) as f64))
+            .collect();
         let c = super::fit_cubic(&pts);
         for (k, j) in pts {
             let got = c[0] + k * (c[1] + k * (c[2] + k * c[3]));

@@ -41,11 +41,7 @@ pub enum SpoolError {
     #[error("pixel data cannot be decoded: {0}")]
     UndecodablePixelData(String),
     #[error("{attribute} in the data set ({in_dataset}) differs from the C-STORE request ({in_command})")]
-    Mismatch {
-        attribute: &'static str,
-        in_dataset: String,
-        in_command: String,
-    },
+    Mismatch { attribute: &'static str, in_dataset: String, in_command: String },
 }
 
 impl SpoolError {
@@ -56,10 +52,7 @@ impl SpoolError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
-    move |source| SpoolError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| SpoolError::Io { path: path.to_path_buf(), source }
 }
 
 /// Checks a UID against PS3.5 section 9.1: 1 to 64 characters, digits and dots, components not
@@ -126,10 +119,7 @@ impl InstanceHeader {
                 .flatten()
                 .and_then(|e| e.to_str().ok())
                 .map(|s| trim_uid(&s).to_string())
-                .ok_or_else(|| SpoolError::InvalidAttribute {
-                    attribute,
-                    reason: "missing".into(),
-                })?;
+                .ok_or_else(|| SpoolError::InvalidAttribute { attribute, reason: "missing".into() })?;
             check_uid(&value).map_err(|reason| SpoolError::InvalidAttribute { attribute, reason })?;
             Ok(value)
         };
@@ -148,9 +138,8 @@ impl InstanceHeader {
                 .and_then(|e| e.to_multi_float64().ok())
                 .filter(|v| v.iter().all(|x| x.is_finite()))
         };
-        let int = |tag: Tag| -> Option<i64> {
-            obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<i64>().ok())
-        };
+        let int =
+            |tag: Tag| -> Option<i64> { obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<i64>().ok()) };
         Ok(InstanceHeader {
             sop_class_uid: uid(tags::SOP_CLASS_UID, "SOPClassUID")?,
             sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
@@ -162,8 +151,7 @@ impl InstanceHeader {
                 .map(|s| s.split('\\').map(|p| p.trim().to_string()).collect())
                 .unwrap_or_default(),
             instance_number: int(tags::INSTANCE_NUMBER).and_then(|v| i32::try_from(v).ok()),
-            image_position: floats(tags::IMAGE_POSITION_PATIENT)
-                .and_then(|v| <[f64; 3]>::try_from(v.as_slice()).ok()),
+            image_position: floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| <[f64; 3]>::try_from(v.as_slice()).ok()),
             image_orientation: floats(tags::IMAGE_ORIENTATION_PATIENT)
                 .and_then(|v| <[f64; 6]>::try_from(v.as_slice()).ok()),
             number_of_frames: int(tags::NUMBER_OF_FRAMES)
@@ -318,25 +306,14 @@ impl Spool {
             .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
             .source_application_entity_title(request.calling_ae_title.as_str())
             .build()
-            .map_err(|e| SpoolError::InvalidAttribute {
-                attribute: "file meta",
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| SpoolError::InvalidAttribute { attribute: "file meta", reason: e.to_string() })?;
         let mut head = Vec::with_capacity(512);
         head.extend_from_slice(&[0u8; 128]);
         head.extend_from_slice(b"DICM");
-        meta.write(&mut head).map_err(|e| SpoolError::InvalidAttribute {
-            attribute: "file meta",
-            reason: e.to_string(),
-        })?;
+        meta.write(&mut head)
+            .map_err(|e| SpoolError::InvalidAttribute { attribute: "file meta", reason: e.to_string() })?;
         file.write_all(&head).map_err(io_err(&path))?;
-        Ok(PartialInstance {
-            file,
-            path,
-            written: 0,
-            limit: self.max_instance_bytes,
-            request,
-        })
+        Ok(PartialInstance { file, path, written: 0, limit: self.max_instance_bytes, request })
     }
 
     /// Makes a received instance durable and moves it into the spool. Blocking: call it from a
@@ -350,16 +327,13 @@ impl Spool {
         if bytes > FULL_PARSE_LIMIT {
             options = options.read_until(tags::PIXEL_DATA);
         }
-        let obj = options
-            .open_file(&partial.path)
-            .map_err(|e| SpoolError::Unparsable(e.to_string()))?;
+        let obj = options.open_file(&partial.path).map_err(|e| SpoolError::Unparsable(e.to_string()))?;
         let header = InstanceHeader::from_object(&obj)?;
         if self.verify_compressed && bytes <= FULL_PARSE_LIMIT && is_encapsulated(&header.transfer_syntax_uid) {
             // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
             // parameters that contradict the header): refuse it now, while the sender can act.
             use dicom_pixeldata::PixelDecoder;
-            obj.decode_pixel_data_frame(0)
-                .map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+            obj.decode_pixel_data_frame(0).map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
         }
         drop(obj);
         let request = &partial.request;
@@ -382,11 +356,7 @@ impl Spool {
         if self.fsync {
             sync_dir(&series_dir)?;
         }
-        Ok(StoredInstance {
-            path: final_path,
-            header,
-            bytes,
-        })
+        Ok(StoredInstance { path: final_path, header, bytes })
     }
 
     /// Creates missing directories down to `dir`, syncing each parent so a new directory entry
@@ -410,10 +380,10 @@ impl Spool {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err(d)(e)),
             }
-            if self.fsync {
-                if let Some(parent) = d.parent() {
-                    sync_dir(parent)?;
-                }
+            if self.fsync
+                && let Some(parent) = d.parent()
+            {
+                sync_dir(parent)?;
             }
         }
         Ok(())

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::{tags, uids};
-use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::InMemDicomObject;
+use dicom_object::meta::FileMetaTableBuilder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyntheticError {
@@ -71,9 +71,13 @@ pub fn derived_uid(seed: u64, role: u64) -> String {
 pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries, SyntheticError> {
     let n = spec.size as usize;
     let half_extent = spec.pixel_spacing_mm * (n as f64) / 2.0;
-    write_axial_series(dir, spec, [-half_extent, -half_extent], |i| -(i as f64) * spec.slice_spacing_mm, |i| {
-        slice_pixels(n, spec.pixel_spacing_mm, i)
-    })
+    write_axial_series(
+        dir,
+        spec,
+        [-half_extent, -half_extent],
+        |i| -(i as f64) * spec.slice_spacing_mm,
+        |i| slice_pixels(n, spec.pixel_spacing_mm, i),
+    )
 }
 
 /// Writes an axial series: slice `i` lies at height `z_of(i)` with its first pixel at `corner`

@@ -120,10 +120,7 @@ struct Slice {
 /// Reads a slice's header only: the pixels are decoded later, straight into the volume.
 fn read_slice(path: &Path) -> Result<Slice, VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
-    let object = OpenFileOptions::new()
-        .read_until(tags::PIXEL_DATA)
-        .open_file(path)
-        .map_err(|e| err(e.to_string()))?;
+    let object = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path).map_err(|e| err(e.to_string()))?;
     let header = InstanceHeader::from_object(&object).map_err(|e| err(e.to_string()))?;
     if header.number_of_frames > 1 {
         return Err(VolumeError::Unsupported(format!(
@@ -168,7 +165,11 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
         if (s.rows, s.columns) != (first.rows, first.columns) {
             return Err(VolumeError::Inconsistent(format!(
                 "{} is {}x{}, the first slice {}x{}",
-                path.display(), s.columns, s.rows, first.columns, first.rows
+                path.display(),
+                s.columns,
+                s.rows,
+                first.columns,
+                first.rows
             )));
         }
         if (0..2).any(|a| (s.pixel_spacing[a] - first.pixel_spacing[a]).abs() > 1e-3) {

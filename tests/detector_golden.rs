@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use idaics::detector::{self, detrand, DetectorError};
+use idaics::detector::{self, DetectorError, detrand};
 
 /// The repository, also when a prebuilt test binary runs from another checkout (scripts/gpu-check.sh).
 fn repo_root() -> PathBuf {
@@ -20,7 +20,11 @@ fn fixture(name: &str) -> serde_json::Value {
 }
 
 /// Writes the fixture's network as a safetensors file with ultralytics names, as the exporter would.
-fn write_weights(golden: &serde_json::Value, dir: &Path, edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>) -> PathBuf {
+fn write_weights(
+    golden: &serde_json::Value,
+    dir: &Path,
+    edit: impl Fn(&str, Vec<usize>) -> Option<Vec<usize>>,
+) -> PathBuf {
     let mut tensors = HashMap::new();
     for t in golden["tensors"].as_array().unwrap() {
         let name = t["name"].as_str().unwrap();
@@ -59,7 +63,8 @@ fn check(model: &str) {
     let (y, proto) = network.forward(&input).unwrap();
 
     for (name, tensor) in [("y", &y), ("proto", &proto)] {
-        let shape: Vec<usize> = golden[format!("{name}_shape")].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> =
+            golden[format!("{name}_shape")].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
         assert_eq!(tensor.dims(), shape.as_slice(), "{model} {name} shape");
         let flat: Vec<f32> = tensor.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
         let stride = golden[format!("{name}_stride")].as_u64().unwrap() as usize;
@@ -75,7 +80,10 @@ fn check(model: &str) {
         assert!(worst.0 <= 1e-3, "{model} {name}: largest difference {} at flat index {}", worst.0, worst.1);
         let abs_sum: f64 = flat.iter().map(|v| f64::from(v.abs())).sum();
         let expected_sum = golden[format!("{name}_abs_sum")].as_f64().unwrap();
-        assert!((abs_sum - expected_sum).abs() <= 1e-5 * expected_sum.max(1.0), "{model} {name}: |sum| {abs_sum} vs {expected_sum}");
+        assert!(
+            (abs_sum - expected_sum).abs() <= 1e-5 * expected_sum.max(1.0),
+            "{model} {name}: |sum| {abs_sum} vs {expected_sum}"
+        );
     }
 }
 
@@ -93,7 +101,8 @@ fn yolov8s_seg_matches_ultralytics() {
 fn missing_or_misshapen_tensor_is_named() {
     let golden = fixture("yolov8n-seg-random.json");
     let dir = tempfile::tempdir().unwrap();
-    let missing = write_weights(&golden, dir.path(), |name, s| (name != "model.15.m.0.cv2.bn.running_var").then_some(s));
+    let missing =
+        write_weights(&golden, dir.path(), |name, s| (name != "model.15.m.0.cv2.bn.running_var").then_some(s));
     let err = detector::load_network(&missing, &Device::Cpu).unwrap_err();
     assert!(matches!(err, DetectorError::Weights { .. }), "{err}");
     assert!(err.to_string().contains("model.15.m.0.cv2.bn.running_var"), "{err}");

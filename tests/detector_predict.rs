@@ -39,11 +39,19 @@ fn device() -> String {
 fn detect_matches_ultralytics_predict() {
     let dir = fixtures();
     let golden: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("golden.json")).unwrap()).unwrap();
-    let images: Vec<_> = golden["images"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
+    let images: Vec<_> =
+        golden["images"].as_array().unwrap().iter().map(|i| dir.join(i["file"].as_str().unwrap())).collect();
     let out = idaics()
         .args(["detect", "--device", &device(), "--format", "json", "--weights"])
         .arg(dir.join("shapes-yolov8n-seg.safetensors"))
-        .args(["--imgsz", &golden["imgsz"].to_string(), "--conf", &golden["conf"].to_string(), "--iou", &golden["iou"].to_string()])
+        .args([
+            "--imgsz",
+            &golden["imgsz"].to_string(),
+            "--conf",
+            &golden["conf"].to_string(),
+            "--iou",
+            &golden["iou"].to_string(),
+        ])
         .args(&images)
         .output()
         .unwrap();
@@ -58,7 +66,8 @@ fn detect_matches_ultralytics_predict() {
         let have = got["detections"].as_array().unwrap();
         // Detections within the allowed confidence difference of the threshold may fall on
         // either side of it; every other detection must be matched one to one.
-        let borderline = |d: &serde_json::Value| d["confidence"].as_f64().unwrap() < golden["conf"].as_f64().unwrap() + 0.01;
+        let borderline =
+            |d: &serde_json::Value| d["confidence"].as_f64().unwrap() < golden["conf"].as_f64().unwrap() + 0.01;
         let mut used = vec![false; have.len()];
         for w in want {
             let wb = floats(&w["box"]);
@@ -112,14 +121,13 @@ fn detect_reads_dicom_images_and_reports_bad_input() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read image"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot read image"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let out = idaics()
-        .args(["detect", "--device", "cuda:0", "--weights"])
-        .arg(&weights)
-        .arg(&ct)
-        .output()
-        .unwrap();
+    let out = idaics().args(["detect", "--device", "cuda:0", "--weights"]).arg(&weights).arg(&ct).output().unwrap();
     if !cfg!(feature = "cuda") {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("no CUDA support"));

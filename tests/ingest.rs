@@ -21,7 +21,11 @@ fn pixel_bytes(path: &Path) -> Vec<u8> {
 #[test]
 fn generated_series_is_stored_whole_and_completed_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 24, size: 96, seed: 11, reverse_instance_numbers: true, ..Default::default() }).unwrap();
+    let series = write_ct_series(
+        &tmp.path().join("in"),
+        &SeriesSpec { slices: 24, size: 96, seed: 11, reverse_instance_numbers: true, ..Default::default() },
+    )
+    .unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
     assert!(agent.echo(), "C-ECHO failed");
 
@@ -42,13 +46,19 @@ fn generated_series_is_stored_whole_and_completed_once() {
     assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
 
     // Completed on release (contiguous stack), and only once: wait past the quiet period too.
-    agent.wait_for("series completion", Duration::from_secs(10), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    agent.wait_for("series completion", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
     std::thread::sleep(Duration::from_secs(3));
     let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
     assert_eq!(record["state"], "complete");
     assert_eq!(record["trigger"], "association-released");
     assert_eq!(record["slices"], 24);
-    let completions: Vec<_> = agent.events("series complete").into_iter().filter(|e| e["fields"]["series_uid"] == series.series_uid.as_str()).collect();
+    let completions: Vec<_> = agent
+        .events("series complete")
+        .into_iter()
+        .filter(|e| e["fields"]["series_uid"] == series.series_uid.as_str())
+        .collect();
     assert_eq!(completions.len(), 1, "log:\n{}", agent.log());
 
     // Resending the same series creates nothing new and completes nothing again.
@@ -73,7 +83,9 @@ fn generated_series_is_stored_whole_and_completed_once() {
 #[test]
 fn partial_series_waits_for_the_quiet_period_and_gappy_series_is_skipped() {
     let tmp = tempfile::tempdir().unwrap();
-    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 12, ..Default::default() }).unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 12, ..Default::default() })
+            .unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
     // Slice 6 missing: the stack is not contiguous, so release does not complete it.
     let mut files = series.files.clone();
@@ -81,7 +93,9 @@ fn partial_series_waits_for_the_quiet_period_and_gappy_series_is_skipped() {
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)), (11, 0));
     std::thread::sleep(Duration::from_millis(500));
     assert!(agent.series_record(&series.study_uid, &series.series_uid).is_none(), "completed on release despite a gap");
-    agent.wait_for("quiet period", Duration::from_secs(10), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    agent.wait_for("quiet period", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
     let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
     assert_eq!(record["state"], "skipped");
     assert_eq!(record["trigger"], "quiet-period");
@@ -109,7 +123,12 @@ fn corpus_ct_in_every_transfer_syntax() {
             .read_until(tags::PIXEL_DATA)
             .open_file(p)
             .ok()
-            .and_then(|o| o.element(tags::SOP_CLASS_UID).ok().and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches('\0') == CT))
+            .and_then(|o| {
+                o.element(tags::SOP_CLASS_UID)
+                    .ok()
+                    .and_then(|e| e.to_str().ok())
+                    .map(|s| s.trim_end_matches('\0') == CT)
+            })
             .unwrap_or(false)
     });
     assert!(ct_files.len() >= 10, "expected the corpora's CT files, found {}", ct_files.len());
@@ -132,7 +151,12 @@ fn corpus_ct_in_every_transfer_syntax() {
         let out = conv.join(format!("variant_{i}.dcm"));
         dcmtk(tool, args, &ct_small, &out);
         // A distinct SOP instance per variant, so each lands as its own file.
-        dcmtk("dcmodify", &["-nb", "-m", &format!("(0008,0018)=1.2.826.0.1.3680043.8.498.77.{i}")], &out, Path::new(""));
+        dcmtk(
+            "dcmodify",
+            &["-nb", "-m", &format!("(0008,0018)=1.2.826.0.1.3680043.8.498.77.{i}")],
+            &out,
+            Path::new(""),
+        );
         assert_eq!(dataset_bytes(&out).1, *ts, "{tool} {args:?} made another syntax");
         ct_files.push(out);
     }
@@ -147,7 +171,8 @@ fn corpus_ct_in_every_transfer_syntax() {
     let mut failures = Vec::new();
     for file in &ct_files {
         let header = dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(file).unwrap();
-        let sop = header.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string();
+        let sop =
+            header.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string();
         let ts = header.meta().transfer_syntax().trim_end_matches('\0').to_string();
         let (acknowledged, transcript) = match propose_flag(&ts) {
             Some(flag) => {
@@ -230,7 +255,11 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         let mut obj = obj.into_inner();
         obj.remove_element(tags::STUDY_INSTANCE_UID);
         let mut out = Vec::new();
-        obj.write_dataset_with_ts(&mut out, &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
+        obj.write_dataset_with_ts(
+            &mut out,
+            &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
         out
     };
     cases.push(("no StudyInstanceUID", good_sop.clone(), no_study_uid, 0xC000));
@@ -287,7 +316,9 @@ fn non_ct_objects_follow_the_configured_policy() {
 #[test]
 fn kill_during_a_series_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
-    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 240, size: 256, seed: 13, ..Default::default() }).unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 240, size: 256, seed: 13, ..Default::default() })
+            .unwrap();
     let state = tmp.path().join("state");
     let env = [("IDAICS_SERIES_QUIET_PERIOD_S", "60")];
     let mut agent = Agent::start(&state, &env);
@@ -299,7 +330,7 @@ fn kill_during_a_series_loses_nothing_acknowledged() {
     agent.kill();
     let out = sender.join().unwrap();
     let (acknowledged, _) = store_outcomes(&out);
-    assert!(acknowledged >= 10 && acknowledged < 240, "not killed mid-series: {acknowledged} acknowledged");
+    assert!((10..240).contains(&acknowledged), "not killed mid-series: {acknowledged} acknowledged");
 
     // Every acknowledged instance is there, whole.
     let spooled = agent.spool_files();
@@ -312,10 +343,14 @@ fn kill_during_a_series_loses_nothing_acknowledged() {
     // Restart, send what is missing, and the series completes exactly once.
     let agent = Agent::start_on(&state, free_port(), &env);
     assert!(agent.log().contains("recovered pending series from the spool"), "{}", agent.log());
-    let have: std::collections::HashSet<String> = spooled.iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
-    let rest: Vec<PathBuf> = series.files.iter().zip(&series.sop_uids).filter(|(_, s)| !have.contains(*s)).map(|(f, _)| f.clone()).collect();
+    let have: std::collections::HashSet<String> =
+        spooled.iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    let rest: Vec<PathBuf> =
+        series.files.iter().zip(&series.sop_uids).filter(|(_, s)| !have.contains(*s)).map(|(f, _)| f.clone()).collect();
     assert_eq!(store_outcomes(&agent.storescu(&[], &rest)), (rest.len(), 0));
-    agent.wait_for("completion", Duration::from_secs(15), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    agent.wait_for("completion", Duration::from_secs(15), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
     let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
     assert_eq!(record["state"], "complete");
     assert_eq!(record["instances"], 240);
@@ -331,7 +366,13 @@ fn four_concurrent_associations_deliver_everything() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
     let all: Vec<_> = (0..4)
-        .map(|i| write_ct_series(&tmp.path().join(format!("in{i}")), &SeriesSpec { slices: 30, size: 128, seed: 100 + i, ..Default::default() }).unwrap())
+        .map(|i| {
+            write_ct_series(
+                &tmp.path().join(format!("in{i}")),
+                &SeriesSpec { slices: 30, size: 128, seed: 100 + i, ..Default::default() },
+            )
+            .unwrap()
+        })
         .collect();
     let port = agent.port;
     let senders: Vec<_> = all
@@ -347,7 +388,9 @@ fn four_concurrent_associations_deliver_everything() {
     }
     assert_eq!(agent.spool_files().len(), 120);
     for s in &all {
-        agent.wait_for("completion", Duration::from_secs(10), |a| a.series_record(&s.study_uid, &s.series_uid).is_some());
+        agent.wait_for("completion", Duration::from_secs(10), |a| {
+            a.series_record(&s.study_uid, &s.series_uid).is_some()
+        });
         assert_eq!(agent.series_record(&s.study_uid, &s.series_uid).unwrap()["instances"], 30);
     }
     assert_eq!(agent.events("series complete").len(), 4);
@@ -382,7 +425,9 @@ fn access_control_and_limits_reject_with_reasons() {
 
     // An instance over the size limit gets 0xA700 and leaves no file behind.
     let small = Agent::start(&tmp.path().join("d"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "1")]);
-    let big = write_ct_series(&tmp.path().join("big"), &SeriesSpec { slices: 2, size: 1024, seed: 5, ..Default::default() }).unwrap();
+    let big =
+        write_ct_series(&tmp.path().join("big"), &SeriesSpec { slices: 2, size: 1024, seed: 5, ..Default::default() })
+            .unwrap();
     let out = small.storescu(&[], &big.files[..1]);
     assert!(output_text(&out).contains("Refused: OutOfResources"), "{}", output_text(&out));
     assert!(small.spool_files().is_empty());
@@ -400,7 +445,10 @@ fn association_limit_rejects_transiently_and_frees_the_slot() {
         .with_abstract_syntax("1.2.840.10008.1.1")
         .establish_with(&format!("{AE}@127.0.0.1:{}", agent.port))
         .unwrap();
-    let out = std::process::Command::new("echoscu").args(["-aec", AE, "127.0.0.1", &agent.port.to_string()]).output().unwrap();
+    let out = std::process::Command::new("echoscu")
+        .args(["-aec", AE, "127.0.0.1", &agent.port.to_string()])
+        .output()
+        .unwrap();
     assert!(output_text(&out).contains("Rejected Transient"), "{}", output_text(&out));
     held.release().unwrap();
     agent.wait_for("the slot to free", Duration::from_secs(5), |a| a.echo());
@@ -413,11 +461,17 @@ fn enhanced_ct_multiframe_is_stored_and_completed() {
     // The corpora hold no Enhanced CT: an Enhanced MR multi-frame object relabelled as one.
     let file = tmp.path().join("enhanced_ct.dcm");
     std::fs::copy(shared_data().join("corpora/pylibjpeg-data/ds/LittleEndianExplicit/emri_small.dcm"), &file).unwrap();
-    dcmtk("dcmodify", &["-nb", "-m", "(0008,0016)=1.2.840.10008.5.1.4.1.1.2.1", "-m", "(0008,0060)=CT"], &file, Path::new(""));
+    dcmtk(
+        "dcmodify",
+        &["-nb", "-m", "(0008,0016)=1.2.840.10008.5.1.4.1.1.2.1", "-m", "(0008,0060)=CT"],
+        &file,
+        Path::new(""),
+    );
     let header = dicom_object::open_file(&file).unwrap();
     let frames: u32 = header.element(tags::NUMBER_OF_FRAMES).unwrap().to_int().unwrap();
     let study = header.element(tags::STUDY_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
-    let series = header.element(tags::SERIES_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+    let series =
+        header.element(tags::SERIES_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
     assert_eq!(store_outcomes(&agent.storescu(&[], &[file])), (1, 0));
     agent.wait_for("completion", Duration::from_secs(10), |a| a.series_record(&study, &series).is_some());
     let record = agent.series_record(&study, &series).unwrap();
@@ -428,9 +482,12 @@ fn enhanced_ct_multiframe_is_stored_and_completed() {
 #[test]
 fn sigterm_stops_cleanly_and_state_survives() {
     let tmp = tempfile::tempdir().unwrap();
-    let series = write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 6, size: 64, seed: 21, ..Default::default() }).unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 6, size: 64, seed: 21, ..Default::default() })
+            .unwrap();
     let state = tmp.path().join("state");
-    let mut agent = Agent::start(&state, &[("IDAICS_SERIES_COMPLETE_ON_RELEASE", "false"), ("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    let mut agent =
+        Agent::start(&state, &[("IDAICS_SERIES_COMPLETE_ON_RELEASE", "false"), ("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
     assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)), (6, 0));
     let status = agent.terminate();
     assert!(status.success(), "exit status {status}");
@@ -438,7 +495,9 @@ fn sigterm_stops_cleanly_and_state_survives() {
     // Pending when stopped; completed by the quiet period after the restart.
     assert!(agent.series_record(&series.study_uid, &series.series_uid).is_none());
     let agent = Agent::start_on(&state, free_port(), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
-    agent.wait_for("completion after restart", Duration::from_secs(10), |a| a.series_record(&series.study_uid, &series.series_uid).is_some());
+    agent.wait_for("completion after restart", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
     assert_eq!(agent.series_record(&series.study_uid, &series.series_uid).unwrap()["trigger"], "quiet-period");
 }
 

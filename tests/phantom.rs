@@ -11,7 +11,18 @@ fn phantom(dir: &std::path::Path, seed: u64, levels: &str) -> (Truth, Vec<PathBu
     let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
         .args(["phantom", "--out"])
         .arg(dir)
-        .args(["--seed", &seed.to_string(), "--levels", levels, "--size", "128", "--pixel-spacing", "2.4", "--slice-thickness", "2.5"])
+        .args([
+            "--seed",
+            &seed.to_string(),
+            "--levels",
+            levels,
+            "--size",
+            "128",
+            "--pixel-spacing",
+            "2.4",
+            "--slice-thickness",
+            "2.5",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -42,7 +53,10 @@ fn discs_and_bodies_lie_where_the_truth_says() {
         let n = level.normal;
         assert!((n[0] * n[0] + n[1] * n[1] + n[2] * n[2] - 1.0).abs() < 1e-9);
         // Disc at the centre (noise averaged over a small neighbourhood along the normal).
-        let disc: f32 = (-1..=1).map(|t| volume.sample([c[0], c[1] + t as f64 * 0.5 * n[1], c[2] + t as f64 * 0.5 * n[2]]).unwrap()).sum::<f32>() / 3.0;
+        let disc: f32 = (-1..=1)
+            .map(|t| volume.sample([c[0], c[1] + t as f64 * 0.5 * n[1], c[2] + t as f64 * 0.5 * n[2]]).unwrap())
+            .sum::<f32>()
+            / 3.0;
         assert!((40.0..130.0).contains(&disc), "{}: {disc} HU at the disc centre", level.name);
         // Bone 18 mm up and down the normal, in the vertebral bodies (or the sacrum).
         for sign in [-1.0, 1.0] {
@@ -78,7 +92,8 @@ fn seeds_move_the_patient_and_vary_the_spine() {
 fn analyze_reports_levels_and_skipped_series() {
     let tmp = tempfile::tempdir().unwrap();
     let (truth, _) = phantom(&tmp.path().join("ph"), 11, "L4/L5=protrusion");
-    let ct_small = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/corpora/pydicom-test-files/CT_small.dcm");
+    let ct_small =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/corpora/pydicom-test-files/CT_small.dcm");
     let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
         .arg("analyze")
         .arg(tmp.path().join("ph"))
@@ -95,7 +110,8 @@ fn analyze_reports_levels_and_skipped_series() {
         assert_eq!((img.width(), img.height()), (512, 512));
     }
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let written: serde_json::Value = serde_json::from_slice(&std::fs::read(tmp.path().join("out/analysis.json")).unwrap()).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("out/analysis.json")).unwrap()).unwrap();
     assert_eq!(report, written);
     let series = report["series"].as_array().unwrap();
     let phantom = series.iter().find(|s| s["series_uid"] == truth.series_uid.as_str()).unwrap();

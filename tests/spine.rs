@@ -52,7 +52,8 @@ fn without_the_sacrum_names_are_uncertain() {
         .iter()
         .filter(|f| {
             let obj = dicom_object::open_file(f).unwrap();
-            let z = obj.element(dicom_dictionary_std::tags::IMAGE_POSITION_PATIENT).unwrap().to_multi_float64().unwrap()[2];
+            let z =
+                obj.element(dicom_dictionary_std::tags::IMAGE_POSITION_PATIENT).unwrap().to_multi_float64().unwrap()[2];
             z > cut
         })
         .cloned()
@@ -63,7 +64,11 @@ fn without_the_sacrum_names_are_uncertain() {
     assert!(found.iter().all(|l| !l.name_certain), "{found:#?}");
     // Still found where the truth has them (L3/L4 and up).
     for f in &found {
-        let nearest = truth.levels.iter().map(|t| (0..3).map(|a| (f.center_lps_mm[a] - t.center_lps_mm[a]).powi(2)).sum::<f64>().sqrt()).fold(f64::MAX, f64::min);
+        let nearest = truth
+            .levels
+            .iter()
+            .map(|t| (0..3).map(|a| (f.center_lps_mm[a] - t.center_lps_mm[a]).powi(2)).sum::<f64>().sqrt())
+            .fold(f64::MAX, f64::min);
         assert!(nearest <= 3.0, "{f:?} is {nearest:.2} mm from any true disc");
     }
 }
@@ -72,7 +77,8 @@ fn without_the_sacrum_names_are_uncertain() {
 fn slices_are_cut_through_the_discs_with_their_geometry() {
     use idaics::slices::{axial, sagittal, window};
     let tmp = tempfile::tempdir().unwrap();
-    let spec = PhantomSpec { seed: 12, pixel_spacing_mm: 1.5, slice_thickness_mm: 1.5, size: 224, ..Default::default() };
+    let spec =
+        PhantomSpec { seed: 12, pixel_spacing_mm: 1.5, slice_thickness_mm: 1.5, size: 224, ..Default::default() };
     let (series, truth) = write_phantom(tmp.path(), &spec).unwrap();
     let volume = load_series(&series.files, &SeriesConfig::default()).unwrap();
     let levels = locate_discs(&volume).unwrap();

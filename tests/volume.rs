@@ -12,7 +12,14 @@ use idaics::volume::{VolumeError, load_series};
 #[test]
 fn synthetic_series_loads_sorted_with_its_geometry() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = SeriesSpec { slices: 12, size: 64, pixel_spacing_mm: 0.7, slice_spacing_mm: 1.5, seed: 3, reverse_instance_numbers: true };
+    let spec = SeriesSpec {
+        slices: 12,
+        size: 64,
+        pixel_spacing_mm: 0.7,
+        slice_spacing_mm: 1.5,
+        seed: 3,
+        reverse_instance_numbers: true,
+    };
     let series = write_ct_series(tmp.path(), &spec).unwrap();
     // Files in a scrambled order: the loader sorts by position, not by name or instance number.
     let mut files = series.files.clone();
@@ -31,7 +38,7 @@ fn synthetic_series_loads_sorted_with_its_geometry() {
     }
     // Air outside the body, bone on the ring: rescaled to HU.
     assert_eq!(volume.at(0, 0, 0), -1000.0);
-    assert!(volume.hu.iter().any(|v| *v == 900.0));
+    assert!(volume.hu.contains(&900.0));
     // Geometry round trip and trilinear sampling at voxel centres.
     let p = volume.voxel_to_lps([10.0, 20.0, 5.0]);
     let v = volume.lps_to_voxel(p);
@@ -67,19 +74,21 @@ fn compressed_series_gives_the_same_hounsfield_units() {
 #[test]
 fn gaps_and_mixed_series_are_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
-    let a = write_ct_series(&tmp.path().join("a"), &SeriesSpec { slices: 8, size: 32, seed: 5, ..Default::default() }).unwrap();
+    let a = write_ct_series(&tmp.path().join("a"), &SeriesSpec { slices: 8, size: 32, seed: 5, ..Default::default() })
+        .unwrap();
     let mut gappy = a.files.clone();
     gappy.remove(4);
     match load_series(&gappy, &SeriesConfig::default()) {
         Err(VolumeError::Geometry(reason)) => assert!(reason.contains("gap"), "{reason}"),
         other => panic!("expected a gap error, got {other:?}"),
     }
-    let b = write_ct_series(&tmp.path().join("b"), &SeriesSpec { slices: 2, size: 32, seed: 6, ..Default::default() }).unwrap();
+    let b = write_ct_series(&tmp.path().join("b"), &SeriesSpec { slices: 2, size: 32, seed: 6, ..Default::default() })
+        .unwrap();
     let mut mixed = a.files.clone();
     mixed.push(b.files[0].clone());
     assert!(matches!(load_series(&mixed, &SeriesConfig::default()), Err(VolumeError::Inconsistent(_))));
     let broken = tmp.path().join("broken.dcm");
     std::fs::write(&broken, b"not dicom").unwrap();
-    let err = load_series(&[broken.clone()], &SeriesConfig::default()).unwrap_err();
+    let err = load_series(std::slice::from_ref(&broken), &SeriesConfig::default()).unwrap_err();
     assert!(err.to_string().contains("broken.dcm"), "{err}");
 }

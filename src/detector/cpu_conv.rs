@@ -70,7 +70,9 @@ pub fn conv2d_bias_act(x: &Tensor, weight: &Tensor, bias: &Tensor, shape: ConvSh
                         };
                         // SAFETY: `out` has capacity for all batches; gemm writes every element of
                         // this batch's (c_out, n) block through the raw pointer without reading it.
-                        unsafe { matmul(weight, rhs, out.as_mut_ptr().add(b * shape.c_out * n), shape.c_out, depth, n) };
+                        unsafe {
+                            matmul(weight, rhs, out.as_mut_ptr().add(b * shape.c_out * n), shape.c_out, depth, n)
+                        };
                     }
                     // SAFETY: every element up to `total` was written by gemm above.
                     unsafe { out.set_len(total) };
@@ -86,7 +88,13 @@ pub fn conv2d_bias_act(x: &Tensor, weight: &Tensor, bias: &Tensor, shape: ConvSh
 
 /// Column matrix `(c_in * k * k, out_h * out_w)`: row `(c, ky, kx)` holds the input pixels that
 /// kernel tap meets at every output position, zero where it falls in the padding.
-fn im2col(image: &[f32], (c_in, h, w): (usize, usize, usize), s: ConvShape, (out_h, out_w): (usize, usize), columns: &mut [f32]) {
+fn im2col(
+    image: &[f32],
+    (c_in, h, w): (usize, usize, usize),
+    s: ConvShape,
+    (out_h, out_w): (usize, usize),
+    columns: &mut [f32],
+) {
     let k = s.kernel;
     let n = out_h * out_w;
     columns.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
@@ -109,7 +117,8 @@ fn im2col(image: &[f32], (c_in, h, w): (usize, usize, usize), s: ConvShape, (out
                 let first = (-offset).max(0) as usize;
                 let last = ((w as isize - offset).min(out_w as isize)).max(first as isize) as usize;
                 line[..first].fill(0.0);
-                line[first..last].copy_from_slice(&src[(first as isize + offset) as usize..(last as isize + offset) as usize]);
+                line[first..last]
+                    .copy_from_slice(&src[(first as isize + offset) as usize..(last as isize + offset) as usize]);
                 line[last..].fill(0.0);
             } else {
                 for (ox, v) in line.iter_mut().enumerate() {
@@ -132,13 +141,24 @@ unsafe fn matmul(lhs: &[f32], rhs: &[f32], dst: *mut f32, m: usize, k: usize, n:
     // SAFETY: the asserts above bound every index gemm touches given these strides and sizes.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst, 1, n as isize,
+            m,
+            n,
+            k,
+            dst,
+            1,
+            n as isize,
             false,
-            lhs.as_ptr(), 1, k as isize,
-            rhs.as_ptr(), 1, n as isize,
-            0.0, 1.0,
-            false, false, false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
             parallelism,
         );
     }
@@ -190,7 +210,9 @@ mod tests {
     #[test]
     fn matches_candle_conv2d() -> Result<()> {
         let dev = Device::Cpu;
-        for &(c_in, c_out, k, stride, h, w) in &[(3, 8, 3, 2, 17, 20), (8, 8, 3, 1, 9, 7), (16, 4, 1, 1, 5, 6), (4, 6, 3, 2, 8, 8)] {
+        for &(c_in, c_out, k, stride, h, w) in
+            &[(3, 8, 3, 2, 17, 20), (8, 8, 3, 1, 9, 7), (16, 4, 1, 1, 5, 6), (4, 6, 3, 2, 8, 8)]
+        {
             let x = Tensor::randn(0f32, 1f32, (2, c_in, h, w), &dev)?;
             let wt = Tensor::randn(0f32, 0.3f32, (c_out, c_in, k, k), &dev)?;
             let b = Tensor::randn(0f32, 0.1f32, c_out, &dev)?;

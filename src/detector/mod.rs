@@ -56,7 +56,8 @@ fn read_header(path: &Path) -> Result<Header, DetectorError> {
     }
     let mut json = vec![0u8; len as usize];
     file.read_exact(&mut json).map_err(|e| read_err(format!("truncated header: {e}")))?;
-    let value: serde_json::Value = serde_json::from_slice(&json).map_err(|e| read_err(format!("header is not JSON: {e}")))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&json).map_err(|e| read_err(format!("header is not JSON: {e}")))?;
     let object = value.as_object().ok_or_else(|| read_err("header is not a JSON object".into()))?;
     let mut shapes = HashMap::new();
     let mut metadata = HashMap::new();
@@ -94,8 +95,9 @@ impl WeightsInfo {
         let stem = dim("model.0.conv.weight", 0)?;
         let scale = match header.metadata.get("scale").and_then(|s| s.chars().next()).and_then(Scale::from_name) {
             Some(s) => s,
-            None => Scale::from_stem_channels(stem)
-                .ok_or_else(|| weights_err(format!("model.0.conv.weight has {stem} output channels; not a YOLOv8 n/s/m/l/x")))?,
+            None => Scale::from_stem_channels(stem).ok_or_else(|| {
+                weights_err(format!("model.0.conv.weight has {stem} output channels; not a YOLOv8 n/s/m/l/x"))
+            })?,
         };
         let num_classes = dim("model.22.cv3.0.2.weight", 0)?;
         let num_masks = dim("model.22.proto.cv3.conv.weight", 0)?;
@@ -113,15 +115,17 @@ impl WeightsInfo {
             return Err(weights_err(format!("{} class names for {num_classes} classes", class_names.len())));
         }
         let input_size = match header.metadata.get("imgsz") {
-            Some(v) => v.trim_matches(|c| c == '[' || c == ']').split(',').next().unwrap_or("").trim().parse()
+            Some(v) => v
+                .trim_matches(|c| c == '[' || c == ']')
+                .split(',')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .parse()
                 .map_err(|_| weights_err(format!("metadata imgsz {v:?} is not a size")))?,
             None => 640,
         };
-        Ok(WeightsInfo {
-            config: Config { scale, num_classes, num_masks, reg_max, bn_eps },
-            class_names,
-            input_size,
-        })
+        Ok(WeightsInfo { config: Config { scale, num_classes, num_masks, reg_max, bn_eps }, class_names, input_size })
     }
 }
 
@@ -132,10 +136,8 @@ pub fn load_network(path: &Path, device: &Device) -> Result<(YoloV8Seg, WeightsI
     // SAFETY: the file is mapped read-only; weights files are not modified while the agent runs.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, device) }
         .map_err(|e| DetectorError::Read { path: path.to_path_buf(), message: e.to_string() })?;
-    let network = YoloV8Seg::load(vb, info.config).map_err(|e| DetectorError::Weights {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let network = YoloV8Seg::load(vb, info.config)
+        .map_err(|e| DetectorError::Weights { path: path.to_path_buf(), message: e.to_string() })?;
     Ok((network, info))
 }
 
@@ -196,9 +198,5 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         image::open(path).map_err(|e| image_err(e.to_string()))?
     };
     let rgb = dynamic.to_rgb8();
-    Ok(predict::RgbImage {
-        width: rgb.width() as usize,
-        height: rgb.height() as usize,
-        data: rgb.into_raw(),
-    })
+    Ok(predict::RgbImage { width: rgb.width() as usize, height: rgb.height() as usize, data: rgb.into_raw() })
 }

@@ -145,7 +145,8 @@ fn resize_linear(src: &RgbImage, width: usize, height: usize) -> Vec<u8> {
         horizontal(s1, &mut row1);
         let dst = &mut out[y * width * 3..(y + 1) * width * 3];
         for i in 0..width * 3 {
-            let v = (i64::from(row0[i]) * i64::from(w0) + i64::from(row1[i]) * i64::from(w1) + (1 << (2 * BITS - 1))) >> (2 * BITS);
+            let v = (i64::from(row0[i]) * i64::from(w0) + i64::from(row1[i]) * i64::from(w1) + (1 << (2 * BITS - 1)))
+                >> (2 * BITS);
             dst[i] = v.clamp(0, 255) as u8;
         }
     }
@@ -190,7 +191,12 @@ fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
 }
 
 /// Runs the whole predict path on one image.
-pub fn predict(network: &YoloV8Seg, image: &RgbImage, options: &PredictOptions, device: &Device) -> Result<Vec<Detection>, DetectorError> {
+pub fn predict(
+    network: &YoloV8Seg,
+    image: &RgbImage,
+    options: &PredictOptions,
+    device: &Device,
+) -> Result<Vec<Detection>, DetectorError> {
     let letterbox = Letterbox::new(image.width, image.height, options.imgsz);
     let input = preprocess(image, &letterbox, device)?;
     let (predictions, prototypes) = network.forward(&input)?;
@@ -411,7 +417,10 @@ mod tests {
     fn letterbox_matches_ultralytics_rect_mode() {
         // 400x300 at 320: scale 0.8 -> 320x240, padded to 320x256 (8 above, 8 below).
         let lb = Letterbox::new(400, 300, 320);
-        assert_eq!((lb.resized_width, lb.resized_height, lb.input_width, lb.input_height, lb.left, lb.top), (320, 240, 320, 256, 0, 8));
+        assert_eq!(
+            (lb.resized_width, lb.resized_height, lb.input_width, lb.input_height, lb.left, lb.top),
+            (320, 240, 320, 256, 0, 8)
+        );
         // Odd padding: 333x200 at 320 -> 320x192 exactly, no padding.
         let lb = Letterbox::new(333, 200, 320);
         assert_eq!((lb.input_width, lb.input_height), (320, 192));

@@ -78,10 +78,8 @@ impl ConvBlock {
         let var = bn.get(c_out, "running_var")?;
         // Fold in f64 so the fused weights round once, like ultralytics' fuse_conv_and_bn.
         let scale = (gamma.to_dtype(DType::F64)? / (var.to_dtype(DType::F64)? + eps)?.sqrt()?)?;
-        let weight = weight
-            .to_dtype(DType::F64)?
-            .broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?
-            .to_dtype(DType::F32)?;
+        let weight =
+            weight.to_dtype(DType::F64)?.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?.to_dtype(DType::F32)?;
         let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?.to_dtype(DType::F32)?;
         let weight = weight.contiguous()?;
         let shape = ConvShape { c_in, c_out, kernel: k, stride, padding: k / 2 };
@@ -146,9 +144,8 @@ impl C2f {
         let hidden = c_out / 2;
         let cv1 = ConvBlock::load(vb.pp("cv1"), c_in, 2 * hidden, 1, 1, eps)?;
         let cv2 = ConvBlock::load(vb.pp("cv2"), (2 + n) * hidden, c_out, 1, 1, eps)?;
-        let blocks = (0..n)
-            .map(|i| Bottleneck::load(vb.pp(format!("m.{i}")), hidden, shortcut, eps))
-            .collect::<Result<_>>()?;
+        let blocks =
+            (0..n).map(|i| Bottleneck::load(vb.pp(format!("m.{i}")), hidden, shortcut, eps)).collect::<Result<_>>()?;
         Ok(C2f { cv1, cv2, blocks, hidden })
     }
 }
@@ -223,9 +220,8 @@ impl Proto {
 impl Module for Proto {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.cv1.forward(xs)?;
-        let x = x
-            .conv_transpose2d(&self.up_weight, 0, 0, 2, 1)?
-            .broadcast_add(&self.up_bias.reshape((1, (), 1, 1))?)?;
+        let x =
+            x.conv_transpose2d(&self.up_weight, 0, 0, 2, 1)?.broadcast_add(&self.up_bias.reshape((1, (), 1, 1))?)?;
         self.cv3.forward(&self.cv2.forward(&x)?)
     }
 }
@@ -320,9 +316,12 @@ impl SegmentHead {
         // Expected distance per side: softmax over the bins, weighted by the bin index.
         let distribution = distribution.reshape((batch, 4, self.reg_max, anchors_total))?;
         let probabilities = candle_nn::ops::softmax(&distribution, 2)?;
-        let bins = Tensor::arange(0u32, self.reg_max as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((1, 1, self.reg_max, 1))?;
+        let bins = Tensor::arange(0u32, self.reg_max as u32, device)?.to_dtype(DType::F32)?.reshape((
+            1,
+            1,
+            self.reg_max,
+            1,
+        ))?;
         let distances = probabilities.broadcast_mul(&bins)?.sum(2)?; // (b, 4, anchors)
         let anchors = Tensor::cat(&anchor_parts, 1)?.unsqueeze(0)?; // (1, 2, anchors)
         let strides = Tensor::cat(&stride_parts, 0)?.reshape((1, 1, anchors_total))?;
@@ -368,7 +367,8 @@ impl YoloV8Seg {
     pub fn load(vb: VarBuilder, cfg: Config) -> Result<Self> {
         let s = cfg.scale;
         let eps = cfg.bn_eps;
-        let (c64, c128, c256, c512, c1024) = (s.channels(64), s.channels(128), s.channels(256), s.channels(512), s.channels(1024));
+        let (c64, c128, c256, c512, c1024) =
+            (s.channels(64), s.channels(128), s.channels(256), s.channels(512), s.channels(1024));
         let (n3, n6) = (s.repeats(3), s.repeats(6));
         let m = |i: usize| vb.pp(format!("model.{i}"));
         Ok(YoloV8Seg {

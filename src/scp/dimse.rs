@@ -46,16 +46,10 @@ impl Request {
         let obj = InMemDicomObject::read_dataset_with_ts(bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
             .map_err(|e| CommandError::Unparsable(e.to_string()))?;
         let uint = |tag: Tag, name: &'static str| -> Result<u16, CommandError> {
-            obj.element(tag)
-                .ok()
-                .and_then(|e| e.to_int::<u16>().ok())
-                .ok_or(CommandError::Missing(name))
+            obj.element(tag).ok().and_then(|e| e.to_int::<u16>().ok()).ok_or(CommandError::Missing(name))
         };
         let uid = |tag: Tag| -> Option<String> {
-            obj.element(tag)
-                .ok()
-                .and_then(|e| e.to_str().ok())
-                .map(|s| crate::spool::trim_uid(&s).to_string())
+            obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| crate::spool::trim_uid(&s).to_string())
         };
         Ok(Request {
             command_field: uint(tags::COMMAND_FIELD, "CommandField")?,

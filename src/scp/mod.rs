@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dicom_dictionary_std::uids;
+use dicom_ul::Pdu;
 use dicom_ul::association::server::{AccessControl, ServerAssociationOptions};
 use dicom_ul::association::{Association, AsyncServerAssociation};
 use dicom_ul::pdu::{
@@ -22,7 +23,6 @@ use dicom_ul::pdu::{
     AssociationRJSource, PDataValue, PDataValueType, PresentationContextNegotiated, PresentationContextResultReason,
     UserIdentity,
 };
-use dicom_ul::Pdu;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -184,7 +184,9 @@ impl AccessControl for AeTitlePolicy {
     }
 }
 
-fn association_options(config: &Config) -> ServerAssociationOptions<'static, AeTitlePolicy, dicom_ul::association::server::DefaultNegotiation> {
+fn association_options(
+    config: &Config,
+) -> ServerAssociationOptions<'static, AeTitlePolicy, dicom_ul::association::server::DefaultNegotiation> {
     let mut options = ServerAssociationOptions::new()
         .ae_access_control(AeTitlePolicy {
             require_called_ae_title: config.dicom.require_called_ae_title,
@@ -196,7 +198,9 @@ fn association_options(config: &Config) -> ServerAssociationOptions<'static, AeT
         .with_abstract_syntax(uids::VERIFICATION);
     options = match config.dicom.other_sop_classes {
         OtherSopClassPolicy::Refuse => CT_SOP_CLASSES.iter().fold(options, |o, uid| o.with_abstract_syntax(*uid)),
-        OtherSopClassPolicy::Discard => STORAGE_SOP_CLASSES.iter().fold(options, |o, (uid, _)| o.with_abstract_syntax(*uid)),
+        OtherSopClassPolicy::Discard => {
+            STORAGE_SOP_CLASSES.iter().fold(options, |o, (uid, _)| o.with_abstract_syntax(*uid))
+        }
     };
     transfer_syntaxes::ACCEPTED.iter().fold(options, |o, (uid, _)| o.with_transfer_syntax(*uid))
 }
@@ -206,7 +210,10 @@ enum Sink {
     Spool(PartialInstance),
     Discard,
     /// Already failed: remaining fragments are read and dropped, then this status is sent.
-    Fail { status: u16, reason: String },
+    Fail {
+        status: u16,
+        reason: String,
+    },
 }
 
 /// Tallies for the end-of-association log line.
@@ -232,18 +239,34 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     if !ctx.peer_rules.is_empty() && !ctx.peer_rules.iter().any(|r| r.matches(peer.ip())) {
         tracing::warn!("peer address not in the allow-list; rejecting");
         ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-        reject(socket, AssociationRJResult::Permanent, AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven)).await;
+        reject(
+            socket,
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+        )
+        .await;
         return;
     }
     if let Some(free) = ctx.disk_is_low() {
-        tracing::error!(free_mb = free / (1024 * 1024), min_mb = ctx.config.limits.min_free_disk_mb, "free disk below the minimum; rejecting association (transient)");
+        tracing::error!(
+            free_mb = free / (1024 * 1024),
+            min_mb = ctx.config.limits.min_free_disk_mb,
+            "free disk below the minimum; rejecting association (transient)"
+        );
         ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-        reject(socket, AssociationRJResult::Transient, AssociationRJSource::ServiceProviderPresentation(
-            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded)).await;
+        reject(
+            socket,
+            AssociationRJResult::Transient,
+            AssociationRJSource::ServiceProviderPresentation(
+                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+            ),
+        )
+        .await;
         return;
     }
     let options = association_options(&ctx.config);
-    let established = tokio::time::timeout(ctx.config.limits.association_timeout(), options.establish_async(socket)).await;
+    let established =
+        tokio::time::timeout(ctx.config.limits.association_timeout(), options.establish_async(socket)).await;
     let mut association = match established {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
@@ -265,7 +288,13 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
         .presentation_contexts()
         .iter()
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-        .map(|pc| format!("{}:{}", transfer_syntaxes::short_sop_name(&pc.abstract_syntax), transfer_syntaxes::name(&pc.transfer_syntax)))
+        .map(|pc| {
+            format!(
+                "{}:{}",
+                transfer_syntaxes::short_sop_name(&pc.abstract_syntax),
+                transfer_syntaxes::name(&pc.transfer_syntax)
+            )
+        })
         .collect();
     tracing::info!(accepted_contexts = accepted.len(), "association accepted");
     tracing::debug!(contexts = ?accepted, "accepted presentation contexts");
@@ -282,7 +311,14 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     let released = session.run(&mut association).await;
     let _ = ctx.tracker.send(TrackerEvent::AssociationEnded { association: id, released });
     let t = &session.tally;
-    tracing::info!(released, stored = t.stored, bytes = t.bytes, discarded = t.discarded, failed = t.failed, "association ended");
+    tracing::info!(
+        released,
+        stored = t.stored,
+        bytes = t.bytes,
+        discarded = t.discarded,
+        failed = t.failed,
+        "association ended"
+    );
 }
 
 impl Session<'_> {
@@ -330,7 +366,11 @@ impl Session<'_> {
         }
     }
 
-    async fn on_pdv(&mut self, association: &mut AsyncServerAssociation<TcpStream>, value: PDataValue) -> Result<(), String> {
+    async fn on_pdv(
+        &mut self,
+        association: &mut AsyncServerAssociation<TcpStream>,
+        value: PDataValue,
+    ) -> Result<(), String> {
         match value.value_type {
             PDataValueType::Command => {
                 if self.current.is_some() {
@@ -354,10 +394,10 @@ impl Session<'_> {
                 if *pc_id != value.presentation_context_id {
                     return Err("data set fragment on a different presentation context than its command".into());
                 }
-                if let Sink::Spool(partial) = sink {
-                    if let Err(e) = partial.write_fragment(&value.data) {
-                        *sink = Sink::Fail { status: status::OUT_OF_RESOURCES, reason: e.to_string() };
-                    }
+                if let Sink::Spool(partial) = sink
+                    && let Err(e) = partial.write_fragment(&value.data)
+                {
+                    *sink = Sink::Fail { status: status::OUT_OF_RESOURCES, reason: e.to_string() };
                 }
                 if value.is_last {
                     let (request, pc_id, sink) = self.current.take().expect("checked above");
@@ -394,16 +434,31 @@ impl Session<'_> {
                 Ok(())
             }
             dimse::C_STORE_RQ => {
-                self.respond(association, &request, pc_id, status::CANNOT_UNDERSTAND, Some("C-STORE without a data set")).await
+                self.respond(
+                    association,
+                    &request,
+                    pc_id,
+                    status::CANNOT_UNDERSTAND,
+                    Some("C-STORE without a data set"),
+                )
+                .await
             }
             other => {
                 tracing::warn!(command = format!("{other:#06x}"), "unsupported DIMSE operation");
                 if request.has_data_set {
-                    let sink = Sink::Fail { status: status::UNRECOGNIZED_OPERATION, reason: "operation not supported".into() };
+                    let sink =
+                        Sink::Fail { status: status::UNRECOGNIZED_OPERATION, reason: "operation not supported".into() };
                     self.current = Some((request, pc_id, sink));
                     Ok(())
                 } else {
-                    self.respond(association, &request, pc_id, status::UNRECOGNIZED_OPERATION, Some("operation not supported")).await
+                    self.respond(
+                        association,
+                        &request,
+                        pc_id,
+                        status::UNRECOGNIZED_OPERATION,
+                        Some("operation not supported"),
+                    )
+                    .await
                 }
             }
         }
@@ -411,10 +466,8 @@ impl Session<'_> {
 
     /// Decides where a C-STORE's data set goes before its first byte arrives.
     fn open_sink(&self, request: &dimse::Request, pc: &PresentationContextNegotiated) -> Sink {
-        let sop_class = request
-            .affected_sop_class_uid
-            .clone()
-            .unwrap_or_else(|| spool::trim_uid(&pc.abstract_syntax).to_string());
+        let sop_class =
+            request.affected_sop_class_uid.clone().unwrap_or_else(|| spool::trim_uid(&pc.abstract_syntax).to_string());
         if sop_class != spool::trim_uid(&pc.abstract_syntax) {
             return Sink::Fail {
                 status: status::SOP_CLASS_NOT_SUPPORTED,
@@ -432,12 +485,19 @@ impl Session<'_> {
         }
         let sop_instance = request.affected_sop_instance_uid.clone().unwrap_or_default();
         if let Err(e) = spool::check_uid(&sop_instance) {
-            return Sink::Fail { status: status::CANNOT_UNDERSTAND, reason: format!("invalid AffectedSOPInstanceUID: {e}") };
+            return Sink::Fail {
+                status: status::CANNOT_UNDERSTAND,
+                reason: format!("invalid AffectedSOPInstanceUID: {e}"),
+            };
         }
         if let Some(free) = self.ctx.disk_is_low() {
             return Sink::Fail {
                 status: status::OUT_OF_RESOURCES,
-                reason: format!("free disk {} MiB below the minimum of {} MiB", free >> 20, self.ctx.config.limits.min_free_disk_mb),
+                reason: format!(
+                    "free disk {} MiB below the minimum of {} MiB",
+                    free >> 20,
+                    self.ctx.config.limits.min_free_disk_mb
+                ),
             };
         }
         let store = StoreRequest {
@@ -474,18 +534,23 @@ impl Session<'_> {
                         stats.instances_stored.fetch_add(1, Ordering::Relaxed);
                         stats.bytes_stored.fetch_add(stored.bytes, Ordering::Relaxed);
                         tracing::debug!(sop_uid = %sop_uid, path = %stored.path.display(), "instance stored");
-                        let _ = self.ctx.tracker.send(TrackerEvent::Stored { association: self.id, header: stored.header });
+                        let _ =
+                            self.ctx.tracker.send(TrackerEvent::Stored { association: self.id, header: stored.header });
                         (status::SUCCESS, None)
                     }
                     Ok(Err(e)) => {
                         let code = match &e {
                             e if e.is_local_resource_problem() => status::OUT_OF_RESOURCES,
-                            SpoolError::Mismatch { attribute: "SOPClassUID", .. } => status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+                            SpoolError::Mismatch { attribute: "SOPClassUID", .. } => {
+                                status::DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+                            }
                             _ => status::CANNOT_UNDERSTAND,
                         };
                         self.failure(code, e.to_string(), Some(&sop_uid))
                     }
-                    Err(join) => self.failure(status::OUT_OF_RESOURCES, format!("storage task failed: {join}"), Some(&sop_uid)),
+                    Err(join) => {
+                        self.failure(status::OUT_OF_RESOURCES, format!("storage task failed: {join}"), Some(&sop_uid))
+                    }
                 }
             }
         }
@@ -524,6 +589,8 @@ impl Session<'_> {
 async fn abort(association: &mut AsyncServerAssociation<TcpStream>) -> Result<(), dicom_ul::association::Error> {
     use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
     association
-        .send(&Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) })
+        .send(&Pdu::AbortRQ {
+            source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified),
+        })
         .await
 }

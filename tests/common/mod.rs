@@ -64,12 +64,7 @@ impl Agent {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start idaics");
-        let mut agent = Agent {
-            port,
-            state_dir: state_dir.to_path_buf(),
-            log_path,
-            child: Some(child),
-        };
+        let mut agent = Agent { port, state_dir: state_dir.to_path_buf(), log_path, child: Some(child) };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if agent.log().contains("listening for DICOM associations") {
@@ -223,10 +218,9 @@ pub fn dcmtk(tool: &str, args: &[&str], input: &Path, output: &Path) {
 /// A minimal SCU that sends arbitrary bytes as a C-STORE data set, for inputs no well-behaved
 /// tool would send. Returns the DIMSE status of the response.
 pub fn raw_store(port: u16, sop_class: &str, sop_instance: &str, ts: &str, dataset: &[u8]) -> u16 {
-    use dicom_ul::association::client::ClientAssociationOptions;
-    use dicom_ul::association::SyncAssociation;
-    use dicom_ul::pdu::{PDataValue, PDataValueType};
     use dicom_ul::Pdu;
+    use dicom_ul::association::client::ClientAssociationOptions;
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
     let mut assoc = ClientAssociationOptions::new()
         .calling_ae_title("RAWSCU")
         .with_presentation_context(sop_class, vec![ts])
@@ -236,7 +230,12 @@ pub fn raw_store(port: u16, sop_class: &str, sop_instance: &str, ts: &str, datas
     let command = store_command(sop_class, sop_instance);
     assoc
         .send(&Pdu::PData {
-            data: vec![PDataValue { presentation_context_id: pc, value_type: PDataValueType::Command, is_last: true, data: command }],
+            data: vec![PDataValue {
+                presentation_context_id: pc,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command,
+            }],
         })
         .unwrap();
     let chunks: Vec<&[u8]> = if dataset.is_empty() { vec![&[]] } else { dataset.chunks(16_000).collect() };
