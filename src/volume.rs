@@ -103,6 +103,56 @@ impl Volume {
         Some(value)
     }
 
+    /// Value of the nearest voxel at an LPS position (for label masks); `None` outside.
+    pub fn sample_nearest(&self, p: [f64; 3]) -> Option<f32> {
+        let v = self.lps_to_voxel(p);
+        let mut index = [0usize; 3];
+        for a in 0..3 {
+            let r = v[a].round();
+            if r < 0.0 || r > (self.dims[a] - 1) as f64 {
+                return None;
+            }
+            index[a] = r as usize;
+        }
+        Some(self.at(index[0], index[1], index[2]))
+    }
+
+    /// The same content on an axis-aligned LPS grid (axial slices, superior last) of isotropic
+    /// `spacing` mm, covering the volume's extent: what the spine stage expects, whatever the
+    /// stored orientation. Outside the source, voxels take `fill`; labels want `nearest`.
+    pub fn resample_axial(&self, spacing: f64, nearest: bool, fill: f32) -> Volume {
+        let mut low = [f64::MAX; 3];
+        let mut high = [f64::MIN; 3];
+        for corner in 0..8 {
+            let v = [0, 1, 2].map(|a| if corner >> a & 1 == 1 { (self.dims[a] - 1) as f64 } else { 0.0 });
+            let p = self.voxel_to_lps(v);
+            for d in 0..3 {
+                low[d] = low[d].min(p[d]);
+                high[d] = high[d].max(p[d]);
+            }
+        }
+        let dims = [0, 1, 2].map(|d| ((high[d] - low[d]) / spacing).floor() as usize + 1);
+        let mut hu = Vec::with_capacity(dims[0] * dims[1] * dims[2]);
+        for k in 0..dims[2] {
+            for j in 0..dims[1] {
+                for i in 0..dims[0] {
+                    let p = [low[0] + i as f64 * spacing, low[1] + j as f64 * spacing, low[2] + k as f64 * spacing];
+                    let value = if nearest { self.sample_nearest(p) } else { self.sample(p) };
+                    hu.push(value.unwrap_or(fill));
+                }
+            }
+        }
+        Volume {
+            study_uid: self.study_uid.clone(),
+            series_uid: self.series_uid.clone(),
+            hu,
+            dims,
+            spacing: [spacing; 3],
+            origin: low,
+            axes: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+        }
+    }
+
     /// Bytes held by the voxels.
     pub fn byte_size(&self) -> usize {
         self.hu.len() * std::mem::size_of::<f32>()
