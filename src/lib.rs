@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod detector;
+pub mod geometry;
 pub mod nifti;
 pub mod phantom;
 pub mod scp;

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::geometry::{add, dot, scale, sub};
 use crate::synthetic::{SeriesSpec, SyntheticError, SyntheticSeries, write_axial_series};
 
 /// The disc levels from the sacrum up, in the order the spine stage counts them.
@@ -122,19 +123,6 @@ struct Anatomy {
     body_center: [f64; 2],
     body_radii: [f64; 2],
     z_range: [f64; 2],
-}
-
-fn add(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[0] + b[0], a[1] + b[1], a[2] + b[2]]
-}
-fn scale(a: [f64; 3], k: f64) -> [f64; 3] {
-    [a[0] * k, a[1] * k, a[2] * k]
-}
-fn sub(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
-}
-fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
-    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 }
 
 /// Deterministic uniforms for the anatomy's variations.

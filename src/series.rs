@@ -14,6 +14,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::config::SeriesConfig;
+use crate::geometry::{cross, dot};
 use crate::spool::{InstanceHeader, SeriesRecord, Spool, SpoolError};
 
 /// Identifies one association for the tracker's bookkeeping.
@@ -45,6 +46,28 @@ enum Trigger {
     AssociationReleased,
     QuietPeriod,
     MaxWait,
+}
+
+impl PendingSeries {
+    fn new(study_uid: String, instances: HashMap<String, InstanceHeader>, revision: u32, now: Instant) -> Self {
+        PendingSeries { study_uid, instances, first_seen: now, last_seen: now, carried_by: HashSet::new(), revision }
+    }
+}
+
+/// Headers of spooled files by SOP instance UID; unreadable files are logged and left out.
+fn read_headers<'a>(files: impl IntoIterator<Item = &'a std::path::Path>) -> HashMap<String, InstanceHeader> {
+    let mut instances = HashMap::new();
+    for file in files {
+        match InstanceHeader::read(file) {
+            Ok(h) => {
+                instances.insert(h.sop_instance_uid.clone(), h);
+            }
+            Err(e) => {
+                tracing::warn!(path = %file.display(), error = %e, "spooled file unreadable; left out of its series")
+            }
+        }
+    }
+    instances
 }
 
 impl Trigger {
@@ -192,14 +215,6 @@ pub fn stack_geometry(instances: &[&InstanceHeader], config: &SeriesConfig) -> R
     })
 }
 
-fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
-}
-
-fn dot(a: [f64; 3], b: [f64; 3]) -> f64 {
-    a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-}
-
 /// Tracks pending series and decides them. Owned by one task; fed through [`TrackerEvent`]s.
 pub struct SeriesTracker {
     config: SeriesConfig,
@@ -232,17 +247,7 @@ impl SeriesTracker {
                     tracker.decided.insert(series.series_instance_uid, (sops, record.revision));
                 }
                 record => {
-                    let mut instances = HashMap::new();
-                    for file in &series.instance_files {
-                        match InstanceHeader::read(file) {
-                            Ok(h) => {
-                                instances.insert(h.sop_instance_uid.clone(), h);
-                            }
-                            Err(e) => {
-                                tracing::warn!(path = %file.display(), error = %e, "spooled file unreadable; left out of its series")
-                            }
-                        }
-                    }
+                    let instances = read_headers(series.instance_files.iter().map(|p| p.as_path()));
                     if instances.is_empty() {
                         continue;
                     }
@@ -252,16 +257,10 @@ impl SeriesTracker {
                         instances = instances.len(),
                         "recovered pending series from the spool"
                     );
+                    let revision = record.map_or(0, |r| r.revision);
                     tracker.pending.insert(
                         series.series_instance_uid,
-                        PendingSeries {
-                            study_uid: series.study_instance_uid,
-                            instances,
-                            first_seen: now,
-                            last_seen: now,
-                            carried_by: HashSet::new(),
-                            revision: record.map_or(0, |r| r.revision),
-                        },
+                        PendingSeries::new(series.study_instance_uid, instances, revision, now),
                     );
                 }
             }
@@ -309,31 +308,17 @@ impl SeriesTracker {
             let sops = self.decided.remove(&series_uid).map(|(s, _)| s).unwrap_or_default();
             tracing::info!(series_uid = %series_uid, "new instance for a decided series: reopening it");
             let dir = self.spool.series_dir(&header.study_instance_uid, &series_uid);
-            let instances = sops
-                .iter()
-                .filter_map(|sop| InstanceHeader::read(&dir.join(format!("{sop}.dcm"))).ok())
-                .map(|h| (h.sop_instance_uid.clone(), h))
-                .collect();
+            let files: Vec<std::path::PathBuf> = sops.iter().map(|sop| dir.join(format!("{sop}.dcm"))).collect();
+            let instances = read_headers(files.iter().map(|p| p.as_path()));
             self.pending.insert(
                 series_uid.clone(),
-                PendingSeries {
-                    study_uid: header.study_instance_uid.clone(),
-                    instances,
-                    first_seen: now,
-                    last_seen: now,
-                    carried_by: HashSet::new(),
-                    revision,
-                },
+                PendingSeries::new(header.study_instance_uid.clone(), instances, revision, now),
             );
         }
-        let series = self.pending.entry(series_uid).or_insert_with(|| PendingSeries {
-            study_uid: header.study_instance_uid.clone(),
-            instances: HashMap::new(),
-            first_seen: now,
-            last_seen: now,
-            carried_by: HashSet::new(),
-            revision: 0,
-        });
+        let series = self
+            .pending
+            .entry(series_uid)
+            .or_insert_with(|| PendingSeries::new(header.study_instance_uid.clone(), HashMap::new(), 0, now));
         series.last_seen = now;
         series.carried_by.insert(association);
         series.instances.insert(header.sop_instance_uid.clone(), header);

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::geometry::{cross, normalize};
 use crate::spine::DiscLevel;
 use crate::volume::Volume;
 
@@ -59,15 +60,6 @@ impl SliceImage {
 pub fn window(hu: f32) -> u8 {
     let low = WINDOW_CENTER_HU - WINDOW_WIDTH_HU / 2.0;
     ((hu - low) / WINDOW_WIDTH_HU * 255.0).round().clamp(0.0, 255.0) as u8
-}
-
-fn normalize(v: [f64; 3]) -> [f64; 3] {
-    let n = (v[0] * v[0] + v[1] * v[1] + v[2] * v[2]).sqrt();
-    v.map(|x| x / n)
-}
-
-fn cross(a: [f64; 3], b: [f64; 3]) -> [f64; 3] {
-    [a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]]
 }
 
 fn resample(
