@@ -78,6 +78,9 @@ enum Command {
         slice_thickness: f64,
         #[arg(long, default_value_t = 512)]
         size: u16,
+        /// Write the series as one Enhanced CT multi-frame object instead of one file per slice.
+        #[arg(long)]
+        enhanced: bool,
     },
     /// Find the disc levels of CT series in files or folders (no network). Until weights are
     /// configured each level's finding is null.
@@ -154,7 +157,7 @@ pub fn main() -> anyhow::Result<()> {
             init_cli_logging();
             detect(&weights, imgsz, conf, iou, &device, format, &images)
         }
-        Command::Phantom { out, seed, levels, pixel_spacing, slice_thickness, size } => {
+        Command::Phantom { out, seed, levels, pixel_spacing, slice_thickness, size, enhanced } => {
             anyhow::ensure!(pixel_spacing > 0.05 && slice_thickness > 0.05, "spacings must be positive millimetres");
             anyhow::ensure!(size >= 32, "--size must be at least 32");
             let spec = crate::phantom::PhantomSpec {
@@ -165,6 +168,15 @@ pub fn main() -> anyhow::Result<()> {
                 size,
             };
             let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
+            if enhanced {
+                let path = out.join("enhanced_ct.dcm");
+                crate::synthetic::write_enhanced_ct(&series.files, &path, seed)?;
+                for file in &series.files {
+                    std::fs::remove_file(file).with_context(|| format!("cannot remove {}", file.display()))?;
+                }
+                println!("{} frames in {}, series {}", series.files.len(), path.display(), truth.series_uid);
+                return Ok(());
+            }
             println!(
                 "{} slices, series {}, truth in {}",
                 series.files.len(),
@@ -292,7 +304,13 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: 
         collect_files(path, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
     }
     let mut by_series: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut nifti_files = Vec::new();
     for file in files {
+        let name = file.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+            nifti_files.push(file);
+            continue;
+        }
         match crate::spool::InstanceHeader::read(&file) {
             Ok(h) => by_series.entry(h.series_instance_uid).or_default().push(file),
             Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),
@@ -300,8 +318,16 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: 
     }
     let config = crate::config::SeriesConfig::default();
     let mut report = Vec::new();
-    for (series_uid, files) in by_series {
-        let result = crate::volume::load_series(&files, &config).map_err(|e| e.to_string()).and_then(|volume| {
+    // A NIfTI file is one volume; it stands in for a series, named by its file.
+    let volumes = by_series
+        .into_iter()
+        .map(|(series_uid, files)| (series_uid, crate::volume::load_series(&files, &config).map_err(|e| e.to_string())))
+        .chain(nifti_files.into_iter().map(|path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            (name, crate::nifti::read(&path).map_err(|e| e.to_string()))
+        }));
+    for (series_uid, volume) in volumes {
+        let result = volume.and_then(|volume| {
             let levels = crate::spine::locate_discs(&volume).map_err(|e| e.to_string())?;
             if png {
                 write_pngs(&volume, &levels, &out.join(&series_uid)).map_err(|e| format!("writing PNGs: {e}"))?;
@@ -394,8 +420,15 @@ fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Res
         for entry in entries {
             collect_files(&entry, out)?;
         }
-    } else if path.extension().is_none_or(|e| e == "dcm" || e == "DCM") {
-        out.push(path.to_path_buf());
+    } else {
+        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let extension = path.extension().map(|e| e.to_string_lossy().to_lowercase());
+        let nifti = name.ends_with(".nii") || name.ends_with(".nii.gz");
+        // DICOM files often have no extension; NIfTI masks ("_msk", "_seg") are not images.
+        let mask = nifti && (name.contains("_msk") || name.contains("_seg"));
+        if (extension.is_none_or(|e| e == "dcm") || nifti) && !mask {
+            out.push(path.to_path_buf());
+        }
     }
     Ok(())
 }

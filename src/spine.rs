@@ -34,8 +34,14 @@ pub enum SpineError {
     NotFound(String),
 }
 
-/// Finds the discs of an axial volume, from the lowest up.
+/// Finds the discs of a volume, from the lowest up. A volume not stored as axial slices (a
+/// sagittal acquisition, a NIfTI file) is resampled to an axial grid first.
 pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
+    let is_axial = volume.axes[0][0].abs() > 0.999 && volume.axes[1][1].abs() > 0.999;
+    if !is_axial {
+        let finest = volume.spacing.iter().copied().fold(f64::MAX, f64::min).max(0.5);
+        return locate_discs(&volume.resample_axial(finest, false, -1000.0));
+    }
     let [nx, ny, nz] = volume.dims;
     let (sx, sy) = (volume.spacing[0], volume.spacing[1]);
     // Midline: the median column of bone voxels across the volume.

@@ -199,3 +199,140 @@ fn slice_pixels(n: usize, spacing: f64, slice: usize) -> Vec<i16> {
     }
     out
 }
+
+/// Re-encodes a single-frame CT series as one Enhanced CT Image Storage object: geometry in the
+/// shared and per-frame functional groups, frames in reverse file order (so a reader must sort
+/// them by position), each frame with its own rescale intercept (so a reader must apply the
+/// per-frame value transformation). Lets the volume stage be tested on the multi-frame form that
+/// modern scanners send, with the single-frame volume as the reference.
+pub fn write_enhanced_ct(single_frame: &[PathBuf], path: &Path, seed: u64) -> Result<PathBuf, SyntheticError> {
+    use dicom_core::value::DataSetSequence;
+    let encode = |e: String| SyntheticError::Encode(e);
+    let sources: Vec<dicom_object::DefaultDicomObject> = single_frame
+        .iter()
+        .map(|p| dicom_object::open_file(p).map_err(|e| encode(format!("{}: {e}", p.display()))))
+        .collect::<Result<_, _>>()?;
+    let first = sources.first().ok_or_else(|| encode("no source slices".into()))?;
+    let text = |obj: &dicom_object::DefaultDicomObject, tag| -> Result<String, SyntheticError> {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_str().ok())
+            .map(|s| s.to_string())
+            .ok_or_else(|| encode(format!("{tag} missing")))
+    };
+    let item = |elements: Vec<DataElement<InMemDicomObject>>| InMemDicomObject::from_element_iter(elements);
+    let seq = |tag, items: Vec<InMemDicomObject>| DataElement::new(tag, VR::SQ, DataSetSequence::from(items));
+    let shared = item(vec![
+        seq(
+            tags::PIXEL_MEASURES_SEQUENCE,
+            vec![item(vec![
+                DataElement::new(tags::PIXEL_SPACING, VR::DS, PrimitiveValue::from(text(first, tags::PIXEL_SPACING)?)),
+                DataElement::new(
+                    tags::SLICE_THICKNESS,
+                    VR::DS,
+                    PrimitiveValue::from(text(first, tags::SLICE_THICKNESS)?),
+                ),
+            ])],
+        ),
+        seq(
+            tags::PLANE_ORIENTATION_SEQUENCE,
+            vec![item(vec![DataElement::new(
+                tags::IMAGE_ORIENTATION_PATIENT,
+                VR::DS,
+                PrimitiveValue::from(text(first, tags::IMAGE_ORIENTATION_PATIENT)?),
+            )])],
+        ),
+    ]);
+    let mut per_frame = Vec::new();
+    let mut pixels: Vec<i16> = Vec::new();
+    for (index, source) in sources.iter().enumerate().rev() {
+        // Frame n stores HU + 1024 + n * 10 and says so in its own intercept.
+        let shift = (per_frame.len() * 10) as i16;
+        let values: Vec<i16> = source
+            .element(tags::PIXEL_DATA)
+            .ok()
+            .and_then(|e| e.value().to_multi_int::<i16>().ok())
+            .ok_or_else(|| encode(format!("slice {index}: no native 16-bit pixel data")))?;
+        pixels.extend(values.iter().map(|v| v.saturating_add(shift)));
+        let intercept = -1024 - i32::from(shift);
+        per_frame.push(item(vec![
+            seq(
+                tags::FRAME_CONTENT_SEQUENCE,
+                vec![item(vec![DataElement::new(
+                    tags::IN_STACK_POSITION_NUMBER,
+                    VR::UL,
+                    PrimitiveValue::from((index + 1) as u32),
+                )])],
+            ),
+            seq(
+                tags::PLANE_POSITION_SEQUENCE,
+                vec![item(vec![DataElement::new(
+                    tags::IMAGE_POSITION_PATIENT,
+                    VR::DS,
+                    PrimitiveValue::from(text(source, tags::IMAGE_POSITION_PATIENT)?),
+                )])],
+            ),
+            seq(
+                tags::PIXEL_VALUE_TRANSFORMATION_SEQUENCE,
+                vec![item(vec![
+                    DataElement::new(tags::RESCALE_INTERCEPT, VR::DS, PrimitiveValue::from(intercept.to_string())),
+                    DataElement::new(tags::RESCALE_SLOPE, VR::DS, PrimitiveValue::from("1")),
+                    DataElement::new(tags::RESCALE_TYPE, VR::LO, PrimitiveValue::from("HU")),
+                ])],
+            ),
+        ]));
+    }
+    let sop_uid = derived_uid(seed, 900);
+    let mut obj = InMemDicomObject::new_empty();
+    // Patient, study and series attributes carry over from the first slice.
+    for tag in [
+        tags::SPECIFIC_CHARACTER_SET,
+        tags::STUDY_DATE,
+        tags::STUDY_TIME,
+        tags::ACCESSION_NUMBER,
+        tags::MODALITY,
+        tags::MANUFACTURER,
+        tags::REFERRING_PHYSICIAN_NAME,
+        tags::PATIENT_NAME,
+        tags::PATIENT_ID,
+        tags::PATIENT_BIRTH_DATE,
+        tags::PATIENT_SEX,
+        tags::BODY_PART_EXAMINED,
+        tags::STUDY_INSTANCE_UID,
+        tags::SERIES_INSTANCE_UID,
+        tags::STUDY_ID,
+        tags::SERIES_NUMBER,
+        tags::FRAME_OF_REFERENCE_UID,
+        tags::POSITION_REFERENCE_INDICATOR,
+        tags::ROWS,
+        tags::COLUMNS,
+    ] {
+        if let Ok(element) = first.element(tag) {
+            obj.put(element.clone());
+        }
+    }
+    let mut put = |tag, vr, value: PrimitiveValue| obj.put(DataElement::new(tag, vr, value));
+    put(tags::IMAGE_TYPE, VR::CS, strs(&["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]));
+    put(tags::SOP_CLASS_UID, VR::UI, uids::ENHANCED_CT_IMAGE_STORAGE.into());
+    put(tags::SOP_INSTANCE_UID, VR::UI, sop_uid.as_str().into());
+    put(tags::INSTANCE_NUMBER, VR::IS, "1".into());
+    put(tags::NUMBER_OF_FRAMES, VR::IS, sources.len().to_string().into());
+    put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16));
+    put(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2".into());
+    put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16));
+    put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16_u16));
+    put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15_u16));
+    put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(1_u16));
+    obj.put(seq(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, vec![shared]));
+    obj.put(seq(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE, per_frame));
+    obj.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::I16(pixels.into())));
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(uids::ENHANCED_CT_IMAGE_STORAGE)
+        .media_storage_sop_instance_uid(sop_uid.as_str())
+        .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
+        .implementation_class_uid(crate::spool::IMPLEMENTATION_CLASS_UID)
+        .build()
+        .map_err(|e| encode(e.to_string()))?;
+    obj.with_exact_meta(meta).write_to_file(path).map_err(|e| encode(e.to_string()))?;
+    Ok(path.to_path_buf())
+}

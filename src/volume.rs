@@ -159,38 +159,81 @@ impl Volume {
     }
 }
 
-/// The per-slice facts the volume needs beyond the tracker's header.
-struct Slice {
+/// One plane of the volume: a single-frame instance, or one frame of a multi-frame (Enhanced CT)
+/// instance with the geometry of its functional groups.
+struct Plane {
+    /// Index of the file it comes from.
+    file: usize,
+    /// Frame index within that file (0 for single-frame instances).
+    frame: u32,
+    /// The instance's header with this frame's position and orientation filled in.
     header: InstanceHeader,
     rows: usize,
     columns: usize,
     pixel_spacing: [f64; 2],
 }
 
-/// Reads a slice's header only: the pixels are decoded later, straight into the volume.
-fn read_slice(path: &Path) -> Result<Slice, VolumeError> {
+/// Reads an instance's header only, as one plane per frame: the pixels are decoded later,
+/// straight into the volume.
+fn read_planes(file: usize, path: &Path) -> Result<Vec<Plane>, VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
     let object = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path).map_err(|e| err(e.to_string()))?;
     let header = InstanceHeader::from_object(&object).map_err(|e| err(e.to_string()))?;
-    if header.number_of_frames > 1 {
-        return Err(VolumeError::Unsupported(format!(
-            "{}: multi-frame (Enhanced CT) volumes are not assembled yet",
-            path.display()
-        )));
-    }
     let int = |tag| object.element(tag).ok().and_then(|e| e.to_int::<u32>().ok()).map(|v| v as usize);
     let rows = int(tags::ROWS).ok_or_else(|| err("no Rows".into()))?;
     let columns = int(tags::COLUMNS).ok_or_else(|| err("no Columns".into()))?;
-    let spacing = object
-        .element(tags::PIXEL_SPACING)
-        .ok()
-        .and_then(|e| e.to_multi_float64().ok())
-        .filter(|v| v.len() == 2 && v.iter().all(|x| x.is_finite() && *x > 0.0))
-        .ok_or_else(|| err("no valid PixelSpacing".into()))?;
-    Ok(Slice { header, rows, columns, pixel_spacing: [spacing[0], spacing[1]] })
+    let valid_spacing =
+        |v: Vec<f64>| (v.len() == 2 && v.iter().all(|x| x.is_finite() && *x > 0.0)).then(|| [v[0], v[1]]);
+    if header.number_of_frames <= 1 {
+        let pixel_spacing = object
+            .element(tags::PIXEL_SPACING)
+            .ok()
+            .and_then(|e| e.to_multi_float64().ok())
+            .and_then(valid_spacing)
+            .ok_or_else(|| err("no valid PixelSpacing".into()))?;
+        return Ok(vec![Plane { file, frame: 0, header, rows, columns, pixel_spacing }]);
+    }
+    // Enhanced CT: each frame's attributes are in its per-frame functional group item, or in the
+    // shared item when they hold for every frame (PS3.3 C.7.6.16).
+    let items =
+        |obj: &dicom_object::InMemDicomObject, tag| obj.element(tag).ok().and_then(|e| e.items()).map(<[_]>::to_vec);
+    let top_items = |tag| object.element(tag).ok().and_then(|e| e.items()).map(<[_]>::to_vec);
+    let shared = top_items(tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE).and_then(|v| v.into_iter().next());
+    let per_frame = top_items(tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap_or_default();
+    if per_frame.len() != header.number_of_frames as usize {
+        return Err(err(format!(
+            "{} per-frame functional group items for {} frames",
+            per_frame.len(),
+            header.number_of_frames
+        )));
+    }
+    let lookup = |frame: &dicom_object::InMemDicomObject, macro_tag, tag| -> Option<Vec<f64>> {
+        [Some(frame), shared.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|group| items(group, macro_tag)?.first()?.element(tag).ok()?.to_multi_float64().ok())
+    };
+    let mut planes = Vec::with_capacity(per_frame.len());
+    for (index, item) in per_frame.iter().enumerate() {
+        let missing = |what: &str| err(format!("frame {}: no {what} in its functional groups", index + 1));
+        let position = lookup(item, tags::PLANE_POSITION_SEQUENCE, tags::IMAGE_POSITION_PATIENT)
+            .and_then(|v| <[f64; 3]>::try_from(v.as_slice()).ok())
+            .ok_or_else(|| missing("ImagePositionPatient"))?;
+        let orientation = lookup(item, tags::PLANE_ORIENTATION_SEQUENCE, tags::IMAGE_ORIENTATION_PATIENT)
+            .and_then(|v| <[f64; 6]>::try_from(v.as_slice()).ok())
+            .ok_or_else(|| missing("ImageOrientationPatient"))?;
+        let pixel_spacing = lookup(item, tags::PIXEL_MEASURES_SEQUENCE, tags::PIXEL_SPACING)
+            .and_then(valid_spacing)
+            .ok_or_else(|| missing("valid PixelSpacing"))?;
+        let mut frame_header = header.clone();
+        frame_header.image_position = Some(position);
+        frame_header.image_orientation = Some(orientation);
+        planes.push(Plane { file, frame: index as u32, header: frame_header, rows, columns, pixel_spacing });
+    }
+    Ok(planes)
 }
 
-/// Decodes one slice's pixels as Hounsfield units into `out` (one plane).
+/// Decodes a single-frame instance's pixels as Hounsfield units into `out` (one plane).
 fn decode_into(path: &Path, out: &mut [f32]) -> Result<(), VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
     let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
@@ -203,44 +246,78 @@ fn decode_into(path: &Path, out: &mut [f32]) -> Result<(), VolumeError> {
     Ok(())
 }
 
-/// Loads single-frame CT files of one series into a volume: sorted along the normal, pixels
-/// decoded (every transfer syntax the SCP accepts) and rescaled to Hounsfield units.
+/// Loads the CT files of one series (single-frame slices, or Enhanced CT multi-frame objects)
+/// into a volume: planes sorted along the normal, pixels decoded (every transfer syntax the SCP
+/// accepts) and rescaled to Hounsfield units, per frame where the frames say so.
 pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, VolumeError> {
-    let slices: Vec<Slice> = paths.par_iter().map(|p| read_slice(p)).collect::<Result<_, _>>()?;
-    let first = slices.first().ok_or_else(|| VolumeError::Geometry("no slices".into()))?;
-    for (s, path) in slices.iter().zip(paths) {
-        if s.header.series_instance_uid != first.header.series_instance_uid {
-            return Err(VolumeError::Inconsistent(format!("{} belongs to another series", path.display())));
+    let planes: Vec<Plane> = paths
+        .par_iter()
+        .enumerate()
+        .map(|(file, p)| read_planes(file, p))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .flatten()
+        .collect();
+    let first = planes.first().ok_or_else(|| VolumeError::Geometry("no slices".into()))?;
+    for plane in &planes {
+        let path = paths[plane.file].display();
+        if plane.header.series_instance_uid != first.header.series_instance_uid {
+            return Err(VolumeError::Inconsistent(format!("{path} belongs to another series")));
         }
-        if (s.rows, s.columns) != (first.rows, first.columns) {
+        if (plane.rows, plane.columns) != (first.rows, first.columns) {
             return Err(VolumeError::Inconsistent(format!(
-                "{} is {}x{}, the first slice {}x{}",
-                path.display(),
-                s.columns,
-                s.rows,
-                first.columns,
-                first.rows
+                "{path} is {}x{}, the first slice {}x{}",
+                plane.columns, plane.rows, first.columns, first.rows
             )));
         }
-        if (0..2).any(|a| (s.pixel_spacing[a] - first.pixel_spacing[a]).abs() > 1e-3) {
-            return Err(VolumeError::Inconsistent(format!("{} has another pixel spacing", path.display())));
+        if (0..2).any(|a| (plane.pixel_spacing[a] - first.pixel_spacing[a]).abs() > 1e-3) {
+            return Err(VolumeError::Inconsistent(format!("{path} has another pixel spacing")));
         }
     }
-    let headers: Vec<&InstanceHeader> = slices.iter().map(|s| &s.header).collect();
+    let headers: Vec<&InstanceHeader> = planes.iter().map(|p| &p.header).collect();
     let geometry = stack_geometry(&headers, config).map_err(VolumeError::Geometry)?;
     let (rows, columns) = (first.rows, first.columns);
-    let plane = rows * columns;
-    // Decoded in parallel, each slice straight into its place: memory stays at the volume plus
-    // one file per thread.
-    let mut hu = vec![0f32; plane * slices.len()];
-    hu.par_chunks_mut(plane)
-        .zip(geometry.order.par_iter())
-        .try_for_each(|(out, &index)| decode_into(&paths[index], out))?;
+    let plane_len = rows * columns;
+    // Decoded in parallel, each plane straight into its place: memory stays at the volume plus
+    // one file per thread. A multi-frame object is decoded once and its frames copied out.
+    let mut hu = vec![0f32; plane_len * planes.len()];
+    let multi_frame_files: Vec<usize> = {
+        let mut files: Vec<usize> = planes.iter().filter(|p| p.header.number_of_frames > 1).map(|p| p.file).collect();
+        files.dedup();
+        files
+    };
+    hu.par_chunks_mut(plane_len).zip(geometry.order.par_iter()).try_for_each(|(out, &index)| {
+        let plane = &planes[index];
+        if plane.header.number_of_frames > 1 { Ok(()) } else { decode_into(&paths[plane.file], out) }
+    })?;
+    for file in multi_frame_files {
+        let path = &paths[file];
+        let err = |message: String| VolumeError::Instance { path: path.clone(), message };
+        let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
+        let decoded = object.decode_pixel_data().map_err(|e| err(format!("pixel data: {e}")))?;
+        hu.par_chunks_mut(plane_len)
+            .zip(geometry.order.par_iter())
+            .filter(|(_, index)| planes[**index].file == file)
+            .try_for_each(|(out, &index)| {
+            let frame = planes[index].frame;
+            let values: Vec<f32> = decoded.to_vec_frame(frame).map_err(|e| err(format!("frame {}: {e}", frame + 1)))?;
+            if values.len() != out.len() {
+                return Err(err(format!(
+                    "frame {}: {} values where {} were expected",
+                    frame + 1,
+                    values.len(),
+                    out.len()
+                )));
+            }
+            out.copy_from_slice(&values);
+            Ok(())
+        })?;
+    }
     Ok(Volume {
         study_uid: first.header.study_instance_uid.clone(),
         series_uid: first.header.series_instance_uid.clone(),
         hu,
-        dims: [columns, rows, slices.len()],
+        dims: [columns, rows, planes.len()],
         // PixelSpacing is (between rows, between columns).
         spacing: [first.pixel_spacing[1], first.pixel_spacing[0], geometry.spacing],
         origin: geometry.first_position,

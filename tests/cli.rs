@@ -63,3 +63,45 @@ fn serve_refuses_a_busy_port_with_a_clear_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on 127.0.0.1:") && err.contains("in use"), "{err}");
 }
+
+#[test]
+fn analyze_reads_an_enhanced_ct_phantom_and_a_nifti_crop() {
+    let dir = tempfile::tempdir().unwrap();
+    let phantom = dir.path().join("phantom");
+    let out = idaics(&[
+        "phantom",
+        "--out",
+        phantom.to_str().unwrap(),
+        "--seed",
+        "5",
+        "--pixel-spacing",
+        "2",
+        "--slice-thickness",
+        "2",
+        "--size",
+        "160",
+        "--enhanced",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(phantom.join("truth.json")).unwrap()).unwrap();
+    let crop = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/real/tptbox-L3/sub-ct_label-22_ct.nii.gz");
+    let results = dir.path().join("results");
+    let out =
+        idaics(&["analyze", phantom.to_str().unwrap(), crop, "--out", results.to_str().unwrap(), "--format", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let series = report["series"].as_array().unwrap();
+    assert_eq!(series.len(), 2, "{report:#}");
+    let phantom_levels: Vec<&str> =
+        series.iter().find(|s| s["series_uid"] == truth["series_uid"]).expect("the phantom's series")["levels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["name"].as_str().unwrap())
+            .collect();
+    let truth_levels: Vec<&str> =
+        truth["levels"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(phantom_levels, truth_levels);
+    // The crop is analysed as a volume of its own, named by its file (its result: see real_crops).
+    assert!(series.iter().any(|s| s["series_uid"] == "sub-ct_label-22_ct.nii.gz"), "{report:#}");
+}

@@ -1,7 +1,12 @@
 //! The real spine CT crops (../shared/data/real, NIfTI) load as volumes in LPS with their masks
-//! aligned. Disc localisation on them is not there yet (see the issue notes): the first-cut locator
-//! relies on dense cancellous bone, and on the TPTBox crop's midline the body interiors read mostly
-//! below 60 HU inside their cortical rims and endplates.
+//! aligned, and the disc centres their masks imply are computed here.
+//!
+//! Disc localisation on them does not hold yet: the two disc tests are ignored (run them with
+//! `--ignored`) until the locator stops relying on dense cancellous bone. Measured on the crops:
+//! the TPTBox body interiors read about 50 HU (sub-region label 50), under the discs' 80 to 130 HU,
+//! its anterior cortex is not above noise at 1.5 mm, and only the endplates stand out (40 to 55% of
+//! the body's cross-section above 160 HU against 13 to 20% elsewhere); the VerSe crop is L2 alone,
+//! zero outside its mask, with a header that puts the neural arch in front of the body.
 
 use std::path::{Path, PathBuf};
 
@@ -54,4 +59,102 @@ fn verse_crop_loads_through_its_qform() {
     for axis in ct.axes {
         assert!(((axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]).sqrt() - 1.0).abs() < 1e-9);
     }
+}
+
+/// Mean LPS position of the voxels whose label is in `labels` and that lie within `radius_mm`
+/// (side to side and front to back) of `axis`, with their lowest and highest z.
+struct BodyExtent {
+    centre: [f64; 3],
+    z_low: f64,
+    z_high: f64,
+}
+
+fn body_extent(mask: &idaics::volume::Volume, keep: impl Fn(f32) -> bool, axis: Option<[f64; 2]>) -> BodyExtent {
+    let [nx, ny, nz] = mask.dims;
+    let (mut sum, mut n, mut z_low, mut z_high) = ([0.0; 3], 0.0, f64::MAX, f64::MIN);
+    for k in 0..nz {
+        for j in 0..ny {
+            for i in 0..nx {
+                if !keep(mask.at(i, j, k)) {
+                    continue;
+                }
+                let p = mask.voxel_to_lps([i as f64, j as f64, k as f64]);
+                if let Some([x, y]) = axis
+                    && ((p[0] - x).powi(2) + (p[1] - y).powi(2)).sqrt() > 5.0
+                {
+                    continue;
+                }
+                for d in 0..3 {
+                    sum[d] += p[d];
+                }
+                n += 1.0;
+                z_low = z_low.min(p[2]);
+                z_high = z_high.max(p[2]);
+            }
+        }
+    }
+    assert!(n > 0.0, "no voxels");
+    BodyExtent { centre: sum.map(|s| s / n), z_low, z_high }
+}
+
+fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
+    (0..3).map(|d| (a[d] - b[d]).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Checks that every expected disc has a found disc within 5 mm, and that nothing else was found.
+fn assert_discs_match(found: &[idaics::spine::DiscLevel], expected: &[(&str, [f64; 3])]) {
+    assert_eq!(found.len(), expected.len(), "found {found:#?}, expected {expected:?}");
+    for (name, truth) in expected {
+        let nearest = found.iter().map(|f| distance(f.center_lps_mm, *truth)).fold(f64::MAX, f64::min);
+        eprintln!("{name}: nearest found disc {nearest:.1} mm from the masks' disc centre");
+        assert!(nearest <= 5.0, "{name}: nearest found disc is {nearest:.1} mm away; found {found:#?}");
+    }
+    // Without the sacrum in view the names are counts from the lowest disc, marked uncertain.
+    assert!(found.iter().all(|f| !f.name_certain));
+}
+
+#[test]
+#[ignore = "the locator misses discs between osteoporotic bodies; see the module comment"]
+fn tptbox_discs_between_the_vertebra_masks() {
+    let ct = idaics::nifti::read(&real("tptbox-L3/sub-ct_label-22_ct.nii.gz")).unwrap();
+    let vert = idaics::nifti::read(&real("tptbox-L3/sub-ct_seg-vert_label-22_msk.nii.gz")).unwrap();
+    let subregions = idaics::nifti::read(&real("tptbox-L3/sub-ct_seg-subreg_label-22_msk.nii.gz")).unwrap();
+    let found = idaics::spine::locate_discs(&ct).unwrap();
+    // Body voxels of one vertebra: its label in the vertebra mask, corpus (49 border, 50 interior)
+    // in the sub-region mask. Both masks share the CT's grid.
+    let body = |label: f32| {
+        let mut only = vert.clone();
+        for (v, s) in only.hu.iter_mut().zip(&subregions.hu) {
+            if *v != label || !(*s == 49.0 || *s == 50.0) {
+                *v = 0.0;
+            }
+        }
+        only
+    };
+    let (l2, l3, l4) = (body(21.0), body(22.0), body(23.0));
+    let mut expected = Vec::new();
+    for (name, upper, lower) in [("L2/L3", &l2, &l3), ("L3/L4", &l3, &l4)] {
+        // The disc centre: midway between the facing endplates, on the axis through both bodies.
+        let (a, b) = (body_extent(upper, |v| v > 0.0, None), body_extent(lower, |v| v > 0.0, None));
+        let axis = [(a.centre[0] + b.centre[0]) / 2.0, (a.centre[1] + b.centre[1]) / 2.0];
+        let (a, b) = (body_extent(upper, |v| v > 0.0, Some(axis)), body_extent(lower, |v| v > 0.0, Some(axis)));
+        expected.push((name, [axis[0], axis[1], (a.z_low + b.z_high) / 2.0]));
+    }
+    assert_discs_match(&found, &expected);
+}
+
+#[test]
+#[ignore = "the locator needs two bodies and trusts the header's front; see the module comment"]
+fn verse_discs_above_and_below_the_only_vertebra() {
+    // This crop holds L2 alone, everything outside its mask set to 0, and its header puts the
+    // neural arch in front of the body: the locator must recognise the body by its shape.
+    let ct = idaics::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_im.nii.gz")).unwrap();
+    let mask = idaics::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_seg.nii.gz")).unwrap();
+    let found = idaics::spine::locate_discs(&ct).unwrap();
+    // Labels 1 and 2 are the body and its cortical border. The discs are cut off by the crop's
+    // masking: their centres lie half a typical disc height (about 5 mm) beyond the endplates.
+    let rough = body_extent(&mask, |v| v == 1.0 || v == 2.0, None);
+    let body = body_extent(&mask, |v| v == 1.0 || v == 2.0, Some([rough.centre[0], rough.centre[1]]));
+    let [x, y, _] = body.centre;
+    assert_discs_match(&found, &[("L2/L3", [x, y, body.z_low - 5.0]), ("L1/L2", [x, y, body.z_high + 5.0])]);
 }

@@ -92,3 +92,55 @@ fn gaps_and_mixed_series_are_refused_with_the_reason() {
     let err = load_series(std::slice::from_ref(&broken), &SeriesConfig::default()).unwrap_err();
     assert!(err.to_string().contains("broken.dcm"), "{err}");
 }
+
+#[test]
+fn enhanced_ct_multi_frame_loads_like_its_single_frame_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = idaics::phantom::PhantomSpec {
+        seed: 7,
+        pixel_spacing_mm: 2.0,
+        slice_thickness_mm: 2.5,
+        size: 128,
+        ..Default::default()
+    };
+    let (series, _truth) = idaics::phantom::write_phantom(&tmp.path().join("single"), &spec).unwrap();
+    let enhanced = idaics::synthetic::write_enhanced_ct(&series.files, &tmp.path().join("enhanced.dcm"), 7).unwrap();
+    let reference = load_series(&series.files, &SeriesConfig::default()).unwrap();
+    let volume = load_series(&[enhanced.clone()], &SeriesConfig::default()).unwrap();
+    assert_eq!(volume.dims, reference.dims);
+    assert_eq!(volume.axes, reference.axes);
+    assert!((0..3).all(|d| (volume.origin[d] - reference.origin[d]).abs() < 1e-6), "{:?}", volume.origin);
+    assert!((volume.spacing[2] - reference.spacing[2]).abs() < 1e-6);
+    // Frames are stored in reverse order, each with its own intercept: equal HU means both the
+    // sorting and the per-frame rescale were applied.
+    let differing = volume.hu.iter().zip(&reference.hu).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} voxels differ");
+    // The spine stage finds the same discs.
+    let a = idaics::spine::locate_discs(&volume).unwrap();
+    let b = idaics::spine::locate_discs(&reference).unwrap();
+    assert_eq!(a.len(), b.len());
+    // DCMTK agrees that it is a multi-frame Enhanced CT object.
+    let dump = std::process::Command::new("dcmdump").arg("+P").arg("0028,0008").arg(&enhanced).output().unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains(&format!("[{}]", reference.dims[2])), "{text}");
+}
+
+#[test]
+fn enhanced_ct_without_frame_positions_is_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = write_ct_series(tmp.path(), &SeriesSpec { slices: 6, size: 32, ..Default::default() }).unwrap();
+    let path = idaics::synthetic::write_enhanced_ct(&series.files, &tmp.path().join("enhanced.dcm"), 1).unwrap();
+    let mut object = dicom_object::open_file(&path).unwrap();
+    let mut groups = object.element(dicom_dictionary_std::tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE).unwrap().clone();
+    if let Some(items) = groups.items_mut() {
+        items[2].remove_element(dicom_dictionary_std::tags::PLANE_POSITION_SEQUENCE);
+    }
+    object.put(groups);
+    object.write_to_file(&path).unwrap();
+    match load_series(&[path], &SeriesConfig::default()) {
+        Err(VolumeError::Instance { message, .. }) => {
+            assert!(message.contains("frame 3") && message.contains("ImagePositionPatient"), "{message}")
+        }
+        other => panic!("expected a frame error, got {other:?}"),
+    }
+}
