@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs what the tests talk to (DCMTK for the
-# real DICOM peers, cmake for the CharLS JPEG-LS codec build), then runs every test.
+# real DICOM peers, cmake for the CharLS JPEG-LS codec build, PostgreSQL whose server binaries the
+# database tests run as throwaway clusters), then runs every test.
 # Usage: scripts/test.sh   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(dcmtk cmake pkg-config)
+packages=(dcmtk cmake pkg-config postgresql)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,8 @@
 //! send, with a raw dicom-ul SCU).
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

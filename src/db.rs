@@ -1,0 +1,649 @@
+//! The finding log: associations, series decisions, jobs, findings and the outbox, in PostgreSQL
+//! (production, several agents sharing one database) or an embedded SQLite file (the default).
+//!
+//! One set of queries serves both backends through sqlx's `Any` driver: numbered placeholders,
+//! times as ISO 8601 UTC text, JSON as text. Where the backends must differ (claiming a job) the
+//! code says so. Migrations are embedded per backend (`migrations/postgres`, `migrations/sqlite`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sqlx::AnyPool;
+use sqlx::Row;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database URL must start with sqlite:, postgres: or postgresql:")]
+    UnknownScheme,
+    #[error("cannot connect to the database ({url}): {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("invalid filter: {0}")]
+    Filter(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A connection pool to the finding log.
+#[derive(Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// An association as the SCP saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AssociationRow {
+    pub association_key: String,
+    pub agent: String,
+    pub peer: String,
+    pub calling_ae: String,
+    pub called_ae: String,
+    pub started_at: String,
+    pub ended_at: String,
+    pub instances: i64,
+    pub bytes: i64,
+    pub discarded: i64,
+    pub failed: i64,
+    /// released, aborted or rejected.
+    pub outcome: String,
+    pub detail: Option<String>,
+}
+
+/// The tracker's decision on a series, with the identifiers a person searches by.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SeriesRow {
+    pub series_uid: String,
+    pub study_uid: String,
+    pub patient_id: Option<String>,
+    pub accession: Option<String>,
+    /// YYYY-MM-DD.
+    pub study_date: Option<String>,
+    pub body_part: Option<String>,
+    pub modality: Option<String>,
+    pub instances: i64,
+    pub slices: i64,
+    /// complete or skipped.
+    pub state: String,
+    pub skip_reason: Option<String>,
+    pub trigger_reason: String,
+    pub revision: i64,
+    pub decided_at: String,
+}
+
+/// A claimed analysis job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: i64,
+    pub series_uid: String,
+    pub revision: i64,
+    pub attempts: i64,
+}
+
+/// One disc level's finding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FindingRow {
+    pub job_id: i64,
+    pub series_uid: String,
+    pub study_uid: String,
+    pub patient_id: Option<String>,
+    pub accession: Option<String>,
+    pub study_date: Option<String>,
+    pub level: String,
+    pub class: String,
+    pub confidence: f64,
+    pub views: Vec<String>,
+    pub r#box: Option<[f64; 4]>,
+    pub mask_area_mm2: Option<f64>,
+    pub model_version: String,
+    pub created_at: String,
+}
+
+/// Filters of `idaics findings` and `/api/v1/findings`; all optional, combined with AND.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FindingFilter {
+    pub patient: Option<String>,
+    pub accession: Option<String>,
+    pub study: Option<String>,
+    pub level: Option<String>,
+    pub class: Option<String>,
+    /// Study date from (YYYY-MM-DD, inclusive).
+    pub since: Option<String>,
+    /// Study date until (YYYY-MM-DD, inclusive).
+    pub until: Option<String>,
+    pub min_confidence: Option<f64>,
+}
+
+/// How a level's finding compares with the same level in the patient's prior study.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// No prior study with this level.
+    First,
+    /// Abnormal now, normal (or not seen) before.
+    New,
+    Unchanged,
+    /// Normal now, abnormal before.
+    Resolved,
+    /// Another abnormal class (or undetermined) than before.
+    ChangedClass,
+}
+
+/// One level in one study of a patient's history.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub level: String,
+    pub study_uid: String,
+    pub study_date: Option<String>,
+    pub accession: Option<String>,
+    pub class: String,
+    pub confidence: f64,
+    pub prior_class: Option<String>,
+    pub change: Change,
+}
+
+pub const CLASSES: [&str; 5] = ["normal", "schmorl", "bulge", "protrusion", "undetermined"];
+
+/// Now, as the ISO 8601 UTC text the tables hold.
+pub fn now() -> String {
+    crate::series::now_rfc3339()
+}
+
+/// DICOM DA (YYYYMMDD) to YYYY-MM-DD; anything else is dropped rather than stored wrong.
+pub fn dicom_date(da: &str) -> Option<String> {
+    let d = da.trim();
+    (d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())).then(|| format!("{}-{}-{}", &d[0..4], &d[4..6], &d[6..8]))
+}
+
+fn valid_date(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+impl Db {
+    /// Connects (creating the SQLite file if needed). Does not migrate.
+    pub async fn connect(url: &str) -> Result<Db, DbError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(DbError::UnknownScheme);
+        };
+        let mut connect_url = url.to_string();
+        if backend == Backend::Sqlite && !connect_url.contains("mode=") {
+            connect_url.push_str(if connect_url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+        }
+        let options = AnyPoolOptions::new()
+            // SQLite has one writer; more connections only wait on its lock.
+            .max_connections(if backend == Backend::Sqlite { 1 } else { 8 })
+            // Fail fast during an outage: the writer keeps what it could not write.
+            .acquire_timeout(Duration::from_secs(5));
+        let pool = options
+            .connect(&connect_url)
+            .await
+            .map_err(|source| DbError::Connect { url: crate::cli::redact_url(url), source })?;
+        if backend == Backend::Sqlite {
+            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+            sqlx::query("PRAGMA busy_timeout = 5000").execute(&pool).await?;
+        }
+        Ok(Db { pool, backend })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies the embedded migrations of this backend that are not applied yet.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        match self.backend {
+            Backend::Postgres => sqlx::migrate!("migrations/postgres").run(&self.pool).await?,
+            Backend::Sqlite => sqlx::migrate!("migrations/sqlite").run(&self.pool).await?,
+        }
+        Ok(())
+    }
+
+    /// True when a trivial query succeeds: what `/readyz` asks.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    pub async fn record_association(&self, a: &AssociationRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO associations (association_key, agent, peer, calling_ae, called_ae, started_at, ended_at, \
+             instances, bytes, discarded, failed, outcome, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (association_key) DO NOTHING",
+        )
+        .bind(&a.association_key)
+        .bind(&a.agent)
+        .bind(&a.peer)
+        .bind(&a.calling_ae)
+        .bind(&a.called_ae)
+        .bind(&a.started_at)
+        .bind(&a.ended_at)
+        .bind(a.instances)
+        .bind(a.bytes)
+        .bind(a.discarded)
+        .bind(a.failed)
+        .bind(&a.outcome)
+        .bind(&a.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a series decision and, for a complete series, queues its analysis job (once per
+    /// revision, whichever agent records it first). Returns the job's id when one was queued.
+    pub async fn record_series(&self, s: &SeriesRow) -> Result<Option<i64>, DbError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO series (series_uid, study_uid, patient_id, accession, study_date, body_part, modality, \
+             instances, slices, state, skip_reason, trigger_reason, revision, decided_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             ON CONFLICT (series_uid) DO UPDATE SET study_uid = excluded.study_uid, \
+             patient_id = excluded.patient_id, accession = excluded.accession, study_date = excluded.study_date, \
+             body_part = excluded.body_part, modality = excluded.modality, instances = excluded.instances, \
+             slices = excluded.slices, state = excluded.state, skip_reason = excluded.skip_reason, \
+             trigger_reason = excluded.trigger_reason, revision = excluded.revision, decided_at = excluded.decided_at \
+             WHERE series.revision <= excluded.revision",
+        )
+        .bind(&s.series_uid)
+        .bind(&s.study_uid)
+        .bind(&s.patient_id)
+        .bind(&s.accession)
+        .bind(&s.study_date)
+        .bind(&s.body_part)
+        .bind(&s.modality)
+        .bind(s.instances)
+        .bind(s.slices)
+        .bind(&s.state)
+        .bind(&s.skip_reason)
+        .bind(&s.trigger_reason)
+        .bind(s.revision)
+        .bind(&s.decided_at)
+        .execute(&mut *tx)
+        .await?;
+        let mut job = None;
+        if s.state == "complete" {
+            let row = sqlx::query(
+                "INSERT INTO jobs (series_uid, revision, state, created_at) VALUES ($1, $2, 'queued', $3) \
+                 ON CONFLICT (series_uid, revision) DO NOTHING RETURNING id",
+            )
+            .bind(&s.series_uid)
+            .bind(s.revision)
+            .bind(now())
+            .fetch_optional(&mut *tx)
+            .await?;
+            job = row.map(|r| r.try_get::<i64, _>("id")).transpose()?;
+        }
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Claims the oldest queued job for `worker`. On PostgreSQL the row is locked with
+    /// `FOR UPDATE SKIP LOCKED`, so agents sharing the database never claim the same job; SQLite
+    /// runs the statement under its single writer lock, which gives the same guarantee.
+    pub async fn claim_job(&self, worker: &str) -> Result<Option<Job>, DbError> {
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, claimed_by = $1, started_at = $2 \
+             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1{lock}) \
+             RETURNING id, series_uid, revision, attempts"
+        );
+        let row = sqlx::query(&sql).bind(worker).bind(now()).fetch_optional(&self.pool).await?;
+        row.map(|r| {
+            Ok(Job {
+                id: r.try_get("id")?,
+                series_uid: r.try_get("series_uid")?,
+                revision: r.try_get("revision")?,
+                attempts: r.try_get("attempts")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Ends a job: `Ok` with the weights' hash, or `Err` with what went wrong.
+    pub async fn finish_job(&self, id: i64, outcome: Result<Option<&str>, &str>) -> Result<(), DbError> {
+        let (state, error, weights) = match outcome {
+            Ok(weights) => ("done", None, weights),
+            Err(error) => ("failed", Some(error), None),
+        };
+        sqlx::query("UPDATE jobs SET state = $1, error = $2, weights_sha256 = $3, finished_at = $4 WHERE id = $5")
+            .bind(state)
+            .bind(error)
+            .bind(weights)
+            .bind(now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn insert_findings(&self, findings: &[FindingRow]) -> Result<(), DbError> {
+        let mut tx = self.pool.begin().await?;
+        for f in findings {
+            sqlx::query(
+                "INSERT INTO findings (job_id, series_uid, study_uid, patient_id, accession, study_date, level, class, \
+                 confidence, views, box, mask_area_mm2, model_version, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            )
+            .bind(f.job_id)
+            .bind(&f.series_uid)
+            .bind(&f.study_uid)
+            .bind(&f.patient_id)
+            .bind(&f.accession)
+            .bind(&f.study_date)
+            .bind(&f.level)
+            .bind(&f.class)
+            .bind(f.confidence)
+            .bind(serde_json::to_string(&f.views).expect("strings serialise"))
+            .bind(f.r#box.map(|b| serde_json::to_string(&b).expect("floats serialise")))
+            .bind(f.mask_area_mm2)
+            .bind(&f.model_version)
+            .bind(&f.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Findings matching the filter, by study date then level.
+    pub async fn findings<'a>(&self, filter: &'a FindingFilter) -> Result<Vec<FindingRow>, DbError> {
+        enum Value<'a> {
+            Text(&'a str),
+            Float(f64),
+        }
+        let mut clauses: Vec<String> = Vec::new();
+        let mut values: Vec<Value<'_>> = Vec::new();
+        let mut add = |column: &str, op: &str, value: Value<'a>| {
+            values.push(value);
+            clauses.push(format!("{column} {op} ${}", values.len()));
+        };
+        for (column, value) in [
+            ("patient_id", &filter.patient),
+            ("accession", &filter.accession),
+            ("study_uid", &filter.study),
+            ("level", &filter.level),
+            ("class", &filter.class),
+        ] {
+            if let Some(v) = value {
+                add(column, "=", Value::Text(v));
+            }
+        }
+        if let Some(class) = &filter.class
+            && !CLASSES.contains(&class.as_str())
+        {
+            return Err(DbError::Filter(format!("class {class:?} is not one of {}", CLASSES.join(", "))));
+        }
+        for (op, date) in [(">=", &filter.since), ("<=", &filter.until)] {
+            if let Some(d) = date {
+                if !valid_date(d) {
+                    return Err(DbError::Filter(format!("date {d:?} is not YYYY-MM-DD")));
+                }
+                add("study_date", op, Value::Text(d));
+            }
+        }
+        if let Some(p) = filter.min_confidence {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(DbError::Filter(format!("minimum confidence {p} is not between 0 and 1")));
+            }
+            add("confidence", ">=", Value::Float(p));
+        }
+        let mut sql = "SELECT job_id, series_uid, study_uid, patient_id, accession, study_date, level, class, \
+                       confidence, views, box, mask_area_mm2, model_version, created_at FROM findings"
+            .to_string();
+        if !clauses.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&clauses.join(" AND "));
+        }
+        sql.push_str(" ORDER BY patient_id, study_date, study_uid, level, id");
+        let mut query = sqlx::query(&sql);
+        for v in values {
+            query = match v {
+                Value::Text(t) => query.bind(t),
+                Value::Float(x) => query.bind(x),
+            };
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(finding_from_row).collect()
+    }
+
+    /// Each level's history across a patient's studies, oldest first, with the change since the
+    /// prior study. Where a study was analysed more than once, its latest job counts.
+    pub async fn history(&self, patient_id: &str) -> Result<Vec<HistoryEntry>, DbError> {
+        let rows = self.findings(&FindingFilter { patient: Some(patient_id.into()), ..Default::default() }).await?;
+        // (level, (study date, study uid)) -> latest finding
+        let mut latest: BTreeMap<(String, (Option<String>, String)), FindingRow> = BTreeMap::new();
+        for f in rows {
+            let key = (f.level.clone(), (f.study_date.clone(), f.study_uid.clone()));
+            match latest.get(&key) {
+                Some(existing) if existing.job_id > f.job_id => {}
+                _ => {
+                    latest.insert(key, f);
+                }
+            }
+        }
+        let mut entries = Vec::new();
+        let mut prior: Option<(String, String)> = None; // (level, class)
+        for ((level, _), f) in latest {
+            let before = prior.as_ref().filter(|(l, _)| *l == level).map(|(_, c)| c.clone());
+            let change = match before.as_deref() {
+                None => Change::First,
+                Some(p) if p == f.class => Change::Unchanged,
+                Some("normal") => Change::New,
+                Some(_) if f.class == "normal" => Change::Resolved,
+                Some(_) => Change::ChangedClass,
+            };
+            entries.push(HistoryEntry {
+                level: level.clone(),
+                study_uid: f.study_uid.clone(),
+                study_date: f.study_date.clone(),
+                accession: f.accession.clone(),
+                class: f.class.clone(),
+                confidence: f.confidence,
+                prior_class: before,
+                change,
+            });
+            prior = Some((level, f.class));
+        }
+        Ok(entries)
+    }
+
+    /// Counts of rows, for `/metrics` and tests.
+    pub async fn count(&self, table: Table) -> Result<i64, DbError> {
+        let sql = format!("SELECT COUNT(*) AS n FROM {}", table.name());
+        Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get("n")?)
+    }
+
+    /// Rows of a table as JSON-able maps of text, for tests and debugging.
+    pub async fn series_state(&self, series_uid: &str) -> Result<Option<(String, i64)>, DbError> {
+        let row = sqlx::query("SELECT state, revision FROM series WHERE series_uid = $1")
+            .bind(series_uid)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("state")?, r.try_get("revision")?))).transpose()
+    }
+}
+
+/// The tables, for counting.
+#[derive(Debug, Clone, Copy)]
+pub enum Table {
+    Associations,
+    Series,
+    Jobs,
+    Findings,
+    Outbox,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Associations => "associations",
+            Table::Series => "series",
+            Table::Jobs => "jobs",
+            Table::Findings => "findings",
+            Table::Outbox => "outbox",
+        }
+    }
+}
+
+fn finding_from_row(r: &AnyRow) -> Result<FindingRow, DbError> {
+    let views: String = r.try_get("views")?;
+    let bbox: Option<String> = r.try_get("box")?;
+    Ok(FindingRow {
+        job_id: r.try_get("job_id")?,
+        series_uid: r.try_get("series_uid")?,
+        study_uid: r.try_get("study_uid")?,
+        patient_id: r.try_get("patient_id")?,
+        accession: r.try_get("accession")?,
+        study_date: r.try_get("study_date")?,
+        level: r.try_get("level")?,
+        class: r.try_get("class")?,
+        confidence: r.try_get("confidence")?,
+        views: serde_json::from_str(&views).unwrap_or_default(),
+        r#box: bbox.and_then(|b| serde_json::from_str(&b).ok()),
+        mask_area_mm2: r.try_get("mask_area_mm2")?,
+        model_version: r.try_get("model_version")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// What the agent logs while it runs; each kind is written by [`Writer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    Association(AssociationRow),
+    Series(SeriesRow),
+}
+
+/// Writes records to the database in order; while the database is unreachable it keeps them in
+/// memory and in a journal file (`<state>/db-pending.jsonl`, fsync'd), retries with back-off, and
+/// writes them once the database answers again, so an outage never stops ingest nor loses a row.
+/// A journal left by a crash is replayed at start. Every write is idempotent, so a record
+/// written just before a crash and replayed after it does no harm.
+pub struct Writer {
+    db: Db,
+    journal: PathBuf,
+    pending: std::collections::VecDeque<Record>,
+    /// Whether every pending record is also in the journal (true from the first failure until
+    /// everything is written).
+    journalled: bool,
+}
+
+impl Writer {
+    pub fn new(db: Db, state_dir: &Path) -> Writer {
+        let journal = state_dir.join("db-pending.jsonl");
+        let mut pending = std::collections::VecDeque::new();
+        if let Ok(text) = std::fs::read_to_string(&journal) {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                match serde_json::from_str::<Record>(line) {
+                    Ok(record) => pending.push_back(record),
+                    Err(e) => tracing::error!(error = %e, "unreadable line in the database journal; skipped"),
+                }
+            }
+            if !pending.is_empty() {
+                tracing::info!(records = pending.len(), "replaying records kept while the database was unreachable");
+            }
+        }
+        let journalled = !pending.is_empty();
+        Writer { db, journal, pending, journalled }
+    }
+
+    /// Runs until the channel closes and everything is written or journalled.
+    pub async fn run(mut self, mut records: tokio::sync::mpsc::UnboundedReceiver<Record>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            self.flush().await;
+            let wait = if self.pending.is_empty() { Duration::from_secs(3600) } else { backoff };
+            tokio::select! {
+                received = records.recv() => match received {
+                    Some(record) => {
+                        if self.journalled {
+                            // Already failing: keep it durable until the database is back.
+                            self.append_journal(&record);
+                        }
+                        self.pending.push_back(record);
+                    }
+                    None => {
+                        self.flush().await;
+                        return;
+                    }
+                },
+                _ = tokio::time::sleep(wait) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+            if self.pending.is_empty() {
+                backoff = Duration::from_millis(500);
+            }
+        }
+    }
+
+    /// Writes pending records in order, stopping at the first failure.
+    async fn flush(&mut self) {
+        let mut wrote_any = false;
+        while let Some(record) = self.pending.front() {
+            let result = match record {
+                Record::Association(a) => self.db.record_association(a).await,
+                Record::Series(s) => self.db.record_series(s).await.map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    self.pending.pop_front();
+                    wrote_any = true;
+                }
+                Err(e) => {
+                    if !self.journalled {
+                        // First failure: everything still pending goes to the journal.
+                        for r in self.pending.clone() {
+                            self.append_journal(&r);
+                        }
+                        self.journalled = true;
+                    }
+                    tracing::warn!(error = %e, pending = self.pending.len(), "database unreachable; records kept for later");
+                    return;
+                }
+            }
+        }
+        if self.journalled {
+            if wrote_any {
+                tracing::info!("database reachable again; kept records written");
+            }
+            let _ = std::fs::remove_file(&self.journal);
+            self.journalled = false;
+        }
+    }
+
+    fn append_journal(&self, record: &Record) {
+        use std::io::Write;
+        let line = serde_json::to_string(record).expect("records serialise") + "\n";
+        let result = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.journal)
+            .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|()| f.sync_data()));
+        if let Err(e) = result {
+            tracing::error!(path = %self.journal.display(), error = %e, "cannot write the database journal");
+        }
+    }
+}

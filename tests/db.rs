@@ -1,0 +1,285 @@
+//! The finding log on both backends: the same checks against a real PostgreSQL (a throwaway
+//! cluster per test, see common/postgres.rs) and against the embedded SQLite file.
+
+mod common;
+
+use std::collections::HashSet;
+
+use common::postgres::Postgres;
+use idaics::db::{AssociationRow, Change, Db, FindingFilter, FindingRow, Record, SeriesRow, Table, Writer};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn series_row(uid: &str, patient: &str, study: &str, date: &str, state: &str, revision: i64) -> SeriesRow {
+    SeriesRow {
+        series_uid: uid.into(),
+        study_uid: study.into(),
+        patient_id: Some(patient.into()),
+        accession: Some(format!("ACC-{study}")),
+        study_date: Some(date.into()),
+        body_part: Some("LSPINE".into()),
+        modality: Some("CT".into()),
+        instances: 120,
+        slices: 120,
+        state: state.into(),
+        skip_reason: (state == "skipped").then(|| "localizer (scout) images".into()),
+        trigger_reason: "association-released".into(),
+        revision,
+        decided_at: idaics::db::now(),
+    }
+}
+
+fn association(key: &str) -> AssociationRow {
+    AssociationRow {
+        association_key: key.into(),
+        agent: "test".into(),
+        peer: "127.0.0.1:5000".into(),
+        calling_ae: "STORESCU".into(),
+        called_ae: "IDAICS".into(),
+        started_at: idaics::db::now(),
+        ended_at: idaics::db::now(),
+        instances: 3,
+        bytes: 1_500_000,
+        discarded: 0,
+        failed: 0,
+        outcome: "released".into(),
+        detail: None,
+    }
+}
+
+async fn on_sqlite<F, Fut>(check: F)
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    check(format!("sqlite://{}", dir.path().join("idaics.db").display())).await;
+}
+
+/// Series decisions and associations are recorded; a complete series queues one job per
+/// revision however often it is recorded; migrations run twice without harm.
+async fn series_and_jobs(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    db.migrate().await.unwrap();
+    db.record_association(&association("a/1")).await.unwrap();
+    db.record_association(&association("a/1")).await.unwrap(); // replayed: no duplicate
+    assert_eq!(db.count(Table::Associations).await.unwrap(), 1);
+    let first = db.record_series(&series_row("1.2.3", "P1", "9.1", "2026-01-01", "complete", 1)).await.unwrap();
+    assert!(first.is_some());
+    let again = db.record_series(&series_row("1.2.3", "P1", "9.1", "2026-01-01", "complete", 1)).await.unwrap();
+    assert_eq!(again, None, "the same revision queues no second job");
+    let reopened = db.record_series(&series_row("1.2.3", "P1", "9.1", "2026-01-01", "complete", 2)).await.unwrap();
+    assert!(reopened.is_some(), "a new revision is analysed again");
+    db.record_series(&series_row("1.2.4", "P1", "9.1", "2026-01-01", "skipped", 1)).await.unwrap();
+    // An older revision arriving late does not overwrite the newer decision.
+    db.record_series(&series_row("1.2.3", "P1", "9.1", "2026-01-01", "skipped", 1)).await.unwrap();
+    assert_eq!(db.series_state("1.2.3").await.unwrap(), Some(("complete".into(), 2)));
+    assert_eq!(db.count(Table::Series).await.unwrap(), 2);
+    assert_eq!(db.count(Table::Jobs).await.unwrap(), 2);
+}
+
+/// Two agents sharing one database claim every job exactly once.
+async fn two_agents_claim_each_job_once(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    for n in 0..30 {
+        db.record_series(&series_row(&format!("1.2.{n}"), "P1", "9.1", "2026-01-01", "complete", 1)).await.unwrap();
+    }
+    let claim_all = |name: &'static str| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let db = Db::connect(&url).await.unwrap();
+            let mut claimed = Vec::new();
+            while let Some(job) = db.claim_job(name).await.unwrap() {
+                assert_eq!(job.attempts, 1);
+                claimed.push(job.id);
+                db.finish_job(job.id, Ok(Some("abc"))).await.unwrap();
+            }
+            claimed
+        })
+    };
+    let (a, b) = (claim_all("agent-a"), claim_all("agent-b"));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    let all: HashSet<i64> = a.iter().chain(&b).copied().collect();
+    assert_eq!(a.len() + b.len(), 30, "a {a:?} b {b:?}");
+    assert_eq!(all.len(), 30, "a job was claimed twice: a {a:?} b {b:?}");
+}
+
+fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confidence: f64) -> FindingRow {
+    FindingRow {
+        job_id: job,
+        series_uid: format!("{study}.1"),
+        study_uid: study.into(),
+        patient_id: Some("P7".into()),
+        accession: Some(format!("ACC-{study}")),
+        study_date: Some(date.into()),
+        level: level.into(),
+        class: class.into(),
+        confidence,
+        views: vec!["sagittal".into(), "axial".into()],
+        r#box: Some([10.0, 20.0, 110.0, 80.0]),
+        mask_area_mm2: Some(123.5),
+        model_version: "test-1".into(),
+        created_at: idaics::db::now(),
+    }
+}
+
+/// Three studies of one patient; each filter, and the follow-up view.
+async fn queries_and_history(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let mut job_ids = Vec::new();
+    for (n, (study, date)) in [("9.1", "2024-03-01"), ("9.2", "2025-03-01"), ("9.3", "2026-03-01")].iter().enumerate() {
+        db.record_series(&series_row(&format!("{study}.1"), "P7", study, date, "complete", 1)).await.unwrap();
+        job_ids.push(db.claim_job("t").await.unwrap().unwrap().id);
+        let _ = n;
+    }
+    // L4/L5: bulge, bulge, protrusion. L5/S1: normal, schmorl, normal. L3/L4: only in the last.
+    let rows = vec![
+        finding(job_ids[0], "9.1", "2024-03-01", "L4/L5", "bulge", 0.81),
+        finding(job_ids[0], "9.1", "2024-03-01", "L5/S1", "normal", 0.95),
+        finding(job_ids[1], "9.2", "2025-03-01", "L4/L5", "bulge", 0.77),
+        finding(job_ids[1], "9.2", "2025-03-01", "L5/S1", "schmorl", 0.66),
+        finding(job_ids[2], "9.3", "2026-03-01", "L4/L5", "protrusion", 0.91),
+        finding(job_ids[2], "9.3", "2026-03-01", "L5/S1", "normal", 0.88),
+        finding(job_ids[2], "9.3", "2026-03-01", "L3/L4", "undetermined", 0.0),
+    ];
+    db.insert_findings(&rows).await.unwrap();
+    let count = |filter: FindingFilter| {
+        let db = db.clone();
+        async move { db.findings(&filter).await.unwrap().len() }
+    };
+    assert_eq!(count(FindingFilter::default()).await, 7);
+    assert_eq!(count(FindingFilter { patient: Some("P7".into()), ..Default::default() }).await, 7);
+    assert_eq!(count(FindingFilter { patient: Some("nobody".into()), ..Default::default() }).await, 0);
+    assert_eq!(count(FindingFilter { accession: Some("ACC-9.2".into()), ..Default::default() }).await, 2);
+    assert_eq!(count(FindingFilter { study: Some("9.3".into()), ..Default::default() }).await, 3);
+    assert_eq!(count(FindingFilter { level: Some("L4/L5".into()), ..Default::default() }).await, 3);
+    assert_eq!(count(FindingFilter { class: Some("bulge".into()), ..Default::default() }).await, 2);
+    assert_eq!(count(FindingFilter { since: Some("2025-01-01".into()), ..Default::default() }).await, 5);
+    assert_eq!(count(FindingFilter { until: Some("2025-03-01".into()), ..Default::default() }).await, 4);
+    assert_eq!(count(FindingFilter { min_confidence: Some(0.8), ..Default::default() }).await, 4);
+    let combined = FindingFilter {
+        level: Some("L4/L5".into()),
+        since: Some("2025-01-01".into()),
+        min_confidence: Some(0.8),
+        ..Default::default()
+    };
+    let found = db.findings(&combined).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].class, "protrusion");
+    assert_eq!(found[0].r#box, Some([10.0, 20.0, 110.0, 80.0]));
+    assert_eq!(found[0].views, vec!["sagittal", "axial"]);
+    assert!(db.findings(&FindingFilter { class: Some("herniation".into()), ..Default::default() }).await.is_err());
+    assert!(db.findings(&FindingFilter { since: Some("01/02/2025".into()), ..Default::default() }).await.is_err());
+
+    let history = db.history("P7").await.unwrap();
+    let of = |level: &str| -> Vec<(String, Change)> {
+        history.iter().filter(|h| h.level == level).map(|h| (h.class.clone(), h.change)).collect()
+    };
+    assert_eq!(
+        of("L4/L5"),
+        vec![
+            ("bulge".into(), Change::First),
+            ("bulge".into(), Change::Unchanged),
+            ("protrusion".into(), Change::ChangedClass)
+        ]
+    );
+    assert_eq!(
+        of("L5/S1"),
+        vec![("normal".into(), Change::First), ("schmorl".into(), Change::New), ("normal".into(), Change::Resolved)]
+    );
+    assert_eq!(of("L3/L4"), vec![("undetermined".into(), Change::First)]);
+}
+
+#[test]
+fn series_and_jobs_on_sqlite() {
+    runtime().block_on(on_sqlite(series_and_jobs));
+}
+
+#[test]
+fn series_and_jobs_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(series_and_jobs(pg.fresh_database("series_and_jobs")));
+}
+
+#[test]
+fn two_agents_claim_each_job_once_on_sqlite() {
+    runtime().block_on(on_sqlite(two_agents_claim_each_job_once));
+}
+
+#[test]
+fn two_agents_claim_each_job_once_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(two_agents_claim_each_job_once(pg.fresh_database("claims")));
+}
+
+#[test]
+fn queries_and_history_on_sqlite() {
+    runtime().block_on(on_sqlite(queries_and_history));
+}
+
+#[test]
+fn queries_and_history_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(queries_and_history(pg.fresh_database("queries")));
+}
+
+/// PostgreSQL goes down while records arrive: they are kept (in memory and in the journal) and
+/// written, in order and without loss, once it is back; a writer that crashed with a journal
+/// replays it at its next start.
+#[test]
+fn records_survive_a_postgres_outage() {
+    let pg = Postgres::start();
+    let url = pg.fresh_database("outage");
+    let state = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let db = Db::connect(&url).await.unwrap();
+        db.migrate().await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(Writer::new(db.clone(), state.path()).run(rx));
+        tx.send(Record::Association(association("before"))).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        assert_eq!(db.count(Table::Associations).await.unwrap(), 1);
+
+        pg.stop();
+        for n in 0..10 {
+            tx.send(Record::Series(series_row(&format!("1.9.{n}"), "P1", "9.9", "2026-02-02", "complete", 1))).unwrap();
+            tx.send(Record::Association(association(&format!("during/{n}")))).unwrap();
+        }
+        let journal = state.path().join("db-pending.jsonl");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !journal.exists() {
+            assert!(std::time::Instant::now() < deadline, "no journal written during the outage");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        pg.start_server();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let series = db.count(Table::Series).await.unwrap_or(0);
+            if series == 10 && !journal.exists() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{series} series rows after the outage");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert_eq!(db.count(Table::Associations).await.unwrap(), 11);
+        assert_eq!(db.count(Table::Jobs).await.unwrap(), 10);
+        drop(tx);
+        writer.await.unwrap();
+
+        // A journal left behind (as after a crash during an outage) is replayed at start.
+        let leftover = Record::Association(association("left-by-a-crash"));
+        std::fs::write(&journal, serde_json::to_string(&leftover).unwrap() + "\n").unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = tokio::spawn(Writer::new(db.clone(), state.path()).run(rx));
+        drop(tx);
+        writer.await.unwrap();
+        assert_eq!(db.count(Table::Associations).await.unwrap(), 12);
+        assert!(!journal.exists());
+    });
+}
