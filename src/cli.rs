@@ -35,6 +35,56 @@ enum Command {
         /// State directory (spool, database, outputs), overriding storage.state_dir.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// HTTP port (health, metrics, API), overriding http.port.
+        #[arg(long)]
+        http_port: Option<u16>,
+        /// Database URL, overriding database.url.
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Apply the database migrations (the agent also applies them at start).
+    Migrate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        database_url: Option<String>,
+    },
+    /// Query the finding log; with --history, each level's course across a patient's studies.
+    Findings {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        database_url: Option<String>,
+        #[arg(long)]
+        patient: Option<String>,
+        #[arg(long)]
+        accession: Option<String>,
+        /// Study Instance UID.
+        #[arg(long)]
+        study: Option<String>,
+        /// Disc level, e.g. L4/L5.
+        #[arg(long)]
+        level: Option<String>,
+        /// normal, schmorl, bulge, protrusion or undetermined.
+        #[arg(long)]
+        class: Option<String>,
+        /// Study date from, YYYY-MM-DD.
+        #[arg(long)]
+        since: Option<String>,
+        /// Study date until, YYYY-MM-DD.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long)]
+        min_confidence: Option<f64>,
+        /// Per level, the finding in each of the patient's studies and the change since the prior one.
+        #[arg(long, requires = "patient")]
+        history: bool,
+        #[arg(long, value_enum, default_value_t = TableJsonCsv::Table)]
+        format: TableJsonCsv,
     },
     /// Validate a configuration file and print the effective settings.
     CheckConfig {
@@ -114,6 +164,13 @@ enum DetectFormat {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+enum TableJsonCsv {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 enum Format {
     Table,
     Json,
@@ -122,8 +179,14 @@ enum Format {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, port, ae_title, state_dir } => {
+        Command::Serve { config, port, ae_title, state_dir, http_port, database_url } => {
             let mut cfg = Config::load(config.as_deref())?;
+            if let Some(port) = http_port {
+                cfg.http.port = port;
+            }
+            if let Some(url) = database_url {
+                cfg.database.url = url;
+            }
             if let Some(port) = port {
                 cfg.dicom.port = port;
             }
@@ -188,6 +251,62 @@ pub fn main() -> anyhow::Result<()> {
         Command::Analyze { paths, out, format, png } => {
             init_cli_logging();
             analyze(&paths, &out, format, png)
+        }
+        Command::Migrate { config, state_dir, database_url } => {
+            let url = database_url_of(config, state_dir, database_url)?;
+            one_shot(async {
+                let db = crate::db::Db::connect(&url).await?;
+                db.migrate().await?;
+                println!("{}: migrations applied", redact_url(&url));
+                Ok(())
+            })
+        }
+        Command::Findings {
+            config,
+            state_dir,
+            database_url,
+            patient,
+            accession,
+            study,
+            level,
+            class,
+            since,
+            until,
+            min_confidence,
+            history,
+            format,
+        } => {
+            let url = database_url_of(config, state_dir, database_url)?;
+            let filter =
+                crate::db::FindingFilter { patient, accession, study, level, class, since, until, min_confidence };
+            one_shot(async move {
+                let db = crate::db::Db::connect(&url).await?;
+                db.migrate().await?;
+                let rows: Vec<serde_json::Value> = if history {
+                    let patient = filter.patient.clone().unwrap_or_default();
+                    db.history(&patient).await?.iter().map(|h| serde_json::to_value(h).expect("serialisable")).collect()
+                } else {
+                    db.findings(&filter).await?.iter().map(|f| serde_json::to_value(f).expect("serialisable")).collect()
+                };
+                let columns: &[&str] = if history {
+                    &["level", "study_date", "accession", "study_uid", "class", "confidence", "prior_class", "change"]
+                } else {
+                    &[
+                        "patient_id",
+                        "study_date",
+                        "accession",
+                        "level",
+                        "class",
+                        "confidence",
+                        "views",
+                        "mask_area_mm2",
+                        "study_uid",
+                        "series_uid",
+                        "model_version",
+                    ]
+                };
+                print_rows(&rows, columns, format, if history { "history" } else { "findings" })
+            })
         }
         Command::Series { config, state_dir, format } => {
             let mut cfg = Config::load(config.as_deref())?;
@@ -428,6 +547,91 @@ fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Res
         let mask = nifti && (name.contains("_msk") || name.contains("_seg"));
         if (extension.is_none_or(|e| e == "dcm") || nifti) && !mask {
             out.push(path.to_path_buf());
+        }
+    }
+    Ok(())
+}
+
+/// The database URL a one-shot command uses: flag, else configuration, else the embedded default.
+fn database_url_of(config: Option<PathBuf>, state_dir: Option<PathBuf>, url: Option<String>) -> anyhow::Result<String> {
+    let mut cfg = Config::load(config.as_deref())?;
+    if let Some(dir) = state_dir {
+        cfg.storage.state_dir = dir;
+    }
+    if let Some(url) = url {
+        cfg.database.url = url;
+    }
+    if cfg.database.url.is_empty() {
+        std::fs::create_dir_all(&cfg.storage.state_dir)
+            .with_context(|| format!("cannot create {}", cfg.storage.state_dir.display()))?;
+    }
+    Ok(cfg.database.effective_url(&cfg.storage.state_dir))
+}
+
+/// Runs a database command on a small runtime.
+fn one_shot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> anyhow::Result<()> {
+    init_cli_logging();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
+}
+
+/// Prints rows as an aligned table, a JSON document `{key: [...]}`, or CSV with a header line.
+fn print_rows(rows: &[serde_json::Value], columns: &[&str], format: TableJsonCsv, key: &str) -> anyhow::Result<()> {
+    let cell = |row: &serde_json::Value, column: &str| -> String {
+        match &row[column] {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join("+"),
+            serde_json::Value::Number(n) if column == "confidence" => format!("{:.3}", n.as_f64().unwrap_or(0.0)),
+            other => other.to_string(),
+        }
+    };
+    match format {
+        TableJsonCsv::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ key: rows }))?),
+        TableJsonCsv::Csv => {
+            println!("{}", columns.join(","));
+            for row in rows {
+                let fields: Vec<String> = columns
+                    .iter()
+                    .map(|c| {
+                        let v = cell(row, c);
+                        if v.contains([',', '"', '\n']) { format!("\"{}\"", v.replace('"', "\"\"")) } else { v }
+                    })
+                    .collect();
+                println!("{}", fields.join(","));
+            }
+        }
+        TableJsonCsv::Table => {
+            let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| cell(r, c)).collect()).collect();
+            let widths: Vec<usize> = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0))
+                .collect();
+            let line = |values: Vec<&str>| {
+                values
+                    .iter()
+                    .zip(&widths)
+                    .map(|(v, w)| format!("{v:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            println!("{}", line(columns.to_vec()));
+            for r in &cells {
+                println!("{}", line(r.iter().map(String::as_str).collect()));
+            }
+            if rows.is_empty() {
+                println!("(no {key})");
+            }
         }
     }
     Ok(())

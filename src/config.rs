@@ -43,6 +43,7 @@ pub struct Config {
     pub series: SeriesConfig,
     pub storage: StorageConfig,
     pub database: DatabaseConfig,
+    pub http: HttpConfig,
     pub model: ModelConfig,
     pub logging: LoggingConfig,
     pub destinations: Vec<Destination>,
@@ -95,6 +96,20 @@ pub struct StorageConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub bind_address: String,
+    pub port: u16,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { enabled: true, bind_address: "127.0.0.1".into(), port: 8104 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -361,6 +376,10 @@ impl Config {
             }
         };
         check("dicom.ae_title", check_ae_title(&self.dicom.ae_title));
+        check(
+            "http.bind_address",
+            self.http.bind_address.parse::<std::net::IpAddr>().map(|_| ()).map_err(|_| "not an IP address".into()),
+        );
         check(
             "dicom.bind_address",
             self.dicom

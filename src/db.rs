@@ -177,6 +177,14 @@ fn valid_date(text: &str) -> bool {
 impl Db {
     /// Connects (creating the SQLite file if needed). Does not migrate.
     pub async fn connect(url: &str) -> Result<Db, DbError> {
+        let db = Self::open(url)?;
+        db.ping_or_error().await.map_err(|source| DbError::Connect { url: crate::cli::redact_url(url), source })?;
+        Ok(db)
+    }
+
+    /// A pool that connects on first use: the agent starts (and keeps receiving) while the
+    /// database is down.
+    pub fn open(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -189,20 +197,29 @@ impl Db {
         if backend == Backend::Sqlite && !connect_url.contains("mode=") {
             connect_url.push_str(if connect_url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
         }
+        let sqlite = backend == Backend::Sqlite;
         let options = AnyPoolOptions::new()
             // SQLite has one writer; more connections only wait on its lock.
-            .max_connections(if backend == Backend::Sqlite { 1 } else { 8 })
+            .max_connections(if sqlite { 1 } else { 8 })
             // Fail fast during an outage: the writer keeps what it could not write.
-            .acquire_timeout(Duration::from_secs(5));
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if sqlite {
+                        sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                    }
+                    Ok(())
+                })
+            });
         let pool = options
-            .connect(&connect_url)
-            .await
+            .connect_lazy(&connect_url)
             .map_err(|source| DbError::Connect { url: crate::cli::redact_url(url), source })?;
-        if backend == Backend::Sqlite {
-            sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
-            sqlx::query("PRAGMA busy_timeout = 5000").execute(&pool).await?;
-        }
         Ok(Db { pool, backend })
+    }
+
+    async fn ping_or_error(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
     }
 
     pub fn backend(&self) -> Backend {
@@ -475,7 +492,15 @@ impl Db {
         Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get("n")?)
     }
 
-    /// Rows of a table as JSON-able maps of text, for tests and debugging.
+    /// Objects not yet accepted by their destination.
+    pub async fn outbox_depth(&self) -> Result<i64, DbError> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE state = 'pending'")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
+    }
+
+    /// A series' recorded state and revision.
     pub async fn series_state(&self, series_uid: &str) -> Result<Option<(String, i64)>, DbError> {
         let row = sqlx::query("SELECT state, revision FROM series WHERE series_uid = $1")
             .bind(series_uid)
@@ -548,6 +573,9 @@ pub struct Writer {
     /// Whether every pending record is also in the journal (true from the first failure until
     /// everything is written).
     journalled: bool,
+    /// Whether this writer has seen the migrations applied (a database down at start is migrated
+    /// when it comes up).
+    migrated: bool,
 }
 
 impl Writer {
@@ -566,7 +594,7 @@ impl Writer {
             }
         }
         let journalled = !pending.is_empty();
-        Writer { db, journal, pending, journalled }
+        Writer { db, journal, pending, journalled, migrated: false }
     }
 
     /// Runs until the channel closes and everything is written or journalled.
@@ -601,6 +629,21 @@ impl Writer {
 
     /// Writes pending records in order, stopping at the first failure.
     async fn flush(&mut self) {
+        if !self.migrated && !self.pending.is_empty() {
+            match self.db.migrate().await {
+                Ok(()) => self.migrated = true,
+                Err(e) => {
+                    if !self.journalled {
+                        for r in self.pending.clone() {
+                            self.append_journal(&r);
+                        }
+                        self.journalled = true;
+                    }
+                    tracing::warn!(error = %e, pending = self.pending.len(), "database not ready; records kept for later");
+                    return;
+                }
+            }
+        }
         let mut wrote_any = false;
         while let Some(record) = self.pending.front() {
             let result = match record {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod detector;
 pub mod geometry;
+pub mod http;
 pub mod nifti;
 pub mod phantom;
 pub mod scp;

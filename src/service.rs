@@ -7,6 +7,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::db::{Db, Record, SeriesRow, Writer};
+use crate::http::{HttpState, PipelineStats};
 use crate::scp::{self, ScpContext, ScpStats};
 use crate::series::{self, DecidedSeries, SeriesTracker};
 use crate::spool::{Spool, SpoolError, SpoolPolicy};
@@ -22,6 +24,8 @@ pub enum ServiceError {
     Bind { addr: String, source: std::io::Error },
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Database(#[from] crate::db::DbError),
 }
 
 /// Runs the agent until a termination signal, then drains open associations and returns.
@@ -43,6 +47,19 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         tracing::warn!("storage.fsync is off: acknowledged instances may be lost in a power failure");
     }
 
+    // The finding log. A database that is down at start does not stop ingest: the writer keeps
+    // records until it answers.
+    let db_url = config.database.effective_url(state_dir);
+    let db = Db::open(&db_url)?;
+    match db.migrate().await {
+        Ok(()) => tracing::info!(database = %crate::cli::redact_url(&db_url), "database ready"),
+        Err(e) => {
+            tracing::error!(error = %e, "database unreachable at start; receiving anyway, records kept until it answers")
+        }
+    }
+    let (records_tx, records_rx) = mpsc::unbounded_channel();
+    let writer_task = tokio::spawn(Writer::new(db.clone(), state_dir).run(records_rx));
+
     let (decisions_tx, decisions_rx) = mpsc::unbounded_channel();
     let tracker = {
         let (series_config, spool) = (config.series.clone(), spool.clone());
@@ -50,6 +67,20 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             .await
             .expect("recovery task does not panic")?
     };
+    // Decisions made before a crash may not have reached the database: record them again (the
+    // writes are idempotent).
+    {
+        let (spool_dir, records) = (config.storage.spool_dir(), records_tx.clone());
+        tokio::task::spawn_blocking(move || {
+            for series in crate::spool::scan_spool(&spool_dir).unwrap_or_default() {
+                if let Some(record) = series.record {
+                    let _ = records.send(Record::Series(series_row(&series.dir, &record)));
+                }
+            }
+        })
+        .await
+        .expect("reconciliation does not panic");
+    }
 
     let addr = format!("{}:{}", config.dicom.bind_address, config.dicom.port);
     let listener =
@@ -58,10 +89,34 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let tracker_task = tokio::spawn(series::run_tracker(tracker, events_rx));
-    let pipeline_task = tokio::spawn(pipeline(decisions_rx));
+    let pipeline_stats = Arc::new(PipelineStats::default());
+    let pipeline_task = tokio::spawn(pipeline(decisions_rx, records_tx.clone(), pipeline_stats.clone()));
 
     let stats = Arc::new(ScpStats::default());
-    let ctx = Arc::new(ScpContext::new(config.clone(), spool, events_tx, stats));
+    let mut ctx = ScpContext::new(config.clone(), spool, events_tx, stats.clone());
+    ctx.records = Some(records_tx);
+    let ctx = Arc::new(ctx);
+
+    let http_task = if config.http.enabled {
+        let addr = format!("{}:{}", config.http.bind_address, config.http.port);
+        let listener =
+            TcpListener::bind(&addr).await.map_err(|source| ServiceError::Bind { addr: addr.clone(), source })?;
+        let state = HttpState {
+            db: db.clone(),
+            scp: stats,
+            pipeline: pipeline_stats,
+            spool_tmp: config.storage.tmp_dir(),
+            model_loaded: (!config.model.weights.is_empty()).then_some(false),
+        };
+        tracing::info!(address = %addr, "HTTP listening (/healthz, /readyz, /metrics, /api/v1/findings)");
+        Some(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, crate::http::router(state)).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }))
+    } else {
+        None
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scp_task = tokio::spawn(scp::serve(listener, ctx, shutdown_rx));
 
@@ -91,6 +146,11 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     // The SCP context held the last event sender: the tracker drains its queue and stops.
     let _ = tracker_task.await;
     let _ = pipeline_task.await;
+    // The pipeline held the last record sender: the writer writes (or journals) what is left.
+    let _ = writer_task.await;
+    if let Some(h) = http_task {
+        h.abort();
+    }
     if let Some(w) = watchdog {
         w.abort();
     }
@@ -109,10 +169,22 @@ async fn wait_for_signal() -> Result<(), ServiceError> {
     Ok(())
 }
 
-/// Receives decided series. The analysis pipeline (volume, spine, detector, report) attaches
-/// here; until it exists, a complete series is logged as ready.
-async fn pipeline(mut decisions: mpsc::UnboundedReceiver<DecidedSeries>) {
+/// Receives decided series and logs them in the finding log (a complete one queues its job).
+/// The analysis pipeline (volume, spine, detector, report) attaches here; until it exists, a
+/// complete series is logged as ready.
+async fn pipeline(
+    mut decisions: mpsc::UnboundedReceiver<DecidedSeries>,
+    records: mpsc::UnboundedSender<Record>,
+    stats: Arc<PipelineStats>,
+) {
+    use std::sync::atomic::Ordering;
     while let Some(series) = decisions.recv().await {
+        let counter = if series.is_complete() { &stats.series_completed } else { &stats.series_skipped };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let (dir, record) = (series.dir.clone(), series.record.clone());
+        if let Ok(row) = tokio::task::spawn_blocking(move || series_row(&dir, &record)).await {
+            let _ = records.send(Record::Series(row));
+        }
         if series.is_complete() {
             tracing::info!(
                 series_uid = %series.record.series_instance_uid,
@@ -121,5 +193,42 @@ async fn pipeline(mut decisions: mpsc::UnboundedReceiver<DecidedSeries>) {
                 "series queued for analysis"
             );
         }
+    }
+}
+
+/// The finding log's row for a decided series: the tracker's record plus the identifiers a
+/// person searches by, read from one of its instances.
+fn series_row(dir: &std::path::Path, record: &crate::spool::SeriesRecord) -> SeriesRow {
+    use dicom_dictionary_std::tags;
+    let instance = std::fs::read_dir(dir)
+        .ok()
+        .and_then(|entries| entries.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "dcm")));
+    let object =
+        instance.and_then(|p| dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&p).ok());
+    let text = |tag| -> Option<String> {
+        object
+            .as_ref()?
+            .element(tag)
+            .ok()?
+            .to_str()
+            .ok()
+            .map(|s| s.trim_matches([' ', '\0']).to_string())
+            .filter(|s| !s.is_empty())
+    };
+    SeriesRow {
+        series_uid: record.series_instance_uid.clone(),
+        study_uid: record.study_instance_uid.clone(),
+        patient_id: text(tags::PATIENT_ID),
+        accession: text(tags::ACCESSION_NUMBER),
+        study_date: text(tags::STUDY_DATE).and_then(|d| crate::db::dicom_date(&d)),
+        body_part: text(tags::BODY_PART_EXAMINED),
+        modality: text(tags::MODALITY),
+        instances: record.instances as i64,
+        slices: record.slices as i64,
+        state: record.state.clone(),
+        skip_reason: record.skip_reason.clone(),
+        trigger_reason: record.trigger.clone(),
+        revision: i64::from(record.revision),
+        decided_at: record.decided_at.clone(),
     }
 }

@@ -56,6 +56,10 @@ pub struct ScpContext {
     pub spool: Arc<Spool>,
     pub tracker: mpsc::UnboundedSender<TrackerEvent>,
     pub stats: Arc<ScpStats>,
+    /// Where each association's record goes (the finding log's writer), when one is attached.
+    pub records: Option<mpsc::UnboundedSender<crate::db::Record>>,
+    /// Makes association keys unique across agents sharing a database and across restarts.
+    pub agent_id: String,
     peer_rules: Vec<PeerRule>,
     next_association: AtomicU64,
 }
@@ -73,8 +77,40 @@ impl ScpContext {
             spool,
             tracker,
             stats,
+            records: None,
+            agent_id: agent_id(),
             next_association: AtomicU64::new(1),
         }
+    }
+
+    /// Logs an association in the finding log (when attached).
+    fn record_association(
+        &self,
+        id: AssociationId,
+        peer: SocketAddr,
+        who: (&str, &str),
+        started_at: String,
+        tally: &Tally,
+        outcome: &str,
+        detail: Option<String>,
+    ) {
+        let Some(records) = &self.records else { return };
+        let row = crate::db::AssociationRow {
+            association_key: format!("{}/{id}", self.agent_id),
+            agent: self.agent_id.clone(),
+            peer: peer.to_string(),
+            calling_ae: who.0.to_string(),
+            called_ae: who.1.to_string(),
+            started_at,
+            ended_at: crate::db::now(),
+            instances: tally.stored as i64,
+            bytes: tally.bytes as i64,
+            discarded: tally.discarded as i64,
+            failed: tally.failed as i64,
+            outcome: outcome.to_string(),
+            detail,
+        };
+        let _ = records.send(crate::db::Record::Association(row));
     }
 
     fn disk_is_low(&self) -> Option<u64> {
@@ -235,9 +271,30 @@ struct Session<'a> {
     tally: Tally,
 }
 
+/// This agent's identity in the finding log: host, process and start time.
+fn agent_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let started =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    format!("{host}:{}:{started}", std::process::id())
+}
+
 async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: Arc<ScpContext>) {
+    let started_at = crate::db::now();
+    let rejected = |detail: &str| {
+        ctx.record_association(
+            id,
+            peer,
+            ("", ""),
+            started_at.clone(),
+            &Tally::default(),
+            "rejected",
+            Some(detail.into()),
+        )
+    };
     if !ctx.peer_rules.is_empty() && !ctx.peer_rules.iter().any(|r| r.matches(peer.ip())) {
         tracing::warn!("peer address not in the allow-list; rejecting");
+        rejected("peer address not in the allow-list");
         ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
         reject(
             socket,
@@ -253,6 +310,7 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
             min_mb = ctx.config.limits.min_free_disk_mb,
             "free disk below the minimum; rejecting association (transient)"
         );
+        rejected("free disk below the minimum");
         ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
         reject(
             socket,
@@ -272,11 +330,13 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
         Ok(Err(e)) => {
             ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "association not established");
+            rejected(&format!("not established: {e}"));
             return;
         }
         Err(_) => {
             ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("no association request within the timeout; closing");
+            rejected("no association request within the timeout");
             return;
         }
     };
@@ -311,6 +371,16 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     let released = session.run(&mut association).await;
     let _ = ctx.tracker.send(TrackerEvent::AssociationEnded { association: id, released });
     let t = &session.tally;
+    let called = association.called_ae_title().trim().to_string();
+    ctx.record_association(
+        id,
+        peer,
+        (&session.calling_ae, &called),
+        started_at,
+        t,
+        if released { "released" } else { "aborted" },
+        None,
+    );
     tracing::info!(
         released,
         stored = t.stored,

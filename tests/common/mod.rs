@@ -59,6 +59,7 @@ impl Agent {
             .env("IDAICS_LOGGING_FORMAT", "json")
             .env("IDAICS_DICOM_BIND_ADDRESS", "127.0.0.1")
             .env("IDAICS_LIMITS_MIN_FREE_DISK_MB", "16")
+            .env("IDAICS_HTTP_PORT", free_port().to_string())
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(log);

@@ -1,0 +1,189 @@
+//! The HTTP side: health for the service manager and load balancers, Prometheus metrics, and the
+//! findings API. Loopback by default (see `[http]` in the configuration).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::db::{Db, FindingFilter};
+use crate::scp::ScpStats;
+
+/// Upper bounds (seconds) of the inference latency histogram's buckets.
+pub const INFERENCE_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Counters of the stages after the SCP.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub series_completed: AtomicU64,
+    pub series_skipped: AtomicU64,
+    pub jobs_done: AtomicU64,
+    pub jobs_failed: AtomicU64,
+    /// Per bucket of [`INFERENCE_BUCKETS`] (not cumulative), then the overflow bucket.
+    inference_buckets: [AtomicU64; INFERENCE_BUCKETS.len() + 1],
+    inference_micros_sum: AtomicU64,
+}
+
+impl PipelineStats {
+    pub fn observe_inference(&self, seconds: f64) {
+        let bucket = INFERENCE_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(INFERENCE_BUCKETS.len());
+        self.inference_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.inference_micros_sum.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct HttpState {
+    pub db: Db,
+    pub scp: Arc<ScpStats>,
+    pub pipeline: Arc<PipelineStats>,
+    /// Where the spool writes its temporary files: checked writable by `/readyz`.
+    pub spool_tmp: PathBuf,
+    /// `None`: no weights configured (the agent reports levels only, which is ready);
+    /// `Some(false)`: configured but not loaded.
+    pub model_loaded: Option<bool>,
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/findings", get(findings))
+        .route("/api/v1/history", get(history))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let database = state.db.ping().await;
+    let probe = state.spool_tmp.join(".readyz");
+    let spool = std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)).is_ok();
+    let model = state.model_loaded != Some(false);
+    let body = serde_json::json!({
+        "database": database, "spool_writable": spool,
+        "model": match state.model_loaded { None => "not configured", Some(true) => "loaded", Some(false) => "not loaded" },
+    });
+    let status = if database && spool && model { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let mut out = String::new();
+    let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let scp = &state.scp;
+    family(
+        "idaics_associations_total",
+        "counter",
+        "DICOM associations, by outcome.",
+        &[
+            ("{outcome=\"accepted\"}", load(&scp.associations_accepted)),
+            ("{outcome=\"rejected\"}", load(&scp.associations_rejected)),
+        ],
+    );
+    family(
+        "idaics_instances_received_total",
+        "counter",
+        "Instances stored in the spool.",
+        &[("", load(&scp.instances_stored))],
+    );
+    family(
+        "idaics_bytes_received_total",
+        "counter",
+        "Bytes of instances stored in the spool.",
+        &[("", load(&scp.bytes_stored))],
+    );
+    family(
+        "idaics_instances_discarded_total",
+        "counter",
+        "Instances of other SOP classes accepted and discarded.",
+        &[("", load(&scp.instances_discarded))],
+    );
+    family(
+        "idaics_store_failures_total",
+        "counter",
+        "C-STORE requests answered with a failure.",
+        &[("", load(&scp.store_failures))],
+    );
+    let p = &state.pipeline;
+    family(
+        "idaics_series_total",
+        "counter",
+        "Series decided by the tracker, by state.",
+        &[("{state=\"complete\"}", load(&p.series_completed)), ("{state=\"skipped\"}", load(&p.series_skipped))],
+    );
+    family(
+        "idaics_jobs_total",
+        "counter",
+        "Analysis jobs finished, by outcome.",
+        &[("{outcome=\"done\"}", load(&p.jobs_done)), ("{outcome=\"failed\"}", load(&p.jobs_failed))],
+    );
+    let _ = writeln!(
+        out,
+        "# HELP idaics_inference_seconds Detector time per job.\n# TYPE idaics_inference_seconds histogram"
+    );
+    let mut cumulative = 0;
+    for (bound, count) in INFERENCE_BUCKETS.iter().zip(&p.inference_buckets) {
+        cumulative += load(count);
+        let _ = writeln!(out, "idaics_inference_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += load(&p.inference_buckets[INFERENCE_BUCKETS.len()]);
+    let _ = writeln!(out, "idaics_inference_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
+    let _ = writeln!(out, "idaics_inference_seconds_sum {}", load(&p.inference_micros_sum) as f64 / 1e6);
+    let _ = writeln!(out, "idaics_inference_seconds_count {cumulative}");
+    // The outbox lives in the database; without it the gauge is left out rather than made up.
+    if let Ok(depth) = state.db.outbox_depth().await {
+        let _ = writeln!(
+            out,
+            "# HELP idaics_outbox_depth Objects waiting to be sent.\n# TYPE idaics_outbox_depth gauge\nidaics_outbox_depth {depth}"
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
+}
+
+async fn findings(
+    State(state): State<HttpState>,
+    filter: Result<Query<FindingFilter>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(filter) = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": e.body_text()}))).into_response();
+        }
+    };
+    match state.db.findings(&filter).await {
+        Ok(rows) => axum::Json(serde_json::json!({ "findings": rows })).into_response(),
+        Err(crate::db::DbError::Filter(message)) => {
+            (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": message}))).into_response()
+        }
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct HistoryQuery {
+    patient: String,
+}
+
+async fn history(State(state): State<HttpState>, Query(q): Query<HistoryQuery>) -> Response {
+    match state.db.history(&q.patient).await {
+        Ok(entries) => axum::Json(serde_json::json!({ "patient": q.patient, "history": entries })).into_response(),
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
+        }
+    }
+}

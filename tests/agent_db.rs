@@ -1,0 +1,174 @@
+//! The running agent and its finding log: rows written as series arrive, on the embedded SQLite
+//! file and on a real PostgreSQL that goes down mid-stream; health, metrics and the findings API
+//! over HTTP.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::postgres::Postgres;
+use common::{Agent, free_port, output_text, store_outcomes};
+use idaics::db::{Db, Table};
+use idaics::synthetic::{SeriesSpec, write_ct_series};
+
+/// A plain HTTP/1.1 GET; the status code and the body.
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: keep only the payload lines (the size lines are hex numbers).
+    (status, body)
+}
+
+/// Parses Prometheus text exposition: every sample line is `name{labels} value` with a number,
+/// every sampled family has a TYPE line. Returns (series with labels, value).
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        // A chunked transfer's size lines are bare hex numbers: not part of the exposition.
+        if line.chars().all(|c| c.is_ascii_hexdigit()) {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let name = parts.next().unwrap().to_string();
+            let kind = parts.next().unwrap();
+            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            typed.insert(name);
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+        assert!(typed.contains(name) || typed.contains(family), "no TYPE for {name}");
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name {name}");
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples.iter().find(|(s, _)| s == series).unwrap_or_else(|| panic!("{series} not exported")).1
+}
+
+fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn embedded_database_metrics_and_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 21, ..Default::default() })
+            .unwrap();
+    let http = free_port();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_HTTP_PORT", &http.to_string())]);
+    assert_eq!(get(http, "/healthz").0, 200);
+    let out = agent.storescu(&[], &series.files);
+    assert_eq!(store_outcomes(&out), (12, 0), "{}", output_text(&out));
+    let url = format!("sqlite://{}", agent.state_dir.join("idaics.db").display());
+    let rt = runtime();
+    let db = rt.block_on(Db::connect(&url)).unwrap();
+    wait_until("the series row", Duration::from_secs(15), || {
+        rt.block_on(db.series_state(&series.series_uid)).unwrap().is_some()
+    });
+    assert_eq!(rt.block_on(db.series_state(&series.series_uid)).unwrap(), Some(("complete".into(), 1)));
+    assert_eq!(rt.block_on(db.count(Table::Jobs)).unwrap(), 1);
+    wait_until("the association rows", Duration::from_secs(5), || {
+        rt.block_on(db.count(Table::Associations)).unwrap() >= 1
+    });
+
+    let (status, body) = get(http, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let samples = parse_prometheus(&body);
+    assert_eq!(sample(&samples, "idaics_instances_received_total"), 12.0);
+    assert_eq!(sample(&samples, "idaics_series_total{state=\"complete\"}"), 1.0);
+    assert!(sample(&samples, "idaics_bytes_received_total") > 12.0 * 64.0 * 64.0 * 2.0);
+    assert_eq!(sample(&samples, "idaics_outbox_depth"), 0.0);
+    assert_eq!(sample(&samples, "idaics_inference_seconds_count"), 0.0);
+
+    let (status, body) = get(http, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(http, "/api/v1/findings?level=L4/L5&min_confidence=0.5");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"findings\":[]"), "{body}");
+    assert_eq!(get(http, "/api/v1/findings?class=herniation").0, 400);
+    assert_eq!(get(http, "/api/v1/findings?since=yesterday").0, 400);
+    assert_eq!(get(http, "/api/v1/findings?colour=red").0, 400);
+
+    // The CLI reads the same database.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["findings", "--state-dir"])
+        .arg(&agent.state_dir)
+        .args(["--format", "csv"])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(String::from_utf8_lossy(&cli.stdout).starts_with("patient_id,study_date,"));
+}
+
+#[test]
+fn postgres_outage_while_series_arrive_loses_no_row() {
+    let pg = Postgres::start();
+    let url = pg.fresh_database("agent_outage");
+    let tmp = tempfile::tempdir().unwrap();
+    let series: Vec<_> = (0..3)
+        .map(|n| {
+            write_ct_series(
+                &tmp.path().join(format!("in{n}")),
+                &SeriesSpec { slices: 8, size: 48, seed: 40 + n, ..Default::default() },
+            )
+            .unwrap()
+        })
+        .collect();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_DATABASE_URL", url.as_str())]);
+    let rt = runtime();
+    let db = rt.block_on(Db::connect(&url)).unwrap();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series[0].files)), (8, 0));
+    wait_until("the first series row", Duration::from_secs(15), || {
+        rt.block_on(db.series_state(&series[0].series_uid)).unwrap().is_some()
+    });
+
+    pg.stop();
+    for s in &series[1..] {
+        let out = agent.storescu(&[], &s.files);
+        assert_eq!(store_outcomes(&out), (8, 0), "ingest must go on during the outage: {}", output_text(&out));
+    }
+    for s in &series[1..] {
+        agent.wait_for("completion during the outage", Duration::from_secs(15), |a| {
+            a.series_record(&s.study_uid, &s.series_uid).is_some()
+        });
+    }
+    assert!(agent.echo());
+    wait_until("the journal", Duration::from_secs(20), || agent.state_dir.join("db-pending.jsonl").exists());
+
+    pg.start_server();
+    wait_until("every row after the outage", Duration::from_secs(60), || {
+        rt.block_on(db.count(Table::Series)).unwrap_or(0) == 3
+    });
+    assert_eq!(rt.block_on(db.count(Table::Jobs)).unwrap(), 3);
+    for s in &series {
+        assert_eq!(rt.block_on(db.series_state(&s.series_uid)).unwrap(), Some(("complete".into(), 1)));
+    }
+    // The three stores and the echo.
+    wait_until("the association rows", Duration::from_secs(30), || {
+        rt.block_on(db.count(Table::Associations)).unwrap_or(0) >= 4
+    });
+}
