@@ -44,21 +44,13 @@ enum Command {
     },
     /// Apply the database migrations (the agent also applies them at start).
     Migrate {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        #[arg(long)]
-        database_url: Option<String>,
+        #[command(flatten)]
+        database: DatabaseArgs,
     },
     /// Query the finding log; with --history, each level's course across a patient's studies.
     Findings {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
-        #[arg(long)]
-        database_url: Option<String>,
+        #[command(flatten)]
+        database: DatabaseArgs,
         #[arg(long)]
         patient: Option<String>,
         #[arg(long)]
@@ -163,6 +155,17 @@ enum DetectFormat {
     Json,
 }
 
+/// Where a database command finds its database: flag, else configuration, else the embedded default.
+#[derive(clap::Args, Debug)]
+struct DatabaseArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    database_url: Option<String>,
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum TableJsonCsv {
     Table,
@@ -252,8 +255,8 @@ pub fn main() -> anyhow::Result<()> {
             init_cli_logging();
             analyze(&paths, &out, format, png)
         }
-        Command::Migrate { config, state_dir, database_url } => {
-            let url = database_url_of(config, state_dir, database_url)?;
+        Command::Migrate { database } => {
+            let url = database_url_of(database)?;
             one_shot(async {
                 let db = crate::db::Db::connect(&url).await?;
                 db.migrate().await?;
@@ -262,9 +265,7 @@ pub fn main() -> anyhow::Result<()> {
             })
         }
         Command::Findings {
-            config,
-            state_dir,
-            database_url,
+            database,
             patient,
             accession,
             study,
@@ -276,7 +277,7 @@ pub fn main() -> anyhow::Result<()> {
             history,
             format,
         } => {
-            let url = database_url_of(config, state_dir, database_url)?;
+            let url = database_url_of(database)?;
             let filter =
                 crate::db::FindingFilter { patient, accession, study, level, class, since, until, min_confidence };
             one_shot(async move {
@@ -552,13 +553,13 @@ fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Res
     Ok(())
 }
 
-/// The database URL a one-shot command uses: flag, else configuration, else the embedded default.
-fn database_url_of(config: Option<PathBuf>, state_dir: Option<PathBuf>, url: Option<String>) -> anyhow::Result<String> {
-    let mut cfg = Config::load(config.as_deref())?;
-    if let Some(dir) = state_dir {
+/// The database URL a one-shot command uses.
+fn database_url_of(args: DatabaseArgs) -> anyhow::Result<String> {
+    let mut cfg = Config::load(args.config.as_deref())?;
+    if let Some(dir) = args.state_dir {
         cfg.storage.state_dir = dir;
     }
-    if let Some(url) = url {
+    if let Some(url) = args.database_url {
         cfg.database.url = url;
     }
     if cfg.database.url.is_empty() {

@@ -633,12 +633,7 @@ impl Writer {
             match self.db.migrate().await {
                 Ok(()) => self.migrated = true,
                 Err(e) => {
-                    if !self.journalled {
-                        for r in self.pending.clone() {
-                            self.append_journal(&r);
-                        }
-                        self.journalled = true;
-                    }
+                    self.journal_all_pending();
                     tracing::warn!(error = %e, pending = self.pending.len(), "database not ready; records kept for later");
                     return;
                 }
@@ -656,13 +651,7 @@ impl Writer {
                     wrote_any = true;
                 }
                 Err(e) => {
-                    if !self.journalled {
-                        // First failure: everything still pending goes to the journal.
-                        for r in self.pending.clone() {
-                            self.append_journal(&r);
-                        }
-                        self.journalled = true;
-                    }
+                    self.journal_all_pending();
                     tracing::warn!(error = %e, pending = self.pending.len(), "database unreachable; records kept for later");
                     return;
                 }
@@ -674,6 +663,17 @@ impl Writer {
             }
             let _ = std::fs::remove_file(&self.journal);
             self.journalled = false;
+        }
+    }
+
+    /// On the first failure, everything still pending goes to the journal; later records are
+    /// appended as they arrive.
+    fn journal_all_pending(&mut self) {
+        if !self.journalled {
+            for r in self.pending.clone() {
+                self.append_journal(&r);
+            }
+            self.journalled = true;
         }
     }
 
