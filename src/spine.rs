@@ -1,22 +1,57 @@
 //! Disc levels on a CT volume: where each intervertebral disc is, its plane, and its name.
 //!
-//! First cut, for axial stacks: the vertebral bodies are the anterior-most bone on the midline in
-//! each axial slice; a smooth curve through their centres follows the spine; along it, the mean
-//! density alternates between bone (bodies) and soft tissue (discs). A disc is a soft-tissue run
-//! with bone on both sides; its plane's normal is the curve's tangent. Names are counted from the
-//! sacrum, recognised as the lowest bone run longer than any lumbar body; without it in the field
-//! of view the names are counted from the lowest disc as L5/S1 and marked uncertain.
+//! Built to hold on osteoporotic spines, common among the patients who get lumbar CT: there the
+//! cancellous bone inside a body reads 50 to 100 HU, no denser than the disc, and only the
+//! cortical shell and the endplates stay above 160 HU. So the locator anchors on structures that
+//! every spine keeps:
+//!
+//! 1. The spinal canal. On the midline, the bone between front and back splits into the column
+//!    of bodies and discs in front, the neural arches behind, and the canal between them, a gap
+//!    10 to 20 mm deep. Its front edge, the bodies' posterior wall, is found in every slice from
+//!    30 mm of neighbouring slices and fitted with a robust cubic: the column's course.
+//! 2. The endplates. In a box just in front of that wall, the fraction of bone voxels runs high
+//!    through a dense body and at every endplate, low inside an osteoporotic body and in every
+//!    disc. A disc is a low stretch of 2 to 16 mm between two high ones; a longer low stretch is
+//!    the inside of a body. Low stretches at the edge of the volume are not reported: a body's
+//!    interior cut by the edge looks the same as a disc cut by it.
+//! 3. The centre of a disc is the centroid of the bone in the slices just above and below it
+//!    (the endplates), which is the centre of the bodies whatever their density.
+//!
+//! Names are counted from the sacrum, recognised as the lowest bone run longer than any lumbar
+//! body; without it (or with bodies too porous for it to read as one bone run) the lowest disc is
+//! called L5/S1 and every name is marked uncertain.
+//!
+//! The front is taken from the volume's geometry (LPS anterior). A volume whose header flips
+//! front and back is not recognised as such.
 
 use serde::Serialize;
 
 use crate::volume::Volume;
 
-/// Bone threshold, HU: above cancellous bone's lower range, far above muscle and disc.
+/// Bone threshold, HU: cortical bone and endplates are far above it, muscle and disc below.
 const BONE_HU: f32 = 160.0;
-/// Half-width of the midline band searched for bodies, mm.
+/// Half-width of the midline band in which the canal is sought, mm.
 const MIDLINE_BAND_MM: f64 = 6.0;
+/// Half-width of the box in which the bone profile along the column is measured, mm.
+const PROFILE_HALF_WIDTH_MM: f64 = 10.0;
+/// Slices on either side whose bone is pooled to find the canal in one slice, mm.
+const CANAL_WINDOW_MM: f64 = 15.0;
+/// The canal is at least this deep (front to back) on the midline, mm.
+const CANAL_MIN_MM: f64 = 6.0;
+/// What lies in front of the canal must be at least this deep to be the column, mm.
+const COLUMN_MIN_MM: f64 = 15.0;
+/// A low stretch of the bone profile longer than this is the inside of a body, not a disc, mm.
+const DISC_MAX_MM: f64 = 16.0;
+const DISC_MIN_MM: f64 = 2.0;
 /// A bone run along the spine longer than this is the sacrum, not a lumbar body (25 to 30 mm).
 const SACRUM_MIN_MM: f64 = 38.0;
+/// Anterior-posterior depth of a lumbar body when the volume gives no measure of it, mm.
+const TYPICAL_BODY_DEPTH_MM: f64 = 36.0;
+/// Half-width of the box in which a body's side-to-side extent is measured, mm.
+const BODY_HALF_WIDTH_MM: f64 = 30.0;
+/// The slabs of the bodies above and below a disc whose bone gives its centre: from and to this
+/// distance from the disc, mm.
+const BODY_SLAB_MM: (f64, f64) = (4.0, 14.0);
 
 const NAMES: [&str; 6] = ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1"];
 
@@ -34,6 +69,33 @@ pub enum SpineError {
     NotFound(String),
 }
 
+fn eval_cubic(c: &[f64; 4], k: f64) -> f64 {
+    c[0] + k * (c[1] + k * (c[2] + k * c[3]))
+}
+
+/// The bodies' posterior wall along the column: row index `j(k)`, fitted over the slices that
+/// showed the canal, and held constant beyond them.
+struct PosteriorWall {
+    curve: [f64; 4],
+    k_first: f64,
+    k_last: f64,
+    /// +1 when rows advance towards the back (LPS +y), -1 when towards the front.
+    backward: f64,
+    /// Measured depth of the column in front of the wall, rows.
+    depth_rows: f64,
+}
+
+impl PosteriorWall {
+    fn j(&self, k: f64) -> f64 {
+        eval_cubic(&self.curve, k.clamp(self.k_first, self.k_last))
+    }
+
+    fn slope(&self, k: f64) -> f64 {
+        let k = k.clamp(self.k_first, self.k_last);
+        self.curve[1] + k * (2.0 * self.curve[2] + 3.0 * k * self.curve[3])
+    }
+}
+
 /// Finds the discs of a volume, from the lowest up. A volume not stored as axial slices (a
 /// sagittal acquisition, a NIfTI file) is resampled to an axial grid first.
 pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
@@ -42,9 +104,131 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         let finest = volume.spacing.iter().copied().fold(f64::MAX, f64::min).max(0.5);
         return locate_discs(&volume.resample_axial(finest, false, -1000.0));
     }
+    let [nx, _, nz] = volume.dims;
+    let (sx, sz) = (volume.spacing[0], volume.spacing[2]);
+    let mid_i = midline_column(volume)?;
+    let wall = posterior_wall(volume, mid_i)?;
+    // Bone fraction in a box in front of the wall, slice by slice.
+    let half_width = (PROFILE_HALF_WIDTH_MM / sx).ceil() as isize;
+    let columns: Vec<usize> = (-half_width..=half_width)
+        .map(|d| mid_i as isize + d)
+        .filter(|&i| i >= 0 && (i as usize) < nx)
+        .map(|i| i as usize)
+        .collect();
+    let sy = volume.spacing[1];
+    let rows_in_front = |k: usize, from_mm: f64, to_mm: f64| -> Vec<usize> {
+        // Rows between `from_mm` and `to_mm` in front of the wall.
+        let w = wall.j(k as f64);
+        let a = w - wall.backward * from_mm / sy;
+        let b = w - wall.backward * to_mm / sy;
+        let (low, high) = (a.min(b).round().max(0.0) as usize, a.max(b).round().max(0.0) as usize);
+        (low..=high.min(volume.dims[1] - 1)).collect()
+    };
+    let depth_mm = wall.depth_rows * sy;
+    let profile: Vec<f64> = (0..nz)
+        .map(|k| {
+            let rows = rows_in_front(k, 2.0, depth_mm - 3.0);
+            let (mut bone, mut all) = (0usize, 0usize);
+            for &j in &rows {
+                for &i in &columns {
+                    all += 1;
+                    bone += usize::from(volume.at(i, j, k) > BONE_HU);
+                }
+            }
+            if all == 0 { 0.0 } else { bone as f64 / all as f64 }
+        })
+        .collect();
+    // High and low relative to this spine: halfway between its 10th and 90th percentiles.
+    let (k_first, k_last) = (wall.k_first as usize, wall.k_last as usize);
+    let mut along: Vec<f64> = profile[k_first..=k_last].to_vec();
+    along.sort_by(f64::total_cmp);
+    let percentile = |p: f64| along[((along.len() - 1) as f64 * p).round() as usize];
+    let threshold = (percentile(0.1) + percentile(0.9)) / 2.0;
+    if std::env::var_os("IDAICS_SPINE_DEBUG").is_some() {
+        eprintln!("midline {mid_i}, depth {depth_mm:.1} mm, threshold {threshold:.2}");
+        for (k, f) in profile.iter().enumerate() {
+            eprintln!("k {k:4} wall {:7.1} bone {f:.2} {}", wall.j(k as f64), if *f > threshold { "#" } else { "" });
+        }
+    }
+    let is_bone: Vec<bool> = profile.iter().map(|f| *f > threshold).collect();
+    let discs = discs_from_profile(&is_bone, sz, volume.axes[2][2] >= 0.0);
+    if discs.is_empty() {
+        return Err(SpineError::NotFound("no disc between two vertebral bodies".into()));
+    }
+    let sacrum_index = discs.iter().position(|d| d.above_sacrum);
+    let mut levels = Vec::with_capacity(discs.len());
+    for (index, disc) in discs.iter().enumerate() {
+        let (name_index, certain) = match sacrum_index {
+            Some(s) if index >= s => (index - s, true),
+            Some(_) => continue, // below the sacrum: not a lumbar disc
+            None => (index, false),
+        };
+        let name = NAMES.get(name_index).map_or_else(|| format!("above T12/L1 ({name_index})"), |n| n.to_string());
+        let k = (disc.first + disc.last) as f64 / 2.0;
+        // Plane normal: the column's tangent, in LPS.
+        let mut normal = [0.0; 3];
+        for (axis, component) in volume.axes.iter().zip([0.0, wall.slope(k) * sy, sz]) {
+            for d in 0..3 {
+                normal[d] += axis[d] * component;
+            }
+        }
+        let mut normal = crate::geometry::normalize(normal);
+        if normal[2] < 0.0 {
+            normal = normal.map(|v| -v);
+        }
+        // Centre: the extent of the bodies above and below, front to back and side to side, taken
+        // where the bone count reaches half its peak (so that noise and osteophytes do not pull).
+        // Away from the endplates, which a tilted disc plane cuts obliquely; in porous bone the
+        // cortical walls alone mark the extent.
+        let (near, far) = (((BODY_SLAB_MM.0 / sz).round() as usize).max(1), (BODY_SLAB_MM.1 / sz).round() as usize);
+        let slabs = (disc.first.saturating_sub(far)..disc.first.saturating_sub(near))
+            .chain((disc.last + near).min(nz)..(disc.last + far + 1).min(nz));
+        let reach = (BODY_HALF_WIDTH_MM / sx).ceil() as isize;
+        let mut per_row = vec![0usize; volume.dims[1]];
+        let mut per_column = vec![0usize; nx];
+        for ks in slabs {
+            for j in rows_in_front(ks, 0.0, depth_mm + 12.0) {
+                for di in -reach..=reach {
+                    let i = mid_i as isize + di;
+                    if i >= 0 && (i as usize) < nx && volume.at(i as usize, j, ks) > BONE_HU {
+                        per_row[j] += 1;
+                        per_column[i as usize] += 1;
+                    }
+                }
+            }
+        }
+        let centre_j = half_peak_middle(&per_row).unwrap_or_else(|| wall.j(k) - wall.backward * wall.depth_rows / 2.0);
+        let centre_i = half_peak_middle(&per_column).unwrap_or(mid_i as f64);
+        let centre = volume.voxel_to_lps([centre_i, centre_j, k]);
+        levels.push(DiscLevel { name, name_certain: certain, center_lps_mm: centre, normal });
+    }
+    Ok(levels)
+}
+
+/// Middle of the range where a histogram reaches half its peak, with both ends interpolated
+/// between bins (coarse grids put a bin across the edge).
+fn half_peak_middle(counts: &[usize]) -> Option<f64> {
+    let peak = *counts.iter().max()? as f64;
+    if peak == 0.0 {
+        return None;
+    }
+    let half = peak / 2.0;
+    let value = |i: usize| counts[i] as f64;
+    let first = counts.iter().position(|&c| c as f64 >= half)?;
+    let last = counts.iter().rposition(|&c| c as f64 >= half)?;
+    // Where the count crosses half the peak, between the last bin below and the first at or above.
+    let start = if first > 0 { first as f64 - (value(first) - half) / (value(first) - value(first - 1)) } else { 0.0 };
+    let end = if last + 1 < counts.len() {
+        last as f64 + (value(last) - half) / (value(last) - value(last + 1))
+    } else {
+        last as f64
+    };
+    Some((start + end) / 2.0)
+}
+
+/// The median column of bone voxels across the volume.
+fn midline_column(volume: &Volume) -> Result<usize, SpineError> {
     let [nx, ny, nz] = volume.dims;
-    let (sx, sy) = (volume.spacing[0], volume.spacing[1]);
-    // Midline: the median column of bone voxels across the volume.
     let mut bone_columns: Vec<usize> = Vec::new();
     for k in (0..nz).step_by(2) {
         for j in 0..ny {
@@ -59,144 +243,152 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         return Err(SpineError::NotFound("almost no bone in the volume".into()));
     }
     bone_columns.sort_unstable();
-    let mid_i = bone_columns[bone_columns.len() / 2] as f64;
+    Ok(bone_columns[bone_columns.len() / 2])
+}
+
+/// Finds the canal slice by slice and fits the bodies' posterior wall (its front edge).
+fn posterior_wall(volume: &Volume, mid_i: usize) -> Result<PosteriorWall, SpineError> {
+    let [nx, ny, nz] = volume.dims;
+    let (sx, sy, sz) = (volume.spacing[0], volume.spacing[1], volume.spacing[2]);
     let band = (MIDLINE_BAND_MM / sx).ceil() as isize;
-    // Per slice: the anterior-most bone run on the midline, if long enough to be a body.
-    let mut centres: Vec<(f64, f64)> = Vec::new(); // (k, j centre)
-    for k in 0..nz {
-        let mut profile = vec![0usize; ny];
-        for (j, count) in profile.iter_mut().enumerate() {
-            for di in -band..=band {
-                let i = mid_i as isize + di;
-                if i >= 0 && (i as usize) < nx && volume.at(i as usize, j, k) > BONE_HU {
-                    *count += 1;
-                }
-            }
-        }
-        let needed = (band as usize).max(1);
-        let mut j = 0;
-        while j < ny {
-            if profile[j] >= needed {
-                let start = j;
-                while j < ny && profile[j] >= needed {
-                    j += 1;
-                }
-                if (j - start) as f64 * sy >= 15.0 {
-                    centres.push((k as f64, (start + j - 1) as f64 / 2.0));
-                    break;
-                }
-            }
-            j += 1;
-        }
-    }
-    if centres.len() < 5 {
-        return Err(SpineError::NotFound("no vertebral bodies on the midline".into()));
-    }
-    // Where a slice cuts a disc, the anterior-most long bone run is a neural arch, 4 to 5 cm
-    // behind the bodies: drop such points by their distance from the fit, tightening as it improves.
-    let mut curve = fit_cubic(&centres);
-    let eval = |c: &[f64; 4], k: f64| c[0] + k * (c[1] + k * (c[2] + k * c[3]));
-    for limit_mm in [25.0, 12.0, 6.0] {
-        let inliers: Vec<(f64, f64)> =
-            centres.iter().copied().filter(|&(k, j)| (j - eval(&curve, k)).abs() * sy <= limit_mm).collect();
-        if inliers.len() < 5 {
-            break;
-        }
-        curve = fit_cubic(&inliers);
-    }
-    let j_at = |k: f64| eval(&curve, k);
-    // Density along the curve: mean HU in a small disc around it in each axial slice.
-    let radius = (5.0 / sx).ceil() as isize;
-    let density: Vec<f32> = (0..nz)
+    let columns: Vec<usize> = (-band..=band)
+        .map(|d| mid_i as isize + d)
+        .filter(|&i| i >= 0 && (i as usize) < nx)
+        .map(|i| i as usize)
+        .collect();
+    // Bone fraction of the midline band per (slice, row), with rows ordered from front to back.
+    let backward: f64 = if volume.axes[1][1] >= 0.0 { 1.0 } else { -1.0 };
+    let row_at = |position: usize| if backward > 0.0 { position } else { ny - 1 - position };
+    let midline: Vec<Vec<f64>> = (0..nz)
         .map(|k| {
-            let jc = j_at(k as f64).round() as isize;
-            let (mut sum, mut n) = (0.0, 0);
-            for dj in -radius..=radius {
-                for di in -radius..=radius {
-                    let (i, j) = (mid_i as isize + di, jc + dj);
-                    if di * di + dj * dj <= radius * radius
-                        && i >= 0
-                        && j >= 0
-                        && (i as usize) < nx
-                        && (j as usize) < ny
-                    {
-                        sum += volume.at(i as usize, j as usize, k);
-                        n += 1;
-                    }
-                }
-            }
-            if n > 0 { sum / n as f32 } else { -1000.0 }
+            (0..ny)
+                .map(|p| {
+                    let j = row_at(p);
+                    columns.iter().filter(|&&i| volume.at(i, j, k) > BONE_HU).count() as f64 / columns.len() as f64
+                })
+                .collect()
         })
         .collect();
-    // Runs of bone and of soft tissue along the slices.
-    let is_bone: Vec<bool> = density.iter().map(|d| *d > (BONE_HU + 85.0) / 2.0 + 20.0).collect();
-    let mut runs: Vec<(bool, usize, usize)> = Vec::new(); // (bone, first k, last k)
-    for (k, &b) in is_bone.iter().enumerate() {
-        match runs.last_mut() {
-            Some(run) if run.0 == b => run.2 = k,
-            _ => runs.push((b, k, k)),
+    let window = (CANAL_WINDOW_MM / sz).round() as usize;
+    let smooth = (1.5 / sy).round().max(1.0) as usize;
+    let mut walls: Vec<(f64, f64)> = Vec::new(); // (k, row of the wall)
+    let mut depths: Vec<f64> = Vec::new(); // rows
+    for k in 0..nz {
+        let slices = k.saturating_sub(window)..(k + window + 1).min(nz);
+        let count = slices.len() as f64;
+        let pooled: Vec<f64> = (0..ny).map(|p| slices.clone().map(|s| midline[s][p]).sum::<f64>() / count).collect();
+        let smoothed: Vec<f64> = (0..ny)
+            .map(|p| {
+                let range = p.saturating_sub(smooth)..(p + smooth + 1).min(ny);
+                let n = range.len() as f64;
+                range.map(|q| pooled[q]).sum::<f64>() / n
+            })
+            .collect();
+        let highest = smoothed.iter().copied().fold(0.0, f64::max);
+        if highest < 0.1 {
+            continue;
+        }
+        let low_level = (0.25 * highest).max(0.08);
+        // Runs of low and high rows from the front; the canal is the first low run deep enough
+        // with a deep enough column in front of it and something behind it.
+        let mut runs: Vec<(bool, usize, usize)> = Vec::new();
+        for (p, &m) in smoothed.iter().enumerate() {
+            let low = m < low_level;
+            match runs.last_mut() {
+                Some(run) if run.0 == low => run.2 = p,
+                _ => runs.push((low, p, p)),
+            }
+        }
+        let rows = |r: &(bool, usize, usize)| (r.2 - r.1 + 1) as f64;
+        for r in 1..runs.len().saturating_sub(1) {
+            let (low, first, _) = runs[r];
+            if !low || rows(&runs[r]) * sy < CANAL_MIN_MM || rows(&runs[r - 1]) * sy < COLUMN_MIN_MM {
+                continue;
+            }
+            let wall_position = first as f64 - 0.5;
+            let wall_row = if backward > 0.0 { wall_position } else { (ny - 1) as f64 - wall_position };
+            walls.push((k as f64, wall_row));
+            // The column's front edge is measured only where the volume does not cut it.
+            if runs[r - 1].1 > 0 {
+                depths.push(rows(&runs[r - 1]));
+            }
+            break;
         }
     }
-    let slice_mm = volume.spacing[2];
-    // Along the volume's slice axis; make "up" the patient's superior direction.
-    let superior_is_up = volume.axes[2][2] >= 0.0;
-    let mut discs: Vec<(f64, bool)> = Vec::new(); // (k centre, directly above the sacrum)
+    if walls.len() < 5 {
+        return Err(SpineError::NotFound("no spinal canal behind a column of bodies on the midline".into()));
+    }
+    let mut curve = fit_cubic(&walls);
+    let mut inliers = walls.clone();
+    for limit_mm in [25.0, 12.0, 6.0] {
+        let kept: Vec<(f64, f64)> =
+            walls.iter().copied().filter(|&(k, j)| (j - eval_cubic(&curve, k)).abs() * sy <= limit_mm).collect();
+        if kept.len() < 5 {
+            break;
+        }
+        curve = fit_cubic(&kept);
+        inliers = kept;
+    }
+    let k_first = inliers.iter().map(|p| p.0).fold(f64::MAX, f64::min);
+    let k_last = inliers.iter().map(|p| p.0).fold(f64::MIN, f64::max);
+    depths.sort_by(f64::total_cmp);
+    let depth_rows = if depths.len() >= 5 {
+        (depths[depths.len() / 2] * sy).clamp(20.0, 50.0) / sy
+    } else {
+        TYPICAL_BODY_DEPTH_MM / sy
+    };
+    Ok(PosteriorWall { curve, k_first, k_last, backward, depth_rows })
+}
+
+/// A disc on the bone profile: its first and last slice, and whether the sacrum lies under it.
+struct ProfileDisc {
+    first: usize,
+    last: usize,
+    above_sacrum: bool,
+}
+
+/// Discs on the per-slice bone/no-bone profile, from the patient's inferior end up.
+fn discs_from_profile(is_bone: &[bool], slice_mm: f64, superior_is_up: bool) -> Vec<ProfileDisc> {
+    let nz = is_bone.len();
+    let mut runs: Vec<(bool, usize, usize)> = Vec::new(); // (bone, first k, last k)
+    for (k, &bone) in is_bone.iter().enumerate() {
+        match runs.last_mut() {
+            Some(run) if run.0 == bone => run.2 = k,
+            _ => runs.push((bone, k, k)),
+        }
+    }
     let length_mm = |r: &(bool, usize, usize)| (r.2 - r.1 + 1) as f64 * slice_mm;
+    // Runs that touch the volume's edge are never discs (a body's interior cut by the edge looks
+    // the same).
+    let disc_like = |w: usize| {
+        let r = &runs[w];
+        w > 0 && w + 1 < runs.len() && !r.0 && (DISC_MIN_MM..=DISC_MAX_MM).contains(&length_mm(r))
+    };
     // A Schmorl's node shows as a short soft run inside a body, cut off from its disc only by the
-    // thin endplate: of two soft runs split by under 5 mm of bone, the shorter is not a disc.
+    // thin endplate: of two disc-like runs split by under 5 mm of bone, the shorter is not a disc.
     let mut node = vec![false; runs.len()];
     for w in 1..runs.len().saturating_sub(1) {
-        if runs[w].0 && length_mm(&runs[w]) < 5.0 && !runs[w - 1].0 && !runs[w + 1].0 {
+        if runs[w].0 && length_mm(&runs[w]) < 5.0 && disc_like(w - 1) && disc_like(w + 1) {
             let shorter = if length_mm(&runs[w - 1]) < length_mm(&runs[w + 1]) { w - 1 } else { w + 1 };
             node[shorter] = true;
         }
     }
+    let mut discs = Vec::new();
     for w in 1..runs.len().saturating_sub(1) {
-        let (bone, first, last) = runs[w];
-        if bone || node[w] || !runs[w - 1].0 || !runs[w + 1].0 || length_mm(&runs[w]) < 3.0 {
+        let (_, first, last) = runs[w];
+        if !disc_like(w) || node[w] {
             continue;
         }
         let below = if superior_is_up { runs[w - 1] } else { runs[w + 1] };
-        let below_len = (below.2 - below.1 + 1) as f64 * slice_mm;
         // The sacrum's run may be cut by the volume's edge: long, or reaching the edge and long-ish.
         let at_edge = below.1 == 0 || below.2 == nz - 1;
-        let sacrum = below_len >= SACRUM_MIN_MM || (at_edge && below_len >= 30.0);
-        discs.push(((first + last) as f64 / 2.0, sacrum));
+        let above_sacrum = length_mm(&below) >= SACRUM_MIN_MM || (at_edge && length_mm(&below) >= 30.0);
+        discs.push(ProfileDisc { first, last, above_sacrum });
     }
     if !superior_is_up {
         discs.reverse();
     }
-    if discs.is_empty() {
-        return Err(SpineError::NotFound("no disc between two vertebral bodies".into()));
-    }
-    let sacrum_index = discs.iter().position(|d| d.1);
-    let mut levels = Vec::with_capacity(discs.len());
-    for (index, &(k, _)) in discs.iter().enumerate() {
-        let (name_index, certain) = match sacrum_index {
-            Some(s) if index >= s => (index - s, true),
-            Some(_) => continue, // below the sacrum: not a lumbar disc
-            None => (index, false),
-        };
-        let name = NAMES.get(name_index).map_or_else(|| format!("above T12/L1 ({name_index})"), |n| n.to_string());
-        let j = j_at(k);
-        let centre = volume.voxel_to_lps([mid_i, j, k]);
-        // Tangent of the curve in voxel units, then in LPS.
-        let dj = curve[1] + k * (2.0 * curve[2] + 3.0 * k * curve[3]);
-        let step = [0.0, dj * sy, slice_mm];
-        let mut normal = [0.0; 3];
-        for (axis, &component) in volume.axes.iter().zip(step.iter()) {
-            for d in 0..3 {
-                normal[d] += axis[d] * component;
-            }
-        }
-        let norm = (normal[0] * normal[0] + normal[1] * normal[1] + normal[2] * normal[2]).sqrt();
-        let mut normal = normal.map(|v| v / norm);
-        if normal[2] < 0.0 {
-            normal = normal.map(|v| -v);
-        }
-        levels.push(DiscLevel { name, name_certain: certain, center_lps_mm: centre, normal });
-    }
-    Ok(levels)
+    discs
 }
 
 /// Least-squares cubic `j(k)` through (k, j) points; coefficients from the constant term up.

@@ -1,12 +1,12 @@
 //! The real spine CT crops (../shared/data/real, NIfTI) load as volumes in LPS with their masks
-//! aligned, and the disc centres their masks imply are computed here.
+//! aligned, and the locator finds the discs where the masks put them.
 //!
-//! Disc localisation on them does not hold yet: the two disc tests are ignored (run them with
-//! `--ignored`) until the locator stops relying on dense cancellous bone. Measured on the crops:
-//! the TPTBox body interiors read about 50 HU (sub-region label 50), under the discs' 80 to 130 HU,
-//! its anterior cortex is not above noise at 1.5 mm, and only the endplates stand out (40 to 55% of
-//! the body's cross-section above 160 HU against 13 to 20% elsewhere); the VerSe crop is L2 alone,
-//! zero outside its mask, with a header that puts the neural arch in front of the body.
+//! TPTBox is a real osteoporotic spine at 1.5 mm: the body interiors read about 50 HU (sub-region
+//! label 50), under the discs' 80 to 130 HU, and only the endplates and cortical walls stand out.
+//! The VerSe crop cannot be passed as it is: it holds L2 alone with every voxel outside the
+//! vertebra's mask set to 0, so the discs it is said to contain are not in the image, only their
+//! place beyond the endplates; and its header puts the neural arch in front of the body. Its test
+//! stays ignored (run it with `--ignored`) as the record of where those discs would be.
 
 use std::path::{Path, PathBuf};
 
@@ -114,7 +114,6 @@ fn assert_discs_match(found: &[idaics::spine::DiscLevel], expected: &[(&str, [f6
 }
 
 #[test]
-#[ignore = "the locator misses discs between osteoporotic bodies; see the module comment"]
 fn tptbox_discs_between_the_vertebra_masks() {
     let ct = idaics::nifti::read(&real("tptbox-L3/sub-ct_label-22_ct.nii.gz")).unwrap();
     let vert = idaics::nifti::read(&real("tptbox-L3/sub-ct_seg-vert_label-22_msk.nii.gz")).unwrap();
@@ -144,7 +143,7 @@ fn tptbox_discs_between_the_vertebra_masks() {
 }
 
 #[test]
-#[ignore = "the locator needs two bodies and trusts the header's front; see the module comment"]
+#[ignore = "the crop holds no disc tissue (zero outside L2's mask) and its header flips front and back; see the module comment"]
 fn verse_discs_above_and_below_the_only_vertebra() {
     // This crop holds L2 alone, everything outside its mask set to 0, and its header puts the
     // neural arch in front of the body: the locator must recognise the body by its shape.
