@@ -123,6 +123,9 @@ enum Command {
         /// Write the series as one Enhanced CT multi-frame object instead of one file per slice.
         #[arg(long)]
         enhanced: bool,
+        /// Osteoporotic bone (cancellous as dense as the discs, thin cortex) and low-dose noise.
+        #[arg(long)]
+        osteoporotic: bool,
     },
     /// Find the disc levels of CT series in files or folders (no network). Until weights are
     /// configured each level's finding is null.
@@ -223,7 +226,7 @@ pub fn main() -> anyhow::Result<()> {
             init_cli_logging();
             detect(&weights, imgsz, conf, iou, &device, format, &images)
         }
-        Command::Phantom { out, seed, levels, pixel_spacing, slice_thickness, size, enhanced } => {
+        Command::Phantom { out, seed, levels, pixel_spacing, slice_thickness, size, enhanced, osteoporotic } => {
             anyhow::ensure!(pixel_spacing > 0.05 && slice_thickness > 0.05, "spacings must be positive millimetres");
             anyhow::ensure!(size >= 32, "--size must be at least 32");
             let spec = crate::phantom::PhantomSpec {
@@ -232,6 +235,7 @@ pub fn main() -> anyhow::Result<()> {
                 pixel_spacing_mm: pixel_spacing,
                 slice_thickness_mm: slice_thickness,
                 size,
+                osteoporotic,
             };
             let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
             if enhanced {

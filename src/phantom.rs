@@ -62,6 +62,9 @@ pub struct PhantomSpec {
     pub pixel_spacing_mm: f64,
     pub slice_thickness_mm: f64,
     pub size: u16,
+    /// Osteoporotic bone as in many of the elderly patients who get lumbar CT: cancellous bone
+    /// no denser than the discs, a thin cortical shell, and the noise of a low-dose scan.
+    pub osteoporotic: bool,
 }
 
 impl Default for PhantomSpec {
@@ -72,6 +75,7 @@ impl Default for PhantomSpec {
             pixel_spacing_mm: 0.8,
             slice_thickness_mm: 1.0,
             size: 512,
+            osteoporotic: false,
         }
     }
 }
@@ -123,6 +127,9 @@ struct Anatomy {
     body_center: [f64; 2],
     body_radii: [f64; 2],
     z_range: [f64; 2],
+    /// Bone densities, HU.
+    cancellous: f64,
+    cortical: f64,
 }
 
 /// Deterministic uniforms for the anatomy's variations.
@@ -197,6 +204,8 @@ fn build_anatomy(spec: &PhantomSpec) -> Anatomy {
         body_center: [x0 * 0.5, y0 - 45.0],
         body_radii: [rng.range(150.0, 175.0), rng.range(105.0, 125.0)],
         z_range: [sacrum_top - 45.0, z + 12.0],
+        cancellous: if spec.osteoporotic { OSTEOPOROTIC_CANCELLOUS } else { CANCELLOUS },
+        cortical: if spec.osteoporotic { OSTEOPOROTIC_CORTICAL } else { CORTICAL },
     }
 }
 
@@ -225,6 +234,12 @@ const FAT: f64 = -100.0;
 const MUSCLE: f64 = 50.0;
 const CANCELLOUS: f64 = 250.0;
 const CORTICAL: f64 = 900.0;
+/// Measured on the real TPTBox crop: body interiors about 50 HU, cortical border about 250 HU.
+const OSTEOPOROTIC_CANCELLOUS: f64 = 55.0;
+const OSTEOPOROTIC_CORTICAL: f64 = 400.0;
+/// Noise standard deviation, HU: a routine scan and a low-dose one.
+const NOISE_HU: f64 = 12.0;
+const LOW_DOSE_NOISE_HU: f64 = 40.0;
 const DISC: f64 = 85.0;
 const CSF: f64 = 15.0;
 
@@ -256,7 +271,7 @@ fn hounsfield(anatomy: &Anatomy, p: [f64; 3]) -> f64 {
             SegmentKind::Vertebra | SegmentKind::Sacrum => {
                 if radial <= 1.0 {
                     let shell = (1.0 - radial) * s.radii[1] < 1.5 || s.half_height - along.abs() < 1.2;
-                    return if shell { CORTICAL } else { CANCELLOUS };
+                    return if shell { anatomy.cortical } else { anatomy.cancellous };
                 }
             }
             SegmentKind::Disc(condition) => {
@@ -301,6 +316,7 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
         reverse_instance_numbers: false,
     };
     let z_of = |i: usize| top - i as f64 * spec.slice_thickness_mm;
+    let noise_hu = if spec.osteoporotic { LOW_DOSE_NOISE_HU } else { NOISE_HU };
     let pixels = |i: usize| -> Vec<i16> {
         let z = z_of(i);
         let mut noise = Rng(spec.seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407));
@@ -313,7 +329,7 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
                 // Gaussian noise (Box-Muller), none in air.
                 let g = if base > -900.0 {
                     let (u1, u2) = (noise.next().max(1e-12), noise.next());
-                    12.0 * (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos()
+                    noise_hu * (-2.0 * u1.ln()).sqrt() * (2.0 * PI * u2).cos()
                 } else {
                     0.0
                 };

@@ -2,24 +2,26 @@
 //!
 //! Built to hold on osteoporotic spines, common among the patients who get lumbar CT: there the
 //! cancellous bone inside a body reads 50 to 100 HU, no denser than the disc, and only the
-//! cortical shell and the endplates stay above 160 HU. So the locator anchors on structures that
-//! every spine keeps:
+//! cortical shell and the endplates stay above 160 HU. So the locator anchors on what every spine
+//! keeps:
 //!
-//! 1. The spinal canal. On the midline, the bone between front and back splits into the column
-//!    of bodies and discs in front, the neural arches behind, and the canal between them, a gap
-//!    10 to 20 mm deep. Its front edge, the bodies' posterior wall, is found in every slice from
-//!    30 mm of neighbouring slices and fitted with a robust cubic: the column's course.
-//! 2. The endplates. In a box just in front of that wall, the fraction of bone voxels runs high
-//!    through a dense body and at every endplate, low inside an osteoporotic body and in every
-//!    disc. A disc is a low stretch of 2 to 16 mm between two high ones; a longer low stretch is
-//!    the inside of a body. Low stretches at the edge of the volume are not reported: a body's
+//! 1. The spinal canal. On the midline, pooled over 30 mm of neighbouring slices, the canal is
+//!    the run of rows as thin as CSF and epidural fat (under 35 HU), 6 to 30 mm deep, with the
+//!    denser column of bodies and discs right in front of it. Its front edge, the bodies'
+//!    posterior wall, is fitted slice by slice with a robust cubic: the column's course.
+//! 2. The discs. In a box in front of that wall, the fraction of bone voxels per slice is high
+//!    through dense bodies and at every endplate, medium inside porous bodies (their cortical
+//!    ring), and lowest in discs, which have no cortex at all. At each of several levels a disc
+//!    candidate is a dip of 2 to 16 mm with higher slices on both sides; candidates are taken by
+//!    clarity, and one within 18 mm of a disc already taken is the same disc at another level or
+//!    a Schmorl's node. Dips that touch the edge of the volume are not reported: a body's
 //!    interior cut by the edge looks the same as a disc cut by it.
-//! 3. The centre of a disc is the centroid of the bone in the slices just above and below it
-//!    (the endplates), which is the centre of the bodies whatever their density.
+//! 3. The centre. Side to side and front to back, it is the middle of the bone of the bodies
+//!    above and below, away from their endplates (which a tilted disc cuts obliquely).
 //!
-//! Names are counted from the sacrum, recognised as the lowest bone run longer than any lumbar
-//! body; without it (or with bodies too porous for it to read as one bone run) the lowest disc is
-//! called L5/S1 and every name is marked uncertain.
+//! Names are counted from the sacrum: under the lowest disc, 38 mm of column without another disc
+//! is the sacrum (a lumbar body is 25 to 30 mm tall). Without it in the field of view, the lowest
+//! disc is called L5/S1 and every name is marked uncertain.
 //!
 //! The front is taken from the volume's geometry (LPS anterior). A volume whose header flips
 //! front and back is not recognised as such.
@@ -36,15 +38,27 @@ const MIDLINE_BAND_MM: f64 = 6.0;
 const PROFILE_HALF_WIDTH_MM: f64 = 10.0;
 /// Slices on either side whose bone is pooled to find the canal in one slice, mm.
 const CANAL_WINDOW_MM: f64 = 15.0;
-/// The canal is at least this deep (front to back) on the midline, mm.
+/// The canal is at least this deep (front to back) on the midline, and at most, mm.
 const CANAL_MIN_MM: f64 = 6.0;
+const CANAL_MAX_MM: f64 = 30.0;
+/// Mean density below which a midline row is canal (CSF, epidural fat), HU.
+const CANAL_MAX_HU: f64 = 35.0;
+/// Mean density above which a midline row belongs to the column of bodies and discs, HU.
+const COLUMN_MIN_HU: f64 = 60.0;
 /// What lies in front of the canal must be at least this deep to be the column, mm.
 const COLUMN_MIN_MM: f64 = 15.0;
+/// A disc's contrast with its flanks, as a fraction of the profile's spread (10th to 80th
+/// percentile), at the least.
+const MIN_CONTRAST: f64 = 0.5;
+/// Two discs are at least this far apart: a lumbar body is 20 mm tall or more.
+const MIN_DISC_SPACING_MM: f64 = 18.0;
 /// A low stretch of the bone profile longer than this is the inside of a body, not a disc, mm.
 const DISC_MAX_MM: f64 = 16.0;
 const DISC_MIN_MM: f64 = 2.0;
-/// A bone run along the spine longer than this is the sacrum, not a lumbar body (25 to 30 mm).
+/// Under the lowest lumbar disc, this much of the column without another disc is the sacrum.
 const SACRUM_MIN_MM: f64 = 38.0;
+/// Where the volume ends sooner, this much without another disc.
+const SACRUM_AT_EDGE_MM: f64 = 30.0;
 /// Anterior-posterior depth of a lumbar body when the volume gives no measure of it, mm.
 const TYPICAL_BODY_DEPTH_MM: f64 = 36.0;
 /// Half-width of the box in which a body's side-to-side extent is measured, mm.
@@ -138,23 +152,43 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
             if all == 0 { 0.0 } else { bone as f64 / all as f64 }
         })
         .collect();
-    // High and low relative to this spine: halfway between its 10th and 90th percentiles.
     let (k_first, k_last) = (wall.k_first as usize, wall.k_last as usize);
     let mut along: Vec<f64> = profile[k_first..=k_last].to_vec();
     along.sort_by(f64::total_cmp);
     let percentile = |p: f64| along[((along.len() - 1) as f64 * p).round() as usize];
-    let threshold = (percentile(0.1) + percentile(0.9)) / 2.0;
     if std::env::var_os("IDAICS_SPINE_DEBUG").is_some() {
-        eprintln!("midline {mid_i}, depth {depth_mm:.1} mm, threshold {threshold:.2}");
+        eprintln!("midline {mid_i}, depth {depth_mm:.1} mm, median {:.2}", percentile(0.5));
         for (k, f) in profile.iter().enumerate() {
-            eprintln!("k {k:4} wall {:7.1} bone {f:.2} {}", wall.j(k as f64), if *f > threshold { "#" } else { "" });
+            eprintln!("k {k:4} wall {:7.1} bone {f:.2}", wall.j(k as f64));
         }
     }
-    let is_bone: Vec<bool> = profile.iter().map(|f| *f > threshold).collect();
-    let discs = discs_from_profile(&is_bone, sz, volume.axes[2][2] >= 0.0);
+    let superior_is_up = volume.axes[2][2] >= 0.0;
+    let levels: Vec<f64> = (1..=8).map(|n| percentile(0.1 * n as f64)).collect();
+    let mut discs = select_discs(&profile, &levels, sz);
     if discs.is_empty() {
         return Err(SpineError::NotFound("no disc between two vertebral bodies".into()));
     }
+    if !superior_is_up {
+        discs.reverse();
+    }
+    // The sacrum lies under the lowest disc when the volume goes on for 38 mm below it (a lumbar
+    // body is 25 to 30 mm tall) without another disc candidate half as clear as the faintest
+    // disc taken.
+    let reach = (SACRUM_MIN_MM / sz).ceil() as usize;
+    let lowest = &discs[0];
+    // Cut by the volume's edge, 30 mm will do.
+    let (start, end) = if superior_is_up {
+        (lowest.first.saturating_sub(reach), lowest.first)
+    } else {
+        (lowest.last + 1, (lowest.last + 1 + reach).min(nz))
+    };
+    let faintest = discs.iter().map(|d| d.score).fold(f64::MAX, f64::min);
+    discs[0].above_sacrum = (end - start) as f64 * sz >= SACRUM_AT_EDGE_MM
+        && !disc_candidates(&profile, &levels, sz).iter().any(|c| {
+            // Wholly below the disc (the disc itself, seen at another level, is not another).
+            let below = if superior_is_up { c.2 < end && c.2 >= start } else { c.1 >= start && c.1 < end };
+            below && c.0 >= faintest / 2.0
+        });
     let sacrum_index = discs.iter().position(|d| d.above_sacrum);
     let mut levels = Vec::with_capacity(discs.len());
     for (index, disc) in discs.iter().enumerate() {
@@ -176,10 +210,11 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         if normal[2] < 0.0 {
             normal = normal.map(|v| -v);
         }
-        // Centre: the extent of the bodies above and below, front to back and side to side, taken
-        // where the bone count reaches half its peak (so that noise and osteophytes do not pull).
-        // Away from the endplates, which a tilted disc plane cuts obliquely; in porous bone the
-        // cortical walls alone mark the extent.
+        // Centre: the extent of the bodies above and below, where the bone count per column (per
+        // row) reaches half its peak, so that noise and osteophytes do not pull. Front to back,
+        // each half of the body has its own peak: in porous bone the back wall, doubled by the
+        // pedicles, outweighs the front wall. Measured away from the endplates, which a tilted
+        // disc plane cuts obliquely.
         let (near, far) = (((BODY_SLAB_MM.0 / sz).round() as usize).max(1), (BODY_SLAB_MM.1 / sz).round() as usize);
         let slabs = (disc.first.saturating_sub(far)..disc.first.saturating_sub(near))
             .chain((disc.last + near).min(nz)..(disc.last + far + 1).min(nz));
@@ -197,22 +232,25 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
                 }
             }
         }
-        let centre_j = half_peak_middle(&per_row).unwrap_or_else(|| wall.j(k) - wall.backward * wall.depth_rows / 2.0);
-        let centre_i = half_peak_middle(&per_column).unwrap_or(mid_i as f64);
+        let split =
+            (wall.j(k) - wall.backward * wall.depth_rows / 2.0).round().clamp(1.0, (per_row.len() - 1) as f64) as usize;
+        let centre_j = two_sided_extent_middle(&per_row, split)
+            .unwrap_or_else(|| wall.j(k) - wall.backward * wall.depth_rows / 2.0);
+        let centre_i = extent_middle(&per_column, 0.5).unwrap_or(mid_i as f64);
         let centre = volume.voxel_to_lps([centre_i, centre_j, k]);
         levels.push(DiscLevel { name, name_certain: certain, center_lps_mm: centre, normal });
     }
     Ok(levels)
 }
 
-/// Middle of the range where a histogram reaches half its peak, with both ends interpolated
-/// between bins (coarse grids put a bin across the edge).
-fn half_peak_middle(counts: &[usize]) -> Option<f64> {
+/// Middle of the range where a histogram reaches `fraction` of its peak, with both ends
+/// interpolated between bins (coarse grids put a bin across the edge).
+fn extent_middle(counts: &[usize], fraction: f64) -> Option<f64> {
     let peak = *counts.iter().max()? as f64;
     if peak == 0.0 {
         return None;
     }
-    let half = peak / 2.0;
+    let half = peak * fraction;
     let value = |i: usize| counts[i] as f64;
     let first = counts.iter().position(|&c| c as f64 >= half)?;
     let last = counts.iter().rposition(|&c| c as f64 >= half)?;
@@ -220,6 +258,31 @@ fn half_peak_middle(counts: &[usize]) -> Option<f64> {
     let start = if first > 0 { first as f64 - (value(first) - half) / (value(first) - value(first - 1)) } else { 0.0 };
     let end = if last + 1 < counts.len() {
         last as f64 + (value(last) - half) / (value(last) - value(last + 1))
+    } else {
+        last as f64
+    };
+    Some((start + end) / 2.0)
+}
+
+/// Like [`extent_middle`] at half the peak, with the lower end taken against the peak below
+/// `split` and the upper end against the peak from `split` on.
+fn two_sided_extent_middle(counts: &[usize], split: usize) -> Option<f64> {
+    let (lower, upper) = counts.split_at(split);
+    let lower_peak = *lower.iter().max()? as f64;
+    let upper_peak = *upper.iter().max()? as f64;
+    if lower_peak == 0.0 || upper_peak == 0.0 {
+        return extent_middle(counts, 0.5);
+    }
+    let value = |i: usize| counts[i] as f64;
+    let first = lower.iter().position(|&c| c as f64 >= lower_peak / 2.0)?;
+    let start = if first > 0 {
+        first as f64 - (value(first) - lower_peak / 2.0) / (value(first) - value(first - 1))
+    } else {
+        0.0
+    };
+    let last = split + upper.iter().rposition(|&c| c as f64 >= upper_peak / 2.0)?;
+    let end = if last + 1 < counts.len() {
+        last as f64 + (value(last) - upper_peak / 2.0) / (value(last) - value(last + 1))
     } else {
         last as f64
     };
@@ -256,7 +319,9 @@ fn posterior_wall(volume: &Volume, mid_i: usize) -> Result<PosteriorWall, SpineE
         .filter(|&i| i >= 0 && (i as usize) < nx)
         .map(|i| i as usize)
         .collect();
-    // Bone fraction of the midline band per (slice, row), with rows ordered from front to back.
+    // Mean density of the midline band per (slice, row), rows ordered from front to back. Each
+    // voxel is clamped to [-100, 400] HU, so fat does not pull a row below the canal's CSF and
+    // dense bone does not drown porous bone.
     let backward: f64 = if volume.axes[1][1] >= 0.0 { 1.0 } else { -1.0 };
     let row_at = |position: usize| if backward > 0.0 { position } else { ny - 1 - position };
     let midline: Vec<Vec<f64>> = (0..nz)
@@ -264,13 +329,15 @@ fn posterior_wall(volume: &Volume, mid_i: usize) -> Result<PosteriorWall, SpineE
             (0..ny)
                 .map(|p| {
                     let j = row_at(p);
-                    columns.iter().filter(|&&i| volume.at(i, j, k) > BONE_HU).count() as f64 / columns.len() as f64
+                    columns.iter().map(|&i| f64::from(volume.at(i, j, k).clamp(-100.0, 400.0))).sum::<f64>()
+                        / columns.len() as f64
                 })
                 .collect()
         })
         .collect();
     let window = (CANAL_WINDOW_MM / sz).round() as usize;
     let smooth = (1.5 / sy).round().max(1.0) as usize;
+    let bridge = (4.0 / sy).round() as usize;
     let mut walls: Vec<(f64, f64)> = Vec::new(); // (k, row of the wall)
     let mut depths: Vec<f64> = Vec::new(); // rows
     for k in 0..nz {
@@ -284,33 +351,42 @@ fn posterior_wall(volume: &Volume, mid_i: usize) -> Result<PosteriorWall, SpineE
                 range.map(|q| pooled[q]).sum::<f64>() / n
             })
             .collect();
-        let highest = smoothed.iter().copied().fold(0.0, f64::max);
-        if highest < 0.1 {
-            continue;
-        }
-        let low_level = (0.25 * highest).max(0.08);
-        // Runs of low and high rows from the front; the canal is the first low run deep enough
-        // with a deep enough column in front of it and something behind it.
-        let mut runs: Vec<(bool, usize, usize)> = Vec::new();
-        for (p, &m) in smoothed.iter().enumerate() {
-            let low = m < low_level;
-            match runs.last_mut() {
-                Some(run) if run.0 == low => run.2 = p,
-                _ => runs.push((low, p, p)),
+        // The canal: the first run of CSF-like rows, deep enough, with a column of denser rows
+        // right in front of it and denser rows behind it.
+        let mut p = 0;
+        while p < ny {
+            if smoothed[p] >= CANAL_MAX_HU {
+                p += 1;
+                continue;
             }
-        }
-        let rows = |r: &(bool, usize, usize)| (r.2 - r.1 + 1) as f64;
-        for r in 1..runs.len().saturating_sub(1) {
-            let (low, first, _) = runs[r];
-            if !low || rows(&runs[r]) * sy < CANAL_MIN_MM || rows(&runs[r - 1]) * sy < COLUMN_MIN_MM {
+            let first = p;
+            while p < ny && smoothed[p] < CANAL_MAX_HU {
+                p += 1;
+            }
+            let canal_rows = (p - first) as f64;
+            if canal_rows * sy < CANAL_MIN_MM || canal_rows * sy > CANAL_MAX_MM || first == 0 || p >= ny {
+                continue;
+            }
+            // The column in front: rows at column density, short dips bridged.
+            let (mut front, mut gap) = (first, 0);
+            while front > 0 && gap <= bridge {
+                front -= 1;
+                if smoothed[front] >= COLUMN_MIN_HU {
+                    gap = 0;
+                } else {
+                    gap += 1;
+                }
+            }
+            let column_rows = (first - front - gap) as f64;
+            if column_rows * sy < COLUMN_MIN_MM {
                 continue;
             }
             let wall_position = first as f64 - 0.5;
             let wall_row = if backward > 0.0 { wall_position } else { (ny - 1) as f64 - wall_position };
             walls.push((k as f64, wall_row));
             // The column's front edge is measured only where the volume does not cut it.
-            if runs[r - 1].1 > 0 {
-                depths.push(rows(&runs[r - 1]));
+            if front > 0 {
+                depths.push(column_rows);
             }
             break;
         }
@@ -345,50 +421,68 @@ struct ProfileDisc {
     first: usize,
     last: usize,
     above_sacrum: bool,
+    /// Contrast with the flanks times length, as in [`disc_candidates`].
+    score: f64,
 }
 
-/// Discs on the per-slice bone/no-bone profile, from the patient's inferior end up.
-fn discs_from_profile(is_bone: &[bool], slice_mm: f64, superior_is_up: bool) -> Vec<ProfileDisc> {
-    let nz = is_bone.len();
-    let mut runs: Vec<(bool, usize, usize)> = Vec::new(); // (bone, first k, last k)
-    for (k, &bone) in is_bone.iter().enumerate() {
-        match runs.last_mut() {
-            Some(run) if run.0 == bone => run.2 = k,
-            _ => runs.push((bone, k, k)),
+/// Every disc candidate at every level: (score, first slice, last slice).
+fn disc_candidates(profile: &[f64], levels: &[f64], slice_mm: f64) -> Vec<(f64, usize, usize)> {
+    let nz = profile.len();
+    // Below this, a dip is the texture of a body's interior, not a disc.
+    let min_contrast = MIN_CONTRAST * (levels[levels.len() - 1] - levels[0]);
+    let flank = (4.0 / slice_mm).ceil().max(1.0) as usize;
+    let mut candidates: Vec<(f64, usize, usize)> = Vec::new(); // (score, first, last)
+    for &level in levels {
+        let mut k = 0;
+        while k < nz {
+            if profile[k] > level {
+                k += 1;
+                continue;
+            }
+            let first = k;
+            while k < nz && profile[k] <= level {
+                k += 1;
+            }
+            let last = k - 1;
+            let length = (last - first + 1) as f64 * slice_mm;
+            if first == 0 || k == nz || !(DISC_MIN_MM..=DISC_MAX_MM).contains(&length) {
+                continue;
+            }
+            let inside = profile[first..=last].iter().sum::<f64>() / length * slice_mm;
+            let before = profile[first.saturating_sub(flank)..first].iter().copied().fold(0.0, f64::max);
+            let after = profile[last + 1..(last + 1 + flank).min(nz)].iter().copied().fold(0.0, f64::max);
+            let contrast = before.min(after) - inside;
+            if contrast >= min_contrast {
+                candidates.push((contrast * length.min(12.0), first, last));
+            }
         }
     }
-    let length_mm = |r: &(bool, usize, usize)| (r.2 - r.1 + 1) as f64 * slice_mm;
-    // Runs that touch the volume's edge are never discs (a body's interior cut by the edge looks
-    // the same).
-    let disc_like = |w: usize| {
-        let r = &runs[w];
-        w > 0 && w + 1 < runs.len() && !r.0 && (DISC_MIN_MM..=DISC_MAX_MM).contains(&length_mm(r))
-    };
-    // A Schmorl's node shows as a short soft run inside a body, cut off from its disc only by the
-    // thin endplate: of two disc-like runs split by under 5 mm of bone, the shorter is not a disc.
-    let mut node = vec![false; runs.len()];
-    for w in 1..runs.len().saturating_sub(1) {
-        if runs[w].0 && length_mm(&runs[w]) < 5.0 && disc_like(w - 1) && disc_like(w + 1) {
-            let shorter = if length_mm(&runs[w - 1]) < length_mm(&runs[w + 1]) { w - 1 } else { w + 1 };
-            node[shorter] = true;
+    candidates
+}
+
+/// Discs on the per-slice bone profile, from the lowest slice index up.
+///
+/// At each of several levels (the profile's 10th to 80th percentiles), a disc candidate is a stretch below the
+/// level, 2 to 16 mm long, with higher slices on both sides and not touching the volume's edge.
+/// Dense bone shows its discs at every level; porous bone shows them either between endplates
+/// (high levels: the interiors are as low as the discs) or below the interiors' cortical ring (low
+/// levels: the disc has no cortex at all). Candidates are then taken by contrast with their
+/// flanks, times their length up to 12 mm (a Schmorl's node beside its disc is shorter), and a
+/// candidate closer than 18 mm to one already taken is the same disc seen at another level, or a
+/// node.
+fn select_discs(profile: &[f64], levels: &[f64], slice_mm: f64) -> Vec<ProfileDisc> {
+    let mut candidates = disc_candidates(profile, levels, slice_mm);
+    candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let min_gap = (MIN_DISC_SPACING_MM / slice_mm).round() as isize;
+    let mut taken: Vec<ProfileDisc> = Vec::new();
+    for (score, first, last) in candidates {
+        let centre = (first + last) as isize;
+        if taken.iter().all(|d| ((d.first + d.last) as isize - centre).abs() >= 2 * min_gap) {
+            taken.push(ProfileDisc { first, last, above_sacrum: false, score });
         }
     }
-    let mut discs = Vec::new();
-    for w in 1..runs.len().saturating_sub(1) {
-        let (_, first, last) = runs[w];
-        if !disc_like(w) || node[w] {
-            continue;
-        }
-        let below = if superior_is_up { runs[w - 1] } else { runs[w + 1] };
-        // The sacrum's run may be cut by the volume's edge: long, or reaching the edge and long-ish.
-        let at_edge = below.1 == 0 || below.2 == nz - 1;
-        let above_sacrum = length_mm(&below) >= SACRUM_MIN_MM || (at_edge && length_mm(&below) >= 30.0);
-        discs.push(ProfileDisc { first, last, above_sacrum });
-    }
-    if !superior_is_up {
-        discs.reverse();
-    }
-    discs
+    taken.sort_by_key(|d| d.first);
+    taken
 }
 
 /// Least-squares cubic `j(k)` through (k, j) points; coefficients from the constant term up.
