@@ -41,6 +41,9 @@ enum Command {
         /// Database URL, overriding database.url.
         #[arg(long)]
         database_url: Option<String>,
+        /// Adds a destination: AE@HOST:PORT (DICOM) or a folder. Repeatable.
+        #[arg(long = "destination")]
+        destinations: Vec<String>,
     },
     /// Apply the database migrations (the agent also applies them at start).
     Migrate {
@@ -185,8 +188,19 @@ enum Format {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, port, ae_title, state_dir, http_port, database_url } => {
+        Command::Serve { config, port, ae_title, state_dir, http_port, database_url, destinations } => {
             let mut cfg = Config::load(config.as_deref())?;
+            for text in destinations {
+                let parsed = crate::pipeline::parse_destination(&text).map_err(anyhow::Error::msg)?;
+                let mut d = crate::config::Destination { name: parsed.name, ..Default::default() };
+                match parsed.target {
+                    crate::pipeline::Target::Dicom(peer) => {
+                        (d.ae_title, d.host, d.port) = (peer.ae_title, peer.host, peer.port);
+                    }
+                    crate::pipeline::Target::Folder(path) => d.path = path.to_string_lossy().into_owned(),
+                }
+                cfg.destinations.push(d);
+            }
             if let Some(port) = http_port {
                 cfg.http.port = port;
             }

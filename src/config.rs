@@ -126,14 +126,16 @@ pub struct LoggingConfig {
     pub format: String,
 }
 
-/// A DICOM node that receives the agent's results.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A DICOM node (or a folder) that receives the agent's results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Destination {
     pub name: String,
     pub ae_title: String,
     pub host: String,
     pub port: u16,
+    /// A folder instead of a DICOM peer: objects are copied into `<path>/<series UID>/`.
+    pub path: String,
 }
 
 impl Default for DicomConfig {
@@ -472,6 +474,10 @@ impl Config {
                 .map_err(|e| format!("{:?}: {e}", self.logging.level)),
         );
         for (i, d) in self.destinations.iter().enumerate() {
+            if !d.path.is_empty() {
+                // A folder destination: nothing else to check.
+                continue;
+            }
             check(&format!("destinations[{i}].ae_title"), check_ae_title(&d.ae_title));
             check(
                 &format!("destinations[{i}].host"),

@@ -492,6 +492,130 @@ impl Db {
         Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get("n")?)
     }
 
+    /// Queues a written object for a destination; queuing it again is harmless.
+    pub async fn enqueue_outbox(
+        &self,
+        destination: &str,
+        job_id: Option<i64>,
+        path: &str,
+        sop_class: &str,
+        sop_instance: &str,
+    ) -> Result<(), DbError> {
+        let now = now();
+        sqlx::query(
+            "INSERT INTO outbox (destination, job_id, object_path, sop_class_uid, sop_instance_uid, state, attempts, \
+             next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $7) \
+             ON CONFLICT (destination, sop_instance_uid) DO UPDATE SET object_path = excluded.object_path, \
+             state = 'pending', next_attempt_at = excluded.next_attempt_at",
+        )
+        .bind(destination)
+        .bind(job_id)
+        .bind(path)
+        .bind(sop_class)
+        .bind(sop_instance)
+        .bind(&now)
+        .bind(&now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Pending objects of a destination whose next attempt is due, oldest first.
+    pub async fn due_outbox(&self, destination: &str, limit: i64) -> Result<Vec<OutboxItem>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, object_path, sop_instance_uid, attempts FROM outbox \
+             WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3",
+        )
+        .bind(destination)
+        .bind(now())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxItem {
+                    id: r.try_get("id")?,
+                    object_path: r.try_get("object_path")?,
+                    sop_instance_uid: r.try_get("sop_instance_uid")?,
+                    attempts: r.try_get("attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn outbox_sent(&self, id: i64, status: &str) -> Result<(), DbError> {
+        sqlx::query("UPDATE outbox SET state = 'sent', attempts = attempts + 1, sent_at = $1, last_status = $2, last_error = NULL WHERE id = $3")
+            .bind(now())
+            .bind(status)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt; the object stays pending until `next_attempt_at`.
+    pub async fn outbox_failed(
+        &self,
+        id: i64,
+        next_attempt_at: &str,
+        status: Option<&str>,
+        error: &str,
+    ) -> Result<(), DbError> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = $1, last_status = $2, last_error = $3 WHERE id = $4",
+        )
+        .bind(next_attempt_at)
+        .bind(status)
+        .bind(error)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Makes every pending object due now: at start, a restart is a natural moment to retry.
+    pub async fn outbox_retry_now(&self) -> Result<u64, DbError> {
+        let done = sqlx::query("UPDATE outbox SET next_attempt_at = $1 WHERE state = 'pending'")
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Outbox rows of a destination by state, for tests and the CLI.
+    pub async fn outbox_states(&self, destination: &str) -> Result<Vec<(String, String, i64)>, DbError> {
+        let rows =
+            sqlx::query("SELECT sop_instance_uid, state, attempts FROM outbox WHERE destination = $1 ORDER BY id")
+                .bind(destination)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter().map(|r| Ok((r.try_get("sop_instance_uid")?, r.try_get("state")?, r.try_get("attempts")?))).collect()
+    }
+
+    /// Patient ID, accession and study date of a series, for its findings.
+    pub async fn findings_context(
+        &self,
+        series_uid: &str,
+    ) -> Result<(Option<String>, Option<String>, Option<String>), DbError> {
+        let row = sqlx::query("SELECT patient_id, accession, study_date FROM series WHERE series_uid = $1")
+            .bind(series_uid)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok((r.try_get("patient_id")?, r.try_get("accession")?, r.try_get("study_date")?)),
+            None => Ok((None, None, None)),
+        }
+    }
+
+    /// The spool directory name parts of a series: its study UID.
+    pub async fn series_study(&self, series_uid: &str) -> Result<Option<String>, DbError> {
+        let row = sqlx::query("SELECT study_uid FROM series WHERE series_uid = $1")
+            .bind(series_uid)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("study_uid").map_err(DbError::from)).transpose()
+    }
+
     /// Objects not yet accepted by their destination.
     pub async fn outbox_depth(&self) -> Result<i64, DbError> {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM outbox WHERE state = 'pending'")
@@ -508,6 +632,15 @@ impl Db {
             .await?;
         row.map(|r| Ok((r.try_get("state")?, r.try_get("revision")?))).transpose()
     }
+}
+
+/// An object waiting in the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub object_path: String,
+    pub sop_instance_uid: String,
+    pub attempts: i64,
 }
 
 /// The tables, for counting.

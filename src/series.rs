@@ -425,6 +425,11 @@ pub async fn run_tracker(mut tracker: SeriesTracker, mut events: mpsc::Unbounded
 /// UTC time as RFC 3339 with seconds, without pulling in a date library for one format.
 pub fn now_rfc3339() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    rfc3339_at(secs)
+}
+
+/// ISO 8601 UTC of a Unix time in seconds.
+pub fn rfc3339_at(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil-from-days (H. Hinnant's algorithm).

@@ -52,7 +52,14 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let db_url = config.database.effective_url(state_dir);
     let db = Db::open(&db_url)?;
     match db.migrate().await {
-        Ok(()) => tracing::info!(database = %crate::cli::redact_url(&db_url), "database ready"),
+        Ok(()) => {
+            tracing::info!(database = %crate::cli::redact_url(&db_url), "database ready");
+            match db.outbox_retry_now().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(objects = n, "objects left in the outbox are sent again"),
+                Err(e) => tracing::warn!(error = %e, "cannot read the outbox"),
+            }
+        }
         Err(e) => {
             tracing::error!(error = %e, "database unreachable at start; receiving anyway, records kept until it answers")
         }
@@ -97,6 +104,62 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     ctx.records = Some(records_tx);
     let ctx = Arc::new(ctx);
 
+    // The analysis worker and one sender per destination.
+    let detector = if config.model.weights.is_empty() {
+        None
+    } else {
+        match crate::pipeline::Detector::load(std::path::Path::new(&config.model.weights), &config.model.device) {
+            Ok(d) => {
+                tracing::info!(weights = %config.model.weights, sha256 = %d.sha256, "detector loaded");
+                Some(Arc::new(d))
+            }
+            Err(e) => {
+                tracing::error!(weights = %config.model.weights, error = %e, "cannot load the weights; series are analysed without findings");
+                None
+            }
+        }
+    };
+    let model_loaded = (!config.model.weights.is_empty()).then_some(detector.is_some());
+    let destinations: Vec<crate::pipeline::Destination> = config
+        .destinations
+        .iter()
+        .map(|d| crate::pipeline::Destination {
+            name: if d.name.is_empty() { format!("{}@{}:{}", d.ae_title, d.host, d.port) } else { d.name.clone() },
+            target: if d.path.is_empty() {
+                crate::pipeline::Target::Dicom(crate::scu::Peer {
+                    ae_title: d.ae_title.clone(),
+                    host: d.host.clone(),
+                    port: d.port,
+                })
+            } else {
+                crate::pipeline::Target::Folder(d.path.clone().into())
+            },
+        })
+        .collect();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let worker = Arc::new(crate::pipeline::Worker {
+        db: db.clone(),
+        spool_dir: config.storage.spool_dir(),
+        outputs_dir: state_dir.join("outputs"),
+        detector,
+        destinations: destinations.clone(),
+        agent_id: ctx.agent_id.clone(),
+        stats: pipeline_stats.clone(),
+        wake: wake.clone(),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut background = vec![tokio::spawn(worker.run(stop_rx.clone()))];
+    for d in destinations {
+        tracing::info!(destination = %d.name, "sending results");
+        background.push(tokio::spawn(crate::pipeline::run_sender(
+            db.clone(),
+            d,
+            config.dicom.ae_title.clone(),
+            wake.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
     let http_task = if config.http.enabled {
         let addr = format!("{}:{}", config.http.bind_address, config.http.port);
         let listener =
@@ -106,7 +169,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             scp: stats,
             pipeline: pipeline_stats,
             spool_tmp: config.storage.tmp_dir(),
-            model_loaded: (!config.model.weights.is_empty()).then_some(false),
+            model_loaded,
         };
         tracing::info!(address = %addr, "HTTP listening (/healthz, /readyz, /metrics, /api/v1/findings)");
         Some(tokio::spawn(async move {
@@ -148,6 +211,11 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let _ = pipeline_task.await;
     // The pipeline held the last record sender: the writer writes (or journals) what is left.
     let _ = writer_task.await;
+    // A job in progress finishes; objects not yet sent stay in the outbox for the next start.
+    let _ = stop_tx.send(true);
+    for task in background {
+        let _ = task.await;
+    }
     if let Some(h) = http_task {
         h.abort();
     }

@@ -49,6 +49,15 @@ impl Agent {
     }
 
     pub fn start_on(state_dir: &Path, port: u16, env: &[(&str, &str)]) -> Agent {
+        Self::start_on_with_args(state_dir, port, env, &[])
+    }
+
+    /// Starts the agent with extra `serve` arguments (destinations, ...).
+    pub fn start_with_args(state_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Agent {
+        Self::start_on_with_args(state_dir, free_port(), env, args)
+    }
+
+    pub fn start_on_with_args(state_dir: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Agent {
         require_tool("echoscu");
         std::fs::create_dir_all(state_dir).unwrap();
         let log_path = state_dir.with_extension(format!("{}.log", now_ms()));
@@ -56,6 +65,7 @@ impl Agent {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_idaics"));
         cmd.args(["serve", "--port", &port.to_string(), "--state-dir"])
             .arg(state_dir)
+            .args(args)
             .env("IDAICS_LOGGING_FORMAT", "json")
             .env("IDAICS_DICOM_BIND_ADDRESS", "127.0.0.1")
             .env("IDAICS_LIMITS_MIN_FREE_DISK_MB", "16")

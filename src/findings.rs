@@ -1,0 +1,175 @@
+//! One finding per disc level, fused from what the network saw on the sagittal reformat and on
+//! the level's own axial image.
+//!
+//! The paper's network labels each disc it sees as normal, Schmorl's node, bulge or protrusion.
+//! A level's class is the one with the highest mean, over the two views, of the best confidence
+//! each view gives it (a view without that class counts 0): agreement between views raises a
+//! class, a single view's detection counts half. A level on which neither view detected anything
+//! is still a finding, `undetermined`, so the report says every level was looked at.
+
+use serde::Serialize;
+
+use crate::detector::predict::{Detection, Mask};
+use crate::slices::SliceImage;
+use crate::spine::DiscLevel;
+
+/// The classes, as reported and stored.
+pub const NORMAL: &str = "normal";
+pub const SCHMORL: &str = "schmorl";
+pub const BULGE: &str = "bulge";
+pub const PROTRUSION: &str = "protrusion";
+pub const UNDETERMINED: &str = "undetermined";
+
+/// Our class for a class name in the weights' metadata, whatever its spelling ("Schmorl's node",
+/// "schmorl", "Bulge", ...); `None` for a name we do not know.
+pub fn canonical_class(name: &str) -> Option<&'static str> {
+    let n = name.to_lowercase();
+    [(SCHMORL, "schmorl"), (BULGE, "bulg"), (PROTRUSION, "protru"), (NORMAL, "normal")]
+        .into_iter()
+        .find(|(_, key)| n.contains(key))
+        .map(|(class, _)| class)
+}
+
+/// What one view contributed to a level.
+#[derive(Debug, Clone)]
+pub struct ViewDetection {
+    /// "sagittal" or "axial".
+    pub view: &'static str,
+    pub class: &'static str,
+    pub confidence: f32,
+    /// x1, y1, x2, y2 in the view's pixels.
+    pub bbox: [f32; 4],
+    pub mask: Mask,
+    pub mask_area_mm2: f64,
+}
+
+/// A disc level's finding.
+#[derive(Debug, Clone)]
+pub struct LevelFinding {
+    pub level: DiscLevel,
+    pub class: &'static str,
+    pub confidence: f64,
+    /// Views whose detections support the class.
+    pub views: Vec<&'static str>,
+    /// The supporting detections, best first.
+    pub evidence: Vec<ViewDetection>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FindingJson {
+    pub class: &'static str,
+    pub confidence: f64,
+    pub views: Vec<&'static str>,
+}
+
+impl LevelFinding {
+    pub fn json(&self) -> FindingJson {
+        FindingJson { class: self.class, confidence: self.confidence, views: self.views.clone() }
+    }
+}
+
+/// Every level undetermined: no weights configured, or no detector run.
+pub fn undetermined(levels: &[DiscLevel]) -> Vec<LevelFinding> {
+    levels
+        .iter()
+        .map(|level| LevelFinding {
+            level: level.clone(),
+            class: UNDETERMINED,
+            confidence: 0.0,
+            views: Vec::new(),
+            evidence: Vec::new(),
+        })
+        .collect()
+}
+
+/// Fuses the detections of the sagittal image and of each level's axial image (`axials[i]`
+/// belongs to `levels[i]`). `class_names` are the weights' names, by class index.
+pub fn fuse(
+    levels: &[DiscLevel],
+    sagittal: Option<(&SliceImage, &[Detection])>,
+    axials: &[(&SliceImage, &[Detection])],
+    class_names: &[String],
+) -> Vec<LevelFinding> {
+    let to_view = |view: &'static str, image: &SliceImage, d: &Detection| -> Option<ViewDetection> {
+        let class = canonical_class(class_names.get(d.class_id)?)?;
+        let pixel_mm2 = image.pixel_spacing_mm * image.pixel_spacing_mm;
+        Some(ViewDetection {
+            view,
+            class,
+            confidence: d.confidence,
+            bbox: d.bbox,
+            mask_area_mm2: d.mask.area() as f64 * pixel_mm2,
+            mask: d.mask.clone(),
+        })
+    };
+    // Sagittal detections go to the level nearest the centre of their box, when within 15 mm.
+    let mut sagittal_by_level: Vec<Vec<ViewDetection>> = vec![Vec::new(); levels.len()];
+    if let Some((image, detections)) = sagittal {
+        for d in detections {
+            let centre =
+                image.pixel_to_lps(f64::from(d.bbox[0] + d.bbox[2]) / 2.0, f64::from(d.bbox[1] + d.bbox[3]) / 2.0);
+            let nearest = levels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    (
+                        i,
+                        crate::geometry::dot(
+                            crate::geometry::sub(centre, l.center_lps_mm),
+                            crate::geometry::sub(centre, l.center_lps_mm),
+                        )
+                        .sqrt(),
+                    )
+                })
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            if let Some((i, distance)) = nearest
+                && distance <= 15.0
+                && let Some(v) = to_view("sagittal", image, d)
+            {
+                sagittal_by_level[i].push(v);
+            }
+        }
+    }
+    levels
+        .iter()
+        .enumerate()
+        .map(|(i, level)| {
+            let axial: Vec<ViewDetection> = axials
+                .get(i)
+                .map(|(image, detections)| detections.iter().filter_map(|d| to_view("axial", image, d)).collect())
+                .unwrap_or_default();
+            let views = [&sagittal_by_level[i], &axial];
+            let best = |view: &[ViewDetection], class: &str| {
+                view.iter().filter(|v| v.class == class).map(|v| v.confidence).fold(0.0f32, f32::max)
+            };
+            let scored = [NORMAL, SCHMORL, BULGE, PROTRUSION]
+                .map(|class| (class, views.iter().map(|v| f64::from(best(v, class))).sum::<f64>() / 2.0));
+            let (class, confidence) = scored.into_iter().max_by(|a, b| a.1.total_cmp(&b.1)).expect("four classes");
+            if confidence <= 0.0 {
+                return undetermined(std::slice::from_ref(level)).remove(0);
+            }
+            let mut evidence: Vec<ViewDetection> =
+                views.iter().flat_map(|v| v.iter()).filter(|v| v.class == class).cloned().collect();
+            evidence.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
+            let mut supporting: Vec<&'static str> = evidence.iter().map(|v| v.view).collect();
+            supporting.dedup();
+            supporting.sort_unstable();
+            supporting.dedup();
+            LevelFinding { level: level.clone(), class, confidence, views: supporting, evidence }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_names_from_weights_map_to_ours() {
+        assert_eq!(canonical_class("Schmorl's node"), Some(SCHMORL));
+        assert_eq!(canonical_class("bulging"), Some(BULGE));
+        assert_eq!(canonical_class("Protrusion"), Some(PROTRUSION));
+        assert_eq!(canonical_class("normal"), Some(NORMAL));
+        assert_eq!(canonical_class("circle"), None);
+    }
+}

@@ -1,0 +1,377 @@
+//! From a completed series to delivered objects: volume, disc levels and slices, the detector,
+//! one finding per level, the key slices and the SR, the finding log, and the outbox that sends
+//! them to every destination until each accepts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+
+use crate::db::Db;
+use crate::detector::predict::{Detection, PredictOptions, RgbImage};
+use crate::detector::yolov8_seg::YoloV8Seg;
+use crate::detector::{WeightsInfo, load_network, select_device};
+use crate::findings::LevelFinding;
+use crate::report::{Algorithm, Source, WrittenObject};
+use crate::slices::SliceImage;
+use crate::spine::DiscLevel;
+use crate::volume::Volume;
+
+/// Side of the images the network sees (the paper's 512 x 512 slices).
+pub const SLICE_SIZE: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
+    #[error(transparent)]
+    Spine(#[from] crate::spine::SpineError),
+    #[error(transparent)]
+    Detector(#[from] crate::detector::DetectorError),
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
+    #[error("cannot read the weights: {0}")]
+    Weights(std::io::Error),
+}
+
+/// The network, loaded once.
+pub struct Detector {
+    network: YoloV8Seg,
+    info: WeightsInfo,
+    device: Device,
+    pub sha256: String,
+}
+
+impl Detector {
+    pub fn load(weights: &Path, device: &str) -> Result<Detector, PipelineError> {
+        let device = select_device(device)?;
+        let (network, info) = load_network(weights, &device)?;
+        let sha256 = crate::report::sha256_file(weights).map_err(PipelineError::Weights)?;
+        Ok(Detector { network, info, device, sha256 })
+    }
+
+    fn detect(&self, slice: &SliceImage) -> Result<Vec<Detection>, PipelineError> {
+        let image = RgbImage {
+            width: slice.size,
+            height: slice.size,
+            data: slice.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+        };
+        let options = PredictOptions { imgsz: self.info.input_size, ..Default::default() };
+        Ok(crate::detector::predict::predict(&self.network, &image, &options, &self.device)?)
+    }
+}
+
+/// Everything the analysis of one volume found.
+pub struct Analysis {
+    pub levels: Vec<DiscLevel>,
+    pub sagittal: Option<SliceImage>,
+    /// One per level, in the order of `levels`.
+    pub axials: Vec<SliceImage>,
+    pub findings: Vec<LevelFinding>,
+}
+
+/// Levels, slices and findings of a volume; without a detector every finding is undetermined.
+pub fn analyze(volume: &Volume, detector: Option<&Detector>) -> Result<Analysis, PipelineError> {
+    let levels = crate::spine::locate_discs(volume)?;
+    let sagittal = crate::slices::sagittal(volume, &levels, SLICE_SIZE);
+    let axials: Vec<SliceImage> = levels.iter().map(|l| crate::slices::axial(volume, l, SLICE_SIZE)).collect();
+    let findings = match detector {
+        None => crate::findings::undetermined(&levels),
+        Some(d) => {
+            let sagittal_detections = sagittal.as_ref().map(|s| d.detect(s)).transpose()?;
+            let axial_detections: Vec<Vec<Detection>> = axials.iter().map(|a| d.detect(a)).collect::<Result<_, _>>()?;
+            let axial_pairs: Vec<(&SliceImage, &[Detection])> =
+                axials.iter().zip(&axial_detections).map(|(a, d)| (a, d.as_slice())).collect();
+            crate::findings::fuse(
+                &levels,
+                sagittal.as_ref().zip(sagittal_detections.as_deref()),
+                &axial_pairs,
+                &d.info.class_names,
+            )
+        }
+    };
+    Ok(Analysis { levels, sagittal, axials, findings })
+}
+
+/// Writes the key slices and the SR of an analysis into `dir`; returns them, key slices first.
+pub fn write_objects(
+    source: &Source,
+    analysis: &Analysis,
+    algorithm: &Algorithm,
+    dir: &Path,
+) -> Result<Vec<WrittenObject>, PipelineError> {
+    let mut key_slices: Vec<(Option<String>, WrittenObject)> = Vec::new();
+    let mut number = 1;
+    if let Some(s) = &analysis.sagittal {
+        key_slices.push((None, crate::report::key_slices::write(source, algorithm, s, number, dir)?));
+        number += 1;
+    }
+    for (level, axial) in analysis.levels.iter().zip(&analysis.axials) {
+        key_slices
+            .push((Some(level.name.clone()), crate::report::key_slices::write(source, algorithm, axial, number, dir)?));
+        number += 1;
+    }
+    let sr = crate::report::sr::write(source, algorithm, &analysis.findings, &key_slices, dir)?;
+    let mut objects: Vec<WrittenObject> = key_slices.into_iter().map(|(_, o)| o).collect();
+    objects.push(sr);
+    Ok(objects)
+}
+
+/// Where objects go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Dicom(crate::scu::Peer),
+    Folder(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Destination {
+    pub name: String,
+    pub target: Target,
+}
+
+/// Parses `AE@HOST:PORT` or a folder path (the `--destination` flag).
+pub fn parse_destination(text: &str) -> Result<Destination, String> {
+    if let Some((ae, address)) = text.split_once('@')
+        && let Some((host, port)) = address.rsplit_once(':')
+    {
+        let port: u16 = port.parse().map_err(|_| format!("{text}: bad port"))?;
+        if ae.is_empty() || ae.len() > 16 || host.is_empty() {
+            return Err(format!("{text}: expected AE@HOST:PORT"));
+        }
+        return Ok(Destination {
+            name: text.to_string(),
+            target: Target::Dicom(crate::scu::Peer { ae_title: ae.to_string(), host: host.to_string(), port }),
+        });
+    }
+    Ok(Destination { name: format!("folder:{text}"), target: Target::Folder(PathBuf::from(text)) })
+}
+
+/// What the job worker needs.
+pub struct Worker {
+    pub db: Db,
+    pub spool_dir: PathBuf,
+    pub outputs_dir: PathBuf,
+    pub detector: Option<Arc<Detector>>,
+    pub destinations: Vec<Destination>,
+    pub agent_id: String,
+    pub stats: Arc<crate::http::PipelineStats>,
+    /// Woken when a job is queued or an object enters the outbox.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
+impl Worker {
+    /// Claims and runs jobs until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.db.claim_job(&self.agent_id).await {
+                Ok(Some(job)) => {
+                    let span = tracing::info_span!("job", id = job.id, series_uid = %job.series_uid);
+                    let _enter = span.enter();
+                    let started = std::time::Instant::now();
+                    let outcome = self.clone().run_job(job.series_uid.clone(), job.id).await;
+                    let weights = self.detector.as_ref().map(|d| d.sha256.clone());
+                    use std::sync::atomic::Ordering;
+                    match &outcome {
+                        Ok(levels) => {
+                            self.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+                            self.stats.observe_inference(started.elapsed().as_secs_f64());
+                            tracing::info!(levels, seconds = started.elapsed().as_secs_f64(), "job done");
+                        }
+                        Err(e) => {
+                            self.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(error = %e, "job failed");
+                        }
+                    }
+                    let result = match &outcome {
+                        Ok(_) => Ok(weights.as_deref()),
+                        Err(e) => Err(e.as_str()),
+                    };
+                    if let Err(e) = self.db.finish_job(job.id, result).await {
+                        tracing::error!(error = %e, "cannot record the job's end");
+                    }
+                    self.wake.notify_waiters();
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim jobs; retrying");
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        }
+    }
+
+    /// One job: analysis and objects (blocking work off the async threads), then the finding
+    /// log and the outbox. Returns the number of levels.
+    async fn run_job(self: Arc<Self>, series_uid: String, job_id: i64) -> Result<usize, String> {
+        let study =
+            self.db.series_study(&series_uid).await.map_err(|e| e.to_string())?.ok_or("series not in the log")?;
+        let dir = self.spool_dir.join(&study).join(&series_uid);
+        let out = self.outputs_dir.join(&series_uid);
+        let worker = self.clone();
+        let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+                .collect();
+            files.sort();
+            let volume = crate::volume::load_series(&files, &crate::config::SeriesConfig::default())
+                .map_err(|e| e.to_string())?;
+            let analysis = analyze(&volume, worker.detector.as_deref()).map_err(|e| e.to_string())?;
+            let source = Source::read(&files).map_err(|e| e.to_string())?;
+            let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
+            let objects = write_objects(&source, &analysis, &algorithm, &out).map_err(|e| e.to_string())?;
+            Ok((analysis.findings, objects, source))
+        })
+        .await
+        .map_err(|e| format!("analysis panicked: {e}"))??;
+        let series = self.db.findings_context(&series_uid).await.map_err(|e| e.to_string())?;
+        let model_version = match &self.detector {
+            Some(d) => format!("{} weights {}", env!("CARGO_PKG_VERSION"), &d.sha256[..12]),
+            None => format!("{} (no weights)", env!("CARGO_PKG_VERSION")),
+        };
+        let rows: Vec<crate::db::FindingRow> = analysis_findings
+            .iter()
+            .map(|f| crate::db::FindingRow {
+                job_id,
+                series_uid: series_uid.clone(),
+                study_uid: source.study_uid.clone(),
+                patient_id: series.0.clone(),
+                accession: series.1.clone(),
+                study_date: series.2.clone(),
+                level: f.level.name.clone(),
+                class: f.class.to_string(),
+                confidence: f.confidence,
+                views: f.views.iter().map(|v| v.to_string()).collect(),
+                r#box: f.evidence.first().map(|e| e.bbox.map(f64::from)),
+                mask_area_mm2: f.evidence.first().map(|e| e.mask_area_mm2),
+                model_version: model_version.clone(),
+                created_at: crate::db::now(),
+            })
+            .collect();
+        self.db.insert_findings(&rows).await.map_err(|e| e.to_string())?;
+        for destination in &self.destinations {
+            for o in &objects {
+                self.db
+                    .enqueue_outbox(
+                        &destination.name,
+                        Some(job_id),
+                        &o.path.to_string_lossy(),
+                        &o.sop_class_uid,
+                        &o.sop_instance_uid,
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(rows.len())
+    }
+}
+
+/// Sends a destination's due objects, with capped exponential back-off per object, until
+/// `shutdown`. Objects survive restarts: they are rows in the outbox and files in the outputs.
+pub async fn run_sender(
+    db: Db,
+    destination: Destination,
+    calling_ae: String,
+    wake: Arc<tokio::sync::Notify>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let due = match db.due_outbox(&destination.name, 20).await {
+            Ok(due) => due,
+            Err(e) => {
+                tracing::warn!(destination = %destination.name, error = %e, "cannot read the outbox");
+                Vec::new()
+            }
+        };
+        for item in &due {
+            let outcome = send_one(&destination, &calling_ae, Path::new(&item.object_path)).await;
+            let result = match outcome {
+                Ok(status) => {
+                    tracing::info!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid, status = %status, "object delivered");
+                    db.outbox_sent(item.id, &status).await
+                }
+                Err((status, error)) => {
+                    // 5 s, 10 s, 20 s ... capped at 5 minutes.
+                    let delay = (5u64 << item.attempts.clamp(0, 6) as u32).min(300);
+                    let secs = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    let next = crate::series::rfc3339_at(secs + delay);
+                    tracing::warn!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid,
+                        status = status.as_deref().unwrap_or("none"), error = %error, retry_in_s = delay, "delivery failed; kept for a retry");
+                    db.outbox_failed(item.id, &next, status.as_deref(), &error).await
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot record a delivery attempt");
+            }
+        }
+        if due.is_empty() {
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+}
+
+/// Delivers one file; the status text on success, or the status (if any) and the error.
+async fn send_one(
+    destination: &Destination,
+    calling_ae: &str,
+    path: &Path,
+) -> Result<String, (Option<String>, String)> {
+    match &destination.target {
+        Target::Folder(dir) => {
+            let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+            let series = path.parent().and_then(|p| p.file_name()).map(|n| n.to_os_string()).unwrap_or_default();
+            let target_dir = dir.join(series);
+            let (from, to_dir) = (path.to_path_buf(), target_dir.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                std::fs::create_dir_all(&to_dir)?;
+                let tmp = to_dir.join(format!(".{}.tmp", name.to_string_lossy()));
+                std::fs::copy(&from, &tmp)?;
+                std::fs::File::open(&tmp)?.sync_all()?;
+                std::fs::rename(&tmp, to_dir.join(&name))
+            })
+            .await
+            .map_err(|e| (None, e.to_string()))?
+            .map_err(|e| (None, e.to_string()))?;
+            Ok("copied".into())
+        }
+        Target::Dicom(peer) => {
+            let (peer, calling, file) = (peer.clone(), calling_ae.to_string(), path.to_path_buf());
+            let status =
+                tokio::task::spawn_blocking(move || crate::scu::store(&peer, &calling, &file, Duration::from_secs(30)))
+                    .await
+                    .map_err(|e| (None, e.to_string()))?
+                    .map_err(|e| (None, e.to_string()))?;
+            let text = format!("0x{status:04X}");
+            // Success and warnings (0xB000, 0xB007, 0xB006) mean the object was stored.
+            if status == 0 || status & 0xF000 == 0xB000 {
+                Ok(text)
+            } else {
+                Err((Some(text.clone()), format!("refused with status {text}")))
+            }
+        }
+    }
+}

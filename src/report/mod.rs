@@ -1,0 +1,229 @@
+//! The DICOM objects that carry the agent's work back to the PACS: the key slices the network
+//! saw (derived CT images in the source frame of reference) and a Comprehensive 3D SR following
+//! TID 1500 with one measurement group per disc level.
+//!
+//! UIDs are derived from the source series UID, the weights' hash and the object's role, so a
+//! resent series yields the same objects (a PACS replaces them) rather than duplicates.
+
+pub mod key_slices;
+pub mod sr;
+
+use std::path::{Path, PathBuf};
+
+use dicom_core::value::{DataSetSequence, PrimitiveValue};
+use dicom_core::{DataElement, Tag, VR};
+use dicom_dictionary_std::tags;
+use dicom_object::InMemDicomObject;
+use dicom_object::meta::FileMetaTableBuilder;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot read the source series: {0}")]
+    Source(String),
+    #[error("cannot write {path}: {message}")]
+    Write { path: PathBuf, message: String },
+}
+
+/// What the objects repeat from the source series: patient, study and frame of reference.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Patient and study attributes, copied as they are.
+    pub patient_study: Vec<DataElement<InMemDicomObject>>,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub frame_of_reference_uid: String,
+    /// (SOP class, SOP instance) of every source instance, for the evidence sequence.
+    pub instances: Vec<(String, String)>,
+}
+
+/// Patient and study attributes copied from the source (Type 2 ones are written empty when the
+/// source lacks them, so the objects stay valid).
+const COPIED: [Tag; 11] = [
+    tags::PATIENT_NAME,
+    tags::PATIENT_ID,
+    tags::PATIENT_BIRTH_DATE,
+    tags::PATIENT_SEX,
+    tags::STUDY_INSTANCE_UID,
+    tags::STUDY_DATE,
+    tags::STUDY_TIME,
+    tags::REFERRING_PHYSICIAN_NAME,
+    tags::STUDY_ID,
+    tags::ACCESSION_NUMBER,
+    tags::SPECIFIC_CHARACTER_SET,
+];
+
+impl Source {
+    /// Reads the headers of the series' files.
+    pub fn read(files: &[PathBuf]) -> Result<Source, ReportError> {
+        let first = files.first().ok_or_else(|| ReportError::Source("no files".into()))?;
+        let open = |p: &Path| {
+            dicom_object::OpenFileOptions::new()
+                .read_until(tags::PIXEL_DATA)
+                .open_file(p)
+                .map_err(|e| ReportError::Source(format!("{}: {e}", p.display())))
+        };
+        let object = open(first)?;
+        let text = |tag| {
+            object.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+        };
+        let mut patient_study = Vec::new();
+        for tag in COPIED {
+            match object.element(tag) {
+                Ok(e) => patient_study.push(e.clone()),
+                Err(_) if tag == tags::SPECIFIC_CHARACTER_SET => {}
+                Err(_) => patient_study.push(DataElement::new(tag, dicom_vr(tag), PrimitiveValue::Empty)),
+            }
+        }
+        let mut instances = Vec::with_capacity(files.len());
+        for f in files {
+            let header = crate::spool::InstanceHeader::read(f)
+                .map_err(|e| ReportError::Source(format!("{}: {e}", f.display())))?;
+            instances.push((header.sop_class_uid, header.sop_instance_uid));
+        }
+        Ok(Source {
+            patient_study,
+            study_uid: text(tags::STUDY_INSTANCE_UID)
+                .ok_or_else(|| ReportError::Source("no StudyInstanceUID".into()))?,
+            series_uid: text(tags::SERIES_INSTANCE_UID)
+                .ok_or_else(|| ReportError::Source("no SeriesInstanceUID".into()))?,
+            frame_of_reference_uid: text(tags::FRAME_OF_REFERENCE_UID)
+                .ok_or_else(|| ReportError::Source("no FrameOfReferenceUID: results could not be placed".into()))?,
+            instances,
+        })
+    }
+}
+
+fn dicom_vr(tag: Tag) -> VR {
+    match tag {
+        tags::PATIENT_NAME | tags::REFERRING_PHYSICIAN_NAME => VR::PN,
+        tags::PATIENT_BIRTH_DATE | tags::STUDY_DATE => VR::DA,
+        tags::STUDY_TIME => VR::TM,
+        tags::PATIENT_SEX => VR::CS,
+        tags::STUDY_ID | tags::ACCESSION_NUMBER => VR::SH,
+        tags::STUDY_INSTANCE_UID => VR::UI,
+        _ => VR::LO,
+    }
+}
+
+/// Who made the objects.
+#[derive(Debug, Clone)]
+pub struct Algorithm {
+    pub name: String,
+    pub version: String,
+    /// SHA-256 of the weights file, hex; `None` without weights.
+    pub weights_sha256: Option<String>,
+}
+
+impl Algorithm {
+    pub fn new(weights_sha256: Option<String>) -> Algorithm {
+        Algorithm { name: "IDAICS".into(), version: env!("CARGO_PKG_VERSION").into(), weights_sha256 }
+    }
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A UID under 2.25 derived from the source series, the weights and the object's role: the same
+/// inputs always give the same UID.
+pub fn derived_uid(source_series_uid: &str, weights_sha256: Option<&str>, role: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(source_series_uid.as_bytes())
+        .chain_update([0])
+        .chain_update(weights_sha256.unwrap_or("no-weights").as_bytes())
+        .chain_update([0])
+        .chain_update(role.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    // Shaped as a name-based UUID (version 8, RFC 9562) so the 2.25 rules hold.
+    bytes[6] = (bytes[6] & 0x0f) | 0x80;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    format!("2.25.{}", u128::from_be_bytes(bytes))
+}
+
+/// A written object, ready for the outbox.
+#[derive(Debug, Clone)]
+pub struct WrittenObject {
+    pub path: PathBuf,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+}
+
+pub(crate) fn text(tag: Tag, vr: VR, value: impl Into<String>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, vr, PrimitiveValue::from(value.into()))
+}
+
+pub(crate) fn sequence(tag: Tag, items: Vec<InMemDicomObject>) -> DataElement<InMemDicomObject> {
+    DataElement::new(tag, VR::SQ, DataSetSequence::from(items))
+}
+
+pub(crate) fn item(elements: Vec<DataElement<InMemDicomObject>>) -> InMemDicomObject {
+    InMemDicomObject::from_element_iter(elements)
+}
+
+/// A coded concept as a sequence item.
+pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
+    item(vec![
+        text(tags::CODE_VALUE, VR::SH, value),
+        text(tags::CODING_SCHEME_DESIGNATOR, VR::SH, scheme),
+        text(tags::CODE_MEANING, VR::LO, meaning),
+    ])
+}
+
+/// DICOM date and time of now (UTC).
+pub(crate) fn now_da_tm() -> (String, String) {
+    let t = crate::series::now_rfc3339(); // 2026-11-27T22:50:00.123Z
+    let date = t[0..10].replace('-', "");
+    let time = t[11..19].replace(':', "");
+    (date, time)
+}
+
+/// Writes a data set as a DICOM file (explicit VR little endian), synced to disk: these files are
+/// what the outbox promises to deliver.
+pub(crate) fn write_object(
+    mut object: InMemDicomObject,
+    sop_class: &str,
+    sop_uid: &str,
+    path: &Path,
+) -> Result<WrittenObject, ReportError> {
+    let err = |message: String| ReportError::Write { path: path.to_path_buf(), message };
+    object.put(text(tags::SOP_CLASS_UID, VR::UI, sop_class));
+    object.put(text(tags::SOP_INSTANCE_UID, VR::UI, sop_uid));
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(sop_class)
+        .media_storage_sop_instance_uid(sop_uid)
+        .transfer_syntax(dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN)
+        .implementation_class_uid(crate::spool::IMPLEMENTATION_CLASS_UID)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    object.with_exact_meta(meta).write_to_file(&tmp).map_err(|e| err(e.to_string()))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+    Ok(WrittenObject {
+        path: path.to_path_buf(),
+        sop_class_uid: sop_class.to_string(),
+        sop_instance_uid: sop_uid.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn derived_uids_are_stable_valid_and_distinct() {
+        let a = super::derived_uid("1.2.3", Some("abc"), "sr");
+        assert_eq!(a, super::derived_uid("1.2.3", Some("abc"), "sr"));
+        assert_ne!(a, super::derived_uid("1.2.3", Some("abd"), "sr"));
+        assert_ne!(a, super::derived_uid("1.2.3", Some("abc"), "seg"));
+        assert!(a.len() <= 64 && a.starts_with("2.25.") && !a[5..].starts_with('0'), "{a}");
+    }
+}

@@ -1,0 +1,141 @@
+//! C-STORE of one file to a DICOM destination: one association per object, so a refusal or a
+//! dropped connection affects only that object, and the outbox decides what happens next.
+
+use std::path::Path;
+
+use dicom_dictionary_std::{tags, uids};
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::OpenFileOptions;
+use dicom_ul::Pdu;
+use dicom_ul::association::client::ClientAssociationOptions;
+use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScuError {
+    #[error("cannot read {0}")]
+    Read(String),
+    #[error("association with {destination} failed: {message}")]
+    Association { destination: String, message: String },
+    #[error("the destination accepted no presentation context for {0}")]
+    NoContext(String),
+    #[error("transfer to {destination} failed: {message}")]
+    Transfer { destination: String, message: String },
+}
+
+/// Where to send: AE title, host and port.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub ae_title: String,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Sends the file and returns the DIMSE status of the response (0x0000 success, 0xB... warnings,
+/// anything else a refusal).
+pub fn store(peer: &Peer, calling_ae: &str, path: &Path, timeout: std::time::Duration) -> Result<u16, ScuError> {
+    let read = |e: String| ScuError::Read(format!("{}: {e}", path.display()));
+    let object = OpenFileOptions::new().open_file(path).map_err(|e| read(e.to_string()))?;
+    let sop_class = object.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+    let sop_instance = object.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
+    let destination = format!("{}@{}:{}", peer.ae_title, peer.host, peer.port);
+    let assoc_err = |message: String| ScuError::Association { destination: destination.clone(), message };
+    let mut association = ClientAssociationOptions::new()
+        .calling_ae_title(calling_ae)
+        .called_ae_title(peer.ae_title.as_str())
+        .with_presentation_context(
+            sop_class.as_str(),
+            vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN],
+        )
+        .connection_timeout(timeout)
+        .read_timeout(timeout)
+        .write_timeout(timeout)
+        .establish(format!("{}:{}", peer.host, peer.port).as_str())
+        .map_err(|e| assoc_err(e.to_string()))?;
+    let context = association
+        .presentation_contexts()
+        .iter()
+        .find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .cloned()
+        .ok_or_else(|| ScuError::NoContext(sop_class.clone()))?;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(context.transfer_syntax.trim_end_matches('\0'))
+        .ok_or_else(|| assoc_err(format!("unknown transfer syntax {}", context.transfer_syntax)))?;
+    let mut dataset = Vec::new();
+    object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(e.to_string()))?;
+    let transfer = |message: String| ScuError::Transfer { destination: destination.clone(), message };
+    let command = store_command(&sop_class, &sop_instance);
+    association
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: context.id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: command,
+            }],
+        })
+        .map_err(|e| transfer(e.to_string()))?;
+    // Fragments that fit the peer's maximum PDU length (less the PDU and PDV headers).
+    let chunk = match association.acceptor_max_pdu_length() as usize {
+        0 => 1 << 20, // no limit announced
+        max => max.saturating_sub(12).max(1024),
+    };
+    let count = dataset.len().div_ceil(chunk).max(1);
+    for (n, part) in dataset.chunks(chunk).enumerate() {
+        association
+            .send(&Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: context.id,
+                    value_type: PDataValueType::Data,
+                    is_last: n + 1 == count,
+                    data: part.to_vec(),
+                }],
+            })
+            .map_err(|e| transfer(e.to_string()))?;
+    }
+    let status = match association.receive().map_err(|e| transfer(e.to_string()))? {
+        Pdu::PData { data } => {
+            let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
+            let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
+                &bytes[..],
+                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .map_err(|e| transfer(format!("unreadable response: {e}")))?;
+            response
+                .element(tags::STATUS)
+                .ok()
+                .and_then(|e| e.to_int::<u16>().ok())
+                .ok_or_else(|| transfer("response without a status".into()))?
+        }
+        other => return Err(transfer(format!("unexpected PDU {other:?}"))),
+    };
+    let _ = association.release();
+    Ok(status)
+}
+
+/// A C-STORE-RQ command set (implicit VR little endian, as DIMSE commands always are).
+fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
+    fn put(out: &mut Vec<u8>, element: u16, value: &[u8]) {
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(&element.to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    fn uid(s: &str) -> Vec<u8> {
+        let mut v = s.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        v
+    }
+    let mut body = Vec::new();
+    put(&mut body, 0x0002, &uid(sop_class)); // Affected SOP Class UID
+    put(&mut body, 0x0100, &1u16.to_le_bytes()); // C-STORE-RQ
+    put(&mut body, 0x0110, &1u16.to_le_bytes()); // Message ID
+    put(&mut body, 0x0700, &0u16.to_le_bytes()); // Priority: medium
+    put(&mut body, 0x0800, &0u16.to_le_bytes()); // a data set follows
+    put(&mut body, 0x1000, &uid(sop_instance)); // Affected SOP Instance UID
+    let mut out = Vec::new();
+    put(&mut out, 0x0000, &(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}

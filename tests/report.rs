@@ -1,0 +1,160 @@
+//! The objects the agent sends back: valid by dciodvfy, readable by DCMTK, deterministic; and
+//! delivered end to end, through a destination outage and an agent restart.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Agent, free_port, output_text, store_outcomes};
+use idaics::config::SeriesConfig;
+use idaics::phantom::{PhantomSpec, write_phantom};
+use idaics::report::{Algorithm, Source};
+
+fn phantom(dir: &Path, seed: u64) -> (Vec<PathBuf>, idaics::phantom::Truth) {
+    let spec = PhantomSpec { seed, pixel_spacing_mm: 2.0, slice_thickness_mm: 2.5, size: 160, ..Default::default() };
+    let (series, truth) = write_phantom(dir, &spec).unwrap();
+    (series.files, truth)
+}
+
+fn dciodvfy_errors(path: &Path) -> Vec<String> {
+    let out =
+        Command::new("dciodvfy").arg(path).output().expect("dciodvfy (dicom3tools) is installed by the test script");
+    let text = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    text.lines().filter(|l| l.starts_with("Error")).map(str::to_string).collect()
+}
+
+#[test]
+fn sr_and_key_slices_are_valid_readable_and_deterministic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom(&tmp.path().join("in"), 3);
+    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let analysis = idaics::pipeline::analyze(&volume, None).unwrap();
+    assert!(analysis.findings.iter().all(|f| f.class == "undetermined"));
+    let source = Source::read(&files).unwrap();
+    let algorithm = Algorithm::new(None);
+    let objects = idaics::pipeline::write_objects(&source, &analysis, &algorithm, &tmp.path().join("out")).unwrap();
+    assert_eq!(objects.len(), 1 + truth.levels.len() + 1, "sagittal, one axial per level, the SR");
+    for o in &objects {
+        let errors = dciodvfy_errors(&o.path);
+        assert!(errors.is_empty(), "{}:\n{}", o.path.display(), errors.join("\n"));
+    }
+    let sr = objects.last().unwrap();
+    let dump = Command::new("dsrdump").arg(&sr.path).output().unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(text.contains("Imaging Measurement Report"), "{text}");
+    assert_eq!(text.matches("Measurement Group").count(), truth.levels.len(), "{text}");
+    for (level, code) in [("L4/L5", "84020006"), ("L5/S1", "715056000"), ("T12/L1", "76206002")] {
+        assert!(text.contains(&format!("\"{level}\"")), "{level} missing:\n{text}");
+        assert!(text.contains(code), "{code} missing:\n{text}");
+    }
+    assert!(text.contains("UNVERIFIED") || text.contains("Unverified"), "{text}");
+    // The same inputs give the same UIDs: a resent series replaces its objects.
+    let again = idaics::pipeline::write_objects(&source, &analysis, &algorithm, &tmp.path().join("again")).unwrap();
+    let uids = |v: &[idaics::report::WrittenObject]| v.iter().map(|o| o.sop_instance_uid.clone()).collect::<Vec<_>>();
+    assert_eq!(uids(&objects), uids(&again));
+    // Key slices sit in the source frame of reference.
+    let key = dicom_object::open_file(&objects[1].path).unwrap();
+    let frame = |o: &dicom_object::DefaultDicomObject| {
+        o.element(dicom_dictionary_std::tags::FRAME_OF_REFERENCE_UID)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    assert_eq!(frame(&key), frame(&dicom_object::open_file(&files[0]).unwrap()));
+}
+
+/// DCMTK storescp as the destination PACS.
+struct StoreScp {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl StoreScp {
+    fn start(port: u16, dir: &Path) -> StoreScp {
+        std::fs::create_dir_all(dir).unwrap();
+        let child = Command::new("storescp")
+            .args(["-aet", "PACS", "-od"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("storescp (dcmtk)");
+        std::thread::sleep(Duration::from_millis(300));
+        StoreScp { child, dir: dir.to_path_buf() }
+    }
+
+    fn received(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn sop_instances(files: &[PathBuf]) -> Vec<String> {
+    let mut uids: Vec<String> =
+        files.iter().map(|f| idaics::spool::InstanceHeader::read(f).unwrap().sop_instance_uid).collect();
+    uids.sort();
+    uids
+}
+
+#[test]
+fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom(&tmp.path().join("in"), 8);
+    let expected = 1 + truth.levels.len() + 1;
+    let pacs_port = free_port();
+    let folder = tmp.path().join("folder");
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let state = tmp.path().join("state");
+    // The PACS is down when the job finishes.
+    let args = ["--destination", destination.as_str(), "--destination", folder.to_str().unwrap()];
+    let mut agent = Agent::start_with_args(&state, &[], &args);
+    let out = agent.storescu(&[], &files);
+    assert_eq!(store_outcomes(&out), (files.len(), 0), "{}", output_text(&out));
+    // The folder destination gets everything; the DICOM one is retried.
+    wait("the folder destination", Duration::from_secs(60), || {
+        std::fs::read_dir(&folder).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map_or(false, |series| {
+            std::fs::read_dir(series.path())
+                .map(|r| r.flatten().filter(|f| f.file_name().to_string_lossy().ends_with(".dcm")).count())
+                .unwrap_or(0)
+                == expected
+        })
+    });
+    assert!(agent.log().contains("delivery failed; kept for a retry"), "{}", agent.log());
+    // Killed with objects in the outbox; restarted; the PACS comes up.
+    agent.kill();
+    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    let _agent = Agent::start_with_args(&state, &[], &args);
+    wait("delivery to the PACS", Duration::from_secs(90), || pacs.received().len() >= expected);
+    std::thread::sleep(Duration::from_secs(2));
+    let received = pacs.received();
+    assert_eq!(received.len(), expected, "every object exactly once: {received:?}");
+    let uids = sop_instances(&received);
+    let mut unique = uids.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), expected);
+    // The SR lists one measurement group per level of the phantom, with its site.
+    let sr = received.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("SR")).expect("an SR");
+    let dump = Command::new("dsrdump").arg(sr).output().unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert_eq!(text.matches("Measurement Group").count(), truth.levels.len(), "{text}");
+}
