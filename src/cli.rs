@@ -143,6 +143,12 @@ enum Command {
         /// Also write the slices the network sees as PNG, with the levels marked on the sagittal.
         #[arg(long)]
         png: bool,
+        /// YOLOv8-seg weights; without them every level's finding is "undetermined".
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
     },
     /// List the series in the spool with their state (pending, complete, skipped and why).
     Series {
@@ -269,9 +275,14 @@ pub fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Analyze { paths, out, format, png } => {
+        Command::Analyze { paths, out, format, png, weights, device } => {
             init_cli_logging();
-            analyze(&paths, &out, format, png)
+            let detector = weights
+                .map(|w| {
+                    crate::pipeline::Detector::load(&w, &device).with_context(|| format!("cannot load {}", w.display()))
+                })
+                .transpose()?;
+            analyze(&paths, &out, format, png, detector.as_ref())
         }
         Command::Migrate { database } => {
             let url = database_url_of(database)?;
@@ -433,7 +444,13 @@ fn detect(
     Ok(())
 }
 
-fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: bool) -> anyhow::Result<()> {
+fn analyze(
+    paths: &[PathBuf],
+    out: &std::path::Path,
+    format: DetectFormat,
+    png: bool,
+    detector: Option<&crate::pipeline::Detector>,
+) -> anyhow::Result<()> {
     use std::collections::BTreeMap;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     // Every DICOM file under the paths, grouped by series.
@@ -466,20 +483,22 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: 
         }));
     for (series_uid, volume) in volumes {
         let result = volume.and_then(|volume| {
-            let levels = crate::spine::locate_discs(&volume).map_err(|e| e.to_string())?;
+            let analysis = crate::pipeline::analyze(&volume, detector).map_err(|e| e.to_string())?;
             if png {
-                write_pngs(&volume, &levels, &out.join(&series_uid)).map_err(|e| format!("writing PNGs: {e}"))?;
+                write_pngs(&volume, &analysis.levels, &out.join(&series_uid))
+                    .map_err(|e| format!("writing PNGs: {e}"))?;
             }
-            Ok(levels)
+            Ok(analysis.findings)
         });
         let (levels, skipped) = match result {
-            Ok(levels) => (
-                levels
+            Ok(findings) => (
+                findings
                     .iter()
-                    .map(|l| {
+                    .map(|f| {
+                        let l = &f.level;
                         serde_json::json!({
                             "name": l.name, "name_certain": l.name_certain,
-                            "center_lps_mm": l.center_lps_mm, "normal": l.normal, "finding": null,
+                            "center_lps_mm": l.center_lps_mm, "normal": l.normal, "finding": f.json(),
                         })
                     })
                     .collect::<Vec<_>>(),
@@ -503,12 +522,14 @@ fn analyze(paths: &[PathBuf], out: &std::path::Path, format: DetectFormat, png: 
                     let c: Vec<f64> =
                         l["center_lps_mm"].as_array().into_iter().flatten().filter_map(|v| v.as_f64()).collect();
                     println!(
-                        "  {:<8}{} at ({:.1}, {:.1}, {:.1}) mm",
+                        "  {:<8}{} at ({:.1}, {:.1}, {:.1}) mm  {} {:.2}",
                         l["name"].as_str().unwrap_or(""),
                         if l["name_certain"].as_bool() == Some(true) { " " } else { "?" },
                         c[0],
                         c[1],
-                        c[2]
+                        c[2],
+                        l["finding"]["class"].as_str().unwrap_or(""),
+                        l["finding"]["confidence"].as_f64().unwrap_or(0.0)
                     );
                 }
             }

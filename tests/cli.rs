@@ -105,3 +105,48 @@ fn analyze_reads_an_enhanced_ct_phantom_and_a_nifti_crop() {
     // The crop is analysed as a volume of its own, named by its file (its result: see real_crops).
     assert!(series.iter().any(|s| s["series_uid"] == "sub-ct_label-22_ct.nii.gz"), "{report:#}");
 }
+
+#[test]
+fn analyze_runs_the_detector_when_given_weights() {
+    // The shapes model (tests/fixtures/shapes) knows no disc classes: the path runs end to end
+    // and every level is reported, undetermined.
+    let dir = tempfile::tempdir().unwrap();
+    let phantom = dir.path().join("phantom");
+    let out = idaics(&[
+        "phantom",
+        "--out",
+        phantom.to_str().unwrap(),
+        "--seed",
+        "6",
+        "--pixel-spacing",
+        "2",
+        "--slice-thickness",
+        "2.5",
+        "--size",
+        "160",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/shapes/shapes-yolov8n-seg.safetensors");
+    let results = dir.path().join("results");
+    let out = idaics(&[
+        "analyze",
+        phantom.to_str().unwrap(),
+        "--out",
+        results.to_str().unwrap(),
+        "--format",
+        "json",
+        "--weights",
+        weights,
+        "--device",
+        "cpu",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let levels = report["series"][0]["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 6);
+    for l in levels {
+        let class = l["finding"]["class"].as_str().unwrap();
+        assert!(["normal", "schmorl", "bulge", "protrusion", "undetermined"].contains(&class), "{l}");
+        assert!(l["finding"]["views"].is_array());
+    }
+}
