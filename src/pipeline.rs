@@ -112,8 +112,13 @@ pub fn write_objects(
             .push((Some(level.name.clone()), crate::report::key_slices::write(source, algorithm, axial, number, dir)?));
         number += 1;
     }
+    let images: Vec<&SliceImage> = analysis.sagittal.iter().chain(analysis.axials.iter()).collect();
+    let pairs: Vec<(&SliceImage, &WrittenObject)> = images.into_iter().zip(key_slices.iter().map(|(_, o)| o)).collect();
+    // No SEG without masks (no weights, or nothing detected): it would have no segments.
+    let seg = crate::report::seg::write(source, algorithm, &analysis.findings, &pairs, dir)?;
     let sr = crate::report::sr::write(source, algorithm, &analysis.findings, &key_slices, dir)?;
     let mut objects: Vec<WrittenObject> = key_slices.into_iter().map(|(_, o)| o).collect();
+    objects.extend(seg);
     objects.push(sr);
     Ok(objects)
 }

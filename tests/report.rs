@@ -158,3 +158,74 @@ fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     let text = String::from_utf8_lossy(&dump.stdout);
     assert_eq!(text.matches("Measurement Group").count(), truth.levels.len(), "{text}");
 }
+
+#[test]
+fn segmentation_holds_one_segment_per_finding_with_a_mask() {
+    use idaics::detector::predict::Mask;
+    use idaics::findings::ViewDetection;
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, _truth) = phantom(&tmp.path().join("in"), 5);
+    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let mut analysis = idaics::pipeline::analyze(&volume, None).unwrap();
+    // What a detector would have said: an ellipse where the disc is, on the views named.
+    let size = idaics::pipeline::SLICE_SIZE;
+    let ellipse = |cx: f64, cy: f64, rx: f64, ry: f64| Mask {
+        width: size,
+        height: size,
+        data: (0..size * size)
+            .map(|p| (((p % size) as f64 - cx) / rx).powi(2) + (((p / size) as f64 - cy) / ry).powi(2) <= 1.0)
+            .collect(),
+    };
+    let centre = size as f64 / 2.0;
+    let detection = |view: &'static str, class: &'static str, mask: Mask| ViewDetection {
+        view,
+        class,
+        confidence: 0.9,
+        bbox: [10.0, 10.0, 50.0, 50.0],
+        mask_area_mm2: mask.area() as f64,
+        mask,
+    };
+    let (l4l5, l5s1) = (
+        analysis.findings.iter().position(|f| f.level.name == "L4/L5").unwrap(),
+        analysis.findings.iter().position(|f| f.level.name == "L5/S1").unwrap(),
+    );
+    analysis.findings[l4l5].class = "protrusion";
+    analysis.findings[l4l5].confidence = 0.9;
+    analysis.findings[l4l5].views = vec!["axial", "sagittal"];
+    analysis.findings[l4l5].evidence = vec![
+        detection("axial", "protrusion", ellipse(centre, centre, 80.0, 50.0)),
+        detection("sagittal", "protrusion", ellipse(centre, centre, 40.0, 12.0)),
+    ];
+    analysis.findings[l5s1].class = "bulge";
+    analysis.findings[l5s1].confidence = 0.7;
+    analysis.findings[l5s1].views = vec!["axial"];
+    analysis.findings[l5s1].evidence = vec![detection("axial", "bulge", ellipse(centre, centre, 90.0, 60.0))];
+    let source = Source::read(&files).unwrap();
+    let objects = idaics::pipeline::write_objects(
+        &source,
+        &analysis,
+        &Algorithm::new(Some("ab".repeat(32))),
+        &tmp.path().join("out"),
+    )
+    .unwrap();
+    let seg = objects.iter().find(|o| o.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4").expect("a SEG");
+    let errors = dciodvfy_errors(&seg.path);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    let object = dicom_object::open_file(&seg.path).unwrap();
+    let tags = dicom_dictionary_std::tags::NUMBER_OF_FRAMES;
+    assert_eq!(object.element(tags).unwrap().to_int::<u32>().unwrap(), 3, "three masks, no empty frame");
+    assert_eq!(object.element(dicom_dictionary_std::tags::SEGMENT_SEQUENCE).unwrap().items().unwrap().len(), 2);
+    let bits: u32 = object
+        .element(dicom_dictionary_std::tags::PIXEL_DATA)
+        .unwrap()
+        .to_bytes()
+        .unwrap()
+        .iter()
+        .map(|b| b.count_ones())
+        .sum();
+    let expected: usize = analysis.findings.iter().flat_map(|f| f.evidence.iter()).map(|e| e.mask.area()).sum();
+    assert_eq!(bits as usize, expected);
+    // The SR is still there and valid alongside.
+    let sr = objects.last().unwrap();
+    assert!(dciodvfy_errors(&sr.path).is_empty());
+}
