@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs what the tests talk to (DCMTK for the
 # real DICOM peers, cmake for the CharLS JPEG-LS codec build, PostgreSQL whose server binaries the
-# database tests run as throwaway clusters), then runs every test.
+# database tests run as throwaway clusters, dicom3tools for dciodvfy, and a Python venv with
+# highdicom in target/pyenv), then runs every test.
 # Usage: scripts/test.sh   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(dcmtk cmake pkg-config postgresql dicom3tools)
+packages=(dcmtk cmake pkg-config postgresql dicom3tools python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -17,6 +18,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# highdicom (PyPI) reads the agent's SR and SEG back in tests/report.rs.
+pyenv=target/pyenv
+if ! "$pyenv/bin/python" -c "import highdicom" 2>/dev/null; then
+  python3 -m venv "$pyenv"
+  "$pyenv/bin/pip" install -q "highdicom==0.28.2"
+fi
+export IDAICS_PYTHON="$PWD/$pyenv/bin/python"
 
 test -d ../shared/data/corpora || { echo "shared test data not found at ../shared/data" >&2; exit 1; }
 

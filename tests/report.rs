@@ -228,4 +228,21 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     // The SR is still there and valid alongside.
     let sr = objects.last().unwrap();
     assert!(dciodvfy_errors(&sr.path).is_empty());
+    // highdicom reads both back.
+    let python = std::env::var("IDAICS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/highdicom_read.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(&sr.path)
+        .arg(&seg.path)
+        .arg(analysis.findings.len().to_string())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{python}: {e}; the README's test command provides a Python with highdicom (IDAICS_PYTHON)")
+        });
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "highdicom: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("L4/L5 Disc protrusion 84020006"), "{text}");
+    assert!(text.contains("segments 2 frames 3"), "{text}");
+    assert!(text.contains("Artificial Intelligence"), "{text}");
 }
