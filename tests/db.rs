@@ -283,3 +283,75 @@ fn records_survive_a_postgres_outage() {
         assert!(!journal.exists());
     });
 }
+
+/// `idaics findings` over the embedded database: each filter flag and each output format, and
+/// the history view, as an administrator runs them.
+#[test]
+fn findings_command_filters_and_formats() {
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", state.path().join("idaics.db").display());
+    runtime().block_on(async {
+        let db = Db::connect(&url).await.unwrap();
+        db.migrate().await.unwrap();
+        let mut jobs = Vec::new();
+        for (study, date) in [("9.1", "2024-03-01"), ("9.2", "2025-03-01"), ("9.3", "2026-03-01")] {
+            db.record_series(&series_row(&format!("{study}.1"), "P7", study, date, "complete", 1)).await.unwrap();
+            jobs.push(db.claim_job("t").await.unwrap().unwrap().id);
+        }
+        db.insert_findings(&[
+            finding(jobs[0], "9.1", "2024-03-01", "L4/L5", "bulge", 0.81),
+            finding(jobs[1], "9.2", "2025-03-01", "L4/L5", "bulge", 0.77),
+            finding(jobs[2], "9.3", "2026-03-01", "L4/L5", "protrusion", 0.91),
+            finding(jobs[2], "9.3", "2026-03-01", "L5/S1", "normal", 0.88),
+        ])
+        .await
+        .unwrap();
+    });
+    let run = |args: &[&str]| -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .arg("findings")
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json = |args: &[&str]| -> usize {
+        let mut all = args.to_vec();
+        all.extend(["--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&run(&all)).unwrap();
+        v["findings"].as_array().unwrap().len()
+    };
+    assert_eq!(json(&[]), 4);
+    assert_eq!(json(&["--patient", "P7"]), 4);
+    assert_eq!(json(&["--accession", "ACC-9.3"]), 2);
+    assert_eq!(json(&["--study", "9.2"]), 1);
+    assert_eq!(json(&["--level", "L5/S1"]), 1);
+    assert_eq!(json(&["--class", "bulge"]), 2);
+    assert_eq!(json(&["--since", "2025-01-01"]), 3);
+    assert_eq!(json(&["--until", "2024-12-31"]), 1);
+    assert_eq!(json(&["--min-confidence", "0.85"]), 2);
+    let csv = run(&["--level", "L4/L5", "--format", "csv"]);
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.len(), 4, "{csv}");
+    assert!(lines[0].starts_with("patient_id,study_date,accession,level,class,confidence"));
+    assert!(lines[3].contains("P7,2026-03-01,ACC-9.3,L4/L5,protrusion,0.910"), "{csv}");
+    let table = run(&["--class", "protrusion"]);
+    assert!(table.lines().next().unwrap().starts_with("patient_id"), "{table}");
+    assert!(table.contains("protrusion"), "{table}");
+    let history = run(&["--patient", "P7", "--history"]);
+    assert!(
+        history.contains("changed_class") && history.contains("unchanged") && history.contains("first"),
+        "{history}"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["findings", "--state-dir"])
+        .arg(state.path())
+        .args(["--class", "herniation"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("herniation"));
+}
