@@ -45,6 +45,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub http: HttpConfig,
     pub model: ModelConfig,
+    pub outputs: OutputsConfig,
     pub logging: LoggingConfig,
     pub destinations: Vec<Destination>,
 }
@@ -96,6 +97,18 @@ pub struct StorageConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputsConfig {
+    pub secondary_capture: bool,
+}
+
+impl Default for OutputsConfig {
+    fn default() -> Self {
+        OutputsConfig { secondary_capture: true }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

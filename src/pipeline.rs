@@ -94,11 +94,13 @@ pub fn analyze(volume: &Volume, detector: Option<&Detector>) -> Result<Analysis,
     Ok(Analysis { levels, sagittal, axials, findings })
 }
 
-/// Writes the key slices and the SR of an analysis into `dir`; returns them, key slices first.
+/// Writes the key slices, the SEG (when there are masks), the Secondary Captures (when asked) and
+/// the SR of an analysis into `dir`; returns them, the SR last.
 pub fn write_objects(
     source: &Source,
     analysis: &Analysis,
     algorithm: &Algorithm,
+    secondary_capture: bool,
     dir: &Path,
 ) -> Result<Vec<WrittenObject>, PipelineError> {
     let mut key_slices: Vec<(Option<String>, WrittenObject)> = Vec::new();
@@ -119,6 +121,11 @@ pub fn write_objects(
     let sr = crate::report::sr::write(source, algorithm, &analysis.findings, &key_slices, dir)?;
     let mut objects: Vec<WrittenObject> = key_slices.into_iter().map(|(_, o)| o).collect();
     objects.extend(seg);
+    if secondary_capture {
+        for (n, (finding, axial)) in analysis.findings.iter().zip(&analysis.axials).enumerate() {
+            objects.push(crate::report::secondary_capture::write(source, algorithm, finding, axial, n + 1, dir)?);
+        }
+    }
     objects.push(sr);
     Ok(objects)
 }
@@ -160,6 +167,8 @@ pub struct Worker {
     pub outputs_dir: PathBuf,
     pub detector: Option<Arc<Detector>>,
     pub destinations: Vec<Destination>,
+    /// Also write burned-in Secondary Capture key images.
+    pub secondary_capture: bool,
     pub agent_id: String,
     pub stats: Arc<crate::http::PipelineStats>,
     /// Woken when a job is queued or an object enters the outbox.
@@ -237,7 +246,8 @@ impl Worker {
             let analysis = analyze(&volume, worker.detector.as_deref()).map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
             let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
-            let objects = write_objects(&source, &analysis, &algorithm, &out).map_err(|e| e.to_string())?;
+            let objects = write_objects(&source, &analysis, &algorithm, worker.secondary_capture, &out)
+                .map_err(|e| e.to_string())?;
             Ok((analysis.findings, objects, source))
         })
         .await

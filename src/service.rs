@@ -143,6 +143,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         outputs_dir: state_dir.join("outputs"),
         detector,
         destinations: destinations.clone(),
+        secondary_capture: config.outputs.secondary_capture,
         agent_id: ctx.agent_id.clone(),
         stats: pipeline_stats.clone(),
         wake: wake.clone(),

@@ -34,8 +34,13 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     assert!(analysis.findings.iter().all(|f| f.class == "undetermined"));
     let source = Source::read(&files).unwrap();
     let algorithm = Algorithm::new(None);
-    let objects = idaics::pipeline::write_objects(&source, &analysis, &algorithm, &tmp.path().join("out")).unwrap();
-    assert_eq!(objects.len(), 1 + truth.levels.len() + 1, "sagittal, one axial per level, the SR");
+    let objects =
+        idaics::pipeline::write_objects(&source, &analysis, &algorithm, true, &tmp.path().join("out")).unwrap();
+    assert_eq!(
+        objects.len(),
+        1 + 2 * truth.levels.len() + 1,
+        "sagittal, per level an axial and a Secondary Capture, the SR"
+    );
     for o in &objects {
         let errors = dciodvfy_errors(&o.path);
         assert!(errors.is_empty(), "{}:\n{}", o.path.display(), errors.join("\n"));
@@ -52,7 +57,8 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     }
     assert!(text.contains("UNVERIFIED") || text.contains("Unverified"), "{text}");
     // The same inputs give the same UIDs: a resent series replaces its objects.
-    let again = idaics::pipeline::write_objects(&source, &analysis, &algorithm, &tmp.path().join("again")).unwrap();
+    let again =
+        idaics::pipeline::write_objects(&source, &analysis, &algorithm, true, &tmp.path().join("again")).unwrap();
     let uids = |v: &[idaics::report::WrittenObject]| v.iter().map(|o| o.sop_instance_uid.clone()).collect::<Vec<_>>();
     assert_eq!(uids(&objects), uids(&again));
     // Key slices sit in the source frame of reference.
@@ -120,7 +126,7 @@ fn sop_instances(files: &[PathBuf]) -> Vec<String> {
 fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let (files, truth) = phantom(&tmp.path().join("in"), 8);
-    let expected = 1 + truth.levels.len() + 1;
+    let expected = 1 + 2 * truth.levels.len() + 1; // sagittal, axials, Secondary Captures, SR
     let pacs_port = free_port();
     let folder = tmp.path().join("folder");
     let destination = format!("PACS@127.0.0.1:{pacs_port}");
@@ -201,13 +207,9 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     analysis.findings[l5s1].views = vec!["axial"];
     analysis.findings[l5s1].evidence = vec![detection("axial", "bulge", ellipse(centre, centre, 90.0, 60.0))];
     let source = Source::read(&files).unwrap();
-    let objects = idaics::pipeline::write_objects(
-        &source,
-        &analysis,
-        &Algorithm::new(Some("ab".repeat(32))),
-        &tmp.path().join("out"),
-    )
-    .unwrap();
+    let algorithm = Algorithm::new(Some("ab".repeat(32)));
+    let objects =
+        idaics::pipeline::write_objects(&source, &analysis, &algorithm, true, &tmp.path().join("out")).unwrap();
     let seg = objects.iter().find(|o| o.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4").expect("a SEG");
     let errors = dciodvfy_errors(&seg.path);
     assert!(errors.is_empty(), "{}", errors.join("\n"));

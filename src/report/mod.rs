@@ -6,6 +6,7 @@
 //! resent series yields the same objects (a PACS replaces them) rather than duplicates.
 
 pub mod key_slices;
+pub mod secondary_capture;
 pub mod seg;
 pub mod sr;
 
