@@ -118,9 +118,9 @@ pub fn write_objects(
     let pairs: Vec<(&SliceImage, &WrittenObject)> = images.into_iter().zip(key_slices.iter().map(|(_, o)| o)).collect();
     // No SEG without masks (no weights, or nothing detected): it would have no segments.
     let seg = crate::report::seg::write(source, algorithm, &analysis.findings, &pairs, dir)?;
-    let sr = crate::report::sr::write(source, algorithm, &analysis.findings, &key_slices, dir)?;
+    let sr = crate::report::sr::write(source, algorithm, &analysis.findings, &key_slices, seg.as_ref(), dir)?;
     let mut objects: Vec<WrittenObject> = key_slices.into_iter().map(|(_, o)| o).collect();
-    objects.extend(seg);
+    objects.extend(seg.map(|s| s.object));
     if secondary_capture {
         for (n, (finding, axial)) in analysis.findings.iter().zip(&analysis.axials).enumerate() {
             objects.push(crate::report::secondary_capture::write(source, algorithm, finding, axial, n + 1, dir)?);

@@ -227,9 +227,12 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
         .sum();
     let expected: usize = analysis.findings.iter().flat_map(|f| f.evidence.iter()).map(|e| e.mask.area()).sum();
     assert_eq!(bits as usize, expected);
-    // The SR is still there and valid alongside.
+    // The SR is valid alongside and points each level with a mask at its segment.
     let sr = objects.last().unwrap();
-    assert!(dciodvfy_errors(&sr.path).is_empty());
+    let errors = dciodvfy_errors(&sr.path);
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+    let dump = String::from_utf8_lossy(&Command::new("dsrdump").arg(&sr.path).output().unwrap().stdout).into_owned();
+    assert_eq!(dump.matches("Referenced Segment").count(), 2, "{dump}");
     // highdicom reads both back.
     let python = std::env::var("IDAICS_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/highdicom_read.py");

@@ -33,6 +33,12 @@ fn ds(v: f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
+/// The written SEG and, per level, its segment number.
+pub struct WrittenSeg {
+    pub object: WrittenObject,
+    pub segments: Vec<(String, u16)>,
+}
+
 /// Writes the SEG, or returns `None` when no finding has a mask (nothing to segment).
 /// `key_slices` pairs each written key slice with the image it holds.
 pub fn write(
@@ -41,11 +47,12 @@ pub fn write(
     findings: &[LevelFinding],
     key_slices: &[(&SliceImage, &WrittenObject)],
     dir: &Path,
-) -> Result<Option<WrittenObject>, ReportError> {
+) -> Result<Option<WrittenSeg>, ReportError> {
     let weights = algorithm.weights_sha256.as_deref();
     // (segment number, finding, evidence index, key slice index)
     let mut frames: Vec<(u16, usize, usize)> = Vec::new();
     let mut segments: Vec<InMemDicomObject> = Vec::new();
+    let mut numbers: Vec<(String, u16)> = Vec::new();
     for f in findings {
         let with_masks: Vec<(usize, usize)> = f
             .evidence
@@ -65,6 +72,7 @@ pub fn write(
             continue;
         }
         let number = segments.len() as u16 + 1;
+        numbers.push((f.level.name.clone(), number));
         let (class_value, class_meaning) = class_code(f.class);
         let mut segment = vec![
             DataElement::new(tags::SEGMENT_NUMBER, VR::US, PrimitiveValue::from(number)),
@@ -303,5 +311,6 @@ pub fn write(
     for e in elements {
         object.put(e);
     }
-    write_object(object, uids::SEGMENTATION_STORAGE, &sop_uid, &dir.join("seg.dcm")).map(Some)
+    let object = write_object(object, uids::SEGMENTATION_STORAGE, &sop_uid, &dir.join("seg.dcm"))?;
+    Ok(Some(WrittenSeg { object, segments: numbers }))
 }

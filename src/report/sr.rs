@@ -110,6 +110,7 @@ pub fn write(
     algorithm: &Algorithm,
     findings: &[LevelFinding],
     key_slices: &[(Option<String>, WrittenObject)],
+    seg: Option<&super::seg::WrittenSeg>,
     dir: &Path,
 ) -> Result<WrittenObject, ReportError> {
     let weights = algorithm.weights_sha256.as_deref();
@@ -182,6 +183,34 @@ pub fn write(
                     children.push(image_item(Some(code("121112", "DCM", "Source of Measurement")), object));
                 }
             }
+            // Its segment in the SEG, when the network drew one.
+            if let Some(seg) = seg
+                && let Some((_, number)) = seg.segments.iter().find(|(level, _)| level == name)
+            {
+                children.push(content(
+                    "CONTAINS",
+                    "IMAGE",
+                    Some(code("121191", "DCM", "Referenced Segment")),
+                    vec![sequence(
+                        tags::REFERENCED_SOP_SEQUENCE,
+                        vec![item(vec![
+                            text(tags::REFERENCED_SOP_CLASS_UID, VR::UI, seg.object.sop_class_uid.clone()),
+                            text(tags::REFERENCED_SOP_INSTANCE_UID, VR::UI, seg.object.sop_instance_uid.clone()),
+                            DataElement::new(
+                                tags::REFERENCED_SEGMENT_NUMBER,
+                                VR::US,
+                                dicom_core::value::PrimitiveValue::from(*number),
+                            ),
+                        ])],
+                    )],
+                ));
+                // The images it was drawn on (TID 1411: needed to read the group back).
+                for (level, object) in key_slices {
+                    if level.is_none() || level.as_deref() == Some(name.as_str()) {
+                        children.push(image_item(Some(code("121233", "DCM", "Source image for segmentation")), object));
+                    }
+                }
+            }
             let mut algorithm_name =
                 text_item("HAS CONCEPT MOD", code("111001", "DCM", "Algorithm Name"), &algorithm.name);
             algorithm_name.put(sequence(
@@ -220,6 +249,12 @@ pub fn write(
         ])
     };
     let mut evidence = vec![evidence_series(&source.series_uid, source.instances.clone())];
+    if let Some(seg) = seg {
+        evidence.push(evidence_series(
+            &derived_uid(&source.series_uid, weights, "seg-series"),
+            vec![(seg.object.sop_class_uid.clone(), seg.object.sop_instance_uid.clone())],
+        ));
+    }
     if !key_slices.is_empty() {
         evidence.push(evidence_series(
             &super::key_slices::series_uid(source, algorithm),

@@ -13,8 +13,16 @@ sr_path, seg_path, expected = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sr = hd.sr.srread(sr_path)
 # highdicom recognises the document as a TID 1500 Measurement Report and finds its groups.
 assert isinstance(sr.content, hd.sr.MeasurementReport), type(sr.content)
+# Levels whose finding has a segment read as volumetric ROI groups (they reference the SEG),
+# the others as image groups.
 image_groups = sr.content.get_image_measurement_groups()
-assert len(image_groups) == expected, f"highdicom sees {len(image_groups)} measurement groups"
+roi_groups = sr.content.get_volumetric_roi_measurement_groups()
+assert len(image_groups) + len(roi_groups) == expected, \
+    f"highdicom sees {len(image_groups)} + {len(roi_groups)} measurement groups"
+for group in roi_groups:
+    segment = group.referenced_segment
+    assert segment is not None, "a group without its segment"
+    print("group", group.tracking_identifier, "segment", segment.referenced_segment_numbers if hasattr(segment, "referenced_segment_numbers") else segment)
 measurements = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
 assert len(measurements) == 1, "one Imaging Measurements container"
 groups = [g for g in measurements[0].ContentSequence if g.ConceptNameCodeSequence[0].CodeValue == "125007"]
