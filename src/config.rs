@@ -103,11 +103,13 @@ pub struct DatabaseConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OutputsConfig {
     pub secondary_capture: bool,
+    /// Longest wait between two delivery attempts of one object, seconds.
+    pub max_retry_interval_s: u64,
 }
 
 impl Default for OutputsConfig {
     fn default() -> Self {
-        OutputsConfig { secondary_capture: true }
+        OutputsConfig { secondary_capture: true, max_retry_interval_s: 300 }
     }
 }
 
@@ -410,6 +412,7 @@ impl Config {
             check(&format!("dicom.allowed_peers[{i}]"), PeerRule::parse(peer).map(|_| ()));
         }
         let positive = |v: u64| if v == 0 { Err("must be greater than 0".to_string()) } else { Ok(()) };
+        check("outputs.max_retry_interval_s", positive(self.outputs.max_retry_interval_s));
         check("limits.max_associations", positive(self.limits.max_associations as u64));
         check(
             "limits.max_pdu_length",

@@ -301,6 +301,7 @@ pub async fn run_sender(
     db: Db,
     destination: Destination,
     calling_ae: String,
+    max_retry_interval_s: u64,
     wake: Arc<tokio::sync::Notify>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -323,8 +324,8 @@ pub async fn run_sender(
                     db.outbox_sent(item.id, &status).await
                 }
                 Err((status, error)) => {
-                    // 5 s, 10 s, 20 s ... capped at 5 minutes.
-                    let delay = (5u64 << item.attempts.clamp(0, 6) as u32).min(300);
+                    // 5 s, 10 s, 20 s ... capped (5 minutes by default).
+                    let delay = (5u64 << item.attempts.clamp(0, 16) as u32).min(max_retry_interval_s.max(1));
                     let secs = std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())

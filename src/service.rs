@@ -156,6 +156,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             db.clone(),
             d,
             config.dicom.ae_title.clone(),
+            config.outputs.max_retry_interval_s,
             wake.clone(),
             stop_rx.clone(),
         )));

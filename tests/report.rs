@@ -251,3 +251,39 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     assert!(text.contains("segments 2 frames 3"), "{text}");
     assert!(text.contains("Artificial Intelligence"), "{text}");
 }
+
+/// The acceptance case as written: the PACS is down while the job finishes and comes up two
+/// minutes later; every object arrives exactly once, with no restart of the agent. The retry
+/// interval is capped at 5 s here so the test does not wait out the default 5 minutes.
+#[test]
+fn pacs_down_for_two_minutes_gets_everything_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom(&tmp.path().join("in"), 9);
+    let expected = 1 + 2 * truth.levels.len() + 1;
+    let pacs_port = free_port();
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let agent = Agent::start_with_args(
+        &tmp.path().join("state"),
+        &[("IDAICS_OUTPUTS_MAX_RETRY_INTERVAL_S", "5")],
+        &["--destination", destination.as_str()],
+    );
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+    wait("a failed delivery", Duration::from_secs(60), || agent.log().contains("delivery failed; kept for a retry"));
+    std::thread::sleep(Duration::from_secs(120));
+    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    wait("delivery after the outage", Duration::from_secs(60), || pacs.received().len() >= expected);
+    std::thread::sleep(Duration::from_secs(3));
+    let received = pacs.received();
+    assert_eq!(received.len(), expected, "{received:?}");
+    let uids = sop_instances(&received);
+    let mut unique = uids.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), expected, "a duplicate arrived");
+    // Finding sites of every level of the phantom.
+    let sr = received.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("SR")).expect("an SR");
+    let text = String::from_utf8_lossy(&Command::new("dsrdump").arg(sr).output().unwrap().stdout).into_owned();
+    for level in &truth.levels {
+        let (code, _) = idaics::report::sr::disc_site(&level.name).unwrap();
+        assert!(text.contains(code), "{} ({code}) missing:\n{text}", level.name);
+    }
+}
