@@ -113,7 +113,7 @@ pub fn store(peer: &Peer, calling_ae: &str, path: &Path, timeout: std::time::Dur
 }
 
 /// A C-STORE-RQ command set (implicit VR little endian, as DIMSE commands always are).
-fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
+pub fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
     fn put(out: &mut Vec<u8>, element: u16, value: &[u8]) {
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&element.to_le_bytes());

@@ -178,6 +178,35 @@ pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject
     ])
 }
 
+/// Enhanced General Equipment (as Comprehensive 3D SR and SEG require), the instance number and
+/// the creation and content date and time: the same in every multi-purpose object we write.
+pub(crate) fn equipment_and_dates(algorithm: &Algorithm) -> Vec<DataElement<InMemDicomObject>> {
+    let (date, time) = now_da_tm();
+    vec![
+        text(tags::MANUFACTURER, VR::LO, "IDAICS"),
+        text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
+        text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "0"),
+        text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
+        text(tags::INSTANCE_NUMBER, VR::IS, "1"),
+        text(tags::INSTANCE_CREATION_DATE, VR::DA, date.clone()),
+        text(tags::INSTANCE_CREATION_TIME, VR::TM, time.clone()),
+        text(tags::CONTENT_DATE, VR::DA, date),
+        text(tags::CONTENT_TIME, VR::TM, time),
+    ]
+}
+
+/// Declares the private coding scheme of the finding classes.
+pub(crate) fn private_scheme_identification() -> DataElement<InMemDicomObject> {
+    sequence(
+        tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
+        vec![item(vec![
+            text(tags::CODING_SCHEME_DESIGNATOR, VR::SH, sr::PRIVATE_SCHEME),
+            text(tags::CODING_SCHEME_NAME, VR::ST, "IDAICS intervertebral disc findings"),
+            text(tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION, VR::ST, "IDAICS"),
+        ])],
+    )
+}
+
 /// DICOM date and time of now (UTC).
 pub(crate) fn now_da_tm() -> (String, String) {
     let t = crate::series::now_rfc3339(); // 2026-11-27T22:50:00.123Z

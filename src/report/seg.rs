@@ -10,9 +10,7 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
 use super::sr::{PRIVATE_SCHEME, class_code, disc_site};
-use super::{
-    Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, now_da_tm, sequence, text, write_object,
-};
+use super::{Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, sequence, text, write_object};
 use crate::findings::LevelFinding;
 use crate::slices::SliceImage;
 
@@ -205,7 +203,6 @@ pub fn write(
     }
     let sop_uid = derived_uid(&source.series_uid, weights, "seg");
     let dimension_uid = derived_uid(&source.series_uid, weights, "seg-dimensions");
-    let (date, time) = now_da_tm();
     let mut object = InMemDicomObject::new_empty();
     for e in &source.patient_study {
         object.put(e.clone());
@@ -227,15 +224,6 @@ pub fn write(
         text(tags::SERIES_DESCRIPTION, VR::LO, "IDAICS disc findings"),
         text(tags::FRAME_OF_REFERENCE_UID, VR::UI, source.frame_of_reference_uid.clone()),
         text(tags::POSITION_REFERENCE_INDICATOR, VR::LO, ""),
-        text(tags::MANUFACTURER, VR::LO, "IDAICS"),
-        text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
-        text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "0"),
-        text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
-        text(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        text(tags::CONTENT_DATE, VR::DA, date.clone()),
-        text(tags::CONTENT_TIME, VR::TM, time.clone()),
-        text(tags::INSTANCE_CREATION_DATE, VR::DA, date),
-        text(tags::INSTANCE_CREATION_TIME, VR::TM, time),
         text(tags::IMAGE_TYPE, VR::CS, "DERIVED\\PRIMARY"),
         text(tags::CONTENT_LABEL, VR::CS, "DISC_FINDINGS"),
         text(tags::CONTENT_DESCRIPTION, VR::LO, "Intervertebral disc findings"),
@@ -298,17 +286,10 @@ pub fn write(
                 sequence(tags::REFERENCED_INSTANCE_SEQUENCE, referenced),
             ])],
         ),
-        sequence(
-            tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-            vec![item(vec![
-                text(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PRIVATE_SCHEME),
-                text(tags::CODING_SCHEME_NAME, VR::ST, "IDAICS intervertebral disc findings"),
-                text(tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION, VR::ST, "IDAICS"),
-            ])],
-        ),
+        super::private_scheme_identification(),
         DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(pixels.into())),
     ];
-    for e in elements {
+    for e in elements.into_iter().chain(super::equipment_and_dates(algorithm)) {
         object.put(e);
     }
     let object = write_object(object, uids::SEGMENTATION_STORAGE, &sop_uid, &dir.join("seg.dcm"))?;

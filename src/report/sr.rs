@@ -12,9 +12,7 @@ use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
-use super::{
-    Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, now_da_tm, sequence, text, write_object,
-};
+use super::{Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, sequence, text, write_object};
 use crate::findings::LevelFinding;
 
 pub const SERIES_NUMBER: u32 = 9902;
@@ -115,7 +113,6 @@ pub fn write(
 ) -> Result<WrittenObject, ReportError> {
     let weights = algorithm.weights_sha256.as_deref();
     let sop_uid = derived_uid(&source.series_uid, weights, "sr");
-    let (date, time) = now_da_tm();
     let observer = vec![
         code_item("HAS OBS CONTEXT", code("121005", "DCM", "Observer Type"), code("121007", "DCM", "Device")),
         uid_item(
@@ -267,15 +264,6 @@ pub fn write(
         text(tags::SERIES_NUMBER, VR::IS, SERIES_NUMBER.to_string()),
         text(tags::SERIES_DESCRIPTION, VR::LO, "IDAICS disc findings"),
         sequence(tags::REFERENCED_PERFORMED_PROCEDURE_STEP_SEQUENCE, Vec::new()),
-        text(tags::MANUFACTURER, VR::LO, "IDAICS"),
-        text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
-        text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "0"),
-        text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
-        text(tags::INSTANCE_NUMBER, VR::IS, "1"),
-        text(tags::INSTANCE_CREATION_DATE, VR::DA, date.clone()),
-        text(tags::INSTANCE_CREATION_TIME, VR::TM, time.clone()),
-        text(tags::CONTENT_DATE, VR::DA, date),
-        text(tags::CONTENT_TIME, VR::TM, time),
         text(tags::COMPLETION_FLAG, VR::CS, "COMPLETE"),
         text(tags::VERIFICATION_FLAG, VR::CS, "UNVERIFIED"),
         sequence(tags::PERFORMED_PROCEDURE_CODE_SEQUENCE, Vec::new()),
@@ -286,14 +274,7 @@ pub fn write(
                 sequence(tags::REFERENCED_SERIES_SEQUENCE, evidence),
             ])],
         ),
-        sequence(
-            tags::CODING_SCHEME_IDENTIFICATION_SEQUENCE,
-            vec![item(vec![
-                text(tags::CODING_SCHEME_DESIGNATOR, VR::SH, PRIVATE_SCHEME),
-                text(tags::CODING_SCHEME_NAME, VR::ST, "IDAICS intervertebral disc findings"),
-                text(tags::CODING_SCHEME_RESPONSIBLE_ORGANIZATION, VR::ST, "IDAICS"),
-            ])],
-        ),
+        super::private_scheme_identification(),
         text(tags::VALUE_TYPE, VR::CS, "CONTAINER"),
         sequence(tags::CONCEPT_NAME_CODE_SEQUENCE, vec![code("126000", "DCM", "Imaging Measurement Report")]),
         text(tags::CONTINUITY_OF_CONTENT, VR::CS, "SEPARATE"),
@@ -306,7 +287,7 @@ pub fn write(
         ),
         sequence(tags::CONTENT_SEQUENCE, root),
     ];
-    for e in elements {
+    for e in elements.into_iter().chain(super::equipment_and_dates(algorithm)) {
         object.put(e);
     }
     write_object(object, uids::COMPREHENSIVE3_DSR_STORAGE, &sop_uid, &dir.join("sr.dcm"))

@@ -240,7 +240,7 @@ pub fn raw_store(port: u16, sop_class: &str, sop_instance: &str, ts: &str, datas
         .establish_with(&format!("{AE}@127.0.0.1:{port}"))
         .expect("association");
     let pc = assoc.presentation_contexts()[0].id;
-    let command = store_command(sop_class, sop_instance);
+    let command = idaics::scu::store_command(sop_class, sop_instance);
     assoc
         .send(&Pdu::PData {
             data: vec![PDataValue {
@@ -278,33 +278,6 @@ pub fn raw_store(port: u16, sop_class: &str, sop_instance: &str, ts: &str, datas
     };
     let _ = assoc.release();
     status
-}
-
-fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
-    fn put(out: &mut Vec<u8>, group: u16, element: u16, value: &[u8]) {
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&element.to_le_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        out.extend_from_slice(value);
-    }
-    fn uid(s: &str) -> Vec<u8> {
-        let mut v = s.as_bytes().to_vec();
-        if v.len() % 2 == 1 {
-            v.push(0);
-        }
-        v
-    }
-    let mut body = Vec::new();
-    put(&mut body, 0, 0x0002, &uid(sop_class));
-    put(&mut body, 0, 0x0100, &1u16.to_le_bytes());
-    put(&mut body, 0, 0x0110, &1u16.to_le_bytes());
-    put(&mut body, 0, 0x0700, &0u16.to_le_bytes());
-    put(&mut body, 0, 0x0800, &0u16.to_le_bytes());
-    put(&mut body, 0, 0x1000, &uid(sop_instance));
-    let mut out = Vec::new();
-    put(&mut out, 0, 0x0000, &(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
 }
 
 /// The data set bytes of a DICOM file (everything after the file meta group), and its TS.
