@@ -164,7 +164,8 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     }
     let superior_is_up = volume.axes[2][2] >= 0.0;
     let levels: Vec<f64> = (1..=8).map(|n| percentile(0.1 * n as f64)).collect();
-    let mut discs = select_discs(&profile, &levels, sz);
+    let candidates = disc_candidates(&profile, &levels, sz);
+    let mut discs = select_discs(&candidates, sz);
     if discs.is_empty() {
         return Err(SpineError::NotFound("no disc between two vertebral bodies".into()));
     }
@@ -173,7 +174,7 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     }
     // The sacrum lies under the lowest disc when the volume goes on for 38 mm below it (a lumbar
     // body is 25 to 30 mm tall) without another disc candidate half as clear as the faintest
-    // disc taken.
+    // disc taken. Then the names count up from it and are certain.
     let reach = (SACRUM_MIN_MM / sz).ceil() as usize;
     let lowest = &discs[0];
     // Cut by the volume's edge, 30 mm will do.
@@ -183,20 +184,14 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         (lowest.last + 1, (lowest.last + 1 + reach).min(nz))
     };
     let faintest = discs.iter().map(|d| d.score).fold(f64::MAX, f64::min);
-    discs[0].above_sacrum = (end - start) as f64 * sz >= SACRUM_AT_EDGE_MM
-        && !disc_candidates(&profile, &levels, sz).iter().any(|c| {
+    let names_certain = (end - start) as f64 * sz >= SACRUM_AT_EDGE_MM
+        && !candidates.iter().any(|c| {
             // Wholly below the disc (the disc itself, seen at another level, is not another).
             let below = if superior_is_up { c.2 < end && c.2 >= start } else { c.1 >= start && c.1 < end };
             below && c.0 >= faintest / 2.0
         });
-    let sacrum_index = discs.iter().position(|d| d.above_sacrum);
     let mut levels = Vec::with_capacity(discs.len());
-    for (index, disc) in discs.iter().enumerate() {
-        let (name_index, certain) = match sacrum_index {
-            Some(s) if index >= s => (index - s, true),
-            Some(_) => continue, // below the sacrum: not a lumbar disc
-            None => (index, false),
-        };
+    for (name_index, disc) in discs.iter().enumerate() {
         let name = NAMES.get(name_index).map_or_else(|| format!("above T12/L1 ({name_index})"), |n| n.to_string());
         let k = (disc.first + disc.last) as f64 / 2.0;
         // Plane normal: the column's tangent, in LPS.
@@ -234,59 +229,49 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         }
         let split =
             (wall.j(k) - wall.backward * wall.depth_rows / 2.0).round().clamp(1.0, (per_row.len() - 1) as f64) as usize;
-        let centre_j = two_sided_extent_middle(&per_row, split)
+        let centre_j = two_sided_half_peak_middle(&per_row, split)
             .unwrap_or_else(|| wall.j(k) - wall.backward * wall.depth_rows / 2.0);
-        let centre_i = extent_middle(&per_column, 0.5).unwrap_or(mid_i as f64);
+        let centre_i = half_peak_middle(&per_column).unwrap_or(mid_i as f64);
         let centre = volume.voxel_to_lps([centre_i, centre_j, k]);
-        levels.push(DiscLevel { name, name_certain: certain, center_lps_mm: centre, normal });
+        levels.push(DiscLevel { name, name_certain: names_certain, center_lps_mm: centre, normal });
     }
     Ok(levels)
 }
 
-/// Middle of the range where a histogram reaches `fraction` of its peak, with both ends
-/// interpolated between bins (coarse grids put a bin across the edge).
-fn extent_middle(counts: &[usize], fraction: f64) -> Option<f64> {
-    let peak = *counts.iter().max()? as f64;
-    if peak == 0.0 {
-        return None;
-    }
-    let half = peak * fraction;
+/// Middle of the range from the first bin at `first_level` or above to the last bin at
+/// `last_level` or above, with both ends interpolated between bins (coarse grids put a bin
+/// across the edge).
+fn extent_middle(counts: &[usize], first_level: f64, last_level: f64) -> Option<f64> {
     let value = |i: usize| counts[i] as f64;
-    let first = counts.iter().position(|&c| c as f64 >= half)?;
-    let last = counts.iter().rposition(|&c| c as f64 >= half)?;
-    // Where the count crosses half the peak, between the last bin below and the first at or above.
-    let start = if first > 0 { first as f64 - (value(first) - half) / (value(first) - value(first - 1)) } else { 0.0 };
+    let first = counts.iter().position(|&c| c as f64 >= first_level)?;
+    let last = counts.iter().rposition(|&c| c as f64 >= last_level)?;
+    // Where the count crosses the level, between the last bin below and the first at or above.
+    let start =
+        if first > 0 { first as f64 - (value(first) - first_level) / (value(first) - value(first - 1)) } else { 0.0 };
     let end = if last + 1 < counts.len() {
-        last as f64 + (value(last) - half) / (value(last) - value(last + 1))
+        last as f64 + (value(last) - last_level) / (value(last) - value(last + 1))
     } else {
         last as f64
     };
     Some((start + end) / 2.0)
 }
 
-/// Like [`extent_middle`] at half the peak, with the lower end taken against the peak below
-/// `split` and the upper end against the peak from `split` on.
-fn two_sided_extent_middle(counts: &[usize], split: usize) -> Option<f64> {
+/// Middle of the range where a histogram reaches half its peak; `None` when it is empty.
+fn half_peak_middle(counts: &[usize]) -> Option<f64> {
+    let half = *counts.iter().max()? as f64 / 2.0;
+    if half == 0.0 { None } else { extent_middle(counts, half, half) }
+}
+
+/// Like [`half_peak_middle`], with the lower end taken against the peak below `split` and the
+/// upper end against the peak from `split` on.
+fn two_sided_half_peak_middle(counts: &[usize], split: usize) -> Option<f64> {
     let (lower, upper) = counts.split_at(split);
-    let lower_peak = *lower.iter().max()? as f64;
-    let upper_peak = *upper.iter().max()? as f64;
-    if lower_peak == 0.0 || upper_peak == 0.0 {
-        return extent_middle(counts, 0.5);
+    let lower_half = *lower.iter().max()? as f64 / 2.0;
+    let upper_half = *upper.iter().max()? as f64 / 2.0;
+    if lower_half == 0.0 || upper_half == 0.0 {
+        return half_peak_middle(counts);
     }
-    let value = |i: usize| counts[i] as f64;
-    let first = lower.iter().position(|&c| c as f64 >= lower_peak / 2.0)?;
-    let start = if first > 0 {
-        first as f64 - (value(first) - lower_peak / 2.0) / (value(first) - value(first - 1))
-    } else {
-        0.0
-    };
-    let last = split + upper.iter().rposition(|&c| c as f64 >= upper_peak / 2.0)?;
-    let end = if last + 1 < counts.len() {
-        last as f64 + (value(last) - upper_peak / 2.0) / (value(last) - value(last + 1))
-    } else {
-        last as f64
-    };
-    Some((start + end) / 2.0)
+    extent_middle(counts, lower_half, upper_half)
 }
 
 /// The median column of bone voxels across the volume.
@@ -416,11 +401,10 @@ fn posterior_wall(volume: &Volume, mid_i: usize) -> Result<PosteriorWall, SpineE
     Ok(PosteriorWall { curve, k_first, k_last, backward, depth_rows })
 }
 
-/// A disc on the bone profile: its first and last slice, and whether the sacrum lies under it.
+/// A disc on the bone profile: its first and last slice.
 struct ProfileDisc {
     first: usize,
     last: usize,
-    above_sacrum: bool,
     /// Contrast with the flanks times length, as in [`disc_candidates`].
     score: f64,
 }
@@ -470,15 +454,15 @@ fn disc_candidates(profile: &[f64], levels: &[f64], slice_mm: f64) -> Vec<(f64, 
 /// flanks, times their length up to 12 mm (a Schmorl's node beside its disc is shorter), and a
 /// candidate closer than 18 mm to one already taken is the same disc seen at another level, or a
 /// node.
-fn select_discs(profile: &[f64], levels: &[f64], slice_mm: f64) -> Vec<ProfileDisc> {
-    let mut candidates = disc_candidates(profile, levels, slice_mm);
+fn select_discs(candidates: &[(f64, usize, usize)], slice_mm: f64) -> Vec<ProfileDisc> {
+    let mut candidates = candidates.to_vec();
     candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
     let min_gap = (MIN_DISC_SPACING_MM / slice_mm).round() as isize;
     let mut taken: Vec<ProfileDisc> = Vec::new();
     for (score, first, last) in candidates {
         let centre = (first + last) as isize;
         if taken.iter().all(|d| ((d.first + d.last) as isize - centre).abs() >= 2 * min_gap) {
-            taken.push(ProfileDisc { first, last, above_sacrum: false, score });
+            taken.push(ProfileDisc { first, last, score });
         }
     }
     taken.sort_by_key(|d| d.first);
