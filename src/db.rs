@@ -592,28 +592,28 @@ impl Db {
         rows.iter().map(|r| Ok((r.try_get("sop_instance_uid")?, r.try_get("state")?, r.try_get("attempts")?))).collect()
     }
 
-    /// Patient ID, accession and study date of a series, for its findings.
-    pub async fn findings_context(
-        &self,
-        series_uid: &str,
-    ) -> Result<(Option<String>, Option<String>, Option<String>), DbError> {
-        let row = sqlx::query("SELECT patient_id, accession, study_date FROM series WHERE series_uid = $1")
-            .bind(series_uid)
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => Ok((r.try_get("patient_id")?, r.try_get("accession")?, r.try_get("study_date")?)),
-            None => Ok((None, None, None)),
-        }
+    /// The recorded revision of every series.
+    pub async fn series_revisions(&self) -> Result<std::collections::HashMap<String, i64>, DbError> {
+        let rows = sqlx::query("SELECT series_uid, revision FROM series").fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.try_get("series_uid")?, r.try_get("revision")?))).collect()
     }
 
-    /// The spool directory name parts of a series: its study UID.
-    pub async fn series_study(&self, series_uid: &str) -> Result<Option<String>, DbError> {
-        let row = sqlx::query("SELECT study_uid FROM series WHERE series_uid = $1")
+    /// Where a series is spooled and how its findings are filed: study UID, patient ID,
+    /// accession and study date.
+    pub async fn series_identity(&self, series_uid: &str) -> Result<Option<SeriesIdentity>, DbError> {
+        let row = sqlx::query("SELECT study_uid, patient_id, accession, study_date FROM series WHERE series_uid = $1")
             .bind(series_uid)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| r.try_get("study_uid").map_err(DbError::from)).transpose()
+        row.map(|r| {
+            Ok(SeriesIdentity {
+                study_uid: r.try_get("study_uid")?,
+                patient_id: r.try_get("patient_id")?,
+                accession: r.try_get("accession")?,
+                study_date: r.try_get("study_date")?,
+            })
+        })
+        .transpose()
     }
 
     /// Objects not yet accepted by their destination.
@@ -632,6 +632,15 @@ impl Db {
             .await?;
         row.map(|r| Ok((r.try_get("state")?, r.try_get("revision")?))).transpose()
     }
+}
+
+/// The identifiers of a recorded series.
+#[derive(Debug, Clone)]
+pub struct SeriesIdentity {
+    pub study_uid: String,
+    pub patient_id: Option<String>,
+    pub accession: Option<String>,
+    pub study_date: Option<String>,
 }
 
 /// An object waiting in the outbox.

@@ -63,6 +63,17 @@ pub struct FindingJson {
 }
 
 impl LevelFinding {
+    /// Nothing detected on the level (or no detector).
+    pub fn undetermined(level: &DiscLevel) -> LevelFinding {
+        LevelFinding {
+            level: level.clone(),
+            class: UNDETERMINED,
+            confidence: 0.0,
+            views: Vec::new(),
+            evidence: Vec::new(),
+        }
+    }
+
     pub fn json(&self) -> FindingJson {
         FindingJson { class: self.class, confidence: self.confidence, views: self.views.clone() }
     }
@@ -70,16 +81,7 @@ impl LevelFinding {
 
 /// Every level undetermined: no weights configured, or no detector run.
 pub fn undetermined(levels: &[DiscLevel]) -> Vec<LevelFinding> {
-    levels
-        .iter()
-        .map(|level| LevelFinding {
-            level: level.clone(),
-            class: UNDETERMINED,
-            confidence: 0.0,
-            views: Vec::new(),
-            evidence: Vec::new(),
-        })
-        .collect()
+    levels.iter().map(LevelFinding::undetermined).collect()
 }
 
 /// Fuses the detections of the sagittal image and of each level's axial image (`axials[i]`
@@ -146,13 +148,12 @@ pub fn fuse(
                 .map(|class| (class, views.iter().map(|v| f64::from(best(v, class))).sum::<f64>() / 2.0));
             let (class, confidence) = scored.into_iter().max_by(|a, b| a.1.total_cmp(&b.1)).expect("four classes");
             if confidence <= 0.0 {
-                return undetermined(std::slice::from_ref(level)).remove(0);
+                return LevelFinding::undetermined(level);
             }
             let mut evidence: Vec<ViewDetection> =
                 views.iter().flat_map(|v| v.iter()).filter(|v| v.class == class).cloned().collect();
             evidence.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
             let mut supporting: Vec<&'static str> = evidence.iter().map(|v| v.view).collect();
-            supporting.dedup();
             supporting.sort_unstable();
             supporting.dedup();
             LevelFinding { level: level.clone(), class, confidence, views: supporting, evidence }

@@ -169,6 +169,8 @@ pub struct Worker {
     pub destinations: Vec<Destination>,
     /// Also write burned-in Secondary Capture key images.
     pub secondary_capture: bool,
+    /// The series tracker's rules, which the volume must load by.
+    pub series_config: crate::config::SeriesConfig,
     pub agent_id: String,
     pub stats: Arc<crate::http::PipelineStats>,
     /// Woken when a job is queued or an object enters the outbox.
@@ -228,21 +230,15 @@ impl Worker {
     /// One job: analysis and objects (blocking work off the async threads), then the finding
     /// log and the outbox. Returns the number of levels.
     async fn run_job(self: Arc<Self>, series_uid: String, job_id: i64) -> Result<usize, String> {
-        let study =
-            self.db.series_study(&series_uid).await.map_err(|e| e.to_string())?.ok_or("series not in the log")?;
-        let dir = self.spool_dir.join(&study).join(&series_uid);
+        let series =
+            self.db.series_identity(&series_uid).await.map_err(|e| e.to_string())?.ok_or("series not in the log")?;
+        let dir = self.spool_dir.join(&series.study_uid).join(&series_uid);
         let out = self.outputs_dir.join(&series_uid);
         let worker = self.clone();
         let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-                .collect();
-            files.sort();
-            let volume = crate::volume::load_series(&files, &crate::config::SeriesConfig::default())
-                .map_err(|e| e.to_string())?;
+            let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
+            // The tracker's tolerances, so a series it called complete loads here too.
+            let volume = crate::volume::load_series(&files, &worker.series_config).map_err(|e| e.to_string())?;
             let analysis = analyze(&volume, worker.detector.as_deref()).map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
             let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
@@ -252,7 +248,6 @@ impl Worker {
         })
         .await
         .map_err(|e| format!("analysis panicked: {e}"))??;
-        let series = self.db.findings_context(&series_uid).await.map_err(|e| e.to_string())?;
         let model_version = match &self.detector {
             Some(d) => format!("{} weights {}", env!("CARGO_PKG_VERSION"), &d.sha256[..12]),
             None => format!("{} (no weights)", env!("CARGO_PKG_VERSION")),
@@ -263,9 +258,9 @@ impl Worker {
                 job_id,
                 series_uid: series_uid.clone(),
                 study_uid: source.study_uid.clone(),
-                patient_id: series.0.clone(),
-                accession: series.1.clone(),
-                study_date: series.2.clone(),
+                patient_id: series.patient_id.clone(),
+                accession: series.accession.clone(),
+                study_date: series.study_date.clone(),
                 level: f.level.name.clone(),
                 class: f.class.to_string(),
                 confidence: f.confidence,

@@ -226,25 +226,27 @@ pub struct SeriesTracker {
 }
 
 impl SeriesTracker {
-    /// Rebuilds the tracker from the spool: decided series are remembered, undecided ones become
-    /// pending again with a fresh quiet period. Blocking (reads headers).
+    /// Rebuilds the tracker from a scan of the spool ([`Spool::scan`]): decided series are
+    /// remembered, undecided ones become pending again with a fresh quiet period. Blocking (reads
+    /// headers).
     pub fn recover(
         config: SeriesConfig,
         spool: Arc<Spool>,
         decisions: mpsc::UnboundedSender<DecidedSeries>,
+        scanned: &[crate::spool::SpooledSeries],
     ) -> Result<SeriesTracker, SpoolError> {
         let mut tracker = SeriesTracker { config, spool, pending: HashMap::new(), decided: HashMap::new(), decisions };
         let now = Instant::now();
         let mut recovered_instances = 0;
-        for series in tracker.spool.scan()? {
+        for series in scanned {
             let sops: HashSet<String> = series
                 .instance_files
                 .iter()
                 .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
                 .collect();
-            match series.record {
+            match &series.record {
                 Some(record) if record.instances == sops.len() => {
-                    tracker.decided.insert(series.series_instance_uid, (sops, record.revision));
+                    tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
                 }
                 record => {
                     let instances = read_headers(series.instance_files.iter().map(|p| p.as_path()));
@@ -257,10 +259,10 @@ impl SeriesTracker {
                         instances = instances.len(),
                         "recovered pending series from the spool"
                     );
-                    let revision = record.map_or(0, |r| r.revision);
+                    let revision = record.as_ref().map_or(0, |r| r.revision);
                     tracker.pending.insert(
-                        series.series_instance_uid,
-                        PendingSeries::new(series.study_instance_uid, instances, revision, now),
+                        series.series_instance_uid.clone(),
+                        PendingSeries::new(series.study_instance_uid.clone(), instances, revision, now),
                     );
                 }
             }

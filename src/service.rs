@@ -68,19 +68,26 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let writer_task = tokio::spawn(Writer::new(db.clone(), state_dir).run(records_rx));
 
     let (decisions_tx, decisions_rx) = mpsc::unbounded_channel();
-    let tracker = {
+    // One scan of the spool rebuilds the tracker and tells what the database may have missed.
+    let (tracker, scanned) = {
         let (series_config, spool) = (config.series.clone(), spool.clone());
-        tokio::task::spawn_blocking(move || SeriesTracker::recover(series_config, spool, decisions_tx))
-            .await
-            .expect("recovery task does not panic")?
+        tokio::task::spawn_blocking(move || -> Result<_, SpoolError> {
+            let scanned = spool.scan()?;
+            Ok((SeriesTracker::recover(series_config, spool, decisions_tx, &scanned)?, scanned))
+        })
+        .await
+        .expect("recovery task does not panic")?
     };
-    // Decisions made before a crash may not have reached the database: record them again (the
-    // writes are idempotent).
+    // Decisions made before a crash may not have reached the database: record again those it
+    // does not hold at their revision (all of them when it cannot be asked; writes are idempotent).
     {
-        let (spool_dir, records) = (config.storage.spool_dir(), records_tx.clone());
+        let recorded = db.series_revisions().await.unwrap_or_default();
+        let records = records_tx.clone();
         tokio::task::spawn_blocking(move || {
-            for series in crate::spool::scan_spool(&spool_dir).unwrap_or_default() {
-                if let Some(record) = series.record {
+            for series in scanned {
+                if let Some(record) = series.record
+                    && recorded.get(&series.series_instance_uid) != Some(&i64::from(record.revision))
+                {
                     let _ = records.send(Record::Series(series_row(&series.dir, &record)));
                 }
             }
@@ -144,6 +151,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         detector,
         destinations: destinations.clone(),
         secondary_capture: config.outputs.secondary_capture,
+        series_config: config.series.clone(),
         agent_id: ctx.agent_id.clone(),
         stats: pipeline_stats.clone(),
         wake: wake.clone(),
@@ -270,9 +278,7 @@ async fn pipeline(
 /// person searches by, read from one of its instances.
 fn series_row(dir: &std::path::Path, record: &crate::spool::SeriesRecord) -> SeriesRow {
     use dicom_dictionary_std::tags;
-    let instance = std::fs::read_dir(dir)
-        .ok()
-        .and_then(|entries| entries.flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "dcm")));
+    let instance = crate::spool::instance_files(dir).ok().and_then(|files| files.into_iter().next());
     let object =
         instance.and_then(|p| dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&p).ok());
     let text = |tag| -> Option<String> {

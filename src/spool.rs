@@ -435,13 +435,7 @@ pub fn scan_spool(spool_dir: &Path) -> Result<Vec<SpooledSeries>, SpoolError> {
             let record = fs::read(dir.join(SERIES_STATE_FILE))
                 .ok()
                 .and_then(|bytes| serde_json::from_slice::<SeriesRecord>(&bytes).ok());
-            let mut instance_files: Vec<PathBuf> = fs::read_dir(&dir)
-                .map_err(io_err(&dir))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
-                .collect();
-            instance_files.sort();
+            let instance_files = instance_files(&dir)?;
             found.push(SpooledSeries {
                 dir,
                 study_instance_uid: study_uid.clone(),
@@ -453,6 +447,18 @@ pub fn scan_spool(spool_dir: &Path) -> Result<Vec<SpooledSeries>, SpoolError> {
     }
     found.sort_by(|a, b| a.dir.cmp(&b.dir));
     Ok(found)
+}
+
+/// The instance files of a spooled series directory, sorted.
+pub fn instance_files(dir: &Path) -> Result<Vec<PathBuf>, SpoolError> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn is_encapsulated(transfer_syntax_uid: &str) -> bool {

@@ -12,7 +12,9 @@ use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
-use super::{Algorithm, ReportError, Source, WrittenObject, derived_uid, now_da_tm, sequence, text, write_object};
+use super::{
+    Algorithm, ReportError, Source, WrittenObject, derived_uid, ds, ds_multi, now_da_tm, sequence, text, write_object,
+};
 use crate::slices::{SliceImage, View, WINDOW_CENTER_HU, WINDOW_WIDTH_HU};
 
 /// Series number of the key-slice series (the SR and SEG series follow it).
@@ -29,17 +31,6 @@ pub fn role(slice: &SliceImage) -> String {
 /// The key-slice series' UID for a source series and weights.
 pub fn series_uid(source: &Source, algorithm: &Algorithm) -> String {
     derived_uid(&source.series_uid, algorithm.weights_sha256.as_deref(), "key-slices")
-}
-
-fn ds(value: f64) -> String {
-    // DS is at most 16 characters.
-    let s = format!("{value:.6}");
-    let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
-    if s.len() > 16 { format!("{value:.3e}") } else { s }
-}
-
-fn ds_multi(values: &[f64]) -> PrimitiveValue {
-    PrimitiveValue::Strs(values.iter().map(|v| ds(*v)).collect())
 }
 
 /// Writes one key slice as CT Image Storage into `dir`.

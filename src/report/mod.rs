@@ -169,6 +169,18 @@ pub(crate) fn item(elements: Vec<DataElement<InMemDicomObject>>) -> InMemDicomOb
     InMemDicomObject::from_element_iter(elements)
 }
 
+/// A decimal string value (DS holds at most 16 characters).
+pub(crate) fn ds(value: f64) -> String {
+    let s = format!("{value:.6}");
+    let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    if s.len() > 16 { format!("{value:.3e}") } else { s }
+}
+
+/// A multi-valued decimal string.
+pub(crate) fn ds_multi(values: &[f64]) -> PrimitiveValue {
+    PrimitiveValue::Strs(values.iter().map(|v| ds(*v)).collect())
+}
+
 /// A coded concept as a sequence item.
 pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject {
     item(vec![

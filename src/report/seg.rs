@@ -10,7 +10,9 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
 use super::sr::{PRIVATE_SCHEME, class_code, disc_site};
-use super::{Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, sequence, text, write_object};
+use super::{
+    Algorithm, ReportError, Source, WrittenObject, code, derived_uid, ds, ds_multi, item, sequence, text, write_object,
+};
 use crate::findings::LevelFinding;
 use crate::slices::SliceImage;
 
@@ -24,11 +26,6 @@ fn colour(class: &str) -> [u16; 3] {
         crate::findings::SCHMORL => [30_000, 40_000, 20_000],    // blue
         _ => [50_000, 25_000, 45_000],                           // green
     }
-}
-
-fn ds(v: f64) -> String {
-    let s = format!("{v:.6}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The written SEG and, per level, its segment number.
@@ -47,11 +44,11 @@ pub fn write(
     dir: &Path,
 ) -> Result<Option<WrittenSeg>, ReportError> {
     let weights = algorithm.weights_sha256.as_deref();
-    // (segment number, finding, evidence index, key slice index)
-    let mut frames: Vec<(u16, usize, usize)> = Vec::new();
+    // (segment number, finding index, evidence index, key slice index)
+    let mut frames: Vec<(u16, usize, usize, usize)> = Vec::new();
     let mut segments: Vec<InMemDicomObject> = Vec::new();
     let mut numbers: Vec<(String, u16)> = Vec::new();
-    for f in findings {
+    for (finding_index, f) in findings.iter().enumerate() {
         let with_masks: Vec<(usize, usize)> = f
             .evidence
             .iter()
@@ -113,21 +110,19 @@ pub fn write(
             segment.push(sequence(tags::ANATOMIC_REGION_SEQUENCE, vec![code(value, "SCT", meaning)]));
         }
         segments.push(item(segment));
-        let finding_index = findings.iter().position(|g| std::ptr::eq(g, f)).expect("from the slice");
         for (evidence, key) in with_masks {
-            frames.push((number, finding_index * 1000 + evidence, key));
+            frames.push((number, finding_index, evidence, key));
         }
     }
     if frames.is_empty() {
         return Ok(None);
     }
-    let size = key_slices[frames[0].2].0.size;
+    let size = key_slices[frames[0].3].0.size;
     // Bit-packed frames, little-endian bit order, one after the other.
     let bits_per_frame = size * size;
     let mut pixels = vec![0u8; (frames.len() * bits_per_frame).div_ceil(8)];
     let mut per_frame = Vec::with_capacity(frames.len());
-    for (n, &(segment, code_index, key)) in frames.iter().enumerate() {
-        let (finding_index, evidence) = (code_index / 1000, code_index % 1000);
+    for (n, &(segment, finding_index, evidence, key)) in frames.iter().enumerate() {
         let mask = &findings[finding_index].evidence[evidence].mask;
         for (p, &on) in mask.data.iter().enumerate() {
             if on {
@@ -136,8 +131,7 @@ pub fn write(
             }
         }
         let (image, object) = key_slices[key];
-        let orientation: Vec<String> =
-            image.row_direction.iter().chain(image.column_direction.iter()).map(|v| ds(*v)).collect();
+        let orientation: Vec<f64> = image.row_direction.iter().chain(image.column_direction.iter()).copied().collect();
         per_frame.push(item(vec![
             sequence(
                 tags::DERIVATION_IMAGE_SEQUENCE,
@@ -166,19 +160,11 @@ pub fn write(
             ),
             sequence(
                 tags::PLANE_POSITION_SEQUENCE,
-                vec![item(vec![DataElement::new(
-                    tags::IMAGE_POSITION_PATIENT,
-                    VR::DS,
-                    PrimitiveValue::Strs(image.origin.iter().map(|v| ds(*v)).collect()),
-                )])],
+                vec![item(vec![DataElement::new(tags::IMAGE_POSITION_PATIENT, VR::DS, ds_multi(&image.origin))])],
             ),
             sequence(
                 tags::PLANE_ORIENTATION_SEQUENCE,
-                vec![item(vec![DataElement::new(
-                    tags::IMAGE_ORIENTATION_PATIENT,
-                    VR::DS,
-                    PrimitiveValue::Strs(orientation.into()),
-                )])],
+                vec![item(vec![DataElement::new(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, ds_multi(&orientation))])],
             ),
             sequence(
                 tags::PIXEL_MEASURES_SEQUENCE,
@@ -186,7 +172,7 @@ pub fn write(
                     DataElement::new(
                         tags::PIXEL_SPACING,
                         VR::DS,
-                        PrimitiveValue::Strs(vec![ds(image.pixel_spacing_mm), ds(image.pixel_spacing_mm)].into()),
+                        ds_multi(&[image.pixel_spacing_mm, image.pixel_spacing_mm]),
                     ),
                     text(tags::SLICE_THICKNESS, VR::DS, ds(image.pixel_spacing_mm)),
                 ])],
