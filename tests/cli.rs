@@ -64,25 +64,31 @@ fn serve_refuses_a_busy_port_with_a_clear_message() {
     assert!(err.contains("cannot listen on 127.0.0.1:") && err.contains("in use"), "{err}");
 }
 
+/// A small phantom (2 mm pixels, 160 x 160) written by `idaics phantom`.
+fn phantom_cli(dir: &std::path::Path, seed: &str, slice_thickness: &str, extra: &[&str]) {
+    let mut args = vec![
+        "phantom",
+        "--out",
+        dir.to_str().unwrap(),
+        "--seed",
+        seed,
+        "--pixel-spacing",
+        "2",
+        "--slice-thickness",
+        slice_thickness,
+        "--size",
+        "160",
+    ];
+    args.extend(extra);
+    let out = idaics(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn analyze_reads_an_enhanced_ct_phantom_and_a_nifti_crop() {
     let dir = tempfile::tempdir().unwrap();
     let phantom = dir.path().join("phantom");
-    let out = idaics(&[
-        "phantom",
-        "--out",
-        phantom.to_str().unwrap(),
-        "--seed",
-        "5",
-        "--pixel-spacing",
-        "2",
-        "--slice-thickness",
-        "2",
-        "--size",
-        "160",
-        "--enhanced",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    phantom_cli(&phantom, "5", "2", &["--enhanced"]);
     let truth: serde_json::Value = serde_json::from_slice(&std::fs::read(phantom.join("truth.json")).unwrap()).unwrap();
     let crop = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/real/tptbox-L3/sub-ct_label-22_ct.nii.gz");
     let results = dir.path().join("results");
@@ -112,20 +118,7 @@ fn analyze_runs_the_detector_when_given_weights() {
     // and every level is reported, undetermined.
     let dir = tempfile::tempdir().unwrap();
     let phantom = dir.path().join("phantom");
-    let out = idaics(&[
-        "phantom",
-        "--out",
-        phantom.to_str().unwrap(),
-        "--seed",
-        "6",
-        "--pixel-spacing",
-        "2",
-        "--slice-thickness",
-        "2.5",
-        "--size",
-        "160",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    phantom_cli(&phantom, "6", "2.5", &[]);
     let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/shapes/shapes-yolov8n-seg.safetensors");
     let results = dir.path().join("results");
     let out = idaics(&[
@@ -145,8 +138,7 @@ fn analyze_runs_the_detector_when_given_weights() {
     let levels = report["series"][0]["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 6);
     for l in levels {
-        let class = l["finding"]["class"].as_str().unwrap();
-        assert!(["normal", "schmorl", "bulge", "protrusion", "undetermined"].contains(&class), "{l}");
+        assert_eq!(l["finding"]["class"], "undetermined", "{l}");
         assert!(l["finding"]["views"].is_array());
     }
 }
