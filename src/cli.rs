@@ -45,6 +45,25 @@ enum Command {
         #[arg(long = "destination")]
         destinations: Vec<String>,
     },
+    /// Zero set-up: a synthetic study with known disc conditions through the whole path (the
+    /// real agent on loopback, the embedded database, a folder as the PACS), then its findings
+    /// beside the truth.
+    Demo {
+        /// Folder for the phantom, the agent's state and the delivered objects (replaced at each run).
+        #[arg(long, default_value = "idaics-demo")]
+        out: PathBuf,
+        /// YOLOv8-seg weights (default: the phantom test model, model/phantom-yolov8n-seg.safetensors).
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// Disc conditions of the phantom; other levels are normal.
+        #[arg(long, default_value = "L5/S1=schmorl,L4/L5=protrusion,L3/L4=bulge")]
+        levels: String,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Seconds the analysis and delivery may take.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
     /// Apply the database migrations (the agent also applies them at start).
     Migrate {
         #[command(flatten)]
@@ -130,8 +149,8 @@ enum Command {
         #[arg(long)]
         osteoporotic: bool,
     },
-    /// Find the disc levels of CT series in files or folders (no network). Until weights are
-    /// configured each level's finding is null.
+    /// Find the disc levels of CT series in files or folders (no network) and, with --weights,
+    /// each level's finding; without weights every finding is undetermined.
     Analyze {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -232,6 +251,13 @@ pub fn main() -> anyhow::Result<()> {
             runtime.block_on(crate::service::run(cfg))?;
             Ok(())
         }
+        Command::Demo { out, weights, levels, seed, timeout } => crate::demo::run(&crate::demo::DemoOptions {
+            out,
+            weights,
+            levels,
+            seed,
+            timeout: std::time::Duration::from_secs(timeout),
+        }),
         Command::CheckConfig { config } => {
             let cfg = Config::load(config.as_deref())?;
             let source = config.map_or("built-in defaults".to_string(), |p| p.display().to_string());

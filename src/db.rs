@@ -624,6 +624,15 @@ impl Db {
             .try_get("n")?)
     }
 
+    /// The state of a series' latest job (queued, running, done, failed) and its error.
+    pub async fn latest_job(&self, series_uid: &str) -> Result<Option<(String, Option<String>)>, DbError> {
+        let row = sqlx::query("SELECT state, error FROM jobs WHERE series_uid = $1 ORDER BY id DESC LIMIT 1")
+            .bind(series_uid)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("state")?, r.try_get("error")?))).transpose()
+    }
+
     /// A series' recorded state and revision.
     pub async fn series_state(&self, series_uid: &str) -> Result<Option<(String, i64)>, DbError> {
         let row = sqlx::query("SELECT state, revision FROM series WHERE series_uid = $1")

@@ -117,13 +117,18 @@ struct Segment {
 enum SegmentKind {
     Vertebra,
     Sacrum,
-    Disc(Condition),
+    /// `level` indexes [`LEVELS`].
+    Disc {
+        level: usize,
+        condition: Condition,
+    },
 }
 
 struct Anatomy {
     segments: Vec<Segment>,
-    /// Schmorl's nodes: centre and radius of disc material inside a vertebral body.
-    nodes: Vec<([f64; 3], f64)>,
+    /// Schmorl's nodes: centre and radius of disc material inside a vertebral body, and the level
+    /// (index into [`LEVELS`]) of the disc it came from.
+    nodes: Vec<([f64; 3], f64, usize)>,
     body_center: [f64; 2],
     body_radii: [f64; 2],
     z_range: [f64; 2],
@@ -186,7 +191,12 @@ fn build_anatomy(spec: &PhantomSpec) -> Anatomy {
     for level in 0..6 {
         let (rx, ry) = (rng.range(20.0, 24.0), rng.range(15.0, 17.5));
         let disc_mid = z + disc_heights[level] / 2.0;
-        segments.push(segment(disc_mid, disc_heights[level] / 2.0, [rx, ry], SegmentKind::Disc(conditions[level])));
+        segments.push(segment(
+            disc_mid,
+            disc_heights[level] / 2.0,
+            [rx, ry],
+            SegmentKind::Disc { level, condition: conditions[level] },
+        ));
         z += disc_heights[level];
         let body_mid = z + body_heights[level] / 2.0;
         segments.push(segment(body_mid, body_heights[level] / 2.0, [rx, ry], SegmentKind::Vertebra));
@@ -194,7 +204,7 @@ fn build_anatomy(spec: &PhantomSpec) -> Anatomy {
             // Through the upper body's inferior endplate, 4 mm into the bone.
             let s = segments.last().expect("just pushed");
             let at = add(add(s.center, scale(s.axis, -s.half_height + 3.0)), scale(s.ap, rng.range(-4.0, 4.0)));
-            nodes.push((at, 4.5));
+            nodes.push((at, 4.5, level));
         }
         z += body_heights[level];
     }
@@ -242,19 +252,39 @@ const NOISE_HU: f64 = 12.0;
 const LOW_DOSE_NOISE_HU: f64 = 40.0;
 const DISC: f64 = 85.0;
 const CSF: f64 = 15.0;
+const ARCH: f64 = 700.0;
 
-fn hounsfield(anatomy: &Anatomy, p: [f64; 3]) -> f64 {
+/// What the phantom holds at a point. One classification feeds both the HU values and the
+/// ground-truth labels, so a training mask can never disagree with the image drawn from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Tissue {
+    Air,
+    Fat,
+    Muscle,
+    Bone {
+        cortical: bool,
+    },
+    /// Disc material of a level (index into [`LEVELS`]), Schmorl's nodes included.
+    Disc {
+        level: usize,
+        nucleus: bool,
+    },
+    Csf,
+    Arch,
+}
+
+fn tissue(anatomy: &Anatomy, p: [f64; 3]) -> Tissue {
     let dx = (p[0] - anatomy.body_center[0]) / anatomy.body_radii[0];
     let dy = (p[1] - anatomy.body_center[1]) / anatomy.body_radii[1];
     let r = (dx * dx + dy * dy).sqrt();
     if r > 1.0 {
-        return AIR;
+        return Tissue::Air;
     }
-    let mut value = if r > 0.9 { FAT } else { MUSCLE };
-    for (centre, radius) in &anatomy.nodes {
+    let mut found = if r > 0.9 { Tissue::Fat } else { Tissue::Muscle };
+    for (centre, radius, level) in &anatomy.nodes {
         let d = sub(p, *centre);
         if dot(d, d) < radius * radius {
-            return DISC;
+            return Tissue::Disc { level: *level, nucleus: false };
         }
     }
     for s in &anatomy.segments {
@@ -271,14 +301,14 @@ fn hounsfield(anatomy: &Anatomy, p: [f64; 3]) -> f64 {
             SegmentKind::Vertebra | SegmentKind::Sacrum => {
                 if radial <= 1.0 {
                     let shell = (1.0 - radial) * s.radii[1] < 1.5 || s.half_height - along.abs() < 1.2;
-                    return if shell { anatomy.cortical } else { anatomy.cancellous };
+                    return Tissue::Bone { cortical: shell };
                 }
             }
-            SegmentKind::Disc(condition) => {
+            SegmentKind::Disc { level, condition } => {
                 let theta = lateral.atan2(ap);
                 let rim = 1.0 + disc_extension(condition, theta) / s.radii[1].min(s.radii[0]);
                 if radial <= rim {
-                    return DISC + if radial < 0.5 { -15.0 } else { 0.0 };
+                    return Tissue::Disc { level, nucleus: radial < 0.5 };
                 }
             }
         }
@@ -287,16 +317,62 @@ fn hounsfield(anatomy: &Anatomy, p: [f64; 3]) -> f64 {
         let canal = [lateral / 11.0, (ap - s.radii[1] - 10.0) / 8.5];
         let c = (canal[0] * canal[0] + canal[1] * canal[1]).sqrt();
         if c <= 1.0 && s.kind != SegmentKind::Sacrum {
-            return CSF;
+            return Tissue::Csf;
         }
         if s.kind == SegmentKind::Vertebra
             && ((c <= 1.55 && ap > s.radii[1])
                 || (lateral.abs() < 3.5 && ap > s.radii[1] + 18.0 && ap < s.radii[1] + 48.0))
         {
-            value = 700.0;
+            found = Tissue::Arch;
         }
     }
-    value
+    found
+}
+
+fn hounsfield(anatomy: &Anatomy, p: [f64; 3]) -> f64 {
+    match tissue(anatomy, p) {
+        Tissue::Air => AIR,
+        Tissue::Fat => FAT,
+        Tissue::Muscle => MUSCLE,
+        Tissue::Bone { cortical: true } => anatomy.cortical,
+        Tissue::Bone { cortical: false } => anatomy.cancellous,
+        Tissue::Disc { nucleus, .. } => DISC + if nucleus { -15.0 } else { 0.0 },
+        Tissue::Csf => CSF,
+        Tissue::Arch => ARCH,
+    }
+}
+
+/// The ground truth of a phantom as masks: which disc, if any, a point belongs to. Training data
+/// and detector checks take their masks from here; a Schmorl's node counts with its disc, since
+/// the node is disc material.
+pub struct DiscLabels {
+    anatomy: Anatomy,
+    conditions: Vec<Condition>,
+}
+
+impl DiscLabels {
+    pub fn new(spec: &PhantomSpec) -> DiscLabels {
+        let anatomy = build_anatomy(spec);
+        let mut conditions = vec![Condition::Normal; LEVELS.len()];
+        for s in &anatomy.segments {
+            if let SegmentKind::Disc { level, condition } = s.kind {
+                conditions[level] = condition;
+            }
+        }
+        DiscLabels { anatomy, conditions }
+    }
+
+    /// The level (index into [`LEVELS`]) whose disc holds `p`, LPS mm.
+    pub fn level_at(&self, p: [f64; 3]) -> Option<usize> {
+        match tissue(&self.anatomy, p) {
+            Tissue::Disc { level, .. } => Some(level),
+            _ => None,
+        }
+    }
+
+    pub fn condition(&self, level: usize) -> Condition {
+        self.conditions[level]
+    }
 }
 
 /// Writes the phantom series into `dir` and `truth.json` beside it; returns the truth.
@@ -343,7 +419,7 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
         .segments
         .iter()
         .filter_map(|s| match s.kind {
-            SegmentKind::Disc(condition) => Some((s, condition)),
+            SegmentKind::Disc { condition, .. } => Some((s, condition)),
             _ => None,
         })
         .zip(LEVELS)
@@ -404,12 +480,32 @@ mod tests {
         for s in &anatomy.segments {
             let v = hounsfield(&anatomy, s.center);
             match s.kind {
-                SegmentKind::Disc(_) => assert!((v - DISC).abs() <= 15.0, "disc centre {v}"),
+                SegmentKind::Disc { .. } => assert!((v - DISC).abs() <= 15.0, "disc centre {v}"),
                 _ => assert_eq!(v, CANCELLOUS),
             }
         }
         assert_eq!(anatomy.nodes.len(), 1);
         assert_eq!(hounsfield(&anatomy, anatomy.nodes[0].0), DISC);
         assert_eq!(hounsfield(&anatomy, [400.0, 0.0, 0.0]), AIR);
+    }
+
+    #[test]
+    fn labels_follow_the_discs_and_their_lesions() {
+        let spec = PhantomSpec { levels: parse_levels("L4/L5=schmorl,L3/L4=bulge").unwrap(), ..Default::default() };
+        let labels = DiscLabels::new(&spec);
+        let anatomy = build_anatomy(&spec);
+        assert_eq!(labels.condition(1), Condition::Schmorl);
+        assert_eq!(labels.condition(2), Condition::Bulge);
+        // The node sits in the body above L4/L5 and still belongs to L4/L5.
+        assert_eq!(labels.level_at(anatomy.nodes[0].0), Some(1));
+        let discs: Vec<&Segment> =
+            anatomy.segments.iter().filter(|s| matches!(s.kind, SegmentKind::Disc { .. })).collect();
+        for (level, s) in discs.iter().enumerate() {
+            assert_eq!(labels.level_at(s.center), Some(level));
+            // 2 mm behind the posterior rim: disc only where it bulges.
+            let behind = add(s.center, scale(s.ap, s.radii[1] + 2.0));
+            let expected = (labels.condition(level) == Condition::Bulge).then_some(level);
+            assert_eq!(labels.level_at(behind), expected, "{}", LEVELS[level]);
+        }
     }
 }

@@ -1,7 +1,8 @@
-//! C-STORE of one file to a DICOM destination: one association per object, so a refusal or a
-//! dropped connection affects only that object, and the outbox decides what happens next.
+//! C-STORE to a DICOM destination. The outbox sends one object per association, so a refusal or a
+//! dropped connection affects only that object and the outbox decides what happens next;
+//! `idaics demo` sends a whole series over one, as a modality does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dicom_dictionary_std::{tags, uids};
 use dicom_encoding::TransferSyntaxIndex;
@@ -33,87 +34,126 @@ pub struct Peer {
 /// Sends the file and returns the DIMSE status of the response (0x0000 success, 0xB... warnings,
 /// anything else a refusal).
 pub fn store(peer: &Peer, calling_ae: &str, path: &Path, timeout: std::time::Duration) -> Result<u16, ScuError> {
-    let read = |e: String| ScuError::Read(format!("{}: {e}", path.display()));
-    let object = OpenFileOptions::new().open_file(path).map_err(|e| read(e.to_string()))?;
-    let sop_class = object.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
-    let sop_instance = object.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
+    let statuses = store_all(peer, calling_ae, &[path.to_path_buf()], timeout)?;
+    Ok(statuses[0])
+}
+
+/// Sends the files in order over one association and returns each one's DIMSE status. A series
+/// goes as one association, as a modality sends it: receivers (this agent among them) may take
+/// the release of the association as the end of the series.
+pub fn store_all(
+    peer: &Peer,
+    calling_ae: &str,
+    paths: &[PathBuf],
+    timeout: std::time::Duration,
+) -> Result<Vec<u16>, ScuError> {
+    let read = |path: &Path, e: String| ScuError::Read(format!("{}: {e}", path.display()));
+    // One presentation context per SOP class, read from the files' meta groups.
+    let mut sop_classes: Vec<String> = Vec::new();
+    for path in paths {
+        let head = OpenFileOptions::new()
+            .read_until(tags::PIXEL_DATA)
+            .open_file(path)
+            .map_err(|e| read(path, e.to_string()))?;
+        let class = head.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+        if !sop_classes.contains(&class) {
+            sop_classes.push(class);
+        }
+    }
     let destination = format!("{}@{}:{}", peer.ae_title, peer.host, peer.port);
     let assoc_err = |message: String| ScuError::Association { destination: destination.clone(), message };
-    let mut association = ClientAssociationOptions::new()
-        .calling_ae_title(calling_ae)
-        .called_ae_title(peer.ae_title.as_str())
-        .with_presentation_context(
-            sop_class.as_str(),
+    let mut options =
+        ClientAssociationOptions::new().calling_ae_title(calling_ae).called_ae_title(peer.ae_title.as_str());
+    for class in &sop_classes {
+        options = options.with_presentation_context(
+            class.as_str(),
             vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN],
-        )
+        );
+    }
+    let mut association = options
         .connection_timeout(timeout)
         .read_timeout(timeout)
         .write_timeout(timeout)
         .establish(format!("{}:{}", peer.host, peer.port).as_str())
         .map_err(|e| assoc_err(e.to_string()))?;
-    let context = association
+    // Proposed contexts are numbered 1, 3, 5, ... in the order of `sop_classes`.
+    let accepted: Vec<_> = association
         .presentation_contexts()
         .iter()
-        .find(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
         .cloned()
-        .ok_or_else(|| ScuError::NoContext(sop_class.clone()))?;
-    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
-        .get(context.transfer_syntax.trim_end_matches('\0'))
-        .ok_or_else(|| assoc_err(format!("unknown transfer syntax {}", context.transfer_syntax)))?;
-    let mut dataset = Vec::new();
-    object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(e.to_string()))?;
-    let transfer = |message: String| ScuError::Transfer { destination: destination.clone(), message };
-    let command = store_command(&sop_class, &sop_instance);
-    association
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: context.id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command,
-            }],
-        })
-        .map_err(|e| transfer(e.to_string()))?;
+        .collect();
     // Fragments that fit the peer's maximum PDU length (less the PDU and PDV headers).
     let chunk = match association.acceptor_max_pdu_length() as usize {
         0 => 1 << 20, // no limit announced
         max => max.saturating_sub(12).max(1024),
     };
-    let count = dataset.len().div_ceil(chunk).max(1);
-    for (n, part) in dataset.chunks(chunk).enumerate() {
+    let transfer = |message: String| ScuError::Transfer { destination: destination.clone(), message };
+    let mut statuses = Vec::with_capacity(paths.len());
+    for (number, path) in paths.iter().enumerate() {
+        let object = OpenFileOptions::new().open_file(path).map_err(|e| read(path, e.to_string()))?;
+        let sop_class = object.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+        let sop_instance = object.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
+        let index = sop_classes.iter().position(|c| *c == sop_class).expect("proposed above");
+        let context_id = (2 * index + 1) as u8;
+        let context =
+            accepted.iter().find(|pc| pc.id == context_id).ok_or_else(|| ScuError::NoContext(sop_class.clone()))?;
+        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get(context.transfer_syntax.trim_end_matches('\0'))
+            .ok_or_else(|| assoc_err(format!("unknown transfer syntax {}", context.transfer_syntax)))?;
+        let mut dataset = Vec::new();
+        object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(path, e.to_string()))?;
+        let message_id = (number % usize::from(u16::MAX)) as u16 + 1;
         association
             .send(&Pdu::PData {
                 data: vec![PDataValue {
                     presentation_context_id: context.id,
-                    value_type: PDataValueType::Data,
-                    is_last: n + 1 == count,
-                    data: part.to_vec(),
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: store_command_with_id(&sop_class, &sop_instance, message_id),
                 }],
             })
             .map_err(|e| transfer(e.to_string()))?;
-    }
-    let status = match association.receive().map_err(|e| transfer(e.to_string()))? {
-        Pdu::PData { data } => {
-            let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
-            let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
-                &bytes[..],
-                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
-            )
-            .map_err(|e| transfer(format!("unreadable response: {e}")))?;
-            response
-                .element(tags::STATUS)
-                .ok()
-                .and_then(|e| e.to_int::<u16>().ok())
-                .ok_or_else(|| transfer("response without a status".into()))?
+        let count = dataset.len().div_ceil(chunk).max(1);
+        for (n, part) in dataset.chunks(chunk).enumerate() {
+            association
+                .send(&Pdu::PData {
+                    data: vec![PDataValue {
+                        presentation_context_id: context.id,
+                        value_type: PDataValueType::Data,
+                        is_last: n + 1 == count,
+                        data: part.to_vec(),
+                    }],
+                })
+                .map_err(|e| transfer(e.to_string()))?;
         }
-        other => return Err(transfer(format!("unexpected PDU {other:?}"))),
-    };
+        statuses.push(match association.receive().map_err(|e| transfer(e.to_string()))? {
+            Pdu::PData { data } => {
+                let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
+                let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
+                    &bytes[..],
+                    &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                )
+                .map_err(|e| transfer(format!("unreadable response: {e}")))?;
+                response
+                    .element(tags::STATUS)
+                    .ok()
+                    .and_then(|e| e.to_int::<u16>().ok())
+                    .ok_or_else(|| transfer("response without a status".into()))?
+            }
+            other => return Err(transfer(format!("unexpected PDU {other:?}"))),
+        });
+    }
     let _ = association.release();
-    Ok(status)
+    Ok(statuses)
 }
 
 /// A C-STORE-RQ command set (implicit VR little endian, as DIMSE commands always are).
 pub fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
+    store_command_with_id(sop_class, sop_instance, 1)
+}
+
+fn store_command_with_id(sop_class: &str, sop_instance: &str, message_id: u16) -> Vec<u8> {
     fn put(out: &mut Vec<u8>, element: u16, value: &[u8]) {
         out.extend_from_slice(&0u16.to_le_bytes());
         out.extend_from_slice(&element.to_le_bytes());
@@ -130,7 +170,7 @@ pub fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
     let mut body = Vec::new();
     put(&mut body, 0x0002, &uid(sop_class)); // Affected SOP Class UID
     put(&mut body, 0x0100, &1u16.to_le_bytes()); // C-STORE-RQ
-    put(&mut body, 0x0110, &1u16.to_le_bytes()); // Message ID
+    put(&mut body, 0x0110, &message_id.to_le_bytes()); // Message ID
     put(&mut body, 0x0700, &0u16.to_le_bytes()); // Priority: medium
     put(&mut body, 0x0800, &0u16.to_le_bytes()); // a data set follows
     put(&mut body, 0x1000, &uid(sop_instance)); // Affected SOP Instance UID

@@ -142,3 +142,42 @@ fn analyze_runs_the_detector_when_given_weights() {
         assert!(l["finding"]["views"].is_array());
     }
 }
+
+#[test]
+fn demo_runs_a_phantom_study_through_the_agent_with_no_set_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("demo");
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(["demo", "--out", out_dir.to_str().unwrap()])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("phantom-yolov8n-seg.safetensors"), "the phantom model is found:\n{text}");
+    // One line per level, each with its truth.
+    let levels: Vec<&str> = text.lines().filter(|l| l.contains("agrees") || l.contains("differs")).collect();
+    assert_eq!(levels.len(), 6, "{text}");
+    for (level, truth) in [("L5/S1", "schmorl"), ("L4/L5", "protrusion"), ("L3/L4", "bulge"), ("L2/L3", "normal")] {
+        assert!(levels.iter().any(|l| l.starts_with(level) && l.contains(truth)), "{level} {truth}:\n{text}");
+    }
+    // Key slices (7), the SEG, 6 Secondary Captures and the SR reached the folder PACS.
+    assert!(text.contains("(key slices, SEG, Secondary Captures, SR): 15 in"), "{text}");
+    // The finding log answers the command the demo prints.
+    let db = out_dir.join("state").join("idaics.db");
+    let findings = idaics(&["findings", "--database-url", &format!("sqlite://{}", db.display()), "--format", "csv"]);
+    assert_eq!(String::from_utf8_lossy(&findings.stdout).lines().count(), 1 + 6);
+    // A second run replaces the first; a folder that is not the demo's is left alone.
+    assert!(run().status.success());
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
+    let out = idaics(&["demo", "--out", foreign.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an earlier demo's folder"));
+    assert!(foreign.join("notes.txt").exists());
+}

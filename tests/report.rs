@@ -287,3 +287,78 @@ fn pacs_down_for_two_minutes_gets_everything_once() {
         assert!(text.contains(code), "{} ({code}) missing:\n{text}", level.name);
     }
 }
+
+/// The acceptance case with a real network: the phantom test model runs in the agent, and the
+/// PACS receives the key slices, a SEG holding the model's masks, the Secondary Captures and the
+/// SR, whose groups name every level's site and point the levels with masks at their segments.
+#[test]
+fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = PhantomSpec {
+        seed: 7004,
+        levels: idaics::phantom::parse_levels("L4/L5=protrusion,L3/L4=bulge,L5/S1=schmorl").unwrap(),
+        pixel_spacing_mm: 1.0,
+        slice_thickness_mm: 2.0,
+        size: 256,
+        osteoporotic: false,
+    };
+    let (series, truth) = write_phantom(&tmp.path().join("in"), &spec).unwrap();
+    let levels = truth.levels.len();
+    let pacs_port = free_port();
+    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let agent = Agent::start_with_args(
+        &tmp.path().join("state"),
+        &[("IDAICS_MODEL_WEIGHTS", weights), ("IDAICS_MODEL_DEVICE", "cpu")],
+        &["--destination", destination.as_str()],
+    );
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)).0, series.files.len());
+    let sop_class = |p: &PathBuf| {
+        dicom_object::open_file(p)
+            .unwrap()
+            .element(dicom_dictionary_std::tags::SOP_CLASS_UID)
+            .unwrap()
+            .to_str()
+            .unwrap()[..]
+            .trim_end_matches('\0')
+            .to_string()
+    };
+    let is_sr = |p: &PathBuf| sop_class(p) == "1.2.840.10008.5.1.4.1.1.88.34";
+    wait("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
+    std::thread::sleep(Duration::from_secs(1));
+    let received = pacs.received();
+    let count = |uid: &str| received.iter().filter(|p| sop_class(p) == uid).count();
+    assert_eq!(count("1.2.840.10008.5.1.4.1.1.2"), 1 + levels, "key slices: the sagittal and one axial per level");
+    assert_eq!(count("1.2.840.10008.5.1.4.1.1.66.4"), 1, "one SEG");
+    assert_eq!(count("1.2.840.10008.5.1.4.1.1.7"), levels, "one Secondary Capture per level");
+    assert_eq!(received.len(), 1 + levels + 1 + levels + 1, "nothing else, nothing twice: {received:?}");
+    let seg = received.iter().find(|p| sop_class(p) == "1.2.840.10008.5.1.4.1.1.66.4").unwrap();
+    let sr = received.iter().find(|p| is_sr(p)).unwrap();
+    for object in [seg, sr] {
+        let errors = dciodvfy_errors(object);
+        assert!(errors.is_empty(), "{}: {}", object.display(), errors.join("\n"));
+    }
+    let dump = String::from_utf8_lossy(&Command::new("dsrdump").arg(sr).output().unwrap().stdout).into_owned();
+    assert_eq!(dump.matches("Measurement Group").count(), levels, "{dump}");
+    for level in &truth.levels {
+        let (code, _) = idaics::report::sr::disc_site(&level.name).unwrap();
+        assert!(dump.contains(code), "{} ({code}) missing:\n{dump}", level.name);
+    }
+    let segments = dicom_object::open_file(seg)
+        .unwrap()
+        .element(dicom_dictionary_std::tags::SEGMENT_SEQUENCE)
+        .unwrap()
+        .items()
+        .unwrap()
+        .len();
+    assert!(segments >= 1, "the model's masks are in the SEG");
+    assert_eq!(dump.matches("Referenced Segment").count(), segments, "each segment referenced once:\n{dump}");
+    // highdicom reads both back, with the segments the SR points at.
+    let python = std::env::var("IDAICS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/highdicom_read.py");
+    let out = Command::new(&python).arg(script).arg(sr).arg(seg).arg(levels.to_string()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "highdicom: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("segments {segments} ")), "{text}");
+}
