@@ -138,9 +138,9 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     }
     println!("sent: {} instances by C-STORE, one association", statuses.len());
 
-    let db = crate::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display()))?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let findings = runtime.block_on(async {
+        let db = crate::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display()))?;
         let deadline = Instant::now() + options.timeout;
         loop {
             if Instant::now() > deadline {
@@ -168,6 +168,9 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     println!("done in {:.1} s: series received, analysed, objects delivered\n", started.elapsed().as_secs_f64());
 
     println!("{:<7} {:<13} {:>10}  {:<10}  {:<8}", "LEVEL", "FINDING", "CONFIDENCE", "TRUTH", "");
+    // Head to foot, as a radiologist reads them (the truth lists them from the sacrum up).
+    let mut findings = findings;
+    findings.sort_by_key(|f| std::cmp::Reverse(truth.levels.iter().position(|t| t.name == f.level)));
     for f in &findings {
         let expected = truth
             .levels

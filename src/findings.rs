@@ -2,10 +2,15 @@
 //! the level's own axial image.
 //!
 //! The paper's network labels each disc it sees as normal, Schmorl's node, bulge or protrusion.
-//! A level's class is the one with the highest mean, over the two views, of the best confidence
-//! each view gives it (a view without that class counts 0): agreement between views raises a
-//! class, a single view's detection counts half. A level on which neither view detected anything
-//! is still a finding, `undetermined`, so the report says every level was looked at.
+//! The two views see different things: a Schmorl's node lies in the endplate, on the sagittal
+//! image and not in the disc's axial plane; a bulge and a protrusion differ by their extent
+//! around the disc, which the axial image shows and the mid-sagittal one barely does. So a view
+//! that cannot tell two classes apart gives them similar confidences, and the other view has to
+//! decide. A level's class is the one with the highest geometric mean, over the two views, of
+//! the best confidence each view gives it, a view without that class counting [`ABSENT`]: the
+//! product, unlike a sum, lets the discriminating view's preference through instead of adding
+//! the undecided view's tie to it. A level on which neither view detected anything is still a
+//! finding, `undetermined`, so the report says every level was looked at.
 
 use serde::Serialize;
 
@@ -19,6 +24,11 @@ pub const SCHMORL: &str = "schmorl";
 pub const BULGE: &str = "bulge";
 pub const PROTRUSION: &str = "protrusion";
 pub const UNDETERMINED: &str = "undetermined";
+
+/// What a view that did not detect a class contributes to that class's geometric mean: small, so
+/// that a class needs both views, yet not zero, so that a view's silence does not veto a class
+/// the other view is sure of.
+pub const ABSENT: f64 = 0.01;
 
 /// Our class for a class name in the weights' metadata, whatever its spelling ("Schmorl's node",
 /// "schmorl", "Bulge", ...); `None` for a name we do not know.
@@ -144,12 +154,13 @@ pub fn fuse(
             let best = |view: &[ViewDetection], class: &str| {
                 view.iter().filter(|v| v.class == class).map(|v| v.confidence).fold(0.0f32, f32::max)
             };
-            let scored = [NORMAL, SCHMORL, BULGE, PROTRUSION]
-                .map(|class| (class, views.iter().map(|v| f64::from(best(v, class))).sum::<f64>() / 2.0));
-            let (class, confidence) = scored.into_iter().max_by(|a, b| a.1.total_cmp(&b.1)).expect("four classes");
-            if confidence <= 0.0 {
+            if views.iter().all(|v| v.is_empty()) {
                 return LevelFinding::undetermined(level);
             }
+            let scored = [NORMAL, SCHMORL, BULGE, PROTRUSION].map(|class| {
+                (class, views.iter().map(|v| f64::from(best(v, class)).max(ABSENT)).product::<f64>().sqrt())
+            });
+            let (class, confidence) = scored.into_iter().max_by(|a, b| a.1.total_cmp(&b.1)).expect("four classes");
             let mut evidence: Vec<ViewDetection> =
                 views.iter().flat_map(|v| v.iter()).filter(|v| v.class == class).cloned().collect();
             evidence.sort_by(|a, b| b.confidence.total_cmp(&a.confidence));
@@ -172,5 +183,60 @@ mod tests {
         assert_eq!(canonical_class("Protrusion"), Some(PROTRUSION));
         assert_eq!(canonical_class("normal"), Some(NORMAL));
         assert_eq!(canonical_class("circle"), None);
+    }
+
+    /// Each view is sure of what it can see and undecided about the rest: the sagittal image
+    /// tells a Schmorl's node from the other classes, the axial one tells normal, bulge and
+    /// protrusion apart but not a node above the disc's plane from a normal disc.
+    #[test]
+    fn each_view_decides_what_it_can_see() {
+        use crate::slices::View;
+        let image = |view: View| SliceImage {
+            view,
+            size: 100,
+            pixels: vec![0; 100 * 100],
+            origin: [0.0, 0.0, 0.0],
+            row_direction: [0.0, 1.0, 0.0],
+            column_direction: [0.0, 0.0, -1.0],
+            pixel_spacing_mm: 1.0,
+        };
+        // Sagittal row r lies at z = -r.
+        let level = |name: &str, z: f64| DiscLevel {
+            name: name.into(),
+            name_certain: true,
+            center_lps_mm: [0.0, 50.0, z],
+            normal: [0.0, 0.0, 1.0],
+        };
+        let levels = [level("L3/L4", 0.0), level("L4/L5", -30.0), level("L5/S1", -60.0), level("L2/L3", 30.0)];
+        let names: Vec<String> = ["normal", "schmorl", "bulge", "protrusion"].map(String::from).to_vec();
+        let detection = |class_id: usize, confidence: f32, row: f32| Detection {
+            class_id,
+            confidence,
+            bbox: [40.0, row - 5.0, 60.0, row + 5.0],
+            mask: Mask { width: 100, height: 100, data: vec![true; 100 * 100] },
+        };
+        let undecided = |row: f32| [0, 2, 3].map(|class| detection(class, 0.3, row));
+        let sagittal_image = image(View::Sagittal);
+        let mut sagittal = vec![detection(1, 0.9, 30.0)]; // a node at L4/L5
+        sagittal.extend(undecided(0.0));
+        sagittal.extend(undecided(60.0));
+        let axial_images: Vec<SliceImage> = levels.iter().map(|l| image(View::Axial { level: l.name.clone() })).collect();
+        let axial_detections = [
+            vec![detection(2, 0.7, 50.0), detection(3, 0.2, 50.0)],   // L3/L4: a bulge
+            vec![detection(0, 0.55, 50.0), detection(1, 0.45, 50.0)], // L4/L5: the node is not here
+            vec![detection(0, 0.2, 50.0), detection(1, 0.64, 50.0)],  // L5/S1: a normal disc, a coin toss
+            vec![],                                                   // L2/L3: nothing anywhere
+        ];
+        let axials: Vec<(&SliceImage, &[Detection])> =
+            axial_images.iter().zip(&axial_detections).map(|(i, d)| (i, d.as_slice())).collect();
+        let findings = fuse(&levels, Some((&sagittal_image, &sagittal)), &axials, &names);
+        let classes: Vec<&str> = findings.iter().map(|f| f.class).collect();
+        assert_eq!(classes, [BULGE, SCHMORL, NORMAL, UNDETERMINED]);
+        assert!((findings[1].confidence - (0.9f64 * 0.45).sqrt()).abs() < 1e-6);
+        assert_eq!(findings[1].views, ["axial", "sagittal"]);
+        // L5/S1 is where a mean of the views goes wrong: (0.0 + 0.64) / 2 for a node the sagittal
+        // view does not see beats (0.3 + 0.2) / 2 for normal.
+        assert!(findings[2].confidence < (0.3f64 * 0.2).sqrt() + 1e-6);
+        assert!(findings[3].evidence.is_empty());
     }
 }

@@ -20,6 +20,9 @@ use crate::volume::Volume;
 
 /// Side of the images the network sees (the paper's 512 x 512 slices).
 pub const SLICE_SIZE: usize = 512;
+/// Detections kept per view, below ultralytics' 0.25 default: the fusion of the two views
+/// (`findings::fuse`) needs a view's weaker votes too, for the classes it cannot tell apart.
+pub const DETECTION_CONFIDENCE: f32 = 0.1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -57,7 +60,7 @@ impl Detector {
             height: slice.size,
             data: slice.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
         };
-        let options = PredictOptions { imgsz: self.info.input_size, ..Default::default() };
+        let options = PredictOptions { imgsz: self.info.input_size, conf: DETECTION_CONFIDENCE, ..Default::default() };
         Ok(crate::detector::predict::predict(&self.network, &image, &options, &self.device)?)
     }
 }
