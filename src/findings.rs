@@ -220,12 +220,13 @@ mod tests {
         let mut sagittal = vec![detection(1, 0.9, 30.0)]; // a node at L4/L5
         sagittal.extend(undecided(0.0));
         sagittal.extend(undecided(60.0));
-        let axial_images: Vec<SliceImage> = levels.iter().map(|l| image(View::Axial { level: l.name.clone() })).collect();
+        let axial_images: Vec<SliceImage> =
+            levels.iter().map(|l| image(View::Axial { level: l.name.clone() })).collect();
         let axial_detections = [
-            vec![detection(2, 0.7, 50.0), detection(3, 0.2, 50.0)],   // L3/L4: a bulge
+            vec![detection(2, 0.7, 50.0), detection(3, 0.2, 50.0)], // L3/L4: a bulge
             vec![detection(0, 0.55, 50.0), detection(1, 0.45, 50.0)], // L4/L5: the node is not here
-            vec![detection(0, 0.2, 50.0), detection(1, 0.64, 50.0)],  // L5/S1: a normal disc, a coin toss
-            vec![],                                                   // L2/L3: nothing anywhere
+            vec![detection(0, 0.2, 50.0), detection(1, 0.64, 50.0)], // L5/S1: a normal disc, a coin toss
+            vec![],                                                 // L2/L3: nothing anywhere
         ];
         let axials: Vec<(&SliceImage, &[Detection])> =
             axial_images.iter().zip(&axial_detections).map(|(i, d)| (i, d.as_slice())).collect();

@@ -126,7 +126,13 @@ pub fn write_objects(
     objects.extend(seg.map(|s| s.object));
     if secondary_capture {
         for (n, (finding, axial)) in analysis.findings.iter().zip(&analysis.axials).enumerate() {
-            objects.push(crate::report::secondary_capture::write(source, algorithm, finding, axial, n + 1, dir)?);
+            // The image that shows the finding best: the view of its strongest detection (a
+            // Schmorl's node is seen on the sagittal image), else the level's axial image.
+            let image = match (finding.evidence.first(), &analysis.sagittal) {
+                (Some(best), Some(sagittal)) if best.view == "sagittal" => sagittal,
+                _ => axial,
+            };
+            objects.push(crate::report::secondary_capture::write(source, algorithm, finding, image, n + 1, dir)?);
         }
     }
     objects.push(sr);

@@ -252,19 +252,52 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     assert!(text.contains("Artificial Intelligence"), "{text}");
 }
 
+/// The phantom test model (model/README.md): detections and masks from a real network.
+const PHANTOM_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
+
+/// A phantom on a grid the phantom model was trained on, with every abnormal class.
+fn phantom_for_the_model(dir: &Path, seed: u64) -> (Vec<PathBuf>, idaics::phantom::Truth) {
+    let spec = PhantomSpec {
+        seed,
+        levels: idaics::phantom::parse_levels("L4/L5=protrusion,L3/L4=bulge,L5/S1=schmorl").unwrap(),
+        pixel_spacing_mm: 1.0,
+        slice_thickness_mm: 2.0,
+        size: 256,
+        osteoporotic: false,
+    };
+    let (series, truth) = write_phantom(dir, &spec).unwrap();
+    (series.files, truth)
+}
+
+fn sop_class(path: &Path) -> String {
+    dicom_object::open_file(path)
+        .unwrap()
+        .element(dicom_dictionary_std::tags::SOP_CLASS_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string()
+}
+
+const SEG_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
+const SR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.88.34";
+
 /// The acceptance case as written: the PACS is down while the job finishes and comes up two
-/// minutes later; every object arrives exactly once, with no restart of the agent. The retry
-/// interval is capped at 5 s here so the test does not wait out the default 5 minutes.
+/// minutes later; every object (the SEG of the model's masks among them) arrives exactly once,
+/// with no restart of the agent. The retry interval is capped at 5 s here so the test does not
+/// wait out the default 5 minutes.
 #[test]
 fn pacs_down_for_two_minutes_gets_everything_once() {
     let tmp = tempfile::tempdir().unwrap();
-    let (files, truth) = phantom(&tmp.path().join("in"), 9);
-    let expected = 1 + 2 * truth.levels.len() + 1;
+    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 9);
+    // Key slices, SEG, Secondary Captures, SR.
+    let expected = (1 + truth.levels.len()) + 1 + truth.levels.len() + 1;
     let pacs_port = free_port();
     let destination = format!("PACS@127.0.0.1:{pacs_port}");
     let agent = Agent::start_with_args(
         &tmp.path().join("state"),
-        &[("IDAICS_OUTPUTS_MAX_RETRY_INTERVAL_S", "5")],
+        &[("IDAICS_OUTPUTS_MAX_RETRY_INTERVAL_S", "5"), ("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL)],
         &["--destination", destination.as_str()],
     );
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
@@ -279,8 +312,9 @@ fn pacs_down_for_two_minutes_gets_everything_once() {
     let mut unique = uids.clone();
     unique.dedup();
     assert_eq!(unique.len(), expected, "a duplicate arrived");
+    assert_eq!(received.iter().filter(|p| sop_class(p) == SEG_STORAGE).count(), 1, "the SEG arrived");
     // Finding sites of every level of the phantom.
-    let sr = received.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("SR")).expect("an SR");
+    let sr = received.iter().find(|p| sop_class(p) == SR_STORAGE).expect("an SR");
     let text = String::from_utf8_lossy(&Command::new("dsrdump").arg(sr).output().unwrap().stdout).into_owned();
     for level in &truth.levels {
         let (code, _) = idaics::report::sr::disc_site(&level.name).unwrap();
@@ -294,48 +328,32 @@ fn pacs_down_for_two_minutes_gets_everything_once() {
 #[test]
 fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = PhantomSpec {
-        seed: 7004,
-        levels: idaics::phantom::parse_levels("L4/L5=protrusion,L3/L4=bulge,L5/S1=schmorl").unwrap(),
-        pixel_spacing_mm: 1.0,
-        slice_thickness_mm: 2.0,
-        size: 256,
-        osteoporotic: false,
-    };
-    let (series, truth) = write_phantom(&tmp.path().join("in"), &spec).unwrap();
+    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 7004);
     let levels = truth.levels.len();
     let pacs_port = free_port();
     let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
-    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
     let destination = format!("PACS@127.0.0.1:{pacs_port}");
     let agent = Agent::start_with_args(
         &tmp.path().join("state"),
-        &[("IDAICS_MODEL_WEIGHTS", weights), ("IDAICS_MODEL_DEVICE", "cpu")],
+        &[("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")],
         &["--destination", destination.as_str()],
     );
-    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)).0, series.files.len());
-    let sop_class = |p: &PathBuf| {
-        dicom_object::open_file(p)
-            .unwrap()
-            .element(dicom_dictionary_std::tags::SOP_CLASS_UID)
-            .unwrap()
-            .to_str()
-            .unwrap()[..]
-            .trim_end_matches('\0')
-            .to_string()
-    };
-    let is_sr = |p: &PathBuf| sop_class(p) == "1.2.840.10008.5.1.4.1.1.88.34";
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+    let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
     wait("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
     std::thread::sleep(Duration::from_secs(1));
     let received = pacs.received();
     let count = |uid: &str| received.iter().filter(|p| sop_class(p) == uid).count();
     assert_eq!(count("1.2.840.10008.5.1.4.1.1.2"), 1 + levels, "key slices: the sagittal and one axial per level");
-    assert_eq!(count("1.2.840.10008.5.1.4.1.1.66.4"), 1, "one SEG");
+    assert_eq!(count(SEG_STORAGE), 1, "one SEG");
     assert_eq!(count("1.2.840.10008.5.1.4.1.1.7"), levels, "one Secondary Capture per level");
     assert_eq!(received.len(), 1 + levels + 1 + levels + 1, "nothing else, nothing twice: {received:?}");
-    let seg = received.iter().find(|p| sop_class(p) == "1.2.840.10008.5.1.4.1.1.66.4").unwrap();
+    let seg = received.iter().find(|p| sop_class(p) == SEG_STORAGE).unwrap();
     let sr = received.iter().find(|p| is_sr(p)).unwrap();
-    for object in [seg, sr] {
+    // The SEG, the SR and every Secondary Capture (some on the sagittal image, where the model
+    // saw a Schmorl's node) are valid.
+    let captures = received.iter().filter(|p| sop_class(p) == "1.2.840.10008.5.1.4.1.1.7");
+    for object in [seg, sr].into_iter().chain(captures) {
         let errors = dciodvfy_errors(object);
         assert!(errors.is_empty(), "{}: {}", object.display(), errors.join("\n"));
     }

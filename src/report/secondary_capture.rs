@@ -1,5 +1,6 @@
-//! One Secondary Capture per disc level: the axial key slice in colour with the finding's mask
-//! outline and a label burned in, for viewers that do not render SEG. The label uses a built-in
+//! One Secondary Capture per disc level: the key slice that shows the finding best (the view of
+//! its strongest detection: the sagittal one for a Schmorl's node, usually the level's axial one
+//! otherwise) in colour with the finding's mask outline and a label burned in, for viewers that do not render SEG. The label uses a built-in
 //! 5x7 bitmap font, so the agent needs no font files.
 
 use std::path::Path;
@@ -96,16 +97,19 @@ pub fn write(
     source: &Source,
     algorithm: &Algorithm,
     finding: &LevelFinding,
-    axial: &SliceImage,
+    image: &SliceImage,
     instance_number: usize,
     dir: &Path,
 ) -> Result<WrittenObject, ReportError> {
-    let size = axial.size;
-    let mut rgb: Vec<u8> = axial.pixels.iter().flat_map(|&v| [v, v, v]).collect();
+    let size = image.size;
+    let view = match image.view {
+        crate::slices::View::Sagittal => "sagittal",
+        crate::slices::View::Axial { .. } => "axial",
+    };
+    let mut rgb: Vec<u8> = image.pixels.iter().flat_map(|&v| [v, v, v]).collect();
     let tint = colour(finding.class);
-    // The outline of every supporting axial mask: mask pixels with a neighbour outside it.
-    for evidence in
-        finding.evidence.iter().filter(|e| e.view == "axial" && e.mask.width == size && e.mask.height == size)
+    // The outline of every supporting mask on this image: mask pixels with a neighbour outside it.
+    for evidence in finding.evidence.iter().filter(|e| e.view == view && e.mask.width == size && e.mask.height == size)
     {
         let inside = |x: isize, y: isize| {
             x >= 0
