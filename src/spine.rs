@@ -15,7 +15,8 @@
 //!    candidate is a dip of 2 to 16 mm with higher slices on both sides; candidates are taken by
 //!    clarity, and one within 18 mm of a disc already taken is the same disc at another level or
 //!    a Schmorl's node. Dips that touch the edge of the volume are not reported: a body's
-//!    interior cut by the edge looks the same as a disc cut by it.
+//!    interior cut by the edge looks the same as a disc cut by it. A dip halfway between two
+//!    discs that are one usual spacing apart is the middle of a porous body, not a disc.
 //! 3. The centre. Side to side and front to back, it is the middle of the bone of the bodies
 //!    above and below, away from their endplates (which a tilted disc cuts obliquely).
 //!
@@ -466,7 +467,34 @@ fn select_discs(candidates: &[(f64, usize, usize)], slice_mm: f64) -> Vec<Profil
         }
     }
     taken.sort_by_key(|d| d.first);
+    drop_mid_body_dips(&mut taken);
     taken
+}
+
+/// A body lies between consecutive discs, so their spacing is about even along the column. A
+/// disc whose gaps to both neighbours are each well under the usual spacing, while together
+/// they make about one, is the middle of a body: in porous bone the cancellous interior inside
+/// its cortical ring can dip like a disc. Such dips are dropped, the weakest first.
+fn drop_mid_body_dips(taken: &mut Vec<ProfileDisc>) {
+    while taken.len() >= 4 {
+        let centres: Vec<f64> = taken.iter().map(|d| (d.first + d.last) as f64 / 2.0).collect();
+        let gaps: Vec<f64> = centres.windows(2).map(|w| w[1] - w[0]).collect();
+        let mut sorted = gaps.clone();
+        sorted.sort_by(f64::total_cmp);
+        let usual = sorted[sorted.len() / 2];
+        let mid_body = (1..taken.len() - 1)
+            .filter(|&i| {
+                let (below, above) = (gaps[i - 1], gaps[i]);
+                below < 0.65 * usual && above < 0.65 * usual && (0.75..1.35).contains(&((below + above) / usual))
+            })
+            .min_by(|&i, &j| taken[i].score.total_cmp(&taken[j].score));
+        match mid_body {
+            Some(i) => {
+                taken.remove(i);
+            }
+            None => return,
+        }
+    }
 }
 
 /// Least-squares cubic `j(k)` through (k, j) points; coefficients from the constant term up.

@@ -144,3 +144,21 @@ fn osteoporotic_phantoms_every_disc_within_4_mm_and_named() {
     let worst = check_phantoms(specs, 4.0, None);
     eprintln!("largest disc centre error over 8 osteoporotic phantoms: {worst:.2} mm");
 }
+
+/// Osteoporotic bone on a coarse grid (1.5 mm pixels, 3 mm slices): a porous body's interior
+/// dips like a disc, halfway between two true ones. Seed 1001 put a spurious level in L1's body
+/// before the locator learnt that discs are evenly spaced.
+#[test]
+fn osteoporotic_coarse_grid_finds_no_disc_inside_a_body() {
+    let levels = "L5/S1=schmorl,L4/L5=bulge,L3/L4=schmorl,L2/L3=bulge,L1/L2=protrusion,T12/L1=bulge";
+    let specs = [1001u64, 41, 45].map(|seed| PhantomSpec {
+        seed,
+        levels: parse_levels(levels).unwrap(),
+        pixel_spacing_mm: 1.5,
+        slice_thickness_mm: 3.0,
+        size: 176,
+        osteoporotic: true,
+    });
+    let worst = check_phantoms(specs, 4.0, None);
+    eprintln!("largest disc centre error, coarse osteoporotic: {worst:.2} mm");
+}
