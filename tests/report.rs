@@ -78,25 +78,38 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
 struct StoreScp {
     child: Child,
     dir: PathBuf,
+    log: PathBuf,
 }
 
 impl StoreScp {
     fn start(port: u16, dir: &Path) -> StoreScp {
         std::fs::create_dir_all(dir).unwrap();
+        // storescp names files by SOP instance UID and overwrites a second copy with a warning on
+        // stderr: the log is what tells a duplicate delivery.
+        let log = dir.with_extension("storescp.log");
         let child = Command::new("storescp")
             .args(["-aet", "PACS", "-od"])
             .arg(dir)
             .arg(port.to_string())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
             .spawn()
             .expect("storescp (dcmtk)");
         std::thread::sleep(Duration::from_millis(300));
-        StoreScp { child, dir: dir.to_path_buf() }
+        StoreScp { child, dir: dir.to_path_buf(), log }
     }
 
     fn received(&self) -> Vec<PathBuf> {
         std::fs::read_dir(&self.dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+
+    /// Every object arrived, none twice; returns the files.
+    fn assert_each_once(&self, expected: usize) -> Vec<PathBuf> {
+        let received = self.received();
+        assert_eq!(received.len(), expected, "{received:?}");
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(!log.contains("already exists"), "an object arrived twice:\n{log}");
+        received
     }
 }
 
@@ -113,13 +126,6 @@ fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn sop_instances(files: &[PathBuf]) -> Vec<String> {
-    let mut uids: Vec<String> =
-        files.iter().map(|f| idaics::spool::InstanceHeader::read(f).unwrap().sop_instance_uid).collect();
-    uids.sort();
-    uids
 }
 
 #[test]
@@ -152,12 +158,7 @@ fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     let _agent = Agent::start_with_args(&state, &[], &args);
     wait("delivery to the PACS", Duration::from_secs(90), || pacs.received().len() >= expected);
     std::thread::sleep(Duration::from_secs(2));
-    let received = pacs.received();
-    assert_eq!(received.len(), expected, "every object exactly once: {received:?}");
-    let uids = sop_instances(&received);
-    let mut unique = uids.clone();
-    unique.dedup();
-    assert_eq!(unique.len(), expected);
+    let received = pacs.assert_each_once(expected);
     // The SR lists one measurement group per level of the phantom, with its site.
     let sr = received.iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("SR")).expect("an SR");
     let dump = Command::new("dsrdump").arg(sr).output().unwrap();
@@ -306,12 +307,7 @@ fn pacs_down_for_two_minutes_gets_everything_once() {
     let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
     wait("delivery after the outage", Duration::from_secs(60), || pacs.received().len() >= expected);
     std::thread::sleep(Duration::from_secs(3));
-    let received = pacs.received();
-    assert_eq!(received.len(), expected, "{received:?}");
-    let uids = sop_instances(&received);
-    let mut unique = uids.clone();
-    unique.dedup();
-    assert_eq!(unique.len(), expected, "a duplicate arrived");
+    let received = pacs.assert_each_once(expected);
     assert_eq!(received.iter().filter(|p| sop_class(p) == SEG_STORAGE).count(), 1, "the SEG arrived");
     // Finding sites of every level of the phantom.
     let sr = received.iter().find(|p| sop_class(p) == SR_STORAGE).expect("an SR");
@@ -342,12 +338,11 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
     wait("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
     std::thread::sleep(Duration::from_secs(1));
-    let received = pacs.received();
+    let received = pacs.assert_each_once(1 + levels + 1 + levels + 1);
     let count = |uid: &str| received.iter().filter(|p| sop_class(p) == uid).count();
     assert_eq!(count("1.2.840.10008.5.1.4.1.1.2"), 1 + levels, "key slices: the sagittal and one axial per level");
     assert_eq!(count(SEG_STORAGE), 1, "one SEG");
     assert_eq!(count("1.2.840.10008.5.1.4.1.1.7"), levels, "one Secondary Capture per level");
-    assert_eq!(received.len(), 1 + levels + 1 + levels + 1, "nothing else, nothing twice: {received:?}");
     let seg = received.iter().find(|p| sop_class(p) == SEG_STORAGE).unwrap();
     let sr = received.iter().find(|p| is_sr(p)).unwrap();
     // The SEG, the SR and every Secondary Capture (some on the sagittal image, where the model
