@@ -113,14 +113,21 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     let pacs = out.join("pacs");
     let log_path = out.join("agent.log");
     let mut command = Command::new(std::env::current_exe()?);
+    // The demo's agent runs on built-in defaults: overrides meant for a real agent (allow-lists,
+    // a PostgreSQL URL, ...) stay out of it.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with(crate::config::ENV_PREFIX) {
+            command.env_remove(&key);
+        }
+    }
     command
-        .args(["serve", "--port", &port.to_string(), "--http-port", &http_port.to_string(), "--state-dir"])
+        .args(["serve", "--port", &port.to_string(), "--http-port", &http_port.to_string(), "--ae-title", "IDAICS"])
+        .arg("--state-dir")
         .arg(&state)
         .arg("--destination")
         .arg(&pacs)
         .env("IDAICS_DICOM_BIND_ADDRESS", "127.0.0.1")
         .env("IDAICS_HTTP_BIND_ADDRESS", "127.0.0.1")
-        .env("IDAICS_DATABASE_URL", "")
         .env("IDAICS_MODEL_WEIGHTS", weights.as_deref().map(|w| w.to_string_lossy().into_owned()).unwrap_or_default())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
