@@ -20,6 +20,9 @@ import sys
 import cv2
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(__file__))
+from train_shapes import write_data_yaml  # noqa: E402
+
 # Class order of the weights; the agent maps names to its classes (findings::canonical_class).
 CLASSES = ["normal", "schmorl", "bulge", "protrusion"]
 # Fragments smaller than this (pixels of the 512x512 slice) are partial-volume slivers of a
@@ -75,10 +78,7 @@ def main() -> None:
     root = os.path.join(work, "yolo")
     for split in ("train", "val"):
         print(split, convert(os.path.join(work, split), root, split), "instances")
-    with open(f"{root}/data.yaml", "w") as f:
-        f.write(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n")
-        for i, name in enumerate(CLASSES):
-            f.write(f"  {i}: {name}\n")
+    write_data_yaml(root, CLASSES)
     from ultralytics import YOLO
 
     model = YOLO("yolov8n-seg.yaml")

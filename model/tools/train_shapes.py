@@ -67,6 +67,14 @@ def write_split(root: str, split: str, n: int, rng: np.random.Generator) -> None
                 f.write(f"{kind} " + " ".join(f"{v:.5f}" for v in poly.reshape(-1)) + "\n")
 
 
+def write_data_yaml(root: str, classes: list) -> None:
+    """The ultralytics dataset file for images/{train,val} and labels/{train,val} under root."""
+    with open(f"{root}/data.yaml", "w") as f:
+        f.write(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n")
+        for i, name in enumerate(classes):
+            f.write(f"  {i}: {name}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workdir")
@@ -77,10 +85,7 @@ def main() -> None:
     root = os.path.abspath(os.path.join(args.workdir, "shapes"))
     write_split(root, "train", 300, rng)
     write_split(root, "val", 40, rng)
-    with open(f"{root}/data.yaml", "w") as f:
-        f.write(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n")
-        for i, name in enumerate(CLASSES):
-            f.write(f"  {i}: {name}\n")
+    write_data_yaml(root, CLASSES)
     from ultralytics import YOLO
 
     model = YOLO("yolov8n-seg.yaml")
