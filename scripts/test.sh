@@ -19,6 +19,14 @@ export IDAICS_PYTHON="$PWD/$pyenv/bin/python"
 
 test -d ../shared/data/corpora || { echo "shared test data not found at ../shared/data" >&2; exit 1; }
 
+# A test build needs about 3 GB (2.2 GB measured); say so plainly rather than die in the linker.
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "$free_kb" -lt $((5 * 1024 * 1024)) ]; then
+  echo "warning: only $((free_kb / 1024)) MB free on $(df -P . | awk 'NR==2 {print $6}'); the test build needs about 3 GB" >&2
+fi
+# A suite run builds once: incremental state would only take disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 # Two cores here: the integration tests start several agents and DCMTK processes each.
 export RUST_BACKTRACE=1
 cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-4}"
