@@ -6,7 +6,9 @@
 #   bench/ingest.sh [SLICES] [SIZE] [ROUNDS]
 #
 # Both receivers write every instance to disk; the agent also fsyncs each file and its directory
-# before answering (its default), storescp does not (it has no such option).
+# before answering (its default), storescp does not (it has no such option). When Orthanc is
+# installed it runs as a third receiver that does sync each file. IDAICS_STORAGE_FSYNC=false in
+# the environment measures the agent without its syncs.
 set -euo pipefail
 slices=${1:-300}
 size=${2:-512}
@@ -44,8 +46,34 @@ IDAICS_LOGGING_LEVEL=warn IDAICS_DICOM_BIND_ADDRESS=127.0.0.1 IDAICS_LIMITS_MIN_
 agent_pid=$!
 sleep 1
 
-best_scp=999999; best_agent=999999; paired=()
+# A second peer that, like the agent, syncs every file before it answers: Orthanc with its
+# default SyncStorageArea. It also indexes each instance in SQLite, so it does more work per
+# instance than the agent; a fresh one per round, since it would skip instances it already has.
+orthanc_round() { # round -> seconds
+  local dir="$work/orthanc-$1" port http
+  port=$(port_free); http=$(port_free)
+  mkdir -p "$dir"
+  cat > "$dir/orthanc.json" <<JSON
+{ "Name": "bench", "StorageDirectory": "$dir/storage", "IndexDirectory": "$dir/index",
+  "DicomAet": "IDAICS", "DicomPort": $port, "HttpPort": $http, "RemoteAccessAllowed": false,
+  "DicomCheckCalledAet": false, "DicomAlwaysAllowStore": true, "SyncStorageArea": true,
+  "StorageCompression": false, "Plugins": [] }
+JSON
+  TCP_NODELAY=1 Orthanc --logdir="$dir" "$dir/orthanc.json" 2>/dev/null &
+  local pid=$!
+  for _ in $(seq 1 100); do echoscu -aec IDAICS 127.0.0.1 "$port" 2>/dev/null && break; sleep 0.1; done
+  send "$port"
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  rm -rf "$dir"
+}
+have_orthanc=$(command -v Orthanc >/dev/null && echo yes || echo no)
+
+best_scp=999999; best_agent=999999; best_orthanc=999999; paired=()
 for r in $(seq 1 "$rounds"); do
+  if [ "$have_orthanc" = yes ]; then
+    to=$(orthanc_round "$r"); echo "round $r Orthanc:  ${to}s"
+    best_orthanc=$(echo "if ($to < $best_orthanc) $to else $best_orthanc" | bc -l)
+  fi
   rm -rf "$work/storescp"/*; ts=$(send "$scp_port"); echo "round $r storescp: ${ts}s"
   best_scp=$(echo "if ($ts < $best_scp) $ts else $best_scp" | bc -l)
   rm -rf "$work/agent/spool"/*; ta=$(send "$agent_port"); echo "round $r idaics:   ${ta}s"
@@ -60,7 +88,12 @@ stored=$(find "$work/agent/spool" -name '*.dcm' | wc -l)
 
 printf '\nseries: %d slices of %dx%d, %.1f MB\n' "$slices" "$size" "$size" "$(echo "$bytes/1000000" | bc -l)"
 printf 'storescp (no fsync):  %.3f s (best of %d)\n' "$best_scp" "$rounds"
-printf 'idaics (fsync):       %.3f s (best of %d), %d instances in the spool\n' "$best_agent" "$rounds" "$stored"
+agent_sync=$([ "${IDAICS_STORAGE_FSYNC:-true}" = false ] && echo "no fsync" || echo "fsync")
+printf 'idaics (%s):%*s%.3f s (best of %d), %d instances in the spool\n' "$agent_sync" $((12 - ${#agent_sync})) "" "$best_agent" "$rounds" "$stored"
 printf 'time ratio idaics/storescp: %.2f best against best, %.2f median of %d paired rounds (target <= 1.2)\n' \
   "$(echo "$best_agent/$best_scp" | bc -l)" "$median_pair" "$rounds"
+if [ "$have_orthanc" = yes ]; then
+  printf 'Orthanc (fsync):      %.3f s (best of %d); time ratio idaics/Orthanc: %.2f\n' \
+    "$best_orthanc" "$rounds" "$(echo "$best_agent/$best_orthanc" | bc -l)"
+fi
 printf 'idaics peak RSS: %.1f MB (target < 200 MB)\n' "$(echo "$rss_kb/1024" | bc -l)"
