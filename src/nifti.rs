@@ -36,7 +36,7 @@ pub fn read(path: &Path) -> Result<Volume, NiftiError> {
     }
     let h = &bytes[..348];
     let dims: Vec<usize> = (0..8).map(|i| i16_at(h, 40 + 2 * i).max(0) as usize).collect();
-    if dims[0] < 3 || dims[1..4].iter().any(|d| *d == 0) {
+    if dims[0] < 3 || dims[1..4].contains(&0) {
         return Err(err(format!("not a 3D volume: dims {dims:?}")));
     }
     let (nx, ny, nz) = (dims[1], dims[2], dims[3]);

@@ -22,8 +22,9 @@ pub type AssociationId = u64;
 
 #[derive(Debug)]
 pub enum TrackerEvent {
-    /// An instance is durable in the spool.
-    Stored { association: AssociationId, header: InstanceHeader },
+    /// An instance is durable in the spool. Boxed: the header is many times the size of the
+    /// other events, and every event in the channel would pay for it.
+    Stored { association: AssociationId, header: Box<InstanceHeader> },
     /// An association ended; `released` is false when it was aborted or broke.
     AssociationEnded { association: AssociationId, released: bool },
 }
@@ -282,7 +283,7 @@ impl SeriesTracker {
 
     pub fn handle(&mut self, event: TrackerEvent) {
         match event {
-            TrackerEvent::Stored { association, header } => self.on_stored(association, header),
+            TrackerEvent::Stored { association, header } => self.on_stored(association, *header),
             TrackerEvent::AssociationEnded { association, released } => {
                 let carried: Vec<String> = self
                     .pending

@@ -41,11 +41,9 @@ pub struct SliceImage {
 impl SliceImage {
     /// LPS position of pixel (column, row).
     pub fn pixel_to_lps(&self, column: f64, row: f64) -> [f64; 3] {
-        let mut p = self.origin;
-        for d in 0..3 {
-            p[d] += (self.row_direction[d] * column + self.column_direction[d] * row) * self.pixel_spacing_mm;
-        }
-        p
+        std::array::from_fn(|d| {
+            self.origin[d] + (self.row_direction[d] * column + self.column_direction[d] * row) * self.pixel_spacing_mm
+        })
     }
 
     /// (column, row) of an LPS position projected onto the image plane.
@@ -101,12 +99,7 @@ pub fn sagittal(volume: &Volume, levels: &[DiscLevel], size: usize) -> Option<Sl
         return None;
     }
     let n = levels.len() as f64;
-    let mut centre = [0.0; 3];
-    for l in levels {
-        for d in 0..3 {
-            centre[d] += l.center_lps_mm[d] / n;
-        }
-    }
+    let centre: [f64; 3] = std::array::from_fn(|d| levels.iter().map(|l| l.center_lps_mm[d]).sum::<f64>() / n);
     // LPS: +y is posterior, +z superior; rows run downwards, so the column direction is -z.
     Some(resample(volume, View::Sagittal, centre, [0.0, 1.0, 0.0], [0.0, 0.0, -1.0], size, SAGITTAL_FOV_MM))
 }

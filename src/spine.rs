@@ -523,8 +523,9 @@ fn fit_cubic(points: &[(f64, f64)]) -> [f64; 4] {
         for row in 0..4 {
             if row != col {
                 let f = a[row][col] / a[col][col];
-                for c in col..5 {
-                    a[row][c] -= f * a[col][c];
+                let pivot_row = a[col];
+                for (value, pivot_value) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                    *value -= f * pivot_value;
                 }
             }
         }

@@ -59,11 +59,9 @@ impl Volume {
     /// Fractional voxel index of an LPS position; the axes are orthonormal, so this is a projection.
     pub fn lps_to_voxel(&self, p: [f64; 3]) -> [f64; 3] {
         let rel = [p[0] - self.origin[0], p[1] - self.origin[1], p[2] - self.origin[2]];
-        let mut v = [0.0; 3];
-        for a in 0..3 {
-            v[a] = (rel[0] * self.axes[a][0] + rel[1] * self.axes[a][1] + rel[2] * self.axes[a][2]) / self.spacing[a];
-        }
-        v
+        std::array::from_fn(|a| {
+            (rel[0] * self.axes[a][0] + rel[1] * self.axes[a][1] + rel[2] * self.axes[a][2]) / self.spacing[a]
+        })
     }
 
     pub fn at(&self, i: usize, j: usize, k: usize) -> f32 {

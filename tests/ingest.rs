@@ -330,7 +330,9 @@ fn kill_during_a_series_loses_nothing_acknowledged() {
     agent.kill();
     let out = sender.join().unwrap();
     let (acknowledged, _) = store_outcomes(&out);
-    assert!((10..240).contains(&acknowledged), "not killed mid-series: {acknowledged} acknowledged");
+    // The kill can land between an instance's rename into the spool and its answer: one
+    // association has at most one such instance, so 10 in the spool means at least 9 answered.
+    assert!((9..240).contains(&acknowledged), "not killed mid-series: {acknowledged} acknowledged");
 
     // Every acknowledged instance is there, whole.
     let spooled = agent.spool_files();

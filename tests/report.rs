@@ -144,7 +144,7 @@ fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     assert_eq!(store_outcomes(&out), (files.len(), 0), "{}", output_text(&out));
     // The folder destination gets everything; the DICOM one is retried.
     wait("the folder destination", Duration::from_secs(60), || {
-        std::fs::read_dir(&folder).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map_or(false, |series| {
+        std::fs::read_dir(&folder).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).is_some_and(|series| {
             std::fs::read_dir(series.path())
                 .map(|r| r.flatten().filter(|f| f.file_name().to_string_lossy().ends_with(".dcm")).count())
                 .unwrap_or(0)

@@ -33,8 +33,8 @@ fn synthetic_series_loads_sorted_with_its_geometry() {
     // Slice z = -(i * 1.5): sorted along +z the first is the deepest one written.
     let half = 0.7 * 64.0 / 2.0;
     let expected_origin = [-half, -half, -(11.0 * 1.5)];
-    for d in 0..3 {
-        assert!((volume.origin[d] - expected_origin[d]).abs() < 1e-3, "{:?}", volume.origin);
+    for (found, expected) in volume.origin.iter().zip(expected_origin) {
+        assert!((found - expected).abs() < 1e-3, "{:?}", volume.origin);
     }
     // Air outside the body, bone on the ring: rescaled to HU.
     assert_eq!(volume.at(0, 0, 0), -1000.0);
@@ -106,7 +106,7 @@ fn enhanced_ct_multi_frame_loads_like_its_single_frame_series() {
     let (series, _truth) = idaics::phantom::write_phantom(&tmp.path().join("single"), &spec).unwrap();
     let enhanced = idaics::synthetic::write_enhanced_ct(&series.files, &tmp.path().join("enhanced.dcm"), 7).unwrap();
     let reference = load_series(&series.files, &SeriesConfig::default()).unwrap();
-    let volume = load_series(&[enhanced.clone()], &SeriesConfig::default()).unwrap();
+    let volume = load_series(std::slice::from_ref(&enhanced), &SeriesConfig::default()).unwrap();
     assert_eq!(volume.dims, reference.dims);
     assert_eq!(volume.axes, reference.axes);
     assert!((0..3).all(|d| (volume.origin[d] - reference.origin[d]).abs() < 1e-6), "{:?}", volume.origin);

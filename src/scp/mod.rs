@@ -86,22 +86,20 @@ impl ScpContext {
     /// Logs an association in the finding log (when attached).
     fn record_association(
         &self,
-        id: AssociationId,
-        peer: SocketAddr,
+        opened: &OpenedAssociation,
         who: (&str, &str),
-        started_at: String,
         tally: &Tally,
         outcome: &str,
         detail: Option<String>,
     ) {
         let Some(records) = &self.records else { return };
         let row = crate::db::AssociationRow {
-            association_key: format!("{}/{id}", self.agent_id),
+            association_key: format!("{}/{}", self.agent_id, opened.id),
             agent: self.agent_id.clone(),
-            peer: peer.to_string(),
+            peer: opened.peer.to_string(),
             calling_ae: who.0.to_string(),
             called_ae: who.1.to_string(),
-            started_at,
+            started_at: opened.started_at.clone(),
             ended_at: crate::db::now(),
             instances: tally.stored as i64,
             bytes: tally.bytes as i64,
@@ -279,19 +277,17 @@ fn agent_id() -> String {
     format!("{host}:{}:{started}", std::process::id())
 }
 
+/// What the finding log needs to know of a connection from its first moment.
+struct OpenedAssociation {
+    id: AssociationId,
+    peer: SocketAddr,
+    started_at: String,
+}
+
 async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: Arc<ScpContext>) {
-    let started_at = crate::db::now();
-    let rejected = |detail: &str| {
-        ctx.record_association(
-            id,
-            peer,
-            ("", ""),
-            started_at.clone(),
-            &Tally::default(),
-            "rejected",
-            Some(detail.into()),
-        )
-    };
+    let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
+    let rejected =
+        |detail: &str| ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail.into()));
     if !ctx.peer_rules.is_empty() && !ctx.peer_rules.iter().any(|r| r.matches(peer.ip())) {
         tracing::warn!("peer address not in the allow-list; rejecting");
         rejected("peer address not in the allow-list");
@@ -373,10 +369,8 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     let t = &session.tally;
     let called = association.called_ae_title().trim().to_string();
     ctx.record_association(
-        id,
-        peer,
+        &opened,
         (&session.calling_ae, &called),
-        started_at,
         t,
         if released { "released" } else { "aborted" },
         None,
@@ -604,8 +598,10 @@ impl Session<'_> {
                         stats.instances_stored.fetch_add(1, Ordering::Relaxed);
                         stats.bytes_stored.fetch_add(stored.bytes, Ordering::Relaxed);
                         tracing::debug!(sop_uid = %sop_uid, path = %stored.path.display(), "instance stored");
-                        let _ =
-                            self.ctx.tracker.send(TrackerEvent::Stored { association: self.id, header: stored.header });
+                        let _ = self
+                            .ctx
+                            .tracker
+                            .send(TrackerEvent::Stored { association: self.id, header: Box::new(stored.header) });
                         (status::SUCCESS, None)
                     }
                     Ok(Err(e)) => {
