@@ -83,6 +83,32 @@ done
 # This machine's disk and cores are shared: a round can be slow for reasons of its own. The ratio
 # of each round's back-to-back pair is the steadier figure.
 median_pair=$(printf '%s\n' "${paired[@]}" | sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}')
+# What syncing alone costs on this disk: the series' files written again, without any network,
+# once plainly and once with the agent's two syncs each (data, then the directory after the
+# rename). The difference is the least a receiver that syncs must spend above one that does not.
+disk_floor=$(python3 - "$work/series" "$work/floor" <<'PY'
+import os, sys, time
+src, dst = sys.argv[1], sys.argv[2]
+blobs = [open(os.path.join(src, f), "rb").read() for f in sorted(os.listdir(src))]
+def run(sync):
+    os.makedirs(dst + "/tmp"); os.makedirs(dst + "/spool")
+    spool = os.open(dst + "/spool", os.O_RDONLY)
+    t = time.perf_counter()
+    for i, blob in enumerate(blobs):
+        tmp = f"{dst}/tmp/{i}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.write(fd, blob)
+        if sync: os.fdatasync(fd)
+        os.close(fd)
+        os.rename(tmp, f"{dst}/spool/{i}.dcm")
+        if sync: os.fsync(spool)
+    elapsed = time.perf_counter() - t
+    os.close(spool); os.system(f"rm -rf {dst}"); os.sync()
+    return elapsed
+best = {s: min(run(s) for _ in range(3)) for s in (False, True)}
+print(best[True] - best[False])
+PY
+)
 rss_kb=$(awk '/VmHWM/ {print $2}' "/proc/$agent_pid/status")
 stored=$(find "$work/agent/spool" -name '*.dcm' | wc -l)
 
@@ -92,6 +118,8 @@ agent_sync=$([ "${IDAICS_STORAGE_FSYNC:-true}" = false ] && echo "no fsync" || e
 printf 'idaics (%s):%*s%.3f s (best of %d), %d instances in the spool\n' "$agent_sync" $((12 - ${#agent_sync})) "" "$best_agent" "$rounds" "$stored"
 printf 'time ratio idaics/storescp: %.2f best against best, %.2f median of %d paired rounds (target <= 1.2)\n' \
   "$(echo "$best_agent/$best_scp" | bc -l)" "$median_pair" "$rounds"
+printf 'syncing alone on this disk: %.3f s; storescp plus that: ratio %.2f\n' \
+  "$disk_floor" "$(echo "($best_scp + $disk_floor)/$best_scp" | bc -l)"
 if [ "$have_orthanc" = yes ]; then
   printf 'Orthanc (fsync):      %.3f s (best of %d); time ratio idaics/Orthanc: %.2f\n' \
     "$best_orthanc" "$rounds" "$(echo "$best_agent/$best_orthanc" | bc -l)"
