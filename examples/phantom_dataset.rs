@@ -40,15 +40,6 @@ fn spec_for(seed: u64) -> PhantomSpec {
     PhantomSpec { seed, levels, pixel_spacing_mm, slice_thickness_mm, size, osteoporotic: false }
 }
 
-fn condition_name(c: Condition) -> &'static str {
-    match c {
-        Condition::Normal => "normal",
-        Condition::Schmorl => "schmorl",
-        Condition::Bulge => "bulge",
-        Condition::Protrusion => "protrusion",
-    }
-}
-
 fn write_image(image: &SliceImage, labels: &DiscLabels, out: &Path, stem: &str) -> anyhow::Result<serde_json::Value> {
     let size = image.size as u32;
     let mut label_map = vec![0u8; image.size * image.size];
@@ -65,9 +56,8 @@ fn write_image(image: &SliceImage, labels: &DiscLabels, out: &Path, stem: &str) 
     image::GrayImage::from_raw(size, size, label_map)
         .expect("size * size labels")
         .save(out.join(format!("{stem}.label.png")))?;
-    let classes: serde_json::Map<String, serde_json::Value> = (0..LEVELS.len())
-        .map(|level| ((level + 1).to_string(), json!(condition_name(labels.condition(level)))))
-        .collect();
+    let classes: serde_json::Map<String, serde_json::Value> =
+        (0..LEVELS.len()).map(|level| ((level + 1).to_string(), json!(labels.condition(level).class()))).collect();
     Ok(json!({ "image": format!("{stem}.png"), "labels": format!("{stem}.label.png"), "classes": classes }))
 }
 

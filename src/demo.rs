@@ -179,13 +179,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     let mut findings = findings;
     findings.sort_by_key(|f| std::cmp::Reverse(truth.levels.iter().position(|t| t.name == f.level)));
     for f in &findings {
-        let expected = truth
-            .levels
-            .iter()
-            .find(|t| t.name == f.level)
-            .and_then(|t| serde_json::to_value(t.condition).ok())
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| "-".into());
+        let expected = truth.levels.iter().find(|t| t.name == f.level).map_or("-", |t| t.condition.class());
         let agrees = if expected == f.class { "agrees" } else { "differs" };
         println!("{:<7} {:<13} {:>10.2}  {:<10}  {agrees}", f.level, f.class, f.confidence, expected);
     }

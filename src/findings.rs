@@ -43,7 +43,7 @@ pub fn canonical_class(name: &str) -> Option<&'static str> {
 /// What one view contributed to a level.
 #[derive(Debug, Clone)]
 pub struct ViewDetection {
-    /// "sagittal" or "axial".
+    /// [`crate::slices::View::kind`] of the image it was found on.
     pub view: &'static str,
     pub class: &'static str,
     pub confidence: f32,
@@ -102,11 +102,11 @@ pub fn fuse(
     axials: &[(&SliceImage, &[Detection])],
     class_names: &[String],
 ) -> Vec<LevelFinding> {
-    let to_view = |view: &'static str, image: &SliceImage, d: &Detection| -> Option<ViewDetection> {
+    let to_view = |image: &SliceImage, d: &Detection| -> Option<ViewDetection> {
         let class = canonical_class(class_names.get(d.class_id)?)?;
         let pixel_mm2 = image.pixel_spacing_mm * image.pixel_spacing_mm;
         Some(ViewDetection {
-            view,
+            view: image.view.kind(),
             class,
             confidence: d.confidence,
             bbox: d.bbox,
@@ -136,7 +136,7 @@ pub fn fuse(
                 .min_by(|a, b| a.1.total_cmp(&b.1));
             if let Some((i, distance)) = nearest
                 && distance <= 15.0
-                && let Some(v) = to_view("sagittal", image, d)
+                && let Some(v) = to_view(image, d)
             {
                 sagittal_by_level[i].push(v);
             }
@@ -148,7 +148,7 @@ pub fn fuse(
         .map(|(i, level)| {
             let axial: Vec<ViewDetection> = axials
                 .get(i)
-                .map(|(image, detections)| detections.iter().filter_map(|d| to_view("axial", image, d)).collect())
+                .map(|(image, detections)| detections.iter().filter_map(|d| to_view(image, d)).collect())
                 .unwrap_or_default();
             let views = [&sagittal_by_level[i], &axial];
             let best = |view: &[ViewDetection], class: &str| {
@@ -208,7 +208,7 @@ mod tests {
             normal: [0.0, 0.0, 1.0],
         };
         let levels = [level("L3/L4", 0.0), level("L4/L5", -30.0), level("L5/S1", -60.0), level("L2/L3", 30.0)];
-        let names: Vec<String> = ["normal", "schmorl", "bulge", "protrusion"].map(String::from).to_vec();
+        let names: Vec<String> = [NORMAL, SCHMORL, BULGE, PROTRUSION].map(String::from).to_vec();
         let detection = |class_id: usize, confidence: f32, row: f32| Detection {
             class_id,
             confidence,

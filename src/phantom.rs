@@ -28,16 +28,29 @@ pub enum Condition {
     Protrusion,
 }
 
+impl Condition {
+    const ALL: [Condition; 4] = [Condition::Normal, Condition::Schmorl, Condition::Bulge, Condition::Protrusion];
+
+    /// The finding class the agent should report for a disc in this condition.
+    pub fn class(self) -> &'static str {
+        use crate::findings::{BULGE, NORMAL, PROTRUSION, SCHMORL};
+        match self {
+            Condition::Normal => NORMAL,
+            Condition::Schmorl => SCHMORL,
+            Condition::Bulge => BULGE,
+            Condition::Protrusion => PROTRUSION,
+        }
+    }
+}
+
 impl std::str::FromStr for Condition {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim() {
-            "normal" => Ok(Condition::Normal),
-            "schmorl" => Ok(Condition::Schmorl),
-            "bulge" => Ok(Condition::Bulge),
-            "protrusion" => Ok(Condition::Protrusion),
-            other => Err(format!("{other:?}: expected normal, schmorl, bulge or protrusion")),
-        }
+        let s = s.trim();
+        Condition::ALL
+            .into_iter()
+            .find(|c| c.class() == s)
+            .ok_or_else(|| format!("{s:?}: expected normal, schmorl, bulge or protrusion"))
     }
 }
 

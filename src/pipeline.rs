@@ -129,7 +129,7 @@ pub fn write_objects(
             // The image that shows the finding best: the view of its strongest detection (a
             // Schmorl's node is seen on the sagittal image), else the level's axial image.
             let image = match (finding.evidence.first(), &analysis.sagittal) {
-                (Some(best), Some(sagittal)) if best.view == "sagittal" => sagittal,
+                (Some(best), Some(sagittal)) if best.view == crate::slices::View::SAGITTAL => sagittal,
                 _ => axial,
             };
             objects.push(crate::report::secondary_capture::write(source, algorithm, finding, image, n + 1, dir)?);

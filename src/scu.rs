@@ -48,14 +48,15 @@ pub fn store_all(
     timeout: std::time::Duration,
 ) -> Result<Vec<u16>, ScuError> {
     let read = |path: &Path, e: String| ScuError::Read(format!("{}: {e}", path.display()));
-    // One presentation context per SOP class, read from the files' meta groups.
+    // One presentation context per SOP class, read from the files' meta groups only: the data
+    // sets are read once, when they are sent.
     let mut sop_classes: Vec<String> = Vec::new();
     for path in paths {
-        let head = OpenFileOptions::new()
-            .read_until(tags::PIXEL_DATA)
-            .open_file(path)
-            .map_err(|e| read(path, e.to_string()))?;
-        let class = head.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+        let class = read_meta(path)
+            .map_err(|e| read(path, e))?
+            .media_storage_sop_class_uid()
+            .trim_end_matches('\0')
+            .to_string();
         if !sop_classes.contains(&class) {
             sop_classes.push(class);
         }
@@ -146,6 +147,17 @@ pub fn store_all(
     }
     let _ = association.release();
     Ok(statuses)
+}
+
+/// The file meta group of a DICOM file, with or without the 128-byte preamble.
+fn read_meta(path: &Path) -> Result<dicom_object::meta::FileMetaTable, String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut head = Vec::with_capacity(132);
+    (&mut file).take(132).read_to_end(&mut head).map_err(|e| e.to_string())?;
+    let start = if head.get(128..132) == Some(b"DICM".as_slice()) { 128 } else { 0 };
+    file.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
+    dicom_object::meta::FileMetaTable::from_reader(std::io::BufReader::new(file)).map_err(|e| e.to_string())
 }
 
 /// A C-STORE-RQ command set (implicit VR little endian, as DIMSE commands always are).

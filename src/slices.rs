@@ -23,6 +23,19 @@ pub enum View {
     Axial { level: String },
 }
 
+impl View {
+    pub const SAGITTAL: &str = "sagittal";
+    pub const AXIAL: &str = "axial";
+
+    /// The view's name as findings, the JSON output and the reports spell it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            View::Sagittal => View::SAGITTAL,
+            View::Axial { .. } => View::AXIAL,
+        }
+    }
+}
+
 /// An 8-bit image with its place in the patient.
 #[derive(Debug, Clone)]
 pub struct SliceImage {

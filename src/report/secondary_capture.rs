@@ -1,7 +1,7 @@
 //! One Secondary Capture per disc level: the key slice that shows the finding best (the view of
 //! its strongest detection: the sagittal one for a Schmorl's node, usually the level's axial one
-//! otherwise) in colour with the finding's mask outline and a label burned in, for viewers that do not render SEG. The label uses a built-in
-//! 5x7 bitmap font, so the agent needs no font files.
+//! otherwise) in colour with the finding's mask outline and a label burned in, for viewers that
+//! do not render SEG. The label uses a built-in 5x7 bitmap font, so the agent needs no font files.
 
 use std::path::Path;
 
@@ -102,10 +102,7 @@ pub fn write(
     dir: &Path,
 ) -> Result<WrittenObject, ReportError> {
     let size = image.size;
-    let view = match image.view {
-        crate::slices::View::Sagittal => "sagittal",
-        crate::slices::View::Axial { .. } => "axial",
-    };
+    let view = image.view.kind();
     let mut rgb: Vec<u8> = image.pixels.iter().flat_map(|&v| [v, v, v]).collect();
     let tint = colour(finding.class);
     // The outline of every supporting mask on this image: mask pixels with a neighbour outside it.
