@@ -83,6 +83,8 @@ pub struct SeriesConfig {
     pub min_slices: usize,
     pub spacing_tolerance: f64,
     pub max_tilt_degrees: f64,
+    /// Largest series loaded for analysis, as 32-bit voxels in MB.
+    pub max_volume_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +192,7 @@ impl Default for SeriesConfig {
             min_slices: 2,
             spacing_tolerance: 0.2,
             max_tilt_degrees: 0.5,
+            max_volume_mb: 4096,
         }
     }
 }
@@ -454,6 +457,7 @@ impl Config {
                 Err("must be between 0 and 45".into())
             },
         );
+        check("series.max_volume_mb", positive(self.series.max_volume_mb));
         check(
             "storage.state_dir",
             if self.storage.state_dir.as_os_str().is_empty() { Err("must not be empty".into()) } else { Ok(()) },

@@ -15,6 +15,7 @@ pub mod http;
 pub mod nifti;
 pub mod phantom;
 pub mod pipeline;
+pub mod pixel_module;
 pub mod report;
 pub mod scp;
 pub mod scu;

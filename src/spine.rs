@@ -82,6 +82,8 @@ pub struct DiscLevel {
 pub enum SpineError {
     #[error("no vertebral column found: {0}")]
     NotFound(String),
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
 }
 
 fn eval_cubic(c: &[f64; 4], k: f64) -> f64 {
@@ -117,7 +119,7 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     let is_axial = volume.axes[0][0].abs() > 0.999 && volume.axes[1][1].abs() > 0.999;
     if !is_axial {
         let finest = volume.spacing.iter().copied().fold(f64::MAX, f64::min).max(0.5);
-        return locate_discs(&volume.resample_axial(finest, false, -1000.0));
+        return locate_discs(&volume.resample_axial(finest, false, -1000.0)?);
     }
     let [nx, _, nz] = volume.dims;
     let (sx, sz) = (volume.spacing[0], volume.spacing[2]);

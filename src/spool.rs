@@ -16,6 +16,8 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use serde::{Deserialize, Serialize};
 
+use crate::pixel_module::PixelModule;
+
 /// Instances up to this size are parsed whole (pixel data included) before they are accepted,
 /// which catches truncated pixel data; larger ones (big Enhanced CT objects) are checked up to
 /// the pixel data only, to keep memory bounded.
@@ -40,6 +42,8 @@ pub enum SpoolError {
     InvalidAttribute { attribute: &'static str, reason: String },
     #[error("pixel data cannot be decoded: {0}")]
     UndecodablePixelData(String),
+    #[error("pixel data description does not hold: {0}")]
+    PixelDescription(String),
     #[error("{attribute} in the data set ({in_dataset}) differs from the C-STORE request ({in_command})")]
     Mismatch { attribute: &'static str, in_dataset: String, in_command: String },
 }
@@ -329,11 +333,30 @@ impl Spool {
         }
         let obj = options.open_file(&partial.path).map_err(|e| SpoolError::Unparsable(e.to_string()))?;
         let header = InstanceHeader::from_object(&obj)?;
-        if self.verify_compressed && bytes <= FULL_PARSE_LIMIT && is_encapsulated(&header.transfer_syntax_uid) {
+        let pixels = PixelModule::from_object(&obj).map_err(SpoolError::PixelDescription)?;
+        let encapsulated = is_encapsulated(&header.transfer_syntax_uid);
+        if bytes <= FULL_PARSE_LIMIT {
+            pixels.check_against(&obj).map_err(SpoolError::PixelDescription)?;
+        } else if !encapsulated && pixels.total_bytes() > bytes {
+            return Err(SpoolError::PixelDescription(pixels.shortfall(bytes)));
+        }
+        if self.verify_compressed && bytes <= FULL_PARSE_LIMIT && encapsulated {
             // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
             // parameters that contradict the header): refuse it now, while the sender can act.
             use dicom_pixeldata::PixelDecoder;
-            obj.decode_pixel_data_frame(0).map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+            let frame =
+                obj.decode_pixel_data_frame(0).map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+            let decoded = frame.data().len() as u64;
+            if decoded < pixels.frame_bytes() {
+                return Err(SpoolError::UndecodablePixelData(format!(
+                    "the first frame decodes to {decoded} bytes; {} x {} pixels, {} sample(s) of {} bits need {}",
+                    pixels.columns,
+                    pixels.rows,
+                    pixels.samples_per_pixel,
+                    pixels.bits_allocated,
+                    pixels.frame_bytes()
+                )));
+            }
         }
         drop(obj);
         let request = &partial.request;

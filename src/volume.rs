@@ -13,6 +13,7 @@ use dicom_pixeldata::PixelDecoder;
 use rayon::prelude::*;
 
 use crate::config::SeriesConfig;
+use crate::pixel_module::PixelModule;
 use crate::series::stack_geometry;
 use crate::spool::InstanceHeader;
 
@@ -26,7 +27,28 @@ pub enum VolumeError {
     Inconsistent(String),
     #[error("{0}")]
     Unsupported(String),
+    #[error("{what} of {voxels} voxels needs {needed_mb} MB, more than the {limit_mb} MB allowed (series.max_volume_mb)")]
+    TooLarge { what: &'static str, voxels: u64, needed_mb: u64, limit_mb: u64 },
 }
+
+/// Allocates a zeroed voxel buffer, refusing sizes over `limit_mb` (and any the allocator cannot
+/// give) with an error: a failed allocation would abort the whole agent.
+fn voxel_buffer(what: &'static str, voxels: u64, limit_mb: u64) -> Result<Vec<f32>, VolumeError> {
+    let needed_mb = voxels.saturating_mul(std::mem::size_of::<f32>() as u64).div_ceil(1 << 20);
+    let too_large = || VolumeError::TooLarge { what, voxels, needed_mb, limit_mb };
+    if needed_mb > limit_mb {
+        return Err(too_large());
+    }
+    let len = usize::try_from(voxels).map_err(|_| too_large())?;
+    let mut buffer = Vec::new();
+    buffer.try_reserve_exact(len).map_err(|_| too_large())?;
+    buffer.resize(len, 0.0);
+    Ok(buffer)
+}
+
+/// Largest resampled grid, in MB of voxels: resampling a few sparse slices onto a fine grid
+/// could otherwise ask for any amount of memory.
+const MAX_RESAMPLED_MB: u64 = 4096;
 
 /// Voxels in Hounsfield units. Index `(k * rows + j) * columns + i`: column `i`, row `j`, slice `k`.
 #[derive(Debug, Clone)]
@@ -118,7 +140,7 @@ impl Volume {
     /// The same content on an axis-aligned LPS grid (axial slices, superior last) of isotropic
     /// `spacing` mm, covering the volume's extent: what the spine stage expects, whatever the
     /// stored orientation. Outside the source, voxels take `fill`; labels want `nearest`.
-    pub fn resample_axial(&self, spacing: f64, nearest: bool, fill: f32) -> Volume {
+    pub fn resample_axial(&self, spacing: f64, nearest: bool, fill: f32) -> Result<Volume, VolumeError> {
         let mut low = [f64::MAX; 3];
         let mut high = [f64::MIN; 3];
         for corner in 0..8 {
@@ -129,18 +151,18 @@ impl Volume {
                 high[d] = high[d].max(p[d]);
             }
         }
-        let dims = [0, 1, 2].map(|d| ((high[d] - low[d]) / spacing).floor() as usize + 1);
-        let mut hu = Vec::with_capacity(dims[0] * dims[1] * dims[2]);
-        for k in 0..dims[2] {
-            for j in 0..dims[1] {
-                for i in 0..dims[0] {
-                    let p = [low[0] + i as f64 * spacing, low[1] + j as f64 * spacing, low[2] + k as f64 * spacing];
-                    let value = if nearest { self.sample_nearest(p) } else { self.sample(p) };
-                    hu.push(value.unwrap_or(fill));
-                }
-            }
+        // Saturating float-to-integer casts: an absurd extent gives an absurd count, refused below.
+        let dims = [0, 1, 2].map(|d| ((high[d] - low[d]) / spacing).floor() as u64 + 1);
+        let voxels = dims.iter().fold(1u64, |n, d| n.saturating_mul(*d));
+        let mut hu = voxel_buffer("a resampled grid", voxels, MAX_RESAMPLED_MB)?;
+        let dims = dims.map(|d| d as usize);
+        for (index, voxel) in hu.iter_mut().enumerate() {
+            let (i, j, k) = (index % dims[0], index / dims[0] % dims[1], index / (dims[0] * dims[1]));
+            let p = [low[0] + i as f64 * spacing, low[1] + j as f64 * spacing, low[2] + k as f64 * spacing];
+            let value = if nearest { self.sample_nearest(p) } else { self.sample(p) };
+            *voxel = value.unwrap_or(fill);
         }
-        Volume {
+        Ok(Volume {
             study_uid: self.study_uid.clone(),
             series_uid: self.series_uid.clone(),
             hu,
@@ -148,7 +170,7 @@ impl Volume {
             spacing: [spacing; 3],
             origin: low,
             axes: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
-        }
+        })
     }
 
     /// Bytes held by the voxels.
@@ -177,9 +199,11 @@ fn read_planes(file: usize, path: &Path) -> Result<Vec<Plane>, VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
     let object = OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(path).map_err(|e| err(e.to_string()))?;
     let header = InstanceHeader::from_object(&object).map_err(|e| err(e.to_string()))?;
-    let int = |tag| object.element(tag).ok().and_then(|e| e.to_int::<u32>().ok()).map(|v| v as usize);
-    let rows = int(tags::ROWS).ok_or_else(|| err("no Rows".into()))?;
-    let columns = int(tags::COLUMNS).ok_or_else(|| err("no Columns".into()))?;
+    let pixels = PixelModule::from_object(&object).map_err(err)?;
+    if pixels.samples_per_pixel != 1 {
+        return Err(err(format!("{} samples per pixel; CT has one", pixels.samples_per_pixel)));
+    }
+    let (rows, columns) = (pixels.rows as usize, pixels.columns as usize);
     let valid_spacing =
         |v: Vec<f64>| (v.len() == 2 && v.iter().all(|x| x.is_finite() && *x > 0.0)).then(|| [v[0], v[1]]);
     if header.number_of_frames <= 1 {
@@ -278,7 +302,7 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
     let plane_len = rows * columns;
     // Decoded in parallel, each plane straight into its place: memory stays at the volume plus
     // one file per thread. A multi-frame object is decoded once and its frames copied out.
-    let mut hu = vec![0f32; plane_len * planes.len()];
+    let mut hu = voxel_buffer("a series", (plane_len as u64) * planes.len() as u64, config.max_volume_mb)?;
     let multi_frame_files: Vec<usize> = {
         let mut files: Vec<usize> = planes.iter().filter(|p| p.header.number_of_frames > 1).map(|p| p.file).collect();
         files.dedup();

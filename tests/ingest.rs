@@ -269,8 +269,37 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let (mut jls_bytes, jls_ts) = dataset_bytes(&jls);
     let n = jls_bytes.len();
     jls_bytes[n * 6 / 10..n * 9 / 10].fill(0xFF);
+    let mut crafted: Vec<(&str, String, Vec<u8>)> = Vec::new();
+
+    // Headers that promise more pixels than the data carries: the agent must refuse them before
+    // a decoder or the volume loader allocates what they promise (65535 x 65535 is 8 GB a frame).
+    let rle = tmp.path().join("rle.dcm");
+    dcmtk("dcmcrle", &[], &corpus.join("CT_small.dcm"), &rle);
+    let ct_small = corpus.join("CT_small.dcm");
+    for (what, source, changes) in [
+        ("65535 x 65535 pixels claimed over 128 x 128", &ct_small, &["-m", "Rows=65535", "-m", "Columns=65535"][..]),
+        ("512 x 512 pixels claimed over 128 x 128", &ct_small, &["-m", "Rows=512", "-m", "Columns=512"]),
+        ("BitsAllocated 12", &ct_small, &["-m", "BitsAllocated=12"]),
+        ("no Rows", &ct_small, &["-e", "Rows"]),
+        ("a 128 x 128 JPEG-LS codestream under a 256 x 256 header", &jls, &["-m", "Rows=256", "-m", "Columns=256"]),
+        ("1000 frames claimed over one RLE fragment", &rle, &["-i", "NumberOfFrames=1000"]),
+    ] {
+        let path = tmp.path().join(format!("crafted-{}.dcm", cases.len()));
+        std::fs::write(&path, std::fs::read(source).unwrap()).unwrap();
+        let mut args = vec!["-nb", "-q"];
+        args.extend_from_slice(changes);
+        dcmtk("dcmodify", &args, &path, Path::new(""));
+        let (bytes, crafted_ts) = dataset_bytes(&path);
+        crafted.push((what, crafted_ts, bytes));
+    }
 
     let mut sent = 0;
+    for (what, ts, bytes) in &crafted {
+        let status = raw_store(agent.port, CT, &good_sop, ts, bytes);
+        sent += 1;
+        assert_eq!(status, 0xC000, "{what}: status {status:#06x}");
+        assert!(agent.echo(), "agent stopped answering after: {what}");
+    }
     for (what, sop, bytes, expected) in &cases {
         let status = raw_store(agent.port, CT, sop, &ts, bytes);
         sent += 1;

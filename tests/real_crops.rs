@@ -24,8 +24,8 @@ fn tptbox_crop_and_mask_load_aligned_in_lps() {
     assert!(ct.spacing.iter().all(|s| (s - 1.5).abs() < 1e-6));
     // The sform stores the volume sagittally: its third index runs along patient right-left.
     assert!((ct.axes[2][0].abs() - 1.0).abs() < 1e-9, "{:?}", ct.axes);
-    let axial = ct.resample_axial(1.0, false, -1000.0);
-    let labels = mask.resample_axial(1.0, true, 0.0);
+    let axial = ct.resample_axial(1.0, false, -1000.0).unwrap();
+    let labels = mask.resample_axial(1.0, true, 0.0).unwrap();
     assert_eq!(axial.dims, labels.dims);
     assert_eq!(axial.axes[2], [0.0, 0.0, 1.0]);
     // L2, L3 and L4 (21, 22, 23) are stacked from the top down (superior is +z in LPS), and bone

@@ -144,3 +144,28 @@ fn enhanced_ct_without_frame_positions_is_refused_with_the_reason() {
         other => panic!("expected a frame error, got {other:?}"),
     }
 }
+
+#[test]
+fn series_larger_than_the_memory_limit_is_refused_not_allocated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series = write_ct_series(tmp.path(), &SeriesSpec { slices: 8, size: 256, ..Default::default() }).unwrap();
+    // 8 x 256 x 256 voxels of 4 bytes are 2 MB.
+    let small = SeriesConfig { max_volume_mb: 1, ..SeriesConfig::default() };
+    match load_series(&series.files, &small) {
+        Err(error @ VolumeError::TooLarge { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("524288 voxels") && message.contains("series.max_volume_mb"), "{message}")
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    let enough = SeriesConfig { max_volume_mb: 2, ..SeriesConfig::default() };
+    assert_eq!(load_series(&series.files, &enough).unwrap().dims, [256, 256, 8]);
+
+    // Slices 1e6 mm apart in a sagittal stack: resampling them axially at the in-plane spacing
+    // would need petabytes. It is refused with the reason.
+    let mut volume = load_series(&series.files, &enough).unwrap();
+    volume.axes = [[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]];
+    volume.spacing[2] = 1e6;
+    let error = volume.resample_axial(volume.spacing[0], false, -1000.0).unwrap_err();
+    assert!(matches!(error, VolumeError::TooLarge { what: "a resampled grid", .. }), "{error}");
+}
