@@ -338,6 +338,32 @@ impl Db {
         .transpose()
     }
 
+    /// Puts back in the queue the jobs that claimants starting with `claimant_prefix` were running
+    /// when their agent stopped (crash, kill, power cut, a shutdown that outlived its grace), so
+    /// the series still gets analysed. A job already tried `max_attempts` times fails instead: a
+    /// series that brings the agent down must not do so on every start. Returns (queued, failed).
+    pub async fn recover_interrupted_jobs(&self, claimant_prefix: &str, max_attempts: i64) -> Result<(u64, u64), DbError> {
+        let interrupted = "state = 'running' AND substr(claimed_by, 1, length($1)) = $1";
+        let failed = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'failed', error = $2, finished_at = $3 WHERE {interrupted} AND attempts >= $4"
+        ))
+        .bind(claimant_prefix)
+        .bind(format!("the agent stopped during each of {max_attempts} attempts at this job; not tried again"))
+        .bind(now())
+        .bind(max_attempts)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        let queued = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'queued', claimed_by = NULL, started_at = NULL WHERE {interrupted}"
+        ))
+        .bind(claimant_prefix)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok((queued, failed))
+    }
+
     /// Ends a job: `Ok` with the weights' hash, or `Err` with what went wrong.
     pub async fn finish_job(&self, id: i64, outcome: Result<Option<&str>, &str>) -> Result<(), DbError> {
         let (state, error, weights) = match outcome {

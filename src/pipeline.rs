@@ -180,23 +180,73 @@ pub struct Worker {
     pub secondary_capture: bool,
     /// The series tracker's rules, which the volume must load by.
     pub series_config: crate::config::SeriesConfig,
-    pub agent_id: String,
+    /// Names this worker in `jobs.claimed_by`: its workplace, `|`, then this run's agent id.
+    pub claimant: Claimant,
     pub stats: Arc<crate::http::PipelineStats>,
     /// Woken when a job is queued or an object enters the outbox.
     pub wake: Arc<tokio::sync::Notify>,
 }
 
+/// Who claims a job. The workplace (host and state directory) outlives a run of the agent, and
+/// only one agent at a time holds a state directory, so jobs still marked running under this
+/// workplace when a worker starts were interrupted, and are this worker's to take up again.
+#[derive(Debug, Clone)]
+pub struct Claimant {
+    pub workplace: String,
+    pub agent_id: String,
+}
+
+impl Claimant {
+    fn prefix(&self) -> String {
+        format!("{}|", self.workplace)
+    }
+
+    fn name(&self) -> String {
+        format!("{}{}", self.prefix(), self.agent_id)
+    }
+}
+
+/// Starts of the agent a job may see before it is given up on.
+pub const MAX_JOB_ATTEMPTS: i64 = 3;
+
 impl Worker {
-    /// Claims and runs jobs until `shutdown` turns true.
+    /// Takes up interrupted jobs, then claims and runs jobs until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut recovered = false;
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            match self.db.claim_job(&self.agent_id).await {
+            if !recovered {
+                match self.db.recover_interrupted_jobs(&self.claimant.prefix(), MAX_JOB_ATTEMPTS).await {
+                    Ok((queued, failed)) => {
+                        if queued > 0 {
+                            tracing::info!(jobs = queued, "jobs interrupted when the agent stopped are queued again");
+                        }
+                        if failed > 0 {
+                            tracing::error!(
+                                jobs = failed,
+                                attempts = MAX_JOB_ATTEMPTS,
+                                "jobs the agent stopped during on every attempt are marked failed"
+                            );
+                        }
+                        recovered = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot look for interrupted jobs; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            match self.db.claim_job(&self.claimant.name()).await {
                 Ok(Some(job)) => {
                     let span = tracing::info_span!("job", id = job.id, series_uid = %job.series_uid);
                     let _enter = span.enter();
+                    tracing::info!(attempt = job.attempts, "job started");
                     let started = std::time::Instant::now();
                     let outcome = self.clone().run_job(job.series_uid.clone(), job.id).await;
                     let weights = self.detector.as_ref().map(|d| d.sha256.clone());

@@ -1,6 +1,9 @@
 //! `idaics serve`: wires the stages together and runs them until SIGTERM or SIGINT.
 
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -18,6 +21,8 @@ use crate::systemd;
 pub enum ServiceError {
     #[error("cannot prepare the state directory {path}: {source}")]
     StateDir { path: String, source: std::io::Error },
+    #[error("the state directory {path} is in use by another agent ({holder}); each agent needs its own")]
+    StateDirInUse { path: String, holder: String },
     #[error(transparent)]
     Spool(#[from] SpoolError),
     #[error("cannot listen on {addr}: {source}")]
@@ -28,12 +33,42 @@ pub enum ServiceError {
     Database(#[from] crate::db::DbError),
 }
 
+/// Takes the state directory for this agent for as long as the returned file is open. Two agents
+/// on one state directory would both recover, complete and analyse the same series, and the
+/// second would take up the first one's running jobs as interrupted.
+fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
+    let path = state_dir.join("agent.lock");
+    let failed = |source| ServiceError::StateDir { path: path.display().to_string(), source };
+    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(failed)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            return Err(ServiceError::StateDirInUse {
+                path: state_dir.display().to_string(),
+                holder: if holder.is_empty() { "process unknown".into() } else { holder },
+            });
+        }
+        Err(TryLockError::Error(e)) => return Err(failed(e)),
+    }
+    file.set_len(0).and_then(|()| write!(file, "process {}", std::process::id())).map_err(failed)?;
+    Ok(file)
+}
+
+/// This agent's lasting identity in the job table: host and state directory.
+fn workplace(state_dir: &Path) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let dir = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
+    format!("{host}:{}", dir.display())
+}
+
 /// Runs the agent until a termination signal, then drains open associations and returns.
 pub async fn run(config: Config) -> Result<(), ServiceError> {
     let config = Arc::new(config);
     let state_dir = &config.storage.state_dir;
     std::fs::create_dir_all(state_dir)
         .map_err(|source| ServiceError::StateDir { path: state_dir.display().to_string(), source })?;
+    let _state_dir_lock = lock_state_dir(state_dir)?;
     let spool = Arc::new(Spool::open(
         config.storage.spool_dir(),
         config.storage.tmp_dir(),
@@ -152,7 +187,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         destinations: destinations.clone(),
         secondary_capture: config.outputs.secondary_capture,
         series_config: config.series.clone(),
-        agent_id: ctx.agent_id.clone(),
+        claimant: crate::pipeline::Claimant { workplace: workplace(state_dir), agent_id: ctx.agent_id.clone() },
         stats: pipeline_stats.clone(),
         wake: wake.clone(),
     });

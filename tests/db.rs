@@ -127,6 +127,34 @@ fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confiden
     }
 }
 
+/// Jobs left running by an agent that stopped: its workplace's are queued again at its next
+/// start, another workplace's are not touched, and a job interrupted on every attempt is given up.
+async fn interrupted_jobs_are_queued_again_then_given_up(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    db.record_series(&series_row("7.1", "P1", "7", "2026-01-01", "complete", 1)).await.unwrap();
+    db.record_series(&series_row("7.2", "P2", "8", "2026-01-01", "complete", 1)).await.unwrap();
+    let here = "host:/var/lib/idaics|";
+    let mine = db.claim_job(&format!("{here}run-1")).await.unwrap().unwrap();
+    let theirs = db.claim_job("host:/var/lib/idaics-2|run-1").await.unwrap().unwrap();
+    assert_eq!((mine.series_uid.as_str(), theirs.series_uid.as_str()), ("7.1", "7.2"));
+
+    for attempt in 1..=3 {
+        let expected = if attempt < 3 { (1, 0) } else { (0, 1) };
+        assert_eq!(db.recover_interrupted_jobs(here, 3).await.unwrap(), expected, "after attempt {attempt}");
+        if attempt < 3 {
+            let again = db.claim_job(&format!("{here}run-{}", attempt + 1)).await.unwrap().unwrap();
+            assert_eq!((again.id, again.attempts), (mine.id, attempt + 1));
+        }
+    }
+    let (state, error) = db.latest_job("7.1").await.unwrap().unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.unwrap().contains("stopped during each of 3 attempts"));
+    // The other workplace's job is still running, and nothing is left to claim.
+    assert_eq!(db.latest_job("7.2").await.unwrap().unwrap().0, "running");
+    assert!(db.claim_job(&format!("{here}run-4")).await.unwrap().is_none());
+}
+
 /// Three studies of one patient; each filter, and the follow-up view.
 async fn queries_and_history(url: String) {
     let db = Db::connect(&url).await.unwrap();
@@ -354,4 +382,15 @@ fn findings_command_filters_and_formats() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("herniation"));
+}
+
+#[test]
+fn interrupted_jobs_are_queued_again_then_given_up_on_sqlite() {
+    runtime().block_on(on_sqlite(interrupted_jobs_are_queued_again_then_given_up));
+}
+
+#[test]
+fn interrupted_jobs_are_queued_again_then_given_up_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(interrupted_jobs_are_queued_again_then_given_up(pg.fresh_database("interrupted_jobs")));
 }

@@ -375,3 +375,41 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     assert!(out.status.success(), "highdicom: {}\n{text}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("segments {segments} ")), "{text}");
 }
+
+/// An agent killed while it analyses a series takes the job up again when it restarts: the PACS
+/// gets every object once, and the finding log holds one finished job with one set of findings.
+#[test]
+fn a_job_killed_mid_analysis_is_taken_up_again_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 4242);
+    let levels = truth.levels.len();
+    let pacs_port = free_port();
+    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let state = tmp.path().join("state");
+    let env = [("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")];
+    let args = ["--destination", destination.as_str()];
+    let mut first = Agent::start_with_args(&state, &env, &args);
+    assert_eq!(store_outcomes(&first.storescu(&[], &files)).0, files.len());
+    first.wait_for("the job to start", Duration::from_secs(60), |a| !a.events("job started").is_empty());
+    first.kill();
+    assert!(first.events("job done").is_empty(), "the kill came after the job ended:\n{}", first.log());
+    assert!(pacs.received().is_empty(), "objects left before the job ended");
+
+    let second = Agent::start_on_with_args(&state, first.port, &env, &args);
+    let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
+    wait("the SR after the restart", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
+    std::thread::sleep(Duration::from_secs(1));
+    pacs.assert_each_once(1 + levels + 1 + levels + 1);
+    assert_eq!(second.events("jobs interrupted when the agent stopped are queued again").len(), 1, "{}", second.log());
+    let started = second.events("job started");
+    assert_eq!(started.len(), 1, "{}", second.log());
+    assert_eq!(started[0]["fields"]["attempt"], 2, "the second attempt at the same job");
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let db = idaics::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display())).unwrap();
+        assert_eq!(db.count(idaics::db::Table::Jobs).await.unwrap(), 1);
+        assert_eq!(db.count(idaics::db::Table::Findings).await.unwrap(), levels as i64, "one finding per level, once");
+    });
+}
