@@ -342,7 +342,11 @@ impl Db {
     /// when their agent stopped (crash, kill, power cut, a shutdown that outlived its grace), so
     /// the series still gets analysed. A job already tried `max_attempts` times fails instead: a
     /// series that brings the agent down must not do so on every start. Returns (queued, failed).
-    pub async fn recover_interrupted_jobs(&self, claimant_prefix: &str, max_attempts: i64) -> Result<(u64, u64), DbError> {
+    pub async fn recover_interrupted_jobs(
+        &self,
+        claimant_prefix: &str,
+        max_attempts: i64,
+    ) -> Result<(u64, u64), DbError> {
         let interrupted = "state = 'running' AND substr(claimed_by, 1, length($1)) = $1";
         let failed = sqlx::query(&format!(
             "UPDATE jobs SET state = 'failed', error = $2, finished_at = $3 WHERE {interrupted} AND attempts >= $4"

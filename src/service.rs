@@ -21,7 +21,7 @@ use crate::systemd;
 pub enum ServiceError {
     #[error("cannot prepare the state directory {path}: {source}")]
     StateDir { path: String, source: std::io::Error },
-    #[error("the state directory {path} is in use by another agent ({holder}); each agent needs its own")]
+    #[error("the state directory {path} is in use by another agent of this host ({holder}); one per host")]
     StateDirInUse { path: String, holder: String },
     #[error(transparent)]
     Spool(#[from] SpoolError),
@@ -33,13 +33,17 @@ pub enum ServiceError {
     Database(#[from] crate::db::DbError),
 }
 
-/// Takes the state directory for this agent for as long as the returned file is open. Two agents
-/// on one state directory would both recover, complete and analyse the same series, and the
-/// second would take up the first one's running jobs as interrupted.
+/// Takes this host's place in the state directory for as long as the returned file is open. Two
+/// agents of one host on one state directory would both recover, complete and analyse the same
+/// series, and each would take up the other's running jobs as interrupted. Agents of other hosts
+/// may share the directory on shared storage: their jobs are claimed under their own host name.
 fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
-    let path = state_dir.join("agent.lock");
+    let host: String =
+        hostname().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    let path = state_dir.join(format!("agent-{host}.lock"));
     let failed = |source| ServiceError::StateDir { path: path.display().to_string(), source };
-    let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(failed)?;
+    let mut file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(failed)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -55,11 +59,14 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
     Ok(file)
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 /// This agent's lasting identity in the job table: host and state directory.
 fn workplace(state_dir: &Path) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
     let dir = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
-    format!("{host}:{}", dir.display())
+    format!("{}:{}", hostname(), dir.display())
 }
 
 /// Runs the agent until a termination signal, then drains open associations and returns.

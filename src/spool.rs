@@ -344,8 +344,7 @@ impl Spool {
             // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
             // parameters that contradict the header): refuse it now, while the sender can act.
             use dicom_pixeldata::PixelDecoder;
-            let frame =
-                obj.decode_pixel_data_frame(0).map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+            let frame = obj.decode_pixel_data_frame(0).map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
             let decoded = frame.data().len() as u64;
             if decoded < pixels.frame_bytes() {
                 return Err(SpoolError::UndecodablePixelData(format!(

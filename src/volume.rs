@@ -27,7 +27,9 @@ pub enum VolumeError {
     Inconsistent(String),
     #[error("{0}")]
     Unsupported(String),
-    #[error("{what} of {voxels} voxels needs {needed_mb} MB, more than the {limit_mb} MB allowed (series.max_volume_mb)")]
+    #[error(
+        "{what} of {voxels} voxels needs {needed_mb} MB, more than the {limit_mb} MB allowed (series.max_volume_mb)"
+    )]
     TooLarge { what: &'static str, voxels: u64, needed_mb: u64, limit_mb: u64 },
 }
 

@@ -563,10 +563,10 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
     out.sort();
 }
 
-/// One agent per state directory: a second `serve` on it (another port, say a test run by hand
-/// beside the service) is refused with the reason, and the first one is undisturbed.
+/// One agent per host and state directory: a second `serve` on it (another port, say a test run
+/// by hand beside the service) is refused with the reason, and the first one is undisturbed.
 #[test]
-fn a_second_agent_on_the_same_state_directory_is_refused() {
+fn a_second_agent_of_this_host_on_the_same_state_directory_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[]);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
@@ -578,6 +578,6 @@ fn a_second_agent_on_the_same_state_directory_is_refused() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is in use by another agent (process "), "{err}");
+    assert!(err.contains("is in use by another agent of this host (process "), "{err}");
     assert!(agent.echo(), "the first agent stopped answering");
 }
