@@ -23,6 +23,11 @@ use crate::pixel_module::PixelModule;
 /// the pixel data only, to keep memory bounded.
 const FULL_PARSE_LIMIT: u64 = 64 * 1024 * 1024;
 
+/// Deepest sequence nesting accepted. CT objects nest a few levels (Enhanced CT's functional
+/// groups three or four). The parser recurses once per level, so a data set of some thousands of
+/// nested sequences, a few hundred kilobytes long, would overflow its stack and abort the agent.
+const MAX_SEQUENCE_DEPTH: usize = 64;
+
 /// Implementation Class UID written in the file meta of spooled files (a 2.25 UUID-derived root).
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.190116135946232479478412063364591935811";
 pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("IDAICS_", env!("CARGO_PKG_VERSION"));
@@ -327,6 +332,7 @@ impl Spool {
             partial.file.sync_data().map_err(io_err(&partial.path))?;
         }
         let bytes = partial.file.metadata().map(|m| m.len()).map_err(io_err(&partial.path))?;
+        check_structure(&partial.path, &partial.request.transfer_syntax_uid, self.max_instance_bytes)?;
         let mut options = OpenFileOptions::new();
         if bytes > FULL_PARSE_LIMIT {
             options = options.read_until(tags::PIXEL_DATA);
@@ -488,6 +494,57 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
     dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(transfer_syntax_uid)
         .is_some_and(|ts| ts.is_encapsulated_pixel_data())
+}
+
+/// Walks a received file's element headers without building anything, before the parser (which
+/// recurses per sequence level and inflates deflated data sets whole) sees it: refuses nesting
+/// deeper than [`MAX_SEQUENCE_DEPTH`], and a deflated data set that inflates beyond `max_bytes`.
+fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Result<(), SpoolError> {
+    use dicom_encoding::TransferSyntaxIndex;
+    use dicom_parser::StatefulDecode;
+    use dicom_parser::dataset::LazyDataToken;
+    use dicom_parser::dataset::lazy_read::LazyDataSetReader;
+    use dicom_transfer_syntax_registry::entries::{DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN, EXPLICIT_VR_LITTLE_ENDIAN};
+    use std::io::{BufReader, Read, Seek, SeekFrom};
+
+    let unparsable = |e: &dyn std::fmt::Display| SpoolError::Unparsable(e.to_string());
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(transfer_syntax_uid)
+        .ok_or_else(|| unparsable(&format!("unknown transfer syntax {transfer_syntax_uid}")))?;
+    let mut file = BufReader::with_capacity(64 * 1024, File::open(path).map_err(io_err(path))?);
+    file.seek(SeekFrom::Start(128)).map_err(io_err(path))?;
+    dicom_object::meta::FileMetaTable::from_reader(&mut file).map_err(|e| unparsable(&e))?;
+    let deflated = ts.uid() == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid();
+    let inflated_ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
+    let (source, ts): (Box<dyn Read>, _) = if deflated {
+        (Box::new(flate2::read::DeflateDecoder::new(file).take(max_bytes)), &inflated_ts)
+    } else {
+        (Box::new(file), ts)
+    };
+    let decoder =
+        dicom_parser::DynStatefulDecoder::new_with(source, ts, Default::default(), 0).map_err(|e| unparsable(&e))?;
+    let mut reader = LazyDataSetReader::new(decoder);
+    // A sequence and its items are one level.
+    let mut depth = 0usize;
+    while let Some(token) = reader.advance() {
+        match token.map_err(|e| unparsable(&e))? {
+            LazyDataToken::SequenceStart { .. } | LazyDataToken::PixelSequenceStart => {
+                depth += 1;
+                if depth > MAX_SEQUENCE_DEPTH {
+                    return Err(unparsable(&format!("sequences nested more than {MAX_SEQUENCE_DEPTH} deep")));
+                }
+            }
+            LazyDataToken::SequenceEnd => depth = depth.saturating_sub(1),
+            token @ (LazyDataToken::LazyValue { .. } | LazyDataToken::LazyItemValue { .. }) => {
+                token.skip().map_err(|e| unparsable(&e))?
+            }
+            _ => {}
+        }
+    }
+    if deflated && reader.into_decoder().position() >= max_bytes {
+        return Err(SpoolError::TooLarge { limit: max_bytes });
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {

@@ -224,7 +224,8 @@ fn jpeg_extended_is_refused_at_negotiation_and_accepted_once_decompressed() {
 #[test]
 fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let tmp = tempfile::tempdir().unwrap();
-    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    // A small instance limit, for the deflate bomb below.
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "8")]);
     let corpus = shared_data().join("corpora/pydicom-test-files");
     let (good, ts) = dataset_bytes(&corpus.join("CT_small.dcm"));
     let good_sop = dicom_object::open_file(corpus.join("CT_small.dcm"))
@@ -244,6 +245,19 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         ("SOP instance differs from the command", "1.2.3.4.5".into(), good.clone(), 0xC000),
         ("invalid SOP instance UID in the command", "1.2.abc".into(), good.clone(), 0xC000),
     ];
+    // Sequences nested 20000 deep (400 kB): the parser would recurse 20000 times and overflow.
+    let nested = {
+        let mut bytes = Vec::new();
+        for _ in 0..20_000 {
+            bytes.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+            bytes.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        }
+        for _ in 0..20_000 {
+            bytes.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0, 0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        }
+        bytes
+    };
+    cases.push(("sequences nested 20000 deep", good_sop.clone(), nested, 0xC000));
     // Corpus files broken by their makers, sent byte for byte as data sets.
     for name in ["no_meta.dcm", "MR_truncated.dcm", "rtplan_truncated.dcm"] {
         let bytes = std::fs::read(corpus.join(name)).unwrap();
@@ -309,6 +323,21 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let status = raw_store(agent.port, CT, &good_sop, &jls_ts, &jls_bytes);
     sent += 1;
     assert_eq!(status, 0xC000, "corrupt JPEG-LS codestream: status {status:#06x}");
+    assert!(agent.echo());
+    // A deflated data set of 160 kB that inflates to 160 MB, over the 8 MB instance limit.
+    let bomb = {
+        use std::io::Write;
+        let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0, 0x00, 0x00, 0x00, 0x0A]).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..160 {
+            encoder.write_all(&zeros).unwrap();
+        }
+        encoder.finish().unwrap()
+    };
+    let status = raw_store(agent.port, CT, &good_sop, "1.2.840.10008.1.2.1.99", &bomb);
+    sent += 1;
+    assert_eq!(status, 0xA700, "deflate bomb: status {status:#06x}");
     assert!(agent.echo());
     assert!(agent.spool_files().is_empty(), "a broken instance entered the spool");
     assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
