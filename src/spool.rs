@@ -496,9 +496,12 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
         .is_some_and(|ts| ts.is_encapsulated_pixel_data())
 }
 
-/// Walks a received file's element headers without building anything, before the parser (which
-/// recurses per sequence level and inflates deflated data sets whole) sees it: refuses nesting
-/// deeper than [`MAX_SEQUENCE_DEPTH`], and a deflated data set that inflates beyond `max_bytes`.
+/// Walks a received file's element headers without building anything, before the parser sees
+/// it. The parser recurses once per sequence level, allocates and zeroes each value at its
+/// declared length before reading it, and inflates a deflated data set whole: a few kilobytes
+/// could make it overflow its stack or ask for gigabytes. Refused here are nesting deeper than
+/// [`MAX_SEQUENCE_DEPTH`], a value longer than what follows it, and a deflated data set that
+/// inflates beyond `max_bytes`.
 fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Result<(), SpoolError> {
     use dicom_encoding::TransferSyntaxIndex;
     use dicom_parser::StatefulDecode;
@@ -511,15 +514,28 @@ fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Re
     let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
         .get(transfer_syntax_uid)
         .ok_or_else(|| unparsable(&format!("unknown transfer syntax {transfer_syntax_uid}")))?;
-    let mut file = BufReader::with_capacity(64 * 1024, File::open(path).map_err(io_err(path))?);
-    file.seek(SeekFrom::Start(128)).map_err(io_err(path))?;
-    dicom_object::meta::FileMetaTable::from_reader(&mut file).map_err(|e| unparsable(&e))?;
-    let deflated = ts.uid() == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid();
+    // The data set, after the preamble and the file meta group we wrote ourselves.
+    let data_set = || -> Result<(BufReader<File>, u64), SpoolError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        let file_len = file.metadata().map_err(io_err(path))?.len();
+        let mut reader = BufReader::with_capacity(64 * 1024, file);
+        reader.seek(SeekFrom::Start(128)).map_err(io_err(path))?;
+        dicom_object::meta::FileMetaTable::from_reader(&mut reader).map_err(|e| unparsable(&e))?;
+        let start = reader.stream_position().map_err(io_err(path))?;
+        Ok((reader, file_len.saturating_sub(start)))
+    };
     let inflated_ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
-    let (source, ts): (Box<dyn Read>, _) = if deflated {
-        (Box::new(flate2::read::DeflateDecoder::new(file).take(max_bytes)), &inflated_ts)
+    let (source, ts, total): (Box<dyn Read>, _, u64) = if ts.uid() == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid() {
+        // Inflated once to learn its size without holding it, then again to walk it.
+        let inflate = |reader| flate2::read::DeflateDecoder::new(reader).take(max_bytes + 1);
+        let inflated = io::copy(&mut inflate(data_set()?.0), &mut io::sink()).map_err(|e| unparsable(&e))?;
+        if inflated > max_bytes {
+            return Err(SpoolError::TooLarge { limit: max_bytes });
+        }
+        (Box::new(inflate(data_set()?.0)), &inflated_ts, inflated)
     } else {
-        (Box::new(file), ts)
+        let (reader, len) = data_set()?;
+        (Box::new(reader), ts, len)
     };
     let decoder =
         dicom_parser::DynStatefulDecoder::new_with(source, ts, Default::default(), 0).map_err(|e| unparsable(&e))?;
@@ -527,7 +543,22 @@ fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Re
     // A sequence and its items are one level.
     let mut depth = 0usize;
     while let Some(token) = reader.advance() {
-        match token.map_err(|e| unparsable(&e))? {
+        let token = token.map_err(|e| unparsable(&e))?;
+        let value = match &token {
+            LazyDataToken::LazyValue { header, decoder } => Some((header.tag, header.len.0, decoder.position())),
+            LazyDataToken::LazyItemValue { len, decoder } => Some((Tag(0xFFFE, 0xE000), *len, decoder.position())),
+            _ => None,
+        };
+        if let Some((tag, len, at)) = value {
+            if at + u64::from(len) > total {
+                return Err(unparsable(&format!(
+                    "{tag} claims {len} bytes at byte {at} of a data set of {total} bytes"
+                )));
+            }
+            token.skip().map_err(|e| unparsable(&e))?;
+            continue;
+        }
+        match token {
             LazyDataToken::SequenceStart { .. } | LazyDataToken::PixelSequenceStart => {
                 depth += 1;
                 if depth > MAX_SEQUENCE_DEPTH {
@@ -535,14 +566,8 @@ fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Re
                 }
             }
             LazyDataToken::SequenceEnd => depth = depth.saturating_sub(1),
-            token @ (LazyDataToken::LazyValue { .. } | LazyDataToken::LazyItemValue { .. }) => {
-                token.skip().map_err(|e| unparsable(&e))?
-            }
             _ => {}
         }
-    }
-    if deflated && reader.into_decoder().position() >= max_bytes {
-        return Err(SpoolError::TooLarge { limit: max_bytes });
     }
     Ok(())
 }

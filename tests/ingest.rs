@@ -610,3 +610,81 @@ fn a_second_agent_of_this_host_on_the_same_state_directory_is_refused() {
     assert!(err.contains("is in use by another agent of this host (process "), "{err}");
     assert!(agent.echo(), "the first agent stopped answering");
 }
+
+/// Mutation fuzzing with a fixed seed: 300 damaged copies of a real CT (bytes changed in the
+/// header and anywhere, truncations, length fields replaced, chunks repeated), uncompressed and
+/// JPEG-LS. Each gets an answer, a failure status or Success; what was acknowledged is in the
+/// spool; nothing panics, memory stays small whatever the damaged lengths say, and the agent
+/// keeps answering.
+#[test]
+fn mutated_instances_never_take_the_agent_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    let corpus = shared_data().join("corpora/pydicom-test-files");
+    let jls = tmp.path().join("jls.dcm");
+    dcmtk("dcmcjpls", &["+el"], &corpus.join("CT_small.dcm"), &jls);
+    let sources = [dataset_bytes(&corpus.join("CT_small.dcm")), dataset_bytes(&jls)];
+    let mut senders: Vec<RawScu> = sources.iter().map(|(_, ts)| RawScu::connect(agent.port, CT, ts)).collect();
+    // xorshift64*: the same mutations on every run.
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move |below: usize| -> usize {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below.max(1)
+    };
+    let sop = dicom_object::open_file(corpus.join("CT_small.dcm"))
+        .unwrap()
+        .element(tags::SOP_INSTANCE_UID)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches('\0')
+        .to_string();
+    let mut outcomes = std::collections::BTreeMap::new();
+    let mut acknowledged = 0;
+    for case in 0..300 {
+        let (source, _) = &sources[case % 2];
+        let mut bytes = source.clone();
+        let head = bytes.len().min(2000);
+        match next(5) {
+            0 => (0..1 + next(8)).for_each(|_| bytes[next(head)] = next(256) as u8),
+            1 => bytes.truncate(next(bytes.len())),
+            2 => {
+                let at = next(head - 4);
+                let length = [0xFFFF_FFFF, 0xFFFF_FFF0, 0x7FFF_FFFF, next(1 << 31) as u32][next(4)];
+                bytes[at..at + 4].copy_from_slice(&length.to_le_bytes());
+            }
+            3 => {
+                let at = next(bytes.len());
+                let chunk = bytes[at..(at + next(500)).min(bytes.len())].to_vec();
+                bytes.splice(at..at, chunk);
+            }
+            _ => (0..1 + next(30)).for_each(|_| {
+                let at = next(bytes.len());
+                bytes[at] ^= 1 << next(8)
+            }),
+        }
+        let status = senders[case % 2].store(&sop, &bytes);
+        assert!([0x0000, 0xA700, 0xA900, 0xC000].contains(&status), "case {case}: status {status:#06x}");
+        *outcomes.entry(status).or_insert(0) += 1;
+        if status == 0 {
+            acknowledged += 1;
+        }
+        if case % 50 == 49 {
+            assert!(agent.echo(), "agent stopped answering after case {case}");
+        }
+    }
+    senders.into_iter().for_each(RawScu::release);
+    assert!(agent.echo(), "agent stopped answering");
+    eprintln!("outcomes: {outcomes:x?}");
+    assert!(outcomes.get(&0xC000).is_some_and(|n| *n > 100), "{outcomes:?}");
+    // Every acknowledged copy carried the same SOP instance UID: the last one is in the spool.
+    let spooled = agent.spool_files();
+    assert_eq!(spooled.len(), usize::from(acknowledged > 0), "{outcomes:x?}");
+    assert!(spooled.iter().all(|p| p.file_stem().unwrap().to_string_lossy() == sop));
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
+    // Length fields of gigabytes in a 20 kB data set must not make the agent allocate them.
+    let peak_rss_mb = agent.peak_rss_kb() / 1024;
+    assert!(peak_rss_mb < 256, "peak RSS {peak_rss_mb} MB");
+}

@@ -92,6 +92,14 @@ impl Agent {
         agent
     }
 
+    /// The agent's peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kb(&self) -> u64 {
+        let pid = self.child.as_ref().expect("agent running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
@@ -231,53 +239,73 @@ pub fn dcmtk(tool: &str, args: &[&str], input: &Path, output: &Path) {
 /// A minimal SCU that sends arbitrary bytes as a C-STORE data set, for inputs no well-behaved
 /// tool would send. Returns the DIMSE status of the response.
 pub fn raw_store(port: u16, sop_class: &str, sop_instance: &str, ts: &str, dataset: &[u8]) -> u16 {
-    use dicom_ul::Pdu;
-    use dicom_ul::association::client::ClientAssociationOptions;
-    use dicom_ul::pdu::{PDataValue, PDataValueType};
-    let mut assoc = ClientAssociationOptions::new()
-        .calling_ae_title("RAWSCU")
-        .with_presentation_context(sop_class, vec![ts])
-        .establish_with(&format!("{AE}@127.0.0.1:{port}"))
-        .expect("association");
-    let pc = assoc.presentation_contexts()[0].id;
-    let command = idaics::scu::store_command(sop_class, sop_instance);
-    assoc
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: pc,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: command,
-            }],
-        })
-        .unwrap();
-    let chunks: Vec<&[u8]> = if dataset.is_empty() { vec![&[]] } else { dataset.chunks(16_000).collect() };
-    let n = chunks.len();
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        assoc
+    let mut scu = RawScu::connect(port, sop_class, ts);
+    let status = scu.store(sop_instance, dataset);
+    scu.release();
+    status
+}
+
+/// One association of [`raw_store`], for many stores.
+pub struct RawScu {
+    association: dicom_ul::association::client::ClientAssociation<std::net::TcpStream>,
+    sop_class: String,
+}
+
+impl RawScu {
+    pub fn connect(port: u16, sop_class: &str, ts: &str) -> RawScu {
+        let association = dicom_ul::association::client::ClientAssociationOptions::new()
+            .calling_ae_title("RAWSCU")
+            .with_presentation_context(sop_class, vec![ts])
+            .establish_with(&format!("{AE}@127.0.0.1:{port}"))
+            .expect("association");
+        RawScu { association, sop_class: sop_class.to_string() }
+    }
+
+    pub fn store(&mut self, sop_instance: &str, dataset: &[u8]) -> u16 {
+        use dicom_ul::Pdu;
+        use dicom_ul::pdu::{PDataValue, PDataValueType};
+        let pc = self.association.presentation_contexts()[0].id;
+        let command = idaics::scu::store_command(&self.sop_class, sop_instance);
+        self.association
             .send(&Pdu::PData {
                 data: vec![PDataValue {
                     presentation_context_id: pc,
-                    value_type: PDataValueType::Data,
-                    is_last: i + 1 == n,
-                    data: chunk.to_vec(),
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: command,
                 }],
             })
             .unwrap();
-    }
-    let status = match assoc.receive().unwrap() {
-        Pdu::PData { data } => {
-            let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(
-                &data[0].data[..],
-                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
-            )
-            .unwrap();
-            obj.element(dicom_dictionary_std::tags::STATUS).unwrap().to_int::<u16>().unwrap()
+        let chunks: Vec<&[u8]> = if dataset.is_empty() { vec![&[]] } else { dataset.chunks(16_000).collect() };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            self.association
+                .send(&Pdu::PData {
+                    data: vec![PDataValue {
+                        presentation_context_id: pc,
+                        value_type: PDataValueType::Data,
+                        is_last: i + 1 == n,
+                        data: chunk.to_vec(),
+                    }],
+                })
+                .unwrap();
         }
-        other => panic!("unexpected PDU {other:?}"),
-    };
-    let _ = assoc.release();
-    status
+        match self.association.receive().unwrap() {
+            Pdu::PData { data } => {
+                let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(
+                    &data[0].data[..],
+                    &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                )
+                .unwrap();
+                obj.element(dicom_dictionary_std::tags::STATUS).unwrap().to_int::<u16>().unwrap()
+            }
+            other => panic!("unexpected PDU {other:?}"),
+        }
+    }
+
+    pub fn release(self) {
+        let _ = self.association.release();
+    }
 }
 
 /// The data set bytes of a DICOM file (everything after the file meta group), and its TS.
