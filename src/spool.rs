@@ -332,7 +332,7 @@ impl Spool {
             partial.file.sync_data().map_err(io_err(&partial.path))?;
         }
         let bytes = partial.file.metadata().map(|m| m.len()).map_err(io_err(&partial.path))?;
-        check_structure(&partial.path, &partial.request.transfer_syntax_uid, self.max_instance_bytes)?;
+        check_structure(&partial.path, self.max_instance_bytes)?;
         let mut options = OpenFileOptions::new();
         if bytes > FULL_PARSE_LIMIT {
             options = options.read_until(tags::PIXEL_DATA);
@@ -496,13 +496,13 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
         .is_some_and(|ts| ts.is_encapsulated_pixel_data())
 }
 
-/// Walks a received file's element headers without building anything, before the parser sees
-/// it. The parser recurses once per sequence level, allocates and zeroes each value at its
-/// declared length before reading it, and inflates a deflated data set whole: a few kilobytes
-/// could make it overflow its stack or ask for gigabytes. Refused here are nesting deeper than
+/// Walks a DICOM file's element headers without building anything, before the parser sees it.
+/// The parser recurses once per sequence level, allocates and zeroes each value at its declared
+/// length before reading it, and inflates a deflated data set whole: a few kilobytes could make
+/// it overflow its stack or ask for gigabytes. Refused here are nesting deeper than
 /// [`MAX_SEQUENCE_DEPTH`], a value longer than what follows it, and a deflated data set that
 /// inflates beyond `max_bytes`.
-fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Result<(), SpoolError> {
+pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
     use dicom_encoding::TransferSyntaxIndex;
     use dicom_parser::StatefulDecode;
     use dicom_parser::dataset::LazyDataToken;
@@ -511,30 +511,30 @@ fn check_structure(path: &Path, transfer_syntax_uid: &str, max_bytes: u64) -> Re
     use std::io::{BufReader, Read, Seek, SeekFrom};
 
     let unparsable = |e: &dyn std::fmt::Display| SpoolError::Unparsable(e.to_string());
-    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
-        .get(transfer_syntax_uid)
-        .ok_or_else(|| unparsable(&format!("unknown transfer syntax {transfer_syntax_uid}")))?;
-    // The data set, after the preamble and the file meta group we wrote ourselves.
-    let data_set = || -> Result<(BufReader<File>, u64), SpoolError> {
+    // The data set after the preamble and the file meta group, and its transfer syntax.
+    let data_set = || -> Result<(BufReader<File>, u64, String), SpoolError> {
         let file = File::open(path).map_err(io_err(path))?;
         let file_len = file.metadata().map_err(io_err(path))?.len();
         let mut reader = BufReader::with_capacity(64 * 1024, file);
         reader.seek(SeekFrom::Start(128)).map_err(io_err(path))?;
-        dicom_object::meta::FileMetaTable::from_reader(&mut reader).map_err(|e| unparsable(&e))?;
+        let meta = dicom_object::meta::FileMetaTable::from_reader(&mut reader).map_err(|e| unparsable(&e))?;
         let start = reader.stream_position().map_err(io_err(path))?;
-        Ok((reader, file_len.saturating_sub(start)))
+        Ok((reader, file_len.saturating_sub(start), trim_uid(meta.transfer_syntax()).to_string()))
     };
+    let (reader, len, transfer_syntax_uid) = data_set()?;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(&transfer_syntax_uid)
+        .ok_or_else(|| unparsable(&format!("unknown transfer syntax {transfer_syntax_uid}")))?;
     let inflated_ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
     let (source, ts, total): (Box<dyn Read>, _, u64) = if ts.uid() == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid() {
         // Inflated once to learn its size without holding it, then again to walk it.
-        let inflate = |reader| flate2::read::DeflateDecoder::new(reader).take(max_bytes + 1);
-        let inflated = io::copy(&mut inflate(data_set()?.0), &mut io::sink()).map_err(|e| unparsable(&e))?;
+        let inflate = |reader| flate2::read::DeflateDecoder::new(reader).take(max_bytes.saturating_add(1));
+        let inflated = io::copy(&mut inflate(reader), &mut io::sink()).map_err(|e| unparsable(&e))?;
         if inflated > max_bytes {
             return Err(SpoolError::TooLarge { limit: max_bytes });
         }
         (Box::new(inflate(data_set()?.0)), &inflated_ts, inflated)
     } else {
-        let (reader, len) = data_set()?;
         (Box::new(reader), ts, len)
     };
     let decoder =

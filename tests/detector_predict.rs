@@ -127,6 +127,20 @@ fn detect_reads_dicom_images_and_reports_bad_input() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A header that promises 65535 x 65535 pixels over CT_small's 128 x 128: refused with the
+    // reason, not decoded into gigabytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let crafted = tmp.path().join("crafted.dcm");
+    let mut object = dicom_object::open_file(&ct).unwrap();
+    for tag in [dicom_dictionary_std::tags::ROWS, dicom_dictionary_std::tags::COLUMNS] {
+        object.put(dicom_core::DataElement::new(tag, dicom_core::VR::US, dicom_core::PrimitiveValue::from(65535u16)));
+    }
+    object.write_to_file(&crafted).unwrap();
+    let out = idaics().args(["detect", "--device", "cpu", "--weights"]).arg(&weights).arg(&crafted).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("65535 x 65535") && err.contains("more than the"), "{err}");
+
     let out = idaics().args(["detect", "--device", "cuda:0", "--weights"]).arg(&weights).arg(&ct).output().unwrap();
     if !cfg!(feature = "cuda") {
         assert!(!out.status.success());

@@ -182,13 +182,13 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         .unwrap_or(false);
     let dynamic = if is_dicom {
         use dicom_pixeldata::PixelDecoder;
+        // Headers and pixel description checked first: a damaged file must not make the parser
+        // or the decoder allocate what its lengths claim.
+        crate::spool::check_structure(path, u64::MAX).map_err(|e| image_err(e.to_string()))?;
         let obj = dicom_object::open_file(path).map_err(|e| image_err(e.to_string()))?;
-        let frames = obj
-            .element_opt(dicom_dictionary_std::tags::NUMBER_OF_FRAMES)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_int::<u32>().ok())
-            .unwrap_or(1);
+        let pixels = crate::pixel_module::PixelModule::from_object(&obj).map_err(image_err)?;
+        pixels.check_against(&obj).map_err(image_err)?;
+        let frames = pixels.number_of_frames;
         if frames > 1 {
             return Err(image_err(format!("{frames} frames; detect takes single-frame images")));
         }
