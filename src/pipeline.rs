@@ -188,8 +188,8 @@ pub struct Worker {
 }
 
 /// Who claims a job. The workplace (host and state directory) outlives a run of the agent, and
-/// only one agent at a time holds a state directory, so jobs still marked running under this
-/// workplace when a worker starts were interrupted, and are this worker's to take up again.
+/// only one agent of a host at a time holds a state directory, so jobs still marked running under
+/// this workplace when a worker starts were interrupted, and are this worker's to take up again.
 #[derive(Debug, Clone)]
 pub struct Claimant {
     pub workplace: String,
@@ -206,7 +206,8 @@ impl Claimant {
     }
 }
 
-/// Starts of the agent a job may see before it is given up on.
+/// Attempts at one job: a job still running under this workplace after its last attempt is
+/// marked failed at the next start instead of being queued again.
 pub const MAX_JOB_ATTEMPTS: i64 = 3;
 
 impl Worker {

@@ -27,17 +27,19 @@ pub enum VolumeError {
     Inconsistent(String),
     #[error("{0}")]
     Unsupported(String),
-    #[error(
-        "{what} of {voxels} voxels needs {needed_mb} MB, more than the {limit_mb} MB allowed (series.max_volume_mb)"
-    )]
-    TooLarge { what: &'static str, voxels: u64, needed_mb: u64, limit_mb: u64 },
+    #[error("{what} of {voxels} voxels needs {needed_mb} MB, more than the {limit_mb} MB allowed ({limit})")]
+    TooLarge { what: &'static str, voxels: u64, needed_mb: u64, limit_mb: u64, limit: &'static str },
 }
 
 /// Allocates a zeroed voxel buffer, refusing sizes over `limit_mb` (and any the allocator cannot
 /// give) with an error: a failed allocation would abort the whole agent.
-fn voxel_buffer(what: &'static str, voxels: u64, limit_mb: u64) -> Result<Vec<f32>, VolumeError> {
+fn voxel_buffer(
+    what: &'static str,
+    voxels: u64,
+    (limit_mb, limit): (u64, &'static str),
+) -> Result<Vec<f32>, VolumeError> {
     let needed_mb = voxels.saturating_mul(std::mem::size_of::<f32>() as u64).div_ceil(1 << 20);
-    let too_large = || VolumeError::TooLarge { what, voxels, needed_mb, limit_mb };
+    let too_large = || VolumeError::TooLarge { what, voxels, needed_mb, limit_mb, limit };
     if needed_mb > limit_mb {
         return Err(too_large());
     }
@@ -156,7 +158,7 @@ impl Volume {
         // Saturating float-to-integer casts: an absurd extent gives an absurd count, refused below.
         let dims = [0, 1, 2].map(|d| ((high[d] - low[d]) / spacing).floor() as u64 + 1);
         let voxels = dims.iter().fold(1u64, |n, d| n.saturating_mul(*d));
-        let mut hu = voxel_buffer("a resampled grid", voxels, MAX_RESAMPLED_MB)?;
+        let mut hu = voxel_buffer("a resampled grid", voxels, (MAX_RESAMPLED_MB, "the resampling limit"))?;
         let dims = dims.map(|d| d as usize);
         for (index, voxel) in hu.iter_mut().enumerate() {
             let (i, j, k) = (index % dims[0], index / dims[0] % dims[1], index / (dims[0] * dims[1]));
@@ -304,7 +306,11 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
     let plane_len = rows * columns;
     // Decoded in parallel, each plane straight into its place: memory stays at the volume plus
     // one file per thread. A multi-frame object is decoded once and its frames copied out.
-    let mut hu = voxel_buffer("a series", (plane_len as u64) * planes.len() as u64, config.max_volume_mb)?;
+    let mut hu = voxel_buffer(
+        "a series",
+        (plane_len as u64) * planes.len() as u64,
+        (config.max_volume_mb, "series.max_volume_mb"),
+    )?;
     let multi_frame_files: Vec<usize> = {
         let mut files: Vec<usize> = planes.iter().filter(|p| p.header.number_of_frames > 1).map(|p| p.file).collect();
         files.dedup();
