@@ -28,6 +28,12 @@ const FULL_PARSE_LIMIT: u64 = 64 * 1024 * 1024;
 /// nested sequences, a few hundred kilobytes long, would overflow its stack and abort the agent.
 const MAX_SEQUENCE_DEPTH: usize = 64;
 
+/// Most data elements (sequence items included) accepted in one instance. A real CT holds a few
+/// hundred; an Enhanced CT of thousands of frames some hundred thousand. In memory each costs
+/// the parser about ten times its few bytes on the wire, so a flood of tiny elements would turn
+/// an instance of a few hundred megabytes into gigabytes.
+const MAX_ELEMENTS: usize = 1_000_000;
+
 /// Implementation Class UID written in the file meta of spooled files (a 2.25 UUID-derived root).
 pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.190116135946232479478412063364591935811";
 pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("IDAICS_", env!("CARGO_PKG_VERSION"));
@@ -500,8 +506,8 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
 /// The parser recurses once per sequence level, allocates and zeroes each value at its declared
 /// length before reading it, and inflates a deflated data set whole: a few kilobytes could make
 /// it overflow its stack or ask for gigabytes. Refused here are nesting deeper than
-/// [`MAX_SEQUENCE_DEPTH`], a value longer than what follows it, and a deflated data set that
-/// inflates beyond `max_bytes`.
+/// [`MAX_SEQUENCE_DEPTH`], more than [`MAX_ELEMENTS`] elements, a value longer than what follows
+/// it, and a deflated data set that inflates beyond `max_bytes`.
 pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
     use dicom_encoding::TransferSyntaxIndex;
     use dicom_parser::StatefulDecode;
@@ -542,8 +548,21 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
     let mut reader = LazyDataSetReader::new(decoder);
     // A sequence and its items are one level.
     let mut depth = 0usize;
+    let mut elements = 0usize;
     while let Some(token) = reader.advance() {
         let token = token.map_err(|e| unparsable(&e))?;
+        if matches!(
+            token,
+            LazyDataToken::ElementHeader(_)
+                | LazyDataToken::SequenceStart { .. }
+                | LazyDataToken::ItemStart { .. }
+                | LazyDataToken::PixelSequenceStart
+        ) {
+            elements += 1;
+            if elements > MAX_ELEMENTS {
+                return Err(unparsable(&format!("more than {MAX_ELEMENTS} data elements")));
+            }
+        }
         let value = match &token {
             LazyDataToken::LazyValue { header, decoder } => Some((header.tag, header.len.0, decoder.position())),
             LazyDataToken::LazyItemValue { len, decoder } => Some((Tag(0xFFFE, 0xE000), *len, decoder.position())),

@@ -225,7 +225,7 @@ fn jpeg_extended_is_refused_at_negotiation_and_accepted_once_decompressed() {
 fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let tmp = tempfile::tempdir().unwrap();
     // A small instance limit, for the deflate bomb below.
-    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "8")]);
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "16")]);
     let corpus = shared_data().join("corpora/pydicom-test-files");
     let (good, ts) = dataset_bytes(&corpus.join("CT_small.dcm"));
     let good_sop = dicom_object::open_file(corpus.join("CT_small.dcm"))
@@ -258,6 +258,21 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         bytes
     };
     cases.push(("sequences nested 20000 deep", good_sop.clone(), nested, 0xC000));
+    // 1.2 million empty private elements (10 MB): about a gigabyte once parsed.
+    let flood: Vec<u8> = (0..1_200_000u32)
+        .flat_map(|n| {
+            let (group, element) = (0x0009 + 2 * (n >> 16) as u16, n as u16);
+            let mut header = group.to_le_bytes().to_vec();
+            header.extend_from_slice(&element.to_le_bytes());
+            header.extend_from_slice(b"LO\0\0");
+            header
+        })
+        .collect();
+    cases.push(("1.2 million data elements", good_sop.clone(), flood, 0xC000));
+    // A text value that claims 4 GB, in front of a good data set: the parser would zero 4 GB.
+    let mut overlong = vec![0x09, 0x00, 0x10, 0x10, b'U', b'T', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF];
+    overlong.extend_from_slice(&good);
+    cases.push(("a value claiming 4 GB", good_sop.clone(), overlong, 0xC000));
     // Corpus files broken by their makers, sent byte for byte as data sets.
     for name in ["no_meta.dcm", "MR_truncated.dcm", "rtplan_truncated.dcm"] {
         let bytes = std::fs::read(corpus.join(name)).unwrap();
@@ -324,7 +339,7 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     sent += 1;
     assert_eq!(status, 0xC000, "corrupt JPEG-LS codestream: status {status:#06x}");
     assert!(agent.echo());
-    // A deflated data set of 160 kB that inflates to 160 MB, over the 8 MB instance limit.
+    // A deflated data set of 160 kB that inflates to 160 MB, over the 16 MB instance limit.
     let bomb = {
         use std::io::Write;
         let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
@@ -342,7 +357,15 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     assert!(agent.spool_files().is_empty(), "a broken instance entered the spool");
     assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
     // Each failure is logged with its reason.
-    assert_eq!(agent.events("store failed").len(), sent, "{}", agent.log());
+    let failures = agent.events("store failed");
+    assert_eq!(failures.len(), sent, "{}", agent.log());
+    for reason in ["sequences nested more than 64 deep", "more than 1000000 data elements", "claims 4294967280 bytes"] {
+        assert!(
+            failures.iter().any(|f| f["fields"]["reason"].as_str().unwrap_or("").contains(reason)),
+            "no failure says {reason:?}:\n{}",
+            agent.log()
+        );
+    }
     // And a good instance still goes through.
     assert_eq!(raw_store(agent.port, CT, &good_sop, EXPLICIT_LE, &good), 0x0000);
     assert_eq!(agent.spool_files().len(), 1);
