@@ -114,6 +114,39 @@ impl PixelModule {
         Ok(())
     }
 
+    /// Checks the first frame's codestream against the header before anything decodes it: a
+    /// JPEG, JPEG-LS or JPEG 2000 stream carries its own image size, and the decoders work to
+    /// that size, not the header's (a 512 x 512 CT whose JPEG 2000 stream claims 60000 x 60000
+    /// kept a decoder busy for half a minute, then panicked). Streams without a size of their own
+    /// (RLE) and sizes it cannot find pass; the decode then has the last word.
+    pub fn check_codestream(&self, object: &InMemDicomObject, transfer_syntax_uid: &str) -> Result<(), String> {
+        let Some(first) = object
+            .element_opt(tags::PIXEL_DATA)
+            .ok()
+            .flatten()
+            .and_then(|e| e.value().fragments())
+            .and_then(|fragments| fragments.first())
+        else {
+            return Ok(());
+        };
+        let size = match transfer_syntax_uid {
+            "1.2.840.10008.1.2.4.90"
+            | "1.2.840.10008.1.2.4.91"
+            | "1.2.840.10008.1.2.4.201"
+            | "1.2.840.10008.1.2.4.202"
+            | "1.2.840.10008.1.2.4.203" => jpeg2000_size(first),
+            uid if uid.starts_with("1.2.840.10008.1.2.4.") => jpeg_size(first),
+            _ => None,
+        };
+        match size {
+            Some((columns, rows)) if (columns, rows) != (self.columns, self.rows) => Err(format!(
+                "the compressed stream is {columns} x {rows} pixels, the header says {} x {}",
+                self.columns, self.rows
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Explains why `held` bytes of native pixel data are too few.
     pub fn shortfall(&self, held: u64) -> String {
         format!(
@@ -125,6 +158,53 @@ impl PixelModule {
             self.bits_allocated,
             self.total_bytes()
         )
+    }
+}
+
+/// Width and height from a JPEG 2000 codestream's SIZ segment (ISO 15444-1 A.5.1), found after
+/// the SOC marker, in a bare codestream or inside a JP2 box.
+fn jpeg2000_size(stream: &[u8]) -> Option<(u32, u32)> {
+    let head = &stream[..stream.len().min(4096)];
+    let at = head.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])? + 2;
+    let field = |offset: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(head.get(at + offset..at + offset + 4)?.try_into().ok()?))
+    };
+    // FF51, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz.
+    let (x, y, x_offset, y_offset) = (field(6)?, field(10)?, field(14)?, field(18)?);
+    Some((x.checked_sub(x_offset)?, y.checked_sub(y_offset)?))
+}
+
+/// Width and height from the start-of-frame segment of a JPEG (ISO 10918-1 B.2.2) or JPEG-LS
+/// (ISO 14495-1, SOF55) stream; `None` where the height is left to a DNL marker.
+fn jpeg_size(stream: &[u8]) -> Option<(u32, u32)> {
+    if stream.get(..2)? != [0xFF, 0xD8] {
+        return None;
+    }
+    let mut at = 2;
+    loop {
+        while *stream.get(at)? != 0xFF {
+            at += 1;
+        }
+        while *stream.get(at)? == 0xFF {
+            at += 1;
+        }
+        let marker = *stream.get(at)?;
+        at += 1;
+        if matches!(marker, 0x01 | 0xD0..=0xD7) {
+            continue;
+        }
+        let length = u16::from_be_bytes(stream.get(at..at + 2)?.try_into().ok()?) as usize;
+        let is_frame = matches!(marker, 0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC)) || marker == 0xF7;
+        if is_frame {
+            let segment = stream.get(at..at + 7)?;
+            let (height, width) =
+                (u16::from_be_bytes([segment[3], segment[4]]), u16::from_be_bytes([segment[5], segment[6]]));
+            return (height > 0).then_some((u32::from(width), u32::from(height)));
+        }
+        if marker == 0xDA {
+            return None;
+        }
+        at += length;
     }
 }
 
@@ -159,6 +239,26 @@ mod tests {
         let object = image(512, 512, None, 100);
         let error = PixelModule::from_object(&object).unwrap().check_against(&object).unwrap_err();
         assert!(error.contains("holds 100 bytes") && error.contains("need 524288"), "{error}");
+    }
+
+    #[test]
+    fn codestream_sizes_are_read_from_jpeg_jpeg_ls_and_jpeg_2000() {
+        // SOI, an APP0 segment, SOF3 (lossless): P 16, Y 300, X 200.
+        let jpeg = [0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB, 0xFF, 0xC3, 0x00, 0x0B, 16, 0x01, 0x2C, 0x00, 0xC8];
+        assert_eq!(jpeg_size(&jpeg), Some((200, 300)));
+        // SOF55 of JPEG-LS has the same layout.
+        let jpeg_ls = [0xFF, 0xD8, 0xFF, 0xF7, 0x00, 0x0B, 16, 0x00, 0x80, 0x00, 0x80];
+        assert_eq!(jpeg_size(&jpeg_ls), Some((128, 128)));
+        // A height left to a DNL marker, and a scan before any frame header: no size.
+        assert_eq!(jpeg_size(&[0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x0B, 8, 0, 0, 0x01, 0x00]), None);
+        assert_eq!(jpeg_size(&[0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02]), None);
+        // SOC, SIZ: Lsiz, Rsiz, Xsiz 612, Ysiz 530, XOsiz 100, YOsiz 18.
+        let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
+        for value in [612u32, 530, 100, 18] {
+            j2k.extend_from_slice(&value.to_be_bytes());
+        }
+        assert_eq!(jpeg2000_size(&j2k), Some((512, 512)));
+        assert_eq!(jpeg2000_size(&j2k[..12]), None, "a truncated segment");
     }
 
     #[test]

@@ -352,11 +352,18 @@ impl Spool {
         } else if !encapsulated && pixels.total_bytes() > bytes {
             return Err(SpoolError::PixelDescription(pixels.shortfall(bytes)));
         }
+        if bytes <= FULL_PARSE_LIMIT && encapsulated {
+            pixels.check_codestream(&obj, &header.transfer_syntax_uid).map_err(SpoolError::PixelDescription)?;
+        }
         if self.verify_compressed && bytes <= FULL_PARSE_LIMIT && encapsulated {
             // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
             // parameters that contradict the header): refuse it now, while the sender can act.
+            // The decoders are third-party code fed with the sender's bytes: a panic in one is
+            // the data's fault as much as ours, and is answered as undecodable.
             use dicom_pixeldata::PixelDecoder;
-            let frame = obj.decode_pixel_data_frame(0).map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+            let frame = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
+                .map_err(|_| SpoolError::UndecodablePixelData("the decoder failed on this stream".into()))?
+                .map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
             let decoded = frame.data().len() as u64;
             if decoded < pixels.frame_bytes() {
                 return Err(SpoolError::UndecodablePixelData(format!(

@@ -322,6 +322,13 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         crafted.push((what, crafted_ts, bytes));
     }
 
+    // A real JPEG 2000 CT whose codestream claims 60000 x 60000 pixels under its 512 x 512
+    // header: a decoder worked on it for half a minute before it panicked.
+    let (mut j2k, j2k_ts) = dataset_bytes(&corpus.join("693_J2KI.dcm"));
+    let siz = j2k.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51]).expect("a SIZ segment") + 2;
+    j2k[siz + 6..siz + 14].copy_from_slice(&[0, 0, 0xEA, 0x60, 0, 0, 0xEA, 0x60]);
+    crafted.push(("a JPEG 2000 stream larger than its header", j2k_ts, j2k));
+
     let mut sent = 0;
     for (what, ts, bytes) in &crafted {
         let status = raw_store(agent.port, CT, &good_sop, ts, bytes);
@@ -359,7 +366,12 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     // Each failure is logged with its reason.
     let failures = agent.events("store failed");
     assert_eq!(failures.len(), sent, "{}", agent.log());
-    for reason in ["sequences nested more than 64 deep", "more than 1000000 data elements", "claims 4294967280 bytes"] {
+    for reason in [
+        "sequences nested more than 64 deep",
+        "more than 1000000 data elements",
+        "claims 4294967280 bytes",
+        "the compressed stream is 60000 x 60000 pixels, the header says 512 x 512",
+    ] {
         assert!(
             failures.iter().any(|f| f["fields"]["reason"].as_str().unwrap_or("").contains(reason)),
             "no failure says {reason:?}:\n{}",

@@ -188,6 +188,8 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         let obj = dicom_object::open_file(path).map_err(|e| image_err(e.to_string()))?;
         let pixels = crate::pixel_module::PixelModule::from_object(&obj).map_err(image_err)?;
         pixels.check_against(&obj).map_err(image_err)?;
+        let transfer_syntax = crate::spool::trim_uid(obj.meta().transfer_syntax()).to_string();
+        pixels.check_codestream(&obj, &transfer_syntax).map_err(image_err)?;
         let frames = pixels.number_of_frames;
         if frames > 1 {
             return Err(image_err(format!("{frames} frames; detect takes single-frame images")));
