@@ -514,7 +514,8 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
 /// length before reading it, and inflates a deflated data set whole: a few kilobytes could make
 /// it overflow its stack or ask for gigabytes. Refused here are nesting deeper than
 /// [`MAX_SEQUENCE_DEPTH`], more than [`MAX_ELEMENTS`] elements, a value longer than what follows
-/// it, and a deflated data set that inflates beyond `max_bytes`.
+/// it, a binary value whose length is not a whole number of values, and a deflated data set that
+/// inflates beyond `max_bytes`.
 pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
     use dicom_encoding::TransferSyntaxIndex;
     use dicom_parser::StatefulDecode;
@@ -571,7 +572,19 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
             }
         }
         let value = match &token {
-            LazyDataToken::LazyValue { header, decoder } => Some((header.tag, header.len.0, decoder.position())),
+            LazyDataToken::LazyValue { header, decoder } => {
+                // The parser reads whole numbers of binary values and moves on by the declared
+                // length, so a remainder leaves it reading the next element from the wrong
+                // byte, where any length, gigabytes included, can appear.
+                let size = binary_value_size(header.vr);
+                if header.len.0 % size != 0 {
+                    return Err(unparsable(&format!(
+                        "{} {:?} value of {} bytes, not a multiple of {size}",
+                        header.tag, header.vr, header.len.0
+                    )));
+                }
+                Some((header.tag, header.len.0, decoder.position()))
+            }
             LazyDataToken::LazyItemValue { len, decoder } => Some((Tag(0xFFFE, 0xE000), *len, decoder.position())),
             _ => None,
         };
@@ -596,6 +609,17 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
         }
     }
     Ok(())
+}
+
+/// Bytes per value of a binary VR, as the parser reads it; 1 for text and byte VRs.
+fn binary_value_size(vr: dicom_core::VR) -> u32 {
+    use dicom_core::VR;
+    match vr {
+        VR::US | VR::SS | VR::OW => 2,
+        VR::UL | VR::SL | VR::FL | VR::AT | VR::OF | VR::OL => 4,
+        VR::FD | VR::OD | VR::SV | VR::UV | VR::OV => 8,
+        _ => 1,
+    }
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {

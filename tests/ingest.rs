@@ -646,11 +646,11 @@ fn a_second_agent_of_this_host_on_the_same_state_directory_is_refused() {
     assert!(agent.echo(), "the first agent stopped answering");
 }
 
-/// Mutation fuzzing with a fixed seed: 300 damaged copies of a real CT (bytes changed in the
-/// header and anywhere, truncations, length fields replaced, chunks repeated), uncompressed and
-/// JPEG-LS. Each gets an answer, a failure status or Success; what was acknowledged is in the
-/// spool; nothing panics, memory stays small whatever the damaged lengths say, and the agent
-/// keeps answering.
+/// Mutation fuzzing with a fixed seed: 300 damaged copies of real CTs (bytes changed in the
+/// header and anywhere, truncations, length fields replaced, chunks repeated), uncompressed,
+/// JPEG-LS and JPEG 2000. Each gets an answer, a failure status or Success; what was
+/// acknowledged is in the spool; nothing panics, memory stays small whatever the damaged lengths
+/// say, and the agent keeps answering.
 #[test]
 fn mutated_instances_never_take_the_agent_down() {
     let tmp = tempfile::tempdir().unwrap();
@@ -658,7 +658,10 @@ fn mutated_instances_never_take_the_agent_down() {
     let corpus = shared_data().join("corpora/pydicom-test-files");
     let jls = tmp.path().join("jls.dcm");
     dcmtk("dcmcjpls", &["+el"], &corpus.join("CT_small.dcm"), &jls);
-    let sources = [dataset_bytes(&corpus.join("CT_small.dcm")), dataset_bytes(&jls)];
+    // The third, a real JPEG 2000 CT, carries another SOP instance UID: its copies are refused
+    // for the mismatch at the end, after the decoder had them.
+    let sources =
+        [dataset_bytes(&corpus.join("CT_small.dcm")), dataset_bytes(&jls), dataset_bytes(&corpus.join("693_J2KI.dcm"))];
     let mut senders: Vec<RawScu> = sources.iter().map(|(_, ts)| RawScu::connect(agent.port, CT, ts)).collect();
     // xorshift64*: the same mutations on every run.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -679,7 +682,7 @@ fn mutated_instances_never_take_the_agent_down() {
     let mut outcomes = std::collections::BTreeMap::new();
     let mut acknowledged = 0;
     for case in 0..300 {
-        let (source, _) = &sources[case % 2];
+        let (source, _) = &sources[case % 3];
         let mut bytes = source.clone();
         let head = bytes.len().min(2000);
         match next(5) {
@@ -700,7 +703,7 @@ fn mutated_instances_never_take_the_agent_down() {
                 bytes[at] ^= 1 << next(8)
             }),
         }
-        let status = senders[case % 2].store(&sop, &bytes);
+        let status = senders[case % 3].store(&sop, &bytes);
         assert!([0x0000, 0xA700, 0xA900, 0xC000].contains(&status), "case {case}: status {status:#06x}");
         *outcomes.entry(status).or_insert(0) += 1;
         if status == 0 {
