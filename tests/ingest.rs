@@ -228,14 +228,7 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "16")]);
     let corpus = shared_data().join("corpora/pydicom-test-files");
     let (good, ts) = dataset_bytes(&corpus.join("CT_small.dcm"));
-    let good_sop = dicom_object::open_file(corpus.join("CT_small.dcm"))
-        .unwrap()
-        .element(tags::SOP_INSTANCE_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string();
+    let good_sop = sop_instance_uid(&corpus.join("CT_small.dcm"));
 
     let mut cases: Vec<(&str, String, Vec<u8>, u16)> = vec![
         ("truncated in the pixel data", good_sop.clone(), good[..good.len() - 5000].to_vec(), 0xC000),
@@ -671,14 +664,7 @@ fn mutated_instances_never_take_the_agent_down() {
         state ^= state >> 27;
         (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below.max(1)
     };
-    let sop = dicom_object::open_file(corpus.join("CT_small.dcm"))
-        .unwrap()
-        .element(tags::SOP_INSTANCE_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string();
+    let sop = sop_instance_uid(&corpus.join("CT_small.dcm"));
     let mut outcomes = std::collections::BTreeMap::new();
     let mut acknowledged = 0;
     for case in 0..300 {

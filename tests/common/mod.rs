@@ -308,6 +308,13 @@ impl RawScu {
     }
 }
 
+/// A DICOM file's SOPInstanceUID, without its padding.
+pub fn sop_instance_uid(path: &Path) -> String {
+    let object = dicom_object::open_file(path).unwrap();
+    let uid = object.element(dicom_dictionary_std::tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap();
+    uid.trim_end_matches(['\0', ' ']).to_string()
+}
+
 /// The data set bytes of a DICOM file (everything after the file meta group), and its TS.
 pub fn dataset_bytes(path: &Path) -> (Vec<u8>, String) {
     let bytes = std::fs::read(path).unwrap();
