@@ -38,8 +38,10 @@ pub enum ServiceError {
 /// series, and each would take up the other's running jobs as interrupted. Agents of other hosts
 /// may share the directory on shared storage: their jobs are claimed under their own host name.
 fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
-    let host: String =
-        hostname().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    let host: String = scp::hostname()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
+        .collect();
     let path = state_dir.join(format!("agent-{host}.lock"));
     let failed = |source| ServiceError::StateDir { path: path.display().to_string(), source };
     let mut file =
@@ -59,14 +61,10 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
     Ok(file)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-}
-
 /// This agent's lasting identity in the job table: host and state directory.
 fn workplace(state_dir: &Path) -> String {
     let dir = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
-    format!("{}:{}", hostname(), dir.display())
+    format!("{}:{}", scp::hostname(), dir.display())
 }
 
 /// Runs the agent until a termination signal, then drains open associations and returns.

@@ -269,9 +269,14 @@ struct Session<'a> {
     tally: Tally,
 }
 
+/// This machine's host name; empty when the kernel does not say.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
 /// This agent's identity in the finding log: host, process and start time.
 fn agent_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let host = hostname();
     let started =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     format!("{host}:{}:{started}", std::process::id())
