@@ -444,8 +444,10 @@ fn kill_during_a_series_loses_nothing_acknowledged() {
     assert_eq!(record["instances"], 240);
     assert_eq!(record["revision"], 1);
     assert_eq!(agent.spool_files().len(), 240);
-    let total = log_events(&first_log, "series complete").len() + agent.events("series complete").len();
-    assert_eq!(total, 1);
+    // The record is written before its log line: wait for the line, then count.
+    let completions = |a: &Agent| log_events(&first_log, "series complete").len() + a.events("series complete").len();
+    agent.wait_for("the completion in the log", Duration::from_secs(10), |a| completions(a) >= 1);
+    assert_eq!(completions(&agent), 1, "log:\n{}", agent.log());
     assert!(std::fs::read_dir(state.join("tmp")).unwrap().next().is_none(), "partial file survived the restart");
 }
 
@@ -481,7 +483,11 @@ fn four_concurrent_associations_deliver_everything() {
         });
         assert_eq!(agent.series_record(&s.study_uid, &s.series_uid).unwrap()["instances"], 30);
     }
-    assert_eq!(agent.events("series complete").len(), 4);
+    // The record is written before the log line, so the last line may still be on its way; then
+    // wait out the quiet period once more to see that nothing completes twice.
+    agent.wait_for("four completions in the log", Duration::from_secs(10), |a| a.events("series complete").len() >= 4);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(agent.events("series complete").len(), 4, "log:\n{}", agent.log());
 }
 
 #[test]
