@@ -29,4 +29,4 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 # Two cores here: the integration tests start several agents and DCMTK processes each.
 export RUST_BACKTRACE=1
-cargo test --all-targets --locked -- --test-threads="${TEST_THREADS:-4}"
+cargo test --all-targets --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"

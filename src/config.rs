@@ -93,12 +93,22 @@ pub struct StorageConfig {
     pub state_dir: PathBuf,
     pub fsync: bool,
     pub verify_compressed_pixel_data: bool,
+    /// This agent's host in the state directory's lock and in job claims; empty: the kernel's.
+    pub host_name: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
     pub url: String,
+    /// Seconds a job's claim lasts without renewal before any agent may take the job over.
+    pub job_lease_s: u64,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: String::new(), job_lease_s: 300 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -199,7 +209,12 @@ impl Default for SeriesConfig {
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { state_dir: PathBuf::from("/var/lib/idaics"), fsync: true, verify_compressed_pixel_data: true }
+        StorageConfig {
+            state_dir: PathBuf::from("/var/lib/idaics"),
+            fsync: true,
+            verify_compressed_pixel_data: true,
+            host_name: String::new(),
+        }
     }
 }
 
@@ -245,6 +260,11 @@ impl StorageConfig {
     }
     pub fn tmp_dir(&self) -> PathBuf {
         self.state_dir.join("tmp")
+    }
+
+    /// The configured host name, else the kernel's.
+    pub fn effective_host_name(&self) -> String {
+        if self.host_name.is_empty() { crate::scp::hostname() } else { self.host_name.clone() }
     }
 }
 
@@ -416,6 +436,25 @@ impl Config {
         }
         let positive = |v: u64| if v == 0 { Err("must be greater than 0".to_string()) } else { Ok(()) };
         check("outputs.max_retry_interval_s", positive(self.outputs.max_retry_interval_s));
+        let host_name = &self.storage.host_name;
+        check(
+            "storage.host_name",
+            if host_name.len() <= 64
+                && host_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            {
+                Ok(())
+            } else {
+                Err(format!("{host_name:?}: at most 64 letters, digits, '-', '.' or '_'"))
+            },
+        );
+        check(
+            "database.job_lease_s",
+            if self.database.job_lease_s >= 10 {
+                Ok(())
+            } else {
+                Err(format!("{} s is too short to renew a claim in time; at least 10", self.database.job_lease_s))
+            },
+        );
         check("limits.max_associations", positive(self.limits.max_associations as u64));
         check(
             "limits.max_pdu_length",

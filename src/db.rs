@@ -322,8 +322,8 @@ impl Db {
             Backend::Sqlite => "",
         };
         let sql = format!(
-            "UPDATE jobs SET state = 'running', attempts = attempts + 1, claimed_by = $1, started_at = $2 \
-             WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1{lock}) \
+            "UPDATE jobs SET state = 'running', attempts = attempts + 1, claimed_by = $1, started_at = $2, \
+             heartbeat_at = $2 WHERE id = (SELECT id FROM jobs WHERE state = 'queued' ORDER BY id LIMIT 1{lock}) \
              RETURNING id, series_uid, revision, attempts"
         );
         let row = sqlx::query(&sql).bind(worker).bind(now()).fetch_optional(&self.pool).await?;
@@ -368,50 +368,84 @@ impl Db {
         Ok((queued, failed))
     }
 
-    /// Ends a job: `Ok` with the weights' hash, or `Err` with what went wrong.
-    pub async fn finish_job(&self, id: i64, outcome: Result<Option<&str>, &str>) -> Result<(), DbError> {
-        let (state, error, weights) = match outcome {
-            Ok(weights) => ("done", None, weights),
-            Err(error) => ("failed", Some(error), None),
-        };
-        sqlx::query("UPDATE jobs SET state = $1, error = $2, weights_sha256 = $3, finished_at = $4 WHERE id = $5")
-            .bind(state)
-            .bind(error)
-            .bind(weights)
-            .bind(now())
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+    /// Renews `claimant`'s claim on a running job, so no other agent takes it over. False when
+    /// the claim is gone: the job was taken over after the lease ran out.
+    pub async fn renew_job(&self, id: i64, claimant: &str) -> Result<bool, DbError> {
+        let renewed =
+            sqlx::query("UPDATE jobs SET heartbeat_at = $1 WHERE id = $2 AND claimed_by = $3 AND state = 'running'")
+                .bind(now())
+                .bind(id)
+                .bind(claimant)
+                .execute(&self.pool)
+                .await?;
+        Ok(renewed.rows_affected() == 1)
     }
 
-    pub async fn insert_findings(&self, findings: &[FindingRow]) -> Result<(), DbError> {
+    /// Puts back in the queue running jobs whose claim nobody has renewed since `stale_before`
+    /// (ISO 8601 UTC): the agent that claimed them is gone (its host down, cut off from the
+    /// database) and no restart of it is coming to take them up. As at a restart, a job already
+    /// tried `max_attempts` times fails instead. Returns (queued, failed).
+    pub async fn take_over_stale_jobs(&self, stale_before: &str, max_attempts: i64) -> Result<(u64, u64), DbError> {
+        let stale = "state = 'running' AND COALESCE(heartbeat_at, started_at) < $1";
         let mut tx = self.pool.begin().await?;
-        for f in findings {
-            sqlx::query(
-                "INSERT INTO findings (job_id, series_uid, study_uid, patient_id, accession, study_date, level, class, \
-                 confidence, views, box, mask_area_mm2, model_version, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
-            .bind(f.job_id)
-            .bind(&f.series_uid)
-            .bind(&f.study_uid)
-            .bind(&f.patient_id)
-            .bind(&f.accession)
-            .bind(&f.study_date)
-            .bind(&f.level)
-            .bind(&f.class)
-            .bind(f.confidence)
-            .bind(serde_json::to_string(&f.views).expect("strings serialise"))
-            .bind(f.r#box.map(|b| serde_json::to_string(&b).expect("floats serialise")))
-            .bind(f.mask_area_mm2)
-            .bind(&f.model_version)
-            .bind(&f.created_at)
-            .execute(&mut *tx)
-            .await?;
+        let failed = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'failed', error = $2, finished_at = $3 WHERE {stale} AND attempts >= $4"
+        ))
+        .bind(stale_before)
+        .bind(format!("its agent stopped renewing its claim during each of {max_attempts} attempts; not tried again"))
+        .bind(now())
+        .bind(max_attempts)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let queued = sqlx::query(&format!(
+            "UPDATE jobs SET state = 'queued', claimed_by = NULL, started_at = NULL, heartbeat_at = NULL WHERE {stale}"
+        ))
+        .bind(stale_before)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((queued, failed))
+    }
+
+    /// Ends a job `claimant` still holds, in one transaction: done with its findings and the
+    /// objects it queues, or failed with what went wrong. All or nothing, so a crash half way
+    /// cannot leave findings that a second attempt would log twice. Returns false, and records
+    /// nothing, when the claim is gone: another agent took the job over after the lease ran out
+    /// and records its own results.
+    pub async fn finish_job(&self, id: i64, claimant: &str, outcome: JobOutcome<'_>) -> Result<bool, DbError> {
+        let (state, error, weights) = match &outcome {
+            JobOutcome::Done { weights_sha256, .. } => ("done", None, *weights_sha256),
+            JobOutcome::Failed(error) => ("failed", Some(*error), None),
+        };
+        let mut tx = self.pool.begin().await?;
+        // First, so the row is locked (PostgreSQL) or the writer lock held (SQLite) while the
+        // results go in: a takeover cannot slip in between.
+        let ended = sqlx::query(
+            "UPDATE jobs SET state = $1, error = $2, weights_sha256 = $3, finished_at = $4 \
+             WHERE id = $5 AND claimed_by = $6 AND state = 'running'",
+        )
+        .bind(state)
+        .bind(error)
+        .bind(weights)
+        .bind(now())
+        .bind(id)
+        .bind(claimant)
+        .execute(&mut *tx)
+        .await?;
+        if ended.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if let JobOutcome::Done { findings, outbox, .. } = outcome {
+            insert_findings(&mut tx, findings).await?;
+            for entry in outbox {
+                enqueue_outbox(&mut tx, id, entry).await?;
+            }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Findings matching the filter, by study date then level.
@@ -520,34 +554,6 @@ impl Db {
     pub async fn count(&self, table: Table) -> Result<i64, DbError> {
         let sql = format!("SELECT COUNT(*) AS n FROM {}", table.name());
         Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get("n")?)
-    }
-
-    /// Queues a written object for a destination; queuing it again is harmless.
-    pub async fn enqueue_outbox(
-        &self,
-        destination: &str,
-        job_id: Option<i64>,
-        path: &str,
-        sop_class: &str,
-        sop_instance: &str,
-    ) -> Result<(), DbError> {
-        let now = now();
-        sqlx::query(
-            "INSERT INTO outbox (destination, job_id, object_path, sop_class_uid, sop_instance_uid, state, attempts, \
-             next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $7) \
-             ON CONFLICT (destination, sop_instance_uid) DO UPDATE SET object_path = excluded.object_path, \
-             state = 'pending', next_attempt_at = excluded.next_attempt_at",
-        )
-        .bind(destination)
-        .bind(job_id)
-        .bind(path)
-        .bind(sop_class)
-        .bind(sop_instance)
-        .bind(&now)
-        .bind(&now)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     /// Pending objects of a destination whose next attempt is due, oldest first.
@@ -671,6 +677,74 @@ impl Db {
             .await?;
         row.map(|r| Ok((r.try_get("state")?, r.try_get("revision")?))).transpose()
     }
+}
+
+/// How a job ended.
+pub enum JobOutcome<'a> {
+    Done { weights_sha256: Option<&'a str>, findings: &'a [FindingRow], outbox: &'a [OutboxEntry] },
+    Failed(&'a str),
+}
+
+/// A written object that a finished job queues for a destination.
+#[derive(Debug, Clone)]
+pub struct OutboxEntry {
+    pub destination: String,
+    pub object_path: String,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+}
+
+async fn insert_findings(tx: &mut sqlx::Transaction<'_, sqlx::Any>, findings: &[FindingRow]) -> Result<(), DbError> {
+    for f in findings {
+        sqlx::query(
+            "INSERT INTO findings (job_id, series_uid, study_uid, patient_id, accession, study_date, level, class, \
+             confidence, views, box, mask_area_mm2, model_version, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(f.job_id)
+        .bind(&f.series_uid)
+        .bind(&f.study_uid)
+        .bind(&f.patient_id)
+        .bind(&f.accession)
+        .bind(&f.study_date)
+        .bind(&f.level)
+        .bind(&f.class)
+        .bind(f.confidence)
+        .bind(serde_json::to_string(&f.views).expect("strings serialise"))
+        .bind(f.r#box.map(|b| serde_json::to_string(&b).expect("floats serialise")))
+        .bind(f.mask_area_mm2)
+        .bind(&f.model_version)
+        .bind(&f.created_at)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Queues an object for a destination; queuing it again (a new revision of the series, whose
+/// objects keep their UIDs) makes it pending again.
+async fn enqueue_outbox(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job_id: i64,
+    entry: &OutboxEntry,
+) -> Result<(), DbError> {
+    let now = now();
+    sqlx::query(
+        "INSERT INTO outbox (destination, job_id, object_path, sop_class_uid, sop_instance_uid, state, attempts, \
+         next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, 'pending', 0, $6, $7) \
+         ON CONFLICT (destination, sop_instance_uid) DO UPDATE SET object_path = excluded.object_path, \
+         state = 'pending', next_attempt_at = excluded.next_attempt_at",
+    )
+    .bind(&entry.destination)
+    .bind(job_id)
+    .bind(&entry.object_path)
+    .bind(&entry.sop_class_uid)
+    .bind(&entry.sop_instance_uid)
+    .bind(&now)
+    .bind(&now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// The identifiers of a recorded series.

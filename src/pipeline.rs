@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use candle_core::Device;
 
-use crate::db::Db;
+use crate::db::{Db, JobOutcome, OutboxEntry};
 use crate::detector::predict::{Detection, PredictOptions, RgbImage};
 use crate::detector::yolov8_seg::YoloV8Seg;
 use crate::detector::{WeightsInfo, load_network, select_device};
@@ -182,6 +182,9 @@ pub struct Worker {
     pub series_config: crate::config::SeriesConfig,
     /// Names this worker in `jobs.claimed_by`: its workplace, `|`, then this run's agent id.
     pub claimant: Claimant,
+    /// How long a claim lasts unrenewed (`database.job_lease_s`). The worker renews its claim
+    /// four times per lease while a job runs, and takes over other agents' lapsed claims.
+    pub job_lease: Duration,
     pub stats: Arc<crate::http::PipelineStats>,
     /// Woken when a job is queued or an object enters the outbox.
     pub wake: Arc<tokio::sync::Notify>,
@@ -214,9 +217,14 @@ impl Worker {
     /// Takes up interrupted jobs, then claims and runs jobs until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut recovered = false;
+        let mut next_stale_scan = std::time::Instant::now();
         loop {
             if *shutdown.borrow() {
                 return;
+            }
+            if std::time::Instant::now() >= next_stale_scan {
+                self.take_over_stale_jobs().await;
+                next_stale_scan = std::time::Instant::now() + self.renew_every();
             }
             if !recovered {
                 match self.db.recover_interrupted_jobs(&self.claimant.prefix(), MAX_JOB_ATTEMPTS).await {
@@ -249,26 +257,40 @@ impl Worker {
                     let _enter = span.enter();
                     tracing::info!(attempt = job.attempts, "job started");
                     let started = std::time::Instant::now();
+                    let renewal = tokio::spawn(self.clone().keep_claim(job.id));
                     let outcome = self.clone().run_job(job.series_uid.clone(), job.id).await;
+                    renewal.abort();
                     let weights = self.detector.as_ref().map(|d| d.sha256.clone());
-                    use std::sync::atomic::Ordering;
-                    match &outcome {
-                        Ok(levels) => {
-                            self.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
-                            self.stats.observe_inference(started.elapsed().as_secs_f64());
-                            tracing::info!(levels, seconds = started.elapsed().as_secs_f64(), "job done");
-                        }
-                        Err(e) => {
-                            self.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
-                            tracing::error!(error = %e, "job failed");
-                        }
-                    }
-                    let result = match &outcome {
-                        Ok(_) => Ok(weights.as_deref()),
-                        Err(e) => Err(e.as_str()),
+                    let ending = match &outcome {
+                        Ok(results) => JobOutcome::Done {
+                            weights_sha256: weights.as_deref(),
+                            findings: &results.findings,
+                            outbox: &results.outbox,
+                        },
+                        Err(e) => JobOutcome::Failed(e.as_str()),
                     };
-                    if let Err(e) = self.db.finish_job(job.id, result).await {
-                        tracing::error!(error = %e, "cannot record the job's end");
+                    match self.db.finish_job(job.id, &self.claimant.name(), ending).await {
+                        Ok(true) => {
+                            use std::sync::atomic::Ordering;
+                            match &outcome {
+                                Ok(results) => {
+                                    self.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+                                    self.stats.observe_inference(started.elapsed().as_secs_f64());
+                                    let (levels, seconds) = (results.findings.len(), started.elapsed().as_secs_f64());
+                                    tracing::info!(levels, seconds, "job done");
+                                }
+                                Err(e) => {
+                                    self.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
+                                    tracing::error!(error = %e, "job failed");
+                                }
+                            }
+                        }
+                        Ok(false) => tracing::warn!(
+                            lease_s = self.job_lease.as_secs(),
+                            "another agent took this job over after its claim lapsed; its results are theirs to record"
+                        ),
+                        // The claim lapses and the job is taken up again, by this agent or another.
+                        Err(e) => tracing::error!(error = %e, "cannot record the job's end"),
                     }
                     self.wake.notify_waiters();
                 }
@@ -287,9 +309,9 @@ impl Worker {
         }
     }
 
-    /// One job: analysis and objects (blocking work off the async threads), then the finding
-    /// log and the outbox. Returns the number of levels.
-    async fn run_job(self: Arc<Self>, series_uid: String, job_id: i64) -> Result<usize, String> {
+    /// One job: analysis and objects (blocking work off the async threads), then the findings and
+    /// the objects to queue, which `finish_job` records together.
+    async fn run_job(self: Arc<Self>, series_uid: String, job_id: i64) -> Result<JobResults, String> {
         let series =
             self.db.series_identity(&series_uid).await.map_err(|e| e.to_string())?.ok_or("series not in the log")?;
         let dir = self.spool_dir.join(&series.study_uid).join(&series_uid);
@@ -331,23 +353,77 @@ impl Worker {
                 created_at: crate::db::now(),
             })
             .collect();
-        self.db.insert_findings(&rows).await.map_err(|e| e.to_string())?;
-        for destination in &self.destinations {
-            for o in &objects {
-                self.db
-                    .enqueue_outbox(
-                        &destination.name,
-                        Some(job_id),
-                        &o.path.to_string_lossy(),
-                        &o.sop_class_uid,
-                        &o.sop_instance_uid,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
+        let outbox = self
+            .destinations
+            .iter()
+            .flat_map(|destination| {
+                objects.iter().map(|o| OutboxEntry {
+                    destination: destination.name.clone(),
+                    object_path: o.path.to_string_lossy().into_owned(),
+                    sop_class_uid: o.sop_class_uid.clone(),
+                    sop_instance_uid: o.sop_instance_uid.clone(),
+                })
+            })
+            .collect();
+        Ok(JobResults { findings: rows, outbox })
+    }
+
+    fn renew_every(&self) -> Duration {
+        (self.job_lease / 4).max(Duration::from_secs(1))
+    }
+
+    /// Renews the claim on a running job until aborted.
+    async fn keep_claim(self: Arc<Self>, job_id: i64) {
+        let mut ticks = tokio::time::interval(self.renew_every());
+        ticks.tick().await; // the claim itself was the first
+        loop {
+            ticks.tick().await;
+            match self.db.renew_job(job_id, &self.claimant.name()).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("the claim on this job lapsed and another agent took it over");
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot renew the claim on this job; retrying"),
             }
         }
-        Ok(rows.len())
     }
+
+    /// Queues again the jobs of agents that stopped renewing their claims.
+    async fn take_over_stale_jobs(&self) {
+        let lease_start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            .saturating_sub(self.job_lease.as_secs());
+        let stale_before = crate::series::rfc3339_at(lease_start);
+        match self.db.take_over_stale_jobs(&stale_before, MAX_JOB_ATTEMPTS).await {
+            Ok((queued, failed)) => {
+                if queued > 0 {
+                    tracing::warn!(
+                        jobs = queued,
+                        lease_s = self.job_lease.as_secs(),
+                        "jobs whose agent stopped renewing its claim are queued again"
+                    );
+                    self.wake.notify_waiters();
+                }
+                if failed > 0 {
+                    tracing::error!(
+                        jobs = failed,
+                        attempts = MAX_JOB_ATTEMPTS,
+                        "jobs whose agent stopped on every attempt are marked failed"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for lapsed job claims"),
+        }
+    }
+}
+
+/// What a job found and what it queues, recorded together when it ends.
+struct JobResults {
+    findings: Vec<crate::db::FindingRow>,
+    outbox: Vec<OutboxEntry>,
 }
 
 /// Sends a destination's due objects, with capped exponential back-off per object, until

@@ -37,11 +37,9 @@ pub enum ServiceError {
 /// agents of one host on one state directory would both recover, complete and analyse the same
 /// series, and each would take up the other's running jobs as interrupted. Agents of other hosts
 /// may share the directory on shared storage: their jobs are claimed under their own host name.
-fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
-    let host: String = scp::hostname()
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
-        .collect();
+fn lock_state_dir(state_dir: &Path, host: &str) -> Result<File, ServiceError> {
+    let host: String =
+        host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     let path = state_dir.join(format!("agent-{host}.lock"));
     let failed = |source| ServiceError::StateDir { path: path.display().to_string(), source };
     let mut file =
@@ -62,9 +60,9 @@ fn lock_state_dir(state_dir: &Path) -> Result<File, ServiceError> {
 }
 
 /// This agent's lasting identity in the job table: host and state directory.
-fn workplace(state_dir: &Path) -> String {
+fn workplace(state_dir: &Path, host: &str) -> String {
     let dir = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
-    format!("{}:{}", scp::hostname(), dir.display())
+    format!("{host}:{}", dir.display())
 }
 
 /// Runs the agent until a termination signal, then drains open associations and returns.
@@ -73,7 +71,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let state_dir = &config.storage.state_dir;
     std::fs::create_dir_all(state_dir)
         .map_err(|source| ServiceError::StateDir { path: state_dir.display().to_string(), source })?;
-    let _state_dir_lock = lock_state_dir(state_dir)?;
+    let _state_dir_lock = lock_state_dir(state_dir, &config.storage.effective_host_name())?;
     let spool = Arc::new(Spool::open(
         config.storage.spool_dir(),
         config.storage.tmp_dir(),
@@ -192,7 +190,11 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         destinations: destinations.clone(),
         secondary_capture: config.outputs.secondary_capture,
         series_config: config.series.clone(),
-        claimant: crate::pipeline::Claimant { workplace: workplace(state_dir), agent_id: ctx.agent_id.clone() },
+        claimant: crate::pipeline::Claimant {
+            workplace: workplace(state_dir, &config.storage.effective_host_name()),
+            agent_id: ctx.agent_id.clone(),
+        },
+        job_lease: std::time::Duration::from_secs(config.database.job_lease_s),
         stats: pipeline_stats.clone(),
         wake: wake.clone(),
     });

@@ -6,7 +6,9 @@ mod common;
 use std::collections::HashSet;
 
 use common::postgres::Postgres;
-use idaics::db::{AssociationRow, Change, Db, FindingFilter, FindingRow, Record, SeriesRow, Table, Writer};
+use idaics::db::{
+    AssociationRow, Change, Db, FindingFilter, FindingRow, JobOutcome, OutboxEntry, Record, SeriesRow, Table, Writer,
+};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -96,7 +98,8 @@ async fn two_agents_claim_each_job_once(url: String) {
             while let Some(job) = db.claim_job(name).await.unwrap() {
                 assert_eq!(job.attempts, 1);
                 claimed.push(job.id);
-                db.finish_job(job.id, Ok(Some("abc"))).await.unwrap();
+                let done = JobOutcome::Done { weights_sha256: Some("abc"), findings: &[], outbox: &[] };
+                assert!(db.finish_job(job.id, name, done).await.unwrap());
             }
             claimed
         })
@@ -125,6 +128,79 @@ fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confiden
         model_version: "test-1".into(),
         created_at: idaics::db::now(),
     }
+}
+
+/// Ends each job of `rows` as done with its findings, as the worker does.
+async fn finish_with_findings(db: &Db, claimant: &str, rows: &[FindingRow]) {
+    let mut jobs: Vec<i64> = rows.iter().map(|r| r.job_id).collect();
+    jobs.dedup();
+    for job in jobs {
+        let findings: Vec<FindingRow> = rows.iter().filter(|r| r.job_id == job).cloned().collect();
+        let done = JobOutcome::Done { weights_sha256: Some("abc"), findings: &findings, outbox: &[] };
+        assert!(db.finish_job(job, claimant, done).await.unwrap(), "job {job} was not {claimant}'s");
+    }
+}
+
+/// A host that dies with a job running never comes back to take it up: once its claim has gone
+/// unrenewed for the lease, another agent takes the job over, and the first agent's late results
+/// (its host was only cut off, and comes back) are refused whole, so each finding is logged once.
+async fn lapsed_claims_are_taken_over_and_late_results_refused(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    for uid in ["5.1", "5.2", "5.3"] {
+        db.record_series(&series_row(uid, "P5", "5", "2026-01-01", "complete", 1)).await.unwrap();
+    }
+    let (gone, alive, taker) = ("host-a:/srv/idaics|run-1", "host-b:/srv/idaics|run-1", "host-c:/srv/idaics|run-1");
+    let lost = db.claim_job(gone).await.unwrap().unwrap();
+    // Claims are renewed by the second: the next claim is certainly younger.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let kept = db.claim_job(alive).await.unwrap().unwrap();
+    assert!(db.renew_job(kept.id, alive).await.unwrap());
+    assert!(!db.renew_job(kept.id, gone).await.unwrap(), "only the claimant renews");
+    let lease_start = idaics::db::now();
+    assert_eq!(db.take_over_stale_jobs("2000-01-01T00:00:00Z", 3).await.unwrap(), (0, 0), "nothing lapsed yet");
+    assert_eq!(db.take_over_stale_jobs(&lease_start, 3).await.unwrap(), (1, 0), "only the older claim lapsed");
+    assert_eq!(db.latest_job(&kept.series_uid).await.unwrap().unwrap().0, "running");
+
+    // The job goes to the next claimant, as its second attempt.
+    let again = db.claim_job(taker).await.unwrap().unwrap();
+    assert_eq!((again.id, again.attempts), (lost.id, 2));
+    // The first host comes back: it can neither renew nor record anything.
+    assert!(!db.renew_job(lost.id, gone).await.unwrap());
+    let late = [finding(lost.id, "5", "2026-01-01", "L4/L5", "bulge", 0.8)];
+    let late_outbox = [OutboxEntry {
+        destination: "PACS@pacs:104".into(),
+        object_path: "/srv/idaics/outputs/5.1/SR.dcm".into(),
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.34".into(),
+        sop_instance_uid: "2.25.1".into(),
+    }];
+    let late_done = JobOutcome::Done { weights_sha256: Some("abc"), findings: &late, outbox: &late_outbox };
+    assert!(!db.finish_job(lost.id, gone, late_done).await.unwrap());
+    assert!(!db.finish_job(lost.id, gone, JobOutcome::Failed("late")).await.unwrap());
+    assert_eq!(db.count(Table::Findings).await.unwrap(), 0);
+    assert_eq!(db.outbox_depth().await.unwrap(), 0);
+    // The agent that took it over records its results, findings and outbox together.
+    let done = JobOutcome::Done { weights_sha256: Some("abc"), findings: &late, outbox: &late_outbox };
+    assert!(db.finish_job(again.id, taker, done).await.unwrap());
+    assert_eq!(db.count(Table::Findings).await.unwrap(), 1);
+    assert_eq!(db.outbox_states("PACS@pacs:104").await.unwrap(), vec![("2.25.1".into(), "pending".into(), 0)]);
+    assert_eq!(db.latest_job(&again.series_uid).await.unwrap().unwrap().0, "done");
+    assert!(!db.finish_job(again.id, taker, JobOutcome::Failed("twice")).await.unwrap(), "a job ends once");
+
+    // A job whose agent lapses on every attempt is given up after the last.
+    let far_future = "9999-01-01T00:00:00Z";
+    assert!(db.finish_job(kept.id, alive, JobOutcome::Failed("not this test's")).await.unwrap());
+    let doomed = db.claim_job(gone).await.unwrap().unwrap();
+    for attempt in 1..=3 {
+        let expected = if attempt < 3 { (1, 0) } else { (0, 1) };
+        assert_eq!(db.take_over_stale_jobs(far_future, 3).await.unwrap(), expected, "after attempt {attempt}");
+        if attempt < 3 {
+            assert_eq!(db.claim_job(gone).await.unwrap().unwrap().id, doomed.id);
+        }
+    }
+    let (state, error) = db.latest_job(&doomed.series_uid).await.unwrap().unwrap();
+    assert_eq!(state, "failed");
+    assert!(error.unwrap().contains("stopped renewing its claim during each of 3 attempts"));
 }
 
 /// Jobs left running by an agent that stopped: its workplace's are queued again at its next
@@ -175,7 +251,7 @@ async fn queries_and_history(url: String) {
         finding(job_ids[2], "9.3", "2026-03-01", "L5/S1", "normal", 0.88),
         finding(job_ids[2], "9.3", "2026-03-01", "L3/L4", "undetermined", 0.0),
     ];
-    db.insert_findings(&rows).await.unwrap();
+    finish_with_findings(&db, "t", &rows).await;
     let count = |filter: FindingFilter| {
         let db = db.clone();
         async move { db.findings(&filter).await.unwrap().len() }
@@ -326,14 +402,13 @@ fn findings_command_filters_and_formats() {
             db.record_series(&series_row(&format!("{study}.1"), "P7", study, date, "complete", 1)).await.unwrap();
             jobs.push(db.claim_job("t").await.unwrap().unwrap().id);
         }
-        db.insert_findings(&[
+        let rows = [
             finding(jobs[0], "9.1", "2024-03-01", "L4/L5", "bulge", 0.81),
             finding(jobs[1], "9.2", "2025-03-01", "L4/L5", "bulge", 0.77),
             finding(jobs[2], "9.3", "2026-03-01", "L4/L5", "protrusion", 0.91),
             finding(jobs[2], "9.3", "2026-03-01", "L5/S1", "normal", 0.88),
-        ])
-        .await
-        .unwrap();
+        ];
+        finish_with_findings(&db, "t", &rows).await;
     });
     let run = |args: &[&str]| -> String {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
@@ -393,4 +468,15 @@ fn interrupted_jobs_are_queued_again_then_given_up_on_sqlite() {
 fn interrupted_jobs_are_queued_again_then_given_up_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(interrupted_jobs_are_queued_again_then_given_up(pg.fresh_database("interrupted_jobs")));
+}
+
+#[test]
+fn lapsed_claims_are_taken_over_and_late_results_refused_on_sqlite() {
+    runtime().block_on(on_sqlite(lapsed_claims_are_taken_over_and_late_results_refused));
+}
+
+#[test]
+fn lapsed_claims_are_taken_over_and_late_results_refused_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(lapsed_claims_are_taken_over_and_late_results_refused(pg.fresh_database("lapsed_claims")));
 }

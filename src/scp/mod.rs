@@ -73,12 +73,12 @@ impl ScpContext {
     ) -> ScpContext {
         ScpContext {
             peer_rules: config.peer_rules(),
+            agent_id: agent_id(&config.storage.effective_host_name()),
             config,
             spool,
             tracker,
             stats,
             records: None,
-            agent_id: agent_id(),
             next_association: AtomicU64::new(1),
         }
     }
@@ -275,8 +275,7 @@ pub fn hostname() -> String {
 }
 
 /// This agent's identity in the finding log: host, process and start time.
-fn agent_id() -> String {
-    let host = hostname();
+fn agent_id(host: &str) -> String {
     let started =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     format!("{host}:{}:{started}", std::process::id())
