@@ -209,8 +209,8 @@ impl Claimant {
     }
 }
 
-/// Attempts at one job: a job still running under this workplace after its last attempt is
-/// marked failed at the next start instead of being queued again.
+/// Attempts at one job: a job interrupted on its last attempt (still running under this
+/// workplace at the next start, or its claim lapsed) is marked failed instead of queued again.
 pub const MAX_JOB_ATTEMPTS: i64 = 3;
 
 impl Worker {

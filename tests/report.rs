@@ -415,3 +415,61 @@ fn a_job_killed_mid_analysis_is_taken_up_again_after_a_restart() {
         assert_eq!(db.count(idaics::db::Table::Findings).await.unwrap(), levels as i64, "one finding per level, once");
     });
 }
+
+/// A host that stops in the middle of a job (here its agent is frozen with SIGSTOP, as a hung or
+/// cut-off host looks) does not hold the series back: once the job's claim has gone unrenewed
+/// for the lease, the agent of another host sharing the state directory and the database takes
+/// the job over. When the first agent comes back, its results are refused, so the PACS and the
+/// finding log get each result once.
+#[test]
+fn a_job_whose_host_stops_is_taken_over_by_another_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 4343);
+    let levels = truth.levels.len();
+    let pacs_port = free_port();
+    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let state = tmp.path().join("state");
+    let args = ["--destination", destination.as_str()];
+    let env = |host: &'static str| {
+        [
+            ("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL),
+            ("IDAICS_MODEL_DEVICE", "cpu"),
+            ("IDAICS_DATABASE_JOB_LEASE_S", "10"),
+            ("IDAICS_STORAGE_HOST_NAME", host),
+        ]
+    };
+    let first = Agent::start_with_args(&state, &env("host-a"), &args);
+    assert_eq!(store_outcomes(&first.storescu(&[], &files)).0, files.len());
+    first.wait_for("the job to start", Duration::from_secs(60), |a| !a.events("job started").is_empty());
+    first.freeze();
+    assert!(first.events("job done").is_empty(), "the job ended before the freeze:\n{}", first.log());
+
+    let second = Agent::start_with_args(&state, &env("host-b"), &args);
+    let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
+    wait("the SR from the second host", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
+    std::thread::sleep(Duration::from_secs(1));
+    let expected = 1 + levels + 1 + levels + 1;
+    pacs.assert_each_once(expected);
+    let taken = second.events("jobs whose agent stopped renewing its claim are queued again");
+    assert_eq!(taken.len(), 1, "{}", second.log());
+    let started = second.events("job started");
+    assert_eq!(started.len(), 1, "{}", second.log());
+    assert_eq!(started[0]["fields"]["attempt"], 2, "the second attempt at the same job");
+
+    first.thaw();
+    first.wait_for("the first host's results refused", Duration::from_secs(180), |a| {
+        !a.events("another agent took this job over after its claim lapsed; its results are theirs to record")
+            .is_empty()
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    pacs.assert_each_once(expected);
+    assert!(first.events("job done").is_empty(), "{}", first.log());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let db = idaics::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display())).unwrap();
+        assert_eq!(db.count(idaics::db::Table::Jobs).await.unwrap(), 1);
+        assert_eq!(db.count(idaics::db::Table::Findings).await.unwrap(), levels as i64, "one finding per level, once");
+        assert_eq!(db.latest_job(&truth.series_uid).await.unwrap().unwrap().0, "done");
+    });
+}
