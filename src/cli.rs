@@ -169,6 +169,24 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// List analysis jobs (state, attempts, which agent, why one failed); --retry queues failed
+    /// jobs again once their cause is dealt with.
+    Jobs {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Only jobs in this state: queued, running, done or failed.
+        #[arg(long, value_parser = ["queued", "running", "done", "failed"])]
+        state: Option<String>,
+        /// Only the jobs of this Series Instance UID.
+        #[arg(long)]
+        series: Option<String>,
+        /// Queue these failed jobs (by id) again with a fresh count of attempts; a running agent
+        /// takes them up within seconds.
+        #[arg(long, value_name = "ID", num_args = 1.., conflicts_with_all = ["state", "series"])]
+        retry: Vec<i64>,
+        #[arg(long, value_enum, default_value_t = TableJsonCsv::Table)]
+        format: TableJsonCsv,
+    },
     /// List the series in the spool with their state (pending, complete, skipped and why).
     Series {
         #[arg(long, short)]
@@ -362,6 +380,38 @@ pub fn main() -> anyhow::Result<()> {
                     ]
                 };
                 print_rows(&rows, columns, format, if history { "history" } else { "findings" })
+            })
+        }
+        Command::Jobs { database, state, series, retry, format } => {
+            let url = database_url_of(database)?;
+            one_shot(async move {
+                let db = crate::db::Db::connect(&url).await?;
+                db.migrate().await?;
+                if !retry.is_empty() {
+                    let mut refused = Vec::new();
+                    for id in retry {
+                        if db.retry_failed_job(id).await? {
+                            println!("job {id} queued again");
+                        } else {
+                            refused.push(id.to_string());
+                        }
+                    }
+                    anyhow::ensure!(
+                        refused.is_empty(),
+                        "not failed jobs, left as they are: {} (see `idaics jobs`)",
+                        refused.join(", ")
+                    );
+                    return Ok(());
+                }
+                let rows: Vec<serde_json::Value> = db
+                    .jobs(state.as_deref(), series.as_deref())
+                    .await?
+                    .iter()
+                    .map(|j| serde_json::to_value(j).expect("serialisable"))
+                    .collect();
+                let columns =
+                    ["id", "state", "attempts", "series_uid", "revision", "finished_at", "claimed_by", "error"];
+                print_rows(&rows, &columns, format, "jobs")
             })
         }
         Command::Series { config, state_dir, format } => {

@@ -90,6 +90,26 @@ pub struct Job {
     pub attempts: i64,
 }
 
+/// A job as `idaics jobs` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub series_uid: String,
+    pub revision: i64,
+    /// queued, running, done or failed.
+    pub state: String,
+    pub attempts: i64,
+    /// `host:state_dir|agent id` of the agent running it, or that ran it last.
+    pub claimed_by: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    /// When its agent last renewed the claim.
+    pub heartbeat_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    pub weights_sha256: Option<String>,
+}
+
 /// One disc level's finding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FindingRow {
@@ -658,6 +678,52 @@ impl Db {
             .fetch_one(&self.pool)
             .await?
             .try_get("n")?)
+    }
+
+    /// Jobs, newest first, optionally only those in `state` or of `series_uid`.
+    pub async fn jobs(&self, state: Option<&str>, series_uid: Option<&str>) -> Result<Vec<JobRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT id, series_uid, revision, state, attempts, claimed_by, created_at, started_at, heartbeat_at, \
+             finished_at, error, weights_sha256 FROM jobs \
+             WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR series_uid = $2) ORDER BY id DESC",
+        )
+        .bind(state)
+        .bind(series_uid)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobRow {
+                    id: r.try_get("id")?,
+                    series_uid: r.try_get("series_uid")?,
+                    revision: r.try_get("revision")?,
+                    state: r.try_get("state")?,
+                    attempts: r.try_get("attempts")?,
+                    claimed_by: r.try_get("claimed_by")?,
+                    created_at: r.try_get("created_at")?,
+                    started_at: r.try_get("started_at")?,
+                    heartbeat_at: r.try_get("heartbeat_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    error: r.try_get("error")?,
+                    weights_sha256: r.try_get("weights_sha256")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Queues a failed job again with a fresh count of attempts, once its cause is dealt with
+    /// (a limit raised, a series that brought the agent down replaced...). Only failed jobs: a
+    /// done job's findings are logged, and a second run would log them twice. False when `id` is
+    /// not a failed job.
+    pub async fn retry_failed_job(&self, id: i64) -> Result<bool, DbError> {
+        let retried = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = 0, claimed_by = NULL, started_at = NULL, \
+             heartbeat_at = NULL, finished_at = NULL, error = NULL WHERE id = $1 AND state = 'failed'",
+        )
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(retried.rows_affected() == 1)
     }
 
     /// The state of a series' latest job (queued, running, done, failed) and its error.

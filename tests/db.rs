@@ -203,6 +203,42 @@ async fn lapsed_claims_are_taken_over_and_late_results_refused(url: String) {
     assert!(error.unwrap().contains("stopped renewing its claim during each of 3 attempts"));
 }
 
+/// An operator lists jobs by state and series, and queues a failed job again once its cause is
+/// dealt with; a done job is never run twice that way.
+async fn failed_jobs_are_listed_and_queued_again(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    for uid in ["6.1", "6.2"] {
+        db.record_series(&series_row(uid, "P6", "6", "2026-01-01", "complete", 1)).await.unwrap();
+    }
+    let failing = db.claim_job("a|1").await.unwrap().unwrap();
+    let succeeding = db.claim_job("a|1").await.unwrap().unwrap();
+    assert!(db.finish_job(failing.id, "a|1", JobOutcome::Failed("series larger than 1 MB")).await.unwrap());
+    let done = JobOutcome::Done { weights_sha256: None, findings: &[], outbox: &[] };
+    assert!(db.finish_job(succeeding.id, "a|1", done).await.unwrap());
+
+    let all = db.jobs(None, None).await.unwrap();
+    assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), vec![succeeding.id, failing.id], "newest first");
+    let failed = db.jobs(Some("failed"), None).await.unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!((failed[0].id, failed[0].attempts), (failing.id, 1));
+    assert_eq!(failed[0].error.as_deref(), Some("series larger than 1 MB"));
+    assert_eq!(failed[0].claimed_by.as_deref(), Some("a|1"));
+    assert!(failed[0].finished_at.is_some());
+    assert_eq!(db.jobs(None, Some("6.2")).await.unwrap()[0].state, "done");
+    assert!(db.jobs(Some("running"), None).await.unwrap().is_empty());
+
+    assert!(!db.retry_failed_job(succeeding.id).await.unwrap(), "a done job is not run again");
+    assert!(!db.retry_failed_job(999_999).await.unwrap());
+    assert!(db.retry_failed_job(failing.id).await.unwrap());
+    assert!(!db.retry_failed_job(failing.id).await.unwrap(), "already queued");
+    let queued = db.jobs(Some("queued"), Some("6.1")).await.unwrap();
+    assert_eq!(queued.len(), 1);
+    assert_eq!((queued[0].attempts, queued[0].error.as_deref(), queued[0].finished_at.as_deref()), (0, None, None));
+    let again = db.claim_job("b|1").await.unwrap().unwrap();
+    assert_eq!((again.id, again.attempts), (failing.id, 1), "a fresh count of attempts");
+}
+
 /// Jobs left running by an agent that stopped: its workplace's are queued again at its next
 /// start, another workplace's are not touched, and a job interrupted on every attempt is given up.
 async fn interrupted_jobs_are_queued_again_then_given_up(url: String) {
@@ -479,4 +515,15 @@ fn lapsed_claims_are_taken_over_and_late_results_refused_on_sqlite() {
 fn lapsed_claims_are_taken_over_and_late_results_refused_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(lapsed_claims_are_taken_over_and_late_results_refused(pg.fresh_database("lapsed_claims")));
+}
+
+#[test]
+fn failed_jobs_are_listed_and_queued_again_on_sqlite() {
+    runtime().block_on(on_sqlite(failed_jobs_are_listed_and_queued_again));
+}
+
+#[test]
+fn failed_jobs_are_listed_and_queued_again_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(failed_jobs_are_listed_and_queued_again(pg.fresh_database("failed_jobs")));
 }

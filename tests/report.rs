@@ -473,3 +473,66 @@ fn a_job_whose_host_stops_is_taken_over_by_another_host() {
         assert_eq!(db.latest_job(&truth.series_uid).await.unwrap().unwrap().0, "done");
     });
 }
+
+/// The operator's way out of a failed job: `idaics jobs` shows it and why, and once the cause is
+/// dealt with (here a volume limit too small for the series, raised and the agent restarted)
+/// `idaics jobs --retry` queues it again and the running agent analyses it.
+#[test]
+fn a_failed_job_is_listed_with_its_reason_and_runs_again_when_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom(&tmp.path().join("in"), 6060);
+    let state = tmp.path().join("state");
+    let jobs_cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .arg("jobs")
+            .arg("--state-dir")
+            .arg(&state)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let jobs_in = |job_state: &str| -> Vec<serde_json::Value> {
+        let out = jobs_cli(&["--state", job_state, "--format", "json"]);
+        assert!(out.status.success(), "{}", output_text(&out));
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        listed["jobs"].as_array().unwrap().clone()
+    };
+
+    let mut agent = Agent::start(&state, &[("IDAICS_SERIES_MAX_VOLUME_MB", "1")]);
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+    wait("the job to fail", Duration::from_secs(60), || !jobs_in("failed").is_empty());
+    let failed = jobs_in("failed");
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["series_uid"], truth.series_uid.as_str());
+    let reason = failed[0]["error"].as_str().unwrap();
+    assert!(reason.contains("series.max_volume_mb"), "{reason}");
+    let id = failed[0]["id"].as_i64().unwrap().to_string();
+    let table = jobs_cli(&[]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("series.max_volume_mb"), "{}", output_text(&table));
+
+    agent.kill();
+    let agent = Agent::start(&state, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(agent.events("job started").is_empty(), "a failed job stays failed until retried");
+    let retried = jobs_cli(&["--retry", &id]);
+    assert!(retried.status.success(), "{}", output_text(&retried));
+    assert!(String::from_utf8_lossy(&retried.stdout).contains(&format!("job {id} queued again")));
+    wait("the retried job", Duration::from_secs(120), || !jobs_in("done").is_empty());
+    assert!(jobs_in("failed").is_empty());
+    let findings = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["findings", "--format", "json", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let findings: serde_json::Value = serde_json::from_slice(&findings.stdout).unwrap();
+    assert_eq!(findings["findings"].as_array().unwrap().len(), truth.levels.len());
+
+    // A done job is not run twice by a retry.
+    let again = jobs_cli(&["--retry", &id]);
+    assert!(!again.status.success());
+    assert!(
+        output_text(&again).contains(&format!("not failed jobs, left as they are: {id}")),
+        "{}",
+        output_text(&again)
+    );
+}
