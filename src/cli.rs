@@ -175,7 +175,7 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
         /// Only jobs in this state: queued, running, done or failed.
-        #[arg(long, value_parser = ["queued", "running", "done", "failed"])]
+        #[arg(long, value_parser = crate::db::JOB_STATES)]
         state: Option<String>,
         /// Only the jobs of this Series Instance UID.
         #[arg(long)]

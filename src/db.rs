@@ -90,6 +90,9 @@ pub struct Job {
     pub attempts: i64,
 }
 
+/// The states of a job, in the order a job passes through them.
+pub const JOB_STATES: [&str; 4] = ["queued", "running", "done", "failed"];
+
 /// A job as `idaics jobs` lists it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobRow {

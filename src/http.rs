@@ -12,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::db::{Db, FindingFilter};
+use crate::db::{Db, FindingFilter, JOB_STATES};
 use crate::scp::ScpStats;
 
 /// Upper bounds (seconds) of the inference latency histogram's buckets.
@@ -58,6 +58,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/findings", get(findings))
         .route("/api/v1/history", get(history))
+        .route("/api/v1/jobs", get(jobs))
         .with_state(state)
 }
 
@@ -182,6 +183,38 @@ struct HistoryQuery {
 async fn history(State(state): State<HttpState>, Query(q): Query<HistoryQuery>) -> Response {
     match state.db.history(&q.patient).await {
         Ok(entries) => axum::Json(serde_json::json!({ "patient": q.patient, "history": entries })).into_response(),
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsQuery {
+    state: Option<String>,
+    series: Option<String>,
+}
+
+/// Analysis jobs, newest first: what `idaics jobs` lists, for monitoring.
+async fn jobs(
+    State(state): State<HttpState>,
+    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let bad_request = |message: String| {
+        (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    };
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    if let Some(job_state) = &q.state
+        && !JOB_STATES.contains(&job_state.as_str())
+    {
+        return bad_request(format!("state must be one of {}", JOB_STATES.join(", ")));
+    }
+    match state.db.jobs(q.state.as_deref(), q.series.as_deref()).await {
+        Ok(rows) => axum::Json(serde_json::json!({ "jobs": rows })).into_response(),
         Err(e) => {
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
         }

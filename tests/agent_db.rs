@@ -112,6 +112,15 @@ fn embedded_database_metrics_and_api() {
     assert_eq!(get(http, "/api/v1/findings?class=herniation").0, 400);
     assert_eq!(get(http, "/api/v1/findings?since=yesterday").0, 400);
     assert_eq!(get(http, "/api/v1/findings?colour=red").0, 400);
+    let (status, body) = get(http, &format!("/api/v1/jobs?series={}", series.series_uid));
+    assert_eq!(status, 200, "{body}");
+    let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(listed["jobs"][0]["series_uid"], series.series_uid.as_str());
+    assert_eq!(listed["jobs"][0]["revision"], 1);
+    assert_eq!(get(http, "/api/v1/jobs?series=1.2.3.4").1, "{\"jobs\":[]}");
+    assert_eq!(get(http, "/api/v1/jobs?state=stuck").0, 400);
+    assert_eq!(get(http, "/api/v1/jobs?colour=red").0, 400);
 
     // The CLI reads the same database.
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
