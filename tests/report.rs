@@ -378,42 +378,88 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     assert!(text.contains(&format!("segments {segments} ")), "{text}");
 }
 
+/// What the interrupted-job tests share: a phantom series for the model, a PACS and its
+/// destination, and a state directory.
+struct InterruptedJob {
+    _tmp: tempfile::TempDir,
+    files: Vec<PathBuf>,
+    levels: usize,
+    pacs: StoreScp,
+    destination: String,
+    state: PathBuf,
+}
+
+impl InterruptedJob {
+    fn new(seed: u64) -> InterruptedJob {
+        let tmp = tempfile::tempdir().unwrap();
+        let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), seed);
+        let pacs_port = free_port();
+        InterruptedJob {
+            files,
+            levels: truth.levels.len(),
+            pacs: StoreScp::start(pacs_port, &tmp.path().join("pacs")),
+            destination: format!("PACS@127.0.0.1:{pacs_port}"),
+            state: tmp.path().join("state"),
+            _tmp: tmp,
+        }
+    }
+
+    fn serve_args(&self) -> [&str; 2] {
+        ["--destination", self.destination.as_str()]
+    }
+
+    /// Sends the series and returns once the agent has started its job.
+    fn send_and_wait_for_the_job(&self, agent: &Agent) {
+        assert_eq!(store_outcomes(&agent.storescu(&[], &self.files)).0, self.files.len());
+        agent.wait_for("the job to start", Duration::from_secs(60), |a| !a.events("job started").is_empty());
+    }
+
+    /// Waits for the SR, sent last, then checks that the PACS holds each object once: key
+    /// slices, SEG, Secondary Captures, SR.
+    fn assert_pacs_got_each_object_once(&self) {
+        let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
+        wait("the SR", Duration::from_secs(180), || self.pacs.received().iter().any(is_sr));
+        std::thread::sleep(Duration::from_secs(1));
+        self.pacs.assert_each_once(1 + self.levels + 1 + self.levels + 1);
+    }
+
+    /// One job in the finding log, done, with one finding per level.
+    fn assert_logged_once(&self) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let db = idaics::db::Db::open(&format!("sqlite://{}", self.state.join("idaics.db").display())).unwrap();
+            let jobs = db.jobs(None, None).await.unwrap();
+            assert_eq!(jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(), ["done"]);
+            let findings = db.count(idaics::db::Table::Findings).await.unwrap();
+            assert_eq!(findings, self.levels as i64, "one finding per level, once");
+        });
+    }
+}
+
+/// Whoever takes a job up again runs it as its second attempt.
+fn assert_second_attempt(agent: &Agent) {
+    let started = agent.events("job started");
+    assert_eq!(started.len(), 1, "{}", agent.log());
+    assert_eq!(started[0]["fields"]["attempt"], 2, "the second attempt at the same job");
+}
+
 /// An agent killed while it analyses a series takes the job up again when it restarts: the PACS
 /// gets every object once, and the finding log holds one finished job with one set of findings.
 #[test]
 fn a_job_killed_mid_analysis_is_taken_up_again_after_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 4242);
-    let levels = truth.levels.len();
-    let pacs_port = free_port();
-    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
-    let destination = format!("PACS@127.0.0.1:{pacs_port}");
-    let state = tmp.path().join("state");
+    let job = InterruptedJob::new(4242);
     let env = [("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")];
-    let args = ["--destination", destination.as_str()];
-    let mut first = Agent::start_with_args(&state, &env, &args);
-    assert_eq!(store_outcomes(&first.storescu(&[], &files)).0, files.len());
-    first.wait_for("the job to start", Duration::from_secs(60), |a| !a.events("job started").is_empty());
+    let mut first = Agent::start_with_args(&job.state, &env, &job.serve_args());
+    job.send_and_wait_for_the_job(&first);
     first.kill();
     assert!(first.events("job done").is_empty(), "the kill came after the job ended:\n{}", first.log());
-    assert!(pacs.received().is_empty(), "objects left before the job ended");
+    assert!(job.pacs.received().is_empty(), "objects left before the job ended");
 
-    let second = Agent::start_on_with_args(&state, first.port, &env, &args);
-    let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
-    wait("the SR after the restart", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
-    std::thread::sleep(Duration::from_secs(1));
-    pacs.assert_each_once(1 + levels + 1 + levels + 1);
+    let second = Agent::start_on_with_args(&job.state, first.port, &env, &job.serve_args());
+    job.assert_pacs_got_each_object_once();
     assert_eq!(second.events("jobs interrupted when the agent stopped are queued again").len(), 1, "{}", second.log());
-    let started = second.events("job started");
-    assert_eq!(started.len(), 1, "{}", second.log());
-    assert_eq!(started[0]["fields"]["attempt"], 2, "the second attempt at the same job");
-
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let db = idaics::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display())).unwrap();
-        assert_eq!(db.count(idaics::db::Table::Jobs).await.unwrap(), 1);
-        assert_eq!(db.count(idaics::db::Table::Findings).await.unwrap(), levels as i64, "one finding per level, once");
-    });
+    assert_second_attempt(&second);
+    job.assert_logged_once();
 }
 
 /// A host that stops in the middle of a job (here its agent is frozen with SIGSTOP, as a hung or
@@ -423,14 +469,7 @@ fn a_job_killed_mid_analysis_is_taken_up_again_after_a_restart() {
 /// finding log get each result once.
 #[test]
 fn a_job_whose_host_stops_is_taken_over_by_another_host() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 4343);
-    let levels = truth.levels.len();
-    let pacs_port = free_port();
-    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
-    let destination = format!("PACS@127.0.0.1:{pacs_port}");
-    let state = tmp.path().join("state");
-    let args = ["--destination", destination.as_str()];
+    let job = InterruptedJob::new(4343);
     let env = |host: &'static str| {
         [
             ("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL),
@@ -439,23 +478,16 @@ fn a_job_whose_host_stops_is_taken_over_by_another_host() {
             ("IDAICS_STORAGE_HOST_NAME", host),
         ]
     };
-    let first = Agent::start_with_args(&state, &env("host-a"), &args);
-    assert_eq!(store_outcomes(&first.storescu(&[], &files)).0, files.len());
-    first.wait_for("the job to start", Duration::from_secs(60), |a| !a.events("job started").is_empty());
+    let first = Agent::start_with_args(&job.state, &env("host-a"), &job.serve_args());
+    job.send_and_wait_for_the_job(&first);
     first.freeze();
     assert!(first.events("job done").is_empty(), "the job ended before the freeze:\n{}", first.log());
 
-    let second = Agent::start_with_args(&state, &env("host-b"), &args);
-    let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
-    wait("the SR from the second host", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
-    std::thread::sleep(Duration::from_secs(1));
-    let expected = 1 + levels + 1 + levels + 1;
-    pacs.assert_each_once(expected);
+    let second = Agent::start_with_args(&job.state, &env("host-b"), &job.serve_args());
+    job.assert_pacs_got_each_object_once();
     let taken = second.events("jobs whose agent stopped renewing its claim are queued again");
     assert_eq!(taken.len(), 1, "{}", second.log());
-    let started = second.events("job started");
-    assert_eq!(started.len(), 1, "{}", second.log());
-    assert_eq!(started[0]["fields"]["attempt"], 2, "the second attempt at the same job");
+    assert_second_attempt(&second);
 
     first.thaw();
     first.wait_for("the first host's results refused", Duration::from_secs(180), |a| {
@@ -463,15 +495,9 @@ fn a_job_whose_host_stops_is_taken_over_by_another_host() {
             .is_empty()
     });
     std::thread::sleep(Duration::from_secs(2));
-    pacs.assert_each_once(expected);
+    job.assert_pacs_got_each_object_once();
     assert!(first.events("job done").is_empty(), "{}", first.log());
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(async {
-        let db = idaics::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display())).unwrap();
-        assert_eq!(db.count(idaics::db::Table::Jobs).await.unwrap(), 1);
-        assert_eq!(db.count(idaics::db::Table::Findings).await.unwrap(), levels as i64, "one finding per level, once");
-        assert_eq!(db.latest_job(&truth.series_uid).await.unwrap().unwrap().0, "done");
-    });
+    job.assert_logged_once();
 }
 
 /// The operator's way out of a failed job: `idaics jobs` shows it and why, and once the cause is
