@@ -187,7 +187,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TableJsonCsv::Table)]
         format: TableJsonCsv,
     },
-    /// List the series in the spool with their state (pending, complete, skipped and why).
+    /// List the series in the spool with their state (pending, complete, skipped and why, purged).
     Series {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -427,7 +427,12 @@ pub fn main() -> anyhow::Result<()> {
                         "study_uid": s.study_instance_uid,
                         "series_uid": s.series_instance_uid,
                         "instances": s.instance_files.len(),
-                        "state": s.record.as_ref().map_or("pending", |r| r.state.as_str()),
+                        "state": match &s.record {
+                            None => "pending",
+                            Some(r) if r.purged_at.is_some() && s.instance_files.is_empty() => "purged",
+                            Some(r) => r.state.as_str(),
+                        },
+                        "purged_at": s.record.as_ref().and_then(|r| r.purged_at.clone()),
                         "skip_reason": s.record.as_ref().and_then(|r| r.skip_reason.clone()),
                         "trigger": s.record.as_ref().map(|r| r.trigger.clone()),
                         "revision": s.record.as_ref().map_or(0, |r| r.revision),

@@ -95,6 +95,9 @@ pub struct StorageConfig {
     pub verify_compressed_pixel_data: bool,
     /// This agent's host in the state directory's lock and in job claims; empty: the kernel's.
     pub host_name: String,
+    /// Days a decided series' instances and objects stay after its analysis is finished and
+    /// delivered; 0 keeps them for ever.
+    pub retention_days: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -214,6 +217,7 @@ impl Default for StorageConfig {
             fsync: true,
             verify_compressed_pixel_data: true,
             host_name: String::new(),
+            retention_days: 7.0,
         }
     }
 }
@@ -445,6 +449,14 @@ impl Config {
                 Ok(())
             } else {
                 Err(format!("{host_name:?}: at most 64 letters, digits, '-', '.' or '_'"))
+            },
+        );
+        check(
+            "storage.retention_days",
+            if self.storage.retention_days.is_finite() && self.storage.retention_days >= 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{} is not a number of days (0 keeps everything)", self.storage.retention_days))
             },
         );
         check(

@@ -300,8 +300,8 @@ impl Db {
              patient_id = excluded.patient_id, accession = excluded.accession, study_date = excluded.study_date, \
              body_part = excluded.body_part, modality = excluded.modality, instances = excluded.instances, \
              slices = excluded.slices, state = excluded.state, skip_reason = excluded.skip_reason, \
-             trigger_reason = excluded.trigger_reason, revision = excluded.revision, decided_at = excluded.decided_at \
-             WHERE series.revision <= excluded.revision",
+             trigger_reason = excluded.trigger_reason, revision = excluded.revision, decided_at = excluded.decided_at, \
+             purged_at = NULL WHERE series.revision <= excluded.revision",
         )
         .bind(&s.series_uid)
         .bind(&s.study_uid)
@@ -683,6 +683,44 @@ impl Db {
             .try_get("n")?)
     }
 
+    /// Series whose retention period is over: decided before `decided_before` (ISO 8601 UTC),
+    /// skipped or analysed (done or failed) at their latest revision, no job of theirs queued or
+    /// running, every object of theirs delivered, and not purged yet. Oldest first.
+    pub async fn series_past_retention(&self, decided_before: &str) -> Result<Vec<SeriesToPurge>, DbError> {
+        let rows = sqlx::query(
+            "SELECT s.study_uid, s.series_uid, s.revision FROM series s WHERE s.decided_at < $1 AND s.purged_at IS NULL \
+             AND (s.state = 'skipped' OR EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid \
+                  AND j.revision = s.revision AND j.state IN ('done', 'failed'))) \
+             AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_uid = s.series_uid AND j.state IN ('queued', 'running')) \
+             AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs j ON o.job_id = j.id \
+                  WHERE j.series_uid = s.series_uid AND o.state = 'pending') \
+             ORDER BY s.decided_at",
+        )
+        .bind(decided_before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SeriesToPurge {
+                    study_uid: r.try_get("study_uid")?,
+                    series_uid: r.try_get("series_uid")?,
+                    revision: r.try_get("revision")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records that retention removed a series at `revision`; a later decision clears it.
+    pub async fn mark_series_purged(&self, series: &SeriesToPurge) -> Result<(), DbError> {
+        sqlx::query("UPDATE series SET purged_at = $1 WHERE series_uid = $2 AND revision = $3")
+            .bind(now())
+            .bind(&series.series_uid)
+            .bind(series.revision)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Jobs, newest first, optionally only those in `state` or of `series_uid`.
     pub async fn jobs(&self, state: Option<&str>, series_uid: Option<&str>) -> Result<Vec<JobRow>, DbError> {
         let rows = sqlx::query(
@@ -814,6 +852,14 @@ async fn enqueue_outbox(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// A series whose retention period is over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesToPurge {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub revision: i64,
 }
 
 /// The identifiers of a recorded series.

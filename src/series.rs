@@ -7,7 +7,7 @@
 //! `series.json` in the spool, so a restarted agent neither repeats nor forgets them.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -27,6 +27,17 @@ pub enum TrackerEvent {
     Stored { association: AssociationId, header: Box<InstanceHeader> },
     /// An association ended; `released` is false when it was aborted or broke.
     AssociationEnded { association: AssociationId, released: bool },
+    /// Retention: the series' analysis is finished and delivered, and its retention period is
+    /// over as of `asked_at`, when the database was asked; remove its instances (and `outputs`,
+    /// the job's objects), keeping any placed in the spool since.
+    /// Answers whether nothing of the series is left to remove.
+    Purge {
+        study_uid: String,
+        series_uid: String,
+        asked_at: std::time::SystemTime,
+        outputs: PathBuf,
+        done: tokio::sync::oneshot::Sender<bool>,
+    },
 }
 
 /// A series the tracker decided on, handed to the pipeline.
@@ -222,6 +233,7 @@ pub struct SeriesTracker {
     spool: Arc<Spool>,
     pending: HashMap<String, PendingSeries>,
     /// Decided series: their instances and revision, to recognise resends and late additions.
+    /// A purged series keeps its revision with no instances: anything sent again reopens it.
     decided: HashMap<String, (HashSet<String>, u32)>,
     decisions: mpsc::UnboundedSender<DecidedSeries>,
 }
@@ -246,6 +258,9 @@ impl SeriesTracker {
                 .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
                 .collect();
             match &series.record {
+                Some(record) if record.purged_at.is_some() && sops.is_empty() => {
+                    tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
+                }
                 Some(record) if record.instances == sops.len() => {
                     tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
                 }
@@ -295,6 +310,39 @@ impl SeriesTracker {
                         self.try_complete_on_release(&uid);
                     }
                 }
+            }
+            TrackerEvent::Purge { study_uid, series_uid, asked_at, outputs, done } => {
+                let _ = done.send(self.purge(&study_uid, &series_uid, asked_at, &outputs));
+            }
+        }
+    }
+
+    /// Removes a decided series' instances and its job's objects, and says whether nothing of it
+    /// is left. Not a series reopened since the database was asked (it is pending again), nor
+    /// one this agent has not decided (another host's, on a shared state directory).
+    fn purge(&mut self, study_uid: &str, series_uid: &str, asked_at: std::time::SystemTime, outputs: &Path) -> bool {
+        let Some((sops, _)) = self.decided.get_mut(series_uid) else { return false };
+        if sops.is_empty() {
+            return true; // purged before; the database did not hear of it
+        }
+        match self.spool.purge_series(study_uid, series_uid, sops, asked_at) {
+            Ok(removed) => {
+                sops.clear();
+                if let Err(e) = std::fs::remove_dir_all(outputs)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(series_uid, error = %e, dir = %outputs.display(), "cannot remove the series' outputs");
+                }
+                tracing::info!(
+                    series_uid,
+                    instances = removed,
+                    "series removed from the spool after its retention period"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(series_uid, error = %e, "cannot remove the series from the spool; retrying later");
+                false
             }
         }
     }
@@ -383,6 +431,7 @@ impl SeriesTracker {
             slices,
             revision: series.revision + 1,
             decided_at: now_rfc3339(),
+            purged_at: None,
         };
         if let Err(e) = self.spool.write_series_record(&record) {
             // Keep it pending: the decision is retried at the next tick rather than lost.

@@ -144,6 +144,12 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let pipeline_stats = Arc::new(PipelineStats::default());
     let pipeline_task = tokio::spawn(pipeline(decisions_rx, records_tx.clone(), pipeline_stats.clone()));
 
+    let (retention_stop_tx, retention_stop_rx) = watch::channel(false);
+    let retention_task = (config.storage.retention_days > 0.0).then(|| {
+        let period = std::time::Duration::from_secs_f64(config.storage.retention_days * 86_400.0);
+        tokio::spawn(retention(db.clone(), period, state_dir.join("outputs"), events_tx.clone(), retention_stop_rx))
+    });
+
     let stats = Arc::new(ScpStats::default());
     let mut ctx = ScpContext::new(config.clone(), spool, events_tx, stats.clone());
     ctx.records = Some(records_tx);
@@ -257,6 +263,10 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     tracing::info!("termination requested: finishing in-flight work");
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
+    let _ = retention_stop_tx.send(true);
+    if let Some(task) = retention_task {
+        let _ = task.await;
+    }
     let _ = scp_task.await;
     // The SCP context held the last event sender: the tracker drains its queue and stops.
     let _ = tracker_task.await;
@@ -276,6 +286,51 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Retention: now and then (a 24th of the period, between a second and an hour) asks the finding
+/// log which series are past their period, finished and delivered, has the tracker remove them
+/// (it owns the spool's series, and knows which were reopened since), and records it.
+async fn retention(
+    db: Db,
+    period: std::time::Duration,
+    outputs_dir: std::path::PathBuf,
+    tracker: mpsc::UnboundedSender<series::TrackerEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let every = (period / 24).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+    loop {
+        let asked_at = std::time::SystemTime::now();
+        let now_s = asked_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let decided_before = series::rfc3339_at(now_s.saturating_sub(period.as_secs()));
+        match db.series_past_retention(&decided_before).await {
+            Ok(due) => {
+                for series in due {
+                    let (done, removed) = tokio::sync::oneshot::channel();
+                    let purge = series::TrackerEvent::Purge {
+                        study_uid: series.study_uid.clone(),
+                        series_uid: series.series_uid.clone(),
+                        asked_at,
+                        outputs: outputs_dir.join(&series.series_uid),
+                        done,
+                    };
+                    if tracker.send(purge).is_err() {
+                        return;
+                    }
+                    if removed.await == Ok(true)
+                        && let Err(e) = db.mark_series_purged(&series).await
+                    {
+                        tracing::warn!(series_uid = %series.series_uid, error = %e, "cannot record the removal");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for series past their retention period"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 async fn wait_for_signal() -> Result<(), ServiceError> {

@@ -5,6 +5,7 @@
 //! Only after that may the SCP answer Success, so an acknowledged instance survives a crash or a
 //! power cut. Path components come from UIDs that passed [`check_uid`], never from raw input.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -204,6 +205,10 @@ pub struct SeriesRecord {
     /// Counts completions of this series: a series reopened by later instances is decided again.
     pub revision: u32,
     pub decided_at: String,
+    /// When retention removed the instances (`storage.retention_days`); the record stays, so a
+    /// series sent again is decided as its next revision and analysed again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at: Option<String>,
 }
 
 /// A series directory found in the spool.
@@ -272,6 +277,9 @@ pub struct Spool {
     max_instance_bytes: u64,
     verify_compressed: bool,
     counter: AtomicU64,
+    /// Held while an instance is renamed into the spool and while retention removes one: an
+    /// instance sent again just as its old copy is removed must not be removed in its place.
+    placing: std::sync::Mutex<()>,
 }
 
 impl Spool {
@@ -296,6 +304,7 @@ impl Spool {
             max_instance_bytes: policy.max_instance_bytes,
             verify_compressed: policy.verify_compressed_pixel_data,
             counter: AtomicU64::new(0),
+            placing: std::sync::Mutex::new(()),
         })
     }
 
@@ -393,7 +402,10 @@ impl Spool {
         let series_dir = self.series_dir(&header.study_instance_uid, &header.series_instance_uid);
         self.create_dirs_durably(&series_dir)?;
         let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
-        fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
+        {
+            let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
+        }
         if self.fsync {
             sync_dir(&series_dir)?;
         }
@@ -448,10 +460,55 @@ impl Spool {
         Ok(())
     }
 
+    /// Retention: removes a decided series' instances (the SOP instance UIDs given) placed in the
+    /// spool before `placed_before` (their inode change time: a rename sets it), and marks its
+    /// record purged. An instance stored again since is kept, and the tracker reopens the series
+    /// with it when its event arrives. Returns the files removed.
+    pub fn purge_series(
+        &self,
+        study_uid: &str,
+        series_uid: &str,
+        sop_instance_uids: &HashSet<String>,
+        placed_before: std::time::SystemTime,
+    ) -> Result<usize, SpoolError> {
+        use std::os::unix::fs::MetadataExt;
+        let cutoff = placed_before.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let placed = |m: &fs::Metadata| {
+            std::time::Duration::new(m.ctime().max(0) as u64, m.ctime_nsec().clamp(0, 999_999_999) as u32)
+        };
+        let dir = self.series_dir(study_uid, series_uid);
+        let Some(record) = read_series_record(&dir) else {
+            let unreadable = io::Error::new(io::ErrorKind::NotFound, "no readable decision");
+            return Err(io_err(&dir.join(SERIES_STATE_FILE))(unreadable));
+        };
+        let mut removed = 0;
+        for sop in sop_instance_uids {
+            let path = dir.join(format!("{sop}.dcm"));
+            let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match fs::metadata(&path) {
+                Ok(m) if placed(&m) < cutoff => {
+                    fs::remove_file(&path).map_err(io_err(&path))?;
+                    removed += 1;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&path)(e)),
+            }
+        }
+        let purged = SeriesRecord { purged_at: Some(crate::series::now_rfc3339()), ..record };
+        self.write_series_record(&purged)?;
+        Ok(removed)
+    }
+
     /// Lists every series directory with its record (if decided) and its instance files.
     pub fn scan(&self) -> Result<Vec<SpooledSeries>, SpoolError> {
         scan_spool(&self.spool_dir)
     }
+}
+
+/// The decision recorded in a series directory, if any.
+fn read_series_record(series_dir: &Path) -> Option<SeriesRecord> {
+    fs::read(series_dir.join(SERIES_STATE_FILE)).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok())
 }
 
 /// Lists the series of a spool directory; usable without opening a [`Spool`] (the CLI does).
@@ -473,9 +530,7 @@ pub fn scan_spool(spool_dir: &Path) -> Result<Vec<SpooledSeries>, SpoolError> {
             if check_uid(&series_uid).is_err() || !dir.is_dir() {
                 continue;
             }
-            let record = fs::read(dir.join(SERIES_STATE_FILE))
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<SeriesRecord>(&bytes).ok());
+            let record = read_series_record(&dir);
             let instance_files = instance_files(&dir)?;
             found.push(SpooledSeries {
                 dir,

@@ -239,6 +239,68 @@ async fn failed_jobs_are_listed_and_queued_again(url: String) {
     assert_eq!((again.id, again.attempts), (failing.id, 1), "a fresh count of attempts");
 }
 
+/// Retention takes only series that are finished and delivered: skipped, or analysed (done or
+/// failed) with nothing left in the outbox, decided before the cut-off and not purged yet; a
+/// series decided again after its purge comes back once its new revision is finished.
+async fn retention_takes_only_finished_and_delivered_series(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let cutoff = "2026-06-01T00:00:00Z";
+    let old = |uid: &str, state: &str, revision: i64| SeriesRow {
+        decided_at: "2026-05-01T00:00:00Z".into(),
+        ..series_row(uid, "P8", "8", "2026-05-01", state, revision)
+    };
+    // done; failed; skipped; done with an object still to deliver; queued; running; and one
+    // decided after the cut-off.
+    for uid in ["8.1", "8.2", "8.4", "8.5", "8.6"] {
+        db.record_series(&old(uid, "complete", 1)).await.unwrap();
+    }
+    db.record_series(&old("8.3", "skipped", 1)).await.unwrap();
+    db.record_series(&series_row("8.7", "P8", "8", "2026-05-01", "complete", 1)).await.unwrap();
+    let entry = |uid: &str| OutboxEntry {
+        destination: "PACS@pacs:104".into(),
+        object_path: format!("/srv/idaics/outputs/{uid}/SR.dcm"),
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.88.34".into(),
+        sop_instance_uid: format!("2.25.{}", uid.replace('.', "")),
+    };
+    let (sent, pending) = ([entry("8.1")], [entry("8.4")]);
+    let done = |outbox| JobOutcome::Done { weights_sha256: None, findings: &[], outbox };
+    let job_81 = db.claim_job("a|1").await.unwrap().unwrap();
+    assert!(db.finish_job(job_81.id, "a|1", done(&sent)).await.unwrap());
+    let sent_item = db.due_outbox("PACS@pacs:104", 10).await.unwrap();
+    db.outbox_sent(sent_item[0].id, "0x0000").await.unwrap();
+    let job_82 = db.claim_job("a|1").await.unwrap().unwrap();
+    assert!(db.finish_job(job_82.id, "a|1", JobOutcome::Failed("no spine")).await.unwrap());
+    let job_84 = db.claim_job("a|1").await.unwrap().unwrap();
+    assert!(db.finish_job(job_84.id, "a|1", done(&pending)).await.unwrap());
+    let _job_85_running = db.claim_job("a|1").await.unwrap().unwrap();
+    // 8.6 stays queued, 8.7 is recent.
+    let due = |db: Db| async move {
+        db.series_past_retention(cutoff).await.unwrap().into_iter().map(|s| s.series_uid).collect::<Vec<_>>()
+    };
+    let mut listed = due(db.clone()).await;
+    listed.sort();
+    assert_eq!(listed, ["8.1", "8.2", "8.3"]);
+
+    for series in db.series_past_retention(cutoff).await.unwrap() {
+        db.mark_series_purged(&series).await.unwrap();
+    }
+    assert!(due(db.clone()).await.is_empty(), "purged once");
+    // 8.1 is sent again: a new revision, listed again once its job is done.
+    db.record_series(&old("8.1", "complete", 2)).await.unwrap();
+    assert!(due(db.clone()).await.is_empty(), "its new job is queued");
+    let again = loop {
+        // The older queued jobs (8.6, 8.7) come first; they stay running.
+        let job = db.claim_job("a|1").await.unwrap().unwrap();
+        if job.series_uid == "8.1" {
+            break job;
+        }
+    };
+    assert_eq!(again.revision, 2);
+    assert!(db.finish_job(again.id, "a|1", done(&[])).await.unwrap());
+    assert_eq!(due(db.clone()).await, ["8.1"]);
+}
+
 /// Jobs left running by an agent that stopped: its workplace's are queued again at its next
 /// start, another workplace's are not touched, and a job interrupted on every attempt is given up.
 async fn interrupted_jobs_are_queued_again_then_given_up(url: String) {
@@ -526,4 +588,15 @@ fn failed_jobs_are_listed_and_queued_again_on_sqlite() {
 fn failed_jobs_are_listed_and_queued_again_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(failed_jobs_are_listed_and_queued_again(pg.fresh_database("failed_jobs")));
+}
+
+#[test]
+fn retention_takes_only_finished_and_delivered_series_on_sqlite() {
+    runtime().block_on(on_sqlite(retention_takes_only_finished_and_delivered_series));
+}
+
+#[test]
+fn retention_takes_only_finished_and_delivered_series_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(retention_takes_only_finished_and_delivered_series(pg.fresh_database("retention")));
 }

@@ -562,3 +562,61 @@ fn a_failed_job_is_listed_with_its_reason_and_runs_again_when_retried() {
         output_text(&again)
     );
 }
+
+/// Retention: once a series is analysed, its objects delivered and its retention period over,
+/// its instances and objects leave the state directory. Its record stays, so the same series
+/// sent again is analysed again as its next revision, and removed again in its turn.
+#[test]
+fn retention_removes_a_delivered_series_and_a_resent_one_is_analysed_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom(&tmp.path().join("in"), 7070);
+    let folder = tmp.path().join("folder-pacs");
+    let state = tmp.path().join("state");
+    let six_seconds = format!("{}", 6.0 / 86_400.0);
+    let agent = Agent::start_with_args(
+        &state,
+        &[("IDAICS_STORAGE_RETENTION_DAYS", six_seconds.as_str())],
+        &["--destination", folder.to_str().unwrap()],
+    );
+    let spooled = state.join("spool").join(&truth.study_uid).join(&truth.series_uid);
+    let outputs = state.join("outputs").join(&truth.series_uid);
+    let instances_in = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map(|entries| entries.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".dcm")).count())
+            .unwrap_or(0)
+    };
+    let removals = |a: &Agent| a.events("series removed from the spool after its retention period");
+    for round in 1..=2usize {
+        assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+        wait("the removal", Duration::from_secs(120), || removals(&agent).len() >= round);
+        assert_eq!(removals(&agent)[round - 1]["fields"]["instances"], files.len(), "{}", agent.log());
+        assert_eq!(instances_in(&spooled), 0);
+        assert!(!outputs.exists(), "the job's objects are removed with the series");
+        let record = agent.series_record(&truth.study_uid, &truth.series_uid).unwrap();
+        assert_eq!(record["revision"], round);
+        assert!(record["purged_at"].is_string(), "{record}");
+    }
+    // Removed once per revision, not again at each look.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(removals(&agent).len(), 2);
+    let jobs = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["jobs", "--format", "json", "--series", &truth.series_uid, "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    let analysed: Vec<(i64, String)> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["revision"].as_i64().unwrap(), j["state"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(analysed, [(2, "done".to_string()), (1, "done".to_string())]);
+    let listed = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["series", "--format", "json", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["state"], "purged", "{listed}");
+}
