@@ -258,10 +258,12 @@ impl SeriesTracker {
                 .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
                 .collect();
             match &series.record {
+                // Removed by retention: remembered with its revision and no instances.
                 Some(record) if record.purged_at.is_some() && sops.is_empty() => {
                     tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
                 }
-                Some(record) if record.instances == sops.len() => {
+                // Instances of a removed series are ones sent again since: pending, below.
+                Some(record) if record.purged_at.is_none() && record.instances == sops.len() => {
                     tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
                 }
                 record => {
@@ -319,7 +321,7 @@ impl SeriesTracker {
 
     /// Removes a decided series' instances and its job's objects, and says whether nothing of it
     /// is left. Not a series reopened since the database was asked (it is pending again), nor
-    /// one this agent has not decided (another host's, on a shared state directory).
+    /// one this agent does not know as decided.
     fn purge(&mut self, study_uid: &str, series_uid: &str, asked_at: std::time::SystemTime, outputs: &Path) -> bool {
         let Some((sops, _)) = self.decided.get_mut(series_uid) else { return false };
         if sops.is_empty() {
