@@ -25,6 +25,10 @@ pub struct PipelineStats {
     pub series_skipped: AtomicU64,
     pub jobs_done: AtomicU64,
     pub jobs_failed: AtomicU64,
+    /// Jobs queued again because their agent stopped renewing its claim.
+    pub jobs_taken_over: AtomicU64,
+    /// Series whose instances and objects retention removed.
+    pub series_purged: AtomicU64,
     /// Per bucket of [`INFERENCE_BUCKETS`] (not cumulative), then the overflow bucket.
     inference_buckets: [AtomicU64; INFERENCE_BUCKETS.len() + 1],
     inference_micros_sum: AtomicU64,
@@ -130,6 +134,18 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         "counter",
         "Analysis jobs finished, by outcome.",
         &[("{outcome=\"done\"}", load(&p.jobs_done)), ("{outcome=\"failed\"}", load(&p.jobs_failed))],
+    );
+    family(
+        "idaics_jobs_taken_over_total",
+        "counter",
+        "Jobs queued again because their agent stopped renewing its claim.",
+        &[("", load(&p.jobs_taken_over))],
+    );
+    family(
+        "idaics_series_purged_total",
+        "counter",
+        "Series whose instances and objects retention removed from the state directory.",
+        &[("", load(&p.series_purged))],
     );
     let _ = writeln!(
         out,

@@ -400,6 +400,7 @@ impl Worker {
         match self.db.take_over_stale_jobs(&stale_before, MAX_JOB_ATTEMPTS).await {
             Ok((queued, failed)) => {
                 if queued > 0 {
+                    self.stats.jobs_taken_over.fetch_add(queued, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(
                         jobs = queued,
                         lease_s = self.job_lease.as_secs(),

@@ -147,7 +147,12 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let (retention_stop_tx, retention_stop_rx) = watch::channel(false);
     let retention_task = (config.storage.retention_days > 0.0).then(|| {
         let period = std::time::Duration::from_secs_f64(config.storage.retention_days * 86_400.0);
-        tokio::spawn(retention(db.clone(), period, state_dir.join("outputs"), events_tx.clone(), retention_stop_rx))
+        let removal = Removal {
+            outputs_dir: state_dir.join("outputs"),
+            tracker: events_tx.clone(),
+            stats: pipeline_stats.clone(),
+        };
+        tokio::spawn(retention(db.clone(), period, removal, retention_stop_rx))
     });
 
     let stats = Arc::new(ScpStats::default());
@@ -288,16 +293,18 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     Ok(())
 }
 
+/// Where retention sends its removals, and what it counts.
+struct Removal {
+    outputs_dir: std::path::PathBuf,
+    tracker: mpsc::UnboundedSender<series::TrackerEvent>,
+    stats: Arc<PipelineStats>,
+}
+
 /// Retention: now and then (a 24th of the period, between a second and an hour) asks the finding
 /// log which series are past their period, finished and delivered, has the tracker remove them
 /// (it owns the spool's series, and knows which were reopened since), and records it.
-async fn retention(
-    db: Db,
-    period: std::time::Duration,
-    outputs_dir: std::path::PathBuf,
-    tracker: mpsc::UnboundedSender<series::TrackerEvent>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn retention(db: Db, period: std::time::Duration, removal: Removal, mut stop: watch::Receiver<bool>) {
+    let Removal { outputs_dir, tracker, stats } = removal;
     let every = (period / 24).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
     loop {
         let asked_at = std::time::SystemTime::now();
@@ -317,9 +324,11 @@ async fn retention(
                     if tracker.send(purge).is_err() {
                         return;
                     }
-                    if removed.await == Ok(true)
-                        && let Err(e) = db.mark_series_purged(&series).await
-                    {
+                    if removed.await != Ok(true) {
+                        continue;
+                    }
+                    stats.series_purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(e) = db.mark_series_purged(&series).await {
                         tracing::warn!(series_uid = %series.series_uid, error = %e, "cannot record the removal");
                     }
                 }

@@ -4,26 +4,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::postgres::Postgres;
-use common::{Agent, free_port, output_text, store_outcomes};
+use common::{Agent, free_port, http_get as get, output_text, store_outcomes};
 use idaics::db::{Db, Table};
 use idaics::synthetic::{SeriesSpec, write_ct_series};
 
 /// A plain HTTP/1.1 GET; the status code and the body.
-fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    // Chunked bodies: keep only the payload lines (the size lines are hex numbers).
-    (status, body)
-}
-
 /// Parses Prometheus text exposition: every sample line is `name{labels} value` with a number,
 /// every sampled family has a TYPE line. Returns (series with labels, value).
 fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
@@ -103,6 +91,8 @@ fn embedded_database_metrics_and_api() {
     assert!(sample(&samples, "idaics_bytes_received_total") > 12.0 * 64.0 * 64.0 * 2.0);
     assert_eq!(sample(&samples, "idaics_outbox_depth"), 0.0);
     assert_eq!(sample(&samples, "idaics_inference_seconds_count"), 0.0);
+    assert_eq!(sample(&samples, "idaics_jobs_taken_over_total"), 0.0);
+    assert_eq!(sample(&samples, "idaics_series_purged_total"), 0.0);
 
     let (status, body) = get(http, "/readyz");
     assert_eq!(status, 200, "{body}");

@@ -594,12 +594,15 @@ fn retention_removes_a_delivered_series_and_a_resent_one_is_analysed_again() {
         assert!(record["purged_at"].is_string(), "{record}");
     };
 
-    let mut agent = Agent::start_with_args(&state, &[retention], &args);
+    let http = free_port().to_string();
+    let mut agent = Agent::start_with_args(&state, &[retention, ("IDAICS_HTTP_PORT", http.as_str())], &args);
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
     assert_removed(&agent, 1);
     // Removed once, not again at each look.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(removals(&agent).len(), 1);
+    let (_, metrics) = common::http_get(http.parse().unwrap(), "/metrics");
+    assert!(metrics.lines().any(|l| l == "idaics_series_purged_total 1"), "{metrics}");
     agent.kill();
 
     // Sent again to an agent that waits to decide, which stops before it does.

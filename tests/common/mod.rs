@@ -341,3 +341,15 @@ pub fn dataset_bytes(path: &Path) -> (Vec<u8>, String) {
     let obj = dicom_object::open_file(path).unwrap();
     (bytes[start..].to_vec(), obj.meta().transfer_syntax().trim_end_matches('\0').to_string())
 }
+
+/// A plain HTTP GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
