@@ -391,12 +391,7 @@ impl Worker {
 
     /// Queues again the jobs of agents that stopped renewing their claims.
     async fn take_over_stale_jobs(&self) {
-        let lease_start = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0)
-            .saturating_sub(self.job_lease.as_secs());
-        let stale_before = crate::series::rfc3339_at(lease_start);
+        let stale_before = crate::series::rfc3339_before(std::time::SystemTime::now(), self.job_lease);
         match self.db.take_over_stale_jobs(&stale_before, MAX_JOB_ATTEMPTS).await {
             Ok((queued, failed)) => {
                 if queued > 0 {

@@ -478,8 +478,13 @@ pub async fn run_tracker(mut tracker: SeriesTracker, mut events: mpsc::Unbounded
 
 /// UTC time as RFC 3339 with seconds, without pulling in a date library for one format.
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    rfc3339_at(secs)
+    rfc3339_before(std::time::SystemTime::now(), std::time::Duration::ZERO)
+}
+
+/// ISO 8601 UTC of `age` before `time`: the cut-offs of leases and retention.
+pub fn rfc3339_before(time: std::time::SystemTime, age: std::time::Duration) -> String {
+    let then = time.checked_sub(age).unwrap_or(std::time::UNIX_EPOCH);
+    rfc3339_at(then.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
 
 /// ISO 8601 UTC of a Unix time in seconds.

@@ -308,8 +308,7 @@ async fn retention(db: Db, period: std::time::Duration, removal: Removal, mut st
     let every = (period / 24).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
     loop {
         let asked_at = std::time::SystemTime::now();
-        let now_s = asked_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let decided_before = series::rfc3339_at(now_s.saturating_sub(period.as_secs()));
+        let decided_before = series::rfc3339_before(asked_at, period);
         match db.series_past_retention(&decided_before).await {
             Ok(due) => {
                 for series in due {

@@ -500,6 +500,19 @@ fn a_job_whose_host_stops_is_taken_over_by_another_host() {
     job.assert_logged_once();
 }
 
+/// Runs `idaics COMMAND ARGS... --format json --state-dir STATE`, as an operator would, and
+/// returns what it printed.
+fn idaics_json(state: &Path, command_and_args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(command_and_args)
+        .args(["--format", "json", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{command_and_args:?}: {}", output_text(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// The operator's way out of a failed job: `idaics jobs` shows it and why, and once the cause is
 /// dealt with (here a volume limit too small for the series, raised and the agent restarted)
 /// `idaics jobs --retry` queues it again and the running agent analyses it.
@@ -518,10 +531,7 @@ fn a_failed_job_is_listed_with_its_reason_and_runs_again_when_retried() {
             .unwrap()
     };
     let jobs_in = |job_state: &str| -> Vec<serde_json::Value> {
-        let out = jobs_cli(&["--state", job_state, "--format", "json"]);
-        assert!(out.status.success(), "{}", output_text(&out));
-        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        listed["jobs"].as_array().unwrap().clone()
+        idaics_json(&state, &["jobs", "--state", job_state])["jobs"].as_array().unwrap().clone()
     };
 
     let mut agent = Agent::start(&state, &[("IDAICS_SERIES_MAX_VOLUME_MB", "1")]);
@@ -545,12 +555,7 @@ fn a_failed_job_is_listed_with_its_reason_and_runs_again_when_retried() {
     assert!(String::from_utf8_lossy(&retried.stdout).contains(&format!("job {id} queued again")));
     wait("the retried job", Duration::from_secs(120), || !jobs_in("done").is_empty());
     assert!(jobs_in("failed").is_empty());
-    let findings = Command::new(env!("CARGO_BIN_EXE_idaics"))
-        .args(["findings", "--format", "json", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let findings: serde_json::Value = serde_json::from_slice(&findings.stdout).unwrap();
+    let findings = idaics_json(&state, &["findings"]);
     assert_eq!(findings["findings"].as_array().unwrap().len(), truth.levels.len());
 
     // A done job is not run twice by a retry.
@@ -615,12 +620,7 @@ fn retention_removes_a_delivered_series_and_a_resent_one_is_analysed_again() {
     let agent = Agent::start_with_args(&state, &[retention, ("IDAICS_SERIES_QUIET_PERIOD_S", "2")], &args);
     assert_removed(&agent, 2);
 
-    let jobs = Command::new(env!("CARGO_BIN_EXE_idaics"))
-        .args(["jobs", "--format", "json", "--series", &truth.series_uid, "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let jobs: serde_json::Value = serde_json::from_slice(&jobs.stdout).unwrap();
+    let jobs = idaics_json(&state, &["jobs", "--series", &truth.series_uid]);
     let analysed: Vec<(i64, String)> = jobs["jobs"]
         .as_array()
         .unwrap()
@@ -628,11 +628,6 @@ fn retention_removes_a_delivered_series_and_a_resent_one_is_analysed_again() {
         .map(|j| (j["revision"].as_i64().unwrap(), j["state"].as_str().unwrap().to_string()))
         .collect();
     assert_eq!(analysed, [(2, "done".to_string()), (1, "done".to_string())]);
-    let listed = Command::new(env!("CARGO_BIN_EXE_idaics"))
-        .args(["series", "--format", "json", "--state-dir"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let listed = idaics_json(&state, &["series"]);
     assert_eq!(listed[0]["state"], "purged", "{listed}");
 }
