@@ -186,7 +186,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_associations: 16,
-            max_pdu_length: 65_536,
+            max_pdu_length: 131_072,
             association_timeout_s: 30,
             idle_timeout_s: 120,
             max_instance_size_mb: 2048,

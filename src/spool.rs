@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::pixel_module::PixelModule;
 
-/// Instances up to this size are parsed whole (pixel data included) before they are accepted,
-/// which catches truncated pixel data; larger ones (big Enhanced CT objects) are checked up to
-/// the pixel data only, to keep memory bounded.
+/// Instances with encapsulated pixel data up to this size are parsed whole before they are
+/// accepted, to check their fragments and first frame; larger ones (big Enhanced CT objects) are
+/// checked up to the pixel data only, to keep memory bounded.
 const FULL_PARSE_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// Deepest sequence nesting accepted. CT objects nest a few levels (Enhanced CT's functional
@@ -228,6 +228,96 @@ pub struct PartialInstance {
     written: u64,
     limit: u64,
     request: StoreRequest,
+    /// Where the received bytes begin to be written back to disk (see `start_writeback`).
+    writeback: Option<Writeback>,
+}
+
+/// The part of a file not yet handed to the disk, for instances that will be synced.
+struct Writeback {
+    /// File offset of the first byte not yet handed over.
+    from: u64,
+    /// File offset of the end of what was written.
+    to: u64,
+}
+
+/// Received bytes are handed to the disk once this many have gathered: large enough that the
+/// disk gets sizeable writes, small enough that most of an instance is on its way to the disk
+/// before its last fragment arrives.
+const WRITEBACK_CHUNK: u64 = 256 * 1024;
+
+/// Spare temporary files kept ready: one per association that sends at the same time, for the
+/// usual few.
+const SPARE_FILES: usize = 4;
+
+/// Hands out new temporary files, created ahead of need by a thread of their own. Creating a file
+/// is a directory update that can cost as much as writing a whole slice, and a sender waits for
+/// each acknowledgement: made in advance, it falls in the time the sender takes to prepare its
+/// next instance instead.
+struct TemporaryFiles {
+    made: std::sync::Arc<SpareFiles>,
+    /// One message per file taken; the maker thread ends when this is dropped.
+    taken: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+}
+
+struct SpareFiles {
+    dir: PathBuf,
+    counter: AtomicU64,
+    ready: std::sync::Mutex<Vec<(File, PathBuf)>>,
+}
+
+impl SpareFiles {
+    fn create(&self) -> Result<(File, PathBuf), SpoolError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("{}-{n}.part", std::process::id()));
+        let file = File::create(&path).map_err(io_err(&path))?;
+        Ok((file, path))
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, Vec<(File, PathBuf)>> {
+        self.ready.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl TemporaryFiles {
+    fn new(dir: PathBuf) -> TemporaryFiles {
+        let made = std::sync::Arc::new(SpareFiles { dir, counter: AtomicU64::new(0), ready: Default::default() });
+        let (taken, requests) = std::sync::mpsc::channel::<()>();
+        let maker = made.clone();
+        let spawned = std::thread::Builder::new().name("idaics-tmpfiles".into()).spawn(move || {
+            // Filled at once, then one new file per file taken.
+            let mut wanted = SPARE_FILES;
+            loop {
+                while wanted > 0 && maker.ready().len() < SPARE_FILES {
+                    match maker.create() {
+                        Ok(spare) => maker.ready().push(spare),
+                        // `take` creates its own file then, and reports the error to the sender.
+                        Err(e) => tracing::debug!(error = %e, "cannot create a spare temporary file"),
+                    }
+                    wanted -= 1;
+                }
+                match requests.recv() {
+                    Ok(()) => wanted = 1 + requests.try_iter().count(),
+                    Err(_) => break,
+                }
+            }
+            for (_, path) in maker.ready().drain(..) {
+                let _ = fs::remove_file(path);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no thread to create temporary files ahead; each C-STORE creates its own");
+        }
+        TemporaryFiles { made, taken: std::sync::Mutex::new(taken) }
+    }
+
+    fn take(&self) -> Result<(File, PathBuf), SpoolError> {
+        let spare = self.made.ready().pop();
+        let _ = self.taken.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(());
+        match spare {
+            Some(spare) => Ok(spare),
+            None => self.made.create(),
+        }
+    }
 }
 
 impl PartialInstance {
@@ -237,7 +327,15 @@ impl PartialInstance {
         if self.written > self.limit {
             return Err(SpoolError::TooLarge { limit: self.limit });
         }
-        self.file.write_all(data).map_err(io_err(&self.path))
+        self.file.write_all(data).map_err(io_err(&self.path))?;
+        if let Some(writeback) = &mut self.writeback {
+            writeback.to += data.len() as u64;
+            if writeback.to - writeback.from >= WRITEBACK_CHUNK {
+                start_writeback(&self.file, writeback.from, writeback.to);
+                writeback.from = writeback.to;
+            }
+        }
+        Ok(())
     }
 
     pub fn request(&self) -> &StoreRequest {
@@ -272,11 +370,10 @@ pub struct SpoolPolicy {
 
 pub struct Spool {
     spool_dir: PathBuf,
-    tmp_dir: PathBuf,
     fsync: bool,
     max_instance_bytes: u64,
     verify_compressed: bool,
-    counter: AtomicU64,
+    temporaries: TemporaryFiles,
     /// Held while an instance is renamed into the spool and while retention removes one: an
     /// instance sent again just as its old copy is removed must not be removed in its place.
     placing: std::sync::Mutex<()>,
@@ -290,7 +387,9 @@ impl Spool {
         fs::create_dir_all(&tmp_dir).map_err(io_err(&tmp_dir))?;
         let mut removed = 0;
         for entry in fs::read_dir(&tmp_dir).map_err(io_err(&tmp_dir))?.flatten() {
-            if fs::remove_file(entry.path()).is_ok() {
+            // Empty ones are spares (see `TemporaryFiles`), not instances.
+            let partial = entry.metadata().is_ok_and(|m| m.len() > 0);
+            if fs::remove_file(entry.path()).is_ok() && partial {
                 removed += 1;
             }
         }
@@ -299,11 +398,10 @@ impl Spool {
         }
         Ok(Spool {
             spool_dir,
-            tmp_dir,
             fsync: policy.fsync,
             max_instance_bytes: policy.max_instance_bytes,
             verify_compressed: policy.verify_compressed_pixel_data,
-            counter: AtomicU64::new(0),
+            temporaries: TemporaryFiles::new(tmp_dir),
             placing: std::sync::Mutex::new(()),
         })
     }
@@ -319,9 +417,7 @@ impl Spool {
     /// Opens a temporary file and writes the preamble and file meta group for an instance whose
     /// data set will follow in fragments.
     pub fn begin(&self, request: StoreRequest) -> Result<PartialInstance, SpoolError> {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let path = self.tmp_dir.join(format!("{}-{n}.part", std::process::id()));
-        let mut file = File::create(&path).map_err(io_err(&path))?;
+        let (mut file, path) = self.temporaries.take()?;
         let meta = FileMetaTableBuilder::new()
             .media_storage_sop_class_uid(request.sop_class_uid.as_str())
             .media_storage_sop_instance_uid(request.sop_instance_uid.as_str())
@@ -337,34 +433,70 @@ impl Spool {
         meta.write(&mut head)
             .map_err(|e| SpoolError::InvalidAttribute { attribute: "file meta", reason: e.to_string() })?;
         file.write_all(&head).map_err(io_err(&path))?;
-        Ok(PartialInstance { file, path, written: 0, limit: self.max_instance_bytes, request })
+        let writeback = self.fsync.then_some(Writeback { from: 0, to: head.len() as u64 });
+        Ok(PartialInstance { file, path, written: 0, limit: self.max_instance_bytes, request, writeback })
     }
 
     /// Makes a received instance durable and moves it into the spool. Blocking: call it from a
     /// blocking context. On error the temporary file is removed and nothing enters the spool.
     pub fn commit(&self, partial: PartialInstance) -> Result<StoredInstance, SpoolError> {
-        if self.fsync {
-            partial.file.sync_data().map_err(io_err(&partial.path))?;
+        // The sender waits for our answer, so the data sync (mostly waiting on the disk) and the
+        // validation (mostly CPU) run side by side instead of one after the other.
+        let (synced, header) = std::thread::scope(|scope| {
+            let sync = self.fsync.then(|| scope.spawn(|| partial.file.sync_data()));
+            let header = self.validate(&partial);
+            let synced = match sync {
+                Some(handle) => handle.join().unwrap_or_else(|_| Err(io::Error::other("the data sync panicked"))),
+                None => Ok(()),
+            };
+            (synced, header)
+        });
+        synced.map_err(io_err(&partial.path))?;
+        let (header, bytes) = header?;
+        let series_dir = self.series_dir(&header.study_instance_uid, &header.series_instance_uid);
+        self.create_dirs_durably(&series_dir)?;
+        let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
+        {
+            let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
         }
+        if self.fsync {
+            sync_dir(&series_dir)?;
+        }
+        Ok(StoredInstance { path: final_path, header, bytes })
+    }
+
+    /// Checks a received instance before it is acknowledged: it parses, its pixel description
+    /// adds up, and it is the instance its command announced. Returns its header and size.
+    fn validate(&self, partial: &PartialInstance) -> Result<(InstanceHeader, u64), SpoolError> {
         let bytes = partial.file.metadata().map(|m| m.len()).map_err(io_err(&partial.path))?;
-        check_structure(&partial.path, self.max_instance_bytes)?;
+        let outline = check_structure(&partial.path, self.max_instance_bytes)?;
+        // Native pixel data is checked by its length, which the structure check has read: the
+        // header up to it is all that needs parsing. Encapsulated pixel data is parsed whole
+        // (up to a size), to count its fragments and look into its first frame.
+        let encapsulated = is_encapsulated(&partial.request.transfer_syntax_uid);
+        let whole = encapsulated && bytes <= FULL_PARSE_LIMIT;
         let mut options = OpenFileOptions::new();
-        if bytes > FULL_PARSE_LIMIT {
+        if !whole {
             options = options.read_until(tags::PIXEL_DATA);
         }
         let obj = options.open_file(&partial.path).map_err(|e| SpoolError::Unparsable(e.to_string()))?;
         let header = InstanceHeader::from_object(&obj)?;
         let pixels = PixelModule::from_object(&obj).map_err(SpoolError::PixelDescription)?;
-        let encapsulated = is_encapsulated(&header.transfer_syntax_uid);
-        if bytes <= FULL_PARSE_LIMIT {
-            pixels.check_against(&obj).map_err(SpoolError::PixelDescription)?;
-        } else if !encapsulated && pixels.total_bytes() > bytes {
-            return Err(SpoolError::PixelDescription(pixels.shortfall(bytes)));
+        if !encapsulated {
+            match outline.native_pixel_data_bytes {
+                None => return Err(SpoolError::PixelDescription("no PixelData".into())),
+                Some(held) if held < pixels.total_bytes() => {
+                    return Err(SpoolError::PixelDescription(pixels.shortfall(held)));
+                }
+                Some(_) => {}
+            }
         }
-        if bytes <= FULL_PARSE_LIMIT && encapsulated {
+        if whole {
+            pixels.check_against(&obj).map_err(SpoolError::PixelDescription)?;
             pixels.check_codestream(&obj, &header.transfer_syntax_uid).map_err(SpoolError::PixelDescription)?;
         }
-        if self.verify_compressed && bytes <= FULL_PARSE_LIMIT && encapsulated {
+        if self.verify_compressed && whole {
             // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
             // parameters that contradict the header): refuse it now, while the sender can act.
             // The decoders are third-party code fed with the sender's bytes: a panic in one is
@@ -399,17 +531,7 @@ impl Spool {
                 });
             }
         }
-        let series_dir = self.series_dir(&header.study_instance_uid, &header.series_instance_uid);
-        self.create_dirs_durably(&series_dir)?;
-        let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
-        {
-            let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
-        }
-        if self.fsync {
-            sync_dir(&series_dir)?;
-        }
-        Ok(StoredInstance { path: final_path, header, bytes })
+        Ok((header, bytes))
     }
 
     /// Creates missing directories down to `dir`, syncing each parent so a new directory entry
@@ -571,7 +693,7 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
 /// [`MAX_SEQUENCE_DEPTH`], more than [`MAX_ELEMENTS`] elements, a value longer than what follows
 /// it, a binary value whose length is not a whole number of values, and a deflated data set that
 /// inflates beyond `max_bytes`.
-pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
+pub fn check_structure(path: &Path, max_bytes: u64) -> Result<DataSetOutline, SpoolError> {
     use dicom_encoding::TransferSyntaxIndex;
     use dicom_parser::StatefulDecode;
     use dicom_parser::dataset::LazyDataToken;
@@ -612,6 +734,7 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
     // A sequence and its items are one level.
     let mut depth = 0usize;
     let mut elements = 0usize;
+    let mut outline = DataSetOutline::default();
     while let Some(token) = reader.advance() {
         let token = token.map_err(|e| unparsable(&e))?;
         if matches!(
@@ -650,6 +773,15 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
                 )));
             }
             token.skip().map_err(|e| unparsable(&e))?;
+            if depth == 0 && tag == tags::PIXEL_DATA {
+                outline.native_pixel_data_bytes = Some(u64::from(len));
+            }
+            if depth == 0 && at + u64::from(len) == total {
+                // The last value ends the data set. Stopping here rather than reading on to the
+                // end of the file matters: the parser reports the end as an error, and errors
+                // capture a stack trace when RUST_BACKTRACE is set, once per received instance.
+                break;
+            }
             continue;
         }
         match token {
@@ -663,7 +795,14 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<(), SpoolError> {
             _ => {}
         }
     }
-    Ok(())
+    Ok(outline)
+}
+
+/// What `check_structure` learnt of a data set on its way through.
+#[derive(Debug, Default)]
+pub struct DataSetOutline {
+    /// Length of the top-level Pixel Data when it is native (not encapsulated).
+    pub native_pixel_data_bytes: Option<u64>,
 }
 
 /// Bytes per value of a binary VR, as the parser reads it; 1 for text and byte VRs.
@@ -676,6 +815,21 @@ fn binary_value_size(vr: dicom_core::VR) -> u32 {
         _ => 1,
     }
 }
+
+/// Asks the kernel to start writing a range of a file to disk without waiting for it, so that
+/// the sync before the acknowledgement finds most of the instance already written. Only a hint:
+/// durability still comes from that sync, and where the call is missing or fails nothing is lost.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the lifetime of `file`; the call only reads its arguments.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), from as i64, (to - from) as i64, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _from: u64, _to: u64) {}
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))

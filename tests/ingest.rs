@@ -43,7 +43,7 @@ fn generated_series_is_stored_whole_and_completed_once() {
         assert_eq!(obj.meta().source_application_entity_title().map(str::trim), Some("STORESCU"));
     }
     assert_eq!(agent.spool_files().len(), 24);
-    assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
+    assert_eq!(partial_files(&agent.state_dir), Vec::<PathBuf>::new(), "temporary files left");
 
     // Completed on release (contiguous stack), and only once: wait past the quiet period too.
     agent.wait_for("series completion", Duration::from_secs(10), |a| {
@@ -303,6 +303,7 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         ("512 x 512 pixels claimed over 128 x 128", &ct_small, &["-m", "Rows=512", "-m", "Columns=512"]),
         ("BitsAllocated 12", &ct_small, &["-m", "BitsAllocated=12"]),
         ("no Rows", &ct_small, &["-e", "Rows"]),
+        ("no PixelData", &ct_small, &["-e", "(7fe0,0010)"]),
         ("a 128 x 128 JPEG-LS codestream under a 256 x 256 header", &jls, &["-m", "Rows=256", "-m", "Columns=256"]),
         ("1000 frames claimed over one RLE fragment", &rle, &["-i", "NumberOfFrames=1000"]),
     ] {
@@ -355,7 +356,7 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     assert_eq!(status, 0xA700, "deflate bomb: status {status:#06x}");
     assert!(agent.echo());
     assert!(agent.spool_files().is_empty(), "a broken instance entered the spool");
-    assert!(std::fs::read_dir(agent.state_dir.join("tmp")).unwrap().next().is_none(), "temporary files left");
+    assert_eq!(partial_files(&agent.state_dir), Vec::<PathBuf>::new(), "temporary files left");
     // Each failure is logged with its reason.
     let failures = agent.events("store failed");
     assert_eq!(failures.len(), sent, "{}", agent.log());
@@ -364,6 +365,8 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         "more than 1000000 data elements",
         "claims 4294967280 bytes",
         "the compressed stream is 60000 x 60000 pixels, the header says 512 x 512",
+        "PixelData holds 32768 bytes; 1 frame(s) of 512 x 512 pixels",
+        "no PixelData",
     ] {
         assert!(
             failures.iter().any(|f| f["fields"]["reason"].as_str().unwrap_or("").contains(reason)),
@@ -448,7 +451,7 @@ fn kill_during_a_series_loses_nothing_acknowledged() {
     let completions = |a: &Agent| log_events(&first_log, "series complete").len() + a.events("series complete").len();
     agent.wait_for("the completion in the log", Duration::from_secs(10), |a| completions(a) >= 1);
     assert_eq!(completions(&agent), 1, "log:\n{}", agent.log());
-    assert!(std::fs::read_dir(state.join("tmp")).unwrap().next().is_none(), "partial file survived the restart");
+    assert_eq!(partial_files(&state), Vec::<PathBuf>::new(), "partial file survived the restart");
 }
 
 #[test]
@@ -525,7 +528,7 @@ fn access_control_and_limits_reject_with_reasons() {
     let out = small.storescu(&[], &big.files[..1]);
     assert!(output_text(&out).contains("Refused: OutOfResources"), "{}", output_text(&out));
     assert!(small.spool_files().is_empty());
-    assert!(std::fs::read_dir(small.state_dir.join("tmp")).unwrap().next().is_none());
+    assert_eq!(partial_files(&small.state_dir), Vec::<PathBuf>::new());
     assert!(small.echo());
 }
 

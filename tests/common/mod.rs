@@ -190,6 +190,17 @@ impl Drop for Agent {
     }
 }
 
+/// Partly received instances in a state directory's `tmp`. The empty files there are spares the
+/// agent creates ahead of need; an instance being received always holds at least its file meta.
+pub fn partial_files(state_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(state_dir.join("tmp"))
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.metadata().is_ok_and(|m| m.len() > 0))
+        .map(|entry| entry.path())
+        .collect()
+}
+
 pub fn log_events(path: &Path, message: &str) -> Vec<serde_json::Value> {
     let Ok(file) = std::fs::File::open(path) else { return Vec::new() };
     BufReader::new(file)
