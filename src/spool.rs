@@ -1,9 +1,14 @@
 //! The on-disk spool: the truth for what was received.
 //!
-//! An instance is streamed into `<state>/tmp/` while it arrives, made durable (fdatasync), checked,
-//! and only then renamed into `<state>/spool/<study>/<series>/<sop>.dcm` and its directory synced.
-//! Only after that may the SCP answer Success, so an acknowledged instance survives a crash or a
-//! power cut. Path components come from UIDs that passed [`check_uid`], never from raw input.
+//! An instance is streamed into `<state>/tmp/` while it arrives, made durable (fdatasync) and
+//! checked, and only once both are done renamed into `<state>/spool/<study>/<series>/<sop>.dcm`
+//! and its directory synced. Only after that may the SCP answer Success, so an acknowledged
+//! instance survives a crash or a power cut. Path components come from UIDs that passed
+//! [`check_uid`], never from raw input.
+//!
+//! The sender waits for each answer, so the time from the last fragment to the answer is the
+//! agent's whole cost per instance. Disk writing starts while fragments arrive, the check runs
+//! while the disk finishes, and the temporary file was created before the instance arrived.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -256,7 +261,7 @@ const SPARE_FILES: usize = 4;
 struct TemporaryFiles {
     made: std::sync::Arc<SpareFiles>,
     /// One message per file taken; the maker thread ends when this is dropped.
-    taken: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+    taken: std::sync::mpsc::Sender<()>,
 }
 
 struct SpareFiles {
@@ -307,12 +312,12 @@ impl TemporaryFiles {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "no thread to create temporary files ahead; each C-STORE creates its own");
         }
-        TemporaryFiles { made, taken: std::sync::Mutex::new(taken) }
+        TemporaryFiles { made, taken }
     }
 
     fn take(&self) -> Result<(File, PathBuf), SpoolError> {
         let spare = self.made.ready().pop();
-        let _ = self.taken.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).send(());
+        let _ = self.taken.send(());
         match spare {
             Some(spare) => Ok(spare),
             None => self.made.create(),
