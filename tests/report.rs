@@ -283,6 +283,21 @@ fn sop_class(path: &Path) -> String {
         .to_string()
 }
 
+/// Whether a file the PACS received is an SR; false while storescp is still writing it (it
+/// writes in place, so a file polled too early is partial).
+fn is_received_sr(path: &Path) -> bool {
+    dicom_object::open_file(path)
+        .ok()
+        .and_then(|obj| {
+            obj.element(dicom_dictionary_std::tags::SOP_CLASS_UID)
+                .ok()?
+                .to_str()
+                .ok()
+                .map(|uid| uid.trim_end_matches('\0') == SR_STORAGE)
+        })
+        .unwrap_or(false)
+}
+
 const SEG_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
 const SR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 
@@ -337,8 +352,7 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
         &["--destination", destination.as_str()],
     );
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
-    let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
-    wait("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(is_sr));
+    wait("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(|p| is_received_sr(p)));
     std::thread::sleep(Duration::from_secs(1));
     let received = pacs.assert_each_once(1 + levels + 1 + levels + 1);
     let count = |uid: &str| received.iter().filter(|p| sop_class(p) == uid).count();
@@ -346,7 +360,7 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     assert_eq!(count(SEG_STORAGE), 1, "one SEG");
     assert_eq!(count("1.2.840.10008.5.1.4.1.1.7"), levels, "one Secondary Capture per level");
     let seg = received.iter().find(|p| sop_class(p) == SEG_STORAGE).unwrap();
-    let sr = received.iter().find(|p| is_sr(p)).unwrap();
+    let sr = received.iter().find(|p| sop_class(p) == SR_STORAGE).unwrap();
     // The SEG, the SR and every Secondary Capture (some on the sagittal image, where the model
     // saw a Schmorl's node) are valid.
     let captures = received.iter().filter(|p| sop_class(p) == "1.2.840.10008.5.1.4.1.1.7");
@@ -417,8 +431,7 @@ impl InterruptedJob {
     /// Waits for the SR, sent last, then checks that the PACS holds each object once: key
     /// slices, SEG, Secondary Captures, SR.
     fn assert_pacs_got_each_object_once(&self) {
-        let is_sr = |p: &PathBuf| sop_class(p) == SR_STORAGE;
-        wait("the SR", Duration::from_secs(180), || self.pacs.received().iter().any(is_sr));
+        wait("the SR", Duration::from_secs(180), || self.pacs.received().iter().any(|p| is_received_sr(p)));
         std::thread::sleep(Duration::from_secs(1));
         self.pacs.assert_each_once(1 + self.levels + 1 + self.levels + 1);
     }
