@@ -20,7 +20,7 @@ cargo build --release --quiet --bin idaics --example write_ct_series
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 # One series per round, all the same size but with their own UIDs: nothing is overwritten or
-# deleted while the clock runs. On ext4 without a journal (as on this project's CI machine), a
+# deleted while the clock runs. On ext4 without a journal (as on the development VM), a
 # new file skips every inode freed in the last minute, one by one; emptying the receivers'
 # directories between rounds made each round pay for the files of the one before.
 for r in $(seq 1 "$rounds"); do
@@ -52,8 +52,8 @@ mkdir -p "$work/storescp-big"
 TCP_NODELAY=1 storescp -aet IDAICS --max-pdu "$agent_pdu" --output-directory "$work/storescp-big" "$scp_big_port" &
 
 agent_port=$(port_free)
-# The series is never completed during the run: an analysis of round 1 would compete with round 2
-# for the two cores, and the spool is emptied between rounds under it.
+# The series are never completed during the run: an analysis of round 1 would compete with
+# round 2 for the two cores.
 IDAICS_LOGGING_LEVEL=warn IDAICS_DICOM_BIND_ADDRESS=127.0.0.1 IDAICS_LIMITS_MIN_FREE_DISK_MB=64 \
   IDAICS_LIMITS_MAX_PDU_LENGTH="$agent_pdu" IDAICS_HTTP_ENABLED=false \
   IDAICS_SERIES_COMPLETE_ON_RELEASE=false IDAICS_SERIES_QUIET_PERIOD_S=86400 IDAICS_SERIES_MAX_WAIT_S=86400 \
