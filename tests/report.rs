@@ -273,29 +273,20 @@ fn phantom_for_the_model(dir: &Path, seed: u64) -> (Vec<PathBuf>, idaics::phanto
 }
 
 fn sop_class(path: &Path) -> String {
-    dicom_object::open_file(path)
-        .unwrap()
-        .element(dicom_dictionary_std::tags::SOP_CLASS_UID)
-        .unwrap()
-        .to_str()
-        .unwrap()
-        .trim_end_matches('\0')
-        .to_string()
+    sop_class_if_readable(path).unwrap_or_else(|| panic!("{} is not a readable DICOM file", path.display()))
 }
 
-/// Whether a file the PACS received is an SR; false while storescp is still writing it (it
-/// writes in place, so a file polled too early is partial).
+/// None while storescp is still writing the file: it writes in place, so a file polled too early
+/// is partial.
+fn sop_class_if_readable(path: &Path) -> Option<String> {
+    let object = dicom_object::open_file(path).ok()?;
+    let uid = object.element(dicom_dictionary_std::tags::SOP_CLASS_UID).ok()?.to_str().ok()?;
+    Some(uid.trim_end_matches('\0').to_string())
+}
+
+/// Whether a file the PACS received is an SR; false while it is still being written.
 fn is_received_sr(path: &Path) -> bool {
-    dicom_object::open_file(path)
-        .ok()
-        .and_then(|obj| {
-            obj.element(dicom_dictionary_std::tags::SOP_CLASS_UID)
-                .ok()?
-                .to_str()
-                .ok()
-                .map(|uid| uid.trim_end_matches('\0') == SR_STORAGE)
-        })
-        .unwrap_or(false)
+    sop_class_if_readable(path).as_deref() == Some(SR_STORAGE)
 }
 
 const SEG_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";
