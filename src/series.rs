@@ -3,7 +3,8 @@
 //!
 //! DICOM has no "end of series" message, so completion is inferred: a quiet period with no new
 //! instance, or the release of the association that carried the series when its slices already
-//! form a contiguous stack, bounded by a maximum wait. Decisions are written to the series'
+//! form a contiguous stack (unless it came one association after another), bounded by a maximum
+//! wait. Decisions are written to the series'
 //! `series.json` in the spool, so a restarted agent neither repeats nor forgets them.
 
 use std::collections::{HashMap, HashSet};
@@ -62,7 +63,16 @@ enum Trigger {
 
 impl PendingSeries {
     fn new(study_uid: String, instances: HashMap<String, InstanceHeader>, revision: u32, now: Instant) -> Self {
-        PendingSeries { study_uid, instances, first_seen: now, last_seen: now, carried_by: HashSet::new(), revision }
+        PendingSeries {
+            study_uid,
+            instances,
+            first_seen: now,
+            last_seen: now,
+            carried_by: HashSet::new(),
+            revision,
+            carrier_ended: false,
+            sent_in_turns: false,
+        }
     }
 }
 
@@ -99,6 +109,30 @@ struct PendingSeries {
     last_seen: Instant,
     carried_by: HashSet<AssociationId>,
     revision: u32,
+    /// An association that carried some of it has ended while it was pending.
+    carrier_ended: bool,
+    /// It came over associations one after another: a new one started carrying it after an
+    /// earlier one that carried some of it had ended. Some senders (PACS routing rules, some
+    /// modalities, a `storescu` per file) open an association per instance. Every release then
+    /// shows a contiguous stack that is merely the part sent so far, so a release cannot mean
+    /// "the series is all here": such a series is decided by its quiet period. Kept across a
+    /// reopening, so a series sent that way is not decided again at each late instance.
+    sent_in_turns: bool,
+}
+
+/// A decided series: its instances and revision, to recognise resends and late additions.
+struct Decided {
+    sops: HashSet<String>,
+    revision: u32,
+    sent_in_turns: bool,
+}
+
+impl Decided {
+    /// From the spool after a restart. How the series was sent is not recorded there; the next
+    /// instances, if any, show it again.
+    fn recovered(sops: HashSet<String>, record: &SeriesRecord) -> Decided {
+        Decided { sops, revision: record.revision, sent_in_turns: false }
+    }
 }
 
 /// The outcome of looking at a series' geometry.
@@ -232,9 +266,9 @@ pub struct SeriesTracker {
     config: SeriesConfig,
     spool: Arc<Spool>,
     pending: HashMap<String, PendingSeries>,
-    /// Decided series: their instances and revision, to recognise resends and late additions.
-    /// A purged series keeps its revision with no instances: anything sent again reopens it.
-    decided: HashMap<String, (HashSet<String>, u32)>,
+    /// Decided series by UID. A purged series keeps its revision with no instances: anything
+    /// sent again reopens it.
+    decided: HashMap<String, Decided>,
     decisions: mpsc::UnboundedSender<DecidedSeries>,
 }
 
@@ -260,11 +294,11 @@ impl SeriesTracker {
             match &series.record {
                 // Removed by retention: remembered with its revision and no instances.
                 Some(record) if record.purged_at.is_some() && sops.is_empty() => {
-                    tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
+                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(sops, record));
                 }
                 // Instances of a removed series are ones sent again since: pending, below.
                 Some(record) if record.purged_at.is_none() && record.instances == sops.len() => {
-                    tracker.decided.insert(series.series_instance_uid.clone(), (sops, record.revision));
+                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(sops, record));
                 }
                 record => {
                     let instances = read_headers(series.instance_files.iter().map(|p| p.as_path()));
@@ -305,7 +339,12 @@ impl SeriesTracker {
                 let carried: Vec<String> = self
                     .pending
                     .iter_mut()
-                    .filter_map(|(uid, s)| s.carried_by.remove(&association).then(|| uid.clone()))
+                    .filter(|(_, s)| s.carried_by.contains(&association))
+                    .map(|(uid, s)| {
+                        s.carried_by.remove(&association);
+                        s.carrier_ended = true;
+                        uid.clone()
+                    })
                     .collect();
                 if released && self.config.complete_on_release {
                     for uid in carried {
@@ -323,7 +362,7 @@ impl SeriesTracker {
     /// is left. Not a series reopened since the database was asked (it is pending again), nor
     /// one this agent does not know as decided.
     fn purge(&mut self, study_uid: &str, series_uid: &str, asked_at: std::time::SystemTime, outputs: &Path) -> bool {
-        let Some((sops, _)) = self.decided.get_mut(series_uid) else { return false };
+        let Some(Decided { sops, .. }) = self.decided.get_mut(series_uid) else { return false };
         if sops.is_empty() {
             return true; // purged before; the database did not hear of it
         }
@@ -352,35 +391,41 @@ impl SeriesTracker {
     fn on_stored(&mut self, association: AssociationId, header: InstanceHeader) {
         let now = Instant::now();
         let series_uid = header.series_instance_uid.clone();
-        if let Some((sops, revision)) = self.decided.get(&series_uid) {
-            if sops.contains(&header.sop_instance_uid) {
+        if let Some(decided) = self.decided.get(&series_uid) {
+            if decided.sops.contains(&header.sop_instance_uid) {
                 tracing::debug!(series_uid = %series_uid, sop_uid = %header.sop_instance_uid, "resent instance of a decided series");
                 return;
             }
-            let revision = *revision;
-            let sops = self.decided.remove(&series_uid).map(|(s, _)| s).unwrap_or_default();
+            let decided = self.decided.remove(&series_uid).expect("just found");
             tracing::info!(series_uid = %series_uid, "new instance for a decided series: reopening it");
             let dir = self.spool.series_dir(&header.study_instance_uid, &series_uid);
-            let files: Vec<std::path::PathBuf> = sops.iter().map(|sop| dir.join(format!("{sop}.dcm"))).collect();
+            let files: Vec<std::path::PathBuf> =
+                decided.sops.iter().map(|sop| dir.join(format!("{sop}.dcm"))).collect();
             let instances = read_headers(files.iter().map(|p| p.as_path()));
-            self.pending.insert(
-                series_uid.clone(),
-                PendingSeries::new(header.study_instance_uid.clone(), instances, revision, now),
-            );
+            let mut reopened = PendingSeries::new(header.study_instance_uid.clone(), instances, decided.revision, now);
+            reopened.sent_in_turns = decided.sent_in_turns;
+            self.pending.insert(series_uid.clone(), reopened);
         }
         let series = self
             .pending
             .entry(series_uid)
             .or_insert_with(|| PendingSeries::new(header.study_instance_uid.clone(), HashMap::new(), 0, now));
         series.last_seen = now;
-        series.carried_by.insert(association);
+        if series.carried_by.insert(association) && series.carrier_ended && !series.sent_in_turns {
+            series.sent_in_turns = true;
+            tracing::info!(
+                series_uid = %header.series_instance_uid,
+                decided_by = "quiet period, not release",
+                "series arrives one association after another"
+            );
+        }
         series.instances.insert(header.sop_instance_uid.clone(), header);
     }
 
     fn try_complete_on_release(&mut self, series_uid: &str) {
         let Some(series) = self.pending.get(series_uid) else { return };
-        if !series.carried_by.is_empty() {
-            return; // another association is still sending this series
+        if !series.carried_by.is_empty() || series.sent_in_turns {
+            return; // another association is still sending it, or release says nothing of it
         }
         let headers: Vec<&InstanceHeader> = series.instances.values().collect();
         let stated_total = headers.iter().filter_map(|h| h.images_in_acquisition).max();
@@ -452,7 +497,10 @@ impl SeriesTracker {
             ),
         }
         let sops = series.instances.keys().cloned().collect();
-        self.decided.insert(series_uid.to_string(), (sops, record.revision));
+        self.decided.insert(
+            series_uid.to_string(),
+            Decided { sops, revision: record.revision, sent_in_turns: series.sent_in_turns },
+        );
         let dir = self.spool.series_dir(&record.study_instance_uid, series_uid);
         let _ = self.decisions.send(DecidedSeries { dir, record });
     }

@@ -80,6 +80,49 @@ fn generated_series_is_stored_whole_and_completed_once() {
     assert_eq!(rows[0]["instances"], 24);
 }
 
+/// Some senders open an association per instance. Each release then shows a contiguous stack
+/// that is only the part sent so far: such a series must be decided once, by its quiet period,
+/// not at every release (which analysed it, and sent objects, once per instance).
+#[test]
+fn a_series_sent_one_instance_per_association_is_decided_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 13, ..Default::default() })
+            .unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    let completions = |agent: &Agent| {
+        agent
+            .events("series complete")
+            .into_iter()
+            .filter(|e| e["fields"]["series_uid"] == series.series_uid.as_str())
+            .collect::<Vec<_>>()
+    };
+    let send_one_by_one = |files: &[PathBuf]| {
+        for file in files {
+            assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
+        }
+    };
+    // The last two slices are held back: they come after the first decision.
+    send_one_by_one(&series.files[..10]);
+    assert!(completions(&agent).is_empty(), "decided while it was still arriving:\n{}", agent.log());
+    agent.wait_for("quiet period", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!((record["trigger"].as_str(), record["slices"].as_u64()), (Some("quiet-period"), Some(10)), "{record}");
+    assert_eq!(agent.events("series arrives one association after another").len(), 1, "{}", agent.log());
+
+    // Late instances sent the same way reopen it once, not once each.
+    send_one_by_one(&series.files[10..]);
+    agent.wait_for("second decision", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some_and(|r| r["revision"] == 2)
+    });
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!((record["trigger"].as_str(), record["slices"].as_u64()), (Some("quiet-period"), Some(12)), "{record}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(completions(&agent).len(), 2, "log:\n{}", agent.log());
+}
+
 #[test]
 fn partial_series_waits_for_the_quiet_period_and_gappy_series_is_skipped() {
     let tmp = tempfile::tempdir().unwrap();
