@@ -149,6 +149,10 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
     if let Some(m) = instances.iter().filter_map(|h| h.modality.as_deref()).find(|m| *m != "CT") {
         return Assessment::Skip(format!("modality {m} is not CT"));
     }
+    // A PACS that forwards whole studies sends the agent's key slices (CT images) back to it.
+    if instances.iter().any(|h| h.manufacturer.as_deref() == Some(crate::report::MANUFACTURER)) {
+        return Assessment::Skip("objects made by IDAICS (its key slices), not analysed again".into());
+    }
     if instances.iter().any(|h| h.image_type.iter().any(|t| t == "LOCALIZER")) {
         return Assessment::Skip("localizer (scout) images".into());
     }
@@ -564,6 +568,7 @@ mod tests {
             series_instance_uid: "1.2.3.4".into(),
             transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
             modality: Some("CT".into()),
+            manufacturer: Some("SCANNER".into()),
             image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
             instance_number: Some(i as i32),
             image_position: Some([-100.0, -100.0, z]),
@@ -607,6 +612,14 @@ mod tests {
         let mut scout = vec![slice(0, 0.0), slice(1, 1.0)];
         scout[0].image_type = vec!["ORIGINAL".into(), "PRIMARY".into(), "LOCALIZER".into()];
         assert!(matches!(judge(&scout), Assessment::Skip(r) if r.contains("localizer")));
+
+        // The agent's own key slices, sent back by a PACS; a series made by another program
+        // whose name starts the same way is not.
+        let mut own: Vec<_> = (0..20).map(|i| slice(i, i as f64)).collect();
+        own.iter_mut().for_each(|h| h.manufacturer = Some(crate::report::MANUFACTURER.into()));
+        assert!(matches!(judge(&own), Assessment::Skip(r) if r.contains("made by IDAICS")));
+        own.iter_mut().for_each(|h| h.manufacturer = Some("IDAICS synthetic".into()));
+        assert_eq!(judge(&own), Assessment::Stack { slices: 20 });
 
         assert!(matches!(judge(&[slice(0, 0.0)]), Assessment::Skip(r) if r.contains("1 slice")));
 

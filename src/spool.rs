@@ -122,6 +122,9 @@ pub struct InstanceHeader {
     pub series_instance_uid: String,
     pub transfer_syntax_uid: String,
     pub modality: Option<String>,
+    /// To know the agent's own objects when they are sent back to it.
+    #[serde(default)]
+    pub manufacturer: Option<String>,
     pub image_type: Vec<String>,
     pub instance_number: Option<i32>,
     pub image_position: Option<[f64; 3]>,
@@ -168,6 +171,7 @@ impl InstanceHeader {
             series_instance_uid: uid(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
             transfer_syntax_uid: trim_uid(obj.meta().transfer_syntax()).to_string(),
             modality: text(tags::MODALITY),
+            manufacturer: text(tags::MANUFACTURER),
             image_type: text(tags::IMAGE_TYPE)
                 .map(|s| s.split('\\').map(|p| p.trim().to_string()).collect())
                 .unwrap_or_default(),

@@ -381,6 +381,18 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "highdicom: {}\n{text}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("segments {segments} ")), "{text}");
+
+    // A PACS that forwards whole studies sends the key slices, CT images, back to the agent: it
+    // knows them as its own and does not analyse them.
+    let key_slices: Vec<PathBuf> =
+        received.iter().filter(|p| sop_class(p) == "1.2.840.10008.5.1.4.1.1.2").cloned().collect();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &key_slices)).0, key_slices.len());
+    let header = idaics::spool::InstanceHeader::read(&key_slices[0]).unwrap();
+    let decided = |a: &Agent| a.series_record(&header.study_instance_uid, &header.series_instance_uid);
+    agent.wait_for("the key slices' series to be decided", Duration::from_secs(30), |a| decided(a).is_some());
+    let record = decided(&agent).unwrap();
+    assert_eq!(record["state"], "skipped", "{record}");
+    assert!(record["skip_reason"].as_str().unwrap().contains("made by IDAICS"), "{record}");
 }
 
 /// What the interrupted-job tests share: a phantom series for the model, a PACS and its

@@ -72,7 +72,7 @@ pub fn write(
         text(tags::SERIES_DATE, VR::DA, date),
         text(tags::SERIES_TIME, VR::TM, time),
         text(tags::MODALITY, VR::CS, "CT"),
-        text(tags::MANUFACTURER, VR::LO, "IDAICS"),
+        text(tags::MANUFACTURER, VR::LO, super::MANUFACTURER),
         text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
         text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
         text(tags::SERIES_DESCRIPTION, VR::LO, "IDAICS key slices"),

@@ -108,6 +108,10 @@ fn dicom_vr(tag: Tag) -> VR {
     }
 }
 
+/// Manufacturer (0008,0070) of every object the agent makes. The tracker knows its own objects by
+/// it when a PACS routes them back (see `series::assess`).
+pub const MANUFACTURER: &str = "IDAICS";
+
 /// Who made the objects.
 #[derive(Debug, Clone)]
 pub struct Algorithm {
@@ -195,7 +199,7 @@ pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject
 pub(crate) fn equipment_and_dates(algorithm: &Algorithm) -> Vec<DataElement<InMemDicomObject>> {
     let (date, time) = now_da_tm();
     vec![
-        text(tags::MANUFACTURER, VR::LO, "IDAICS"),
+        text(tags::MANUFACTURER, VR::LO, MANUFACTURER),
         text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
         text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "0"),
         text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),

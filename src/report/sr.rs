@@ -121,7 +121,7 @@ pub fn write(
             &derived_uid(&source.series_uid, weights, "device"),
         ),
         text_item("HAS OBS CONTEXT", code("121013", "DCM", "Device Observer Name"), &algorithm.name),
-        text_item("HAS OBS CONTEXT", code("121015", "DCM", "Device Observer Manufacturer"), "IDAICS"),
+        text_item("HAS OBS CONTEXT", code("121015", "DCM", "Device Observer Manufacturer"), super::MANUFACTURER),
         text_item("HAS OBS CONTEXT", code("121016", "DCM", "Device Observer Model Name"), &algorithm.name),
     ];
     let mut root = vec![code_item(
