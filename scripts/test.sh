@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: installs what the tests talk to (DCMTK for the
-# real DICOM peers, cmake for the CharLS JPEG-LS codec build, PostgreSQL whose server binaries the
-# database tests run as throwaway clusters, dicom3tools for dciodvfy, and a Python venv with
-# highdicom in target/pyenv), then runs every test.
+# real DICOM peers, Orthanc as a real PACS, cmake for the CharLS JPEG-LS codec build, PostgreSQL
+# whose server binaries the database tests run as throwaway clusters, dicom3tools for dciodvfy,
+# and a Python venv with highdicom in target/pyenv), then runs every test.
 # Usage: scripts/test.sh   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/ensure-packages.sh dcmtk cmake pkg-config postgresql dicom3tools python3-venv
+scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv
 
 # highdicom (PyPI) reads the agent's SR and SEG back in tests/report.rs.
 pyenv=target/pyenv

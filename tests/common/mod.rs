@@ -355,9 +355,23 @@ pub fn dataset_bytes(path: &Path) -> (Vec<u8>, String) {
 
 /// A plain HTTP GET on loopback: (status, body).
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    http_request(port, "GET", path, "")
+}
+
+/// A plain HTTP POST of a JSON body on loopback: (status, body).
+pub fn http_post(port: u16, path: &str, json: &str) -> (u16, String) {
+    http_request(port, "POST", path, json)
+}
+
+fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
