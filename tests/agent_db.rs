@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::postgres::Postgres;
-use common::{Agent, free_port, http_get as get, output_text, store_outcomes};
+use common::{Agent, free_port, http_get as get, output_text, store_outcomes, wait_until};
 use idaics::db::{Db, Table};
 use idaics::synthetic::{SeriesSpec, write_ct_series};
 
@@ -46,14 +46,6 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
 
 fn sample(samples: &[(String, f64)], series: &str) -> f64 {
     samples.iter().find(|(s, _)| s == series).unwrap_or_else(|| panic!("{series} not exported")).1
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -5,12 +5,12 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Agent, free_port, http_get, http_post, store_outcomes, storescu};
+use common::{
+    Agent, PHANTOM_MODEL, free_port, http_get, http_post, require_tool, store_outcomes, storescu, wait_until,
+};
 use idaics::phantom::{PhantomSpec, parse_levels, write_phantom};
-
-const PHANTOM_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
 
 /// An Orthanc server of its own, with the agent as a known modality; stopped on drop.
 struct Orthanc {
@@ -21,8 +21,7 @@ struct Orthanc {
 
 impl Orthanc {
     fn start(dir: &Path, agent_port: u16) -> Orthanc {
-        let found = Command::new("sh").args(["-c", "command -v Orthanc"]).output().is_ok_and(|o| o.status.success());
-        assert!(found, "Orthanc is not installed: the README's test command installs it (orthanc)");
+        require_tool("Orthanc");
         let (dicom_port, http_port) = (free_port(), free_port());
         std::fs::create_dir_all(dir).unwrap();
         let config = serde_json::json!({
@@ -45,7 +44,7 @@ impl Orthanc {
         let child =
             Command::new("Orthanc").arg(&config_path).stdout(Stdio::null()).stderr(log).spawn().expect("start Orthanc");
         let orthanc = Orthanc { child, dicom_port, http_port };
-        wait("Orthanc's REST API", Duration::from_secs(30), || {
+        wait_until("Orthanc's REST API", Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok() && orthanc.get("/system").0 == 200
         });
         orthanc
@@ -66,14 +65,6 @@ impl Drop for Orthanc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -117,7 +108,7 @@ fn orthanc_sends_a_series_and_files_the_results_under_its_study() {
     // Key slices (the sagittal and one axial per level), a SEG, a Secondary Capture per level
     // and the SR come back, and Orthanc files them all under the one patient and study.
     let expected = files.len() + (1 + levels) + 1 + levels + 1;
-    wait("the results in Orthanc", Duration::from_secs(240), || {
+    wait_until("the results in Orthanc", Duration::from_secs(240), || {
         orthanc.json("/statistics")["CountInstances"].as_u64() == Some(expected as u64)
     });
     std::thread::sleep(Duration::from_secs(2));

@@ -5,9 +5,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Agent, free_port, output_text, store_outcomes};
+use common::{Agent, PHANTOM_MODEL, free_port, output_text, store_outcomes, wait_until};
 use idaics::config::SeriesConfig;
 use idaics::phantom::{PhantomSpec, write_phantom};
 use idaics::report::{Algorithm, Source};
@@ -120,14 +120,6 @@ impl Drop for StoreScp {
     }
 }
 
-fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -143,7 +135,7 @@ fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     let out = agent.storescu(&[], &files);
     assert_eq!(store_outcomes(&out), (files.len(), 0), "{}", output_text(&out));
     // The folder destination gets everything; the DICOM one is retried.
-    wait("the folder destination", Duration::from_secs(60), || {
+    wait_until("the folder destination", Duration::from_secs(60), || {
         std::fs::read_dir(&folder).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).is_some_and(|series| {
             std::fs::read_dir(series.path())
                 .map(|r| r.flatten().filter(|f| f.file_name().to_string_lossy().ends_with(".dcm")).count())
@@ -153,12 +145,14 @@ fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     });
     // The two destinations have senders of their own: the failed attempt may be logged a moment
     // after the folder is full.
-    wait("a failed delivery", Duration::from_secs(30), || agent.log().contains("delivery failed; kept for a retry"));
+    wait_until("a failed delivery", Duration::from_secs(30), || {
+        agent.log().contains("delivery failed; kept for a retry")
+    });
     // Killed with objects in the outbox; restarted; the PACS comes up.
     agent.kill();
     let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
     let _agent = Agent::start_with_args(&state, &[], &args);
-    wait("delivery to the PACS", Duration::from_secs(90), || pacs.received().len() >= expected);
+    wait_until("delivery to the PACS", Duration::from_secs(90), || pacs.received().len() >= expected);
     std::thread::sleep(Duration::from_secs(2));
     let received = pacs.assert_each_once(expected);
     // The SR lists one measurement group per level of the phantom, with its site.
@@ -255,9 +249,6 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     assert!(text.contains("Artificial Intelligence"), "{text}");
 }
 
-/// The phantom test model (model/README.md): detections and masks from a real network.
-const PHANTOM_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
-
 /// A phantom on a grid the phantom model was trained on, with every abnormal class.
 fn phantom_for_the_model(dir: &Path, seed: u64) -> (Vec<PathBuf>, idaics::phantom::Truth) {
     let spec = PhantomSpec {
@@ -310,10 +301,12 @@ fn pacs_down_for_two_minutes_gets_everything_once() {
         &["--destination", destination.as_str()],
     );
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
-    wait("a failed delivery", Duration::from_secs(60), || agent.log().contains("delivery failed; kept for a retry"));
+    wait_until("a failed delivery", Duration::from_secs(60), || {
+        agent.log().contains("delivery failed; kept for a retry")
+    });
     std::thread::sleep(Duration::from_secs(120));
     let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
-    wait("delivery after the outage", Duration::from_secs(60), || pacs.received().len() >= expected);
+    wait_until("delivery after the outage", Duration::from_secs(60), || pacs.received().len() >= expected);
     std::thread::sleep(Duration::from_secs(3));
     let received = pacs.assert_each_once(expected);
     assert_eq!(received.iter().filter(|p| sop_class(p) == SEG_STORAGE).count(), 1, "the SEG arrived");
@@ -343,7 +336,7 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
         &["--destination", destination.as_str()],
     );
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
-    wait("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(|p| is_received_sr(p)));
+    wait_until("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(|p| is_received_sr(p)));
     std::thread::sleep(Duration::from_secs(1));
     let received = pacs.assert_each_once(1 + levels + 1 + levels + 1);
     let count = |uid: &str| received.iter().filter(|p| sop_class(p) == uid).count();
@@ -434,7 +427,7 @@ impl InterruptedJob {
     /// Waits for the SR, sent last, then checks that the PACS holds each object once: key
     /// slices, SEG, Secondary Captures, SR.
     fn assert_pacs_got_each_object_once(&self) {
-        wait("the SR", Duration::from_secs(180), || self.pacs.received().iter().any(|p| is_received_sr(p)));
+        wait_until("the SR", Duration::from_secs(180), || self.pacs.received().iter().any(|p| is_received_sr(p)));
         std::thread::sleep(Duration::from_secs(1));
         self.pacs.assert_each_once(1 + self.levels + 1 + self.levels + 1);
     }
@@ -552,7 +545,7 @@ fn a_failed_job_is_listed_with_its_reason_and_runs_again_when_retried() {
 
     let mut agent = Agent::start(&state, &[("IDAICS_SERIES_MAX_VOLUME_MB", "1")]);
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
-    wait("the job to fail", Duration::from_secs(60), || !jobs_in("failed").is_empty());
+    wait_until("the job to fail", Duration::from_secs(60), || !jobs_in("failed").is_empty());
     let failed = jobs_in("failed");
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["series_uid"], truth.series_uid.as_str());
@@ -569,7 +562,7 @@ fn a_failed_job_is_listed_with_its_reason_and_runs_again_when_retried() {
     let retried = jobs_cli(&["--retry", &id]);
     assert!(retried.status.success(), "{}", output_text(&retried));
     assert!(String::from_utf8_lossy(&retried.stdout).contains(&format!("job {id} queued again")));
-    wait("the retried job", Duration::from_secs(120), || !jobs_in("done").is_empty());
+    wait_until("the retried job", Duration::from_secs(120), || !jobs_in("done").is_empty());
     assert!(jobs_in("failed").is_empty());
     let findings = idaics_json(&state, &["findings"]);
     assert_eq!(findings["findings"].as_array().unwrap().len(), truth.levels.len());
@@ -606,7 +599,7 @@ fn retention_removes_a_delivered_series_and_a_resent_one_is_analysed_again() {
     };
     let removals = |a: &Agent| a.events("series removed from the spool after its retention period");
     let assert_removed = |agent: &Agent, revision: usize| {
-        wait("the removal", Duration::from_secs(120), || !removals(agent).is_empty());
+        wait_until("the removal", Duration::from_secs(120), || !removals(agent).is_empty());
         assert_eq!(removals(agent)[0]["fields"]["instances"], files.len(), "{}", agent.log());
         assert_eq!(instances_in(&spooled), 0);
         assert!(!outputs.exists(), "the job's objects are removed with the series");

@@ -20,7 +20,7 @@ pub fn shared_data() -> PathBuf {
     p
 }
 
-/// Fails the test (never skips it) when a DCMTK tool is missing.
+/// Fails the test (never skips it) when a tool it talks to (DCMTK, Orthanc) is missing.
 pub fn require_tool(name: &str) {
     let found = Command::new("sh")
         .arg("-c")
@@ -28,7 +28,19 @@ pub fn require_tool(name: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(found, "{name} is not installed: the README's test command installs it (dcmtk)");
+    assert!(found, "{name} is not installed: the README's test command installs it");
+}
+
+/// The phantom test model (model/README.md): detections and masks from a real network.
+pub const PHANTOM_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
+
+/// Polls `check` until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 pub fn free_port() -> u16 {
