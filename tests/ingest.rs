@@ -575,6 +575,43 @@ fn access_control_and_limits_reject_with_reasons() {
     assert!(small.echo());
 }
 
+/// What real peers send that the agent does not serve must leave a log line that says so: a PACS
+/// administrator reads the agent's log, not the peer's, when a send fails.
+#[test]
+fn requests_the_agent_does_not_serve_are_named_in_its_log() {
+    require_tool("findscu");
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    let series =
+        write_ct_series(&tmp.path().join("series"), &SeriesSpec { slices: 2, size: 64, seed: 8, ..Default::default() })
+            .unwrap();
+
+    // A user identity is ignored (access is by AE title and address) unless the sender insists
+    // on a positive response, which the agent does not give: that sender closes the association.
+    let plain = agent.storescu(&["--user", "alice", "--password", "secret"], &series.files[..1]);
+    assert_eq!(store_outcomes(&plain), (1, 0), "{}", output_text(&plain));
+    assert!(!agent.log().contains("positive user identity response"));
+    let insisting = agent.storescu(&["--user", "alice", "--password", "secret", "--pos-response"], &series.files[1..]);
+    assert!(!insisting.status.success(), "{}", output_text(&insisting));
+    assert!(agent.log().contains("the peer asks for a positive user identity response"), "{}", agent.log());
+    agent.wait_for("the hang-up in the log", Duration::from_secs(10), |a| {
+        a.log().contains("the peer closed the connection without releasing the association")
+    });
+
+    // A query is not a service of this agent: no context is accepted and the log names the query.
+    let find = std::process::Command::new("findscu")
+        .args(["-aec", AE, "-S", "-k", "QueryRetrieveLevel=STUDY", "127.0.0.1", &agent.port.to_string()])
+        .output()
+        .unwrap();
+    assert!(output_text(&find).contains("No Acceptable Presentation Contexts"), "{}", output_text(&find));
+    agent.wait_for("the refused query in the log", Duration::from_secs(10), |a| {
+        a.log().contains("no proposed presentation context is acceptable")
+    });
+    assert!(agent.log().contains("Study Root Query/Retrieve Information Model - FIND"), "{}", agent.log());
+    assert!(agent.echo());
+    assert_eq!(agent.spool_files().len(), 1);
+}
+
 #[test]
 fn association_limit_rejects_transiently_and_frees_the_slot() {
     use dicom_ul::association::client::ClientAssociationOptions;

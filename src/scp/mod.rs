@@ -204,8 +204,19 @@ impl AccessControl for AeTitlePolicy {
         this_ae_title: &str,
         calling_ae_title: &str,
         called_ae_title: &str,
-        _user_identity: Option<&UserIdentity>,
+        user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
+        // dicom-ul returns no user identity response, which PS3.7 D.3.3.7 allows an acceptor
+        // that does not authenticate users. A sender that insists on a positive response then
+        // closes the association itself; without this line the agent's log would show only a
+        // peer that hung up.
+        if let Some(identity) = user_identity.filter(|identity| identity.positive_response_requested()) {
+            tracing::warn!(
+                identity_type = ?identity.identity_type(),
+                "the peer asks for a positive user identity response; IDAICS does not authenticate users \
+                 (access is by AE title and peer address) and sends none, so the peer may close the association"
+            );
+        }
         if self.require_called_ae_title && called_ae_title.trim() != this_ae_title.trim() {
             tracing::warn!(called_ae = called_ae_title.trim(), "called AE title does not match ours; rejecting");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
@@ -358,6 +369,19 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
         .collect();
     tracing::info!(accepted_contexts = accepted.len(), "association accepted");
     tracing::debug!(contexts = ?accepted, "accepted presentation contexts");
+    if accepted.is_empty() {
+        let mut proposed: Vec<&str> = association
+            .presentation_contexts()
+            .iter()
+            .map(|pc| transfer_syntaxes::short_sop_name(&pc.abstract_syntax))
+            .collect();
+        proposed.dedup();
+        tracing::warn!(
+            ?proposed,
+            "no proposed presentation context is acceptable: IDAICS offers verification and storage only \
+             (see other_sop_classes and the accepted transfer syntaxes)"
+        );
+    }
 
     let mut session = Session {
         ctx: &ctx,
@@ -396,7 +420,16 @@ impl Session<'_> {
             let pdu = match association.receive().await {
                 Ok(pdu) => pdu,
                 Err(e) => {
-                    tracing::warn!(error = %e, "association broken or idle too long");
+                    match e {
+                        dicom_ul::association::Error::ConnectionClosed { .. } => {
+                            tracing::warn!("the peer closed the connection without releasing the association")
+                        }
+                        dicom_ul::association::Error::Timeout { .. } => tracing::warn!(
+                            idle_timeout_s = self.ctx.config.limits.idle_timeout().as_secs(),
+                            "nothing received within the idle timeout; aborting the association"
+                        ),
+                        e => tracing::warn!(error = %e, "association broken; aborting it"),
+                    }
                     let _ = abort(association).await;
                     return false;
                 }

@@ -30,13 +30,19 @@ pub fn name(uid: &str) -> &str {
     ACCEPTED.iter().find(|(u, _)| *u == uid).map_or(uid, |(_, n)| n)
 }
 
-/// Human-readable SOP class name for logs.
+/// Human-readable SOP class name for logs. Classes this agent never serves (a query, a
+/// retrieve) are named from the standard's registry, so a log says what the peer wanted.
 pub fn short_sop_name(uid: &str) -> &str {
+    use dicom_core::dictionary::UidDictionary;
     let uid = crate::spool::trim_uid(uid);
     if uid == dicom_dictionary_std::uids::VERIFICATION {
         return "Verification";
     }
-    STORAGE_SOP_CLASSES.iter().find(|(u, _)| *u == uid).map_or(uid, |(_, n)| n)
+    STORAGE_SOP_CLASSES
+        .iter()
+        .find(|(u, _)| *u == uid)
+        .map(|(_, n)| *n)
+        .unwrap_or_else(|| dicom_dictionary_std::StandardSopClassDictionary.by_uid(uid).map_or(uid, |entry| entry.name))
 }
 
 #[cfg(test)]
@@ -59,5 +65,7 @@ mod tests {
             assert!(STORAGE_SOP_CLASSES.iter().any(|(u, _)| u == uid));
         }
         assert_eq!(short_sop_name("1.2.840.10008.5.1.4.1.1.2"), "CT Image Storage");
+        assert_eq!(short_sop_name("1.2.840.10008.5.1.4.1.2.2.1"), "Study Root Query/Retrieve Information Model - FIND");
+        assert_eq!(short_sop_name("1.2.3.4"), "1.2.3.4");
     }
 }
