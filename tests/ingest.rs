@@ -608,6 +608,23 @@ fn requests_the_agent_does_not_serve_are_named_in_its_log() {
         a.log().contains("no proposed presentation context is acceptable")
     });
     assert!(agent.log().contains("Study Root Query/Retrieve Information Model - FIND"), "{}", agent.log());
+
+    // Not DICOM at all: a browser, and a peer set up for DICOM over TLS.
+    for (bytes, what) in [
+        (&b"GET / HTTP/1.1\r\nHost: pacs\r\n\r\n"[..], "an HTTP request"),
+        (&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01][..], "a TLS handshake"),
+    ] {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+        stream.write_all(bytes).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = stream.read(&mut [0u8; 16]);
+        agent.wait_for(what, Duration::from_secs(10), |a| {
+            a.events("not a DICOM association request; closing the connection")
+                .iter()
+                .any(|e| e["fields"]["what"].as_str().is_some_and(|w| w.starts_with(what)))
+        });
+    }
     assert!(agent.echo());
     assert_eq!(agent.spool_files().len(), 1);
 }

@@ -172,6 +172,38 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: wa
     }
 }
 
+/// What a connection that does not open with a PDU is, when its first bytes tell: a browser or a
+/// probe on the DICOM port, or a peer configured for DICOM over TLS, which this agent does not
+/// speak. dicom-ul would report these as a PDU of absurd length.
+fn not_dicom(first_bytes: &[u8]) -> Option<String> {
+    let &first = first_bytes.first()?;
+    if (0x01..=0x07).contains(&first) {
+        // A PDU type: an association request, or a protocol error dicom-ul answers with an abort.
+        return None;
+    }
+    let text = String::from_utf8_lossy(first_bytes);
+    Some(if ["GET ", "POST", "HEAD", "PUT ", "OPTI"].iter().any(|verb| text.starts_with(verb)) {
+        "an HTTP request".to_string()
+    } else if first == 0x16 {
+        "a TLS handshake (this agent accepts DICOM without TLS only)".to_string()
+    } else {
+        format!("a connection that opens with byte 0x{first:02X}, which is no PDU type")
+    })
+}
+
+/// An error with the chain of its causes: dicom-ul's top-level errors ("failed to receive pdu")
+/// leave out what an administrator needs (that the peer spoke HTTP, or sent an invalid PDU type).
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
 /// Reads the association request (so the peer is waiting for an answer) and rejects it.
 async fn reject(mut socket: TcpStream, result: AssociationRJResult, source: AssociationRJSource) {
     let mut header = [0u8; 6];
@@ -333,15 +365,27 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
         .await;
         return;
     }
+    let started = tokio::time::Instant::now();
+    let mut first_bytes = [0u8; 4];
+    if let Ok(Ok(seen)) =
+        tokio::time::timeout(ctx.config.limits.association_timeout(), socket.peek(&mut first_bytes)).await
+        && let Some(what) = not_dicom(&first_bytes[..seen])
+    {
+        ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(what, "not a DICOM association request; closing the connection");
+        rejected(&format!("not a DICOM association request: {what}"));
+        return;
+    }
     let options = association_options(&ctx.config);
-    let established =
-        tokio::time::timeout(ctx.config.limits.association_timeout(), options.establish_async(socket)).await;
+    let remaining = ctx.config.limits.association_timeout().saturating_sub(started.elapsed());
+    let established = tokio::time::timeout(remaining, options.establish_async(socket)).await;
     let mut association = match established {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
             ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %e, "association not established");
-            rejected(&format!("not established: {e}"));
+            let error = with_causes(&e);
+            tracing::warn!(%error, "association not established");
+            rejected(&format!("not established: {error}"));
             return;
         }
         Err(_) => {
@@ -428,7 +472,7 @@ impl Session<'_> {
                             idle_timeout_s = self.ctx.config.limits.idle_timeout().as_secs(),
                             "nothing received within the idle timeout; aborting the association"
                         ),
-                        e => tracing::warn!(error = %e, "association broken; aborting it"),
+                        e => tracing::warn!(error = %with_causes(&e), "association broken; aborting it"),
                     }
                     let _ = abort(association).await;
                     return false;
