@@ -6,7 +6,10 @@
 //! level index + 1, 0 elsewhere) and `manifest.json` says which condition each label holds.
 //! `model/tools/train_phantom.py` turns the label maps into YOLO polygons and trains.
 //!
-//!     cargo run --release --example phantom_dataset -- OUT_DIR [PHANTOMS] [FIRST_SEED]
+//!     cargo run --release --example phantom_dataset -- OUT_DIR [PHANTOMS] [FIRST_SEED] [SERIES_DIR]
+//!
+//! With SERIES_DIR the phantoms' DICOM series and truth.json stay there, one folder per seed,
+//! for `idaics evaluate`; without it they are deleted once sliced.
 
 use std::path::Path;
 
@@ -64,16 +67,18 @@ fn write_image(image: &SliceImage, labels: &DiscLabels, out: &Path, stem: &str) 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let out = Path::new(
-        args.first().ok_or_else(|| anyhow::anyhow!("usage: phantom_dataset OUT_DIR [PHANTOMS] [FIRST_SEED]"))?,
+        args.first()
+            .ok_or_else(|| anyhow::anyhow!("usage: phantom_dataset OUT_DIR [PHANTOMS] [FIRST_SEED] [SERIES_DIR]"))?,
     );
     let phantoms: u64 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(60);
     let first_seed: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let kept = args.get(3).map(Path::new);
     std::fs::create_dir_all(out)?;
     let scratch = tempfile::tempdir()?;
     let mut entries = Vec::new();
     for seed in first_seed..first_seed + phantoms {
         let spec = spec_for(seed);
-        let dir = scratch.path().join(seed.to_string());
+        let dir = kept.unwrap_or(scratch.path()).join(seed.to_string());
         let (series, _) = write_phantom(&dir, &spec)?;
         let volume = idaics::volume::load_series(&series.files, &Default::default())?;
         let analysis = idaics::pipeline::analyze(&volume, None)?;
@@ -84,7 +89,9 @@ fn main() -> anyhow::Result<()> {
         for (level, image) in analysis.levels.iter().zip(&analysis.axials) {
             entries.push(write_image(image, &labels, out, &format!("p{seed}_axial_{}", level.name.replace('/', "-")))?);
         }
-        std::fs::remove_dir_all(&dir)?;
+        if kept.is_none() {
+            std::fs::remove_dir_all(&dir)?;
+        }
         eprintln!("phantom {seed}: {} levels found", analysis.levels.len());
     }
     std::fs::write(out.join("manifest.json"), serde_json::to_vec_pretty(&json!({ "images": entries }))?)?;

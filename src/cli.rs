@@ -169,6 +169,25 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// The paper's figures (confusion matrix, accuracy, Cohen's kappa, per-class sensitivity,
+    /// specificity, PPV, NPV, Youden) for the findings on labelled CT series. Labels come from
+    /// each phantom's truth.json under the paths, or from --labels.
+    Evaluate {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// YOLOv8-seg weights to evaluate.
+        #[arg(long)]
+        weights: PathBuf,
+        /// CSV with a header and the columns series_uid,level,finding (level as "L4/L5", finding
+        /// normal, schmorl, bulge or protrusion), for series that are not phantoms.
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, value_enum, default_value_t = DetectFormat::Table)]
+        format: DetectFormat,
+    },
     /// List analysis jobs (state, attempts, which agent, why one failed); --retry queues failed
     /// jobs again once their cause is dealt with.
     Jobs {
@@ -317,6 +336,17 @@ pub fn main() -> anyhow::Result<()> {
                 truth.series_uid,
                 out.join("truth.json").display()
             );
+            Ok(())
+        }
+        Command::Evaluate { paths, weights, labels, device, format } => {
+            init_cli_logging();
+            let detector = crate::pipeline::Detector::load(&weights, &device)
+                .with_context(|| format!("cannot load {}", weights.display()))?;
+            let evaluation = evaluate(&paths, labels.as_deref(), &detector)?;
+            match format {
+                DetectFormat::Json => println!("{}", serde_json::to_string_pretty(&evaluation)?),
+                DetectFormat::Table => print!("{}", evaluation.table()),
+            }
             Ok(())
         }
         Command::Analyze { paths, out, format, png, weights, device } => {
@@ -532,40 +562,9 @@ fn analyze(
     png: bool,
     detector: Option<&crate::pipeline::Detector>,
 ) -> anyhow::Result<()> {
-    use std::collections::BTreeMap;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    // Every DICOM file under the paths, grouped by series.
-    let mut files = Vec::new();
-    for path in paths {
-        collect_files(path, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
-    }
-    let mut by_series: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    let mut nifti_files = Vec::new();
-    for file in files {
-        let name = file.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-        if name.ends_with(".nii") || name.ends_with(".nii.gz") {
-            nifti_files.push(file);
-            continue;
-        }
-        // Parsed only once its headers are known to be sane (see `spool::check_structure`).
-        let header =
-            crate::spool::check_structure(&file, u64::MAX).and_then(|_| crate::spool::InstanceHeader::read(&file));
-        match header {
-            Ok(h) => by_series.entry(h.series_instance_uid).or_default().push(file),
-            Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),
-        }
-    }
-    let config = crate::config::SeriesConfig::default();
     let mut report = Vec::new();
-    // A NIfTI file is one volume; it stands in for a series, named by its file.
-    let volumes = by_series
-        .into_iter()
-        .map(|(series_uid, files)| (series_uid, crate::volume::load_series(&files, &config).map_err(|e| e.to_string())))
-        .chain(nifti_files.into_iter().map(|path| {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            (name, crate::nifti::read(&path).map_err(|e| e.to_string()))
-        }));
-    for (series_uid, volume) in volumes {
+    for (series_uid, volume) in volumes_under(paths)? {
         let result = volume.and_then(|volume| {
             let analysis = crate::pipeline::analyze(&volume, detector).map_err(|e| e.to_string())?;
             if png {
@@ -620,6 +619,173 @@ fn analyze(
         }
     }
     Ok(())
+}
+
+/// The volumes under `paths`, one per DICOM series (named by its UID) and one per NIfTI file
+/// (named by the file), each loaded only when the iteration reaches it: a folder of many series
+/// never holds more than one in memory.
+fn volumes_under(
+    paths: &[PathBuf],
+) -> anyhow::Result<impl Iterator<Item = (String, Result<crate::volume::Volume, String>)>> {
+    use std::collections::BTreeMap;
+    let mut files = Vec::new();
+    for path in paths {
+        collect_files(path, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    let mut by_series: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+    let mut nifti_files = Vec::new();
+    for file in files {
+        let name = file.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+        if name.ends_with(".nii") || name.ends_with(".nii.gz") {
+            nifti_files.push(file);
+            continue;
+        }
+        // Parsed only once its headers are known to be sane (see `spool::check_structure`).
+        let header =
+            crate::spool::check_structure(&file, u64::MAX).and_then(|_| crate::spool::InstanceHeader::read(&file));
+        match header {
+            Ok(h) => by_series.entry(h.series_instance_uid).or_default().push(file),
+            Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),
+        }
+    }
+    let config = crate::config::SeriesConfig::default();
+    Ok(by_series
+        .into_iter()
+        .map(move |(series_uid, files)| {
+            (series_uid, crate::volume::load_series(&files, &config).map_err(|e| e.to_string()))
+        })
+        .chain(nifti_files.into_iter().map(|path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            (name, crate::nifti::read(&path).map_err(|e| e.to_string()))
+        })))
+}
+
+/// A disc's label: where it is when the label knows (a phantom's truth), and its class.
+struct Label {
+    level: String,
+    center_lps_mm: Option<[f64; 3]>,
+    class: &'static str,
+}
+
+/// How far a found disc may lie from a labelled centre and still be that disc: under half the
+/// height of the smallest lumbar vertebra, so a neighbour never matches.
+const LABEL_MATCH_MM: f64 = 12.0;
+
+/// Labels by series UID: every truth.json under the paths, then the CSV's rows.
+fn read_labels(
+    paths: &[PathBuf],
+    csv: Option<&std::path::Path>,
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<Label>>> {
+    fn truth_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path)?.flatten() {
+                truth_files(&entry.path(), out)?;
+            }
+        } else if path.file_name().is_some_and(|n| n == "truth.json") {
+            out.push(path.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut labels: std::collections::BTreeMap<String, Vec<Label>> = Default::default();
+    let mut found = Vec::new();
+    for path in paths {
+        truth_files(path, &mut found).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    for path in found {
+        let truth: crate::phantom::Truth = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("{}: not a phantom's truth.json", path.display()))?;
+        labels.entry(truth.series_uid).or_default().extend(truth.levels.into_iter().map(|disc| Label {
+            level: disc.name,
+            center_lps_mm: Some(disc.center_lps_mm),
+            class: disc.condition.class(),
+        }));
+    }
+    if let Some(csv) = csv {
+        let text = std::fs::read_to_string(csv).with_context(|| format!("cannot read {}", csv.display()))?;
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let header: Vec<String> =
+            lines.next().map(|(_, l)| l.split(',').map(|c| c.trim().to_lowercase()).collect()).unwrap_or_default();
+        if header != ["series_uid", "level", "finding"] {
+            anyhow::bail!("{}: the first line must be the header series_uid,level,finding", csv.display());
+        }
+        for (number, line) in lines {
+            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+            let [series, level, finding] = fields[..] else {
+                anyhow::bail!("{} line {}: expected 3 columns, found {}", csv.display(), number + 1, fields.len());
+            };
+            let class = crate::findings::canonical_class(finding).with_context(|| {
+                format!(
+                    "{} line {}: {finding:?} is not normal, schmorl, bulge or protrusion",
+                    csv.display(),
+                    number + 1
+                )
+            })?;
+            labels.entry(series.to_string()).or_default().push(Label {
+                level: level.to_string(),
+                center_lps_mm: None,
+                class,
+            });
+        }
+    }
+    Ok(labels)
+}
+
+/// Runs the analysis on every labelled series under the paths and scores its findings. A
+/// labelled disc is matched to a found one by position when its label has one (phantoms), by
+/// level name otherwise; a series the analysis skipped counts every labelled disc as not found.
+fn evaluate(
+    paths: &[PathBuf],
+    labels_csv: Option<&std::path::Path>,
+    detector: &crate::pipeline::Detector,
+) -> anyhow::Result<crate::evaluation::Evaluation> {
+    use crate::evaluation::{Evaluation, LevelOutcome, NOT_FOUND};
+    let mut labels = read_labels(paths, labels_csv)?;
+    if labels.is_empty() {
+        anyhow::bail!("no labels: no truth.json under the paths and no --labels file");
+    }
+    let mut outcomes = Vec::new();
+    let mut left_out = std::collections::BTreeMap::new();
+    for (series_uid, volume) in volumes_under(paths)? {
+        let Some(series_labels) = labels.remove(&series_uid) else {
+            left_out.insert(series_uid, "no labels".to_string());
+            continue;
+        };
+        let findings = match volume
+            .and_then(|volume| crate::pipeline::analyze(&volume, Some(detector)).map_err(|e| e.to_string()))
+        {
+            Ok(analysis) => analysis.findings,
+            Err(reason) => {
+                tracing::warn!(series = %series_uid, %reason, "not analysed; its labelled discs count as not found");
+                Vec::new()
+            }
+        };
+        for label in series_labels {
+            let matched = match label.center_lps_mm {
+                Some(center) => {
+                    let distance = |f: &&crate::findings::LevelFinding| {
+                        let d = crate::geometry::sub(f.level.center_lps_mm, center);
+                        crate::geometry::dot(d, d).sqrt()
+                    };
+                    findings
+                        .iter()
+                        .min_by(|a, b| distance(a).total_cmp(&distance(b)))
+                        .filter(|f| distance(f) <= LABEL_MATCH_MM)
+                }
+                None => findings.iter().find(|f| f.level.name == label.level),
+            };
+            outcomes.push(LevelOutcome {
+                series: series_uid.clone(),
+                level: label.level,
+                truth: label.class.to_string(),
+                predicted: matched.map_or(NOT_FOUND, |f| f.class).to_string(),
+                confidence: matched.map(|f| f.confidence),
+            });
+        }
+    }
+    for series_uid in labels.into_keys() {
+        left_out.insert(series_uid, "labelled, but not among the inputs".to_string());
+    }
+    Evaluation::from_outcomes(outcomes, left_out).map_err(anyhow::Error::msg)
 }
 
 /// The sagittal with a cross at each level, and each level's axial image, for a person to look at.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod detector;
+pub mod evaluation;
 pub mod findings;
 pub mod geometry;
 pub mod http;

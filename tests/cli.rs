@@ -181,3 +181,113 @@ fn demo_runs_a_phantom_study_through_the_agent_with_no_set_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an earlier demo's folder"));
     assert!(foreign.join("notes.txt").exists());
 }
+
+/// `evaluate` scores what `analyze` finds: phantoms by the position in their truth.json, other
+/// series by level name from a CSV, and names what it could not score.
+#[test]
+fn evaluate_scores_the_findings_analyze_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
+    let phantom = |name: &str, seed: &str, levels: &str| {
+        let path = dir.path().join(name);
+        let out = idaics(&[
+            "phantom",
+            "--out",
+            path.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--levels",
+            levels,
+            "--pixel-spacing",
+            "1",
+            "--slice-thickness",
+            "2",
+            "--size",
+            "256",
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let truth: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path.join("truth.json")).unwrap()).unwrap();
+        (path, truth)
+    };
+    // Labelled by its truth.json, matched by position.
+    let (by_position, truth_a) = phantom("a", "7002", "L4/L5=protrusion,L2/L3=bulge,L1/L2=schmorl");
+    // Labelled by a CSV, matched by level name; its truth.json is removed.
+    let (by_name, truth_b) = phantom("b", "7004", "L5/S1=bulge,L3/L4=protrusion,T12/L1=schmorl");
+    std::fs::remove_file(by_name.join("truth.json")).unwrap();
+    let mut csv = String::from("series_uid,level,finding\n");
+    for level in truth_b["levels"].as_array().unwrap() {
+        csv += &format!(
+            "{},{},{}\n",
+            truth_b["series_uid"].as_str().unwrap(),
+            level["name"].as_str().unwrap(),
+            level["condition"].as_str().unwrap()
+        );
+    }
+    csv += "1.2.826.0.1.3680043.2.1125.999,L4/L5,Protrusion\n";
+    let labels = dir.path().join("labels.csv");
+    std::fs::write(&labels, csv).unwrap();
+    // Not labelled at all.
+    let (unlabelled, truth_c) = phantom("c", "7005", "");
+    std::fs::remove_file(unlabelled.join("truth.json")).unwrap();
+
+    let inputs = [by_position.to_str().unwrap(), by_name.to_str().unwrap(), unlabelled.to_str().unwrap()];
+    let mut args = vec!["evaluate", "--weights", weights, "--device", "cpu", "--format", "json", "--labels"];
+    args.push(labels.to_str().unwrap());
+    args.extend(inputs);
+    let out = idaics(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let evaluation: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let mut args = vec!["analyze", "--weights", weights, "--device", "cpu", "--format", "json", "--out"];
+    let results = dir.path().join("results");
+    args.push(results.to_str().unwrap());
+    args.extend(&inputs[..2]);
+    let out = idaics(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let analysis: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    // Every labelled disc is scored once, with the class analyze reports for that level.
+    let outcomes = evaluation["levels"].as_array().unwrap();
+    assert_eq!(outcomes.len(), 12, "{evaluation:#}");
+    for (truth, truth_json) in [(&truth_a, "truth.json"), (&truth_b, "CSV")] {
+        let series = truth["series_uid"].as_str().unwrap();
+        let found = analysis["series"].as_array().unwrap().iter().find(|s| s["series_uid"] == series).unwrap();
+        for level in truth["levels"].as_array().unwrap() {
+            let name = level["name"].as_str().unwrap();
+            let outcome = outcomes.iter().find(|o| o["series"] == series && o["level"] == name).unwrap();
+            assert_eq!(outcome["truth"], level["condition"], "{series} {name} ({truth_json})");
+            let reported = found["levels"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap();
+            assert_eq!(outcome["predicted"], reported["finding"]["class"], "{series} {name} ({truth_json})");
+        }
+    }
+    let agreeing = outcomes.iter().filter(|o| o["truth"] == o["predicted"]).count() as u64;
+    assert_eq!(evaluation["correct"], agreeing);
+    assert_eq!(evaluation["total"], 12);
+    let counts: u64 = evaluation["confusion"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(counts, 12);
+    assert!((evaluation["accuracy"].as_f64().unwrap() - agreeing as f64 / 12.0).abs() < 1e-12);
+    // The phantom model gets most discs of unseen phantoms right (model/README.md).
+    assert!(agreeing >= 8, "{evaluation:#}");
+    let left_out = &evaluation["left_out"];
+    assert_eq!(left_out[truth_c["series_uid"].as_str().unwrap()], "no labels", "{left_out}");
+    assert_eq!(left_out["1.2.826.0.1.3680043.2.1125.999"], "labelled, but not among the inputs", "{left_out}");
+
+    // The table says the same, in the paper's layout.
+    let out = idaics(&["evaluate", "--weights", weights, "--device", "cpu", by_position.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("Cohen's kappa") && table.contains("sensitivity"), "{table}");
+
+    // A label file that is not one gets a message that says where.
+    std::fs::write(&labels, "series_uid,level,finding\n1.2.3,L4/L5,herniation\n").unwrap();
+    let out = idaics(&["evaluate", "--weights", weights, "--labels", labels.to_str().unwrap(), inputs[1]]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("herniation"), "{err}");
+}

@@ -1,0 +1,297 @@
+//! The paper's figures of merit for the agent's findings against labels: a confusion matrix
+//! (rows true, columns predicted), accuracy, Cohen's kappa, and one-vs-rest sensitivity,
+//! specificity, PPV, NPV and Youden index per class (Tables 1 and 2 of the IDAICS paper,
+//! ../shared/data/paper/idaics-tables.md).
+//!
+//! The agent can answer what the paper's classifier never had to: a level it looked at and could
+//! not classify (`undetermined`), and a labelled disc it did not find at all. Both are columns
+//! of their own, never rows, and both count against accuracy and sensitivity: leaving them out
+//! would report a figure for the easy levels only.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::findings::{BULGE, NORMAL, PROTRUSION, SCHMORL, UNDETERMINED};
+
+/// What a label can say, in the paper's order of definitions.
+pub const CLASSES: [&str; 4] = [NORMAL, SCHMORL, BULGE, PROTRUSION];
+
+/// The prediction for a labelled disc the agent did not locate.
+pub const NOT_FOUND: &str = "not found";
+
+/// Counts of (true, predicted) pairs over a fixed list of categories: the classes first, then
+/// whatever else predictions may say.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConfusionMatrix {
+    pub categories: Vec<String>,
+    /// `counts[true][predicted]`, indices into `categories`.
+    pub counts: Vec<Vec<u64>>,
+}
+
+/// One class against the rest. A figure whose denominator is zero (no such labels, or no such
+/// predictions) is `None`: there is nothing to measure, which is not the same as 0 or 1.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClassMetrics {
+    pub class: String,
+    pub labelled: u64,
+    pub predicted: u64,
+    pub sensitivity: Option<f64>,
+    pub specificity: Option<f64>,
+    pub ppv: Option<f64>,
+    pub npv: Option<f64>,
+    pub youden: Option<f64>,
+}
+
+impl ConfusionMatrix {
+    /// An empty matrix over `categories`, which must name every label and prediction to come.
+    pub fn new<S: Into<String>>(categories: impl IntoIterator<Item = S>) -> ConfusionMatrix {
+        let categories: Vec<String> = categories.into_iter().map(Into::into).collect();
+        let n = categories.len();
+        ConfusionMatrix { categories, counts: vec![vec![0; n]; n] }
+    }
+
+    /// The matrix the agent's evaluation fills: the four classes, `undetermined`, `not found`.
+    pub fn for_findings() -> ConfusionMatrix {
+        ConfusionMatrix::new(CLASSES.iter().copied().chain([UNDETERMINED, NOT_FOUND]))
+    }
+
+    fn index(&self, category: &str) -> Result<usize, String> {
+        self.categories
+            .iter()
+            .position(|c| c == category)
+            .ok_or_else(|| format!("{category:?} is not one of {}", self.categories.join(", ")))
+    }
+
+    pub fn add(&mut self, truth: &str, predicted: &str) -> Result<(), String> {
+        let (t, p) = (self.index(truth)?, self.index(predicted)?);
+        self.counts[t][p] += 1;
+        Ok(())
+    }
+
+    pub fn set(&mut self, truth: &str, predicted: &str, count: u64) -> Result<(), String> {
+        let (t, p) = (self.index(truth)?, self.index(predicted)?);
+        self.counts[t][p] = count;
+        Ok(())
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counts.iter().flatten().sum()
+    }
+
+    pub fn correct(&self) -> u64 {
+        (0..self.categories.len()).map(|i| self.counts[i][i]).sum()
+    }
+
+    fn row_sum(&self, i: usize) -> u64 {
+        self.counts[i].iter().sum()
+    }
+
+    fn column_sum(&self, j: usize) -> u64 {
+        self.counts.iter().map(|row| row[j]).sum()
+    }
+
+    /// Correct over all labelled discs; `None` with no labels.
+    pub fn accuracy(&self) -> Option<f64> {
+        ratio(self.correct(), self.total())
+    }
+
+    /// Cohen's kappa: agreement beyond what the two marginals would give by chance. Categories
+    /// only predictions use have an empty row, so they add disagreement and nothing by chance.
+    /// `None` with no labels, or when chance agreement is already total (one category used by
+    /// both sides for everything), where kappa is undefined.
+    pub fn kappa(&self) -> Option<f64> {
+        let total = self.total() as f64;
+        if total == 0.0 {
+            return None;
+        }
+        let observed = self.correct() as f64 / total;
+        let chance: f64 = (0..self.categories.len())
+            .map(|i| self.row_sum(i) as f64 * self.column_sum(i) as f64 / (total * total))
+            .sum();
+        (chance < 1.0).then(|| (observed - chance) / (1.0 - chance))
+    }
+
+    /// One-vs-rest figures for `class`.
+    pub fn class_metrics(&self, class: &str) -> Result<ClassMetrics, String> {
+        let i = self.index(class)?;
+        let total = self.total();
+        let true_positive = self.counts[i][i];
+        let labelled = self.row_sum(i);
+        let predicted = self.column_sum(i);
+        let false_negative = labelled - true_positive;
+        let false_positive = predicted - true_positive;
+        let true_negative = total - labelled - false_positive;
+        let sensitivity = ratio(true_positive, labelled);
+        let specificity = ratio(true_negative, true_negative + false_positive);
+        Ok(ClassMetrics {
+            class: class.to_string(),
+            labelled,
+            predicted,
+            sensitivity,
+            specificity,
+            ppv: ratio(true_positive, predicted),
+            npv: ratio(true_negative, true_negative + false_negative),
+            youden: sensitivity.zip(specificity).map(|(se, sp)| se + sp - 1.0),
+        })
+    }
+}
+
+fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
+    (denominator > 0).then(|| numerator as f64 / denominator as f64)
+}
+
+/// A labelled disc and what the agent said of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LevelOutcome {
+    pub series: String,
+    pub level: String,
+    pub truth: String,
+    pub predicted: String,
+    /// The finding's confidence; `None` when the disc was not found.
+    pub confidence: Option<f64>,
+}
+
+/// Everything `idaics evaluate` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub levels: Vec<LevelOutcome>,
+    pub confusion: ConfusionMatrix,
+    pub correct: u64,
+    pub total: u64,
+    pub accuracy: Option<f64>,
+    pub kappa: Option<f64>,
+    pub classes: Vec<ClassMetrics>,
+    /// Series with labels that were not among the inputs, and inputs without labels: neither
+    /// counts, and both are listed so a mistyped UID does not go unnoticed.
+    pub left_out: BTreeMap<String, String>,
+}
+
+impl Evaluation {
+    /// The figures for these outcomes; an outcome whose truth or prediction is no category of
+    /// [`ConfusionMatrix::for_findings`] is an error (a label file naming an unknown class).
+    pub fn from_outcomes(levels: Vec<LevelOutcome>, left_out: BTreeMap<String, String>) -> Result<Evaluation, String> {
+        let mut confusion = ConfusionMatrix::for_findings();
+        for outcome in &levels {
+            if !CLASSES.contains(&outcome.truth.as_str()) {
+                return Err(format!("{} {}: label {:?} is not a class", outcome.series, outcome.level, outcome.truth));
+            }
+            confusion.add(&outcome.truth, &outcome.predicted)?;
+        }
+        let classes = CLASSES.iter().map(|c| confusion.class_metrics(c)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Evaluation {
+            correct: confusion.correct(),
+            total: confusion.total(),
+            accuracy: confusion.accuracy(),
+            kappa: confusion.kappa(),
+            classes,
+            confusion,
+            levels,
+            left_out,
+        })
+    }
+
+    /// The paper's two tables, as text.
+    pub fn table(&self) -> String {
+        use std::fmt::Write;
+        let figure = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+        let mut out = String::new();
+        let width = self.confusion.categories.iter().map(String::len).max().unwrap_or(0).max(12);
+        let _ = write!(out, "{:<width$}", "true \\ predicted");
+        for c in &self.confusion.categories {
+            let _ = write!(out, " {c:>width$}");
+        }
+        out.push('\n');
+        for (i, row) in self.confusion.counts.iter().enumerate().take(CLASSES.len()) {
+            let _ = write!(out, "{:<width$}", self.confusion.categories[i]);
+            for count in row {
+                let _ = write!(out, " {count:>width$}");
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "\naccuracy {}/{} = {}; Cohen's kappa {}\n",
+            self.correct,
+            self.total,
+            self.accuracy.map_or_else(|| "-".to_string(), |a| format!("{:.1}%", a * 100.0)),
+            figure(self.kappa)
+        );
+        let _ = writeln!(
+            out,
+            "{:<12} {:>8} {:>9} {:>11} {:>11} {:>7} {:>7} {:>7}",
+            "class", "labelled", "predicted", "sensitivity", "specificity", "PPV", "NPV", "Youden"
+        );
+        for m in &self.classes {
+            let _ = writeln!(
+                out,
+                "{:<12} {:>8} {:>9} {:>11} {:>11} {:>7} {:>7} {:>7}",
+                m.class,
+                m.labelled,
+                m.predicted,
+                figure(m.sensitivity),
+                figure(m.specificity),
+                figure(m.ppv),
+                figure(m.npv),
+                figure(m.youden)
+            );
+        }
+        for (series, why) in &self.left_out {
+            let _ = writeln!(out, "left out: {series}: {why}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perfect_agreement_and_chance_agreement() {
+        let mut m = ConfusionMatrix::for_findings();
+        for class in CLASSES {
+            m.add(class, class).unwrap();
+            m.add(class, class).unwrap();
+        }
+        assert_eq!(m.accuracy(), Some(1.0));
+        assert!((m.kappa().unwrap() - 1.0).abs() < 1e-12);
+
+        // Everything called normal: the normal labels are right, and kappa is 0, no better
+        // than chance.
+        let mut m = ConfusionMatrix::for_findings();
+        for class in CLASSES {
+            m.add(class, NORMAL).unwrap();
+        }
+        assert_eq!(m.accuracy(), Some(0.25));
+        assert!(m.kappa().unwrap().abs() < 1e-12);
+        let normal = m.class_metrics(NORMAL).unwrap();
+        assert_eq!((normal.sensitivity, normal.specificity), (Some(1.0), Some(0.0)));
+        let bulge = m.class_metrics(BULGE).unwrap();
+        assert_eq!((bulge.sensitivity, bulge.ppv), (Some(0.0), None));
+    }
+
+    #[test]
+    fn misses_count_against_accuracy_and_sensitivity() {
+        let mut m = ConfusionMatrix::for_findings();
+        m.add(BULGE, BULGE).unwrap();
+        m.add(BULGE, NOT_FOUND).unwrap();
+        m.add(PROTRUSION, UNDETERMINED).unwrap();
+        m.add(PROTRUSION, PROTRUSION).unwrap();
+        assert_eq!(m.accuracy(), Some(0.5));
+        let bulge = m.class_metrics(BULGE).unwrap();
+        assert_eq!((bulge.sensitivity, bulge.ppv, bulge.specificity), (Some(0.5), Some(1.0), Some(1.0)));
+        assert!(m.add("herniation", BULGE).is_err());
+        let e = Evaluation::from_outcomes(
+            vec![LevelOutcome {
+                series: "1.2".into(),
+                level: "L4/L5".into(),
+                truth: UNDETERMINED.into(),
+                predicted: BULGE.into(),
+                confidence: Some(0.5),
+            }],
+            BTreeMap::new(),
+        );
+        assert!(e.unwrap_err().contains("is not a class"));
+    }
+}
