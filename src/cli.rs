@@ -564,8 +564,9 @@ fn analyze(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut report = Vec::new();
-    for (series_uid, volume) in volumes_under(paths)? {
-        let result = volume.and_then(|volume| {
+    for source in volumes_under(paths)? {
+        let series_uid = source.name();
+        let result = source.load().and_then(|volume| {
             let analysis = crate::pipeline::analyze(&volume, detector).map_err(|e| e.to_string())?;
             if png {
                 write_pngs(&volume, &analysis.levels, &out.join(&series_uid))
@@ -621,12 +622,35 @@ fn analyze(
     Ok(())
 }
 
-/// The volumes under `paths`, one per DICOM series (named by its UID) and one per NIfTI file
-/// (named by the file), each loaded only when the iteration reaches it: a folder of many series
-/// never holds more than one in memory.
-fn volumes_under(
-    paths: &[PathBuf],
-) -> anyhow::Result<impl Iterator<Item = (String, Result<crate::volume::Volume, String>)>> {
+/// A volume under the paths, not loaded yet: a DICOM series (named by its UID) or a NIfTI file
+/// (named by the file). Loading one at a time keeps a folder of many series to one in memory.
+enum VolumeSource {
+    Series { uid: String, files: Vec<PathBuf> },
+    Nifti { path: PathBuf },
+}
+
+impl VolumeSource {
+    fn name(&self) -> String {
+        match self {
+            VolumeSource::Series { uid, .. } => uid.clone(),
+            VolumeSource::Nifti { path } => {
+                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            }
+        }
+    }
+
+    fn load(&self) -> Result<crate::volume::Volume, String> {
+        match self {
+            VolumeSource::Series { files, .. } => {
+                crate::volume::load_series(files, &crate::config::SeriesConfig::default()).map_err(|e| e.to_string())
+            }
+            VolumeSource::Nifti { path } => crate::nifti::read(path).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The volumes under `paths`: DICOM files grouped by series, then NIfTI files.
+fn volumes_under(paths: &[PathBuf]) -> anyhow::Result<Vec<VolumeSource>> {
     use std::collections::BTreeMap;
     let mut files = Vec::new();
     for path in paths {
@@ -648,34 +672,18 @@ fn volumes_under(
             Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),
         }
     }
-    let config = crate::config::SeriesConfig::default();
     Ok(by_series
         .into_iter()
-        .map(move |(series_uid, files)| {
-            (series_uid, crate::volume::load_series(&files, &config).map_err(|e| e.to_string()))
-        })
-        .chain(nifti_files.into_iter().map(|path| {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            (name, crate::nifti::read(&path).map_err(|e| e.to_string()))
-        })))
+        .map(|(uid, files)| VolumeSource::Series { uid, files })
+        .chain(nifti_files.into_iter().map(|path| VolumeSource::Nifti { path }))
+        .collect())
 }
-
-/// A disc's label: where it is when the label knows (a phantom's truth), and its class.
-struct Label {
-    level: String,
-    center_lps_mm: Option<[f64; 3]>,
-    class: &'static str,
-}
-
-/// How far a found disc may lie from a labelled centre and still be that disc: under half the
-/// height of the smallest lumbar vertebra, so a neighbour never matches.
-const LABEL_MATCH_MM: f64 = 12.0;
 
 /// Labels by series UID: every truth.json under the paths, then the CSV's rows.
 fn read_labels(
     paths: &[PathBuf],
     csv: Option<&std::path::Path>,
-) -> anyhow::Result<std::collections::BTreeMap<String, Vec<Label>>> {
+) -> anyhow::Result<std::collections::BTreeMap<String, Vec<crate::evaluation::Label>>> {
     fn truth_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         if path.is_dir() {
             for entry in std::fs::read_dir(path)?.flatten() {
@@ -686,6 +694,7 @@ fn read_labels(
         }
         Ok(())
     }
+    use crate::evaluation::Label;
     let mut labels: std::collections::BTreeMap<String, Vec<Label>> = Default::default();
     let mut found = Vec::new();
     for path in paths {
@@ -738,19 +747,21 @@ fn evaluate(
     labels_csv: Option<&std::path::Path>,
     detector: &crate::pipeline::Detector,
 ) -> anyhow::Result<crate::evaluation::Evaluation> {
-    use crate::evaluation::{Evaluation, LevelOutcome, NOT_FOUND};
+    use crate::evaluation::{Evaluation, score_series};
     let mut labels = read_labels(paths, labels_csv)?;
     if labels.is_empty() {
         anyhow::bail!("no labels: no truth.json under the paths and no --labels file");
     }
     let mut outcomes = Vec::new();
     let mut left_out = std::collections::BTreeMap::new();
-    for (series_uid, volume) in volumes_under(paths)? {
+    for source in volumes_under(paths)? {
+        let series_uid = source.name();
         let Some(series_labels) = labels.remove(&series_uid) else {
             left_out.insert(series_uid, "no labels".to_string());
             continue;
         };
-        let findings = match volume
+        let findings = match source
+            .load()
             .and_then(|volume| crate::pipeline::analyze(&volume, Some(detector)).map_err(|e| e.to_string()))
         {
             Ok(analysis) => analysis.findings,
@@ -759,28 +770,7 @@ fn evaluate(
                 Vec::new()
             }
         };
-        for label in series_labels {
-            let matched = match label.center_lps_mm {
-                Some(center) => {
-                    let distance = |f: &&crate::findings::LevelFinding| {
-                        let d = crate::geometry::sub(f.level.center_lps_mm, center);
-                        crate::geometry::dot(d, d).sqrt()
-                    };
-                    findings
-                        .iter()
-                        .min_by(|a, b| distance(a).total_cmp(&distance(b)))
-                        .filter(|f| distance(f) <= LABEL_MATCH_MM)
-                }
-                None => findings.iter().find(|f| f.level.name == label.level),
-            };
-            outcomes.push(LevelOutcome {
-                series: series_uid.clone(),
-                level: label.level,
-                truth: label.class.to_string(),
-                predicted: matched.map_or(NOT_FOUND, |f| f.class).to_string(),
-                confidence: matched.map(|f| f.confidence),
-            });
-        }
+        outcomes.extend(score_series(&series_uid, series_labels, &findings));
     }
     for series_uid in labels.into_keys() {
         left_out.insert(series_uid, "labelled, but not among the inputs".to_string());

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::findings::{BULGE, NORMAL, PROTRUSION, SCHMORL, UNDETERMINED};
+use crate::findings::{BULGE, LevelFinding, NORMAL, PROTRUSION, SCHMORL, UNDETERMINED};
 
 /// What a label can say, in the paper's order of definitions.
 pub const CLASSES: [&str; 4] = [NORMAL, SCHMORL, BULGE, PROTRUSION];
@@ -139,6 +139,49 @@ impl ConfusionMatrix {
 
 fn ratio(numerator: u64, denominator: u64) -> Option<f64> {
     (denominator > 0).then(|| numerator as f64 / denominator as f64)
+}
+
+/// A disc's label: its level, where it is when the label knows (a phantom's truth), its class.
+#[derive(Debug, Clone)]
+pub struct Label {
+    pub level: String,
+    pub center_lps_mm: Option<[f64; 3]>,
+    pub class: &'static str,
+}
+
+/// How far a found disc may lie from a labelled centre and still be that disc: well under half
+/// the distance between neighbouring lumbar discs (30 mm and more), so a neighbour never matches.
+pub const LABEL_MATCH_MM: f64 = 12.0;
+
+/// Scores one series: each label against the finding of the same disc, found by position when
+/// the label has one (the level naming is then not what is measured), by level name otherwise.
+/// A label without its disc among the findings is [`NOT_FOUND`].
+pub fn score_series(series: &str, labels: Vec<Label>, findings: &[LevelFinding]) -> Vec<LevelOutcome> {
+    labels
+        .into_iter()
+        .map(|label| {
+            let matched = match label.center_lps_mm {
+                Some(center) => {
+                    let distance = |f: &LevelFinding| {
+                        let d = crate::geometry::sub(f.level.center_lps_mm, center);
+                        crate::geometry::dot(d, d).sqrt()
+                    };
+                    findings
+                        .iter()
+                        .min_by(|a, b| distance(a).total_cmp(&distance(b)))
+                        .filter(|f| distance(f) <= LABEL_MATCH_MM)
+                }
+                None => findings.iter().find(|f| f.level.name == label.level),
+            };
+            LevelOutcome {
+                series: series.to_string(),
+                level: label.level,
+                truth: label.class.to_string(),
+                predicted: matched.map_or(NOT_FOUND, |f| f.class).to_string(),
+                confidence: matched.map(|f| f.confidence),
+            }
+        })
+        .collect()
 }
 
 /// A labelled disc and what the agent said of it.
@@ -269,6 +312,40 @@ mod tests {
         assert_eq!((normal.sensitivity, normal.specificity), (Some(1.0), Some(0.0)));
         let bulge = m.class_metrics(BULGE).unwrap();
         assert_eq!((bulge.sensitivity, bulge.ppv), (Some(0.0), None));
+    }
+
+    #[test]
+    fn labels_find_their_disc_by_position_or_by_name() {
+        let finding = |name: &str, z: f64, class: &'static str| {
+            let level = crate::spine::DiscLevel {
+                name: name.into(),
+                name_certain: true,
+                center_lps_mm: [0.0, 0.0, z],
+                normal: [0.0, 0.0, 1.0],
+            };
+            LevelFinding { class, ..LevelFinding::undetermined(&level) }
+        };
+        // The locator named the discs one level off: position still finds the right ones.
+        let findings = [finding("L4/L5", 0.0, BULGE), finding("L3/L4", 35.0, NORMAL)];
+        let label = |level: &str, z: Option<f64>, class| Label {
+            level: level.into(),
+            center_lps_mm: z.map(|z| [0.0, 3.0, z]),
+            class,
+        };
+        let outcomes = score_series(
+            "1.2",
+            vec![
+                label("L5/S1", Some(4.0), BULGE),
+                label("L4/L5", Some(31.0), PROTRUSION),
+                label("L2/L3", Some(70.0), NORMAL),
+                label("L3/L4", None, NORMAL),
+                label("T12/L1", None, SCHMORL),
+            ],
+            &findings,
+        );
+        let predicted: Vec<&str> = outcomes.iter().map(|o| o.predicted.as_str()).collect();
+        assert_eq!(predicted, [BULGE, NORMAL, NOT_FOUND, NORMAL, NOT_FOUND]);
+        assert_eq!(outcomes[2].confidence, None);
     }
 
     #[test]
