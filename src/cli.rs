@@ -775,7 +775,7 @@ fn evaluate(
     for series_uid in labels.into_keys() {
         left_out.insert(series_uid, "labelled, but not among the inputs".to_string());
     }
-    Evaluation::from_outcomes(outcomes, left_out).map_err(anyhow::Error::msg)
+    Ok(Evaluation::from_outcomes(outcomes, left_out)?)
 }
 
 /// The sagittal with a cross at each level, and each level's axial image, for a person to look at.

@@ -14,6 +14,14 @@ use serde::Serialize;
 
 use crate::findings::{BULGE, LevelFinding, NORMAL, PROTRUSION, SCHMORL, UNDETERMINED};
 
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluationError {
+    #[error("{category:?} is not one of {known}")]
+    UnknownCategory { category: String, known: String },
+    #[error("{series} {level}: label {label:?} is not one of normal, schmorl, bulge, protrusion")]
+    LabelNotAClass { series: String, level: String, label: String },
+}
+
 /// What a label can say, in the paper's order of definitions.
 pub const CLASSES: [&str; 4] = [NORMAL, SCHMORL, BULGE, PROTRUSION];
 
@@ -56,20 +64,20 @@ impl ConfusionMatrix {
         ConfusionMatrix::new(CLASSES.iter().copied().chain([UNDETERMINED, NOT_FOUND]))
     }
 
-    fn index(&self, category: &str) -> Result<usize, String> {
-        self.categories
-            .iter()
-            .position(|c| c == category)
-            .ok_or_else(|| format!("{category:?} is not one of {}", self.categories.join(", ")))
+    fn index(&self, category: &str) -> Result<usize, EvaluationError> {
+        self.categories.iter().position(|c| c == category).ok_or_else(|| EvaluationError::UnknownCategory {
+            category: category.to_string(),
+            known: self.categories.join(", "),
+        })
     }
 
-    pub fn add(&mut self, truth: &str, predicted: &str) -> Result<(), String> {
+    pub fn add(&mut self, truth: &str, predicted: &str) -> Result<(), EvaluationError> {
         let (t, p) = (self.index(truth)?, self.index(predicted)?);
         self.counts[t][p] += 1;
         Ok(())
     }
 
-    pub fn set(&mut self, truth: &str, predicted: &str, count: u64) -> Result<(), String> {
+    pub fn set(&mut self, truth: &str, predicted: &str, count: u64) -> Result<(), EvaluationError> {
         let (t, p) = (self.index(truth)?, self.index(predicted)?);
         self.counts[t][p] = count;
         Ok(())
@@ -113,7 +121,7 @@ impl ConfusionMatrix {
     }
 
     /// One-vs-rest figures for `class`.
-    pub fn class_metrics(&self, class: &str) -> Result<ClassMetrics, String> {
+    pub fn class_metrics(&self, class: &str) -> Result<ClassMetrics, EvaluationError> {
         let i = self.index(class)?;
         let total = self.total();
         let true_positive = self.counts[i][i];
@@ -213,11 +221,18 @@ pub struct Evaluation {
 impl Evaluation {
     /// The figures for these outcomes; an outcome whose truth or prediction is no category of
     /// [`ConfusionMatrix::for_findings`] is an error (a label file naming an unknown class).
-    pub fn from_outcomes(levels: Vec<LevelOutcome>, left_out: BTreeMap<String, String>) -> Result<Evaluation, String> {
+    pub fn from_outcomes(
+        levels: Vec<LevelOutcome>,
+        left_out: BTreeMap<String, String>,
+    ) -> Result<Evaluation, EvaluationError> {
         let mut confusion = ConfusionMatrix::for_findings();
         for outcome in &levels {
             if !CLASSES.contains(&outcome.truth.as_str()) {
-                return Err(format!("{} {}: label {:?} is not a class", outcome.series, outcome.level, outcome.truth));
+                return Err(EvaluationError::LabelNotAClass {
+                    series: outcome.series.clone(),
+                    level: outcome.level.clone(),
+                    label: outcome.truth.clone(),
+                });
             }
             confusion.add(&outcome.truth, &outcome.predicted)?;
         }
@@ -369,6 +384,6 @@ mod tests {
             }],
             BTreeMap::new(),
         );
-        assert!(e.unwrap_err().contains("is not a class"));
+        assert!(e.unwrap_err().to_string().contains("is not one of normal"));
     }
 }
