@@ -68,12 +68,20 @@ impl PendingSeries {
             instances,
             first_seen: now,
             last_seen: now,
-            carried_by: HashSet::new(),
+            carried_by: HashMap::new(),
             revision,
             carrier_ended: false,
             sent_in_turns: false,
         }
     }
+}
+
+fn log_sent_in_turns(series_uid: &str) {
+    tracing::info!(
+        series_uid,
+        decided_by = "quiet period, not release",
+        "series arrives one association after another"
+    );
 }
 
 /// Headers of spooled files by SOP instance UID; unreadable files are logged and left out.
@@ -107,12 +115,14 @@ struct PendingSeries {
     instances: HashMap<String, InstanceHeader>,
     first_seen: Instant,
     last_seen: Instant,
-    carried_by: HashSet<AssociationId>,
+    /// The open associations carrying it, with how many of its instances each has brought.
+    carried_by: HashMap<AssociationId, usize>,
     revision: u32,
     /// An association that carried some of it has ended while it was pending.
     carrier_ended: bool,
     /// It came over associations one after another: a new one started carrying it after an
-    /// earlier one that carried some of it had ended. Some senders (PACS routing rules, some
+    /// earlier one that carried some of it had ended, or one released after bringing a single
+    /// instance of it. Some senders (PACS routing rules, some
     /// modalities, a `storescu` per file) open an association per instance. Every release then
     /// shows a contiguous stack that is merely the part sent so far, so a release cannot mean
     /// "the series is all here": such a series is decided by its quiet period. Kept across a
@@ -340,19 +350,18 @@ impl SeriesTracker {
         match event {
             TrackerEvent::Stored { association, header } => self.on_stored(association, *header),
             TrackerEvent::AssociationEnded { association, released } => {
-                let carried: Vec<String> = self
+                let carried: Vec<(String, usize)> = self
                     .pending
                     .iter_mut()
-                    .filter(|(_, s)| s.carried_by.contains(&association))
-                    .map(|(uid, s)| {
-                        s.carried_by.remove(&association);
+                    .filter_map(|(uid, s)| {
+                        let brought = s.carried_by.remove(&association)?;
                         s.carrier_ended = true;
-                        uid.clone()
+                        Some((uid.clone(), brought))
                     })
                     .collect();
                 if released && self.config.complete_on_release {
-                    for uid in carried {
-                        self.try_complete_on_release(&uid);
+                    for (uid, brought) in carried {
+                        self.try_complete_on_release(&uid, brought);
                     }
                 }
             }
@@ -415,21 +424,28 @@ impl SeriesTracker {
             .entry(series_uid)
             .or_insert_with(|| PendingSeries::new(header.study_instance_uid.clone(), HashMap::new(), 0, now));
         series.last_seen = now;
-        if series.carried_by.insert(association) && series.carrier_ended && !series.sent_in_turns {
+        let brought = series.carried_by.entry(association).or_default();
+        *brought += 1;
+        if *brought == 1 && series.carrier_ended && !series.sent_in_turns {
             series.sent_in_turns = true;
-            tracing::info!(
-                series_uid = %header.series_instance_uid,
-                decided_by = "quiet period, not release",
-                "series arrives one association after another"
-            );
+            log_sent_in_turns(&header.series_instance_uid);
         }
         series.instances.insert(header.sop_instance_uid.clone(), header);
     }
 
-    fn try_complete_on_release(&mut self, series_uid: &str) {
-        let Some(series) = self.pending.get(series_uid) else { return };
+    /// `brought`: how many of the series' instances the released association carried.
+    fn try_complete_on_release(&mut self, series_uid: &str, brought: usize) {
+        let Some(series) = self.pending.get_mut(series_uid) else { return };
         if !series.carried_by.is_empty() || series.sent_in_turns {
             return; // another association is still sending it, or release says nothing of it
+        }
+        if brought == 1 && series.instances.len() > 1 {
+            // One instance of a larger series, then a release: a sender that opens an association
+            // per instance. The tracker usually sees that from the associations before, but not
+            // for a series recovered after a restart, whose earlier carriers it never saw end.
+            series.sent_in_turns = true;
+            log_sent_in_turns(series_uid);
+            return;
         }
         let headers: Vec<&InstanceHeader> = series.instances.values().collect();
         let stated_total = headers.iter().filter_map(|h| h.images_in_acquisition).max();

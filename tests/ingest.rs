@@ -445,6 +445,45 @@ fn non_ct_objects_follow_the_configured_policy() {
     assert_eq!(refuse.spool_files().len(), 1);
 }
 
+/// The same sender across a restart: the restarted agent never saw the earlier associations end,
+/// and must not take the first release after it for the end of the series.
+#[test]
+fn a_series_sent_one_instance_per_association_across_a_restart_is_decided_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 14, ..Default::default() })
+            .unwrap();
+    let state = tmp.path().join("state");
+    let send_one_by_one = |agent: &Agent, files: &[PathBuf]| {
+        for file in files {
+            assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
+        }
+    };
+    let mut before = Agent::start(&state, &[("IDAICS_SERIES_QUIET_PERIOD_S", "60")]);
+    send_one_by_one(&before, &series.files[..5]);
+    before.kill();
+
+    let agent = Agent::start_on(&state, free_port(), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    send_one_by_one(&agent, &series.files[5..]);
+    assert!(
+        agent.series_record(&series.study_uid, &series.series_uid).is_none(),
+        "decided while it was still arriving:\n{}",
+        agent.log()
+    );
+    agent.wait_for("quiet period", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!(
+        (record["trigger"].as_str(), record["slices"].as_u64(), record["revision"].as_u64()),
+        (Some("quiet-period"), Some(12), Some(1)),
+        "{record}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let completions = log_events(&before.log_path, "series complete").len() + agent.events("series complete").len();
+    assert_eq!(completions, 1, "log:\n{}", agent.log());
+}
+
 #[test]
 fn kill_during_a_series_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().unwrap();
