@@ -445,6 +445,35 @@ fn non_ct_objects_follow_the_configured_policy() {
     assert_eq!(refuse.spool_files().len(), 1);
 }
 
+/// A series sent whole, then topped up by instances sent one association each (a PACS resending
+/// what a first send missed): the late instances make one revision, not one each.
+#[test]
+fn late_instances_sent_one_per_association_make_one_revision() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 15, ..Default::default() })
+            .unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
+    // The first ten in one association, decided at its release.
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files[..10])), (10, 0));
+    agent.wait_for("the release decision", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some()
+    });
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!(record["trigger"], "association-released", "{record}");
+    for file in &series.files[10..] {
+        assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
+    }
+    agent.wait_for("the second decision", Duration::from_secs(10), |a| {
+        a.series_record(&series.study_uid, &series.series_uid).is_some_and(|r| r["revision"] == 2)
+    });
+    let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
+    assert_eq!((record["trigger"].as_str(), record["slices"].as_u64()), (Some("quiet-period"), Some(12)), "{record}");
+    std::thread::sleep(Duration::from_secs(3));
+    let revisions = agent.series_record(&series.study_uid, &series.series_uid).unwrap()["revision"].clone();
+    assert_eq!(revisions, 2, "log:\n{}", agent.log());
+}
+
 /// The same sender across a restart: the restarted agent never saw the earlier associations end,
 /// and must not take the first release after it for the end of the series.
 #[test]
