@@ -697,6 +697,43 @@ fn requests_the_agent_does_not_serve_are_named_in_its_log() {
     assert_eq!(agent.spool_files().len(), 1);
 }
 
+/// A sender that stops in the middle of an instance: the association is aborted after the idle
+/// timeout, the half-received instance leaves nothing behind, and the agent serves the next peer.
+#[test]
+fn a_sender_that_stalls_mid_instance_is_aborted_after_the_idle_timeout() {
+    use dicom_ul::Pdu;
+    use dicom_ul::pdu::{PDataValue, PDataValueType};
+    let tmp = tempfile::tempdir().unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 2, size: 256, seed: 16, ..Default::default() })
+            .unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_IDLE_TIMEOUT_S", "1")]);
+    let (dataset, ts) = dataset_bytes(&series.files[0]);
+    let mut association = dicom_ul::association::client::ClientAssociationOptions::new()
+        .calling_ae_title("STALLER")
+        .with_presentation_context(CT, vec![ts.as_str()])
+        .establish_with(&format!("{AE}@127.0.0.1:{}", agent.port))
+        .unwrap();
+    let pc = association.presentation_contexts()[0].id;
+    let pdv = |value_type, data: Vec<u8>, is_last| Pdu::PData {
+        data: vec![PDataValue { presentation_context_id: pc, value_type, is_last, data }],
+    };
+    let command = idaics::scu::store_command(CT, &series.sop_uids[0]);
+    association.send(&pdv(PDataValueType::Command, command, true)).unwrap();
+    association.send(&pdv(PDataValueType::Data, dataset[..16_000].to_vec(), false)).unwrap();
+    agent.wait_for("the partial file", Duration::from_secs(5), |a| !partial_files(&a.state_dir).is_empty());
+
+    // Silence: the agent aborts the association and drops the partial instance.
+    let answer = association.receive();
+    assert!(matches!(answer, Ok(Pdu::AbortRQ { .. }) | Err(_)), "{answer:?}");
+    agent.wait_for("the idle timeout in the log", Duration::from_secs(10), |a| {
+        !a.events("nothing received within the idle timeout; aborting the association").is_empty()
+    });
+    agent.wait_for("the partial file to go", Duration::from_secs(5), |a| partial_files(&a.state_dir).is_empty());
+    assert!(agent.spool_files().is_empty());
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)), (2, 0));
+}
+
 #[test]
 fn association_limit_rejects_transiently_and_frees_the_slot() {
     use dicom_ul::association::client::ClientAssociationOptions;
