@@ -13,6 +13,13 @@ use idaics::synthetic::{SeriesSpec, write_ct_series};
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
+/// As senders that open an association per instance do: one `storescu` run per file.
+fn send_one_association_each(agent: &Agent, files: &[PathBuf]) {
+    for file in files {
+        assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
+    }
+}
+
 fn pixel_bytes(path: &Path) -> Vec<u8> {
     let obj = dicom_object::open_file(path).unwrap();
     obj.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap().into_owned()
@@ -97,13 +104,8 @@ fn a_series_sent_one_instance_per_association_is_decided_once() {
             .filter(|e| e["fields"]["series_uid"] == series.series_uid.as_str())
             .collect::<Vec<_>>()
     };
-    let send_one_by_one = |files: &[PathBuf]| {
-        for file in files {
-            assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
-        }
-    };
     // The last two slices are held back: they come after the first decision.
-    send_one_by_one(&series.files[..10]);
+    send_one_association_each(&agent, &series.files[..10]);
     assert!(completions(&agent).is_empty(), "decided while it was still arriving:\n{}", agent.log());
     agent.wait_for("quiet period", Duration::from_secs(10), |a| {
         a.series_record(&series.study_uid, &series.series_uid).is_some()
@@ -113,7 +115,7 @@ fn a_series_sent_one_instance_per_association_is_decided_once() {
     assert_eq!(agent.events("series arrives one association after another").len(), 1, "{}", agent.log());
 
     // Late instances sent the same way reopen it once, not once each.
-    send_one_by_one(&series.files[10..]);
+    send_one_association_each(&agent, &series.files[10..]);
     agent.wait_for("second decision", Duration::from_secs(10), |a| {
         a.series_record(&series.study_uid, &series.series_uid).is_some_and(|r| r["revision"] == 2)
     });
@@ -461,9 +463,7 @@ fn late_instances_sent_one_per_association_make_one_revision() {
     });
     let record = agent.series_record(&series.study_uid, &series.series_uid).unwrap();
     assert_eq!(record["trigger"], "association-released", "{record}");
-    for file in &series.files[10..] {
-        assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
-    }
+    send_one_association_each(&agent, &series.files[10..]);
     agent.wait_for("the second decision", Duration::from_secs(10), |a| {
         a.series_record(&series.study_uid, &series.series_uid).is_some_and(|r| r["revision"] == 2)
     });
@@ -483,17 +483,12 @@ fn a_series_sent_one_instance_per_association_across_a_restart_is_decided_once()
         write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 12, size: 64, seed: 14, ..Default::default() })
             .unwrap();
     let state = tmp.path().join("state");
-    let send_one_by_one = |agent: &Agent, files: &[PathBuf]| {
-        for file in files {
-            assert_eq!(store_outcomes(&agent.storescu(&[], std::slice::from_ref(file))), (1, 0));
-        }
-    };
     let mut before = Agent::start(&state, &[("IDAICS_SERIES_QUIET_PERIOD_S", "60")]);
-    send_one_by_one(&before, &series.files[..5]);
+    send_one_association_each(&before, &series.files[..5]);
     before.kill();
 
     let agent = Agent::start_on(&state, free_port(), &[("IDAICS_SERIES_QUIET_PERIOD_S", "2")]);
-    send_one_by_one(&agent, &series.files[5..]);
+    send_one_association_each(&agent, &series.files[5..]);
     assert!(
         agent.series_record(&series.study_uid, &series.series_uid).is_none(),
         "decided while it was still arriving:\n{}",
