@@ -122,11 +122,11 @@ struct PendingSeries {
     carrier_ended: bool,
     /// It came over associations one after another: a new one started carrying it after an
     /// earlier one that carried some of it had ended, or one released after bringing a single
-    /// instance of it. Some senders (PACS routing rules, some
-    /// modalities, a `storescu` per file) open an association per instance. Every release then
-    /// shows a contiguous stack that is merely the part sent so far, so a release cannot mean
-    /// "the series is all here": such a series is decided by its quiet period. Kept across a
-    /// reopening, so a series sent that way is not decided again at each late instance.
+    /// instance of it. Some senders (PACS routing rules, some modalities, a `storescu` per file)
+    /// open an association per instance. Every release then shows a contiguous stack that is
+    /// merely the part sent so far, so a release cannot mean "the series is all here": such a
+    /// series is decided by its quiet period. Kept across a reopening, so a series sent that way
+    /// is not decided again at each late instance.
     sent_in_turns: bool,
 }
 
@@ -442,7 +442,8 @@ impl SeriesTracker {
         if brought == 1 && series.instances.len() > 1 {
             // One instance of a larger series, then a release: a sender that opens an association
             // per instance. The tracker usually sees that from the associations before, but not
-            // for a series recovered after a restart, whose earlier carriers it never saw end.
+            // for a series recovered after a restart, whose earlier carriers it never saw end, nor
+            // for the first late instance of a series decided at an earlier release.
             series.sent_in_turns = true;
             log_sent_in_turns(series_uid);
             return;
