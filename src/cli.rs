@@ -182,6 +182,11 @@ enum Command {
         /// normal, schmorl, bulge or protrusion), for series that are not phantoms.
         #[arg(long)]
         labels: Option<PathBuf>,
+        /// The paths are 2D images (PNG, JPEG, single-frame DICOM) or folders of them, as in the
+        /// paper, labelled in ultralytics' segmentation format: the objects of .../images/NAME.png
+        /// are in .../labels/NAME.txt, by the weights' class indices.
+        #[arg(long, conflicts_with = "labels")]
+        images: bool,
         /// auto, cpu or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -338,11 +343,15 @@ pub fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Evaluate { paths, weights, labels, device, format } => {
+        Command::Evaluate { paths, weights, labels, images, device, format } => {
             init_cli_logging();
             let detector = crate::pipeline::Detector::load(&weights, &device)
                 .with_context(|| format!("cannot load {}", weights.display()))?;
-            let evaluation = evaluate(&paths, labels.as_deref(), &detector)?;
+            let evaluation = if images {
+                evaluate_images(&paths, &detector)?
+            } else {
+                evaluate(&paths, labels.as_deref(), &detector)?
+            };
             match format {
                 DetectFormat::Json => println!("{}", serde_json::to_string_pretty(&evaluation)?),
                 DetectFormat::Table => print!("{}", evaluation.table()),
@@ -776,6 +785,84 @@ fn evaluate(
         left_out.insert(series_uid, "labelled, but not among the inputs".to_string());
     }
     Ok(Evaluation::from_outcomes(outcomes, left_out)?)
+}
+
+/// Where ultralytics looks for an image's labels: the last `images` folder of its path becomes
+/// `labels`, and the extension `.txt`.
+fn yolo_label_path(image: &std::path::Path) -> Option<PathBuf> {
+    let text = image.to_str()?;
+    let (before, after) = text.rsplit_once("/images/")?;
+    let stem = after.rsplit_once('.').map_or(after, |(stem, _)| stem);
+    Some(PathBuf::from(format!("{before}/labels/{stem}.txt")))
+}
+
+/// The paper's protocol: the network on labelled 2D images, each labelled disc scored by the
+/// detection whose mask overlaps it most.
+fn evaluate_images(
+    paths: &[PathBuf],
+    detector: &crate::pipeline::Detector,
+) -> anyhow::Result<crate::evaluation::Evaluation> {
+    use crate::evaluation::{Evaluation, parse_yolo_labels, rasterize, score_image};
+    use crate::findings::canonical_class;
+    fn image_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        if path.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            for entry in entries {
+                image_files(&entry, out)?;
+            }
+        } else if path
+            .extension()
+            .is_some_and(|e| ["png", "jpg", "jpeg", "dcm"].contains(&e.to_string_lossy().to_lowercase().as_str()))
+        {
+            out.push(path.to_path_buf());
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for path in paths {
+        image_files(path, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    let class_of = |id: usize| detector.class_names().get(id).and_then(|name| canonical_class(name));
+    let (mut outcomes, mut unlabelled_detections) = (Vec::new(), 0u64);
+    let mut left_out = std::collections::BTreeMap::new();
+    for file in files {
+        let name = file.display().to_string();
+        let Some(label_path) = yolo_label_path(&file).filter(|p| p.is_file()) else {
+            left_out.insert(name, "no label file (expected beside it: ../labels/NAME.txt)".to_string());
+            continue;
+        };
+        let text =
+            std::fs::read_to_string(&label_path).with_context(|| format!("cannot read {}", label_path.display()))?;
+        let objects = parse_yolo_labels(&text).with_context(|| label_path.display().to_string())?;
+        let image = crate::detector::read_image(&file)?;
+        let labelled = objects
+            .iter()
+            .map(|object| {
+                let class = class_of(object.class_id).with_context(|| {
+                    format!(
+                        "{}: class {} is not a disc class of these weights ({})",
+                        label_path.display(),
+                        object.class_id,
+                        detector.class_names().join(", ")
+                    )
+                })?;
+                Ok((class, rasterize(&object.polygon, image.width, image.height)))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let detected: Vec<_> = detector
+            .detect_image(&image)?
+            .into_iter()
+            .filter_map(|d| Some((class_of(d.class_id)?, f64::from(d.confidence), d.mask)))
+            .collect();
+        let (scored, unmatched) = score_image(&name, &labelled, &detected);
+        outcomes.extend(scored);
+        unlabelled_detections += unmatched as u64;
+    }
+    anyhow::ensure!(!outcomes.is_empty() || !left_out.is_empty(), "no images under the paths");
+    let mut evaluation = Evaluation::from_outcomes(outcomes, left_out)?;
+    evaluation.unlabelled_detections = Some(unlabelled_detections);
+    Ok(evaluation)
 }
 
 /// The sagittal with a cross at each level, and each level's axial image, for a person to look at.

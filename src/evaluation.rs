@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::detector::predict::Mask;
 use crate::findings::{BULGE, LevelFinding, NORMAL, PROTRUSION, SCHMORL, UNDETERMINED};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +21,8 @@ pub enum EvaluationError {
     UnknownCategory { category: String, known: String },
     #[error("{series} {level}: label {label:?} is not one of normal, schmorl, bulge, protrusion")]
     LabelNotAClass { series: String, level: String, label: String },
+    #[error("line {line}: {message}")]
+    YoloLabel { line: usize, message: String },
 }
 
 /// What a label can say, in the paper's order of definitions.
@@ -192,6 +195,114 @@ pub fn score_series(series: &str, labels: Vec<Label>, findings: &[LevelFinding])
         .collect()
 }
 
+/// An object of a YOLO segmentation label file (ultralytics' format, one object per line:
+/// class index, then the polygon's x y pairs as fractions of the image's width and height).
+#[derive(Debug, Clone, PartialEq)]
+pub struct YoloObject {
+    pub class_id: usize,
+    pub polygon: Vec<[f64; 2]>,
+}
+
+pub fn parse_yolo_labels(text: &str) -> Result<Vec<YoloObject>, EvaluationError> {
+    let mut objects = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let error = |message: String| EvaluationError::YoloLabel { line: index + 1, message };
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some((class, coordinates)) = fields.split_first() else { continue };
+        let class_id = class.parse().map_err(|_| error(format!("{class:?} is not a class index")))?;
+        let values = coordinates
+            .iter()
+            .map(|v| v.parse::<f64>().ok().filter(|v| v.is_finite()))
+            .collect::<Option<Vec<f64>>>()
+            .ok_or_else(|| error("a coordinate is not a number".into()))?;
+        if values.len() < 6 || values.len() % 2 != 0 {
+            return Err(error(format!("{} coordinates: a polygon needs 3 or more x y pairs", values.len())));
+        }
+        objects.push(YoloObject { class_id, polygon: values.chunks(2).map(|p| [p[0], p[1]]).collect() });
+    }
+    Ok(objects)
+}
+
+/// The pixels of a `width` x `height` image whose centres lie inside a polygon given in
+/// fractions of the image (even-odd rule).
+pub fn rasterize(polygon: &[[f64; 2]], width: usize, height: usize) -> Mask {
+    let points: Vec<[f64; 2]> = polygon.iter().map(|p| [p[0] * width as f64, p[1] * height as f64]).collect();
+    let mut data = vec![false; width * height];
+    for (row, line) in data.chunks_mut(width.max(1)).enumerate() {
+        let y = row as f64 + 0.5;
+        // Where the polygon's edges cross this row, sorted: inside between pairs.
+        let mut crossings: Vec<f64> = points
+            .iter()
+            .zip(points.iter().cycle().skip(1))
+            .filter(|(a, b)| (a[1] <= y) != (b[1] <= y))
+            .map(|(a, b)| a[0] + (y - a[1]) / (b[1] - a[1]) * (b[0] - a[0]))
+            .collect();
+        crossings.sort_by(f64::total_cmp);
+        for pair in crossings.chunks_exact(2) {
+            let from = (pair[0] - 0.5).ceil().max(0.0) as usize;
+            let to = ((pair[1] - 0.5).floor() + 1.0).clamp(0.0, width as f64) as usize;
+            for pixel in line.iter_mut().take(to).skip(from) {
+                *pixel = true;
+            }
+        }
+    }
+    Mask { width, height, data }
+}
+
+/// Intersection over union of two masks of one image; 0 when both are empty.
+pub fn mask_iou(a: &Mask, b: &Mask) -> f64 {
+    let (mut both, mut either) = (0usize, 0usize);
+    for (&x, &y) in a.data.iter().zip(&b.data) {
+        both += usize::from(x && y);
+        either += usize::from(x || y);
+    }
+    if either == 0 { 0.0 } else { both as f64 / either as f64 }
+}
+
+/// The overlap at which a detection is the labelled object: mask IoU 0.5, as in mAP50.
+pub const IMAGE_MATCH_IOU: f64 = 0.5;
+
+/// Scores one labelled image: each labelled object takes the class of the detection whose
+/// mask overlaps it most (pairs taken best first, each detection once), or [`NOT_FOUND`]. Also
+/// returns how many detections matched no labelled object: false alarms the confusion matrix,
+/// whose rows are labels, cannot show.
+pub fn score_image(
+    image: &str,
+    labelled: &[(&'static str, Mask)],
+    detected: &[(&'static str, f64, Mask)],
+) -> (Vec<LevelOutcome>, usize) {
+    let mut pairs: Vec<(f64, usize, usize)> = labelled
+        .iter()
+        .enumerate()
+        .flat_map(|(l, (_, label))| {
+            detected.iter().enumerate().map(move |(d, (_, _, mask))| (mask_iou(label, mask), l, d))
+        })
+        .filter(|(iou, _, _)| *iou >= IMAGE_MATCH_IOU)
+        .collect();
+    pairs.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut label_match = vec![None; labelled.len()];
+    let mut detection_used = vec![false; detected.len()];
+    for (_, l, d) in pairs {
+        if label_match[l].is_none() && !detection_used[d] {
+            label_match[l] = Some(d);
+            detection_used[d] = true;
+        }
+    }
+    let outcomes = labelled
+        .iter()
+        .zip(&label_match)
+        .enumerate()
+        .map(|(index, ((class, _), matched))| LevelOutcome {
+            series: image.to_string(),
+            level: format!("object {}", index + 1),
+            truth: class.to_string(),
+            predicted: matched.map_or(NOT_FOUND, |d| detected[d].0).to_string(),
+            confidence: matched.map(|d| detected[d].1),
+        })
+        .collect();
+    (outcomes, detection_used.iter().filter(|used| !**used).count())
+}
+
 /// A labelled disc and what the agent said of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct LevelOutcome {
@@ -216,6 +327,8 @@ pub struct Evaluation {
     /// Series with labels that were not among the inputs, and inputs without labels: neither
     /// counts, and both are listed so a mistyped UID does not go unnoticed.
     pub left_out: BTreeMap<String, String>,
+    /// Images only: detections that matched no labelled object.
+    pub unlabelled_detections: Option<u64>,
 }
 
 impl Evaluation {
@@ -246,6 +359,7 @@ impl Evaluation {
             confusion,
             levels,
             left_out,
+            unlabelled_detections: None,
         })
     }
 
@@ -293,6 +407,9 @@ impl Evaluation {
                 figure(m.npv),
                 figure(m.youden)
             );
+        }
+        if let Some(count) = self.unlabelled_detections {
+            let _ = writeln!(out, "detections matching no labelled object: {count}");
         }
         for (series, why) in &self.left_out {
             let _ = writeln!(out, "left out: {series}: {why}");
@@ -361,6 +478,40 @@ mod tests {
         let predicted: Vec<&str> = outcomes.iter().map(|o| o.predicted.as_str()).collect();
         assert_eq!(predicted, [BULGE, NORMAL, NOT_FOUND, NORMAL, NOT_FOUND]);
         assert_eq!(outcomes[2].confidence, None);
+    }
+
+    #[test]
+    fn yolo_polygons_become_masks_and_match_detections_by_overlap() {
+        let objects = parse_yolo_labels("2 0.1 0.1 0.5 0.1 0.5 0.5 0.1 0.5\n\n0 0.6 0.6 0.9 0.6 0.75 0.9\n").unwrap();
+        assert_eq!(objects.len(), 2);
+        assert_eq!(objects[0].class_id, 2);
+        let square = rasterize(&objects[0].polygon, 10, 10);
+        // Pixel centres 1.5 to 4.5 in both directions lie inside [1, 5].
+        assert_eq!(square.area(), 16);
+        assert!(square.data[2 * 10 + 3] && !square.data[5 * 10 + 5]);
+        let triangle = rasterize(&objects[1].polygon, 10, 10);
+        assert!(triangle.area() > 0 && mask_iou(&square, &triangle) == 0.0);
+        assert!((mask_iou(&square, &square) - 1.0).abs() < 1e-12);
+
+        let shifted = rasterize(&[[0.2, 0.1], [0.6, 0.1], [0.6, 0.5], [0.2, 0.5]], 10, 10);
+        assert!((mask_iou(&square, &shifted) - 12.0 / 20.0).abs() < 1e-12);
+        let (outcomes, unmatched) = score_image(
+            "a.png",
+            &[(BULGE, square.clone()), (NORMAL, triangle)],
+            &[
+                (PROTRUSION, 0.4, shifted),
+                (BULGE, 0.9, square),
+                (SCHMORL, 0.3, Mask { width: 10, height: 10, data: vec![false; 100] }),
+            ],
+        );
+        // The exact square wins over the shifted one; the triangle has no detection.
+        assert_eq!((outcomes[0].predicted.as_str(), outcomes[0].confidence), (BULGE, Some(0.9)));
+        assert_eq!(outcomes[1].predicted, NOT_FOUND);
+        assert_eq!(unmatched, 2);
+
+        for bad in ["x 0.1 0.1 0.2 0.2 0.3 0.3", "1 0.1 0.1 0.2", "1 0.1 0.1 0.2 0.2 0.3 nan"] {
+            assert!(matches!(parse_yolo_labels(bad), Err(EvaluationError::YoloLabel { line: 1, .. })), "{bad}");
+        }
     }
 
     #[test]

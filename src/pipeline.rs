@@ -60,8 +60,18 @@ impl Detector {
             height: slice.size,
             data: slice.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
         };
+        self.detect_image(&image)
+    }
+
+    /// The network on one image, at the confidence the analysis uses.
+    pub fn detect_image(&self, image: &RgbImage) -> Result<Vec<Detection>, PipelineError> {
         let options = PredictOptions { imgsz: self.info.input_size, conf: DETECTION_CONFIDENCE, ..Default::default() };
-        Ok(crate::detector::predict::predict(&self.network, &image, &options, &self.device)?)
+        Ok(crate::detector::predict::predict(&self.network, image, &options, &self.device)?)
+    }
+
+    /// The weights' class names, by class index.
+    pub fn class_names(&self) -> &[String] {
+        &self.info.class_names
     }
 }
 

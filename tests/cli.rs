@@ -291,3 +291,90 @@ fn evaluate_scores_the_findings_analyze_reports() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2") && err.contains("herniation"), "{err}");
 }
+
+/// `evaluate --images`, the paper's protocol: 2D images labelled in ultralytics' format. The
+/// images and labels are the slices the agent shows the network, drawn from a phantom's truth.
+#[test]
+fn evaluate_scores_labelled_images_as_the_paper_did() {
+    use idaics::phantom::{DiscLabels, PhantomSpec, parse_levels, write_phantom};
+    let dir = tempfile::tempdir().unwrap();
+    let spec = PhantomSpec {
+        seed: 7006,
+        levels: parse_levels("L5/S1=protrusion,L3/L4=bulge,L2/L3=schmorl").unwrap(),
+        pixel_spacing_mm: 1.0,
+        slice_thickness_mm: 2.0,
+        size: 256,
+        osteoporotic: false,
+    };
+    let (series, _) = write_phantom(&dir.path().join("series"), &spec).unwrap();
+    let volume = idaics::volume::load_series(&series.files, &Default::default()).unwrap();
+    let analysis = idaics::pipeline::analyze(&volume, None).unwrap();
+    let labels = DiscLabels::new(&spec);
+    let (images, label_dir) = (dir.path().join("set/images"), dir.path().join("set/labels"));
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::create_dir_all(&label_dir).unwrap();
+    // The phantom model's classes, in the paper's order (model/README.md).
+    let class_index = ["normal", "schmorl", "bulge", "protrusion"];
+    let mut labelled_objects = 0;
+    for (index, image) in analysis.sagittal.iter().chain(&analysis.axials).enumerate() {
+        let n = image.size;
+        image::GrayImage::from_raw(n as u32, n as u32, image.pixels.clone())
+            .unwrap()
+            .save(images.join(format!("{index}.png")))
+            .unwrap();
+        let mut lines = String::new();
+        for level in 0..idaics::phantom::LEVELS.len() {
+            let data: Vec<bool> = (0..n * n)
+                .map(|i| labels.level_at(image.pixel_to_lps((i % n) as f64, (i / n) as f64)) == Some(level))
+                .collect();
+            let mask = idaics::detector::predict::Mask { width: n, height: n, data };
+            if mask.area() < 50 {
+                continue;
+            }
+            let class = class_index.iter().position(|c| *c == labels.condition(level).class()).unwrap();
+            lines += &class.to_string();
+            for [x, y] in idaics::detector::predict::outline(&mask) {
+                lines += &format!(" {:.5} {:.5}", (f64::from(x) + 0.5) / n as f64, (f64::from(y) + 0.5) / n as f64);
+            }
+            lines.push('\n');
+            labelled_objects += 1;
+        }
+        std::fs::write(label_dir.join(format!("{index}.txt")), lines).unwrap();
+    }
+    // An image without a label file is named, not scored.
+    std::fs::copy(images.join("0.png"), images.join("unlabelled.png")).unwrap();
+
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
+    let set = dir.path().join("set/images");
+    let out = idaics(&[
+        "evaluate",
+        "--images",
+        "--weights",
+        weights,
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+        set.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let evaluation: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(evaluation["total"], labelled_objects, "{evaluation:#}");
+    assert!(labelled_objects >= 12, "6 discs on the sagittal and one per axial: {labelled_objects}");
+    let outcomes = evaluation["levels"].as_array().unwrap();
+    let agreeing = outcomes.iter().filter(|o| o["truth"] == o["predicted"]).count();
+    assert_eq!(evaluation["correct"], agreeing);
+    assert!(evaluation["unlabelled_detections"].is_u64());
+    let unlabelled = set.join("unlabelled.png").display().to_string();
+    assert!(evaluation["left_out"][&unlabelled].as_str().unwrap().contains("no label file"), "{evaluation:#}");
+    // The network finds the discs it was trained on: most labelled discs are matched by a mask.
+    let found = outcomes.iter().filter(|o| o["predicted"] != "not found").count();
+    assert!(found * 10 >= labelled_objects * 8, "{found} of {labelled_objects} found:\n{evaluation:#}");
+
+    // A label that names no class of the weights is an error that says where.
+    std::fs::write(label_dir.join("0.txt"), "7 0.1 0.1 0.2 0.1 0.2 0.2\n").unwrap();
+    let out = idaics(&["evaluate", "--images", "--weights", weights, "--device", "cpu", set.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("0.txt") && err.contains("class 7"), "{err}");
+}
