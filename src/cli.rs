@@ -693,21 +693,12 @@ fn read_labels(
     paths: &[PathBuf],
     csv: Option<&std::path::Path>,
 ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<crate::evaluation::Label>>> {
-    fn truth_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(path)?.flatten() {
-                truth_files(&entry.path(), out)?;
-            }
-        } else if path.file_name().is_some_and(|n| n == "truth.json") {
-            out.push(path.to_path_buf());
-        }
-        Ok(())
-    }
     use crate::evaluation::Label;
     let mut labels: std::collections::BTreeMap<String, Vec<Label>> = Default::default();
     let mut found = Vec::new();
     for path in paths {
-        truth_files(path, &mut found).with_context(|| format!("cannot read {}", path.display()))?;
+        files_under(path, &|file| file.file_name().is_some_and(|n| n == "truth.json"), &mut found)
+            .with_context(|| format!("cannot read {}", path.display()))?;
     }
     for path in found {
         let truth: crate::phantom::Truth = serde_json::from_slice(&std::fs::read(&path)?)
@@ -804,24 +795,13 @@ fn evaluate_images(
 ) -> anyhow::Result<crate::evaluation::Evaluation> {
     use crate::evaluation::{Evaluation, parse_yolo_labels, rasterize, score_image};
     use crate::findings::canonical_class;
-    fn image_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-        if path.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.flatten().map(|e| e.path()).collect();
-            entries.sort();
-            for entry in entries {
-                image_files(&entry, out)?;
-            }
-        } else if path
-            .extension()
-            .is_some_and(|e| ["png", "jpg", "jpeg", "dcm"].contains(&e.to_string_lossy().to_lowercase().as_str()))
-        {
-            out.push(path.to_path_buf());
-        }
-        Ok(())
-    }
     let mut files = Vec::new();
     for path in paths {
-        image_files(path, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
+        let image = |file: &std::path::Path| {
+            file.extension()
+                .is_some_and(|e| ["png", "jpg", "jpeg", "dcm"].contains(&e.to_string_lossy().to_lowercase().as_str()))
+        };
+        files_under(path, &image, &mut files).with_context(|| format!("cannot read {}", path.display()))?;
     }
     let class_of = |id: usize| detector.class_names().get(id).and_then(|name| canonical_class(name));
     let (mut outcomes, mut unlabelled_detections) = (Vec::new(), 0u64);
@@ -899,24 +879,38 @@ fn write_pngs(
     Ok(())
 }
 
-fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every file under `path` (itself when it is a file) that `keep` accepts, in name order.
+fn files_under(
+    path: &std::path::Path,
+    keep: &dyn Fn(&std::path::Path) -> bool,
+    out: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
     if path.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?.flatten().map(|e| e.path()).collect();
         entries.sort();
         for entry in entries {
-            collect_files(&entry, out)?;
+            files_under(&entry, keep, out)?;
         }
-    } else {
-        let name = path.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
-        let extension = path.extension().map(|e| e.to_string_lossy().to_lowercase());
-        let nifti = name.ends_with(".nii") || name.ends_with(".nii.gz");
-        // DICOM files often have no extension; NIfTI masks ("_msk", "_seg") are not images.
-        let mask = nifti && (name.contains("_msk") || name.contains("_seg"));
-        if (extension.is_none_or(|e| e == "dcm") || nifti) && !mask {
-            out.push(path.to_path_buf());
-        }
+    } else if keep(path) {
+        out.push(path.to_path_buf());
     }
     Ok(())
+}
+
+/// DICOM files (often without an extension) and NIfTI volumes; NIfTI masks ("_msk", "_seg") are
+/// not images.
+fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    files_under(
+        path,
+        &|file| {
+            let name = file.file_name().map(|n| n.to_string_lossy().to_lowercase()).unwrap_or_default();
+            let extension = file.extension().map(|e| e.to_string_lossy().to_lowercase());
+            let nifti = name.ends_with(".nii") || name.ends_with(".nii.gz");
+            let mask = nifti && (name.contains("_msk") || name.contains("_seg"));
+            (extension.is_none_or(|e| e == "dcm") || nifti) && !mask
+        },
+        out,
+    )
 }
 
 /// The database URL a one-shot command uses.
