@@ -2,12 +2,15 @@
 # The whole test suite, on a fresh Debian machine: installs what the tests talk to (DCMTK for the
 # real DICOM peers, Orthanc as a real PACS, cmake for the CharLS JPEG-LS codec build, PostgreSQL
 # whose server binaries the database tests run as throwaway clusters, dicom3tools for dciodvfy,
-# and a Python venv with highdicom in target/pyenv), then runs every test.
+# lintian, dpkg-dev and systemd-analyze for the Debian package, and a Python venv with highdicom
+# in target/pyenv), then runs every test. As root it also installs, runs and purges the Debian
+# package (tests/package.rs refuses to touch a machine where IDAICS is installed);
+# IDAICS_TEST_DPKG=0 leaves that out.
 # Usage: scripts/test.sh   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv
+scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd
 
 # highdicom (PyPI) reads the agent's SR and SEG back in tests/report.rs.
 pyenv=target/pyenv
@@ -26,6 +29,10 @@ if [ "$free_kb" -lt $((5 * 1024 * 1024)) ]; then
 fi
 # A suite run builds once: incremental state would only take disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+if [ "$(id -u)" -eq 0 ]; then
+  export IDAICS_TEST_DPKG="${IDAICS_TEST_DPKG:-1}"
+fi
 
 # Two cores here: the integration tests start several agents and DCMTK processes each.
 export RUST_BACKTRACE=1

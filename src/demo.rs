@@ -43,7 +43,8 @@ fn default_weights() -> Option<PathBuf> {
         candidates.push(bin.join("../../model").join(MODEL_FILE)); // target/release/idaics
     }
     candidates.push(PathBuf::from("/usr/share/idaics").join(MODEL_FILE));
-    candidates.into_iter().find(|p| p.is_file())
+    // Printed to the user: /usr/share/idaics/..., not /usr/bin/../share/idaics/...
+    candidates.into_iter().find(|p| p.is_file()).map(|p| p.canonicalize().unwrap_or(p))
 }
 
 fn free_port() -> anyhow::Result<u16> {
