@@ -1,7 +1,7 @@
 //! The command line: parses arguments, loads the configuration and dispatches to the library.
 //! This is the top of the program, so errors become `anyhow` here and nowhere below.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -23,7 +23,8 @@ pub struct Cli {
 enum Command {
     /// Run the agent: DICOM listener, spool and series tracking, until SIGTERM or SIGINT.
     Serve {
-        /// Configuration file (default: built-in defaults and IDAICS_* environment variables).
+        /// Configuration file (default: /etc/idaics/idaics.toml when this binary is the installed
+        /// /usr/bin/idaics, else built-in defaults; IDAICS_* environment variables override either).
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// DICOM port, overriding dicom.port.
@@ -102,6 +103,8 @@ enum Command {
     },
     /// Validate a configuration file and print the effective settings.
     CheckConfig {
+        /// Configuration file (default: /etc/idaics/idaics.toml when this binary is the installed
+        /// /usr/bin/idaics, else built-in defaults; IDAICS_* environment variables override either).
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -213,6 +216,8 @@ enum Command {
     },
     /// List the series in the spool with their state (pending, complete, skipped and why, purged).
     Series {
+        /// Configuration file (default: /etc/idaics/idaics.toml when this binary is the installed
+        /// /usr/bin/idaics, else built-in defaults; IDAICS_* environment variables override either).
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -231,6 +236,8 @@ enum DetectFormat {
 /// Where a database command finds its database: flag, else configuration, else the embedded default.
 #[derive(clap::Args, Debug)]
 struct DatabaseArgs {
+    /// Configuration file (default: /etc/idaics/idaics.toml when this binary is the installed
+    /// /usr/bin/idaics, else built-in defaults; IDAICS_* environment variables override either).
     #[arg(long, short)]
     config: Option<PathBuf>,
     #[arg(long)]
@@ -256,7 +263,7 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, port, ae_title, state_dir, http_port, database_url, destinations } => {
-            let mut cfg = Config::load(config.as_deref())?;
+            let mut cfg = Config::load(config_path(config).as_deref())?;
             for text in destinations {
                 let parsed = crate::pipeline::parse_destination(&text).map_err(anyhow::Error::msg)?;
                 let mut d = crate::config::Destination { name: parsed.name, ..Default::default() };
@@ -301,6 +308,7 @@ pub fn main() -> anyhow::Result<()> {
             timeout: std::time::Duration::from_secs(timeout),
         }),
         Command::CheckConfig { config } => {
+            let config = config_path(config);
             let cfg = Config::load(config.as_deref())?;
             let source = config.map_or("built-in defaults".to_string(), |p| p.display().to_string());
             println!("{source}: OK");
@@ -454,7 +462,7 @@ pub fn main() -> anyhow::Result<()> {
             })
         }
         Command::Series { config, state_dir, format } => {
-            let mut cfg = Config::load(config.as_deref())?;
+            let mut cfg = Config::load(config_path(config).as_deref())?;
             if let Some(dir) = state_dir {
                 cfg.storage.state_dir = dir;
             }
@@ -913,20 +921,64 @@ fn collect_files(path: &std::path::Path, out: &mut Vec<PathBuf>) -> std::io::Res
     )
 }
 
+/// The named configuration file, else the installed one where this binary is installed and the
+/// file exists (`config::installed_config_path`), else none: built-in defaults.
+fn config_path(named: Option<PathBuf>) -> Option<PathBuf> {
+    named.or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        crate::config::installed_config_path(&exe).filter(|path| path.is_file())
+    })
+}
+
+/// Root must not open the SQLite database of an agent that runs as its own user: a file root
+/// creates there (the database, its write-ahead log) is one the agent can no longer write, and it
+/// stops recording. Asks for the command to be run as the directory's owner instead.
+fn refuse_root_in_an_agents_sqlite(url: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(rest) = url.strip_prefix("sqlite:") else { return Ok(()) };
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let file = Path::new(rest.trim_start_matches("//").split('?').next().unwrap_or_default());
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let owner = match std::fs::metadata(dir) {
+        Ok(meta) if meta.uid() != 0 => meta.uid(),
+        _ => return Ok(()),
+    };
+    let user = user_name(owner).unwrap_or_else(|| format!("#{owner}"));
+    let command: Vec<String> = std::env::args().collect();
+    anyhow::bail!(
+        "{} belongs to the user {user}, who runs the agent; as root this command could leave files there \
+         the agent cannot write. Run it as that user: sudo -u {user} {}",
+        dir.display(),
+        command.join(" ")
+    )
+}
+
+fn user_name(uid: u32) -> Option<String> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.get(2)?.parse::<u32>().ok()? == uid).then(|| fields[0].to_string())
+    })
+}
+
 /// The database URL a one-shot command uses.
 fn database_url_of(args: DatabaseArgs) -> anyhow::Result<String> {
-    let mut cfg = Config::load(args.config.as_deref())?;
+    let mut cfg = Config::load(config_path(args.config).as_deref())?;
     if let Some(dir) = args.state_dir {
         cfg.storage.state_dir = dir;
     }
     if let Some(url) = args.database_url {
         cfg.database.url = url;
     }
+    let url = cfg.database.effective_url(&cfg.storage.state_dir);
+    refuse_root_in_an_agents_sqlite(&url)?;
     if cfg.database.url.is_empty() {
         std::fs::create_dir_all(&cfg.storage.state_dir)
             .with_context(|| format!("cannot create {}", cfg.storage.state_dir.display()))?;
     }
-    Ok(cfg.database.effective_url(&cfg.storage.state_dir))
+    Ok(url)
 }
 
 /// Runs a database command on a small runtime.

@@ -348,6 +348,21 @@ pub fn check_ae_title(title: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Where an installed binary finds its configuration when none is named: the package puts the
+/// binary in /usr/bin and the configuration in /etc/idaics, so that `idaics findings` on the
+/// server reads the database the service writes to, not an empty default of its own. Under
+/// another prefix (/usr/local/bin, /opt/idaics/bin) it is <prefix>/etc/idaics/idaics.toml. A
+/// binary in a build tree (cargo, the tests) has none.
+pub fn installed_config_path(exe: &Path) -> Option<PathBuf> {
+    let bin = exe.parent()?;
+    if bin.file_name()? != "bin" {
+        return None;
+    }
+    let prefix = bin.parent()?;
+    let etc = if prefix == Path::new("/usr") { PathBuf::from("/etc") } else { prefix.join("etc") };
+    Some(etc.join("idaics").join("idaics.toml"))
+}
+
 impl Config {
     /// Reads a file, applies the process environment's overrides and validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -599,6 +614,16 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_installed_binary_reads_the_configuration_beside_its_prefix() {
+        let path = |exe: &str| installed_config_path(Path::new(exe));
+        assert_eq!(path("/usr/bin/idaics"), Some(PathBuf::from("/etc/idaics/idaics.toml")));
+        assert_eq!(path("/usr/local/bin/idaics"), Some(PathBuf::from("/usr/local/etc/idaics/idaics.toml")));
+        assert_eq!(path("/opt/idaics/bin/idaics"), Some(PathBuf::from("/opt/idaics/etc/idaics/idaics.toml")));
+        assert_eq!(path("/work/main/target/debug/idaics"), None);
+        assert_eq!(path("/work/main/target/debug/deps/idaics-0123"), None);
+    }
+
     use super::*;
 
     #[test]

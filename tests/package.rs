@@ -252,6 +252,30 @@ fn package_installs_runs_as_its_own_user_and_purges_keeping_the_received_images(
     let conf = std::fs::metadata("/etc/idaics/idaics.toml").unwrap();
     assert_eq!((conf.gid(), conf.mode() & 0o777), (gid, 0o640));
 
+    // The installed binary reads the installed configuration when none is named, so the
+    // administrator's commands see what the service sees.
+    let check = run(as_idaics("/usr/bin/idaics").arg("check-config"));
+    assert!(stdout(&check).contains("/etc/idaics/idaics.toml: OK"), "{}", stdout(&check));
+    assert!(stdout(&check).contains("AE IDAICS_TEST"), "{}", stdout(&check));
+    let listed = run(as_idaics("/usr/bin/idaics").arg("series"));
+    assert!(stdout(&listed).contains(&series.series_uid), "{}", stdout(&listed));
+    let findings = run(as_idaics("/usr/bin/idaics").args(["findings", "--format", "csv"]));
+    assert!(stdout(&findings).starts_with("patient_id,"), "{}", stdout(&findings));
+    // Root is sent to the agent's user rather than leave root's files in its database directory.
+    let as_root = Command::new("/usr/bin/idaics").args(["findings", "--level", "L4/L5"]).output().unwrap();
+    assert!(!as_root.status.success());
+    assert!(
+        output_text(&as_root).contains("sudo -u idaics /usr/bin/idaics findings --level L4/L5"),
+        "{}",
+        output_text(&as_root)
+    );
+    let root_owned: Vec<_> = std::fs::read_dir("/var/lib/idaics")
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| std::fs::symlink_metadata(p).unwrap().uid() == 0)
+        .collect();
+    assert!(root_owned.is_empty(), "root's files in the state directory: {root_owned:?}");
+
     // Removing keeps the configuration; purging takes it, and keeps what was received.
     run(Command::new("dpkg").args(["--remove", "idaics"]));
     assert!(!Path::new("/usr/bin/idaics").exists());
