@@ -3,10 +3,10 @@
 # real DICOM peers, Orthanc as a real PACS, cmake for the CharLS JPEG-LS codec build, PostgreSQL
 # whose server binaries the database tests run as throwaway clusters, dicom3tools for dciodvfy,
 # lintian, dpkg-dev and systemd-analyze for the Debian package, and a Python venv with highdicom
-# in target/pyenv), then runs every test. As root it also installs, runs and purges the Debian
-# package (tests/package.rs refuses to touch a machine where IDAICS is installed);
-# IDAICS_TEST_DPKG=0 leaves that out.
-# Usage: scripts/test.sh   (as root, or with sudo available)
+# in target/pyenv), then runs every test, including one that installs, runs and purges the Debian
+# package (as root; tests/package.rs refuses to touch a machine where IDAICS is installed).
+# IDAICS_TEST_DPKG=0 leaves that one out.
+# Usage: scripts/test.sh   (as root, or with sudo available; the install test needs root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,10 +30,17 @@ fi
 # A suite run builds once: incremental state would only take disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
-if [ "$(id -u)" -eq 0 ]; then
-  export IDAICS_TEST_DPKG="${IDAICS_TEST_DPKG:-1}"
-fi
-
 # Two cores here: the integration tests start several agents and DCMTK processes each.
 export RUST_BACKTRACE=1
 cargo test --all-targets --locked --no-fail-fast -- --test-threads="${TEST_THREADS:-4}"
+
+# The package's install test changes the machine it runs on (a package, a system user), so it is
+# ignored above and run here, on the throwaway machine this command is for.
+if [ "${IDAICS_TEST_DPKG:-1}" = 0 ]; then
+  echo "IDAICS_TEST_DPKG=0: the Debian package was not installed" >&2
+elif [ "$(id -u)" -ne 0 ]; then
+  echo "not root: the Debian package was not installed (as root on a throwaway machine:" \
+    "cargo test --test package -- --ignored)" >&2
+else
+  cargo test --locked --test package -- --ignored
+fi
