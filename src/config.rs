@@ -614,6 +614,8 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn an_installed_binary_reads_the_configuration_beside_its_prefix() {
         let path = |exe: &str| installed_config_path(Path::new(exe));
@@ -623,8 +625,6 @@ mod tests {
         assert_eq!(path("/work/main/target/debug/idaics"), None);
         assert_eq!(path("/work/main/target/debug/deps/idaics-0123"), None);
     }
-
-    use super::*;
 
     #[test]
     fn shipped_config_is_valid_and_documents_every_key() {

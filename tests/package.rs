@@ -34,7 +34,7 @@ fn build_package(out: &Path) -> PathBuf {
     deb
 }
 
-/// `dpkg-deb --contents` as path → (mode string, owner/group).
+/// `dpkg-deb --contents` as (path, mode string, owner/group) per entry.
 fn contents(deb: &Path) -> Vec<(String, String, String)> {
     stdout(&run(Command::new("dpkg-deb").arg("--contents").arg(deb)))
         .lines()
