@@ -263,7 +263,7 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, port, ae_title, state_dir, http_port, database_url, destinations } => {
-            let mut cfg = Config::load(config_path(config).as_deref())?;
+            let (mut cfg, _) = load_config(config)?;
             for text in destinations {
                 let parsed = crate::pipeline::parse_destination(&text).map_err(anyhow::Error::msg)?;
                 let mut d = crate::config::Destination { name: parsed.name, ..Default::default() };
@@ -308,8 +308,7 @@ pub fn main() -> anyhow::Result<()> {
             timeout: std::time::Duration::from_secs(timeout),
         }),
         Command::CheckConfig { config } => {
-            let config = config_path(config);
-            let cfg = Config::load(config.as_deref())?;
+            let (cfg, config) = load_config(config)?;
             let source = config.map_or("built-in defaults".to_string(), |p| p.display().to_string());
             println!("{source}: OK");
             println!("  DICOM: AE {} on {}:{}", cfg.dicom.ae_title, cfg.dicom.bind_address, cfg.dicom.port);
@@ -462,7 +461,7 @@ pub fn main() -> anyhow::Result<()> {
             })
         }
         Command::Series { config, state_dir, format } => {
-            let mut cfg = Config::load(config_path(config).as_deref())?;
+            let (mut cfg, _) = load_config(config)?;
             if let Some(dir) = state_dir {
                 cfg.storage.state_dir = dir;
             }
@@ -945,7 +944,7 @@ fn refuse_root_in_an_agents_sqlite(url: &str) -> anyhow::Result<()> {
         Ok(meta) if meta.uid() != 0 => meta.uid(),
         _ => return Ok(()),
     };
-    let user = user_name(owner).unwrap_or_else(|| format!("#{owner}"));
+    let user = name_of(owner, "/etc/passwd");
     let command: Vec<String> = std::env::args().collect();
     anyhow::bail!(
         "{} belongs to the user {user}, who runs the agent; as root this command could leave files there \
@@ -955,17 +954,52 @@ fn refuse_root_in_an_agents_sqlite(url: &str) -> anyhow::Result<()> {
     )
 }
 
-fn user_name(uid: u32) -> Option<String> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
+/// The name of a user (/etc/passwd) or group (/etc/group) id, for messages.
+fn name_of(id: u32, database: &str) -> String {
+    let names = std::fs::read_to_string(database).unwrap_or_default();
+    let name = names.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();
-        (fields.get(2)?.parse::<u32>().ok()? == uid).then(|| fields[0].to_string())
-    })
+        (fields.get(2)?.parse::<u32>().ok()? == id).then(|| fields[0].to_string())
+    });
+    name.unwrap_or_else(|| format!("#{id}"))
+}
+
+/// Loads the named configuration, else the installed one (`config_path`), else the defaults; with
+/// the path it came from. An administrator who may not read the installed file (it may hold the
+/// database password) is told whose it is and how to run the command instead.
+fn load_config(named: Option<PathBuf>) -> anyhow::Result<(Config, Option<PathBuf>)> {
+    use std::os::unix::fs::MetadataExt;
+    let path = config_path(named);
+    match Config::load(path.as_deref()) {
+        Ok(config) => Ok((config, path)),
+        Err(crate::config::ConfigError::Read { path, source })
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            let owner = std::fs::metadata(&path)
+                .map(|m| {
+                    format!(
+                        "it belongs to {}:{} with mode {:o}",
+                        name_of(m.uid(), "/etc/passwd"),
+                        name_of(m.gid(), "/etc/group"),
+                        m.mode() & 0o777
+                    )
+                })
+                .unwrap_or_default();
+            let command: Vec<String> = std::env::args().collect();
+            anyhow::bail!(
+                "cannot read {}: permission denied; {owner}. Run the command as a user who may read it \
+                 (where the package is installed: sudo -u idaics {})",
+                path.display(),
+                command.join(" ")
+            )
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The database URL a one-shot command uses.
 fn database_url_of(args: DatabaseArgs) -> anyhow::Result<String> {
-    let mut cfg = Config::load(config_path(args.config).as_deref())?;
+    let (mut cfg, _) = load_config(args.config)?;
     if let Some(dir) = args.state_dir {
         cfg.storage.state_dir = dir;
     }

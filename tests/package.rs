@@ -258,6 +258,18 @@ fn package_installs_runs_as_its_own_user_and_purges_keeping_the_received_images(
     assert!(stdout(&listed).contains(&series.series_uid), "{}", stdout(&listed));
     let findings = run(as_idaics("/usr/bin/idaics").args(["findings", "--format", "csv"]));
     assert!(stdout(&findings).starts_with("patient_id,"), "{}", stdout(&findings));
+    // Another user may not read the configuration, and is told whose it is.
+    let stranger = Command::new("setpriv")
+        .args(["--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "/usr/bin/idaics", "findings"])
+        .output()
+        .unwrap();
+    assert!(!stranger.status.success());
+    assert!(
+        output_text(&stranger).contains("belongs to root:idaics with mode 640")
+            && output_text(&stranger).contains("sudo -u idaics /usr/bin/idaics findings"),
+        "{}",
+        output_text(&stranger)
+    );
     // Root is sent to the agent's user rather than leave root's files in its database directory.
     let as_root = Command::new("/usr/bin/idaics").args(["findings", "--level", "L4/L5"]).output().unwrap();
     assert!(!as_root.status.success());
