@@ -1037,6 +1037,9 @@ fn print_rows(rows: &[serde_json::Value], columns: &[&str], format: TableJsonCsv
                 .collect::<Vec<_>>()
                 .join("+"),
             serde_json::Value::Number(n) if column == "confidence" => format!("{:.3}", n.as_f64().unwrap_or(0.0)),
+            // Areas come from pixel counts times an f32 pixel area: a tenth of a square millimetre is
+            // all they can mean, and twelve digits hide the column's scale from whoever reads it.
+            serde_json::Value::Number(n) if column.ends_with("_mm2") => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
             other => other.to_string(),
         }
     };
@@ -1060,7 +1063,7 @@ fn print_rows(rows: &[serde_json::Value], columns: &[&str], format: TableJsonCsv
             let widths: Vec<usize> = columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0))
+                .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0))
                 .collect();
             let line = |values: Vec<&str>| {
                 values

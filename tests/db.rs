@@ -124,7 +124,7 @@ fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confiden
         confidence,
         views: vec!["sagittal".into(), "axial".into()],
         r#box: Some([10.0, 20.0, 110.0, 80.0]),
-        mask_area_mm2: Some(123.5),
+        mask_area_mm2: Some(f64::from(1227.722_2_f32)),
         model_version: "test-1".into(),
         created_at: idaics::db::now(),
     }
@@ -538,7 +538,7 @@ fn findings_command_filters_and_formats() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 4, "{csv}");
     assert!(lines[0].starts_with("patient_id,study_date,accession,level,class,confidence"));
-    assert!(lines[3].contains("P7,2026-03-01,ACC-9.3,L4/L5,protrusion,0.910"), "{csv}");
+    assert!(lines[3].contains("P7,2026-03-01,ACC-9.3,L4/L5,protrusion,0.910,sagittal+axial,1227.7,"), "{csv}");
     let table = run(&["--class", "protrusion"]);
     assert!(table.lines().next().unwrap().starts_with("patient_id"), "{table}");
     assert!(table.contains("protrusion"), "{table}");
