@@ -1090,8 +1090,9 @@ fn print_rows(rows: &[serde_json::Value], columns: &[&str], format: TableJsonCsv
 /// Logging for one-shot commands: warnings and errors to stderr.
 fn init_cli_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().init();
+    let spec =
+        std::env::var(EnvFilter::DEFAULT_ENV).ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(log_filter(&spec)).with_writer(std::io::stderr).without_time().init();
 }
 
 /// Hides the password of a database URL for printing and logging.
@@ -1108,10 +1109,30 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// The filter `spec` asks for, quieting dicom-rs' parser unless `spec` names it.
+///
+/// Japanese and Korean sites write Specific Character Set as `\ISO 2022 IR 87`: an empty first
+/// value (the default repertoire) and code extensions. dicom-rs decodes such text as ISO 8859-1,
+/// which keeps every byte, and copies it back out unchanged, but it warns that the empty value is
+/// unsupported each time it reads or writes an object: over a thousand lines for one study,
+/// burying the warnings an administrator must see. `dicom_parser=warn` in the filter shows them
+/// again.
+fn log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
+    let filter = tracing_subscriber::EnvFilter::new(spec);
+    if spec.contains("dicom_parser") {
+        filter
+    } else {
+        filter.add_directive("dicom_parser::stateful=error".parse().expect("a valid directive"))
+    }
+}
+
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.logging.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let spec = std::env::var(EnvFilter::DEFAULT_ENV)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| cfg.logging.level.clone());
+    let builder = tracing_subscriber::fmt().with_env_filter(log_filter(&spec)).with_writer(std::io::stderr);
     if cfg.logging.format == "json" {
         builder.json().with_current_span(true).with_span_list(false).init();
     } else {

@@ -640,3 +640,58 @@ fn retention_removes_a_delivered_series_and_a_resent_one_is_analysed_again() {
     let listed = idaics_json(&state, &["series"]);
     assert_eq!(listed[0]["state"], "purged", "{listed}");
 }
+
+/// A patient's name reaches the PACS byte for byte in the character set the scanner wrote it in:
+/// GB18030, as in the paper's hospitals, and ISO 2022 code extensions (`\ISO 2022 IR 149`,
+/// Korean, the form Japanese and Korean sites use), which dicom-rs does not decode and reads as
+/// bytes. The names are written by DCMTK, not by the library under test. The second form made
+/// dicom-rs warn on every object read or written, over a thousand lines a study: the log stays
+/// free of that.
+#[test]
+fn patient_names_come_back_byte_for_byte_in_their_character_set() {
+    use std::ffi::{OsStr, OsString};
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let pacs = tmp.path().join("pacs");
+    let agent = Agent::start_with_args(
+        &tmp.path().join("state"),
+        &[("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")],
+        &["--destination", pacs.to_str().unwrap()],
+    );
+    let cases: [(&str, &[u8]); 2] = [
+        ("GB18030", b"\xcd\xf5^\xd0\xa1\xc3\xf7"),
+        (
+            "\\ISO 2022 IR 149",
+            b"Hong^Gildong=\x1b$)C\xfb\xf3^\x1b$)C\xd1\xce\xd1\xdd=\x1b$)C\xc8\xab^\x1b$)C\xb1\xe6\xb5\xbf",
+        ),
+    ];
+    let mut series = Vec::new();
+    for (i, (charset, name)) in cases.iter().enumerate() {
+        let (files, _) = phantom(&tmp.path().join(format!("in{i}")), 40 + i as u64);
+        let mut name_value = OsString::from("(0010,0010)=");
+        name_value.push(OsStr::from_bytes(name));
+        let status = Command::new("dcmodify")
+            .args(["-nb", "-i", &format!("(0008,0005)={charset}"), "-m"])
+            .arg(name_value)
+            .args(&files)
+            .status()
+            .unwrap();
+        assert!(status.success(), "dcmodify");
+        assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+        series.push(idaics::spool::InstanceHeader::read(&files[0]).unwrap().series_instance_uid);
+    }
+    wait_until("both SRs", Duration::from_secs(180), || series.iter().all(|s| pacs.join(s).join("sr.dcm").exists()));
+    let contains = |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
+    for ((charset, name), series_uid) in cases.iter().zip(&series) {
+        let objects: Vec<PathBuf> =
+            std::fs::read_dir(pacs.join(series_uid)).unwrap().map(|e| e.unwrap().path()).collect();
+        assert!(objects.len() >= 3, "{objects:?}");
+        for object in objects {
+            let bytes = std::fs::read(&object).unwrap();
+            assert!(contains(&bytes, name), "{}: the patient's name changed ({charset})", object.display());
+            assert!(contains(&bytes, charset.as_bytes()), "{}: Specific Character Set {charset} lost", object.display());
+        }
+    }
+    let log = agent.log();
+    assert!(!log.contains("Unsupported character set"), "{}", &log[..log.len().min(4000)]);
+}
