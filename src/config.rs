@@ -85,7 +85,16 @@ pub struct SeriesConfig {
     pub max_tilt_degrees: f64,
     /// Largest series loaded for analysis, as 32-bit voxels in MB.
     pub max_volume_mb: u64,
+    /// Stack orientations analysed: "axial", "sagittal", "coronal".
+    pub orientations: Vec<String>,
+    /// When not empty, only series whose SeriesDescription contains one of these are analysed.
+    pub include_descriptions: Vec<String>,
+    /// Series whose SeriesDescription contains one of these are skipped.
+    pub exclude_descriptions: Vec<String>,
 }
+
+/// The names [`SeriesConfig::orientations`] takes.
+pub const STACK_ORIENTATIONS: [&str; 3] = ["axial", "sagittal", "coronal"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +215,9 @@ impl Default for SeriesConfig {
             spacing_tolerance: 0.2,
             max_tilt_degrees: 0.5,
             max_volume_mb: 4096,
+            orientations: vec!["axial".into()],
+            include_descriptions: Vec::new(),
+            exclude_descriptions: Vec::new(),
         }
     }
 }
@@ -524,6 +536,34 @@ impl Config {
             },
         );
         check("series.max_volume_mb", positive(self.series.max_volume_mb));
+        check(
+            "series.orientations",
+            if self.series.orientations.is_empty() {
+                Err(format!("must name at least one of {}", STACK_ORIENTATIONS.join(", ")))
+            } else {
+                match self.series.orientations.iter().find(|o| !STACK_ORIENTATIONS.contains(&o.as_str())) {
+                    Some(o) => Err(format!("{o:?}: expected {}", STACK_ORIENTATIONS.join(", "))),
+                    None => Ok(()),
+                }
+            },
+        );
+        for key in ["include_descriptions", "exclude_descriptions"] {
+            let patterns = if key == "include_descriptions" {
+                &self.series.include_descriptions
+            } else {
+                &self.series.exclude_descriptions
+            };
+            for (i, pattern) in patterns.iter().enumerate() {
+                check(
+                    &format!("series.{key}[{i}]"),
+                    if pattern.trim().is_empty() {
+                        Err("must not be empty (it would match every series)".into())
+                    } else {
+                        Ok(())
+                    },
+                );
+            }
+        }
         check(
             "storage.state_dir",
             if self.storage.state_dir.as_os_str().is_empty() { Err("must not be empty".into()) } else { Ok(()) },

@@ -166,6 +166,9 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
     if instances.iter().any(|h| h.image_type.iter().any(|t| t == "LOCALIZER")) {
         return Assessment::Skip("localizer (scout) images".into());
     }
+    if let Some(reason) = not_selected(instances, config) {
+        return Assessment::Skip(reason);
+    }
     let slices: usize = instances.iter().map(|h| h.number_of_frames as usize).sum();
     if slices < config.min_slices {
         return Assessment::Skip(format!("{slices} slice(s); at least {} needed for a volume", config.min_slices));
@@ -178,6 +181,60 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
         Ok(_) => Assessment::Stack { slices },
         Err(reason) => Assessment::Skip(reason),
     }
+}
+
+/// Why the site's selection rules leave a series out, if they do.
+///
+/// A CT study holds, besides the axial acquisition, sagittal and coronal reformats of it and
+/// reconstructions with other kernels or slice thicknesses. The pipeline analyses any of them
+/// alike, so without these rules a study routed whole would send the PACS a report per
+/// reformat on the same discs. What an instance says of its series holds for all of it: the
+/// first instance that names a description or an orientation decides.
+pub fn not_selected(instances: &[&InstanceHeader], config: &SeriesConfig) -> Option<String> {
+    let descriptions: Vec<&str> = instances.iter().filter_map(|h| h.series_description.as_deref()).collect();
+    let matching = |patterns: &[String]| -> Option<(String, String)> {
+        patterns.iter().find_map(|p| {
+            let pattern = p.to_lowercase();
+            descriptions.iter().find(|d| d.to_lowercase().contains(&pattern)).map(|d| (d.to_string(), p.clone()))
+        })
+    };
+    if let Some((description, pattern)) = matching(&config.exclude_descriptions) {
+        return Some(format!("SeriesDescription {description:?} contains {pattern:?} (series.exclude_descriptions)"));
+    }
+    if !config.include_descriptions.is_empty() && matching(&config.include_descriptions).is_none() {
+        return Some(format!(
+            "SeriesDescription {:?} contains none of series.include_descriptions ({})",
+            descriptions.first().copied().unwrap_or_default(),
+            config.include_descriptions.join(", ")
+        ));
+    }
+    // Instances that disagree are a mixed series, which the geometry check names as such.
+    let mut kinds = instances.iter().filter_map(|h| h.image_orientation.and_then(stack_orientation));
+    let kind = kinds.next()?;
+    if kinds.any(|k| k != kind) || config.orientations.iter().any(|o| o == kind) {
+        return None;
+    }
+    Some(format!(
+        "{kind} stack, a reformat when the study holds the axial acquisition: series.orientations is {}",
+        config.orientations.join(", ")
+    ))
+}
+
+/// "axial", "sagittal" or "coronal": the patient axis the image normal follows most closely.
+pub fn stack_orientation(orientation: [f64; 6]) -> Option<&'static str> {
+    let normal =
+        cross([orientation[0], orientation[1], orientation[2]], [orientation[3], orientation[4], orientation[5]]);
+    let [x, y, z] = normal.map(f64::abs);
+    if !(x + y + z).is_finite() || x + y + z < 1e-6 {
+        return None;
+    }
+    Some(if z >= x && z >= y {
+        "axial"
+    } else if x >= y {
+        "sagittal"
+    } else {
+        "coronal"
+    })
 }
 
 /// Where the slices of a single-frame stack lie: the shared orientation, the instances in order
@@ -454,7 +511,11 @@ impl SeriesTracker {
         if stated_total.is_some_and(|total| slices < total as usize) {
             return;
         }
-        if let Assessment::Stack { .. } = assess(&headers, &self.config) {
+        // A series the selection rules leave out stays out whatever else arrives: it is
+        // skipped now, not after the quiet period.
+        if not_selected(&headers, &self.config).is_some()
+            || matches!(assess(&headers, &self.config), Assessment::Stack { .. })
+        {
             self.decide(series_uid, Trigger::AssociationReleased);
         }
     }
@@ -587,6 +648,7 @@ mod tests {
             modality: Some("CT".into()),
             manufacturer: Some("SCANNER".into()),
             image_type: vec!["ORIGINAL".into(), "PRIMARY".into(), "AXIAL".into()],
+            series_description: Some("LUMBAR SPINE 1.0 BONE".into()),
             instance_number: Some(i as i32),
             image_position: Some([-100.0, -100.0, z]),
             image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
@@ -659,7 +721,63 @@ mod tests {
                 h
             })
             .collect();
-        assert_eq!(judge(&s), Assessment::Stack { slices: 10 });
+        let refs: Vec<&InstanceHeader> = s.iter().collect();
+        let config = SeriesConfig { orientations: vec!["axial".into(), "sagittal".into()], ..Default::default() };
+        assert_eq!(assess(&refs, &config), Assessment::Stack { slices: 10 });
+    }
+
+    /// A study routed whole brings reformats and other reconstructions: the site's rules say
+    /// which series are analysed, and a skipped one says which rule left it out.
+    #[test]
+    fn selection_rules_leave_out_reformats_and_named_series() {
+        let stack = |orientation: [f64; 6], description: &str| -> Vec<InstanceHeader> {
+            let normal = crate::geometry::cross(
+                [orientation[0], orientation[1], orientation[2]],
+                [orientation[3], orientation[4], orientation[5]],
+            );
+            (0..10)
+                .map(|i| {
+                    let mut h = slice(i, 0.0);
+                    h.image_orientation = Some(orientation);
+                    h.image_position = Some(normal.map(|n| n * i as f64 * 2.0));
+                    h.series_description = Some(description.into());
+                    h
+                })
+                .collect()
+        };
+        let axial = stack([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "Spine 1.0 Bone");
+        let sagittal = stack([0.0, 1.0, 0.0, 0.0, 0.0, -1.0], "SAG MPR 3mm");
+        let coronal = stack([1.0, 0.0, 0.0, 0.0, 0.0, -1.0], "COR MPR 3mm");
+        let judge_with =
+            |slices: &[InstanceHeader], config: &SeriesConfig| assess(&slices.iter().collect::<Vec<_>>(), config);
+        let defaults = SeriesConfig::default();
+        assert_eq!(judge_with(&axial, &defaults), Assessment::Stack { slices: 10 });
+        assert!(matches!(judge_with(&sagittal, &defaults),
+            Assessment::Skip(r) if r.starts_with("sagittal stack") && r.contains("series.orientations is axial")));
+        assert!(matches!(judge_with(&coronal, &defaults), Assessment::Skip(r) if r.starts_with("coronal stack")));
+        let all = SeriesConfig {
+            orientations: crate::config::STACK_ORIENTATIONS.map(String::from).to_vec(),
+            ..Default::default()
+        };
+        for s in [&axial, &sagittal, &coronal] {
+            assert_eq!(judge_with(s, &all), Assessment::Stack { slices: 10 });
+        }
+        let excluding = SeriesConfig { exclude_descriptions: vec!["mpr".into()], ..all.clone() };
+        assert!(matches!(judge_with(&sagittal, &excluding),
+            Assessment::Skip(r) if r.contains("\"SAG MPR 3mm\" contains \"mpr\" (series.exclude_descriptions)")));
+        assert_eq!(judge_with(&axial, &excluding), Assessment::Stack { slices: 10 });
+        let including = SeriesConfig { include_descriptions: vec!["BONE".into()], ..all.clone() };
+        assert_eq!(judge_with(&axial, &including), Assessment::Stack { slices: 10 });
+        assert!(matches!(judge_with(&coronal, &including),
+            Assessment::Skip(r) if r.contains("none of series.include_descriptions (BONE)")));
+        let mut unnamed = axial.clone();
+        unnamed.iter_mut().for_each(|h| h.series_description = None);
+        assert!(matches!(judge_with(&unnamed, &including), Assessment::Skip(_)));
+        assert_eq!(judge_with(&unnamed, &excluding), Assessment::Stack { slices: 10 });
+        // Mixed orientations are named as such by the geometry check, whichever instance is first.
+        let mut mixed = sagittal.clone();
+        mixed[0].image_orientation = axial[0].image_orientation;
+        assert!(matches!(judge_with(&mixed, &defaults), Assessment::Skip(r) if r.contains("different orientations")));
     }
 
     #[test]

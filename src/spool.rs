@@ -126,6 +126,9 @@ pub struct InstanceHeader {
     #[serde(default)]
     pub manufacturer: Option<String>,
     pub image_type: Vec<String>,
+    /// For the site's series selection rules (`series.include_descriptions`, ...).
+    #[serde(default)]
+    pub series_description: Option<String>,
     pub instance_number: Option<i32>,
     pub image_position: Option<[f64; 3]>,
     pub image_orientation: Option<[f64; 6]>,
@@ -164,6 +167,17 @@ impl InstanceHeader {
         };
         let int =
             |tag: Tag| -> Option<i64> { obj.element_opt(tag).ok().flatten().and_then(|e| e.to_int::<i64>().ok()) };
+        // Enhanced CT keeps its orientation in functional groups: the shared ones, or else the
+        // first frame's. The volume stage reads every frame's; this one tells the stack's kind.
+        let functional_group_orientation = || {
+            [tags::SHARED_FUNCTIONAL_GROUPS_SEQUENCE, tags::PER_FRAME_FUNCTIONAL_GROUPS_SEQUENCE].into_iter().find_map(
+                |sequence| {
+                    let group = obj.element_opt(sequence).ok().flatten()?.items()?.first()?;
+                    let plane = group.element_opt(tags::PLANE_ORIENTATION_SEQUENCE).ok().flatten()?.items()?.first()?;
+                    plane.element_opt(tags::IMAGE_ORIENTATION_PATIENT).ok().flatten()?.to_multi_float64().ok()
+                },
+            )
+        };
         Ok(InstanceHeader {
             sop_class_uid: uid(tags::SOP_CLASS_UID, "SOPClassUID")?,
             sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
@@ -175,9 +189,12 @@ impl InstanceHeader {
             image_type: text(tags::IMAGE_TYPE)
                 .map(|s| s.split('\\').map(|p| p.trim().to_string()).collect())
                 .unwrap_or_default(),
+            series_description: text(tags::SERIES_DESCRIPTION),
             instance_number: int(tags::INSTANCE_NUMBER).and_then(|v| i32::try_from(v).ok()),
             image_position: floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| <[f64; 3]>::try_from(v.as_slice()).ok()),
             image_orientation: floats(tags::IMAGE_ORIENTATION_PATIENT)
+                .or_else(functional_group_orientation)
+                .filter(|v| v.iter().all(|x| x.is_finite()))
                 .and_then(|v| <[f64; 6]>::try_from(v.as_slice()).ok()),
             number_of_frames: int(tags::NUMBER_OF_FRAMES)
                 .and_then(|v| u32::try_from(v).ok())

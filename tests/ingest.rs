@@ -154,6 +154,59 @@ fn partial_series_waits_for_the_quiet_period_and_gappy_series_is_skipped() {
     assert_eq!(agent.series_record(&series.study_uid, &series.series_uid).unwrap()["state"], "complete");
 }
 
+/// A study routed whole brings the scanner's sagittal reformat with the axial acquisition: the
+/// axial series is analysed, the reformat is skipped at release with the rule that left it out,
+/// and a site rule on the series description leaves out what the administrator names.
+#[test]
+fn reformats_and_excluded_descriptions_are_skipped_with_the_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = SeriesSpec { slices: 12, size: 64, seed: 31, ..Default::default() };
+    let axial = write_ct_series(&tmp.path().join("axial"), &spec).unwrap();
+    // The reformat, as the scanner would send it: the same study, its own series and instances,
+    // images whose normal runs left to right, one every 2 mm.
+    let reformat = write_ct_series(&tmp.path().join("sagittal"), &SeriesSpec { seed: 32, ..spec.clone() }).unwrap();
+    for (i, file) in reformat.files.iter().enumerate() {
+        let status = std::process::Command::new("dcmodify")
+            .args(["-nb", "-m"])
+            .arg(format!("(0020,000d)={}", axial.study_uid))
+            .args(["-m", "(0020,0037)=0\\1\\0\\0\\0\\-1", "-m"])
+            .arg(format!("(0020,0032)={}\\-25\\25", i as f64 * 2.0 - 12.0))
+            .args(["-i", "(0008,103e)=SAG MPR 2mm"])
+            .arg(file)
+            .status()
+            .unwrap();
+        assert!(status.success(), "dcmodify");
+    }
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "30")]);
+    let both: Vec<PathBuf> = axial.files.iter().chain(&reformat.files).cloned().collect();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &both)), (24, 0));
+    let record =
+        |series: &idaics::synthetic::SyntheticSeries| agent.series_record(&axial.study_uid, &series.series_uid);
+    agent.wait_for("both decisions at release", Duration::from_secs(10), |_| {
+        record(&axial).is_some() && record(&reformat).is_some()
+    });
+    assert_eq!(record(&axial).unwrap()["state"], "complete");
+    let skipped = record(&reformat).unwrap();
+    assert_eq!(skipped["state"], "skipped", "{skipped}");
+    assert_eq!(skipped["trigger"], "association-released", "decided at release, not after the quiet period");
+    let reason = skipped["skip_reason"].as_str().unwrap();
+    assert!(reason.starts_with("sagittal stack") && reason.contains("series.orientations is axial"), "{reason}");
+    drop(agent);
+
+    // A site that analyses sagittal stacks but names the reformats it does not want.
+    let agent = Agent::start(
+        &tmp.path().join("state2"),
+        &[("IDAICS_SERIES_ORIENTATIONS", "axial,sagittal"), ("IDAICS_SERIES_EXCLUDE_DESCRIPTIONS", "mpr")],
+    );
+    assert_eq!(store_outcomes(&agent.storescu(&[], &reformat.files)), (12, 0));
+    agent.wait_for("the decision", Duration::from_secs(10), |a| {
+        a.series_record(&axial.study_uid, &reformat.series_uid).is_some()
+    });
+    let skipped = agent.series_record(&axial.study_uid, &reformat.series_uid).unwrap();
+    let reason = skipped["skip_reason"].as_str().unwrap();
+    assert_eq!(reason, "SeriesDescription \"SAG MPR 2mm\" contains \"mpr\" (series.exclude_descriptions)");
+}
+
 /// Every CT image of the shared corpora, and CT transcoded by DCMTK into each transfer syntax the
 /// corpora lack, is stored and decodable; broken CT files fail with a status and the agent stays up.
 #[test]

@@ -689,7 +689,11 @@ fn patient_names_come_back_byte_for_byte_in_their_character_set() {
         for object in objects {
             let bytes = std::fs::read(&object).unwrap();
             assert!(contains(&bytes, name), "{}: the patient's name changed ({charset})", object.display());
-            assert!(contains(&bytes, charset.as_bytes()), "{}: Specific Character Set {charset} lost", object.display());
+            assert!(
+                contains(&bytes, charset.as_bytes()),
+                "{}: Specific Character Set {charset} lost",
+                object.display()
+            );
         }
     }
     let log = agent.log();
