@@ -124,7 +124,7 @@ fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confiden
         confidence,
         views: vec!["sagittal".into(), "axial".into()],
         r#box: Some([10.0, 20.0, 110.0, 80.0]),
-        mask_area_mm2: Some(f64::from(1227.722_2_f32)),
+        mask_area_mm2: Some(f64::from(1_227.722_2_f32)),
         model_version: "test-1".into(),
         created_at: idaics::db::now(),
     }
