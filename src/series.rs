@@ -188,8 +188,9 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
 /// A CT study holds, besides the axial acquisition, sagittal and coronal reformats of it and
 /// reconstructions with other kernels or slice thicknesses. The pipeline analyses any of them
 /// alike, so without these rules a study routed whole would send the PACS a report per
-/// reformat on the same discs. What an instance says of its series holds for all of it: the
-/// first instance that names a description or an orientation decides.
+/// reformat on the same discs. A description is its series', so one instance whose description
+/// matches a rule decides; an orientation decides only when every instance that has one agrees
+/// (a mixed series is the geometry check's to name).
 pub fn not_selected(instances: &[&InstanceHeader], config: &SeriesConfig) -> Option<String> {
     let descriptions: Vec<&str> = instances.iter().filter_map(|h| h.series_description.as_deref()).collect();
     let matching = |patterns: &[String]| -> Option<(String, String)> {
@@ -202,13 +203,15 @@ pub fn not_selected(instances: &[&InstanceHeader], config: &SeriesConfig) -> Opt
         return Some(format!("SeriesDescription {description:?} contains {pattern:?} (series.exclude_descriptions)"));
     }
     if !config.include_descriptions.is_empty() && matching(&config.include_descriptions).is_none() {
+        let described = match descriptions.first() {
+            Some(description) => format!("SeriesDescription {description:?} contains"),
+            None => "no SeriesDescription: it contains".into(),
+        };
         return Some(format!(
-            "SeriesDescription {:?} contains none of series.include_descriptions ({})",
-            descriptions.first().copied().unwrap_or_default(),
+            "{described} none of series.include_descriptions ({})",
             config.include_descriptions.join(", ")
         ));
     }
-    // Instances that disagree are a mixed series, which the geometry check names as such.
     let mut kinds = instances.iter().filter_map(|h| h.image_orientation.and_then(stack_orientation));
     let kind = kinds.next()?;
     if kinds.any(|k| k != kind) || config.orientations.iter().any(|o| o == kind) {
@@ -772,7 +775,8 @@ mod tests {
             Assessment::Skip(r) if r.contains("none of series.include_descriptions (BONE)")));
         let mut unnamed = axial.clone();
         unnamed.iter_mut().for_each(|h| h.series_description = None);
-        assert!(matches!(judge_with(&unnamed, &including), Assessment::Skip(_)));
+        assert!(matches!(judge_with(&unnamed, &including),
+            Assessment::Skip(r) if r == "no SeriesDescription: it contains none of series.include_descriptions (BONE)"));
         assert_eq!(judge_with(&unnamed, &excluding), Assessment::Stack { slices: 10 });
         // Mixed orientations are named as such by the geometry check, whichever instance is first.
         let mut mixed = sagittal.clone();

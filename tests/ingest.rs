@@ -177,14 +177,23 @@ fn reformats_and_excluded_descriptions_are_skipped_with_the_rule() {
             .unwrap();
         assert!(status.success(), "dcmodify");
     }
+    // The same reformat as one Enhanced CT object, whose orientation is in its functional groups.
+    let enhanced = idaics::synthetic::write_enhanced_ct(&reformat.files, &tmp.path().join("enhanced.dcm"), 33).unwrap();
+    let enhanced_series = idaics::synthetic::derived_uid(33, 2);
+    dcmtk("dcmodify", &["-nb", "-m", &format!("(0020,000e)={enhanced_series}")], &enhanced, Path::new(""));
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "30")]);
-    let both: Vec<PathBuf> = axial.files.iter().chain(&reformat.files).cloned().collect();
-    assert_eq!(store_outcomes(&agent.storescu(&[], &both)), (24, 0));
+    let all: Vec<PathBuf> = axial.files.iter().chain(&reformat.files).chain([&enhanced]).cloned().collect();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &all)), (25, 0));
     let record =
         |series: &idaics::synthetic::SyntheticSeries| agent.series_record(&axial.study_uid, &series.series_uid);
-    agent.wait_for("both decisions at release", Duration::from_secs(10), |_| {
-        record(&axial).is_some() && record(&reformat).is_some()
+    agent.wait_for("the decisions at release", Duration::from_secs(10), |a| {
+        record(&axial).is_some()
+            && record(&reformat).is_some()
+            && a.series_record(&axial.study_uid, &enhanced_series).is_some()
     });
+    let enhanced_record = agent.series_record(&axial.study_uid, &enhanced_series).unwrap();
+    assert_eq!(enhanced_record["state"], "skipped", "{enhanced_record}");
+    assert!(enhanced_record["skip_reason"].as_str().unwrap().starts_with("sagittal stack"), "{enhanced_record}");
     assert_eq!(record(&axial).unwrap()["state"], "complete");
     let skipped = record(&reformat).unwrap();
     assert_eq!(skipped["state"], "skipped", "{skipped}");
