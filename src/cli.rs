@@ -494,7 +494,7 @@ pub fn main() -> anyhow::Result<()> {
                         println!(
                             "{:<9} {:>9}  {:<64}  {}",
                             r["state"].as_str().unwrap_or(""),
-                            r["instances"],
+                            r["instances"].as_u64().unwrap_or(0),
                             r["series_uid"].as_str().unwrap_or(""),
                             r["skip_reason"].as_str().unwrap_or("")
                         );

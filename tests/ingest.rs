@@ -200,6 +200,15 @@ fn reformats_and_excluded_descriptions_are_skipped_with_the_rule() {
     assert_eq!(skipped["trigger"], "association-released", "decided at release, not after the quiet period");
     let reason = skipped["skip_reason"].as_str().unwrap();
     assert!(reason.starts_with("sagittal stack") && reason.contains("series.orientations is axial"), "{reason}");
+    // The administrator's listing gives the rule beside the series, in aligned columns.
+    let list = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["series", "--state-dir"])
+        .arg(&agent.state_dir)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&list.stdout).into_owned();
+    let line = table.lines().find(|l| l.contains(&reformat.series_uid)).unwrap_or_else(|| panic!("{table}"));
+    assert!(line.starts_with("skipped          12  ") && line.ends_with(reason), "{table}");
     drop(agent);
 
     // A site that analyses sagittal stacks but names the reformats it does not want.
