@@ -315,6 +315,12 @@ pub fn main() -> anyhow::Result<()> {
             println!("  state directory: {}", cfg.storage.state_dir.display());
             println!("  database: {}", redact_url(&cfg.database.effective_url(&cfg.storage.state_dir)));
             println!("  destinations: {}", cfg.destinations.len());
+            println!("  series analysed: {}", describe_selection(&cfg.series));
+            if cfg.model.weights.is_empty() {
+                println!("  model: none (series are received and tracked, not analysed)");
+            } else {
+                println!("  model: {} on {}", cfg.model.weights, cfg.model.device);
+            }
             Ok(())
         }
         Command::Detect { weights, imgsz, conf, iou, device, format, images } => {
@@ -1093,6 +1099,20 @@ fn init_cli_logging() {
     let spec =
         std::env::var(EnvFilter::DEFAULT_ENV).ok().filter(|s| !s.trim().is_empty()).unwrap_or_else(|| "warn".into());
     tracing_subscriber::fmt().with_env_filter(log_filter(&spec)).with_writer(std::io::stderr).without_time().init();
+}
+
+/// The series selection rules in a sentence, for an administrator checking what a change does.
+fn describe_selection(series: &crate::config::SeriesConfig) -> String {
+    let quoted = |patterns: &[String]| patterns.iter().map(|p| format!("{p:?}")).collect::<Vec<_>>().join(", ");
+    let mut sentence = format!("{} stacks", series.orientations.join(", "));
+    if !series.include_descriptions.is_empty() {
+        sentence += &format!(" whose SeriesDescription contains one of {}", quoted(&series.include_descriptions));
+    }
+    if !series.exclude_descriptions.is_empty() {
+        let joint = if series.include_descriptions.is_empty() { " whose SeriesDescription" } else { " and" };
+        sentence += &format!("{joint} contains none of {}", quoted(&series.exclude_descriptions));
+    }
+    sentence
 }
 
 /// Hides the password of a database URL for printing and logging.

@@ -11,7 +11,31 @@ fn shipped_configuration_checks_out() {
     let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/idaics.toml");
     let out = idaics(&["check-config", "--config", conf]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("OK"));
+    assert!(text.contains("\n  series analysed: axial stacks\n"), "{text}");
+    assert!(text.contains("\n  model: none (series are received and tracked, not analysed)"), "{text}");
+}
+
+/// The summary says in words which series the selection rules let through.
+#[test]
+fn check_config_summarises_the_series_selection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.toml");
+    std::fs::write(
+        &path,
+        "[series]\norientations = [\"axial\", \"sagittal\"]\ninclude_descriptions = [\"BONE\"]\nexclude_descriptions = [\"MPR\", \"3D\"]\n",
+    )
+    .unwrap();
+    let out = idaics(&["check-config", "--config", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(
+            "  series analysed: axial, sagittal stacks whose SeriesDescription contains one of \"BONE\" and contains none of \"MPR\", \"3D\"\n"
+        ),
+        "{text}"
+    );
 }
 
 #[test]
