@@ -683,8 +683,12 @@ fn patient_names_come_back_byte_for_byte_in_their_character_set() {
     wait_until("both SRs", Duration::from_secs(180), || series.iter().all(|s| pacs.join(s).join("sr.dcm").exists()));
     let contains = |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
     for ((charset, name), series_uid) in cases.iter().zip(&series) {
-        let objects: Vec<PathBuf> =
-            std::fs::read_dir(pacs.join(series_uid)).unwrap().map(|e| e.unwrap().path()).collect();
+        // Only delivered objects: the folder destination writes `.<name>.tmp` first.
+        let objects: Vec<PathBuf> = std::fs::read_dir(pacs.join(series_uid))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "dcm") && !p.to_string_lossy().contains("/."))
+            .collect();
         assert!(objects.len() >= 3, "{objects:?}");
         for object in objects {
             let bytes = std::fs::read(&object).unwrap();
