@@ -197,6 +197,62 @@ fn valid_date(text: &str) -> bool {
         && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
+/// The files of `migrations/`, as (version, description, PostgreSQL, SQLite), described as sqlx
+/// describes a file from its name so that the checksums existing databases recorded still match
+/// (a test compares them with sqlx's own reading of the folders).
+const MIGRATIONS: [(i64, &str, &str, &str); 3] = [
+    (
+        1,
+        "finding log",
+        include_str!("../migrations/postgres/0001_finding_log.sql"),
+        include_str!("../migrations/sqlite/0001_finding_log.sql"),
+    ),
+    (
+        2,
+        "job heartbeat",
+        include_str!("../migrations/postgres/0002_job_heartbeat.sql"),
+        include_str!("../migrations/sqlite/0002_job_heartbeat.sql"),
+    ),
+    (
+        3,
+        "series retention",
+        include_str!("../migrations/postgres/0003_series_retention.sql"),
+        include_str!("../migrations/sqlite/0003_series_retention.sql"),
+    ),
+];
+
+/// One backend's migrations, embedded in the binary. `sqlx::migrate!` would embed them too, but
+/// it needs sqlx's macro crate, which builds both database drivers a second time for the
+/// compiler: over a minute of every clean build on the 2-core CI machine.
+#[derive(Debug)]
+struct EmbeddedMigrations(Backend);
+
+type MigrationsFuture<'s> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<sqlx::migrate::Migration>, sqlx::error::BoxDynError>> + Send + 's>,
+>;
+
+impl<'s> sqlx::migrate::MigrationSource<'s> for EmbeddedMigrations {
+    fn resolve(self) -> MigrationsFuture<'s> {
+        let migrations = MIGRATIONS
+            .iter()
+            .map(|&(version, description, postgres, sqlite)| {
+                let sql = match self.0 {
+                    Backend::Postgres => postgres,
+                    Backend::Sqlite => sqlite,
+                };
+                sqlx::migrate::Migration::new(
+                    version,
+                    description.into(),
+                    sqlx::migrate::MigrationType::Simple,
+                    sql.into(),
+                    false,
+                )
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(migrations)))
+    }
+}
+
 impl Db {
     /// Connects (creating the SQLite file if needed). Does not migrate.
     pub async fn connect(url: &str) -> Result<Db, DbError> {
@@ -251,10 +307,7 @@ impl Db {
 
     /// Applies the embedded migrations of this backend that are not applied yet.
     pub async fn migrate(&self) -> Result<(), DbError> {
-        match self.backend {
-            Backend::Postgres => sqlx::migrate!("migrations/postgres").run(&self.pool).await?,
-            Backend::Sqlite => sqlx::migrate!("migrations/sqlite").run(&self.pool).await?,
-        }
+        sqlx::migrate::Migrator::new(EmbeddedMigrations(self.backend)).await?.run(&self.pool).await?;
         Ok(())
     }
 
@@ -1058,5 +1111,30 @@ impl Writer {
         if let Err(e) = result {
             tracing::error!(path = %self.journal.display(), error = %e, "cannot write the database journal");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded migrations are the folders' files as sqlx reads them: same versions,
+    /// descriptions and checksums, so databases migrated by earlier builds stay valid.
+    #[test]
+    fn embedded_migrations_are_the_folders_as_sqlx_reads_them() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            for (backend, folder) in [(Backend::Postgres, "postgres"), (Backend::Sqlite, "sqlite")] {
+                let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations").join(folder);
+                let from_folder = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+                let embedded = sqlx::migrate::Migrator::new(EmbeddedMigrations(backend)).await.unwrap();
+                let key = |m: &sqlx::migrate::Migration| {
+                    (m.version, m.description.to_string(), m.checksum.to_vec(), m.migration_type, m.no_tx)
+                };
+                let folder_keys: Vec<_> = from_folder.iter().map(key).collect();
+                assert_eq!(folder_keys.len(), MIGRATIONS.len(), "{folder}: a migration file is not embedded");
+                assert_eq!(folder_keys, embedded.iter().map(key).collect::<Vec<_>>(), "{folder}");
+            }
+        });
     }
 }
