@@ -687,7 +687,10 @@ fn patient_names_come_back_byte_for_byte_in_their_character_set() {
         let objects: Vec<PathBuf> = std::fs::read_dir(pacs.join(series_uid))
             .unwrap()
             .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|x| x == "dcm") && !p.to_string_lossy().contains("/."))
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.ends_with(".dcm") && !name.starts_with('.')
+            })
             .collect();
         assert!(objects.len() >= 3, "{objects:?}");
         for object in objects {
