@@ -7,9 +7,12 @@
 #   bench/ingest.sh [SLICES] [SIZE] [ROUNDS]
 #
 # Both receivers write every instance to disk; the agent also fsyncs each file and its directory
-# before answering (its default), storescp does not (it has no such option). When Orthanc is
-# installed it runs as a third receiver that does sync each file. IDAICS_STORAGE_FSYNC=false in
-# the environment measures the agent without its syncs.
+# before answering (its default), storescp does not (it has no such option). storescp runs a
+# second time with the syncs the agent makes, done by coreutils `sync` through its synchronous
+# exec-on-reception hook, which runs before the C-STORE response goes out; a third storescp runs
+# `true` through the same hook, which measures what the fork and exec alone cost. When Orthanc is
+# installed it runs as one more receiver that syncs each file. IDAICS_STORAGE_FSYNC=false in the
+# environment measures the agent without its syncs.
 set -euo pipefail
 slices=${1:-300}
 size=${2:-512}
@@ -51,6 +54,17 @@ scp_big_port=$(port_free)
 mkdir -p "$work/storescp-big"
 TCP_NODELAY=1 storescp -aet IDAICS --max-pdu "$agent_pdu" --output-directory "$work/storescp-big" "$scp_big_port" &
 
+# storescp with the agent's syncs (the file's data, then its directory), and with the same hook
+# doing nothing.
+scp_sync_port=$(port_free)
+mkdir -p "$work/storescp-sync"
+TCP_NODELAY=1 storescp -aet IDAICS --output-directory "$work/storescp-sync" \
+  --exec-on-reception "sync --data #p/#f #p" --exec-sync "$scp_sync_port" &
+scp_hook_port=$(port_free)
+mkdir -p "$work/storescp-hook"
+TCP_NODELAY=1 storescp -aet IDAICS --output-directory "$work/storescp-hook" \
+  --exec-on-reception "true" --exec-sync "$scp_hook_port" &
+
 agent_port=$(port_free)
 # The series are never completed during the run: an analysis of round 1 would compete with
 # round 2 for the two cores.
@@ -83,7 +97,8 @@ JSON
 have_orthanc=$(command -v Orthanc >/dev/null && echo yes || echo no)
 
 min() { echo "if ($1 < $2) $1 else $2" | bc -l; }
-best_scp=999999; best_scp_big=999999; best_agent=999999; best_orthanc=999999; paired=(); paired_big=()
+best_scp=999999; best_scp_big=999999; best_scp_sync=999999; best_scp_hook=999999; best_agent=999999; best_orthanc=999999
+paired=(); paired_big=(); paired_sync=()
 for r in $(seq 1 "$rounds"); do
   # Each receiver starts with nothing of this round's series waiting to be written back.
   if [ "$have_orthanc" = yes ]; then
@@ -94,16 +109,22 @@ for r in $(seq 1 "$rounds"); do
   best_scp=$(min "$ts" "$best_scp")
   sync; tb=$(send "$scp_big_port" "$r"); echo "round $r storescp (big): ${tb}s"
   best_scp_big=$(min "$tb" "$best_scp_big")
+  sync; th=$(send "$scp_hook_port" "$r"); echo "round $r storescp+true: ${th}s"
+  best_scp_hook=$(min "$th" "$best_scp_hook")
+  sync; tsy=$(send "$scp_sync_port" "$r"); echo "round $r storescp+sync: ${tsy}s"
+  best_scp_sync=$(min "$tsy" "$best_scp_sync")
   sync; ta=$(send "$agent_port" "$r"); echo "round $r idaics:         ${ta}s"
   best_agent=$(min "$ta" "$best_agent")
   paired+=("$(echo "$ta/$ts" | bc -l)")
   paired_big+=("$(echo "$ta/$tb" | bc -l)")
+  paired_sync+=("$(echo "$ta/$tsy" | bc -l)")
 done
 # This machine's disk and cores are shared: a round can be slow for reasons of its own. The ratio
 # of each round's back-to-back pair is the steadier figure.
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 median_pair=$(median "${paired[@]}")
 median_pair_big=$(median "${paired_big[@]}")
+median_pair_sync=$(median "${paired_sync[@]}")
 # What syncing alone costs on this disk: the series' files written again, without any network,
 # once plainly and once with the agent's two syncs each (data, then the directory after the
 # rename). The difference is the least a receiver that syncs must spend above one that does not.
@@ -151,6 +172,13 @@ printf 'time ratio idaics/storescp at equal PDU: %.2f best against best, %.2f me
   "$(echo "$best_agent/$best_scp_big" | bc -l)" "$median_pair_big" "$rounds"
 printf 'syncing alone on this disk: %.3f s; storescp plus that: ratio %.2f as installed, %.2f at equal PDU\n' \
   "$disk_floor" "$(echo "($best_scp + $disk_floor)/$best_scp" | bc -l)" "$(echo "($best_scp_big + $disk_floor)/$best_scp_big" | bc -l)"
+printf 'storescp syncing as the agent does (sync --data FILE DIR before each answer): %.3f s (best of %d)\n' "$best_scp_sync" "$rounds"
+printf '  of which the fork and exec of the hook: %.3f s (storescp running true the same way: %.3f s)\n' \
+  "$(echo "$best_scp_hook - $best_scp" | bc -l)" "$best_scp_hook"
+printf 'time ratio idaics/syncing storescp: %.2f best against best, %.2f median of %d paired rounds\n' \
+  "$(echo "$best_agent/$best_scp_sync" | bc -l)" "$median_pair_sync" "$rounds"
+printf 'time ratio idaics/syncing storescp less its hook cost: %.2f best against best\n' \
+  "$(echo "$best_agent/($best_scp_sync - $best_scp_hook + $best_scp)" | bc -l)"
 if [ "$have_orthanc" = yes ]; then
   printf 'Orthanc (fsync):      %.3f s (best of %d); time ratio idaics/Orthanc: %.2f\n' \
     "$best_orthanc" "$rounds" "$(echo "$best_agent/$best_orthanc" | bc -l)"
