@@ -40,7 +40,7 @@ fn spec_for(seed: u64) -> PhantomSpec {
     let levels = LEVELS.iter().map(|l| (l.to_string(), CONDITIONS[choices.pick(CONDITIONS.len())])).collect();
     // Dense bone only: in the one window the network sees, osteoporotic bone and disc differ by a
     // few gray levels, and a test model should learn what the images show.
-    PhantomSpec { seed, levels, pixel_spacing_mm, slice_thickness_mm, size, osteoporotic: false }
+    PhantomSpec { seed, levels, pixel_spacing_mm, slice_thickness_mm, size, ..PhantomSpec::default() }
 }
 
 fn write_image(image: &SliceImage, labels: &DiscLabels, out: &Path, stem: &str) -> anyhow::Result<serde_json::Value> {

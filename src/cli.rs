@@ -151,6 +151,10 @@ enum Command {
         /// Osteoporotic bone (cancellous as dense as the discs, thin cortex) and low-dose noise.
         #[arg(long)]
         osteoporotic: bool,
+        /// Gantry tilt, degrees: image planes tilted about the left-right axis while the slice
+        /// centres follow the patient axis, as lumbar protocols angled to the discs write them.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        gantry_tilt: f64,
     },
     /// Find the disc levels of CT series in files or folders (no network) and, with --weights,
     /// each level's finding; without weights every finding is undetermined.
@@ -327,9 +331,20 @@ pub fn main() -> anyhow::Result<()> {
             init_cli_logging();
             detect(&weights, imgsz, conf, iou, &device, format, &images)
         }
-        Command::Phantom { out, seed, levels, pixel_spacing, slice_thickness, size, enhanced, osteoporotic } => {
+        Command::Phantom {
+            out,
+            seed,
+            levels,
+            pixel_spacing,
+            slice_thickness,
+            size,
+            enhanced,
+            osteoporotic,
+            gantry_tilt,
+        } => {
             anyhow::ensure!(pixel_spacing > 0.05 && slice_thickness > 0.05, "spacings must be positive millimetres");
             anyhow::ensure!(size >= 32, "--size must be at least 32");
+            anyhow::ensure!(gantry_tilt.abs() <= 30.0, "--gantry-tilt must be between -30 and 30 degrees");
             let spec = crate::phantom::PhantomSpec {
                 seed,
                 levels: crate::phantom::parse_levels(&levels).map_err(anyhow::Error::msg)?,
@@ -337,6 +352,7 @@ pub fn main() -> anyhow::Result<()> {
                 slice_thickness_mm: slice_thickness,
                 size,
                 osteoporotic,
+                gantry_tilt_degrees: gantry_tilt,
             };
             let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
             if enhanced {

@@ -213,7 +213,7 @@ impl Default for SeriesConfig {
             complete_on_release: true,
             min_slices: 2,
             spacing_tolerance: 0.2,
-            max_tilt_degrees: 0.5,
+            max_tilt_degrees: 30.0,
             max_volume_mb: 4096,
             orientations: vec!["axial".into()],
             include_descriptions: Vec::new(),

@@ -99,7 +99,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
         pixel_spacing_mm: PIXEL_SPACING_MM,
         slice_thickness_mm: SLICE_THICKNESS_MM,
         size: SIZE,
-        osteoporotic: false,
+        ..PhantomSpec::default()
     };
     let (series, truth) = write_phantom(&out.join("phantom"), &spec)?;
     println!("phantom: {} slices of {SIZE}x{SIZE} in {}", series.files.len(), out.join("phantom").display());

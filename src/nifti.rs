@@ -113,5 +113,6 @@ pub fn read(path: &Path) -> Result<Volume, NiftiError> {
         spacing,
         origin: [lps[0][3], lps[1][3], lps[2][3]],
         axes,
+        slice_shear: [0.0; 3],
     })
 }

@@ -78,6 +78,10 @@ pub struct PhantomSpec {
     /// Osteoporotic bone as in many of the elderly patients who get lumbar CT: cancellous bone
     /// no denser than the discs, a thin cortical shell, and the noise of a low-dose scan.
     pub osteoporotic: bool,
+    /// Gantry tilt about the patient's left-right axis, degrees: the image planes tilt while the
+    /// table, and so each slice's centre, moves along the patient axis, as in lumbar protocols
+    /// that angle the gantry towards the disc planes. 0 for a plain axial stack.
+    pub gantry_tilt_degrees: f64,
 }
 
 impl Default for PhantomSpec {
@@ -89,6 +93,7 @@ impl Default for PhantomSpec {
             slice_thickness_mm: 1.0,
             size: 512,
             osteoporotic: false,
+            gantry_tilt_degrees: 0.0,
         }
     }
 }
@@ -394,8 +399,12 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
     let n = spec.size as usize;
     let extent = spec.pixel_spacing_mm * n as f64;
     let corner = [-extent / 2.0, -extent / 2.0];
-    let slices = ((anatomy.z_range[1] - anatomy.z_range[0]) / spec.slice_thickness_mm).ceil() as usize;
-    let top = anatomy.z_range[1];
+    let (sin_tilt, cos_tilt) = spec.gantry_tilt_degrees.to_radians().sin_cos();
+    // A tilted plane crosses the spine above or below its centre's height, by up to the spine's
+    // distance from the isocentre (under 70 mm here) times the tilt's sine: covered both ways.
+    let margin = 70.0 * sin_tilt.abs();
+    let (bottom, top) = (anatomy.z_range[0] - margin, anatomy.z_range[1] + margin);
+    let slices = ((top - bottom) / spec.slice_thickness_mm).ceil() as usize;
     let series_spec = SeriesSpec {
         slices,
         size: spec.size,
@@ -406,14 +415,22 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
     };
     let z_of = |i: usize| top - i as f64 * spec.slice_thickness_mm;
     let noise_hu = if spec.osteoporotic { LOW_DOSE_NOISE_HU } else { NOISE_HU };
+    // The image centre lies on the patient axis at the slice's height; rows run along the
+    // patient's left, columns posterior tilted about the left-right axis.
+    let column_direction = [0.0, cos_tilt, sin_tilt];
+    let position_of = |i: usize| [corner[0], corner[1] * cos_tilt, z_of(i) + corner[1] * sin_tilt];
     let pixels = |i: usize| -> Vec<i16> {
-        let z = z_of(i);
+        let origin = position_of(i);
         let mut noise = Rng(spec.seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407));
         let mut out = Vec::with_capacity(n * n);
         for row in 0..n {
             for col in 0..n {
-                let p =
-                    [corner[0] + col as f64 * spec.pixel_spacing_mm, corner[1] + row as f64 * spec.pixel_spacing_mm, z];
+                let down = row as f64 * spec.pixel_spacing_mm;
+                let p = [
+                    origin[0] + col as f64 * spec.pixel_spacing_mm,
+                    origin[1] + down * column_direction[1],
+                    origin[2] + down * column_direction[2],
+                ];
                 let base = hounsfield(&anatomy, p);
                 // Gaussian noise (Box-Muller), none in air.
                 let g = if base > -900.0 {
@@ -427,7 +444,7 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
         }
         out
     };
-    let series = write_axial_series(dir, &series_spec, corner, z_of, pixels)?;
+    let series = write_axial_series(dir, &series_spec, position_of, column_direction, pixels)?;
     let levels = anatomy
         .segments
         .iter()

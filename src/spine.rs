@@ -114,10 +114,9 @@ impl PosteriorWall {
 }
 
 /// Finds the discs of a volume, from the lowest up. A volume not stored as axial slices (a
-/// sagittal acquisition, a NIfTI file) is resampled to an axial grid first.
+/// sagittal acquisition, a NIfTI file, a gantry-tilted scan) is resampled to an axial grid first.
 pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
-    let is_axial = volume.axes[0][0].abs() > 0.999 && volume.axes[1][1].abs() > 0.999;
-    if !is_axial {
+    if !volume.is_axis_aligned_axial() {
         let finest = volume.spacing.iter().copied().fold(f64::MAX, f64::min).max(0.5);
         return locate_discs(&volume.resample_axial(finest, false, -1000.0)?);
     }

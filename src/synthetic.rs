@@ -74,19 +74,21 @@ pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries,
     write_axial_series(
         dir,
         spec,
-        [-half_extent, -half_extent],
-        |i| -(i as f64) * spec.slice_spacing_mm,
+        |i| [-half_extent, -half_extent, -(i as f64) * spec.slice_spacing_mm],
+        [0.0, 1.0, 0.0],
         |i| slice_pixels(n, spec.pixel_spacing_mm, i),
     )
 }
 
-/// Writes an axial series: slice `i` lies at height `z_of(i)` with its first pixel at `corner`
-/// (LPS x, y), and holds `pixels(i)`, stored values (HU + 1024) row by row.
+/// Writes an axial series: slice `i` has its first pixel at `position_of(i)` (LPS mm), rows
+/// along the patient's left and columns along `column_direction` (posterior, or tilted from it
+/// about the left-right axis as by a tilted gantry), and holds `pixels(i)`, stored values
+/// (HU + 1024) row by row.
 pub fn write_axial_series(
     dir: &Path,
     spec: &SeriesSpec,
-    corner: [f64; 2],
-    z_of: impl Fn(usize) -> f64,
+    position_of: impl Fn(usize) -> [f64; 3],
+    column_direction: [f64; 3],
     pixels: impl Fn(usize) -> Vec<i16>,
 ) -> Result<SyntheticSeries, SyntheticError> {
     std::fs::create_dir_all(dir).map_err(|source| SyntheticError::Io { path: dir.to_path_buf(), source })?;
@@ -101,7 +103,7 @@ pub fn write_axial_series(
     };
     for i in 0..spec.slices {
         let sop_uid = derived_uid(spec.seed, 1000 + i as u64);
-        let z = z_of(i);
+        let position = position_of(i);
         let instance_number = if spec.reverse_instance_numbers { spec.slices - i } else { i + 1 };
         let pixels = pixels(i);
         let mut obj = InMemDicomObject::new_empty();
@@ -132,9 +134,11 @@ pub fn write_axial_series(
         put(
             tags::IMAGE_POSITION_PATIENT,
             VR::DS,
-            strs(&[&format!("{:.3}", corner[0]), &format!("{:.3}", corner[1]), &format!("{z:.3}")]),
+            strs(&position.map(|v| format!("{v:.3}")).each_ref().map(String::as_str)),
         );
-        put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&["1", "0", "0", "0", "1", "0"]));
+        let orientation = [1.0, 0.0, 0.0, column_direction[0], column_direction[1], column_direction[2]];
+        let orientation = orientation.map(direction_cosine);
+        put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&orientation.each_ref().map(String::as_str)));
         put(tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_of_reference.as_str().into());
         put(tags::POSITION_REFERENCE_INDICATOR, VR::LO, "".into());
         put(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16));
@@ -167,6 +171,14 @@ pub fn write_axial_series(
         written.files.push(path);
     }
     Ok(written)
+}
+
+/// A direction cosine as scanners write it: "1" and "0" exactly, seven decimals where a tilt
+/// needs them.
+fn direction_cosine(value: f64) -> String {
+    let text = format!("{:.7}", value + 0.0); // + 0.0 turns -0 into 0
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text == "-0" { "0".into() } else { text.into() }
 }
 
 fn strs(values: &[&str]) -> PrimitiveValue {

@@ -13,6 +13,7 @@ use dicom_pixeldata::PixelDecoder;
 use rayon::prelude::*;
 
 use crate::config::SeriesConfig;
+use crate::geometry::{dot, scale, sub};
 use crate::pixel_module::PixelModule;
 use crate::series::stack_geometry;
 use crate::spool::InstanceHeader;
@@ -66,8 +67,14 @@ pub struct Volume {
     pub spacing: [f64; 3],
     /// LPS position (mm) of the centre of voxel (0, 0, 0).
     pub origin: [f64; 3],
-    /// Unit LPS directions of increasing column, row and slice index.
+    /// Unit LPS directions of increasing column, row and slice index (orthonormal).
     pub axes: [[f64; 3]; 3],
+    /// LPS displacement (mm), within the slice plane, of each slice's origin per mm it lies along
+    /// the slice axis: zero for an orthogonal stack, `tan(tilt)` long for a gantry-tilted one,
+    /// whose table moved along the patient axis while its image planes were tilted. Kept in the
+    /// geometry rather than resampled away: every consumer samples through
+    /// [`Volume::voxel_to_lps`] and [`Volume::lps_to_voxel`], so the pixels are interpolated once.
+    pub slice_shear: [f64; 3],
 }
 
 impl Volume {
@@ -79,15 +86,24 @@ impl Volume {
                 p[d] += axis[d] * index * step;
             }
         }
-        p
+        let along = v[2] * self.spacing[2];
+        std::array::from_fn(|d| p[d] + self.slice_shear[d] * along)
     }
 
-    /// Fractional voxel index of an LPS position; the axes are orthonormal, so this is a projection.
+    /// Fractional voxel index of an LPS position. The axes are orthonormal and the shear lies in
+    /// the slice plane, so the slice index is a projection on the normal, and the in-plane
+    /// indices a projection once that slice's shift is taken off.
     pub fn lps_to_voxel(&self, p: [f64; 3]) -> [f64; 3] {
-        let rel = [p[0] - self.origin[0], p[1] - self.origin[1], p[2] - self.origin[2]];
-        std::array::from_fn(|a| {
-            (rel[0] * self.axes[a][0] + rel[1] * self.axes[a][1] + rel[2] * self.axes[a][2]) / self.spacing[a]
-        })
+        let project = |rel: [f64; 3], a: usize| dot(rel, self.axes[a]) / self.spacing[a];
+        let rel = sub(p, self.origin);
+        let k = project(rel, 2);
+        let in_plane = sub(rel, scale(self.slice_shear, k * self.spacing[2]));
+        [project(in_plane, 0), project(in_plane, 1), k]
+    }
+
+    /// Whether the voxels lie on an axis-aligned grid (axial slices, no shear).
+    pub fn is_axis_aligned_axial(&self) -> bool {
+        self.axes[0][0].abs() > 0.999 && self.axes[1][1].abs() > 0.999 && self.slice_shear == [0.0; 3]
     }
 
     pub fn at(&self, i: usize, j: usize, k: usize) -> f32 {
@@ -101,12 +117,15 @@ impl Volume {
         let mut frac = [0f32; 3];
         for a in 0..3 {
             let max = (self.dims[a] - 1) as f64;
-            if !(0.0..=max).contains(&v[a]) {
+            // A point on the volume's surface comes back from the geometry a rounding error out.
+            const ON_THE_EDGE: f64 = 1e-6;
+            if !(-ON_THE_EDGE..=max + ON_THE_EDGE).contains(&v[a]) {
                 return None;
             }
-            let f = v[a].floor().min((self.dims[a].max(2) - 2) as f64).max(0.0);
+            let v = v[a].clamp(0.0, max);
+            let f = v.floor().min((self.dims[a].max(2) - 2) as f64).max(0.0);
             base[a] = f as usize;
-            frac[a] = (v[a] - f) as f32;
+            frac[a] = (v - f) as f32;
         }
         let mut value = 0.0;
         for corner in 0..8 {
@@ -174,6 +193,7 @@ impl Volume {
             spacing: [spacing; 3],
             origin: low,
             axes: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            slice_shear: [0.0; 3],
         })
     }
 
@@ -343,6 +363,13 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
             Ok(())
         })?;
     }
+    if geometry.shear != [0.0; 3] {
+        tracing::info!(
+            series_uid = %first.header.series_instance_uid,
+            "gantry tilt of {:.2} degrees: slice positions sheared along the image plane",
+            geometry.tilt_degrees()
+        );
+    }
     Ok(Volume {
         study_uid: first.header.study_instance_uid.clone(),
         series_uid: first.header.series_instance_uid.clone(),
@@ -350,6 +377,7 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
         dims: [columns, rows, planes.len()],
         // PixelSpacing is (between rows, between columns).
         spacing: [first.pixel_spacing[1], first.pixel_spacing[0], geometry.spacing],
+        slice_shear: geometry.shear,
         origin: geometry.first_position,
         axes: [geometry.row_direction, geometry.column_direction, geometry.normal],
     })

@@ -328,7 +328,7 @@ fn evaluate_scores_labelled_images_as_the_paper_did() {
         pixel_spacing_mm: 1.0,
         slice_thickness_mm: 2.0,
         size: 256,
-        osteoporotic: false,
+        ..Default::default()
     };
     let (series, _) = write_phantom(&dir.path().join("series"), &spec).unwrap();
     let volume = idaics::volume::load_series(&series.files, &Default::default()).unwrap();

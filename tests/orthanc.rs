@@ -77,7 +77,7 @@ fn orthanc_sends_a_series_and_files_the_results_under_its_study() {
         pixel_spacing_mm: 1.0,
         slice_thickness_mm: 2.0,
         size: 256,
-        osteoporotic: false,
+        ..Default::default()
     };
     let (series, truth) = write_phantom(&tmp.path().join("in"), &spec).unwrap();
     let files: Vec<PathBuf> = series.files;

@@ -88,6 +88,38 @@ fn seeds_move_the_patient_and_vary_the_spine() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("L9/L10"));
 }
 
+/// `--gantry-tilt` writes planes tilted about the left-right axis with positions down the patient
+/// axis, and refuses angles no scanner tilts to.
+#[test]
+fn gantry_tilt_option_tilts_the_planes_and_keeps_positions_on_the_patient_axis() {
+    use dicom_dictionary_std::tags;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |tilt: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(["phantom", "--size", "48", "--pixel-spacing", "8", "--slice-thickness", "10", "--gantry-tilt", tilt])
+            .arg("--out")
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let ok = run("-12", "tilted");
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let read = |name: &str| {
+        let object = dicom_object::open_file(tmp.path().join("tilted").join(name)).unwrap();
+        let get = |tag| object.element(tag).unwrap().to_multi_float64().unwrap();
+        (get(tags::IMAGE_POSITION_PATIENT), get(tags::IMAGE_ORIENTATION_PATIENT))
+    };
+    let ((p1, o1), (p2, o2)) = (read("slice_0001.dcm"), read("slice_0002.dcm"));
+    assert_eq!(o1, o2);
+    let (sin, cos) = (-12f64).to_radians().sin_cos();
+    let expected = [1.0, 0.0, 0.0, 0.0, cos, sin];
+    assert!(o1.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-6), "{o1:?}");
+    assert!((p1[0] - p2[0]).abs() < 1e-9 && (p1[1] - p2[1]).abs() < 1e-9 && (p1[2] - p2[2] - 10.0).abs() < 1e-6);
+    let refused = run("40", "steep");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--gantry-tilt"));
+}
+
 #[test]
 fn analyze_reports_levels_and_skipped_series() {
     let tmp = tempfile::tempdir().unwrap();

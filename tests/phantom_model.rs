@@ -45,7 +45,7 @@ fn unseen_phantoms_get_each_level_classified_and_outlined() {
             pixel_spacing_mm,
             slice_thickness_mm,
             size,
-            osteoporotic: false,
+            ..Default::default()
         };
         let (series, truth) = write_phantom(&tmp.path().join(seed.to_string()), &spec).unwrap();
         let volume = idaics::volume::load_series(&series.files, &SeriesConfig::default()).unwrap();

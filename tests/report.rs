@@ -257,7 +257,7 @@ fn phantom_for_the_model(dir: &Path, seed: u64) -> (Vec<PathBuf>, idaics::phanto
         pixel_spacing_mm: 1.0,
         slice_thickness_mm: 2.0,
         size: 256,
-        osteoporotic: false,
+        ..Default::default()
     };
     let (series, truth) = write_phantom(dir, &spec).unwrap();
     (series.files, truth)
