@@ -117,8 +117,7 @@ impl PosteriorWall {
 /// sagittal acquisition, a NIfTI file, a gantry-tilted scan) is resampled to an axial grid first.
 pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     if !volume.is_axis_aligned_axial() {
-        let finest = volume.spacing.iter().copied().fold(f64::MAX, f64::min).max(0.5);
-        return locate_discs(&volume.resample_axial(finest, false, -1000.0)?);
+        return locate_discs(&volume.resample_axial_grid(volume.native_axial_spacing(0.5), false, -1000.0)?);
     }
     let [nx, _, nz] = volume.dims;
     let (sx, sz) = (volume.spacing[0], volume.spacing[2]);

@@ -164,6 +164,22 @@ impl Volume {
     /// `spacing` mm, covering the volume's extent: what the spine stage expects, whatever the
     /// stored orientation. Outside the source, voxels take `fill`; labels want `nearest`.
     pub fn resample_axial(&self, spacing: f64, nearest: bool, fill: f32) -> Result<Volume, VolumeError> {
+        self.resample_axial_grid([spacing; 3], nearest, fill)
+    }
+
+    /// The spacing along each LPS axis that keeps this volume's own sampling: that of the volume
+    /// axis closest to it (a tilted axial stack keeps its pixel and slice spacing, a sagittal one
+    /// swaps them), no finer than `finest` mm. Resampling there adds few voxels beyond the ones
+    /// a tilt's wider bounding box needs.
+    pub fn native_axial_spacing(&self, finest: f64) -> [f64; 3] {
+        std::array::from_fn(|d| {
+            let closest = (0..3).max_by(|&a, &b| self.axes[a][d].abs().total_cmp(&self.axes[b][d].abs())).unwrap_or(d);
+            self.spacing[closest].max(finest)
+        })
+    }
+
+    /// [`Volume::resample_axial`] with a spacing of its own along each LPS axis (x, y, z).
+    pub fn resample_axial_grid(&self, spacing: [f64; 3], nearest: bool, fill: f32) -> Result<Volume, VolumeError> {
         let mut low = [f64::MAX; 3];
         let mut high = [f64::MIN; 3];
         for corner in 0..8 {
@@ -175,7 +191,7 @@ impl Volume {
             }
         }
         // Saturating float-to-integer casts: an absurd extent gives an absurd count, refused below.
-        let dims = [0, 1, 2].map(|d| ((high[d] - low[d]) / spacing).floor() as u64 + 1);
+        let dims = [0, 1, 2].map(|d| ((high[d] - low[d]) / spacing[d]).floor() as u64 + 1);
         let voxels = dims.iter().fold(1u64, |n, d| n.saturating_mul(*d));
         let mut hu = voxel_buffer("a resampled grid", voxels, (MAX_RESAMPLED_MB, "the resampling limit"))?;
         let dims = dims.map(|d| d as usize);
@@ -184,7 +200,8 @@ impl Volume {
         hu.par_chunks_mut(dims[0] * dims[1]).enumerate().for_each(|(k, plane)| {
             for (index, voxel) in plane.iter_mut().enumerate() {
                 let (i, j) = (index % dims[0], index / dims[0]);
-                let p = [low[0] + i as f64 * spacing, low[1] + j as f64 * spacing, low[2] + k as f64 * spacing];
+                let p =
+                    [low[0] + i as f64 * spacing[0], low[1] + j as f64 * spacing[1], low[2] + k as f64 * spacing[2]];
                 let value = if nearest { self.sample_nearest(p) } else { self.sample(p) };
                 *voxel = value.unwrap_or(fill);
             }
@@ -194,7 +211,7 @@ impl Volume {
             series_uid: self.series_uid.clone(),
             hu,
             dims,
-            spacing: [spacing; 3],
+            spacing,
             origin: low,
             axes: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
             slice_shear: [0.0; 3],
