@@ -155,6 +155,10 @@ enum Command {
         /// centres follow the patient axis, as lumbar protocols angled to the discs write them.
         #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         gantry_tilt: f64,
+        /// How the patient lay: HFS, FFS, HFP or FFP (head or feet first, supine or prone); it
+        /// sets which way the image rows and columns run through the patient.
+        #[arg(long, default_value = "HFS")]
+        patient_position: String,
     },
     /// Find the disc levels of CT series in files or folders (no network) and, with --weights,
     /// each level's finding; without weights every finding is undetermined.
@@ -341,6 +345,7 @@ pub fn main() -> anyhow::Result<()> {
             enhanced,
             osteoporotic,
             gantry_tilt,
+            patient_position,
         } => {
             anyhow::ensure!(pixel_spacing > 0.05 && slice_thickness > 0.05, "spacings must be positive millimetres");
             anyhow::ensure!(size >= 32, "--size must be at least 32");
@@ -353,6 +358,7 @@ pub fn main() -> anyhow::Result<()> {
                 size,
                 osteoporotic,
                 gantry_tilt_degrees: gantry_tilt,
+                patient_position: patient_position.parse().map_err(anyhow::Error::msg)?,
             };
             let (series, truth) = crate::phantom::write_phantom(&out, &spec)?;
             if enhanced {

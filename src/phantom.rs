@@ -14,7 +14,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::geometry::{add, dot, scale, sub};
-use crate::synthetic::{SeriesSpec, SyntheticError, SyntheticSeries, write_axial_series};
+use crate::synthetic::{
+    AxialPlacement, PatientPosition, SeriesSpec, SyntheticError, SyntheticSeries, write_axial_series,
+};
 
 /// The disc levels from the sacrum up, in the order the spine stage counts them.
 pub const LEVELS: [&str; 6] = ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1"];
@@ -82,6 +84,8 @@ pub struct PhantomSpec {
     /// table, and so each slice's centre, moves along the patient axis, as in lumbar protocols
     /// that angle the gantry towards the disc planes. 0 for a plain axial stack.
     pub gantry_tilt_degrees: f64,
+    /// How the patient lay: which way the image rows and columns run through the patient.
+    pub patient_position: PatientPosition,
 }
 
 impl Default for PhantomSpec {
@@ -94,6 +98,7 @@ impl Default for PhantomSpec {
             size: 512,
             osteoporotic: false,
             gantry_tilt_degrees: 0.0,
+            patient_position: PatientPosition::Hfs,
         }
     }
 }
@@ -398,7 +403,6 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
     let anatomy = build_anatomy(spec);
     let n = spec.size as usize;
     let extent = spec.pixel_spacing_mm * n as f64;
-    let corner = [-extent / 2.0, -extent / 2.0];
     let (sin_tilt, cos_tilt) = spec.gantry_tilt_degrees.to_radians().sin_cos();
     // A tilted plane crosses the spine above or below its centre's height, by up to the spine's
     // distance from the isocentre (under 70 mm here) times the tilt's sine: covered both ways.
@@ -415,22 +419,28 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
     };
     let z_of = |i: usize| top - i as f64 * spec.slice_thickness_mm;
     let noise_hu = if spec.osteoporotic { LOW_DOSE_NOISE_HU } else { NOISE_HU };
-    // The image centre lies on the patient axis at the slice's height; rows run along the
-    // patient's left, columns posterior tilted about the left-right axis.
-    let column_direction = [0.0, cos_tilt, sin_tilt];
-    let position_of = |i: usize| [corner[0], corner[1] * cos_tilt, z_of(i) + corner[1] * sin_tilt];
+    // The image centre lies on the patient axis at the slice's height; rows and columns run as
+    // the patient position has them, the columns tilted about the left-right axis.
+    let (row_direction, untilted_column) = spec.patient_position.axial_directions();
+    let column_direction = [0.0, untilted_column[1] * cos_tilt, sin_tilt];
+    let half = extent / 2.0;
+    let position_of = |i: usize| -> [f64; 3] {
+        std::array::from_fn(|d| {
+            let centre = if d == 2 { z_of(i) } else { 0.0 };
+            centre - half * row_direction[d] - half * column_direction[d]
+        })
+    };
+    let placement =
+        AxialPlacement { patient_position: spec.patient_position, row_direction, column_direction, position_of };
     let pixels = |i: usize| -> Vec<i16> {
-        let origin = position_of(i);
+        let origin = (placement.position_of)(i);
         let mut noise = Rng(spec.seed ^ (i as u64).wrapping_mul(0xA24B_AED4_963E_E407));
         let mut out = Vec::with_capacity(n * n);
         for row in 0..n {
             for col in 0..n {
-                let down = row as f64 * spec.pixel_spacing_mm;
-                let p = [
-                    origin[0] + col as f64 * spec.pixel_spacing_mm,
-                    origin[1] + down * column_direction[1],
-                    origin[2] + down * column_direction[2],
-                ];
+                let (across, down) = (col as f64 * spec.pixel_spacing_mm, row as f64 * spec.pixel_spacing_mm);
+                let p: [f64; 3] =
+                    std::array::from_fn(|d| origin[d] + across * row_direction[d] + down * column_direction[d]);
                 let base = hounsfield(&anatomy, p);
                 // Gaussian noise (Box-Muller), none in air.
                 let g = if base > -900.0 {
@@ -444,7 +454,7 @@ pub fn write_phantom(dir: &Path, spec: &PhantomSpec) -> Result<(SyntheticSeries,
         }
         out
     };
-    let series = write_axial_series(dir, &series_spec, position_of, column_direction, pixels)?;
+    let series = write_axial_series(dir, &series_spec, &placement, pixels)?;
     let levels = anatomy
         .segments
         .iter()

@@ -71,26 +71,85 @@ pub fn derived_uid(seed: u64, role: u64) -> String {
 pub fn write_ct_series(dir: &Path, spec: &SeriesSpec) -> Result<SyntheticSeries, SyntheticError> {
     let n = spec.size as usize;
     let half_extent = spec.pixel_spacing_mm * (n as f64) / 2.0;
-    write_axial_series(
-        dir,
-        spec,
-        |i| [-half_extent, -half_extent, -(i as f64) * spec.slice_spacing_mm],
-        [0.0, 1.0, 0.0],
-        |i| slice_pixels(n, spec.pixel_spacing_mm, i),
-    )
+    let placement = AxialPlacement {
+        patient_position: PatientPosition::Hfs,
+        row_direction: [1.0, 0.0, 0.0],
+        column_direction: [0.0, 1.0, 0.0],
+        position_of: |i| [-half_extent, -half_extent, -(i as f64) * spec.slice_spacing_mm],
+    };
+    write_axial_series(dir, spec, &placement, |i| slice_pixels(n, spec.pixel_spacing_mm, i))
 }
 
-/// Writes an axial series: slice `i` has its first pixel at `position_of(i)` (LPS mm), rows
-/// along the patient's left and columns along `column_direction` (posterior, or tilted from it
-/// about the left-right axis as by a tilted gantry), and holds `pixels(i)`, stored values
+/// How the patient lay on the table (PatientPosition). It sets which way the scanner's image
+/// rows and columns run through the patient: a viewer shows axial images as seen from the feet,
+/// anterior up, whatever the position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PatientPosition {
+    /// Head first, supine.
+    #[default]
+    Hfs,
+    /// Feet first, supine.
+    Ffs,
+    /// Head first, prone: CT-guided spine procedures.
+    Hfp,
+    /// Feet first, prone.
+    Ffp,
+}
+
+impl PatientPosition {
+    pub const ALL: [PatientPosition; 4] =
+        [PatientPosition::Hfs, PatientPosition::Ffs, PatientPosition::Hfp, PatientPosition::Ffp];
+
+    /// The DICOM code.
+    pub fn code(self) -> &'static str {
+        match self {
+            PatientPosition::Hfs => "HFS",
+            PatientPosition::Ffs => "FFS",
+            PatientPosition::Hfp => "HFP",
+            PatientPosition::Ffp => "FFP",
+        }
+    }
+
+    /// LPS directions of an untilted axial image's rows and columns in this position.
+    pub fn axial_directions(self) -> ([f64; 3], [f64; 3]) {
+        match self {
+            PatientPosition::Hfs => ([1.0, 0.0, 0.0], [0.0, 1.0, 0.0]),
+            PatientPosition::Ffs => ([-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]),
+            PatientPosition::Hfp => ([-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]),
+            PatientPosition::Ffp => ([1.0, 0.0, 0.0], [0.0, -1.0, 0.0]),
+        }
+    }
+}
+
+impl std::str::FromStr for PatientPosition {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PatientPosition::ALL
+            .into_iter()
+            .find(|p| p.code().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("{s:?}: expected HFS, FFS, HFP or FFP"))
+    }
+}
+
+/// Where the slices of a written axial series lie: slice `i` has its first pixel at
+/// `position_of(i)` (LPS mm), its rows along `row_direction` and its columns along
+/// `column_direction` (tilted about the left-right axis when the gantry was).
+pub struct AxialPlacement<F: Fn(usize) -> [f64; 3]> {
+    pub patient_position: PatientPosition,
+    pub row_direction: [f64; 3],
+    pub column_direction: [f64; 3],
+    pub position_of: F,
+}
+
+/// Writes an axial series placed by `placement`, slice `i` holding `pixels(i)`, stored values
 /// (HU + 1024) row by row.
-pub fn write_axial_series(
+pub fn write_axial_series<F: Fn(usize) -> [f64; 3]>(
     dir: &Path,
     spec: &SeriesSpec,
-    position_of: impl Fn(usize) -> [f64; 3],
-    column_direction: [f64; 3],
+    placement: &AxialPlacement<F>,
     pixels: impl Fn(usize) -> Vec<i16>,
 ) -> Result<SyntheticSeries, SyntheticError> {
+    let AxialPlacement { patient_position, row_direction, column_direction, ref position_of } = *placement;
     std::fs::create_dir_all(dir).map_err(|source| SyntheticError::Io { path: dir.to_path_buf(), source })?;
     let study_uid = derived_uid(spec.seed, 1);
     let series_uid = derived_uid(spec.seed, 2);
@@ -125,7 +184,7 @@ pub fn write_axial_series(
         put(tags::BODY_PART_EXAMINED, VR::CS, "LSPINE".into());
         put(tags::SLICE_THICKNESS, VR::DS, format!("{}", spec.slice_spacing_mm).into());
         put(tags::KVP, VR::DS, "120".into());
-        put(tags::PATIENT_POSITION, VR::CS, "HFS".into());
+        put(tags::PATIENT_POSITION, VR::CS, patient_position.code().into());
         put(tags::STUDY_INSTANCE_UID, VR::UI, study_uid.as_str().into());
         put(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str().into());
         put(tags::STUDY_ID, VR::SH, "1".into());
@@ -136,7 +195,14 @@ pub fn write_axial_series(
             VR::DS,
             strs(&position.map(|v| format!("{v:.3}")).each_ref().map(String::as_str)),
         );
-        let orientation = [1.0, 0.0, 0.0, column_direction[0], column_direction[1], column_direction[2]];
+        let orientation = [
+            row_direction[0],
+            row_direction[1],
+            row_direction[2],
+            column_direction[0],
+            column_direction[1],
+            column_direction[2],
+        ];
         let orientation = orientation.map(direction_cosine);
         put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&orientation.each_ref().map(String::as_str)));
         put(tags::FRAME_OF_REFERENCE_UID, VR::UI, frame_of_reference.as_str().into());

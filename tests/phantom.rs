@@ -89,9 +89,9 @@ fn seeds_move_the_patient_and_vary_the_spine() {
 }
 
 /// `--gantry-tilt` writes planes tilted about the left-right axis with positions down the patient
-/// axis, and refuses angles no scanner tilts to.
+/// axis, and refuses angles no scanner tilts to; `--patient-position` turns rows and columns.
 #[test]
-fn gantry_tilt_option_tilts_the_planes_and_keeps_positions_on_the_patient_axis() {
+fn gantry_tilt_and_patient_position_options_place_the_planes() {
     use dicom_dictionary_std::tags;
     let tmp = tempfile::tempdir().unwrap();
     let run = |tilt: &str, out: &str| {
@@ -118,6 +118,24 @@ fn gantry_tilt_option_tilts_the_planes_and_keeps_positions_on_the_patient_axis()
     let refused = run("40", "steep");
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--gantry-tilt"));
+
+    // Feet first prone: rows along the patient's left, columns anterior, and the position written.
+    let write = |position: &str, out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(["phantom", "--size", "48", "--pixel-spacing", "8", "--slice-thickness", "10"])
+            .args(["--patient-position", position, "--out"])
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    assert!(write("ffp", "prone").status.success());
+    let object = dicom_object::open_file(tmp.path().join("prone/slice_0001.dcm")).unwrap();
+    let orientation = object.element(tags::IMAGE_ORIENTATION_PATIENT).unwrap().to_multi_float64().unwrap();
+    assert_eq!(orientation, vec![1.0, 0.0, 0.0, 0.0, -1.0, 0.0]);
+    assert_eq!(object.element(tags::PATIENT_POSITION).unwrap().to_str().unwrap().trim(), "FFP");
+    let refused = write("sitting", "odd");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("HFS, FFS, HFP or FFP"));
 }
 
 #[test]

@@ -77,6 +77,25 @@ fn gantry_tilted_phantoms_every_disc_within_3_5_mm_and_named() {
     eprintln!("largest disc centre error over 3 tilted phantoms: {worst:.2} mm");
 }
 
+/// Feet first (common for lumbar CT) and prone (CT-guided spine procedures) turn the image rows
+/// and columns through the patient; the discs are found and named as for head first supine.
+#[test]
+fn every_patient_position_every_disc_within_3_mm_and_named() {
+    use idaics::synthetic::PatientPosition;
+    let specs = PatientPosition::ALL.into_iter().zip(61u64..).map(|(patient_position, seed)| PhantomSpec {
+        seed,
+        levels: parse_levels("L3/L4=bulge,L5/S1=schmorl").unwrap(),
+        pixel_spacing_mm: 1.25,
+        slice_thickness_mm: 1.5,
+        size: 256,
+        patient_position,
+        gantry_tilt_degrees: if seed % 2 == 0 { 10.0 } else { 0.0 },
+        ..Default::default()
+    });
+    let worst = check_phantoms(specs, 3.0, Some(0.98));
+    eprintln!("largest disc centre error over the four patient positions: {worst:.2} mm");
+}
+
 #[test]
 fn without_the_sacrum_names_are_uncertain() {
     let tmp = tempfile::tempdir().unwrap();
@@ -144,6 +163,53 @@ fn slices_are_cut_through_the_discs_with_their_geometry() {
         assert!((60..130).contains(&centre_pixel), "{}: {centre_pixel} is not disc tissue", level.name);
         // Anterior at the top: the top-centre pixel (60 mm anterior) is soft tissue, not air.
         assert!(ax.pixels[256] > window(-500.0), "{}: air at the top", level.name);
+    }
+}
+
+/// The network sees the same images whichever way the scanner's rows and columns ran through the
+/// patient (feet first, prone): the slices are cut in patient coordinates, as radiologists view
+/// them (axial: patient's left on the right, anterior up; sagittal: anterior on the left, head up).
+#[test]
+fn slices_look_the_same_in_every_patient_position() {
+    use idaics::slices::{axial, sagittal};
+    use idaics::synthetic::PatientPosition;
+    let tmp = tempfile::tempdir().unwrap();
+    let cos = |a: [f64; 3], b: [f64; 3]| (0..3).map(|d| a[d] * b[d]).sum::<f64>();
+    let mut reference: Option<Vec<idaics::slices::SliceImage>> = None;
+    for position in PatientPosition::ALL {
+        let spec = PhantomSpec {
+            seed: 12,
+            pixel_spacing_mm: 1.5,
+            slice_thickness_mm: 1.5,
+            size: 224,
+            patient_position: position,
+            ..Default::default()
+        };
+        let (series, _) = write_phantom(&tmp.path().join(position.code()), &spec).unwrap();
+        let volume = load_series(&series.files, &SeriesConfig::default()).unwrap();
+        let levels = locate_discs(&volume).unwrap();
+        let mut images = vec![sagittal(&volume, &levels, 512).unwrap()];
+        images.extend(levels.iter().map(|l| axial(&volume, l, 512)));
+        let sag = &images[0];
+        assert!(cos(sag.row_direction, [0.0, 1.0, 0.0]) > 0.9, "{position:?}: sagittal rows {:?}", sag.row_direction);
+        assert!(cos(sag.column_direction, [0.0, 0.0, -1.0]) > 0.9, "{position:?}: sagittal columns");
+        for ax in &images[1..] {
+            assert!(cos(ax.row_direction, [1.0, 0.0, 0.0]) > 0.9, "{position:?}: axial rows {:?}", ax.row_direction);
+            assert!(cos(ax.column_direction, [0.0, 1.0, 0.0]) > 0.9, "{position:?}: axial columns");
+        }
+        match &reference {
+            None => reference = Some(images),
+            Some(first) => {
+                assert_eq!(first.len(), images.len(), "{position:?}");
+                for (a, b) in first.iter().zip(&images) {
+                    // The same anatomy on the same grid: pixels within a grey level or two on
+                    // average (the disc planes are fitted again for each scan).
+                    let mean = a.pixels.iter().zip(&b.pixels).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>()
+                        / a.pixels.len() as f64;
+                    assert!(mean < 2.0, "{position:?}: {:?} image differs by {mean:.2} grey levels", b.view);
+                }
+            }
+        }
     }
 }
 
