@@ -267,6 +267,28 @@ enum Format {
     Json,
 }
 
+/// The binary's entry point. Errors are printed as anyhow prints them (the message, then its
+/// causes) but never with a backtrace: an administrator's shell with RUST_BACKTRACE set would
+/// otherwise bury a configuration mistake under one.
+pub fn run() -> std::process::ExitCode {
+    let Err(error) = main() else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    eprintln!("Error: {error}");
+    let causes: Vec<String> = error.chain().skip(1).map(ToString::to_string).collect();
+    if !causes.is_empty() {
+        eprintln!("\nCaused by:");
+        for (index, cause) in causes.iter().enumerate() {
+            if causes.len() == 1 {
+                eprintln!("    {cause}");
+            } else {
+                eprintln!("    {index}: {cause}");
+            }
+        }
+    }
+    std::process::ExitCode::FAILURE
+}
+
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {

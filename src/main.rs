@@ -1,3 +1,3 @@
-fn main() -> anyhow::Result<()> {
-    idaics::cli::main()
+fn main() -> std::process::ExitCode {
+    idaics::cli::run()
 }

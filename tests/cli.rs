@@ -58,6 +58,17 @@ fn bad_configuration_names_every_problem_and_fails() {
     let out = idaics(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // An administrator's shell may have RUST_BACKTRACE set: the message stays the whole output.
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["check-config", "--config", path.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.starts_with("Error: ") && err.contains("line 2"), "{err}");
+    assert!(!err.contains("backtrace") && !err.contains("src/"), "{err}");
 }
 
 #[test]
