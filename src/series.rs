@@ -264,8 +264,13 @@ pub struct StackGeometry {
 impl StackGeometry {
     /// The gantry tilt, degrees: the angle between the image normal and the line of slice origins.
     pub fn tilt_degrees(&self) -> f64 {
-        dot(self.shear, self.shear).sqrt().atan().to_degrees()
+        tilt_degrees(self.shear)
     }
+}
+
+/// The angle of a shear (in-plane displacement per mm along the normal), degrees.
+fn tilt_degrees(shear: [f64; 3]) -> f64 {
+    dot(shear, shear).sqrt().atan().to_degrees()
 }
 
 /// Sorts single-frame slices along their normal and checks that they form one regular stack:
@@ -359,7 +364,7 @@ pub fn stack_geometry(instances: &[&InstanceHeader], config: &SeriesConfig) -> R
              not one acquisition, or irregular table motion"
         ));
     }
-    let tilt = dot(shear, shear).sqrt().atan().to_degrees();
+    let tilt = tilt_degrees(shear);
     // Compared as printed, to a tenth of a degree: a scanner's 30 degrees fitted from rounded
     // positions comes out a hair above or below.
     if (tilt * 10.0).round() / 10.0 > config.max_tilt_degrees {
