@@ -601,7 +601,16 @@ impl Config {
         );
         for (i, d) in self.destinations.iter().enumerate() {
             if !d.path.is_empty() {
-                // A folder destination: nothing else to check.
+                // A relative folder would be taken from the service's working directory (/ under
+                // systemd), wherever the administrator meant it.
+                check(
+                    &format!("destinations[{i}].path"),
+                    if Path::new(&d.path).is_absolute() {
+                        Ok(())
+                    } else {
+                        Err(format!("{:?} is relative: give an absolute path", d.path))
+                    },
+                );
                 continue;
             }
             check(&format!("destinations[{i}].ae_title"), check_ae_title(&d.ae_title));

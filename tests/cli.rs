@@ -44,13 +44,15 @@ fn bad_configuration_names_every_problem_and_fails() {
     let path = dir.path().join("bad.toml");
     std::fs::write(
         &path,
-        "[dicom]\nae_title = \"MUCH_TOO_LONG_AE_TITLE\"\nallowed_peers = [\"10.0.0.0/99\"]\n[series]\nquiet_period_s = 60\nmax_wait_s = 30\n",
+        "[dicom]\nae_title = \"MUCH_TOO_LONG_AE_TITLE\"\nallowed_peers = [\"10.0.0.0/99\"]\n[series]\nquiet_period_s = 60\nmax_wait_s = 30\n\
+         [[destinations]]\nname = \"archive\"\npath = \"outbox\"\n",
     )
     .unwrap();
     let out = idaics(&["check-config", "--config", path.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    for key in ["dicom.ae_title", "dicom.allowed_peers[0]", "series.max_wait_s"] {
+    assert!(err.contains("\"outbox\" is relative"), "{err}");
+    for key in ["dicom.ae_title", "dicom.allowed_peers[0]", "series.max_wait_s", "destinations[0].path"] {
         assert!(err.contains(key), "{key} not reported:\n{err}");
     }
 
