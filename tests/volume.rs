@@ -146,6 +146,71 @@ fn gantry_tilted_series_keeps_each_pixel_where_its_file_puts_it() {
     assert_eq!(multi_frame.hu, volume.hu);
 }
 
+/// Resampling to an axial grid walks each output row through the source in steps and finds where
+/// the row enters and leaves it once; every voxel must still be what sampling its own position
+/// gives, including the ones on the volume's surface and the ones outside it.
+#[test]
+fn resampling_to_an_axial_grid_gives_each_voxel_its_sampled_value() {
+    use idaics::geometry::{cross, normalize};
+    use idaics::volume::Volume;
+    // Rotated about two axes and sheared like a tilted gantry; and, axis-aligned, one slice thin.
+    let column = normalize([0.95, 0.2, 0.1]);
+    let row = normalize(cross([0.1, -0.3, 1.0], column));
+    let oblique = ([column, row, cross(column, row)], idaics::geometry::scale(row, 0.3));
+    let axial = ([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [0.0; 3]);
+    for (dims, spacing, (axes, shear)) in [
+        ([23, 17, 11], [0.7, 0.9, 1.6], oblique),
+        ([9, 14, 2], [1.0, 1.0, 2.0], oblique),
+        ([2, 6, 5], [1.2, 0.8, 1.0], oblique),
+        ([9, 14, 1], [0.8, 0.8, 2.0], axial),
+    ] {
+        let mut value = 0x2545_F491u64;
+        let hu = (0..dims[0] * dims[1] * dims[2])
+            .map(|_| {
+                value = value.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (value >> 52) as f32 - 1000.0
+            })
+            .collect();
+        let volume = Volume {
+            study_uid: "1.2".into(),
+            series_uid: "1.2.3".into(),
+            hu,
+            dims,
+            spacing,
+            origin: [-12.0, 30.5, 101.25],
+            axes,
+            slice_shear: shear,
+        };
+        for grid_spacing in [[0.5, 0.5, 0.5], [0.7, 0.9, 1.3]] {
+            const FILL: f32 = -5000.0;
+            let grid = volume.resample_axial_grid(grid_spacing, false, FILL).unwrap();
+            let [nx, ny, nz] = grid.dims;
+            let (mut inside, mut outside) = (0, 0);
+            for k in 0..nz {
+                for j in 0..ny {
+                    for i in 0..nx {
+                        let p = std::array::from_fn(|d| grid.origin[d] + [i, j, k][d] as f64 * grid_spacing[d]);
+                        let got = grid.at(i, j, k);
+                        match volume.sample(p) {
+                            Some(expected) => {
+                                inside += 1;
+                                assert!((got - expected).abs() < 1e-3, "{dims:?} ({i}, {j}, {k}): {got} vs {expected}");
+                            }
+                            None => {
+                                outside += 1;
+                                assert_eq!(got, FILL, "{dims:?} ({i}, {j}, {k}) is outside the volume");
+                            }
+                        }
+                    }
+                }
+            }
+            // An oblique volume's bounding box holds air; an axis-aligned one is all volume.
+            let oblique = shear != [0.0; 3];
+            assert!(inside > 0 && (outside > 0) == oblique, "{dims:?}: {inside} inside, {outside} outside");
+        }
+    }
+}
+
 #[test]
 fn enhanced_ct_multi_frame_loads_like_its_single_frame_series() {
     let tmp = tempfile::tempdir().unwrap();
