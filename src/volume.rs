@@ -159,7 +159,7 @@ impl Volume {
             (0..3).all(|a| (-ON_THE_EDGE..=max[a] + ON_THE_EDGE).contains(&v[a]))
         };
         // The interval of i where each axis is in range, solved per axis, then settled against
-        // `inside` itself so that rounding cannot make it disagree with `sample`.
+        // `inside` itself below so that rounding cannot make it disagree with `sample`.
         let (mut low, mut high) = (0.0f64, (row.len() as f64) - 1.0);
         for a in 0..3 {
             let (from, to) = (-ON_THE_EDGE - start[a], max[a] + ON_THE_EDGE - start[a]);
@@ -174,34 +174,34 @@ impl Volume {
                 high = high.min(x.max(y));
             }
         }
-        let last = row.len() as i64 - 1;
-        let mut first_inside = (low.ceil() as i64).clamp(0, last + 1);
-        let mut last_inside = (high.floor() as i64).clamp(-1, last);
-        while first_inside <= last_inside && !inside(first_inside as usize) {
-            first_inside += 1;
-        }
-        while first_inside > 0 && first_inside <= last + 1 && inside(first_inside as usize - 1) {
-            first_inside -= 1;
-        }
-        while last_inside >= first_inside && !inside(last_inside as usize) {
-            last_inside -= 1;
-        }
-        while last_inside < last && last_inside + 1 >= first_inside && inside(last_inside as usize + 1) {
-            last_inside += 1;
-        }
-        if first_inside > last_inside {
+        // `inside` holds on one interval of i; the solved bounds are off by a rounding at most.
+        let n = row.len();
+        if low > high + 1.0 {
             row.fill(fill);
             return;
         }
-        let (first_inside, last_inside) = (first_inside as usize, last_inside as usize);
+        let mut first_inside = (low.ceil().max(0.0) as usize).min(n);
+        while first_inside > 0 && inside(first_inside - 1) {
+            first_inside -= 1;
+        }
+        while first_inside < n && !inside(first_inside) {
+            first_inside += 1;
+        }
+        let mut end_inside = ((high.floor() + 1.0).max(0.0) as usize).clamp(first_inside, n);
+        while end_inside > first_inside && !inside(end_inside - 1) {
+            end_inside -= 1;
+        }
+        while end_inside < n && inside(end_inside) {
+            end_inside += 1;
+        }
         row[..first_inside].fill(fill);
-        row[last_inside + 1..].fill(fill);
+        row[end_inside..].fill(fill);
         let [nx, ny, nz] = self.dims;
         let top = self.dims.map(|n| n.max(2) - 2);
         let (row_stride, slice_stride) = (nx, nx * ny);
         // Neighbour offsets; zero along an axis of one voxel, where `sample` reads the same voxel.
         let next = [usize::from(nx > 1), row_stride * usize::from(ny > 1), slice_stride * usize::from(nz > 1)];
-        for (i, voxel) in row.iter_mut().enumerate().take(last_inside + 1).skip(first_inside) {
+        for (i, voxel) in row.iter_mut().enumerate().take(end_inside).skip(first_inside) {
             let v = at(i);
             let mut base = [0usize; 3];
             let mut frac = [0f32; 3];
