@@ -283,8 +283,6 @@ impl Volume {
         // hundred million samples.
         hu.par_chunks_mut(dims[0] * dims[1]).enumerate().for_each(|(k, plane)| {
             for (j, row) in plane.chunks_mut(dims[0]).enumerate() {
-                let start: [f64; 3] =
-                    std::array::from_fn(|a| first[a] + j as f64 * row_step[a] + k as f64 * plane_step[a]);
                 if nearest {
                     for (i, voxel) in row.iter_mut().enumerate() {
                         let p = [
@@ -295,6 +293,7 @@ impl Volume {
                         *voxel = self.sample_nearest(p).unwrap_or(fill);
                     }
                 } else {
+                    let start = std::array::from_fn(|a| first[a] + j as f64 * row_step[a] + k as f64 * plane_step[a]);
                     self.trilinear_row(start, column_step, row, fill);
                 }
             }
