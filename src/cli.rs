@@ -301,14 +301,7 @@ pub fn main() -> anyhow::Result<()> {
                     crate::pipeline::Target::Dicom(peer) => {
                         (d.ae_title, d.host, d.port) = (peer.ae_title, peer.host, peer.port);
                     }
-                    // Relative to where the command was typed, made absolute so that the log
-                    // says where results go.
-                    crate::pipeline::Target::Folder(path) => {
-                        let path = std::path::absolute(&path)
-                            .with_context(|| format!("--destination {}: not a usable path", path.display()))?;
-                        d.name = format!("folder:{}", path.display());
-                        d.path = path.to_string_lossy().into_owned();
-                    }
+                    crate::pipeline::Target::Folder(path) => d.path = path.to_string_lossy().into_owned(),
                 }
                 cfg.destinations.push(d);
             }

@@ -162,7 +162,8 @@ pub struct Destination {
     pub target: Target,
 }
 
-/// Parses `AE@HOST:PORT` or a folder path (the `--destination` flag).
+/// Parses `AE@HOST:PORT` or a folder path (the `--destination` flag). A folder is taken relative
+/// to where the command was typed and made absolute, so that the log says where results go.
 pub fn parse_destination(text: &str) -> Result<Destination, String> {
     if let Some((ae, address)) = text.split_once('@')
         && let Some((host, port)) = address.rsplit_once(':')
@@ -176,7 +177,8 @@ pub fn parse_destination(text: &str) -> Result<Destination, String> {
             target: Target::Dicom(crate::scu::Peer { ae_title: ae.to_string(), host: host.to_string(), port }),
         });
     }
-    Ok(Destination { name: format!("folder:{text}"), target: Target::Folder(PathBuf::from(text)) })
+    let folder = std::path::absolute(text).map_err(|e| format!("{text}: not a usable path: {e}"))?;
+    Ok(Destination { name: format!("folder:{}", folder.display()), target: Target::Folder(folder) })
 }
 
 /// What the job worker needs.
@@ -526,5 +528,25 @@ async fn send_one(
                 Err((Some(text.clone()), format!("refused with status {text}")))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_destination_folder_is_made_absolute_and_named_by_it() {
+        let cwd = std::env::current_dir().unwrap();
+        let relative = parse_destination("outbox/results").unwrap();
+        let expected = cwd.join("outbox/results");
+        assert_eq!(relative.name, format!("folder:{}", expected.display()));
+        assert!(matches!(&relative.target, Target::Folder(path) if *path == expected));
+        let absolute = parse_destination("/srv/results").unwrap();
+        assert_eq!(absolute.name, "folder:/srv/results");
+        let peer = parse_destination("PACS@10.0.0.5:104").unwrap();
+        assert_eq!(peer.name, "PACS@10.0.0.5:104");
+        assert!(matches!(peer.target, Target::Dicom(p) if p.ae_title == "PACS" && p.port == 104));
+        assert!(parse_destination("PACS@host:x").is_err());
     }
 }
