@@ -287,3 +287,84 @@ fn series_larger_than_the_memory_limit_is_refused_not_allocated() {
     let error = volume.resample_axial(volume.spacing[0], false, -1000.0).unwrap_err();
     assert!(matches!(error, VolumeError::TooLarge { what: "a resampled grid", .. }), "{error}");
 }
+
+/// dcm2niix's converted volume in a dcm_qa corpus: 35 slices of 64 x 64 little-endian int16
+/// (slice, row, column), with no scaling.
+fn dcm2niix_reference(path: &str) -> Vec<i16> {
+    let bytes = std::fs::read(path).unwrap();
+    let dims: Vec<i16> = (0..4).map(|d| i16::from_le_bytes([bytes[40 + 2 * d], bytes[41 + 2 * d]])).collect();
+    assert_eq!(dims, [3, 64, 64, 35], "{path}");
+    assert_eq!(i16::from_le_bytes([bytes[70], bytes[71]]), 4, "{path}: not int16");
+    let offset = f32::from_le_bytes(bytes[108..112].try_into().unwrap()) as usize;
+    bytes[offset..offset + 2 * 64 * 64 * 35].chunks_exact(2).map(|b| i16::from_le_bytes([b[0], b[1]])).collect()
+}
+
+/// A two-slice series made of one corpus file and a copy of it one slice further along the
+/// normal: the loader needs a stack, and both planes must then read the same.
+fn stack_of_two(source: &str, dir: &std::path::Path) -> Vec<PathBuf> {
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    use dicom_dictionary_std::tags;
+    let first = dir.join("a.dcm");
+    std::fs::copy(source, &first).unwrap();
+    let mut object = dicom_object::open_file(source).unwrap();
+    let number = |tag| -> Vec<f64> {
+        let object: &dicom_object::InMemDicomObject = &object;
+        object.element(tag).unwrap().to_multi_float64().unwrap()
+    };
+    let (position, orientation) = (number(tags::IMAGE_POSITION_PATIENT), number(tags::IMAGE_ORIENTATION_PATIENT));
+    let normal = [
+        orientation[1] * orientation[5] - orientation[2] * orientation[4],
+        orientation[2] * orientation[3] - orientation[0] * orientation[5],
+        orientation[0] * orientation[4] - orientation[1] * orientation[3],
+    ];
+    let moved: Vec<String> = (0..3).map(|d| format!("{:.4}", position[d] + 3.2 * normal[d])).collect();
+    object.put(DataElement::new(tags::IMAGE_POSITION_PATIENT, VR::DS, PrimitiveValue::Strs(moved.into())));
+    let uid = format!("{}.2", object.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0'));
+    object.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
+    object.meta_mut().media_storage_sop_instance_uid = uid.clone();
+    let second = dir.join("b.dcm");
+    object.write_to_file(&second).unwrap();
+    vec![first, second]
+}
+
+/// Real 12-bit Siemens mosaics, checked against dcm2niix's conversions shipped beside them. DICOM
+/// lets the bits above Bits Stored hold anything: the original scan (12bitUnsigned) has values
+/// above 4095 in its 16-bit words, the 0x0F0F files stripes with those bits set, and in the signed
+/// one bit 11 is the sign. Read as 16-bit words, every file differs from its reference (by up to
+/// 65536); masked to 12 bits and sign-extended from bit 11, they are equal. The same image in nine
+/// transfer syntaxes (two encoders each for JPEG lossless and JPEG-LS) must read the same too.
+#[test]
+fn twelve_bit_and_lossless_corpus_pixels_equal_their_dcm2niix_conversions() {
+    let ts_corpus = "../shared/data/corpora/dcm-qa-ts";
+    let twelve_bit = "../shared/data/corpora/dcm-qa-12bit";
+    let mut cases: Vec<(String, String)> =
+        (1..=9).map(|n| (format!("{ts_corpus}/In/{n}.dcm"), format!("{ts_corpus}/Ref/1.nii"))).collect();
+    for (file, reference) in [("12bitUnsigned", 2), ("12bitUnsigned_0x0F0F", 3), ("12bitSigned_0x0F0F", 4)] {
+        cases.push((format!("{twelve_bit}/In/{file}.dcm"), format!("{twelve_bit}/Ref/{reference}.nii")));
+    }
+    for (file, reference_path) in cases {
+        let tmp = tempfile::tempdir().unwrap();
+        let volume = load_series(&stack_of_two(&file, tmp.path()), &SeriesConfig::default())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(volume.dims, [384, 384, 2], "{file}");
+        let reference = dcm2niix_reference(&reference_path);
+        // Slice t of the mosaic is tile t of a 6 x 6 grid; dcm2niix stores its rows bottom up.
+        let mut differences = Vec::new();
+        for plane in 0..2 {
+            for (index, &expected) in reference.iter().enumerate() {
+                let (tile, row, column) = (index / 4096, index / 64 % 64, index % 64);
+                let found = volume.at(tile % 6 * 64 + column, tile / 6 * 64 + 63 - row, plane);
+                if found != f32::from(expected) {
+                    differences
+                        .push(format!("plane {plane} tile {tile} ({column}, {row}): {found}, dcm2niix {expected}"));
+                }
+            }
+        }
+        assert!(
+            differences.is_empty(),
+            "{file}: {} pixels differ from {reference_path}, first {:?}",
+            differences.len(),
+            &differences[..differences.len().min(3)]
+        );
+    }
+}
