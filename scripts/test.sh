@@ -2,7 +2,8 @@
 # The whole test suite, on a fresh Debian machine: installs what the tests talk to (DCMTK for the
 # real DICOM peers, Orthanc as a real PACS, cmake for the CharLS JPEG-LS codec build, PostgreSQL
 # whose server binaries the database tests run as throwaway clusters, dicom3tools for dciodvfy,
-# lintian, dpkg-dev and systemd-analyze for the Debian package, and a Python venv with highdicom
+# lintian, dpkg-dev and systemd-analyze for the Debian package, strace for the unit's system call
+# filter, and a Python venv with highdicom
 # in target/pyenv), then runs every test, including one that installs, runs and purges the Debian
 # package (as root; tests/package.rs refuses to touch a machine where IDAICS is installed).
 # IDAICS_TEST_DPKG=0 leaves that one out.
@@ -10,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd
+scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd strace
 
 # highdicom (PyPI) reads the agent's SR and SEG back in tests/report.rs.
 pyenv=target/pyenv

@@ -4,10 +4,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Agent, PHANTOM_MODEL, free_port, output_text, store_outcomes, wait_until};
+use common::{Agent, PHANTOM_MODEL, StoreScp, free_port, output_text, store_outcomes, wait_until};
 use idaics::config::SeriesConfig;
 use idaics::phantom::{PhantomSpec, write_phantom};
 use idaics::report::{Algorithm, Source};
@@ -72,52 +72,6 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
             .to_string()
     };
     assert_eq!(frame(&key), frame(&dicom_object::open_file(&files[0]).unwrap()));
-}
-
-/// DCMTK storescp as the destination PACS.
-struct StoreScp {
-    child: Child,
-    dir: PathBuf,
-    log: PathBuf,
-}
-
-impl StoreScp {
-    fn start(port: u16, dir: &Path) -> StoreScp {
-        std::fs::create_dir_all(dir).unwrap();
-        // storescp names files by SOP instance UID and overwrites a second copy with a warning on
-        // stderr: the log is what tells a duplicate delivery.
-        let log = dir.with_extension("storescp.log");
-        let child = Command::new("storescp")
-            .args(["-aet", "PACS", "-od"])
-            .arg(dir)
-            .arg(port.to_string())
-            .stdout(Stdio::null())
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
-            .spawn()
-            .expect("storescp (dcmtk)");
-        std::thread::sleep(Duration::from_millis(300));
-        StoreScp { child, dir: dir.to_path_buf(), log }
-    }
-
-    fn received(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(&self.dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
-    }
-
-    /// Every object arrived, none twice; returns the files.
-    fn assert_each_once(&self, expected: usize) -> Vec<PathBuf> {
-        let received = self.received();
-        assert_eq!(received.len(), expected, "{received:?}");
-        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        assert!(!log.contains("already exists"), "an object arrived twice:\n{log}");
-        received
-    }
-}
-
-impl Drop for StoreScp {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

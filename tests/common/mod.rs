@@ -52,6 +52,8 @@ pub struct Agent {
     pub state_dir: PathBuf,
     pub log_path: PathBuf,
     child: Option<Child>,
+    /// Started under a wrapper: the agent is the child's child.
+    wrapped: bool,
 }
 
 impl Agent {
@@ -70,11 +72,24 @@ impl Agent {
     }
 
     pub fn start_on_with_args(state_dir: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Agent {
+        Self::start_under(&[], state_dir, port, env, args)
+    }
+
+    /// Starts the agent as the last argument of `wrapper` (a tracer, say); the child is then the
+    /// wrapper, and [`Agent::pid`] is still the agent's.
+    pub fn start_under(wrapper: &[&str], state_dir: &Path, port: u16, env: &[(&str, &str)], args: &[&str]) -> Agent {
         require_tool("echoscu");
         std::fs::create_dir_all(state_dir).unwrap();
         let log_path = state_dir.with_extension(format!("{}.log", now_ms()));
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_idaics"));
+        let mut cmd = match wrapper {
+            [] => Command::new(env!("CARGO_BIN_EXE_idaics")),
+            [program, wrapper_args @ ..] => {
+                let mut cmd = Command::new(program);
+                cmd.args(wrapper_args).arg(env!("CARGO_BIN_EXE_idaics"));
+                cmd
+            }
+        };
         cmd.args(["serve", "--port", &port.to_string(), "--state-dir"])
             .arg(state_dir)
             .args(args)
@@ -89,7 +104,13 @@ impl Agent {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start idaics");
-        let mut agent = Agent { port, state_dir: state_dir.to_path_buf(), log_path, child: Some(child) };
+        let mut agent = Agent {
+            port,
+            state_dir: state_dir.to_path_buf(),
+            log_path,
+            child: Some(child),
+            wrapped: !wrapper.is_empty(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if agent.log().contains("listening for DICOM associations") {
@@ -106,7 +127,7 @@ impl Agent {
 
     /// The agent's peak resident memory so far (VmHWM), in KiB.
     pub fn peak_rss_kb(&self) -> u64 {
-        let pid = self.child.as_ref().expect("agent running").id();
+        let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
         let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
@@ -134,8 +155,12 @@ impl Agent {
     }
 
     pub fn kill(&mut self) {
+        if self.wrapped && self.child.is_some() {
+            // A killed tracer would leave the agent running, detached: the agent goes first.
+            self.signal(libc::SIGKILL);
+        }
         if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
+            let _ = child.kill();
             child.wait().unwrap();
         }
     }
@@ -151,24 +176,39 @@ impl Agent {
         self.signal(libc::SIGCONT);
     }
 
+    /// The agent's process id: the child's, or the wrapper's only child's.
+    pub fn pid(&self) -> u32 {
+        let child = self.child.as_ref().expect("agent running").id();
+        if !self.wrapped {
+            return child;
+        }
+        let children = std::fs::read_to_string(format!("/proc/{child}/task/{child}/children")).unwrap();
+        match children.split_whitespace().collect::<Vec<_>>()[..] {
+            [only] => only.parse().unwrap(),
+            _ => panic!("the wrapper {child} has children {children:?}, not one agent"),
+        }
+    }
+
     fn signal(&self, signal: i32) {
-        let pid = self.child.as_ref().expect("agent running").id();
+        let pid = self.pid();
         // SAFETY: a plain kill(2) on our own child's pid.
         assert_eq!(unsafe { libc::kill(pid as i32, signal) }, 0, "kill({pid}, {signal})");
     }
 
     /// SIGTERM and wait; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.pid();
         let mut child = self.child.take().expect("agent running");
+        // SAFETY: a plain kill(2) on our own child's (or the wrapper's child's) pid.
         unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
+            libc::kill(pid as i32, libc::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM");
+            assert!(Instant::now() < deadline, "agent did not stop on SIGTERM; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -389,4 +429,50 @@ fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
+}
+
+/// DCMTK storescp as the destination PACS.
+pub struct StoreScp {
+    child: Child,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl StoreScp {
+    pub fn start(port: u16, dir: &Path) -> StoreScp {
+        std::fs::create_dir_all(dir).unwrap();
+        // storescp names files by SOP instance UID and overwrites a second copy with a warning on
+        // stderr: the log is what tells a duplicate delivery.
+        let log = dir.with_extension("storescp.log");
+        let child = Command::new("storescp")
+            .args(["-aet", "PACS", "-od"])
+            .arg(dir)
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .expect("storescp (dcmtk)");
+        std::thread::sleep(Duration::from_millis(300));
+        StoreScp { child, dir: dir.to_path_buf(), log }
+    }
+
+    pub fn received(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.dir).map(|r| r.flatten().map(|e| e.path()).collect()).unwrap_or_default()
+    }
+
+    /// Every object arrived, none twice; returns the files.
+    pub fn assert_each_once(&self, expected: usize) -> Vec<PathBuf> {
+        let received = self.received();
+        assert_eq!(received.len(), expected, "{received:?}");
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(!log.contains("already exists"), "an object arrived twice:\n{log}");
+        received
+    }
+}
+
+impl Drop for StoreScp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
