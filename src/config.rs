@@ -123,17 +123,39 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// The storage SOP class of the report. Its content is the same in both: it has no 3D
+/// coordinates, which only Comprehensive 3D SR may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SrStorage {
+    /// Comprehensive 3D SR, the class IHE AI Results (AIR) uses for AI reports.
+    #[serde(rename = "comprehensive-3d")]
+    Comprehensive3d,
+    /// Comprehensive SR, for PACS that predate Comprehensive 3D SR and refuse it.
+    #[serde(rename = "comprehensive")]
+    Comprehensive,
+}
+
+impl SrStorage {
+    pub fn sop_class_uid(self) -> &'static str {
+        match self {
+            SrStorage::Comprehensive3d => dicom_dictionary_std::uids::COMPREHENSIVE3_DSR_STORAGE,
+            SrStorage::Comprehensive => dicom_dictionary_std::uids::COMPREHENSIVE_SR_STORAGE,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputsConfig {
     pub secondary_capture: bool,
+    pub sr_storage: SrStorage,
     /// Longest wait between two delivery attempts of one object, seconds.
     pub max_retry_interval_s: u64,
 }
 
 impl Default for OutputsConfig {
     fn default() -> Self {
-        OutputsConfig { secondary_capture: true, max_retry_interval_s: 300 }
+        OutputsConfig { secondary_capture: true, sr_storage: SrStorage::Comprehensive3d, max_retry_interval_s: 300 }
     }
 }
 

@@ -113,7 +113,7 @@ pub fn write_objects(
     source: &Source,
     analysis: &Analysis,
     algorithm: &Algorithm,
-    secondary_capture: bool,
+    outputs: &crate::config::OutputsConfig,
     dir: &Path,
 ) -> Result<Vec<WrittenObject>, PipelineError> {
     let mut key_slices: Vec<(Option<String>, WrittenObject)> = Vec::new();
@@ -131,10 +131,18 @@ pub fn write_objects(
     let pairs: Vec<(&SliceImage, &WrittenObject)> = images.into_iter().zip(key_slices.iter().map(|(_, o)| o)).collect();
     // No SEG without masks (no weights, or nothing detected): it would have no segments.
     let seg = crate::report::seg::write(source, algorithm, &analysis.findings, &pairs, dir)?;
-    let sr = crate::report::sr::write(source, algorithm, &analysis.findings, &key_slices, seg.as_ref(), dir)?;
+    let sr = crate::report::sr::write(
+        source,
+        algorithm,
+        &analysis.findings,
+        &key_slices,
+        seg.as_ref(),
+        outputs.sr_storage,
+        dir,
+    )?;
     let mut objects: Vec<WrittenObject> = key_slices.into_iter().map(|(_, o)| o).collect();
     objects.extend(seg.map(|s| s.object));
-    if secondary_capture {
+    if outputs.secondary_capture {
         for (n, (finding, axial)) in analysis.findings.iter().zip(&analysis.axials).enumerate() {
             // The image that shows the finding best: the view of its strongest detection (a
             // Schmorl's node is seen on the sagittal image), else the level's axial image.
@@ -188,8 +196,8 @@ pub struct Worker {
     pub outputs_dir: PathBuf,
     pub detector: Option<Arc<Detector>>,
     pub destinations: Vec<Destination>,
-    /// Also write burned-in Secondary Capture key images.
-    pub secondary_capture: bool,
+    /// Which objects to write: Secondary Captures or not, the SR's storage class.
+    pub outputs: crate::config::OutputsConfig,
     /// The series tracker's rules, which the volume must load by.
     pub series_config: crate::config::SeriesConfig,
     /// Names this worker in `jobs.claimed_by`: its workplace, `|`, then this run's agent id.
@@ -336,8 +344,8 @@ impl Worker {
             let analysis = analyze(&volume, worker.detector.as_deref()).map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
             let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
-            let objects = write_objects(&source, &analysis, &algorithm, worker.secondary_capture, &out)
-                .map_err(|e| e.to_string())?;
+            let objects =
+                write_objects(&source, &analysis, &algorithm, &worker.outputs, &out).map_err(|e| e.to_string())?;
             Ok((analysis.findings, objects, source))
         })
         .await

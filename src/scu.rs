@@ -17,7 +17,8 @@ pub enum ScuError {
     Read(String),
     #[error("association with {destination} failed: {message}")]
     Association { destination: String, message: String },
-    #[error("the destination accepted no presentation context for {0}")]
+    /// The SOP classes refused, comma-separated.
+    #[error("the destination accepted no presentation context for {0}{hint}", hint = no_context_hint(.0))]
     NoContext(String),
     #[error("transfer to {destination} failed: {message}")]
     Transfer { destination: String, message: String },
@@ -76,7 +77,13 @@ pub fn store_all(
         .read_timeout(timeout)
         .write_timeout(timeout)
         .establish(format!("{}:{}", peer.host, peer.port).as_str())
-        .map_err(|e| assoc_err(e.to_string()))?;
+        .map_err(|e| match e {
+            // Every proposed context refused: say which classes, since that is what a site fixes.
+            dicom_ul::association::Error::NoAcceptedPresentationContexts { .. } => {
+                ScuError::NoContext(sop_classes.join(", "))
+            }
+            other => assoc_err(other.to_string()),
+        })?;
     // Proposed contexts are numbered 1, 3, 5, ... in the order of `sop_classes`.
     let accepted: Vec<_> = association
         .presentation_contexts()
@@ -190,4 +197,13 @@ fn store_command_with_id(sop_class: &str, sop_instance: &str, message_id: u16) -
     put(&mut out, 0x0000, &(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     out
+}
+
+/// What a site can do when its PACS refuses the report's storage class.
+fn no_context_hint(sop_classes: &str) -> &'static str {
+    if sop_classes.split(", ").any(|class| class == uids::COMPREHENSIVE3_DSR_STORAGE) {
+        " (Comprehensive 3D SR): if it stores Comprehensive SR, set outputs.sr_storage = \"comprehensive\""
+    } else {
+        ""
+    }
 }

@@ -199,7 +199,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         outputs_dir: state_dir.join("outputs"),
         detector,
         destinations: destinations.clone(),
-        secondary_capture: config.outputs.secondary_capture,
+        outputs: config.outputs.clone(),
         series_config: config.series.clone(),
         claimant: crate::pipeline::Claimant {
             workplace: workplace(state_dir, &config.storage.effective_host_name()),

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Agent, PHANTOM_MODEL, StoreScp, free_port, output_text, store_outcomes, wait_until};
-use idaics::config::SeriesConfig;
+use idaics::config::{OutputsConfig, SeriesConfig, SrStorage};
 use idaics::phantom::{PhantomSpec, write_phantom};
 use idaics::report::{Algorithm, Source};
 
@@ -34,8 +34,14 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     assert!(analysis.findings.iter().all(|f| f.class == "undetermined"));
     let source = Source::read(&files).unwrap();
     let algorithm = Algorithm::new(None);
-    let objects =
-        idaics::pipeline::write_objects(&source, &analysis, &algorithm, true, &tmp.path().join("out")).unwrap();
+    let objects = idaics::pipeline::write_objects(
+        &source,
+        &analysis,
+        &algorithm,
+        &OutputsConfig::default(),
+        &tmp.path().join("out"),
+    )
+    .unwrap();
     assert_eq!(
         objects.len(),
         1 + 2 * truth.levels.len() + 1,
@@ -57,10 +63,35 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     }
     assert!(text.contains("UNVERIFIED") || text.contains("Unverified"), "{text}");
     // The same inputs give the same UIDs: a resent series replaces its objects.
-    let again =
-        idaics::pipeline::write_objects(&source, &analysis, &algorithm, true, &tmp.path().join("again")).unwrap();
+    let again = idaics::pipeline::write_objects(
+        &source,
+        &analysis,
+        &algorithm,
+        &OutputsConfig::default(),
+        &tmp.path().join("again"),
+    )
+    .unwrap();
     let uids = |v: &[idaics::report::WrittenObject]| v.iter().map(|o| o.sop_instance_uid.clone()).collect::<Vec<_>>();
     assert_eq!(uids(&objects), uids(&again));
+    // For a PACS without Comprehensive 3D SR: the same report as Comprehensive SR, valid for that
+    // IOD, under a UID of its own; the other objects are the same ones.
+    let comprehensive = OutputsConfig { sr_storage: SrStorage::Comprehensive, ..OutputsConfig::default() };
+    let older =
+        idaics::pipeline::write_objects(&source, &analysis, &algorithm, &comprehensive, &tmp.path().join("older"))
+            .unwrap();
+    let (older_sr, older_rest) = older.split_last().unwrap();
+    assert_eq!(uids(older_rest), uids(&objects[..objects.len() - 1]));
+    assert_ne!(older_sr.sop_instance_uid, sr.sop_instance_uid);
+    assert_eq!(sop_class(&older_sr.path), "1.2.840.10008.5.1.4.1.1.88.33");
+    assert_eq!(sop_class(&sr.path), SR_STORAGE);
+    let errors = dciodvfy_errors(&older_sr.path);
+    assert!(errors.is_empty(), "{}:\n{}", older_sr.path.display(), errors.join("\n"));
+    let older_dump =
+        String::from_utf8_lossy(&Command::new("dsrdump").arg(&older_sr.path).output().unwrap().stdout).into_owned();
+    let content = |dump: &str| {
+        dump.lines().skip_while(|l| !l.contains("Imaging Measurement Report")).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(content(&older_dump), content(&text), "the report's content differs between the classes");
     // Key slices sit in the source frame of reference.
     let key = dicom_object::open_file(&objects[1].path).unwrap();
     let frame = |o: &dicom_object::DefaultDicomObject| {
@@ -159,8 +190,14 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     analysis.findings[l5s1].evidence = vec![detection("axial", "bulge", ellipse(centre, centre, 90.0, 60.0))];
     let source = Source::read(&files).unwrap();
     let algorithm = Algorithm::new(Some("ab".repeat(32)));
-    let objects =
-        idaics::pipeline::write_objects(&source, &analysis, &algorithm, true, &tmp.path().join("out")).unwrap();
+    let objects = idaics::pipeline::write_objects(
+        &source,
+        &analysis,
+        &algorithm,
+        &OutputsConfig::default(),
+        &tmp.path().join("out"),
+    )
+    .unwrap();
     let seg = objects.iter().find(|o| o.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4").expect("a SEG");
     let errors = dciodvfy_errors(&seg.path);
     assert!(errors.is_empty(), "{}", errors.join("\n"));
@@ -232,6 +269,73 @@ fn sop_class_if_readable(path: &Path) -> Option<String> {
 /// Whether a file the PACS received is an SR; false while it is still being written.
 fn is_received_sr(path: &Path) -> bool {
     sop_class_if_readable(path).as_deref() == Some(SR_STORAGE)
+}
+
+/// storescp as a PACS that predates Comprehensive 3D SR: it stores CT, SEG, Secondary Capture
+/// and Comprehensive SR, nothing else.
+const OLDER_PACS_PROFILE: &str = "\
+[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+[[PresentationContexts]]
+[OlderPacs]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = CTImageStorage\\Uncompressed
+PresentationContext3 = SegmentationStorage\\Uncompressed
+PresentationContext4 = SecondaryCaptureImageStorage\\Uncompressed
+PresentationContext5 = ComprehensiveSRStorage\\Uncompressed
+[[Profiles]]
+[OlderPacs]
+PresentationContexts = OlderPacs
+";
+
+/// A PACS without Comprehensive 3D SR refuses the report at negotiation: the agent says why and
+/// what to set, and keeps the report for a retry. With `outputs.sr_storage = "comprehensive"` the
+/// same series' report arrives as Comprehensive SR, and highdicom reads it as TID 1500.
+#[test]
+fn a_pacs_without_comprehensive_3d_sr_is_told_apart_and_gets_comprehensive_sr() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 7012);
+    let levels = truth.levels.len();
+    let profile = tmp.path().join("older-pacs.cfg");
+    std::fs::write(&profile, OLDER_PACS_PROFILE).unwrap();
+    let pacs_port = free_port();
+    let pacs = StoreScp::start_with_args(
+        pacs_port,
+        &tmp.path().join("pacs"),
+        &["-xf", profile.to_str().unwrap(), "OlderPacs"],
+    );
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let model = [("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")];
+
+    let agent = Agent::start_with_args(&tmp.path().join("state-3d"), &model, &["--destination", destination.as_str()]);
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+    agent.wait_for("the report's refusal", Duration::from_secs(180), |a| {
+        a.events("delivery failed; kept for a retry").iter().any(|e| e.to_string().contains("88.34"))
+    });
+    let refusal = agent.events("delivery failed; kept for a retry");
+    let refusal = refusal.iter().find(|e| e.to_string().contains("88.34")).unwrap().to_string();
+    assert!(refusal.contains("outputs.sr_storage") && refusal.contains("comprehensive"), "{refusal}");
+    // Everything else arrived: key slices, SEG, Secondary Captures.
+    wait_until("the other objects", Duration::from_secs(30), || pacs.received().len() == 2 * levels + 2);
+    drop(agent);
+
+    let older = [model[0], model[1], ("IDAICS_OUTPUTS_SR_STORAGE", "comprehensive")];
+    let agent = Agent::start_with_args(&tmp.path().join("state-2d"), &older, &["--destination", destination.as_str()]);
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+    let comprehensive_sr = |p: &PathBuf| sop_class_if_readable(p).as_deref() == Some("1.2.840.10008.5.1.4.1.1.88.33");
+    wait_until("the Comprehensive SR", Duration::from_secs(180), || pacs.received().iter().any(comprehensive_sr));
+    let received = pacs.received();
+    let sr = received.iter().find(|p| comprehensive_sr(p)).unwrap();
+    let errors = dciodvfy_errors(sr);
+    assert!(errors.is_empty(), "{}: {}", sr.display(), errors.join("\n"));
+    assert!(!received.iter().any(|p| is_received_sr(p)), "no Comprehensive 3D SR reached this PACS");
+    let seg = received.iter().find(|p| sop_class(p) == SEG_STORAGE).unwrap();
+    let python = std::env::var("IDAICS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/highdicom_read.py");
+    let out = Command::new(&python).arg(script).arg(sr).arg(seg).arg(levels.to_string()).output().unwrap();
+    assert!(out.status.success(), "highdicom: {}\n{}", String::from_utf8_lossy(&out.stderr), output_text(&out));
 }
 
 const SEG_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.66.4";

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use dicom_core::{DataElement, VR};
-use dicom_dictionary_std::{tags, uids};
+use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::{Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, sequence, text, write_object};
@@ -109,10 +109,17 @@ pub fn write(
     findings: &[LevelFinding],
     key_slices: &[(Option<String>, WrittenObject)],
     seg: Option<&super::seg::WrittenSeg>,
+    storage: crate::config::SrStorage,
     dir: &Path,
 ) -> Result<WrittenObject, ReportError> {
     let weights = algorithm.weights_sha256.as_deref();
-    let sop_uid = derived_uid(&source.series_uid, weights, "sr");
+    // A report in the other class is another object: it gets a UID of its own, so a PACS never
+    // sees one UID under two SOP classes when a site switches.
+    let role = match storage {
+        crate::config::SrStorage::Comprehensive3d => "sr",
+        crate::config::SrStorage::Comprehensive => "sr-comprehensive",
+    };
+    let sop_uid = derived_uid(&source.series_uid, weights, role);
     let observer = vec![
         code_item("HAS OBS CONTEXT", code("121005", "DCM", "Observer Type"), code("121007", "DCM", "Device")),
         uid_item(
@@ -290,5 +297,5 @@ pub fn write(
     for e in elements.into_iter().chain(super::equipment_and_dates(algorithm)) {
         object.put(e);
     }
-    write_object(object, uids::COMPREHENSIVE3_DSR_STORAGE, &sop_uid, &dir.join("sr.dcm"))
+    write_object(object, storage.sop_class_uid(), &sop_uid, &dir.join("sr.dcm"))
 }

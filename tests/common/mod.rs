@@ -440,11 +440,17 @@ pub struct StoreScp {
 
 impl StoreScp {
     pub fn start(port: u16, dir: &Path) -> StoreScp {
+        Self::start_with_args(port, dir, &[])
+    }
+
+    /// With more storescp options (a configuration profile, say).
+    pub fn start_with_args(port: u16, dir: &Path, args: &[&str]) -> StoreScp {
         std::fs::create_dir_all(dir).unwrap();
         // storescp names files by SOP instance UID and overwrites a second copy with a warning on
         // stderr: the log is what tells a duplicate delivery.
         let log = dir.with_extension("storescp.log");
         let child = Command::new("storescp")
+            .args(args)
             .args(["-aet", "PACS", "-od"])
             .arg(dir)
             .arg(port.to_string())
