@@ -222,6 +222,28 @@ enum Command {
         #[arg(long, value_enum, default_value_t = TableJsonCsv::Table)]
         format: TableJsonCsv,
     },
+    /// List the objects sent to destinations (pending, sent, cancelled), with each one's attempts
+    /// and last error; --cancel gives up pending objects a destination will never take, --retry
+    /// sends pending or cancelled ones now.
+    Outbox {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Only objects in this state: pending, sent or cancelled.
+        #[arg(long, value_parser = crate::db::OUTBOX_STATES)]
+        state: Option<String>,
+        /// Only the objects reporting on this Series Instance UID.
+        #[arg(long)]
+        series: Option<String>,
+        /// Stop retrying these pending objects (by id).
+        #[arg(long, value_name = "ID", num_args = 1.., conflicts_with_all = ["state", "series", "retry"])]
+        cancel: Vec<i64>,
+        /// Try these pending or cancelled objects (by id) now; a running agent sends them within
+        /// seconds.
+        #[arg(long, value_name = "ID", num_args = 1.., conflicts_with_all = ["state", "series"])]
+        retry: Vec<i64>,
+        #[arg(long, value_enum, default_value_t = TableJsonCsv::Table)]
+        format: TableJsonCsv,
+    },
     /// List the series in the spool with their state (pending, complete, skipped and why, purged).
     Series {
         /// Configuration file (default: /etc/idaics/idaics.toml when this binary is the installed
@@ -508,6 +530,61 @@ pub fn main() -> anyhow::Result<()> {
                 let columns =
                     ["id", "state", "attempts", "series_uid", "revision", "finished_at", "claimed_by", "error"];
                 print_rows(&rows, &columns, format, "jobs")
+            })
+        }
+        Command::Outbox { database, state, series, cancel, retry, format } => {
+            let url = database_url_of(database)?;
+            one_shot(async move {
+                let db = crate::db::Db::connect(&url).await?;
+                db.migrate().await?;
+                if !cancel.is_empty() || !retry.is_empty() {
+                    let mut left = Vec::new();
+                    for id in cancel {
+                        if db.cancel_outbox(id).await? {
+                            println!("object {id} cancelled: no longer sent");
+                        } else {
+                            left.push(id.to_string());
+                        }
+                    }
+                    for id in retry {
+                        if db.retry_outbox(id).await? {
+                            println!("object {id} due now");
+                        } else {
+                            left.push(id.to_string());
+                        }
+                    }
+                    anyhow::ensure!(
+                        left.is_empty(),
+                        "objects not in a state for that, left as they are: {} (see `idaics outbox`)",
+                        left.join(", ")
+                    );
+                    return Ok(());
+                }
+                let rows: Vec<serde_json::Value> = db
+                    .outbox(state.as_deref(), series.as_deref())
+                    .await?
+                    .iter()
+                    .map(|o| {
+                        let mut row = serde_json::to_value(o).expect("serialisable");
+                        // Only a pending object has a next attempt.
+                        if o.state != "pending" {
+                            row["next_attempt_at"] = serde_json::Value::Null;
+                        }
+                        row
+                    })
+                    .collect();
+                let columns = [
+                    "id",
+                    "state",
+                    "destination",
+                    "sop_class_uid",
+                    "attempts",
+                    "next_attempt_at",
+                    "sent_at",
+                    "last_status",
+                    "last_error",
+                ];
+                print_rows(&rows, &columns, format, "outbox")
             })
         }
         Command::Series { config, state_dir, format } => {

@@ -694,6 +694,62 @@ impl Db {
         Ok(done.rows_affected())
     }
 
+    /// Deliveries, newest first, optionally of one state or of one series' jobs.
+    pub async fn outbox(&self, state: Option<&str>, series_uid: Option<&str>) -> Result<Vec<OutboxRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.destination, j.series_uid, o.sop_class_uid, o.sop_instance_uid, o.state, o.attempts, \
+             o.next_attempt_at, o.last_status, o.last_error, o.created_at, o.sent_at \
+             FROM outbox o LEFT JOIN jobs j ON o.job_id = j.id \
+             WHERE ($1 IS NULL OR o.state = $1) AND ($2 IS NULL OR j.series_uid = $2) ORDER BY o.id DESC",
+        )
+        .bind(state)
+        .bind(series_uid)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    destination: r.try_get("destination")?,
+                    series_uid: r.try_get("series_uid")?,
+                    sop_class_uid: r.try_get("sop_class_uid")?,
+                    sop_instance_uid: r.try_get("sop_instance_uid")?,
+                    state: r.try_get("state")?,
+                    attempts: r.try_get("attempts")?,
+                    next_attempt_at: r.try_get("next_attempt_at")?,
+                    last_status: r.try_get("last_status")?,
+                    last_error: r.try_get("last_error")?,
+                    created_at: r.try_get("created_at")?,
+                    sent_at: r.try_get("sent_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Gives up a pending object: it is no longer retried, and no longer holds its series back
+    /// from retention. For an object its destination will never take (a SOP class it does not
+    /// store, a destination removed). False when `id` is not pending.
+    pub async fn cancel_outbox(&self, id: i64) -> Result<bool, DbError> {
+        let cancelled = sqlx::query("UPDATE outbox SET state = 'cancelled' WHERE id = $1 AND state = 'pending'")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(cancelled.rows_affected() == 1)
+    }
+
+    /// Makes a pending or cancelled object due now; a running agent sends it within seconds.
+    /// False when `id` is neither (a sent object stays sent).
+    pub async fn retry_outbox(&self, id: i64) -> Result<bool, DbError> {
+        let retried = sqlx::query(
+            "UPDATE outbox SET state = 'pending', next_attempt_at = $1 WHERE id = $2 AND state IN ('pending', 'cancelled')",
+        )
+        .bind(now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(retried.rows_affected() == 1)
+    }
+
     /// Outbox rows of a destination by state, for tests and the CLI.
     pub async fn outbox_states(&self, destination: &str) -> Result<Vec<(String, String, i64)>, DbError> {
         let rows =
@@ -922,6 +978,31 @@ pub struct SeriesIdentity {
     pub patient_id: Option<String>,
     pub accession: Option<String>,
     pub study_date: Option<String>,
+}
+
+/// The states of an outbox object: waiting (and retried until its destination accepts it),
+/// accepted, or given up by an operator.
+pub const OUTBOX_STATES: [&str; 3] = ["pending", "sent", "cancelled"];
+
+/// A delivery as `idaics outbox` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub destination: String,
+    /// The analysed series the object reports on.
+    pub series_uid: Option<String>,
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    /// pending, sent or cancelled.
+    pub state: String,
+    pub attempts: i64,
+    /// When a pending object is tried next (ISO 8601 UTC).
+    pub next_attempt_at: String,
+    /// The last DIMSE status, and why the last attempt failed.
+    pub last_status: Option<String>,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub sent_at: Option<String>,
 }
 
 /// An object waiting in the outbox.

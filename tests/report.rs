@@ -319,6 +319,37 @@ fn a_pacs_without_comprehensive_3d_sr_is_told_apart_and_gets_comprehensive_sr() 
     assert!(refusal.contains("outputs.sr_storage") && refusal.contains("comprehensive"), "{refusal}");
     // Everything else arrived: key slices, SEG, Secondary Captures.
     wait_until("the other objects", Duration::from_secs(30), || pacs.received().len() == 2 * levels + 2);
+    // The operator sees which object waits and why, and gives it up rather than have it retried
+    // for ever; a retry sends it at once.
+    let state = tmp.path().join("state-3d");
+    let outbox = |state_filter: &str| idaics_json(&state, &["outbox", "--state", state_filter])["outbox"].clone();
+    assert_eq!(outbox("sent").as_array().unwrap().len(), 2 * levels + 2);
+    let pending = outbox("pending");
+    let [report] = pending.as_array().unwrap().as_slice() else { panic!("one pending object: {pending}") };
+    assert_eq!(report["sop_class_uid"], SR_STORAGE);
+    assert!(report["last_error"].as_str().unwrap().contains("outputs.sr_storage"), "{report}");
+    let id = report["id"].to_string();
+    let idaics = |args: &[&str]| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_idaics")).args(args).arg("--state-dir").arg(&state).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", output_text(&out));
+    };
+    idaics(&["outbox", "--cancel", &id]);
+    let cancelled = outbox("cancelled");
+    assert_eq!(cancelled[0]["id"].to_string(), id, "{cancelled}");
+    assert!(outbox("pending").as_array().unwrap().is_empty());
+    let attempts = cancelled[0]["attempts"].as_i64().unwrap();
+    idaics(&["outbox", "--retry", &id]);
+    wait_until("the retried report's attempt", Duration::from_secs(30), || {
+        outbox("pending").as_array().unwrap().iter().any(|o| o["attempts"].as_i64().unwrap() > attempts)
+    });
+    let sent_id = outbox("sent")[0]["id"].to_string();
+    let refused = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["outbox", "--cancel", &sent_id, "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success() && output_text(&refused).contains(&sent_id), "{}", output_text(&refused));
     drop(agent);
 
     let older = [model[0], model[1], ("IDAICS_OUTPUTS_SR_STORAGE", "comprehensive")];
