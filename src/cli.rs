@@ -564,14 +564,7 @@ pub fn main() -> anyhow::Result<()> {
                     .outbox(state.as_deref(), series.as_deref())
                     .await?
                     .iter()
-                    .map(|o| {
-                        let mut row = serde_json::to_value(o).expect("serialisable");
-                        // Only a pending object has a next attempt.
-                        if o.state != "pending" {
-                            row["next_attempt_at"] = serde_json::Value::Null;
-                        }
-                        row
-                    })
+                    .map(|o| serde_json::to_value(o).expect("serialisable"))
                     .collect();
                 let columns = [
                     "id",

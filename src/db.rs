@@ -708,15 +708,16 @@ impl Db {
         .await?;
         rows.iter()
             .map(|r| {
+                let state: String = r.try_get("state")?;
                 Ok(OutboxRow {
                     id: r.try_get("id")?,
                     destination: r.try_get("destination")?,
                     series_uid: r.try_get("series_uid")?,
                     sop_class_uid: r.try_get("sop_class_uid")?,
                     sop_instance_uid: r.try_get("sop_instance_uid")?,
-                    state: r.try_get("state")?,
+                    next_attempt_at: if state == "pending" { Some(r.try_get("next_attempt_at")?) } else { None },
+                    state,
                     attempts: r.try_get("attempts")?,
-                    next_attempt_at: r.try_get("next_attempt_at")?,
                     last_status: r.try_get("last_status")?,
                     last_error: r.try_get("last_error")?,
                     created_at: r.try_get("created_at")?,
@@ -996,8 +997,8 @@ pub struct OutboxRow {
     /// pending, sent or cancelled.
     pub state: String,
     pub attempts: i64,
-    /// When a pending object is tried next (ISO 8601 UTC).
-    pub next_attempt_at: String,
+    /// When a pending object is tried next (ISO 8601 UTC); none for the others.
+    pub next_attempt_at: Option<String>,
     /// The last DIMSE status, and why the last attempt failed.
     pub last_status: Option<String>,
     pub last_error: Option<String>,

@@ -63,6 +63,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/api/v1/findings", get(findings))
         .route("/api/v1/history", get(history))
         .route("/api/v1/jobs", get(jobs))
+        .route("/api/v1/outbox", get(outbox))
         .with_state(state)
 }
 
@@ -205,34 +206,52 @@ async fn history(State(state): State<HttpState>, Query(q): Query<HistoryQuery>) 
     }
 }
 
+/// `?state=&series=` of the jobs and outbox listings.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct JobsQuery {
+struct StateAndSeriesQuery {
     state: Option<String>,
     series: Option<String>,
 }
 
-/// Analysis jobs, newest first: what `idaics jobs` lists, for monitoring.
-async fn jobs(
-    State(state): State<HttpState>,
-    query: Result<Query<JobsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Response {
+type ListingQuery = Result<Query<StateAndSeriesQuery>, axum::extract::rejection::QueryRejection>;
+
+/// The query, or a 400 that says what is wrong with it.
+fn listing_query(query: ListingQuery, states: &[&str]) -> Result<StateAndSeriesQuery, Response> {
     let bad_request = |message: String| {
         (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": message }))).into_response()
     };
-    let Query(q) = match query {
-        Ok(q) => q,
-        Err(e) => return bad_request(e.body_text()),
-    };
-    if let Some(job_state) = &q.state
-        && !JOB_STATES.contains(&job_state.as_str())
+    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+    if let Some(wanted) = &q.state
+        && !states.contains(&wanted.as_str())
     {
-        return bad_request(format!("state must be one of {}", JOB_STATES.join(", ")));
+        return Err(bad_request(format!("state must be one of {}", states.join(", "))));
     }
-    match state.db.jobs(q.state.as_deref(), q.series.as_deref()).await {
-        Ok(rows) => axum::Json(serde_json::json!({ "jobs": rows })).into_response(),
+    Ok(q)
+}
+
+/// `{key: rows}`, or a 503 when the database does not answer.
+fn listing<T: serde::Serialize>(key: &str, rows: Result<Vec<T>, crate::db::DbError>) -> Response {
+    match rows {
+        Ok(rows) => axum::Json(serde_json::json!({ key: rows })).into_response(),
         Err(e) => {
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
         }
+    }
+}
+
+/// Analysis jobs, newest first: what `idaics jobs` lists, for monitoring.
+async fn jobs(State(state): State<HttpState>, query: ListingQuery) -> Response {
+    match listing_query(query, &JOB_STATES) {
+        Ok(q) => listing("jobs", state.db.jobs(q.state.as_deref(), q.series.as_deref()).await),
+        Err(response) => response,
+    }
+}
+
+/// Deliveries, newest first: what `idaics outbox` lists, for monitoring a destination.
+async fn outbox(State(state): State<HttpState>, query: ListingQuery) -> Response {
+    match listing_query(query, &crate::db::OUTBOX_STATES) {
+        Ok(q) => listing("outbox", state.db.outbox(q.state.as_deref(), q.series.as_deref()).await),
+        Err(response) => response,
     }
 }

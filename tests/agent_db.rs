@@ -103,6 +103,9 @@ fn embedded_database_metrics_and_api() {
     assert_eq!(get(http, "/api/v1/jobs?series=1.2.3.4").1, "{\"jobs\":[]}");
     assert_eq!(get(http, "/api/v1/jobs?state=stuck").0, 400);
     assert_eq!(get(http, "/api/v1/jobs?colour=red").0, 400);
+    // No destination: nothing to send.
+    assert_eq!(get(http, "/api/v1/outbox").1, "{\"outbox\":[]}");
+    assert_eq!(get(http, "/api/v1/outbox?state=stuck").0, 400);
 
     // The CLI reads the same database.
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))

@@ -308,8 +308,13 @@ fn a_pacs_without_comprehensive_3d_sr_is_told_apart_and_gets_comprehensive_sr() 
     );
     let destination = format!("PACS@127.0.0.1:{pacs_port}");
     let model = [("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")];
+    let http = free_port().to_string();
 
-    let agent = Agent::start_with_args(&tmp.path().join("state-3d"), &model, &["--destination", destination.as_str()]);
+    let agent = Agent::start_with_args(
+        &tmp.path().join("state-3d"),
+        &[model[0], model[1], ("IDAICS_HTTP_PORT", &http)],
+        &["--destination", destination.as_str()],
+    );
     assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
     agent.wait_for("the report's refusal", Duration::from_secs(180), |a| {
         a.events("delivery failed; kept for a retry").iter().any(|e| e.to_string().contains("88.34"))
@@ -337,6 +342,9 @@ fn a_pacs_without_comprehensive_3d_sr_is_told_apart_and_gets_comprehensive_sr() 
     idaics(&["outbox", "--cancel", &id]);
     let cancelled = outbox("cancelled");
     assert_eq!(cancelled[0]["id"].to_string(), id, "{cancelled}");
+    let (status, body) = common::http_get(http.parse().unwrap(), "/api/v1/outbox?state=cancelled");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["outbox"], cancelled);
     assert!(outbox("pending").as_array().unwrap().is_empty());
     let attempts = cancelled[0]["attempts"].as_i64().unwrap();
     idaics(&["outbox", "--retry", &id]);
