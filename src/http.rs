@@ -177,18 +177,12 @@ async fn findings(
 ) -> Response {
     let Query(filter) = match filter {
         Ok(f) => f,
-        Err(e) => {
-            return (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": e.body_text()}))).into_response();
-        }
+        Err(e) => return bad_request(e.body_text()),
     };
     match state.db.findings(&filter).await {
         Ok(rows) => axum::Json(serde_json::json!({ "findings": rows })).into_response(),
-        Err(crate::db::DbError::Filter(message)) => {
-            (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({"error": message}))).into_response()
-        }
-        Err(e) => {
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
-        }
+        Err(crate::db::DbError::Filter(message)) => bad_request(message),
+        Err(e) => unavailable(e),
     }
 }
 
@@ -200,9 +194,7 @@ struct HistoryQuery {
 async fn history(State(state): State<HttpState>, Query(q): Query<HistoryQuery>) -> Response {
     match state.db.history(&q.patient).await {
         Ok(entries) => axum::Json(serde_json::json!({ "patient": q.patient, "history": entries })).into_response(),
-        Err(e) => {
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
-        }
+        Err(e) => unavailable(e),
     }
 }
 
@@ -216,27 +208,31 @@ struct StateAndSeriesQuery {
 
 type ListingQuery = Result<Query<StateAndSeriesQuery>, axum::extract::rejection::QueryRejection>;
 
-/// The query, or a 400 that says what is wrong with it.
-fn listing_query(query: ListingQuery, states: &[&str]) -> Result<StateAndSeriesQuery, Response> {
-    let bad_request = |message: String| {
-        (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": message }))).into_response()
-    };
-    let Query(q) = query.map_err(|e| bad_request(e.body_text()))?;
+/// The query, or what is wrong with it.
+fn listing_query(query: ListingQuery, states: &[&str]) -> Result<StateAndSeriesQuery, String> {
+    let Query(q) = query.map_err(|e| e.body_text())?;
     if let Some(wanted) = &q.state
         && !states.contains(&wanted.as_str())
     {
-        return Err(bad_request(format!("state must be one of {}", states.join(", "))));
+        return Err(format!("state must be one of {}", states.join(", ")));
     }
     Ok(q)
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+/// The database did not answer: the agent itself is up, so 503 rather than 500.
+fn unavailable(error: crate::db::DbError) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": error.to_string() }))).into_response()
 }
 
 /// `{key: rows}`, or a 503 when the database does not answer.
 fn listing<T: serde::Serialize>(key: &str, rows: Result<Vec<T>, crate::db::DbError>) -> Response {
     match rows {
         Ok(rows) => axum::Json(serde_json::json!({ key: rows })).into_response(),
-        Err(e) => {
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({"error": e.to_string()}))).into_response()
-        }
+        Err(e) => unavailable(e),
     }
 }
 
@@ -244,7 +240,7 @@ fn listing<T: serde::Serialize>(key: &str, rows: Result<Vec<T>, crate::db::DbErr
 async fn jobs(State(state): State<HttpState>, query: ListingQuery) -> Response {
     match listing_query(query, &JOB_STATES) {
         Ok(q) => listing("jobs", state.db.jobs(q.state.as_deref(), q.series.as_deref()).await),
-        Err(response) => response,
+        Err(message) => bad_request(message),
     }
 }
 
@@ -252,6 +248,6 @@ async fn jobs(State(state): State<HttpState>, query: ListingQuery) -> Response {
 async fn outbox(State(state): State<HttpState>, query: ListingQuery) -> Response {
     match listing_query(query, &crate::db::OUTBOX_STATES) {
         Ok(q) => listing("outbox", state.db.outbox(q.state.as_deref(), q.series.as_deref()).await),
-        Err(response) => response,
+        Err(message) => bad_request(message),
     }
 }
