@@ -282,6 +282,30 @@ async fn retention_takes_only_finished_and_delivered_series(url: String) {
     listed.sort();
     assert_eq!(listed, ["8.1", "8.2", "8.3"]);
 
+    // The operator's view of the outbox (`idaics outbox`): one object sent, one pending.
+    // Cancelling the pending one lets its series go; a retry makes it due, and holds it again.
+    let outbox = db.outbox(None, None).await.unwrap();
+    let listed_outbox: Vec<_> = outbox.iter().map(|o| (o.series_uid.as_deref(), o.state.as_str())).collect();
+    assert_eq!(listed_outbox, [(Some("8.4"), "pending"), (Some("8.1"), "sent")]);
+    assert!(outbox[0].next_attempt_at.is_some() && outbox[1].next_attempt_at.is_none());
+    let (pending_id, sent_id) = (outbox[0].id, outbox[1].id);
+    assert_eq!(db.outbox(Some("pending"), Some("8.4")).await.unwrap().len(), 1);
+    assert!(db.outbox(Some("pending"), Some("8.1")).await.unwrap().is_empty());
+    assert!(!db.cancel_outbox(sent_id).await.unwrap(), "a sent object stays sent");
+    assert!(!db.retry_outbox(sent_id).await.unwrap(), "a sent object stays sent");
+    assert!(db.cancel_outbox(pending_id).await.unwrap());
+    assert!(!db.cancel_outbox(pending_id).await.unwrap(), "cancelled once");
+    assert_eq!(db.outbox_depth().await.unwrap(), 0);
+    assert!(db.due_outbox("PACS@pacs:104", 10).await.unwrap().is_empty());
+    let mut listed = due(db.clone()).await;
+    listed.sort();
+    assert_eq!(listed, ["8.1", "8.2", "8.3", "8.4"]);
+    assert!(db.retry_outbox(pending_id).await.unwrap());
+    assert_eq!(db.due_outbox("PACS@pacs:104", 10).await.unwrap().len(), 1, "due at once");
+    let mut listed = due(db.clone()).await;
+    listed.sort();
+    assert_eq!(listed, ["8.1", "8.2", "8.3"]);
+
     for series in db.series_past_retention(cutoff).await.unwrap() {
         db.mark_series_purged(&series).await.unwrap();
     }
