@@ -635,7 +635,7 @@ impl Db {
     /// Pending objects of a destination whose next attempt is due, oldest first.
     pub async fn due_outbox(&self, destination: &str, limit: i64) -> Result<Vec<OutboxItem>, DbError> {
         let rows = sqlx::query(
-            "SELECT id, object_path, sop_instance_uid, attempts FROM outbox \
+            "SELECT id, job_id, object_path, sop_instance_uid, attempts FROM outbox \
              WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2 ORDER BY id LIMIT $3",
         )
         .bind(destination)
@@ -647,6 +647,7 @@ impl Db {
             .map(|r| {
                 Ok(OutboxItem {
                     id: r.try_get("id")?,
+                    job_id: r.try_get("job_id")?,
                     object_path: r.try_get("object_path")?,
                     sop_instance_uid: r.try_get("sop_instance_uid")?,
                     attempts: r.try_get("attempts")?,
@@ -1010,6 +1011,8 @@ pub struct OutboxRow {
 #[derive(Debug, Clone)]
 pub struct OutboxItem {
     pub id: i64,
+    /// The job whose results it is: its objects go to a DICOM destination together.
+    pub job_id: Option<i64>,
     pub object_path: String,
     pub sop_instance_uid: String,
     pub attempts: i64,

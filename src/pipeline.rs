@@ -444,6 +444,7 @@ struct JobResults {
 
 /// Sends a destination's due objects, with capped exponential back-off per object, until
 /// `shutdown`. Objects survive restarts: they are rows in the outbox and files in the outputs.
+/// A job's objects that are due together go to a DICOM destination over one association.
 pub async fn run_sender(
     db: Db,
     destination: Destination,
@@ -456,35 +457,40 @@ pub async fn run_sender(
         if *shutdown.borrow() {
             return;
         }
-        let due = match db.due_outbox(&destination.name, 20).await {
+        let due = match db.due_outbox(&destination.name, 100).await {
             Ok(due) => due,
             Err(e) => {
                 tracing::warn!(destination = %destination.name, error = %e, "cannot read the outbox");
                 Vec::new()
             }
         };
-        for item in &due {
-            let outcome = send_one(&destination, &calling_ae, Path::new(&item.object_path)).await;
-            let result = match outcome {
-                Ok(status) => {
-                    tracing::info!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid, status = %status, "object delivered");
-                    db.outbox_sent(item.id, &status).await
+        for job_objects in due.chunk_by(|a, b| a.job_id == b.job_id) {
+            let outcomes = send_objects(&destination, &calling_ae, job_objects).await;
+            for (item, outcome) in job_objects.iter().zip(outcomes) {
+                let result = match outcome {
+                    Delivery::Stored(status) => {
+                        tracing::info!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid, status = %status, "object delivered");
+                        db.outbox_sent(item.id, &status).await
+                    }
+                    Delivery::Failed { status, error } => {
+                        // 5 s, 10 s, 20 s ... capped (5 minutes by default).
+                        let delay = (5u64 << item.attempts.clamp(0, 16) as u32).min(max_retry_interval_s.max(1));
+                        let secs = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        let next = crate::series::rfc3339_at(secs + delay);
+                        tracing::warn!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid,
+                            status = status.as_deref().unwrap_or("none"), error = %error, retry_in_s = delay, "delivery failed; kept for a retry");
+                        db.outbox_failed(item.id, &next, status.as_deref(), &error).await
+                    }
+                    // Still due: the next round sends it, without the object that broke the
+                    // association (that one waits out its back-off).
+                    Delivery::NotAttempted => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "cannot record a delivery attempt");
                 }
-                Err((status, error)) => {
-                    // 5 s, 10 s, 20 s ... capped (5 minutes by default).
-                    let delay = (5u64 << item.attempts.clamp(0, 16) as u32).min(max_retry_interval_s.max(1));
-                    let secs = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    let next = crate::series::rfc3339_at(secs + delay);
-                    tracing::warn!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid,
-                        status = status.as_deref().unwrap_or("none"), error = %error, retry_in_s = delay, "delivery failed; kept for a retry");
-                    db.outbox_failed(item.id, &next, status.as_deref(), &error).await
-                }
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "cannot record a delivery attempt");
             }
         }
         if due.is_empty() {
@@ -497,46 +503,75 @@ pub async fn run_sender(
     }
 }
 
-/// Delivers one file; the status text on success, or the status (if any) and the error.
-async fn send_one(
-    destination: &Destination,
-    calling_ae: &str,
-    path: &Path,
-) -> Result<String, (Option<String>, String)> {
+/// What became of one object.
+enum Delivery {
+    /// Stored: the status text ("0x0000", a warning, "copied").
+    Stored(String),
+    /// Refused or failed: the DIMSE status when there was one, and why.
+    Failed { status: Option<String>, error: String },
+    /// Not tried: the association ended on an earlier object.
+    NotAttempted,
+}
+
+/// Delivers one job's due objects, in order; one outcome per object.
+async fn send_objects(destination: &Destination, calling_ae: &str, items: &[crate::db::OutboxItem]) -> Vec<Delivery> {
+    let paths: Vec<PathBuf> = items.iter().map(|item| PathBuf::from(&item.object_path)).collect();
     match &destination.target {
         Target::Folder(dir) => {
-            let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-            let series = path.parent().and_then(|p| p.file_name()).map(|n| n.to_os_string()).unwrap_or_default();
-            let target_dir = dir.join(series);
-            let (from, to_dir) = (path.to_path_buf(), target_dir.clone());
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                std::fs::create_dir_all(&to_dir)?;
-                let tmp = to_dir.join(format!(".{}.tmp", name.to_string_lossy()));
-                std::fs::copy(&from, &tmp)?;
-                std::fs::File::open(&tmp)?.sync_all()?;
-                std::fs::rename(&tmp, to_dir.join(&name))
-            })
-            .await
-            .map_err(|e| (None, e.to_string()))?
-            .map_err(|e| (None, e.to_string()))?;
-            Ok("copied".into())
+            let mut outcomes = Vec::with_capacity(paths.len());
+            for path in paths {
+                outcomes.push(match copy_to_folder(dir, path).await {
+                    Ok(()) => Delivery::Stored("copied".into()),
+                    Err(error) => Delivery::Failed { status: None, error },
+                });
+            }
+            outcomes
         }
         Target::Dicom(peer) => {
-            let (peer, calling, file) = (peer.clone(), calling_ae.to_string(), path.to_path_buf());
-            let status =
-                tokio::task::spawn_blocking(move || crate::scu::store(&peer, &calling, &file, Duration::from_secs(30)))
-                    .await
-                    .map_err(|e| (None, e.to_string()))?
-                    .map_err(|e| (None, e.to_string()))?;
-            let text = format!("0x{status:04X}");
-            // Success and warnings (0xB000, 0xB007, 0xB006) mean the object was stored.
-            if status == 0 || status & 0xF000 == 0xB000 {
-                Ok(text)
-            } else {
-                Err((Some(text.clone()), format!("refused with status {text}")))
-            }
+            let (peer, calling) = (peer.clone(), calling_ae.to_string());
+            let count = paths.len();
+            let sent = tokio::task::spawn_blocking(move || {
+                crate::scu::store_each(&peer, &calling, &paths, Duration::from_secs(30))
+            })
+            .await;
+            let outcomes = match sent {
+                Ok(outcomes) => outcomes,
+                Err(e) => return (0..count).map(|_| Delivery::Failed { status: None, error: e.to_string() }).collect(),
+            };
+            outcomes
+                .into_iter()
+                .map(|outcome| match outcome {
+                    // Success and warnings (0xB000, 0xB007, 0xB006) mean the object was stored.
+                    Ok(status) if status == 0 || status & 0xF000 == 0xB000 => {
+                        Delivery::Stored(format!("0x{status:04X}"))
+                    }
+                    Ok(status) => {
+                        let text = format!("0x{status:04X}");
+                        Delivery::Failed { error: format!("refused with status {text}"), status: Some(text) }
+                    }
+                    Err(crate::scu::ScuError::NotAttempted { .. }) => Delivery::NotAttempted,
+                    Err(e) => Delivery::Failed { status: None, error: e.to_string() },
+                })
+                .collect()
         }
     }
+}
+
+/// Copies a file into `dir/<its series folder>/`, synced, under its own name only once complete.
+async fn copy_to_folder(dir: &Path, path: PathBuf) -> Result<(), String> {
+    let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let series = path.parent().and_then(|p| p.file_name()).map(|n| n.to_os_string()).unwrap_or_default();
+    let to_dir = dir.join(series);
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::create_dir_all(&to_dir)?;
+        let tmp = to_dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        std::fs::copy(&path, &tmp)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, to_dir.join(&name))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
-//! C-STORE to a DICOM destination. The outbox sends one object per association, so a refusal or a
-//! dropped connection affects only that object and the outbox decides what happens next;
-//! `idaics demo` sends a whole series over one, as a modality does.
+//! C-STORE to a DICOM destination. Objects go over one association, as a modality sends a
+//! series: receivers (this agent among them) may take the release of an association as the end
+//! of what it carried. Each object still has an outcome of its own: a file that cannot be read, a
+//! SOP class the destination refuses or a status it answers concerns that object only, and the
+//! outbox decides what happens next to each.
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +13,7 @@ use dicom_ul::Pdu;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ScuError {
     #[error("cannot read {0}")]
     Read(String),
@@ -22,6 +24,10 @@ pub enum ScuError {
     NoContext(String),
     #[error("transfer to {destination} failed: {message}")]
     Transfer { destination: String, message: String },
+    /// Not sent: the association broke off on an earlier object. Nothing is known against this
+    /// one, so it is not counted as an attempt.
+    #[error("not sent to {destination}: the association ended on an earlier object")]
+    NotAttempted { destination: String },
 }
 
 /// Where to send: AE title, host and port.
@@ -35,55 +41,88 @@ pub struct Peer {
 /// Sends the file and returns the DIMSE status of the response (0x0000 success, 0xB... warnings,
 /// anything else a refusal).
 pub fn store(peer: &Peer, calling_ae: &str, path: &Path, timeout: std::time::Duration) -> Result<u16, ScuError> {
-    let statuses = store_all(peer, calling_ae, &[path.to_path_buf()], timeout)?;
-    Ok(statuses[0])
+    store_each(peer, calling_ae, &[path.to_path_buf()], timeout).remove(0)
 }
 
-/// Sends the files in order over one association and returns each one's DIMSE status. A series
-/// goes as one association, as a modality sends it: receivers (this agent among them) may take
-/// the release of the association as the end of the series.
+/// Sends the files in order over one association; every file's DIMSE status, or the first reason
+/// one was not stored.
 pub fn store_all(
     peer: &Peer,
     calling_ae: &str,
     paths: &[PathBuf],
     timeout: std::time::Duration,
 ) -> Result<Vec<u16>, ScuError> {
+    store_each(peer, calling_ae, paths, timeout).into_iter().collect()
+}
+
+/// Sends the files in order over one association and returns each one's outcome, in the same
+/// order: its DIMSE status, or why it was not stored.
+pub fn store_each(
+    peer: &Peer,
+    calling_ae: &str,
+    paths: &[PathBuf],
+    timeout: std::time::Duration,
+) -> Vec<Result<u16, ScuError>> {
+    let destination = format!("{}@{}:{}", peer.ae_title, peer.host, peer.port);
     let read = |path: &Path, e: String| ScuError::Read(format!("{}: {e}", path.display()));
-    // One presentation context per SOP class, read from the files' meta groups only: the data
-    // sets are read once, when they are sent.
-    let mut sop_classes: Vec<String> = Vec::new();
-    for path in paths {
-        let class = read_meta(path)
-            .map_err(|e| read(path, e))?
-            .media_storage_sop_class_uid()
-            .trim_end_matches('\0')
-            .to_string();
-        if !sop_classes.contains(&class) {
+    // Each file's SOP class, from its meta group only: the data sets are read once, when they
+    // are sent. One presentation context per class.
+    let classes: Vec<Result<String, ScuError>> = paths
+        .iter()
+        .map(|path| {
+            read_meta(path)
+                .map(|meta| meta.media_storage_sop_class_uid().trim_end_matches('\0').to_string())
+                .map_err(|e| read(path, e))
+        })
+        .collect();
+    let mut sop_classes: Vec<&str> = Vec::new();
+    for class in classes.iter().flatten() {
+        if !sop_classes.contains(&class.as_str()) {
             sop_classes.push(class);
         }
     }
-    let destination = format!("{}@{}:{}", peer.ae_title, peer.host, peer.port);
+    // Until it is sent, a readable file's outcome is that it was not.
+    let mut outcomes: Vec<Result<u16, ScuError>> = classes
+        .iter()
+        .map(|class| match class {
+            Ok(_) => Err(ScuError::NotAttempted { destination: destination.clone() }),
+            Err(e) => Err(e.clone()),
+        })
+        .collect();
+    if sop_classes.is_empty() {
+        return outcomes;
+    }
     let assoc_err = |message: String| ScuError::Association { destination: destination.clone(), message };
     let mut options =
         ClientAssociationOptions::new().calling_ae_title(calling_ae).called_ae_title(peer.ae_title.as_str());
     for class in &sop_classes {
-        options = options.with_presentation_context(
-            class.as_str(),
-            vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN],
-        );
+        options = options
+            .with_presentation_context(*class, vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN]);
     }
-    let mut association = options
+    let established = options
         .connection_timeout(timeout)
         .read_timeout(timeout)
         .write_timeout(timeout)
-        .establish(format!("{}:{}", peer.host, peer.port).as_str())
-        .map_err(|e| match e {
-            // Every proposed context refused: say which classes, since that is what a site fixes.
-            dicom_ul::association::Error::NoAcceptedPresentationContexts { .. } => {
-                ScuError::NoContext(sop_classes.join(", "))
+        .establish(format!("{}:{}", peer.host, peer.port).as_str());
+    let mut association = match established {
+        Ok(association) => association,
+        Err(e) => {
+            let every_context_refused =
+                matches!(e, dicom_ul::association::Error::NoAcceptedPresentationContexts { .. });
+            let message = e.to_string();
+            for (outcome, class) in outcomes.iter_mut().zip(&classes) {
+                if let Ok(class) = class {
+                    // Every proposed context refused: say which class, since that is what a site fixes.
+                    *outcome = Err(if every_context_refused {
+                        ScuError::NoContext(class.clone())
+                    } else {
+                        assoc_err(message.clone())
+                    });
+                }
             }
-            other => assoc_err(other.to_string()),
-        })?;
+            return outcomes;
+        }
+    };
     // Proposed contexts are numbered 1, 3, 5, ... in the order of `sop_classes`.
     let accepted: Vec<_> = association
         .presentation_contexts()
@@ -96,64 +135,103 @@ pub fn store_all(
         0 => 1 << 20, // no limit announced
         max => max.saturating_sub(12).max(1024),
     };
-    let transfer = |message: String| ScuError::Transfer { destination: destination.clone(), message };
-    let mut statuses = Vec::with_capacity(paths.len());
-    for (number, path) in paths.iter().enumerate() {
-        let object = OpenFileOptions::new().open_file(path).map_err(|e| read(path, e.to_string()))?;
-        let sop_class = object.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
-        let sop_instance = object.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
-        let index = sop_classes.iter().position(|c| *c == sop_class).expect("proposed above");
-        let context_id = (2 * index + 1) as u8;
-        let context =
-            accepted.iter().find(|pc| pc.id == context_id).ok_or_else(|| ScuError::NoContext(sop_class.clone()))?;
-        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
-            .get(context.transfer_syntax.trim_end_matches('\0'))
-            .ok_or_else(|| assoc_err(format!("unknown transfer syntax {}", context.transfer_syntax)))?;
-        let mut dataset = Vec::new();
-        object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(path, e.to_string()))?;
-        let message_id = (number % usize::from(u16::MAX)) as u16 + 1;
+    let mut message_id: u16 = 0;
+    let mut broken = false;
+    for ((path, class), outcome) in paths.iter().zip(&classes).zip(outcomes.iter_mut()) {
+        if class.is_err() || broken {
+            continue;
+        }
+        message_id = message_id.checked_add(1).unwrap_or(1);
+        let negotiated = Negotiated { proposed: &sop_classes, accepted: &accepted, chunk, destination: &destination };
+        *outcome = store_one(&mut association, &negotiated, path, message_id);
+        broken = matches!(outcome, Err(ScuError::Transfer { .. }));
+    }
+    if !broken {
+        let _ = association.release();
+    }
+    outcomes
+}
+
+/// What the association's negotiation settled, for each C-STORE on it.
+struct Negotiated<'a> {
+    /// The SOP classes in the order proposed: class `n` has context id `2n + 1`.
+    proposed: &'a [&'a str],
+    accepted: &'a [dicom_ul::pdu::PresentationContextNegotiated],
+    /// Fragment size that fits the peer's maximum PDU length.
+    chunk: usize,
+    destination: &'a str,
+}
+
+/// One C-STORE on an established association: the file's DIMSE status, or why it was not stored.
+/// A `Transfer` error leaves the association unusable.
+fn store_one(
+    association: &mut dicom_ul::association::ClientAssociation<std::net::TcpStream>,
+    negotiated: &Negotiated,
+    path: &Path,
+    message_id: u16,
+) -> Result<u16, ScuError> {
+    let read = |e: String| ScuError::Read(format!("{}: {e}", path.display()));
+    let transfer = |message: String| ScuError::Transfer { destination: negotiated.destination.to_string(), message };
+    let object = OpenFileOptions::new().open_file(path).map_err(|e| read(e.to_string()))?;
+    let sop_class = object.meta().media_storage_sop_class_uid().trim_end_matches('\0').to_string();
+    let sop_instance = object.meta().media_storage_sop_instance_uid().trim_end_matches('\0').to_string();
+    let index =
+        negotiated.proposed.iter().position(|c| *c == sop_class).ok_or_else(|| {
+            read(format!("its SOP class {sop_class} differs from the one its meta group gave before"))
+        })?;
+    let context_id = (2 * index + 1) as u8;
+    let context = negotiated
+        .accepted
+        .iter()
+        .find(|pc| pc.id == context_id)
+        .ok_or_else(|| ScuError::NoContext(sop_class.clone()))?;
+    let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+        .get(context.transfer_syntax.trim_end_matches('\0'))
+        .ok_or_else(|| ScuError::Association {
+            destination: negotiated.destination.to_string(),
+            message: format!("unknown transfer syntax {}", context.transfer_syntax),
+        })?;
+    let mut dataset = Vec::new();
+    object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(e.to_string()))?;
+    association
+        .send(&Pdu::PData {
+            data: vec![PDataValue {
+                presentation_context_id: context.id,
+                value_type: PDataValueType::Command,
+                is_last: true,
+                data: store_command_with_id(&sop_class, &sop_instance, message_id),
+            }],
+        })
+        .map_err(|e| transfer(e.to_string()))?;
+    let count = dataset.len().div_ceil(negotiated.chunk).max(1);
+    for (n, part) in dataset.chunks(negotiated.chunk).enumerate() {
         association
             .send(&Pdu::PData {
                 data: vec![PDataValue {
                     presentation_context_id: context.id,
-                    value_type: PDataValueType::Command,
-                    is_last: true,
-                    data: store_command_with_id(&sop_class, &sop_instance, message_id),
+                    value_type: PDataValueType::Data,
+                    is_last: n + 1 == count,
+                    data: part.to_vec(),
                 }],
             })
             .map_err(|e| transfer(e.to_string()))?;
-        let count = dataset.len().div_ceil(chunk).max(1);
-        for (n, part) in dataset.chunks(chunk).enumerate() {
-            association
-                .send(&Pdu::PData {
-                    data: vec![PDataValue {
-                        presentation_context_id: context.id,
-                        value_type: PDataValueType::Data,
-                        is_last: n + 1 == count,
-                        data: part.to_vec(),
-                    }],
-                })
-                .map_err(|e| transfer(e.to_string()))?;
-        }
-        statuses.push(match association.receive().map_err(|e| transfer(e.to_string()))? {
-            Pdu::PData { data } => {
-                let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
-                let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
-                    &bytes[..],
-                    &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
-                )
-                .map_err(|e| transfer(format!("unreadable response: {e}")))?;
-                response
-                    .element(tags::STATUS)
-                    .ok()
-                    .and_then(|e| e.to_int::<u16>().ok())
-                    .ok_or_else(|| transfer("response without a status".into()))?
-            }
-            other => return Err(transfer(format!("unexpected PDU {other:?}"))),
-        });
     }
-    let _ = association.release();
-    Ok(statuses)
+    match association.receive().map_err(|e| transfer(e.to_string()))? {
+        Pdu::PData { data } => {
+            let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
+            let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
+                &bytes[..],
+                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
+            .map_err(|e| transfer(format!("unreadable response: {e}")))?;
+            response
+                .element(tags::STATUS)
+                .ok()
+                .and_then(|e| e.to_int::<u16>().ok())
+                .ok_or_else(|| transfer("response without a status".into()))
+        }
+        other => Err(transfer(format!("unexpected PDU {other:?}"))),
+    }
 }
 
 /// The file meta group of a DICOM file, with or without the 128-byte preamble.

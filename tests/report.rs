@@ -271,6 +271,59 @@ fn is_received_sr(path: &Path) -> bool {
     sop_class_if_readable(path).as_deref() == Some(SR_STORAGE)
 }
 
+/// A PACS that aborts each association on its first object: that object waits out its back-off,
+/// and the objects behind it, never sent, are not counted as attempts: the next association
+/// starts with them at once. Once the PACS behaves, every object arrives once.
+#[test]
+fn an_association_aborted_on_one_object_costs_the_objects_behind_it_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 7013);
+    let objects = 2 * truth.levels.len() + 3;
+    let pacs_port = free_port();
+    let aborting = StoreScp::start_with_args(pacs_port, &tmp.path().join("aborting"), &["-v", "--abort-after"]);
+    let destination = format!("PACS@127.0.0.1:{pacs_port}");
+    let state = tmp.path().join("state");
+    let agent = Agent::start_with_args(
+        &state,
+        &[("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")],
+        &["--destination", destination.as_str()],
+    );
+    assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
+    let outbox = || idaics_json(&state, &["outbox"])["outbox"].as_array().unwrap().clone();
+    wait_until("every object to have been aborted on once", Duration::from_secs(180), || {
+        let listed = outbox();
+        listed.len() == objects && listed.iter().all(|o| o["attempts"].as_i64().unwrap() >= 1)
+    });
+    // Frozen, so the outbox and the PACS's log are read at one moment.
+    agent.freeze();
+    let attempts: i64 = outbox().iter().map(|o| o["attempts"].as_i64().unwrap()).sum();
+    let log = std::fs::read_to_string(tmp.path().join("aborting.storescp.log")).unwrap();
+    let associations = log.matches("Association Received").count() as i64;
+    // One attempt per association (the one it was aborted on; one may be in flight).
+    assert!(
+        attempts == associations || attempts + 1 == associations,
+        "{attempts} attempts, {associations} associations"
+    );
+    drop(aborting);
+
+    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    agent.thaw();
+    assert!(
+        Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(["outbox", "--retry"])
+            .args(outbox().iter().map(|o| o["id"].to_string()))
+            .arg("--state-dir")
+            .arg(&state)
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("every object at the PACS", Duration::from_secs(60), || pacs.received().len() == objects);
+    std::thread::sleep(Duration::from_secs(1));
+    pacs.assert_each_once(objects);
+    assert!(outbox().iter().all(|o| o["state"] == "sent"));
+}
+
 /// storescp as a PACS that predates Comprehensive 3D SR: it stores CT, SEG, Secondary Capture
 /// and Comprehensive SR, nothing else.
 const OLDER_PACS_PROFILE: &str = "\
@@ -425,7 +478,8 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     let (files, truth) = phantom_for_the_model(&tmp.path().join("in"), 7004);
     let levels = truth.levels.len();
     let pacs_port = free_port();
-    let pacs = StoreScp::start(pacs_port, &tmp.path().join("pacs"));
+    // Verbose, so its log shows each association.
+    let pacs = StoreScp::start_with_args(pacs_port, &tmp.path().join("pacs"), &["-v"]);
     let destination = format!("PACS@127.0.0.1:{pacs_port}");
     let agent = Agent::start_with_args(
         &tmp.path().join("state"),
@@ -436,6 +490,9 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     wait_until("the SR, sent last", Duration::from_secs(180), || pacs.received().iter().any(|p| is_received_sr(p)));
     std::thread::sleep(Duration::from_secs(1));
     let received = pacs.assert_each_once(1 + levels + 1 + levels + 1);
+    // The analysis' objects came as one association, as a modality sends a series.
+    let pacs_log = std::fs::read_to_string(tmp.path().join("pacs.storescp.log")).unwrap();
+    assert_eq!(pacs_log.matches("Association Received").count(), 1, "{pacs_log}");
     let count = |uid: &str| received.iter().filter(|p| sop_class(p) == uid).count();
     assert_eq!(count("1.2.840.10008.5.1.4.1.1.2"), 1 + levels, "key slices: the sagittal and one axial per level");
     assert_eq!(count(SEG_STORAGE), 1, "one SEG");
