@@ -19,7 +19,7 @@ pub enum ScuError {
     Read(String),
     #[error("association with {destination} failed: {message}")]
     Association { destination: String, message: String },
-    /// The SOP classes refused, comma-separated.
+    /// The SOP class refused.
     #[error("the destination accepted no presentation context for {0}{hint}", hint = no_context_hint(.0))]
     NoContext(String),
     #[error("transfer to {destination} failed: {message}")]
@@ -36,12 +36,6 @@ pub struct Peer {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
-}
-
-/// Sends the file and returns the DIMSE status of the response (0x0000 success, 0xB... warnings,
-/// anything else a refusal).
-pub fn store(peer: &Peer, calling_ae: &str, path: &Path, timeout: std::time::Duration) -> Result<u16, ScuError> {
-    store_each(peer, calling_ae, &[path.to_path_buf()], timeout).remove(0)
 }
 
 /// Sends the files in order over one association; every file's DIMSE status, or the first reason
@@ -278,8 +272,8 @@ fn store_command_with_id(sop_class: &str, sop_instance: &str, message_id: u16) -
 }
 
 /// What a site can do when its PACS refuses the report's storage class.
-fn no_context_hint(sop_classes: &str) -> &'static str {
-    if sop_classes.split(", ").any(|class| class == uids::COMPREHENSIVE3_DSR_STORAGE) {
+fn no_context_hint(sop_class: &str) -> &'static str {
+    if sop_class == uids::COMPREHENSIVE3_DSR_STORAGE {
         " (Comprehensive 3D SR): if it stores Comprehensive SR, set outputs.sr_storage = \"comprehensive\""
     } else {
         ""
