@@ -34,14 +34,10 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     assert!(analysis.findings.iter().all(|f| f.class == "undetermined"));
     let source = Source::read(&files).unwrap();
     let algorithm = Algorithm::new(None);
-    let objects = idaics::pipeline::write_objects(
-        &source,
-        &analysis,
-        &algorithm,
-        &OutputsConfig::default(),
-        &tmp.path().join("out"),
-    )
-    .unwrap();
+    let write = |outputs: &OutputsConfig, dir: &str| {
+        idaics::pipeline::write_objects(&source, &analysis, &algorithm, outputs, &tmp.path().join(dir)).unwrap()
+    };
+    let objects = write(&OutputsConfig::default(), "out");
     assert_eq!(
         objects.len(),
         1 + 2 * truth.levels.len() + 1,
@@ -63,22 +59,13 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     }
     assert!(text.contains("UNVERIFIED") || text.contains("Unverified"), "{text}");
     // The same inputs give the same UIDs: a resent series replaces its objects.
-    let again = idaics::pipeline::write_objects(
-        &source,
-        &analysis,
-        &algorithm,
-        &OutputsConfig::default(),
-        &tmp.path().join("again"),
-    )
-    .unwrap();
+    let again = write(&OutputsConfig::default(), "again");
     let uids = |v: &[idaics::report::WrittenObject]| v.iter().map(|o| o.sop_instance_uid.clone()).collect::<Vec<_>>();
     assert_eq!(uids(&objects), uids(&again));
     // For a PACS without Comprehensive 3D SR: the same report as Comprehensive SR, valid for that
     // IOD, under a UID of its own; the other objects are the same ones.
     let comprehensive = OutputsConfig { sr_storage: SrStorage::Comprehensive, ..OutputsConfig::default() };
-    let older =
-        idaics::pipeline::write_objects(&source, &analysis, &algorithm, &comprehensive, &tmp.path().join("older"))
-            .unwrap();
+    let older = write(&comprehensive, "older");
     let (older_sr, older_rest) = older.split_last().unwrap();
     assert_eq!(uids(older_rest), uids(&objects[..objects.len() - 1]));
     assert_ne!(older_sr.sop_instance_uid, sr.sop_instance_uid);
