@@ -155,9 +155,10 @@ impl Agent {
     }
 
     pub fn kill(&mut self) {
-        if self.wrapped && self.child.is_some() {
-            // A killed tracer would leave the agent running, detached: the agent goes first.
-            self.signal(libc::SIGKILL);
+        // A killed tracer would leave the agent running, detached: the agent goes first.
+        if let Some(agent) = self.wrapped_agent() {
+            // SAFETY: a plain kill(2) on the wrapper's child's pid.
+            unsafe { libc::kill(agent as i32, libc::SIGKILL) };
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -182,10 +183,16 @@ impl Agent {
         if !self.wrapped {
             return child;
         }
-        let children = std::fs::read_to_string(format!("/proc/{child}/task/{child}/children")).unwrap();
+        self.wrapped_agent().unwrap_or_else(|| panic!("the wrapper {child} runs no agent"))
+    }
+
+    /// The wrapper's only child, while there is one.
+    fn wrapped_agent(&self) -> Option<u32> {
+        let child = self.child.as_ref().filter(|_| self.wrapped)?.id();
+        let children = std::fs::read_to_string(format!("/proc/{child}/task/{child}/children")).ok()?;
         match children.split_whitespace().collect::<Vec<_>>()[..] {
-            [only] => only.parse().unwrap(),
-            _ => panic!("the wrapper {child} has children {children:?}, not one agent"),
+            [only] => only.parse().ok(),
+            _ => None,
         }
     }
 
