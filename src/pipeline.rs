@@ -467,28 +467,7 @@ pub async fn run_sender(
         for job_objects in due.chunk_by(|a, b| a.job_id == b.job_id) {
             let outcomes = send_objects(&destination, &calling_ae, job_objects).await;
             for (item, outcome) in job_objects.iter().zip(outcomes) {
-                let result = match outcome {
-                    Delivery::Stored(status) => {
-                        tracing::info!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid, status = %status, "object delivered");
-                        db.outbox_sent(item.id, &status).await
-                    }
-                    Delivery::Failed { status, error } => {
-                        // 5 s, 10 s, 20 s ... capped (5 minutes by default).
-                        let delay = (5u64 << item.attempts.clamp(0, 16) as u32).min(max_retry_interval_s.max(1));
-                        let secs = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0);
-                        let next = crate::series::rfc3339_at(secs + delay);
-                        tracing::warn!(destination = %destination.name, sop_instance_uid = %item.sop_instance_uid,
-                            status = status.as_deref().unwrap_or("none"), error = %error, retry_in_s = delay, "delivery failed; kept for a retry");
-                        db.outbox_failed(item.id, &next, status.as_deref(), &error).await
-                    }
-                    // Still due: the next round sends it, without the object that broke the
-                    // association (that one waits out its back-off).
-                    Delivery::NotAttempted => Ok(()),
-                };
-                if let Err(e) = result {
+                if let Err(e) = record_delivery(&db, &destination.name, item, outcome, max_retry_interval_s).await {
                     tracing::warn!(error = %e, "cannot record a delivery attempt");
                 }
             }
@@ -500,6 +479,35 @@ pub async fn run_sender(
                 _ = shutdown.changed() => {}
             }
         }
+    }
+}
+
+/// Logs and records what became of one object: sent, or kept for a retry after its back-off.
+async fn record_delivery(
+    db: &Db,
+    destination: &str,
+    item: &crate::db::OutboxItem,
+    outcome: Delivery,
+    max_retry_interval_s: u64,
+) -> Result<(), crate::db::DbError> {
+    match outcome {
+        Delivery::Stored(status) => {
+            tracing::info!(destination = %destination, sop_instance_uid = %item.sop_instance_uid, status = %status, "object delivered");
+            db.outbox_sent(item.id, &status).await
+        }
+        Delivery::Failed { status, error } => {
+            // 5 s, 10 s, 20 s ... capped (5 minutes by default).
+            let delay = (5u64 << item.attempts.clamp(0, 16) as u32).min(max_retry_interval_s.max(1));
+            let secs =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let next = crate::series::rfc3339_at(secs + delay);
+            tracing::warn!(destination = %destination, sop_instance_uid = %item.sop_instance_uid,
+                status = status.as_deref().unwrap_or("none"), error = %error, retry_in_s = delay, "delivery failed; kept for a retry");
+            db.outbox_failed(item.id, &next, status.as_deref(), &error).await
+        }
+        // Still due: the next round sends it, without the object that broke the association
+        // (that one waits out its back-off).
+        Delivery::NotAttempted => Ok(()),
     }
 }
 

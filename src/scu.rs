@@ -129,6 +129,7 @@ pub fn store_each(
         0 => 1 << 20, // no limit announced
         max => max.saturating_sub(12).max(1024),
     };
+    let negotiated = Negotiated { proposed: &sop_classes, accepted: &accepted, chunk, destination: &destination };
     let mut message_id: u16 = 0;
     let mut broken = false;
     for ((path, class), outcome) in paths.iter().zip(&classes).zip(outcomes.iter_mut()) {
@@ -136,7 +137,6 @@ pub fn store_each(
             continue;
         }
         message_id = message_id.checked_add(1).unwrap_or(1);
-        let negotiated = Negotiated { proposed: &sop_classes, accepted: &accepted, chunk, destination: &destination };
         *outcome = store_one(&mut association, &negotiated, path, message_id);
         broken = matches!(outcome, Err(ScuError::Transfer { .. }));
     }
