@@ -11,7 +11,9 @@ use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::OpenFileOptions;
 use dicom_ul::Pdu;
 use dicom_ul::association::client::ClientAssociationOptions;
-use dicom_ul::pdu::{PDataValue, PDataValueType, PresentationContextResultReason};
+use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
+
+use crate::scp::dimse;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ScuError {
@@ -124,10 +126,16 @@ pub fn store_each(
         .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
         .cloned()
         .collect();
-    // Fragments that fit the peer's maximum PDU length (less the PDU and PDV headers).
-    let chunk = match association.acceptor_max_pdu_length() as usize {
-        0 => 1 << 20, // no limit announced
-        max => max.saturating_sub(12).max(1024),
+    let peer_max = association.acceptor_max_pdu_length();
+    let Some(chunk) = dimse::fragment_length(peer_max) else {
+        let message = format!("its maximum PDU length of {peer_max} bytes leaves no room for data");
+        for (outcome, class) in outcomes.iter_mut().zip(&classes) {
+            if class.is_ok() {
+                *outcome = Err(assoc_err(message.clone()));
+            }
+        }
+        let _ = association.abort();
+        return outcomes;
     };
     let negotiated = Negotiated { proposed: &sop_classes, accepted: &accepted, chunk, destination: &destination };
     let mut message_id: u16 = 0;
@@ -187,45 +195,44 @@ fn store_one(
         })?;
     let mut dataset = Vec::new();
     object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(e.to_string()))?;
-    association
-        .send(&Pdu::PData {
-            data: vec![PDataValue {
-                presentation_context_id: context.id,
-                value_type: PDataValueType::Command,
-                is_last: true,
-                data: store_command_with_id(&sop_class, &sop_instance, message_id),
-            }],
-        })
-        .map_err(|e| transfer(e.to_string()))?;
-    let count = dataset.len().div_ceil(negotiated.chunk).max(1);
-    for (n, part) in dataset.chunks(negotiated.chunk).enumerate() {
-        association
-            .send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: context.id,
-                    value_type: PDataValueType::Data,
-                    is_last: n + 1 == count,
-                    data: part.to_vec(),
-                }],
-            })
-            .map_err(|e| transfer(e.to_string()))?;
+    let command = store_command_with_id(&sop_class, &sop_instance, message_id);
+    let command_pdus = dimse::pdata_pdus(context.id, PDataValueType::Command, &command, negotiated.chunk);
+    for pdu in command_pdus.chain(dimse::pdata_pdus(context.id, PDataValueType::Data, &dataset, negotiated.chunk)) {
+        association.send(&pdu).map_err(|e| transfer(e.to_string()))?;
     }
-    match association.receive().map_err(|e| transfer(e.to_string()))? {
-        Pdu::PData { data } => {
-            let bytes: Vec<u8> = data.into_iter().flat_map(|v| v.data).collect();
-            let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
-                &bytes[..],
-                &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
-            )
-            .map_err(|e| transfer(format!("unreadable response: {e}")))?;
-            response
-                .element(tags::STATUS)
-                .ok()
-                .and_then(|e| e.to_int::<u16>().ok())
-                .ok_or_else(|| transfer("response without a status".into()))
+    // The response may come in fragments too, when the destination sends small PDUs.
+    let mut response = Vec::new();
+    loop {
+        match association.receive().map_err(|e| transfer(e.to_string()))? {
+            Pdu::PData { data } => {
+                let mut complete = false;
+                for value in data {
+                    if value.value_type != PDataValueType::Command || value.presentation_context_id != context.id {
+                        return Err(transfer("a response carrying something other than its command".into()));
+                    }
+                    response.extend_from_slice(&value.data);
+                    complete |= value.is_last;
+                }
+                if complete {
+                    break;
+                }
+                if response.len() > 1 << 20 {
+                    return Err(transfer("a response command set larger than 1 MiB".into()));
+                }
+            }
+            other => return Err(transfer(format!("unexpected PDU {other:?}"))),
         }
-        other => Err(transfer(format!("unexpected PDU {other:?}"))),
     }
+    let response = dicom_object::InMemDicomObject::read_dataset_with_ts(
+        &response[..],
+        &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+    )
+    .map_err(|e| transfer(format!("unreadable response: {e}")))?;
+    response
+        .element(tags::STATUS)
+        .ok()
+        .and_then(|e| e.to_int::<u16>().ok())
+        .ok_or_else(|| transfer("response without a status".into()))
 }
 
 /// The file meta group of a DICOM file, with or without the 128-byte preamble.

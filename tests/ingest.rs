@@ -763,6 +763,25 @@ fn requests_the_agent_does_not_serve_are_named_in_its_log() {
     assert_eq!(agent.spool_files().len(), 1);
 }
 
+/// The standard sets no lower bound on the largest PDU a peer takes: the agent cuts its
+/// responses to fit, here PDUs of 48 bytes, where a whole C-STORE response takes about 200.
+#[test]
+fn responses_are_cut_to_fit_a_peer_that_takes_only_small_pdus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 1, size: 32, seed: 21, ..Default::default() })
+            .unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
+    let (dataset, ts) = dataset_bytes(&series.files[0]);
+    let mut scu = RawScu::connect_receiving(agent.port, CT, &ts, 48);
+    // A failure carries an error comment, the longest response the agent gives.
+    assert_eq!(scu.store(&series.sop_uids[0], &dataset[..dataset.len() / 2]), 0xC000);
+    assert_eq!(scu.store(&series.sop_uids[0], &dataset), 0x0000);
+    scu.release();
+    assert_eq!(agent.spool_files().len(), 1);
+    assert!(agent.events("protocol error; aborting association").is_empty(), "{}", agent.log());
+}
+
 /// A sender that stops in the middle of an instance: the association is aborted after the idle
 /// timeout, the half-received instance leaves nothing behind, and the agent serves the next peer.
 #[test]

@@ -5,6 +5,8 @@ use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
+use dicom_ul::Pdu;
+use dicom_ul::pdu::{PDataValue, PDataValueType};
 
 pub const C_STORE_RQ: u16 = 0x0001;
 pub const C_ECHO_RQ: u16 = 0x0030;
@@ -89,6 +91,46 @@ pub fn response(request: &Request, status: u16, error_comment: Option<&str>) -> 
     out
 }
 
+/// Bytes a P-DATA-TF PDU holding one value adds around that value's data: the PDU header (type,
+/// reserved, length) and the value's item header (length, context, control). dicom-ul measures
+/// the whole encoded PDU against the peer's maximum, so both count.
+const PDATA_OVERHEAD: u32 = 12;
+
+/// No PDU carries more than this, even to a peer that announces no limit: each PDU is one buffer.
+const LARGEST_FRAGMENT: usize = 1 << 20;
+
+/// How many bytes of a command or data set fit in one PDU to a peer that receives PDUs of at
+/// most `peer_max_pdu_length` bytes (0: no limit); `None` when not even one byte fits. The
+/// standard sets no lower bound on what a peer may announce, so a message is cut to fit it
+/// rather than sent whole.
+pub fn fragment_length(peer_max_pdu_length: u32) -> Option<usize> {
+    match peer_max_pdu_length {
+        0 => Some(LARGEST_FRAGMENT),
+        max if max > PDATA_OVERHEAD => Some(((max - PDATA_OVERHEAD) as usize).min(LARGEST_FRAGMENT)),
+        _ => None,
+    }
+}
+
+/// A command or data set as the P-DATA-TF PDUs that carry it, each with `fragment` bytes at most
+/// (see [`fragment_length`]); the last one is marked as such. An empty message is one empty PDU.
+pub fn pdata_pdus(
+    presentation_context_id: u8,
+    value_type: PDataValueType,
+    message: &[u8],
+    fragment: usize,
+) -> impl Iterator<Item = Pdu> + '_ {
+    let count = message.len().div_ceil(fragment).max(1);
+    let mut parts = message.chunks(fragment);
+    (0..count).map(move |n| Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id,
+            value_type: value_type.clone(),
+            is_last: n + 1 == count,
+            data: parts.next().unwrap_or_default().to_vec(),
+        }],
+    })
+}
+
 fn put_header(out: &mut Vec<u8>, tag: Tag, len: u32) {
     out.extend_from_slice(&tag.group().to_le_bytes());
     out.extend_from_slice(&tag.element().to_le_bytes());
@@ -168,6 +210,30 @@ mod tests {
             previous = tag;
             offset += 8 + len;
         }
+    }
+
+    #[test]
+    fn messages_are_cut_to_the_peers_maximum_pdu_length() {
+        let message: Vec<u8> = (0..=255).collect();
+        for max in [13, 50, 90, 256 + 12, 4096] {
+            let fragment = fragment_length(max).unwrap();
+            let pdus: Vec<Pdu> = pdata_pdus(3, PDataValueType::Command, &message, fragment).collect();
+            let mut joined = Vec::new();
+            for (n, pdu) in pdus.iter().enumerate() {
+                let mut encoded = Vec::new();
+                dicom_ul::pdu::write_pdu(&mut encoded, pdu).unwrap();
+                assert!(encoded.len() <= max as usize, "max {max}: a PDU of {} bytes", encoded.len());
+                let Pdu::PData { data } = pdu else { panic!("{pdu:?}") };
+                assert_eq!((data.len(), data[0].presentation_context_id), (1, 3));
+                assert_eq!(data[0].is_last, n + 1 == pdus.len(), "max {max}, PDU {n}");
+                joined.extend_from_slice(&data[0].data);
+            }
+            assert_eq!(joined, message, "max {max}");
+        }
+        assert_eq!(fragment_length(12), None);
+        assert_eq!(fragment_length(0), Some(LARGEST_FRAGMENT));
+        let empty: Vec<Pdu> = pdata_pdus(1, PDataValueType::Data, &[], 100).collect();
+        assert!(matches!(&empty[..], [Pdu::PData { data }] if data[0].is_last && data[0].data.is_empty()));
     }
 
     #[test]

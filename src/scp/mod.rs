@@ -719,17 +719,13 @@ impl Session<'_> {
         reason: Option<&str>,
     ) -> Result<(), String> {
         let data = dimse::response(request, code, reason);
-        association
-            .send(&Pdu::PData {
-                data: vec![PDataValue {
-                    presentation_context_id: pc_id,
-                    value_type: PDataValueType::Command,
-                    is_last: true,
-                    data,
-                }],
-            })
-            .await
-            .map_err(|e| format!("cannot send response: {e}"))
+        let peer_max = association.requestor_max_pdu_length();
+        let fragment = dimse::fragment_length(peer_max)
+            .ok_or_else(|| format!("the peer's maximum PDU length of {peer_max} bytes leaves no room for a response"))?;
+        for pdu in dimse::pdata_pdus(pc_id, PDataValueType::Command, &data, fragment) {
+            association.send(&pdu).await.map_err(|e| format!("cannot send response: {e}"))?;
+        }
+        Ok(())
     }
 }
 

@@ -340,8 +340,14 @@ pub struct RawScu {
 
 impl RawScu {
     pub fn connect(port: u16, sop_class: &str, ts: &str) -> RawScu {
+        Self::connect_receiving(port, sop_class, ts, 16384)
+    }
+
+    /// With the largest PDU this SCU accepts: dicom-ul refuses anything larger it receives.
+    pub fn connect_receiving(port: u16, sop_class: &str, ts: &str, max_pdu_length: u32) -> RawScu {
         let association = dicom_ul::association::client::ClientAssociationOptions::new()
             .calling_ae_title("RAWSCU")
+            .max_pdu_length(max_pdu_length)
             .with_presentation_context(sop_class, vec![ts])
             .establish_with(&format!("{AE}@127.0.0.1:{port}"))
             .expect("association");
@@ -377,17 +383,26 @@ impl RawScu {
                 })
                 .unwrap();
         }
-        match self.association.receive().unwrap() {
-            Pdu::PData { data } => {
-                let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(
-                    &data[0].data[..],
-                    &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
-                )
-                .unwrap();
-                obj.element(dicom_dictionary_std::tags::STATUS).unwrap().to_int::<u16>().unwrap()
+        // The response may come in fragments, to a peer that takes small PDUs.
+        let mut response = Vec::new();
+        loop {
+            match self.association.receive().unwrap() {
+                Pdu::PData { data } => {
+                    assert!(data.iter().all(|v| v.value_type == PDataValueType::Command), "{data:?}");
+                    response.extend(data.iter().flat_map(|v| v.data.iter().copied()));
+                    if data.iter().any(|v| v.is_last) {
+                        break;
+                    }
+                }
+                other => panic!("unexpected PDU {other:?}"),
             }
-            other => panic!("unexpected PDU {other:?}"),
         }
+        let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(
+            &response[..],
+            &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        obj.element(dicom_dictionary_std::tags::STATUS).unwrap().to_int::<u16>().unwrap()
     }
 
     pub fn release(self) {
