@@ -340,14 +340,8 @@ pub struct RawScu {
 
 impl RawScu {
     pub fn connect(port: u16, sop_class: &str, ts: &str) -> RawScu {
-        Self::connect_receiving(port, sop_class, ts, 16384)
-    }
-
-    /// With the largest PDU this SCU accepts: dicom-ul refuses anything larger it receives.
-    pub fn connect_receiving(port: u16, sop_class: &str, ts: &str, max_pdu_length: u32) -> RawScu {
         let association = dicom_ul::association::client::ClientAssociationOptions::new()
             .calling_ae_title("RAWSCU")
-            .max_pdu_length(max_pdu_length)
             .with_presentation_context(sop_class, vec![ts])
             .establish_with(&format!("{AE}@127.0.0.1:{port}"))
             .expect("association");
