@@ -570,16 +570,21 @@ async fn copy_to_folder(dir: &Path, path: PathBuf) -> Result<(), String> {
     let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     let series = path.parent().and_then(|p| p.file_name()).map(|n| n.to_os_string()).unwrap_or_default();
     let to_dir = dir.join(series);
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        std::fs::create_dir_all(&to_dir)?;
+    // The outbox records the object as sent once this returns: the copy, and its name in the
+    // folder, must survive a power cut as an instance in the spool does.
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        crate::spool::create_dirs_durably(&to_dir, true).map_err(|e| e.to_string())?;
         let tmp = to_dir.join(format!(".{}.tmp", name.to_string_lossy()));
-        std::fs::copy(&path, &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, to_dir.join(&name))
+        fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
+            move |e| format!("{}: {e}", what.display())
+        }
+        std::fs::copy(&path, &tmp).map_err(io(&tmp))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, to_dir.join(&name)).map_err(io(&to_dir))?;
+        crate::spool::sync_dir(&to_dir).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -560,34 +560,8 @@ impl Spool {
         Ok((header, bytes))
     }
 
-    /// Creates missing directories down to `dir`, syncing each parent so a new directory entry
-    /// is as durable as the files inside it.
     fn create_dirs_durably(&self, dir: &Path) -> Result<(), SpoolError> {
-        if dir.is_dir() {
-            return Ok(());
-        }
-        let mut missing = Vec::new();
-        let mut cursor = dir;
-        while !cursor.is_dir() {
-            missing.push(cursor.to_path_buf());
-            match cursor.parent() {
-                Some(parent) => cursor = parent,
-                None => break,
-            }
-        }
-        for d in missing.iter().rev() {
-            match fs::create_dir(d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io_err(d)(e)),
-            }
-            if self.fsync
-                && let Some(parent) = d.parent()
-            {
-                sync_dir(parent)?;
-            }
-        }
-        Ok(())
+        create_dirs_durably(dir, self.fsync)
     }
 
     /// Writes a series' decision atomically (temporary file, sync, rename, directory sync).
@@ -857,7 +831,36 @@ fn start_writeback(file: &File, from: u64, to: u64) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &File, _from: u64, _to: u64) {}
 
-fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+/// Creates missing directories down to `dir`; with `sync`, each parent is synced so a new
+/// directory entry is as durable as the files that will be placed inside it.
+pub fn create_dirs_durably(dir: &Path, sync: bool) -> Result<(), SpoolError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut missing = Vec::new();
+    let mut cursor = dir;
+    while !cursor.is_dir() {
+        missing.push(cursor.to_path_buf());
+        match cursor.parent() {
+            Some(parent) => cursor = parent,
+            None => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(d)(e)),
+        }
+        if sync && let Some(parent) = d.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the entries of `dir` (a file renamed into it, say) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
