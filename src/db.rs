@@ -81,6 +81,35 @@ pub struct SeriesRow {
     pub decided_at: String,
 }
 
+/// The decisions a series can have.
+pub const SERIES_STATES: [&str; 2] = ["complete", "skipped"];
+
+/// What became of a series, for the person asking why a study has no results: the tracker's
+/// decision (a skipped series says why) and the latest analysis job of a complete one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SeriesLogRow {
+    #[serde(flatten)]
+    pub series: SeriesRow,
+    /// When retention removed its instances and objects.
+    pub purged_at: Option<String>,
+    /// The latest job, for a complete series: its id, state (queued, running, done, failed)
+    /// and the error of a failed one.
+    pub job_id: Option<i64>,
+    pub job_state: Option<String>,
+    pub job_error: Option<String>,
+}
+
+/// Which series [`Db::series_log`] lists; every field given must match.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeriesFilter {
+    /// complete or skipped.
+    pub state: Option<String>,
+    pub patient: Option<String>,
+    pub accession: Option<String>,
+    pub study: Option<String>,
+}
+
 /// A claimed analysis job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
@@ -885,6 +914,56 @@ impl Db {
             .fetch_optional(&self.pool)
             .await?;
         row.map(|r| Ok((r.try_get("state")?, r.try_get("error")?))).transpose()
+    }
+
+    /// Decided series, the latest decided first, each with its latest job.
+    pub async fn series_log(&self, filter: &SeriesFilter) -> Result<Vec<SeriesLogRow>, DbError> {
+        if let Some(state) = &filter.state
+            && !SERIES_STATES.contains(&state.as_str())
+        {
+            return Err(DbError::Filter(format!("state must be one of {}", SERIES_STATES.join(", "))));
+        }
+        let rows = sqlx::query(
+            "SELECT s.series_uid, s.study_uid, s.patient_id, s.accession, s.study_date, s.body_part, s.modality, \
+             s.instances, s.slices, s.state, s.skip_reason, s.trigger_reason, s.revision, s.decided_at, s.purged_at, \
+             j.id AS job_id, j.state AS job_state, j.error AS job_error \
+             FROM series s LEFT JOIN jobs j ON j.id = (SELECT MAX(id) FROM jobs WHERE jobs.series_uid = s.series_uid) \
+             WHERE ($1 IS NULL OR s.state = $1) AND ($2 IS NULL OR s.patient_id = $2) \
+             AND ($3 IS NULL OR s.accession = $3) AND ($4 IS NULL OR s.study_uid = $4) \
+             ORDER BY s.decided_at DESC, s.series_uid",
+        )
+        .bind(&filter.state)
+        .bind(&filter.patient)
+        .bind(&filter.accession)
+        .bind(&filter.study)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(SeriesLogRow {
+                    series: SeriesRow {
+                        series_uid: r.try_get("series_uid")?,
+                        study_uid: r.try_get("study_uid")?,
+                        patient_id: r.try_get("patient_id")?,
+                        accession: r.try_get("accession")?,
+                        study_date: r.try_get("study_date")?,
+                        body_part: r.try_get("body_part")?,
+                        modality: r.try_get("modality")?,
+                        instances: r.try_get("instances")?,
+                        slices: r.try_get("slices")?,
+                        state: r.try_get("state")?,
+                        skip_reason: r.try_get("skip_reason")?,
+                        trigger_reason: r.try_get("trigger_reason")?,
+                        revision: r.try_get("revision")?,
+                        decided_at: r.try_get("decided_at")?,
+                    },
+                    purged_at: r.try_get("purged_at")?,
+                    job_id: r.try_get("job_id")?,
+                    job_state: r.try_get("job_state")?,
+                    job_error: r.try_get("job_error")?,
+                })
+            })
+            .collect()
     }
 
     /// A series' recorded state and revision.

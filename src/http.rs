@@ -12,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::db::{Db, FindingFilter, JOB_STATES};
+use crate::db::{Db, FindingFilter, JOB_STATES, SeriesFilter};
 use crate::scp::ScpStats;
 
 /// Upper bounds (seconds) of the inference latency histogram's buckets.
@@ -62,6 +62,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/findings", get(findings))
         .route("/api/v1/history", get(history))
+        .route("/api/v1/series", get(series))
         .route("/api/v1/jobs", get(jobs))
         .route("/api/v1/outbox", get(outbox))
         .with_state(state)
@@ -171,20 +172,23 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 
-async fn findings(
-    State(state): State<HttpState>,
-    filter: Result<Query<FindingFilter>, axum::extract::rejection::QueryRejection>,
-) -> Response {
-    let Query(filter) = match filter {
-        Ok(f) => f,
-        Err(e) => return bad_request(e.body_text()),
-    };
-    match state.db.findings(&filter).await {
-        Ok(rows) => axum::Json(serde_json::json!({ "findings": rows })).into_response(),
-        Err(crate::db::DbError::Filter(message)) => bad_request(message),
-        Err(e) => unavailable(e),
+async fn findings(State(state): State<HttpState>, filter: FilterQuery<FindingFilter>) -> Response {
+    match filter {
+        Ok(Query(filter)) => listing("findings", state.db.findings(&filter).await),
+        Err(e) => bad_request(e.body_text()),
     }
 }
+
+/// Decided series with their latest job: why a study has no results (a skipped series and its
+/// reason, a failed job and its error), across every agent that shares the database.
+async fn series(State(state): State<HttpState>, filter: FilterQuery<SeriesFilter>) -> Response {
+    match filter {
+        Ok(Query(filter)) => listing("series", state.db.series_log(&filter).await),
+        Err(e) => bad_request(e.body_text()),
+    }
+}
+
+type FilterQuery<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 #[derive(serde::Deserialize)]
 struct HistoryQuery {
@@ -206,7 +210,7 @@ struct StateAndSeriesQuery {
     series: Option<String>,
 }
 
-type ListingQuery = Result<Query<StateAndSeriesQuery>, axum::extract::rejection::QueryRejection>;
+type ListingQuery = FilterQuery<StateAndSeriesQuery>;
 
 /// The query, or what is wrong with it.
 fn listing_query(query: ListingQuery, states: &[&str]) -> Result<StateAndSeriesQuery, String> {
@@ -228,10 +232,12 @@ fn unavailable(error: crate::db::DbError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": error.to_string() }))).into_response()
 }
 
-/// `{key: rows}`, or a 503 when the database does not answer.
+/// `{key: rows}`, a 400 for a filter the query cannot take, or a 503 when the database does not
+/// answer.
 fn listing<T: serde::Serialize>(key: &str, rows: Result<Vec<T>, crate::db::DbError>) -> Response {
     match rows {
         Ok(rows) => axum::Json(serde_json::json!({ key: rows })).into_response(),
+        Err(crate::db::DbError::Filter(message)) => bad_request(message),
         Err(e) => unavailable(e),
     }
 }

@@ -103,6 +103,18 @@ fn embedded_database_metrics_and_api() {
     assert_eq!(get(http, "/api/v1/jobs?series=1.2.3.4").1, "{\"jobs\":[]}");
     assert_eq!(get(http, "/api/v1/jobs?state=stuck").0, 400);
     assert_eq!(get(http, "/api/v1/jobs?colour=red").0, 400);
+    // Why a series has (or has not) results, by what a person knows of it.
+    let (status, body) = get(http, "/api/v1/series?accession=ACC21&patient=SYN21&state=complete");
+    assert_eq!(status, 200, "{body}");
+    let listed_series: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let found = listed_series["series"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{body}");
+    assert_eq!(found[0]["series_uid"], series.series_uid.as_str());
+    assert_eq!(found[0]["slices"], 12);
+    assert_eq!(found[0]["job_id"], listed["jobs"][0]["id"]);
+    assert_eq!(get(http, "/api/v1/series?patient=nobody").1, "{\"series\":[]}");
+    assert_eq!(get(http, "/api/v1/series?state=purged").0, 400);
+    assert_eq!(get(http, "/api/v1/series?colour=red").0, 400);
     // No destination: nothing to send.
     assert_eq!(get(http, "/api/v1/outbox").1, "{\"outbox\":[]}");
     assert_eq!(get(http, "/api/v1/outbox?state=stuck").0, 400);

@@ -7,7 +7,8 @@ use std::collections::HashSet;
 
 use common::postgres::Postgres;
 use idaics::db::{
-    AssociationRow, Change, Db, FindingFilter, FindingRow, JobOutcome, OutboxEntry, Record, SeriesRow, Table, Writer,
+    AssociationRow, Change, Db, DbError, FindingFilter, FindingRow, JobOutcome, OutboxEntry, Record, SeriesFilter,
+    SeriesRow, Table, Writer,
 };
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -237,6 +238,60 @@ async fn failed_jobs_are_listed_and_queued_again(url: String) {
     assert_eq!((queued[0].attempts, queued[0].error.as_deref(), queued[0].finished_at.as_deref()), (0, None, None));
     let again = db.claim_job("b|1").await.unwrap().unwrap();
     assert_eq!((again.id, again.attempts), (failing.id, 1), "a fresh count of attempts");
+}
+
+/// The series log answers "why has this study no results?": a skipped series with its reason,
+/// a complete one with its latest job (a failed one with its error), found by patient, accession,
+/// study or decision.
+async fn the_series_log_says_what_became_of_each_series(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    db.record_series(&series_row("7.1", "P7", "7", "2026-02-01", "complete", 1)).await.unwrap();
+    db.record_series(&series_row("7.2", "P7", "7", "2026-02-01", "skipped", 1)).await.unwrap();
+    db.record_series(&series_row("8.1", "P8", "8", "2026-02-02", "complete", 1)).await.unwrap();
+    let job = db.claim_job("a|1").await.unwrap().unwrap();
+    assert_eq!(job.series_uid, "7.1");
+    assert!(db.finish_job(job.id, "a|1", JobOutcome::Failed("no disc level found")).await.unwrap());
+
+    let listed = |filter: SeriesFilter| {
+        let db = db.clone();
+        async move {
+            let mut rows = db.series_log(&filter).await.unwrap();
+            rows.sort_by(|a, b| a.series.series_uid.cmp(&b.series.series_uid));
+            rows
+        }
+    };
+    let all = listed(SeriesFilter::default()).await;
+    assert_eq!(all.iter().map(|r| r.series.series_uid.as_str()).collect::<Vec<_>>(), ["7.1", "7.2", "8.1"]);
+    let failed = &all[0];
+    assert_eq!((failed.job_id, failed.job_state.as_deref()), (Some(job.id), Some("failed")));
+    assert_eq!(failed.job_error.as_deref(), Some("no disc level found"));
+    let skipped = &all[1];
+    assert_eq!(skipped.series.skip_reason.as_deref(), Some("localizer (scout) images"));
+    assert_eq!((skipped.job_id, skipped.job_state.as_deref()), (None, None));
+    assert_eq!(all[2].job_state.as_deref(), Some("queued"));
+    assert!(all.iter().all(|r| r.purged_at.is_none()));
+
+    let by = |state: Option<&str>, patient: Option<&str>, accession: Option<&str>, study: Option<&str>| SeriesFilter {
+        state: state.map(String::from),
+        patient: patient.map(String::from),
+        accession: accession.map(String::from),
+        study: study.map(String::from),
+    };
+    let uids = |rows: Vec<idaics::db::SeriesLogRow>| rows.into_iter().map(|r| r.series.series_uid).collect::<Vec<_>>();
+    assert_eq!(uids(listed(by(Some("skipped"), None, None, None)).await), ["7.2"]);
+    assert_eq!(uids(listed(by(None, Some("P7"), None, None)).await), ["7.1", "7.2"]);
+    assert_eq!(uids(listed(by(None, None, Some("ACC-8"), None)).await), ["8.1"]);
+    assert_eq!(uids(listed(by(Some("complete"), Some("P7"), None, Some("7"))).await), ["7.1"]);
+    assert!(listed(by(None, Some("P9"), None, None)).await.is_empty());
+    let refused = db.series_log(&by(Some("purged"), None, None, None)).await;
+    assert!(matches!(refused, Err(DbError::Filter(_))), "{refused:?}");
+
+    // Sent again, the series is decided again: its new job is the one listed.
+    db.record_series(&series_row("7.1", "P7", "7", "2026-02-01", "complete", 2)).await.unwrap();
+    let again = &listed(by(None, None, None, Some("7"))).await[0];
+    assert_eq!((again.series.revision, again.job_state.as_deref(), again.job_error.as_deref()), (2, Some("queued"), None));
+    assert_ne!(again.job_id, Some(job.id));
 }
 
 /// Retention takes only series that are finished and delivered: skipped, or analysed (done or
@@ -601,6 +656,17 @@ fn lapsed_claims_are_taken_over_and_late_results_refused_on_sqlite() {
 fn lapsed_claims_are_taken_over_and_late_results_refused_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(lapsed_claims_are_taken_over_and_late_results_refused(pg.fresh_database("lapsed_claims")));
+}
+
+#[test]
+fn the_series_log_says_what_became_of_each_series_on_sqlite() {
+    runtime().block_on(on_sqlite(the_series_log_says_what_became_of_each_series));
+}
+
+#[test]
+fn the_series_log_says_what_became_of_each_series_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(the_series_log_says_what_became_of_each_series(pg.fresh_database("series_log")));
 }
 
 #[test]
