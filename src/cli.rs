@@ -592,10 +592,10 @@ pub fn main() -> anyhow::Result<()> {
                     serde_json::json!({
                         "study_uid": s.study_instance_uid,
                         "series_uid": s.series_instance_uid,
-                        "instances": s.instance_files.len(),
+                        "instances": s.instances,
                         "state": match &s.record {
                             None => "pending",
-                            Some(r) if r.purged_at.is_some() && s.instance_files.is_empty() => "purged",
+                            Some(r) if r.purged_at.is_some() && s.instances == 0 => "purged",
                             Some(r) => r.state.as_str(),
                         },
                         "purged_at": s.record.as_ref().and_then(|r| r.purged_at.clone()),

@@ -7,7 +7,7 @@
 //! wait. Decisions are written to the series'
 //! `series.json` in the spool, so a restarted agent neither repeats nor forgets them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -132,7 +132,10 @@ struct PendingSeries {
 
 /// A decided series: its instances and revision, to recognise resends and late additions.
 struct Decided {
-    sops: HashSet<String>,
+    /// The [`fingerprint`]s of its instances' SOP instance UIDs, sorted; empty once retention has
+    /// removed them. Kept for every decided series in the spool, so 8 bytes an instance rather
+    /// than the UID itself: a spool of a million instances costs 8 MB, not a hundred.
+    instances: Box<[u64]>,
     revision: u32,
     sent_in_turns: bool,
 }
@@ -140,9 +143,30 @@ struct Decided {
 impl Decided {
     /// From the spool after a restart. How the series was sent is not recorded there; the next
     /// instances, if any, show it again.
-    fn recovered(sops: HashSet<String>, record: &SeriesRecord) -> Decided {
-        Decided { sops, revision: record.revision, sent_in_turns: false }
+    fn recovered(instances: Box<[u64]>, record: &SeriesRecord) -> Decided {
+        Decided { instances, revision: record.revision, sent_in_turns: false }
     }
+
+    fn holds(&self, sop_instance_uid: &str) -> bool {
+        self.instances.binary_search(&fingerprint(sop_instance_uid)).is_ok()
+    }
+}
+
+/// A SOP instance UID as 64 bits. Two UIDs of one series that collide (a chance of about one in
+/// 10^13 for a series of 2000 instances) make a late instance pass for a resent one.
+fn fingerprint(sop_instance_uid: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    sop_instance_uid.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The sorted fingerprints of some SOP instance UIDs.
+fn fingerprints<'a>(sop_instance_uids: impl IntoIterator<Item = &'a str>) -> Box<[u64]> {
+    let mut all: Vec<u64> = sop_instance_uids.into_iter().map(fingerprint).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.into_boxed_slice()
 }
 
 /// The outcome of looking at a series' geometry.
@@ -412,22 +436,20 @@ impl SeriesTracker {
         let now = Instant::now();
         let mut recovered_instances = 0;
         for series in scanned {
-            let sops: HashSet<String> = series
-                .instance_files
-                .iter()
-                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .collect();
             match &series.record {
                 // Removed by retention: remembered with its revision and no instances.
-                Some(record) if record.purged_at.is_some() && sops.is_empty() => {
-                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(sops, record));
+                Some(record) if record.purged_at.is_some() && series.instances == 0 => {
+                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(Box::new([]), record));
                 }
                 // Instances of a removed series are ones sent again since: pending, below.
-                Some(record) if record.purged_at.is_none() && record.instances == sops.len() => {
-                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(sops, record));
+                Some(record) if record.purged_at.is_none() && record.instances == series.instances => {
+                    let files = crate::spool::instance_files(&series.dir)?;
+                    let instances = fingerprints(files.iter().filter_map(|p| p.file_stem()?.to_str()));
+                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(instances, record));
                 }
                 record => {
-                    let instances = read_headers(series.instance_files.iter().map(|p| p.as_path()));
+                    let files = crate::spool::instance_files(&series.dir)?;
+                    let instances = read_headers(files.iter().map(|p| p.as_path()));
                     if instances.is_empty() {
                         continue;
                     }
@@ -487,13 +509,13 @@ impl SeriesTracker {
     /// is left. Not a series reopened since the database was asked (it is pending again), nor
     /// one this agent does not know as decided.
     fn purge(&mut self, study_uid: &str, series_uid: &str, asked_at: std::time::SystemTime, outputs: &Path) -> bool {
-        let Some(Decided { sops, .. }) = self.decided.get_mut(series_uid) else { return false };
-        if sops.is_empty() {
+        let Some(decided) = self.decided.get_mut(series_uid) else { return false };
+        if decided.instances.is_empty() {
             return true; // purged before; the database did not hear of it
         }
-        match self.spool.purge_series(study_uid, series_uid, sops, asked_at) {
+        match self.spool.purge_series(study_uid, series_uid, |sop| decided.holds(sop), asked_at) {
             Ok(removed) => {
-                sops.clear();
+                decided.instances = Box::new([]);
                 if let Err(e) = std::fs::remove_dir_all(outputs)
                     && e.kind() != std::io::ErrorKind::NotFound
                 {
@@ -517,15 +539,23 @@ impl SeriesTracker {
         let now = Instant::now();
         let series_uid = header.series_instance_uid.clone();
         if let Some(decided) = self.decided.get(&series_uid) {
-            if decided.sops.contains(&header.sop_instance_uid) {
+            if decided.holds(&header.sop_instance_uid) {
                 tracing::debug!(series_uid = %series_uid, sop_uid = %header.sop_instance_uid, "resent instance of a decided series");
                 return;
             }
             let decided = self.decided.remove(&series_uid).expect("just found");
             tracing::info!(series_uid = %series_uid, "new instance for a decided series: reopening it");
             let dir = self.spool.series_dir(&header.study_instance_uid, &series_uid);
-            let files: Vec<std::path::PathBuf> =
-                decided.sops.iter().map(|sop| dir.join(format!("{sop}.dcm"))).collect();
+            // The instances it was decided on; the new one is added below, and any other new one
+            // when its own event arrives.
+            let files: Vec<std::path::PathBuf> = crate::spool::instance_files(&dir)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(series_uid = %series_uid, error = %e, "cannot list the series' instances");
+                    Vec::new()
+                })
+                .into_iter()
+                .filter(|p| p.file_stem().and_then(|sop| sop.to_str()).is_some_and(|sop| decided.holds(sop)))
+                .collect();
             let instances = read_headers(files.iter().map(|p| p.as_path()));
             let mut reopened = PendingSeries::new(header.study_instance_uid.clone(), instances, decided.revision, now);
             reopened.sent_in_turns = decided.sent_in_turns;
@@ -633,10 +663,10 @@ impl SeriesTracker {
                 slices = record.slices, reason = %reason, "series skipped"
             ),
         }
-        let sops = series.instances.keys().cloned().collect();
+        let instances = fingerprints(series.instances.keys().map(String::as_str));
         self.decided.insert(
             series_uid.to_string(),
-            Decided { sops, revision: record.revision, sent_in_turns: series.sent_in_turns },
+            Decided { instances, revision: record.revision, sent_in_turns: series.sent_in_turns },
         );
         let dir = self.spool.series_dir(&record.study_instance_uid, series_uid);
         let _ = self.decisions.send(DecidedSeries { dir, record });

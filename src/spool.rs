@@ -10,7 +10,6 @@
 //! agent's whole cost per instance. Disk writing starts while fragments arrive, the check runs
 //! while the disk finishes, and the temporary file was created before the instance arrived.
 
-use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -244,7 +243,9 @@ pub struct SpooledSeries {
     pub study_instance_uid: String,
     pub series_instance_uid: String,
     pub record: Option<SeriesRecord>,
-    pub instance_files: Vec<PathBuf>,
+    /// How many instance files it holds; [`instance_files`] lists them. Only counted here: a
+    /// spool of a million instances listed at once would hold the agent's memory at its peak.
+    pub instances: usize,
 }
 
 /// A file being received into the temporary directory.
@@ -582,15 +583,15 @@ impl Spool {
         Ok(())
     }
 
-    /// Retention: removes a decided series' instances (the SOP instance UIDs given) placed in the
-    /// spool before `placed_before` (their inode change time: a rename sets it), and marks its
+    /// Retention: removes a decided series' instances (those whose SOP instance UID `is_known`
+    /// says it decided on) placed in the spool before `placed_before` (their inode change time: a rename sets it), and marks its
     /// record purged. An instance stored again since is kept, and the tracker reopens the series
     /// with it when its event arrives. Returns the files removed.
     pub fn purge_series(
         &self,
         study_uid: &str,
         series_uid: &str,
-        sop_instance_uids: &HashSet<String>,
+        is_known: impl Fn(&str) -> bool,
         placed_before: std::time::SystemTime,
     ) -> Result<usize, SpoolError> {
         use std::os::unix::fs::MetadataExt;
@@ -604,8 +605,10 @@ impl Spool {
             return Err(io_err(&dir.join(SERIES_STATE_FILE))(unreadable));
         };
         let mut removed = 0;
-        for sop in sop_instance_uids {
-            let path = dir.join(format!("{sop}.dcm"));
+        for path in instance_files(&dir)? {
+            if !path.file_stem().and_then(|sop| sop.to_str()).is_some_and(&is_known) {
+                continue;
+            }
             let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             match fs::metadata(&path) {
                 Ok(m) if placed(&m) < cutoff => {
@@ -653,13 +656,17 @@ pub fn scan_spool(spool_dir: &Path) -> Result<Vec<SpooledSeries>, SpoolError> {
                 continue;
             }
             let record = read_series_record(&dir);
-            let instance_files = instance_files(&dir)?;
+            let instances = fs::read_dir(&dir)
+                .map_err(io_err(&dir))?
+                .flatten()
+                .filter(|e| Path::new(&e.file_name()).extension().is_some_and(|e| e == "dcm"))
+                .count();
             found.push(SpooledSeries {
                 dir,
                 study_instance_uid: study_uid.clone(),
                 series_instance_uid: series_uid,
                 record,
-                instance_files,
+                instances,
             });
         }
     }

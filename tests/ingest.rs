@@ -631,6 +631,49 @@ fn kill_during_a_series_loses_nothing_acknowledged() {
     assert_eq!(partial_files(&state), Vec::<PathBuf>::new(), "partial file survived the restart");
 }
 
+/// A running agent remembers each decided series in its spool, to tell an instance sent again
+/// from a late one that reopens its series; retention may keep millions of instances. A spool of
+/// 100 000 decided instances (empty files: only the names of a decided series are read) must
+/// cost the agent a few MB over an empty spool, not the tens that holding their UIDs took.
+#[test]
+fn a_spool_of_a_hundred_thousand_decided_instances_costs_little_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let full = tmp.path().join("full");
+    let (series_count, per_series) = (500, 200);
+    for s in 0..series_count {
+        let (study, series) = (format!("2.25.{}", 1000 + s / 10), format!("2.25.{}", 100_000 + s));
+        let dir = full.join("spool").join(&study).join(&series);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_series {
+            std::fs::File::create(dir.join(format!("1.2.826.0.1.3680043.8.498.{s}.{i}.1234567890123456789.{i}.dcm")))
+                .unwrap();
+        }
+        let record = idaics::spool::SeriesRecord {
+            study_instance_uid: study,
+            series_instance_uid: series,
+            state: "complete".into(),
+            skip_reason: None,
+            trigger: "quiet-period".into(),
+            instances: per_series,
+            slices: per_series,
+            revision: 1,
+            decided_at: "2026-11-01T00:00:00Z".into(),
+            purged_at: None,
+        };
+        std::fs::write(dir.join("series.json"), serde_json::to_vec(&record).unwrap()).unwrap();
+    }
+    let decided = |agent: &Agent| {
+        let rebuilt = "series state rebuilt from the spool";
+        agent.wait_for("the rebuilt state", Duration::from_secs(60), |a| !a.events(rebuilt).is_empty());
+        agent.events(rebuilt)[0]["fields"]["decided"].as_u64().unwrap()
+    };
+    let empty = Agent::start(&tmp.path().join("empty"), &[]);
+    let loaded = Agent::start(&full, &[]);
+    assert_eq!((decided(&empty), decided(&loaded)), (0, series_count));
+    let grown_mb = (loaded.peak_rss_kb() as f64 - empty.peak_rss_kb() as f64) / 1024.0;
+    assert!(grown_mb < 12.0, "{grown_mb:.1} MB more for a spool of {} instances", series_count * per_series as u64);
+}
+
 #[test]
 fn four_concurrent_associations_deliver_everything() {
     let tmp = tempfile::tempdir().unwrap();
