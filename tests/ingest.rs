@@ -276,6 +276,23 @@ fn corpus_ct_in_every_transfer_syntax() {
         assert_eq!(dataset_bytes(&out).1, *ts, "{tool} {args:?} made another syntax");
         ct_files.push(out);
     }
+    // HTJ2K, which neither the corpora nor DCMTK have: CT_small's pixels through OpenJPH, losslessly
+    // (plain, and in the RPCL order of 1.2.840.10008.1.2.4.202, whose TLM marker Debian's OpenJPH
+    // 0.9 cannot write: a decoder does not need it), and lossy.
+    let htj2k: &[(&str, &[&str])] = &[
+        ("1.2.840.10008.1.2.4.201", &["-reversible", "true"]),
+        ("1.2.840.10008.1.2.4.202", &["-reversible", "true", "-prog_order", "RPCL"]),
+        ("1.2.840.10008.1.2.4.203", &["-qstep", "0.001"]),
+    ];
+    let mut lossless_htj2k = Vec::new();
+    for (i, (ts, args)) in htj2k.iter().enumerate() {
+        let out = conv.join(format!("htj2k_{i}.dcm"));
+        htj2k_from(&ct_small, &out, ts, args, &format!("1.2.826.0.1.3680043.8.498.78.{i}"));
+        if args.contains(&"-reversible") {
+            lossless_htj2k.push(out.clone());
+        }
+        ct_files.push(out);
+    }
     // An 8-bit grayscale JPEG Baseline image from the corpus, relabelled as CT (no CT in the
     // corpora uses baseline JPEG: it cannot hold CT's 12 to 16 bits).
     let baseline = conv.join("baseline.dcm");
@@ -320,6 +337,54 @@ fn corpus_ct_in_every_transfer_syntax() {
     for (uid, name) in idaics::scp::transfer_syntaxes::ACCEPTED {
         assert!(stored_ts.contains(*uid), "no CT stored in {name}; stored: {stored_ts:?}");
     }
+    // Lossless HTJ2K reads back as the pixels that went in, through the decoder the pipeline uses.
+    let original = stored_pixels(&ct_small);
+    for file in &lossless_htj2k {
+        let sop = sop_instance_uid(file);
+        let spooled = agent.spool_files().into_iter().find(|p| p.file_stem().unwrap().to_string_lossy() == sop).unwrap();
+        assert_eq!(stored_pixels(&spooled), original, "{} did not read back bit for bit", file.display());
+    }
+}
+
+/// The stored values of a single-frame 16-bit signed image, decoded from whatever its syntax.
+fn stored_pixels(path: &Path) -> Vec<i16> {
+    let object = dicom_object::open_file(path).unwrap();
+    object.decode_pixel_data().unwrap().data_ow().into_iter().map(|v| v as i16).collect()
+}
+
+/// `source` (16-bit signed, one frame) with its pixel data compressed by OpenJPH's
+/// `ojph_compress` (`args` choose lossless or lossy, progression order and markers), written to
+/// `out` as transfer syntax `ts` and SOP instance `sop`.
+fn htj2k_from(source: &Path, out: &Path, ts: &str, args: &[&str], sop: &str) {
+    use dicom_core::value::{PixelFragmentSequence, Value};
+    use dicom_core::{DataElement, PrimitiveValue, VR};
+    require_tool("ojph_compress");
+    let object = dicom_object::open_file(source).unwrap();
+    let (rows, columns) = (object.element(tags::ROWS).unwrap().to_int::<u16>().unwrap(), object.element(tags::COLUMNS).unwrap().to_int::<u16>().unwrap());
+    let raw = out.with_extension("raw");
+    let codestream = out.with_extension("j2c");
+    std::fs::write(&raw, object.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap()).unwrap();
+    let dims = format!("{{{columns},{rows}}}");
+    let mut command = std::process::Command::new("ojph_compress");
+    command.arg("-i").arg(&raw).arg("-o").arg(&codestream);
+    command.args(["-dims", &dims, "-num_comps", "1", "-signed", "true", "-bit_depth", "16", "-downsamp", "{1,1}"]);
+    let run = command.args(args).output().unwrap();
+    assert!(run.status.success() && codestream.exists(), "ojph_compress {args:?}: {}", output_text(&run));
+    let mut dataset = object.into_inner();
+    let fragments = PixelFragmentSequence::new(Vec::<u32>::new(), vec![std::fs::read(&codestream).unwrap()]);
+    dataset.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(fragments)));
+    dataset.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop)));
+    if !args.contains(&"-reversible") {
+        dataset.put(DataElement::new(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, PrimitiveValue::from("01")));
+    }
+    let meta = dicom_object::meta::FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(CT)
+        .media_storage_sop_instance_uid(sop)
+        .transfer_syntax(ts)
+        .implementation_class_uid("1.2.826.0.1.3680043.8.498.1")
+        .build()
+        .unwrap();
+    dataset.with_exact_meta(meta).write_to_file(out).unwrap();
 }
 
 #[test]

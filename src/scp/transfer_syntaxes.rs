@@ -21,6 +21,9 @@ pub const ACCEPTED: &[(&str, &str)] = &[
     ("1.2.840.10008.1.2.4.81", "JPEG-LS Near-Lossless"),
     ("1.2.840.10008.1.2.4.90", "JPEG 2000 Lossless Only"),
     ("1.2.840.10008.1.2.4.91", "JPEG 2000"),
+    ("1.2.840.10008.1.2.4.201", "HTJ2K Lossless"),
+    ("1.2.840.10008.1.2.4.202", "HTJ2K with RPCL Options Lossless"),
+    ("1.2.840.10008.1.2.4.203", "HTJ2K"),
     ("1.2.840.10008.1.2.5", "RLE Lossless"),
 ];
 
