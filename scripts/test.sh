@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd strace
+scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd strace openjph-tools
 
 # highdicom (PyPI) reads the agent's SR and SEG back in tests/report.rs.
 pyenv=target/pyenv

@@ -339,10 +339,18 @@ fn corpus_ct_in_every_transfer_syntax() {
     }
     // Lossless HTJ2K reads back as the pixels that went in, through the decoder the pipeline uses.
     let original = stored_pixels(&ct_small);
+    assert_eq!(original.len(), 128 * 128);
     for file in &lossless_htj2k {
         let sop = sop_instance_uid(file);
         let spooled = agent.spool_files().into_iter().find(|p| p.file_stem().unwrap().to_string_lossy() == sop).unwrap();
-        assert_eq!(stored_pixels(&spooled), original, "{} did not read back bit for bit", file.display());
+        let read_back = stored_pixels(&spooled);
+        let differing = original.iter().zip(&read_back).filter(|(a, b)| a != b).count();
+        assert!(
+            read_back.len() == original.len() && differing == 0,
+            "{}: {differing} of {} pixels differ",
+            file.display(),
+            read_back.len()
+        );
     }
 }
 
@@ -1120,10 +1128,17 @@ fn mutated_instances_never_take_the_agent_down() {
     let corpus = shared_data().join("corpora/pydicom-test-files");
     let jls = tmp.path().join("jls.dcm");
     dcmtk("dcmcjpls", &["+el"], &corpus.join("CT_small.dcm"), &jls);
+    let sop = sop_instance_uid(&corpus.join("CT_small.dcm"));
+    let htj2k = tmp.path().join("htj2k.dcm");
+    htj2k_from(&corpus.join("CT_small.dcm"), &htj2k, "1.2.840.10008.1.2.4.201", &["-reversible", "true"], &sop);
     // The third, a real JPEG 2000 CT, carries another SOP instance UID: its copies are refused
     // for the mismatch at the end, after the decoder had them.
-    let sources =
-        [dataset_bytes(&corpus.join("CT_small.dcm")), dataset_bytes(&jls), dataset_bytes(&corpus.join("693_J2KI.dcm"))];
+    let sources = [
+        dataset_bytes(&corpus.join("CT_small.dcm")),
+        dataset_bytes(&jls),
+        dataset_bytes(&corpus.join("693_J2KI.dcm")),
+        dataset_bytes(&htj2k),
+    ];
     let mut senders: Vec<RawScu> = sources.iter().map(|(_, ts)| RawScu::connect(agent.port, CT, ts)).collect();
     // xorshift64*: the same mutations on every run.
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
@@ -1133,11 +1148,10 @@ fn mutated_instances_never_take_the_agent_down() {
         state ^= state >> 27;
         (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below.max(1)
     };
-    let sop = sop_instance_uid(&corpus.join("CT_small.dcm"));
     let mut outcomes = std::collections::BTreeMap::new();
     let mut acknowledged = 0;
-    for case in 0..300 {
-        let (source, _) = &sources[case % 3];
+    for case in 0..400 {
+        let (source, _) = &sources[case % sources.len()];
         let mut bytes = source.clone();
         let head = bytes.len().min(2000);
         match next(5) {
@@ -1158,7 +1172,7 @@ fn mutated_instances_never_take_the_agent_down() {
                 bytes[at] ^= 1 << next(8)
             }),
         }
-        let status = senders[case % 3].store(&sop, &bytes);
+        let status = senders[case % sources.len()].store(&sop, &bytes);
         assert!([0x0000, 0xA700, 0xA900, 0xC000].contains(&status), "case {case}: status {status:#06x}");
         *outcomes.entry(status).or_insert(0) += 1;
         if status == 0 {
