@@ -114,37 +114,60 @@ impl PixelModule {
         Ok(())
     }
 
-    /// Checks the first frame's codestream against the header before anything decodes it: a
-    /// JPEG, JPEG-LS or JPEG 2000 stream carries its own image size, and the decoders work to
-    /// that size, not the header's (a 512 x 512 CT whose JPEG 2000 stream claims 60000 x 60000
-    /// kept a decoder busy for half a minute, then panicked). Streams without a size of their own
-    /// (RLE) and sizes it cannot find pass; the decode then has the last word.
+    /// Checks the header of every compressed frame against this description before a decoder
+    /// sees it. A decoder sizes its buffers from the stream, not from the DICOM header: a
+    /// 512 x 512 CT whose JPEG 2000 stream claimed 60000 x 60000 kept openjp2 busy for half a
+    /// minute, then it panicked; a 1.5 kB one that announced 3000 components took 15 s and 3 GB,
+    /// and a few thousand more would exhaust the server for an instance no larger than a slice.
+    /// PS3.5 8.2 asks the stream to agree with the header: the same size, as many components as
+    /// samples per pixel, no more bits than are allocated (and no subsampled JPEG 2000
+    /// component). Streams without a header of their own (RLE) and headers it cannot find pass;
+    /// the decode then has the last word.
     pub fn check_codestream(&self, object: &InMemDicomObject, transfer_syntax_uid: &str) -> Result<(), String> {
-        let Some(first) = object
-            .element_opt(tags::PIXEL_DATA)
-            .ok()
-            .flatten()
-            .and_then(|e| e.value().fragments())
-            .and_then(|fragments| fragments.first())
+        let Some(fragments) =
+            object.element_opt(tags::PIXEL_DATA).ok().flatten().and_then(|e| e.value().fragments())
         else {
             return Ok(());
         };
-        let size = match transfer_syntax_uid {
+        let read: fn(&[u8]) -> Result<Option<FrameShape>, String> = match transfer_syntax_uid {
             "1.2.840.10008.1.2.4.90"
             | "1.2.840.10008.1.2.4.91"
             | "1.2.840.10008.1.2.4.201"
             | "1.2.840.10008.1.2.4.202"
-            | "1.2.840.10008.1.2.4.203" => jpeg2000_size(first),
-            uid if uid.starts_with("1.2.840.10008.1.2.4.") => jpeg_size(first),
-            _ => None,
+            | "1.2.840.10008.1.2.4.203" => jpeg2000_shape,
+            uid if uid.starts_with("1.2.840.10008.1.2.4.") => jpeg_shape,
+            _ => return Ok(()),
         };
-        match size {
-            Some((columns, rows)) if (columns, rows) != (self.columns, self.rows) => Err(format!(
-                "the compressed stream is {columns} x {rows} pixels, the header says {} x {}",
-                self.columns, self.rows
-            )),
-            _ => Ok(()),
+        // A frame split over several fragments has its header in the first: the others are
+        // not frame starts and read as `None`.
+        for (n, fragment) in fragments.iter().enumerate() {
+            let Some(shape) = read(fragment).map_err(|e| format!("fragment {}: {e}", n + 1))? else { continue };
+            let problem = if shape.size.is_some_and(|size| size != (self.columns, self.rows)) {
+                let (columns, rows) = shape.size.unwrap_or_default();
+                Some(format!(
+                    "the compressed stream is {columns} x {rows} pixels, the header says {} x {}",
+                    self.columns, self.rows
+                ))
+            } else if shape.components != self.samples_per_pixel {
+                Some(format!(
+                    "the compressed stream has {} components, the header says {} sample(s) per pixel",
+                    shape.components, self.samples_per_pixel
+                ))
+            } else if shape.subsampled {
+                Some("the compressed stream subsamples a component".to_string())
+            } else if u32::from(shape.precision) > self.bits_allocated {
+                Some(format!(
+                    "the compressed stream holds {}-bit samples, the header allocates {} bits",
+                    shape.precision, self.bits_allocated
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(if fragments.len() > 1 { format!("fragment {}: {problem}", n + 1) } else { problem });
+            }
         }
+        Ok(())
     }
 
     /// Explains why `held` bytes of native pixel data are too few.
@@ -161,48 +184,100 @@ impl PixelModule {
     }
 }
 
-/// Width and height from a JPEG 2000 codestream's SIZ segment (ISO 15444-1 A.5.1), found after
-/// the SOC marker, in a bare codestream or inside a JP2 box.
-fn jpeg2000_size(stream: &[u8]) -> Option<(u32, u32)> {
-    let head = &stream[..stream.len().min(4096)];
-    let at = head.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51])? + 2;
-    let field = |offset: usize| -> Option<u32> {
-        Some(u32::from_be_bytes(head.get(at + offset..at + offset + 4)?.try_into().ok()?))
-    };
-    // FF51, Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz.
-    let (x, y, x_offset, y_offset) = (field(6)?, field(10)?, field(14)?, field(18)?);
-    Some((x.checked_sub(x_offset)?, y.checked_sub(y_offset)?))
+/// What a compressed frame's own header says of its image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FrameShape {
+    /// Columns and rows; `None` for a JPEG whose height is left to a DNL marker.
+    size: Option<(u32, u32)>,
+    components: u32,
+    /// The largest sample precision, in bits.
+    precision: u8,
+    subsampled: bool,
 }
 
-/// Width and height from the start-of-frame segment of a JPEG (ISO 10918-1 B.2.2) or JPEG-LS
-/// (ISO 14495-1, SOF55) stream; `None` where the height is left to a DNL marker.
-fn jpeg_size(stream: &[u8]) -> Option<(u32, u32)> {
-    if stream.get(..2)? != [0xFF, 0xD8] {
-        return None;
+/// The image a JPEG 2000 or HTJ2K frame announces in its SIZ segment (ISO 15444-1 A.5.1), in a
+/// bare codestream or inside a JP2 file; `None` for a fragment that starts neither (the rest of
+/// a frame), an error for a SIZ segment cut short or at odds with itself.
+fn jpeg2000_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
+    const SOC_SIZ: [u8; 4] = [0xFF, 0x4F, 0xFF, 0x51];
+    const JP2_SIGNATURE: [u8; 8] = [0x00, 0x00, 0x00, 0x0C, 0x6A, 0x50, 0x20, 0x20];
+    let at = if stream.starts_with(&SOC_SIZ) {
+        2
+    } else if stream.starts_with(&JP2_SIGNATURE) {
+        let head = &stream[..stream.len().min(4096)];
+        match head.windows(4).position(|w| w == SOC_SIZ) {
+            Some(soc) => soc + 2,
+            None => return Err("a JP2 file without a codestream header in its first 4 kB".into()),
+        }
+    } else {
+        return Ok(None);
+    };
+    let cut_short = || "its SIZ segment is cut short".to_string();
+    let u16_at = |offset: usize| -> Result<u16, String> {
+        Ok(u16::from_be_bytes(stream.get(at + offset..at + offset + 2).ok_or_else(cut_short)?.try_into().unwrap()))
+    };
+    let u32_at = |offset: usize| -> Result<u32, String> {
+        Ok(u32::from_be_bytes(stream.get(at + offset..at + offset + 4).ok_or_else(cut_short)?.try_into().unwrap()))
+    };
+    // FF51, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz, then
+    // Ssiz, XRsiz, YRsiz for each component.
+    let (x, y, x_offset, y_offset) = (u32_at(6)?, u32_at(10)?, u32_at(14)?, u32_at(18)?);
+    let components = u16_at(38)?;
+    if usize::from(u16_at(2)?) != 38 + 3 * usize::from(components) {
+        return Err(format!("its SIZ segment's length does not fit its {components} components"));
+    }
+    let described = stream.get(at + 40..at + 40 + 3 * usize::from(components)).ok_or_else(cut_short)?;
+    let size = (x.checked_sub(x_offset).ok_or_else(cut_short)?, y.checked_sub(y_offset).ok_or_else(cut_short)?);
+    Ok(Some(FrameShape {
+        size: Some(size),
+        components: u32::from(components),
+        precision: described.chunks_exact(3).map(|c| (c[0] & 0x7F) + 1).max().unwrap_or(0),
+        subsampled: described.chunks_exact(3).any(|c| c[1] != 1 || c[2] != 1),
+    }))
+}
+
+/// The image the start-of-frame segment of a JPEG (ISO 10918-1 B.2.2) or JPEG-LS (ISO 14495-1,
+/// SOF55) frame announces; `None` for a fragment that does not start with SOI, or a stream whose
+/// frame header cannot be found before its first scan.
+fn jpeg_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
+    if stream.get(..2) != Some(&[0xFF, 0xD8]) {
+        return Ok(None);
     }
     let mut at = 2;
     loop {
-        while *stream.get(at)? != 0xFF {
+        let Some(skip) = stream.get(at..).and_then(|rest| rest.iter().position(|b| *b == 0xFF)) else {
+            return Ok(None);
+        };
+        at += skip;
+        while stream.get(at) == Some(&0xFF) {
             at += 1;
         }
-        while *stream.get(at)? == 0xFF {
-            at += 1;
-        }
-        let marker = *stream.get(at)?;
+        let Some(&marker) = stream.get(at) else { return Ok(None) };
         at += 1;
         if matches!(marker, 0x01 | 0xD0..=0xD7) {
             continue;
         }
-        let length = u16::from_be_bytes(stream.get(at..at + 2)?.try_into().ok()?) as usize;
+        let Some(length) = stream.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
+            return Ok(None);
+        };
         let is_frame = matches!(marker, 0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC)) || marker == 0xF7;
         if is_frame {
-            let segment = stream.get(at..at + 7)?;
-            let (height, width) =
-                (u16::from_be_bytes([segment[3], segment[4]]), u16::from_be_bytes([segment[5], segment[6]]));
-            return (height > 0).then_some((u32::from(width), u32::from(height)));
+            // Lf, P, Y, X, Nf, then Ci, Hi and Vi (one byte for both), Tqi per component: all there.
+            let header = stream.get(at..at + 8).ok_or("its frame header is cut short")?;
+            let components = header[7];
+            stream.get(at + 8..at + 8 + 3 * usize::from(components)).ok_or("its frame header is cut short")?;
+            let (height, width) = (u16::from_be_bytes([header[3], header[4]]), u16::from_be_bytes([header[5], header[6]]));
+            return Ok(Some(FrameShape {
+                size: (height > 0).then_some((u32::from(width), u32::from(height))),
+                components: u32::from(components),
+                precision: header[2],
+                // DICOM allows subsampled JPEG colour (YBR_FULL_422); the decoders size the
+                // chroma planes from the frame size, which is checked.
+                subsampled: false,
+            }));
         }
         if marker == 0xDA {
-            return None;
+            return Ok(None);
         }
         at += length;
     }
@@ -242,23 +317,80 @@ mod tests {
     }
 
     #[test]
-    fn codestream_sizes_are_read_from_jpeg_jpeg_ls_and_jpeg_2000() {
-        // SOI, an APP0 segment, SOF3 (lossless): P 16, Y 300, X 200.
-        let jpeg = [0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB, 0xFF, 0xC3, 0x00, 0x0B, 16, 0x01, 0x2C, 0x00, 0xC8];
-        assert_eq!(jpeg_size(&jpeg), Some((200, 300)));
+    fn frame_headers_are_read_from_jpeg_jpeg_ls_and_jpeg_2000() {
+        let shape = |size, components, precision, subsampled| {
+            Ok(Some(FrameShape { size, components, precision, subsampled }))
+        };
+        // SOI, an APP0 segment, SOF3 (lossless): P 16, Y 300, X 200, one component.
+        let jpeg = [
+            0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB, 0xFF, 0xC3, 0x00, 0x0B, 16, 0x01, 0x2C, 0x00, 0xC8, 1, 1,
+            0x11, 0,
+        ];
+        assert_eq!(jpeg_shape(&jpeg), shape(Some((200, 300)), 1, 16, false));
+        assert!(jpeg_shape(&jpeg[..jpeg.len() - 1]).unwrap_err().contains("cut short"));
         // SOF55 of JPEG-LS has the same layout.
-        let jpeg_ls = [0xFF, 0xD8, 0xFF, 0xF7, 0x00, 0x0B, 16, 0x00, 0x80, 0x00, 0x80];
-        assert_eq!(jpeg_size(&jpeg_ls), Some((128, 128)));
-        // A height left to a DNL marker, and a scan before any frame header: no size.
-        assert_eq!(jpeg_size(&[0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x0B, 8, 0, 0, 0x01, 0x00]), None);
-        assert_eq!(jpeg_size(&[0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02]), None);
-        // SOC, SIZ: Lsiz, Rsiz, Xsiz 612, Ysiz 530, XOsiz 100, YOsiz 18.
-        let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 0x29, 0x00, 0x00];
-        for value in [612u32, 530, 100, 18] {
+        let jpeg_ls = [0xFF, 0xD8, 0xFF, 0xF7, 0x00, 0x0B, 16, 0x00, 0x80, 0x00, 0x80, 1, 1, 0x11, 0];
+        assert_eq!(jpeg_shape(&jpeg_ls), shape(Some((128, 128)), 1, 16, false));
+        // A height left to a DNL marker; a scan before any frame header; not a frame start.
+        let dnl = [0xFF, 0xD8, 0xFF, 0xC0, 0x00, 0x0B, 8, 0, 0, 0x01, 0x00, 1, 1, 0x11, 0];
+        assert_eq!(jpeg_shape(&dnl), shape(None, 1, 8, false));
+        assert_eq!(jpeg_shape(&[0xFF, 0xD8, 0xFF, 0xDA, 0x00, 0x02]), Ok(None));
+        assert_eq!(jpeg_shape(&[0x12, 0x34, 0xFF, 0xD8]), Ok(None));
+
+        // SOC, SIZ: Lsiz, Rsiz, Xsiz 612, Ysiz 530, XOsiz 100, YOsiz 18, one 512 x 512 tile, then
+        // Csiz 1 and a signed 16-bit component at full resolution.
+        let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 41, 0x00, 0x00];
+        for value in [612u32, 530, 100, 18, 512, 512, 100, 18] {
             j2k.extend_from_slice(&value.to_be_bytes());
         }
-        assert_eq!(jpeg2000_size(&j2k), Some((512, 512)));
-        assert_eq!(jpeg2000_size(&j2k[..12]), None, "a truncated segment");
+        j2k.extend_from_slice(&[0, 1, 0x8F, 1, 1]);
+        assert_eq!(jpeg2000_shape(&j2k), shape(Some((512, 512)), 1, 16, false));
+        assert!(jpeg2000_shape(&j2k[..30]).unwrap_err().contains("cut short"));
+        assert!(jpeg2000_shape(&j2k[..j2k.len() - 1]).unwrap_err().contains("cut short"));
+        assert_eq!(jpeg2000_shape(&j2k[2..]), Ok(None), "no SOC: the rest of a frame");
+        // The same codestream inside a JP2 file.
+        let jp2 = [&[0x00, 0x00, 0x00, 0x0C, 0x6A, 0x50, 0x20, 0x20, 0x0D, 0x0A, 0x87, 0x0A][..], &j2k].concat();
+        assert_eq!(jpeg2000_shape(&jp2), shape(Some((512, 512)), 1, 16, false));
+        // Subsampled; and 3000 components announced in a segment sized for one.
+        let mut subsampled = j2k.clone();
+        subsampled[43] = 2;
+        assert_eq!(jpeg2000_shape(&subsampled), shape(Some((512, 512)), 1, 16, true));
+        let mut many = j2k.clone();
+        many[40..42].copy_from_slice(&3000u16.to_be_bytes());
+        assert!(jpeg2000_shape(&many).unwrap_err().contains("3000 components"));
+    }
+
+    #[test]
+    fn frames_at_odds_with_the_header_are_refused_before_decoding() {
+        use dicom_core::value::{PixelFragmentSequence, Value};
+        let mut j2k = vec![0xFF, 0x4F, 0xFF, 0x51, 0x00, 41, 0x00, 0x00];
+        for value in [4u32, 4, 0, 0, 4, 4, 0, 0] {
+            j2k.extend_from_slice(&value.to_be_bytes());
+        }
+        j2k.extend_from_slice(&[0, 1, 0x8F, 1, 1]);
+        let with_frames = |frames: Vec<Vec<u8>>| {
+            let mut object = image(4, 4, Some(&frames.len().to_string()), 0);
+            let fragments = PixelFragmentSequence::new(Vec::<u32>::new(), frames);
+            object.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(fragments)));
+            let module = PixelModule::from_object(&object).unwrap();
+            module.check_codestream(&object, "1.2.840.10008.1.2.4.90")
+        };
+        assert_eq!(with_frames(vec![j2k.clone(), j2k.clone()]), Ok(()));
+        // The second frame is the one at odds: every frame is read, not the first alone.
+        let mut three_components = j2k.clone();
+        three_components[5] = 47;
+        three_components[40..42].copy_from_slice(&3u16.to_be_bytes());
+        three_components.extend_from_slice(&[0x8F, 1, 1, 0x8F, 1, 1]);
+        let error = with_frames(vec![j2k.clone(), three_components]).unwrap_err();
+        assert!(error.contains("fragment 2") && error.contains("3 components"), "{error}");
+        let mut wide = j2k.clone();
+        wide[11] = 8;
+        assert!(with_frames(vec![j2k.clone(), wide]).unwrap_err().contains("8 x 4 pixels"));
+        let mut deep = j2k.clone();
+        deep[42] = 0x90;
+        assert!(with_frames(vec![deep, j2k.clone()]).unwrap_err().contains("17-bit samples"));
+        // A continuation fragment (no SOC) is left to the decoder.
+        assert_eq!(with_frames(vec![j2k, vec![0x12; 64]]), Ok(()));
     }
 
     #[test]

@@ -510,7 +510,18 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let (mut j2k, j2k_ts) = dataset_bytes(&corpus.join("693_J2KI.dcm"));
     let siz = j2k.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51]).expect("a SIZ segment") + 2;
     j2k[siz + 6..siz + 14].copy_from_slice(&[0, 0, 0xEA, 0x60, 0, 0, 0xEA, 0x60]);
-    crafted.push(("a JPEG 2000 stream larger than its header", j2k_ts, j2k));
+    crafted.push(("a JPEG 2000 stream larger than its header", j2k_ts.clone(), j2k.clone()));
+    // The same stream at its own size but with 400 components (SIZ rewritten in place, over what
+    // follows it): a decoder sizes its planes by the stream's count, not SamplesPerPixel's.
+    let mut many_components = j2k;
+    let components: u16 = 400;
+    many_components[siz + 2..siz + 4].copy_from_slice(&(38 + 3 * components).to_be_bytes());
+    many_components[siz + 6..siz + 14].copy_from_slice(&[0, 0, 2, 0, 0, 0, 2, 0]);
+    many_components[siz + 38..siz + 40].copy_from_slice(&components.to_be_bytes());
+    for component in 0..usize::from(components) {
+        many_components[siz + 40 + 3 * component..siz + 43 + 3 * component].copy_from_slice(&[0x8F, 1, 1]);
+    }
+    crafted.push(("a JPEG 2000 stream with 400 components", j2k_ts, many_components));
 
     let mut sent = 0;
     for (what, ts, bytes) in &crafted {
@@ -554,6 +565,7 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         "more than 1000000 data elements",
         "claims 4294967280 bytes",
         "the compressed stream is 60000 x 60000 pixels, the header says 512 x 512",
+        "the compressed stream has 400 components, the header says 1 sample(s) per pixel",
         "PixelData holds 32768 bytes; 1 frame(s) of 512 x 512 pixels",
         "no PixelData",
     ] {
