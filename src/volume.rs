@@ -392,10 +392,23 @@ fn read_planes(file: usize, path: &Path) -> Result<Vec<Plane>, VolumeError> {
     Ok(planes)
 }
 
+/// Opens an instance whole for decoding, once its compressed frames' own headers agree with its
+/// pixel description. The SCP checks this before it acknowledges an instance, but files also come
+/// from folders (`idaics analyze`), from instances too large to check whole while the sender
+/// waits, and from spools of earlier versions; a decoder trusts the stream's header and sizes
+/// its buffers by it.
+fn open_for_decoding(path: &Path) -> Result<DefaultDicomObject, VolumeError> {
+    let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
+    let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
+    let pixels = PixelModule::from_object(&object).map_err(err)?;
+    pixels.check_codestream(&object, object.meta().transfer_syntax().trim_end_matches('\0')).map_err(err)?;
+    Ok(object)
+}
+
 /// Decodes a single-frame instance's pixels as Hounsfield units into `out` (one plane).
 fn decode_into(path: &Path, out: &mut [f32]) -> Result<(), VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
-    let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
+    let object = open_for_decoding(path)?;
     let decoded = object.decode_pixel_data().map_err(|e| err(format!("pixel data: {e}")))?;
     let values: Vec<f32> = decoded.to_vec().map_err(|e| err(format!("pixel values: {e}")))?;
     if values.len() != out.len() {
@@ -456,7 +469,7 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
     for file in multi_frame_files {
         let path = &paths[file];
         let err = |message: String| VolumeError::Instance { path: path.clone(), message };
-        let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
+        let object = open_for_decoding(path)?;
         let decoded = object.decode_pixel_data().map_err(|e| err(format!("pixel data: {e}")))?;
         hu.par_chunks_mut(plane_len)
             .zip(geometry.order.par_iter())

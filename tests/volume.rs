@@ -288,6 +288,29 @@ fn series_larger_than_the_memory_limit_is_refused_not_allocated() {
     assert!(matches!(error, VolumeError::TooLarge { what: "a resampled grid", .. }), "{error}");
 }
 
+/// Files analysed from a folder were never checked by the SCP: the loader reads each compressed
+/// frame's own header before a decoder does, and a JPEG 2000 stream announcing 400 components
+/// under a one-sample header is refused with the reason, not decoded to 400 planes.
+#[test]
+fn a_compressed_frame_at_odds_with_its_header_is_refused_before_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = stack_of_two("../shared/data/corpora/pydicom-test-files/693_J2KI.dcm", dir.path());
+    if let Err(e) = load_series(&files, &SeriesConfig::default()) {
+        panic!("{e}");
+    }
+    let mut bytes = std::fs::read(&files[1]).unwrap();
+    let siz = bytes.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51]).expect("a SIZ segment") + 2;
+    let components: u16 = 400;
+    bytes[siz + 2..siz + 4].copy_from_slice(&(38 + 3 * components).to_be_bytes());
+    bytes[siz + 38..siz + 40].copy_from_slice(&components.to_be_bytes());
+    for component in 0..usize::from(components) {
+        bytes[siz + 40 + 3 * component..siz + 43 + 3 * component].copy_from_slice(&[0x8F, 1, 1]);
+    }
+    std::fs::write(&files[1], bytes).unwrap();
+    let error = load_series(&files, &SeriesConfig::default()).unwrap_err().to_string();
+    assert!(error.contains("b.dcm") && error.contains("has 400 components"), "{error}");
+}
+
 /// dcm2niix's converted volume in a dcm_qa corpus: 35 slices of 64 x 64 little-endian int16
 /// (slice, row, column), with no scaling.
 fn dcm2niix_reference(path: &str) -> Vec<i16> {
@@ -319,9 +342,11 @@ fn stack_of_two(source: &str, dir: &std::path::Path) -> Vec<PathBuf> {
     ];
     let moved: Vec<String> = (0..3).map(|d| format!("{:.4}", position[d] + 3.2 * normal[d])).collect();
     object.put(DataElement::new(tags::IMAGE_POSITION_PATIENT, VR::DS, PrimitiveValue::Strs(moved.into())));
-    let uid = format!("{}.2", object.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0'));
+    // A UID of its own, whatever the length of the source's (64 characters at most).
+    let source_uid = object.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+    let uid = format!("2.25.{}", source_uid.bytes().fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
     object.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
-    object.meta_mut().media_storage_sop_instance_uid = uid.clone();
+    object.update_meta(|meta| meta.media_storage_sop_instance_uid = uid.clone());
     let second = dir.join("b.dcm");
     object.write_to_file(&second).unwrap();
     vec![first, second]
