@@ -124,8 +124,7 @@ impl PixelModule {
     /// component). Streams without a header of their own (RLE) and headers it cannot find pass;
     /// the decode then has the last word.
     pub fn check_codestream(&self, object: &InMemDicomObject, transfer_syntax_uid: &str) -> Result<(), String> {
-        let Some(fragments) =
-            object.element_opt(tags::PIXEL_DATA).ok().flatten().and_then(|e| e.value().fragments())
+        let Some(fragments) = object.element_opt(tags::PIXEL_DATA).ok().flatten().and_then(|e| e.value().fragments())
         else {
             return Ok(());
         };
@@ -266,7 +265,8 @@ fn jpeg_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
             let header = stream.get(at..at + 8).ok_or("its frame header is cut short")?;
             let components = header[7];
             stream.get(at + 8..at + 8 + 3 * usize::from(components)).ok_or("its frame header is cut short")?;
-            let (height, width) = (u16::from_be_bytes([header[3], header[4]]), u16::from_be_bytes([header[5], header[6]]));
+            let (height, width) =
+                (u16::from_be_bytes([header[3], header[4]]), u16::from_be_bytes([header[5], header[6]]));
             return Ok(Some(FrameShape {
                 size: (height > 0).then_some((u32::from(width), u32::from(height))),
                 components: u32::from(components),
@@ -318,9 +318,8 @@ mod tests {
 
     #[test]
     fn frame_headers_are_read_from_jpeg_jpeg_ls_and_jpeg_2000() {
-        let shape = |size, components, precision, subsampled| {
-            Ok(Some(FrameShape { size, components, precision, subsampled }))
-        };
+        let shape =
+            |size, components, precision, subsampled| Ok(Some(FrameShape { size, components, precision, subsampled }));
         // SOI, an APP0 segment, SOF3 (lossless): P 16, Y 300, X 200, one component.
         let jpeg = [
             0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB, 0xFF, 0xC3, 0x00, 0x0B, 16, 0x01, 0x2C, 0x00, 0xC8, 1, 1,

@@ -439,7 +439,9 @@ impl SeriesTracker {
             match &series.record {
                 // Removed by retention: remembered with its revision and no instances.
                 Some(record) if record.purged_at.is_some() && series.instances == 0 => {
-                    tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(Box::new([]), record));
+                    tracker
+                        .decided
+                        .insert(series.series_instance_uid.clone(), Decided::recovered(Box::new([]), record));
                 }
                 // Instances of a removed series are ones sent again since: pending, below.
                 Some(record) if record.purged_at.is_none() && record.instances == series.instances => {

@@ -290,7 +290,10 @@ async fn the_series_log_says_what_became_of_each_series(url: String) {
     // Sent again, the series is decided again: its new job is the one listed.
     db.record_series(&series_row("7.1", "P7", "7", "2026-02-01", "complete", 2)).await.unwrap();
     let again = &listed(by(None, None, None, Some("7"))).await[0];
-    assert_eq!((again.series.revision, again.job_state.as_deref(), again.job_error.as_deref()), (2, Some("queued"), None));
+    assert_eq!(
+        (again.series.revision, again.job_state.as_deref(), again.job_error.as_deref()),
+        (2, Some("queued"), None)
+    );
     assert_ne!(again.job_id, Some(job.id));
 }
 

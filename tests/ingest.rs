@@ -342,7 +342,8 @@ fn corpus_ct_in_every_transfer_syntax() {
     assert_eq!(original.len(), 128 * 128);
     for file in &lossless_htj2k {
         let sop = sop_instance_uid(file);
-        let spooled = agent.spool_files().into_iter().find(|p| p.file_stem().unwrap().to_string_lossy() == sop).unwrap();
+        let spooled =
+            agent.spool_files().into_iter().find(|p| p.file_stem().unwrap().to_string_lossy() == sop).unwrap();
         let read_back = stored_pixels(&spooled);
         let differing = original.iter().zip(&read_back).filter(|(a, b)| a != b).count();
         assert!(
@@ -368,7 +369,10 @@ fn htj2k_from(source: &Path, out: &Path, ts: &str, args: &[&str], sop: &str) {
     use dicom_core::{DataElement, PrimitiveValue, VR};
     require_tool("ojph_compress");
     let object = dicom_object::open_file(source).unwrap();
-    let (rows, columns) = (object.element(tags::ROWS).unwrap().to_int::<u16>().unwrap(), object.element(tags::COLUMNS).unwrap().to_int::<u16>().unwrap());
+    let (rows, columns) = (
+        object.element(tags::ROWS).unwrap().to_int::<u16>().unwrap(),
+        object.element(tags::COLUMNS).unwrap().to_int::<u16>().unwrap(),
+    );
     let raw = out.with_extension("raw");
     let codestream = out.with_extension("j2c");
     std::fs::write(&raw, object.element(tags::PIXEL_DATA).unwrap().to_bytes().unwrap()).unwrap();

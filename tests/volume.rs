@@ -343,7 +343,8 @@ fn stack_of_two(source: &str, dir: &std::path::Path) -> Vec<PathBuf> {
     let moved: Vec<String> = (0..3).map(|d| format!("{:.4}", position[d] + 3.2 * normal[d])).collect();
     object.put(DataElement::new(tags::IMAGE_POSITION_PATIENT, VR::DS, PrimitiveValue::Strs(moved.into())));
     // A UID of its own, whatever the length of the source's (64 characters at most).
-    let source_uid = object.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+    let source_uid =
+        object.element(tags::SOP_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
     let uid = format!("2.25.{}", source_uid.bytes().fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b))));
     object.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
     object.update_meta(|meta| meta.media_storage_sop_instance_uid = uid.clone());

@@ -720,8 +720,9 @@ impl Session<'_> {
     ) -> Result<(), String> {
         let data = dimse::response(request, code, reason);
         let peer_max = association.requestor_max_pdu_length();
-        let fragment = dimse::fragment_length(peer_max)
-            .ok_or_else(|| format!("the peer's maximum PDU length of {peer_max} bytes leaves no room for a response"))?;
+        let fragment = dimse::fragment_length(peer_max).ok_or_else(|| {
+            format!("the peer's maximum PDU length of {peer_max} bytes leaves no room for a response")
+        })?;
         for pdu in dimse::pdata_pdus(pc_id, PDataValueType::Command, &data, fragment) {
             association.send(&pdu).await.map_err(|e| format!("cannot send response: {e}"))?;
         }
