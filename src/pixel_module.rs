@@ -166,6 +166,24 @@ impl PixelModule {
                 return Err(if fragments.len() > 1 { format!("fragment {}: {problem}", n + 1) } else { problem });
             }
         }
+        // CharLS 2.4 decodes a JPEG-LS stream cut short for seconds, or for ever (measured on
+        // mutated CT_small: 9.9 s, and one that never returned), and a decode cannot be stopped
+        // from outside. A complete frame ends with its EOI marker (then at most a padding byte).
+        if matches!(transfer_syntax_uid, "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81") {
+            let starts_frame = |fragment: &Vec<u8>| fragment.starts_with(&[0xFF, 0xD8]);
+            for (n, fragment) in fragments.iter().enumerate() {
+                let ends_frame = fragments.get(n + 1).is_none_or(starts_frame);
+                let content = fragment.strip_suffix(&[0]).unwrap_or(fragment);
+                if ends_frame && !content.ends_with(&[0xFF, 0xD9]) {
+                    let problem = "the JPEG-LS stream ends without its end-of-image marker: it is cut short";
+                    return Err(if fragments.len() > 1 {
+                        format!("fragment {}: {problem}", n + 1)
+                    } else {
+                        problem.into()
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
@@ -390,6 +408,33 @@ mod tests {
         assert!(with_frames(vec![deep, j2k.clone()]).unwrap_err().contains("17-bit samples"));
         // A continuation fragment (no SOC) is left to the decoder.
         assert_eq!(with_frames(vec![j2k, vec![0x12; 64]]), Ok(()));
+    }
+
+    #[test]
+    fn a_jpeg_ls_frame_cut_short_is_refused_before_decoding() {
+        use dicom_core::value::{PixelFragmentSequence, Value};
+        // SOI, SOF55 (16-bit, 4 x 4, one component), a scan's worth of bytes, EOI.
+        let frame = [
+            &[0xFF, 0xD8, 0xFF, 0xF7, 0x00, 0x0B, 16, 0x00, 0x04, 0x00, 0x04, 1, 1, 0x11, 0][..],
+            &[0xFF, 0xDA, 0x00, 0x08, 1, 1, 0, 0, 0, 0, 0x12, 0x34, 0x56],
+            &[0xFF, 0xD9],
+        ]
+        .concat();
+        let check = |fragments: Vec<Vec<u8>>, frames: &str| {
+            let mut object = image(4, 4, Some(frames), 0);
+            let fragments = PixelFragmentSequence::new(Vec::<u32>::new(), fragments);
+            object.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(fragments)));
+            PixelModule::from_object(&object).unwrap().check_codestream(&object, "1.2.840.10008.1.2.4.80")
+        };
+        let padded = [&frame[..], &[0]].concat();
+        assert_eq!(check(vec![frame.clone()], "1"), Ok(()));
+        assert_eq!(check(vec![padded.clone(), frame.clone()], "2"), Ok(()));
+        // One frame over two fragments: only the second ends it.
+        let (head, tail) = frame.split_at(20);
+        assert_eq!(check(vec![head.to_vec(), tail.to_vec()], "1"), Ok(()));
+        let cut = frame[..frame.len() - 3].to_vec();
+        assert!(check(vec![cut.clone()], "1").unwrap_err().contains("cut short"));
+        assert!(check(vec![cut, frame], "2").unwrap_err().starts_with("fragment 1:"));
     }
 
     #[test]

@@ -526,6 +526,20 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         many_components[siz + 40 + 3 * component..siz + 43 + 3 * component].copy_from_slice(&[0x8F, 1, 1]);
     }
     crafted.push(("a JPEG 2000 stream with 400 components", j2k_ts, many_components));
+    // A JPEG-LS frame cut short (its fragment's length amended to match): CharLS decodes such a
+    // stream for seconds or for ever, and this one kept it busy for minutes.
+    let cut_short = tmp.path().join("jls-cut.dcm");
+    {
+        use dicom_core::value::{PixelFragmentSequence, Value};
+        use dicom_core::{DataElement, VR};
+        let mut object = dicom_object::open_file(&jls).unwrap();
+        let fragment = object.element(tags::PIXEL_DATA).unwrap().value().fragments().unwrap()[0].clone();
+        let fragments = PixelFragmentSequence::new(Vec::<u32>::new(), vec![fragment[..2236].to_vec()]);
+        object.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(fragments)));
+        object.write_to_file(&cut_short).unwrap();
+    }
+    let (cut_short, cut_short_ts) = dataset_bytes(&cut_short);
+    crafted.push(("a JPEG-LS stream cut short", cut_short_ts, cut_short));
 
     let mut sent = 0;
     for (what, ts, bytes) in &crafted {
@@ -570,6 +584,7 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         "claims 4294967280 bytes",
         "the compressed stream is 60000 x 60000 pixels, the header says 512 x 512",
         "the compressed stream has 400 components, the header says 1 sample(s) per pixel",
+        "the JPEG-LS stream ends without its end-of-image marker",
         "PixelData holds 32768 bytes; 1 frame(s) of 512 x 512 pixels",
         "no PixelData",
     ] {
