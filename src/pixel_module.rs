@@ -168,12 +168,14 @@ impl PixelModule {
         }
         // CharLS 2.4 decodes a JPEG-LS stream cut short for seconds, or for ever (measured on
         // mutated CT_small: 9.9 s, and one that never returned), and a decode cannot be stopped
-        // from outside. A complete frame ends with its EOI marker (then at most a padding byte).
+        // from outside. A complete frame ends with its EOI marker, then padding to an even
+        // length: a zero as DICOM says, or 0xFF as some encoders write (pylibjpeg's CT1_JLSN).
         if matches!(transfer_syntax_uid, "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81") {
             let starts_frame = |fragment: &Vec<u8>| fragment.starts_with(&[0xFF, 0xD8]);
             for (n, fragment) in fragments.iter().enumerate() {
                 let ends_frame = fragments.get(n + 1).is_none_or(starts_frame);
-                let content = fragment.strip_suffix(&[0]).unwrap_or(fragment);
+                let content =
+                    fragment.iter().rposition(|b| !matches!(b, 0x00 | 0xFF)).map_or(&[][..], |last| &fragment[..=last]);
                 if ends_frame && !content.ends_with(&[0xFF, 0xD9]) {
                     let problem = "the JPEG-LS stream ends without its end-of-image marker: it is cut short";
                     return Err(if fragments.len() > 1 {
@@ -427,8 +429,9 @@ mod tests {
             PixelModule::from_object(&object).unwrap().check_codestream(&object, "1.2.840.10008.1.2.4.80")
         };
         let padded = [&frame[..], &[0]].concat();
+        let padded_with_ff = [&frame[..], &[0xFF]].concat();
         assert_eq!(check(vec![frame.clone()], "1"), Ok(()));
-        assert_eq!(check(vec![padded.clone(), frame.clone()], "2"), Ok(()));
+        assert_eq!(check(vec![padded.clone(), padded_with_ff], "2"), Ok(()));
         // One frame over two fragments: only the second ends it.
         let (head, tail) = frame.split_at(20);
         assert_eq!(check(vec![head.to_vec(), tail.to_vec()], "1"), Ok(()));
