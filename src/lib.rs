@@ -13,6 +13,7 @@ pub mod evaluation;
 pub mod findings;
 pub mod geometry;
 pub mod http;
+pub mod jpeg_extended;
 pub mod nifti;
 pub mod phantom;
 pub mod pipeline;

@@ -529,10 +529,16 @@ impl Spool {
             // The decoders are third-party code fed with the sender's bytes: a panic in one is
             // the data's fault as much as ours, and is answered as undecodable.
             use dicom_pixeldata::PixelDecoder;
-            let frame = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
-                .map_err(|_| SpoolError::UndecodablePixelData("the decoder failed on this stream".into()))?
-                .map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
-            let decoded = frame.data().len() as u64;
+            let decoded = if header.transfer_syntax_uid == crate::jpeg_extended::JPEG_EXTENDED {
+                // Our own decoder, on every frame: dicom-pixeldata's cannot read 12-bit DCT.
+                let native = crate::jpeg_extended::native_pixel_data(&obj).map_err(SpoolError::UndecodablePixelData)?;
+                (native.len() as u64) / u64::from(pixels.number_of_frames)
+            } else {
+                let frame = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
+                    .map_err(|_| SpoolError::UndecodablePixelData("the decoder failed on this stream".into()))?
+                    .map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
+                frame.data().len() as u64
+            };
             if decoded < pixels.frame_bytes() {
                 return Err(SpoolError::UndecodablePixelData(format!(
                     "the first frame decodes to {decoded} bytes; {} x {} pixels, {} sample(s) of {} bits need {}",

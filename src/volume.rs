@@ -393,7 +393,7 @@ fn read_planes(file: usize, path: &Path) -> Result<Vec<Plane>, VolumeError> {
 }
 
 /// Opens an instance whole for decoding, once its compressed frames' own headers agree with its
-/// pixel description. The SCP checks this before it acknowledges an instance, but files also come
+/// pixel description (JPEG Extended comes back decoded, see [`crate::jpeg_extended`]). The SCP checks this before it acknowledges an instance, but files also come
 /// from folders (`idaics analyze`), from instances too large to check whole while the sender
 /// waits, and from spools of earlier versions; a decoder trusts the stream's header and sizes
 /// its buffers by it.
@@ -402,7 +402,7 @@ fn open_for_decoding(path: &Path) -> Result<DefaultDicomObject, VolumeError> {
     let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
     let pixels = PixelModule::from_object(&object).map_err(err)?;
     pixels.check_codestream(&object, object.meta().transfer_syntax().trim_end_matches('\0')).map_err(err)?;
-    Ok(object)
+    crate::jpeg_extended::to_native(object).map_err(err)
 }
 
 /// Decodes a single-frame instance's pixels as Hounsfield units into `out` (one plane).

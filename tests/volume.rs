@@ -69,6 +69,26 @@ fn compressed_series_gives_the_same_hounsfield_units() {
         let volume = load_series(&files, &SeriesConfig::default()).unwrap();
         assert_eq!(volume.hu, reference.hu, "{tool} changed the pixels");
     }
+    // Lossy 12-bit JPEG Extended: the Hounsfield units of DCMTK's decompression, within the one
+    // unit by which two inverse DCTs may round apart.
+    let (lossy, decompressed) = (tmp.path().join("extended"), tmp.path().join("decompressed"));
+    std::fs::create_dir_all(&lossy).unwrap();
+    std::fs::create_dir_all(&decompressed).unwrap();
+    let mut lossy_files = Vec::new();
+    let mut decompressed_files = Vec::new();
+    for f in &series.files {
+        let (compressed, plain) = (lossy.join(f.file_name().unwrap()), decompressed.join(f.file_name().unwrap()));
+        dcmtk("dcmcjpeg", &["+ee"], f, &compressed);
+        dcmtk("dcmdjpeg", &[], &compressed, &plain);
+        lossy_files.push(compressed);
+        decompressed_files.push(plain);
+    }
+    let ours = load_series(&lossy_files, &SeriesConfig::default()).unwrap();
+    let dcmtk_decoded = load_series(&decompressed_files, &SeriesConfig::default()).unwrap();
+    let worst = ours.hu.iter().zip(&dcmtk_decoded.hu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst <= 1.0, "JPEG Extended decoded {worst} HU away from DCMTK's decompression");
+    let lossy_error = ours.hu.iter().zip(&reference.hu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(lossy_error > 0.0, "a lossy compression that changed nothing: was it decoded at all?");
 }
 
 #[test]
@@ -392,5 +412,59 @@ fn twelve_bit_and_lossless_corpus_pixels_equal_their_dcm2niix_conversions() {
             differences.len(),
             &differences[..differences.len().min(3)]
         );
+    }
+}
+
+/// The raw stored values of a native 16-bit (or 8-bit) image.
+fn native_samples(path: &std::path::Path) -> Vec<u16> {
+    let object = dicom_object::open_file(path).unwrap();
+    let pixel_data = object.element(dicom_dictionary_std::tags::PIXEL_DATA).unwrap();
+    match object.element(dicom_dictionary_std::tags::BITS_ALLOCATED).unwrap().to_int::<u16>().unwrap() {
+        8 => pixel_data.to_bytes().unwrap().iter().map(|b| u16::from(*b)).collect(),
+        _ => pixel_data.to_bytes().unwrap().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect(),
+    }
+}
+
+/// JPEG Extended, which dicom-pixeldata cannot decode at 12 bits, decoded by our own decoder:
+/// real 12-bit and 10-bit lossy images of the corpora, and CT compressed by DCMTK at several
+/// qualities and over several fragments, against DCMTK's decompression of the same files
+/// (IJG's integer inverse DCT approximates the exact one that ours computes in floating point:
+/// at most one apart, measured on 0.6 to 4.1% of the samples; against the original CT before
+/// compression, both err alike).
+#[test]
+fn jpeg_extended_decodes_as_dcmtk_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let corpora = common::shared_data().join("corpora");
+    let mut files: Vec<PathBuf> = [
+        "pydicom-test-files/JPEG-lossy.dcm",
+        "pydicom-test-files/JPGExtended.dcm",
+        "pylibjpeg-data/ds/JPEGExtended/RG2_JPLY_fixed.dcm",
+        "pylibjpeg-data/ds/JPEGExtended/JPEGExtended_1s_1f_u_16_12.dcm",
+    ]
+    .iter()
+    .map(|f| corpora.join(f))
+    .collect();
+    let ct_small = corpora.join("pydicom-test-files/CT_small.dcm");
+    for (i, args) in
+        [&["+ee"][..], &["+ee", "+q", "40"], &["+ee", "+q", "100", "-ho"], &["+ee", "+fs", "1"]].iter().enumerate()
+    {
+        let out = tmp.path().join(format!("ct_{i}.dcm"));
+        dcmtk("dcmcjpeg", args, &ct_small, &out);
+        files.push(out);
+    }
+    for (i, file) in files.iter().enumerate() {
+        let reference = tmp.path().join(format!("reference_{i}.dcm"));
+        dcmtk("dcmdjpeg", &[], file, &reference);
+        let expected = native_samples(&reference);
+        let object = dicom_object::open_file(file).unwrap();
+        let native = idaics::jpeg_extended::to_native(object).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let written = tmp.path().join(format!("ours_{i}.dcm"));
+        native.write_to_file(&written).unwrap();
+        let ours = native_samples(&written);
+        assert_eq!(ours.len(), expected.len(), "{}", file.display());
+        let off_by_one = ours.iter().zip(&expected).filter(|(a, b)| a != b).count();
+        let worst = ours.iter().zip(&expected).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        eprintln!("{}: {off_by_one} of {} samples differ, by at most {worst}", file.display(), ours.len());
+        assert!(worst <= 1 && off_by_one * 10 <= ours.len(), "{}: {off_by_one} differ, worst {worst}", file.display());
     }
 }

@@ -194,6 +194,7 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         if frames > 1 {
             return Err(image_err(format!("{frames} frames; detect takes single-frame images")));
         }
+        let obj = crate::jpeg_extended::to_native(obj).map_err(image_err)?;
         let decoded = obj.decode_pixel_data().map_err(|e| image_err(e.to_string()))?;
         decoded.to_dynamic_image(0).map_err(|e| image_err(e.to_string()))?
     } else {

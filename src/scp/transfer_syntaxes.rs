@@ -1,10 +1,8 @@
 //! The transfer syntaxes the SCP accepts: exactly those whose pixel data this build decodes
 //! fully, so that nothing is acknowledged that the pipeline cannot read.
 //!
-//! JPEG Extended (1.2.840.10008.1.2.4.51) is left out on purpose: its 12-bit form, the one CT
-//! uses, is not decoded by dicom-pixeldata 0.10's JPEG decoder. Refusing it at negotiation makes
-//! the sender fall back to another proposed syntax (DCMTK storescu and PACS systems decompress
-//! and send Explicit VR Little Endian) instead of storing an object we could never analyse.
+//! JPEG Extended (1.2.840.10008.1.2.4.51) in its 12-bit form, the one CT uses, is not decoded by
+//! dicom-pixeldata 0.10's JPEG decoder; [`crate::jpeg_extended`] decodes it (grayscale).
 
 use crate::scp::STORAGE_SOP_CLASSES;
 
@@ -15,6 +13,7 @@ pub const ACCEPTED: &[(&str, &str)] = &[
     ("1.2.840.10008.1.2.2", "Explicit VR Big Endian"),
     ("1.2.840.10008.1.2.1.99", "Deflated Explicit VR Little Endian"),
     ("1.2.840.10008.1.2.4.50", "JPEG Baseline (Process 1)"),
+    ("1.2.840.10008.1.2.4.51", "JPEG Extended (Process 2 & 4)"),
     ("1.2.840.10008.1.2.4.57", "JPEG Lossless (Process 14)"),
     ("1.2.840.10008.1.2.4.70", "JPEG Lossless SV1 (Process 14, selection value 1)"),
     ("1.2.840.10008.1.2.4.80", "JPEG-LS Lossless"),
