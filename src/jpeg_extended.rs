@@ -186,8 +186,9 @@ fn u16_at(stream: &[u8], at: usize) -> Result<usize, JpegError> {
         .ok_or(JpegError::CutShort("in a marker segment"))
 }
 
-/// Decodes one frame (a complete JPEG stream, SOI to EOI).
-pub fn decode(stream: &[u8]) -> Result<Frame, JpegError> {
+/// Decodes one frame (a complete JPEG stream, SOI to EOI) that must be `columns` x `rows`
+/// samples: the size is checked before anything is allocated for it.
+pub fn decode(stream: &[u8], (columns, rows): (usize, usize)) -> Result<Frame, JpegError> {
     if stream.get(..2) != Some(&[0xFF, 0xD8]) {
         return Err(JpegError::NoStartOfImage);
     }
@@ -222,7 +223,19 @@ pub fn decode(stream: &[u8]) -> Result<Frame, JpegError> {
             0xDD => {
                 restart_interval = u16_at(segment, 0)?;
             }
-            0xC0 | 0xC1 => frame = Some(read_frame_header(segment)?),
+            0xC0 | 0xC1 if frame.is_some() => {
+                return Err(JpegError::Damaged("a second frame header".into()));
+            }
+            0xC0 | 0xC1 => {
+                let header = read_frame_header(segment)?;
+                if (header.width, header.height) != (columns, rows) {
+                    return Err(JpegError::Damaged(format!(
+                        "the JPEG frame is {} x {} pixels, the DICOM header says {columns} x {rows}",
+                        header.width, header.height
+                    )));
+                }
+                frame = Some(header);
+            }
             0xC2 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
                 let process = match marker {
                     0xC2 | 0xC6 | 0xCA | 0xCE => "progressive",
@@ -380,6 +393,7 @@ fn decode_scan(
         predictor = predictor.wrapping_add(reader.signed(dc_size)?);
         coefficients[0] = f64::from(predictor) * f64::from(q[0]);
         let mut k = 1;
+        let mut only_dc = true;
         while k < 64 {
             let symbol = reader.decode(ac)?;
             let (run, size) = (usize::from(symbol >> 4), symbol & 0x0F);
@@ -396,13 +410,15 @@ fn decode_scan(
             }
             let natural = ZIGZAG[k];
             coefficients[natural] = f64::from(reader.signed(size)?) * f64::from(q[natural]);
+            only_dc &= coefficients[natural] == 0.0;
             k += 1;
         }
         if k > 64 {
             return Err(JpegError::Damaged("a zero run past the end of a block".into()));
         }
         let (bx, by) = (block % blocks_across, block / blocks_across);
-        let pixels = inverse_dct(&coefficients, &basis);
+        // Air and flat tissue are mostly blocks of one value: their inverse DCT is that value.
+        let pixels = if only_dc { [coefficients[0] / 8.0; 64] } else { inverse_dct(&coefficients, &basis) };
         for y in 0..8 {
             let row = by * 8 + y;
             if row >= frame.height {
@@ -498,13 +514,7 @@ pub fn native_pixel_data(object: &InMemDicomObject) -> Result<Vec<u8>, String> {
     let mut out = Vec::with_capacity(rows * columns * bytes_per_sample * number_of_frames);
     for (n, stream) in frames.iter().enumerate() {
         let name = |e: String| if number_of_frames > 1 { format!("frame {}: {e}", n + 1) } else { e };
-        let frame = decode(stream).map_err(|e| name(e.to_string()))?;
-        if (frame.width, frame.height) != (columns, rows) {
-            return Err(name(format!(
-                "the JPEG frame is {} x {} pixels, the header says {columns} x {rows}",
-                frame.width, frame.height
-            )));
-        }
+        let frame = decode(stream, (columns, rows)).map_err(|e| name(e.to_string()))?;
         if usize::from(frame.precision) > bits_allocated {
             return Err(name(format!("{}-bit JPEG samples in {bits_allocated} allocated bits", frame.precision)));
         }
@@ -552,13 +562,20 @@ mod tests {
 
     #[test]
     fn streams_other_than_sequential_grayscale_are_refused_with_the_reason() {
-        assert_eq!(decode(&[0x00, 0x01]), Err(JpegError::NoStartOfImage));
+        assert_eq!(decode(&[0x00, 0x01], (8, 8)), Err(JpegError::NoStartOfImage));
         let progressive = [0xFF, 0xD8, 0xFF, 0xC2, 0x00, 0x0B, 12, 0, 8, 0, 8, 1, 1, 0x11, 0];
-        assert!(matches!(decode(&progressive), Err(JpegError::Unsupported(e)) if e.contains("progressive")));
+        assert!(matches!(decode(&progressive, (8, 8)), Err(JpegError::Unsupported(e)) if e.contains("progressive")));
         let colour = [0xFF, 0xD8, 0xFF, 0xC1, 0x00, 0x11, 12, 0, 8, 0, 8, 3, 1, 0x11, 0, 2, 0x11, 0, 3, 0x11, 0];
-        assert!(matches!(decode(&colour), Err(JpegError::Unsupported(e)) if e.contains("3 components")));
+        assert!(matches!(decode(&colour, (8, 8)), Err(JpegError::Unsupported(e)) if e.contains("3 components")));
         let cut = [0xFF, 0xD8, 0xFF, 0xC1, 0x00, 0x0B, 12];
-        assert!(matches!(decode(&cut), Err(JpegError::CutShort(_))));
+        assert!(matches!(decode(&cut, (8, 8)), Err(JpegError::CutShort(_))));
+        // Sizes are the DICOM header's: a stream claiming more is refused before allocation, and
+        // so is one that states a second, different frame header after the first.
+        let grey = |width: u8| [0xFF, 0xC1, 0x00, 0x0B, 12, 0, 8, 0, width, 1, 1, 0x11, 0];
+        let larger = [&[0xFF, 0xD8][..], &grey(16)].concat();
+        assert!(matches!(decode(&larger, (8, 8)), Err(JpegError::Damaged(e)) if e.contains("16 x 8")));
+        let twice = [&[0xFF, 0xD8][..], &grey(8), &grey(255)].concat();
+        assert!(matches!(decode(&twice, (8, 8)), Err(JpegError::Damaged(e)) if e.contains("second frame header")));
     }
 
     #[test]

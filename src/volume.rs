@@ -393,10 +393,10 @@ fn read_planes(file: usize, path: &Path) -> Result<Vec<Plane>, VolumeError> {
 }
 
 /// Opens an instance whole for decoding, once its compressed frames' own headers agree with its
-/// pixel description (JPEG Extended comes back decoded, see [`crate::jpeg_extended`]). The SCP checks this before it acknowledges an instance, but files also come
-/// from folders (`idaics analyze`), from instances too large to check whole while the sender
-/// waits, and from spools of earlier versions; a decoder trusts the stream's header and sizes
-/// its buffers by it.
+/// pixel description; JPEG Extended comes back decoded ([`crate::jpeg_extended`]). The SCP
+/// checks this before it acknowledges an instance, but files also come from folders (`idaics
+/// analyze`), from instances too large to check whole while the sender waits, and from spools of
+/// earlier versions; a decoder trusts the stream's header and sizes its buffers by it.
 fn open_for_decoding(path: &Path) -> Result<DefaultDicomObject, VolumeError> {
     let err = |message: String| VolumeError::Instance { path: path.to_path_buf(), message };
     let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;

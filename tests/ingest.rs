@@ -1175,6 +1175,9 @@ fn mutated_instances_never_take_the_agent_down() {
     let sop = sop_instance_uid(&corpus.join("CT_small.dcm"));
     let htj2k = tmp.path().join("htj2k.dcm");
     htj2k_from(&corpus.join("CT_small.dcm"), &htj2k, "1.2.840.10008.1.2.4.201", &["-reversible", "true"], &sop);
+    // 12-bit JPEG Extended, decoded by our own code; the same SOP instance UID kept (+un).
+    let extended = tmp.path().join("extended.dcm");
+    dcmtk("dcmcjpeg", &["+ee", "+un"], &corpus.join("CT_small.dcm"), &extended);
     // The third, a real JPEG 2000 CT, carries another SOP instance UID: its copies are refused
     // for the mismatch at the end, after the decoder had them.
     let sources = [
@@ -1182,6 +1185,7 @@ fn mutated_instances_never_take_the_agent_down() {
         dataset_bytes(&jls),
         dataset_bytes(&corpus.join("693_J2KI.dcm")),
         dataset_bytes(&htj2k),
+        dataset_bytes(&extended),
     ];
     let mut senders: Vec<RawScu> = sources.iter().map(|(_, ts)| RawScu::connect(agent.port, CT, ts)).collect();
     // xorshift64*: the same mutations on every run.
@@ -1194,7 +1198,7 @@ fn mutated_instances_never_take_the_agent_down() {
     };
     let mut outcomes = std::collections::BTreeMap::new();
     let mut acknowledged = 0;
-    for case in 0..400 {
+    for case in 0..500 {
         let (source, _) = &sources[case % sources.len()];
         let mut bytes = source.clone();
         let head = bytes.len().min(2000);
