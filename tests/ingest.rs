@@ -1234,9 +1234,10 @@ fn mutated_instances_never_take_the_agent_down() {
     assert!(agent.echo(), "agent stopped answering");
     eprintln!("outcomes: {outcomes:x?}");
     assert!(outcomes.get(&0xC000).is_some_and(|n| *n > 100), "{outcomes:?}");
-    // Every acknowledged copy carried the same SOP instance UID: the last one is in the spool.
+    // Every acknowledged copy carried the same SOP instance UID: the last one is in the spool,
+    // once per study and series (a digit changed in a UID can leave it valid: another series).
     let spooled = agent.spool_files();
-    assert_eq!(spooled.len(), usize::from(acknowledged > 0), "{outcomes:x?}");
+    assert!(spooled.is_empty() == (acknowledged == 0) && spooled.len() <= acknowledged, "{outcomes:x?} {spooled:?}");
     assert!(spooled.iter().all(|p| p.file_stem().unwrap().to_string_lossy() == sop));
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
     // Length fields of gigabytes in a 20 kB data set must not make the agent allocate them.

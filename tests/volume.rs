@@ -261,6 +261,19 @@ fn enhanced_ct_multi_frame_loads_like_its_single_frame_series() {
     let dump = std::process::Command::new("dcmdump").arg("+P").arg("0028,0008").arg(&enhanced).output().unwrap();
     let text = String::from_utf8_lossy(&dump.stdout);
     assert!(text.contains(&format!("[{}]", reference.dims[2])), "{text}");
+    // Compressed as 12-bit JPEG Extended, one frame per fragment: each frame decoded by our own
+    // decoder into its place, within one unit of DCMTK's decompression of the same object.
+    let (lossy, decompressed) = (tmp.path().join("enhanced-jpeg.dcm"), tmp.path().join("enhanced-plain.dcm"));
+    common::dcmtk("dcmcjpeg", &["+ee"], &enhanced, &lossy);
+    common::dcmtk("dcmdjpeg", &[], &lossy, &decompressed);
+    let compressed = dicom_object::OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA);
+    let compressed = compressed.open_file(&lossy).unwrap();
+    assert_eq!(compressed.meta().transfer_syntax().trim_end_matches('\0'), idaics::jpeg_extended::JPEG_EXTENDED);
+    let ours = load_series(std::slice::from_ref(&lossy), &SeriesConfig::default()).unwrap();
+    let dcmtk_decoded = load_series(std::slice::from_ref(&decompressed), &SeriesConfig::default()).unwrap();
+    assert_eq!(ours.dims, reference.dims);
+    let worst = ours.hu.iter().zip(&dcmtk_decoded.hu).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst <= 1.0, "multi-frame JPEG Extended decoded {worst} HU away from DCMTK's decompression");
 }
 
 #[test]
