@@ -530,3 +530,35 @@ fn mutated_jpeg_extended_streams_fail_cleanly() {
     assert!(refused > 300 && decoded > 0, "{decoded} decoded, {refused} refused");
     assert_eq!(original.samples.len(), 256 * 1024);
 }
+
+/// Restart intervals, which none of the corpora's JPEG Extended streams use: an 8-bit grayscale
+/// JPEG of 53 x 37 pixels (partial blocks at two edges) with a restart marker every two blocks,
+/// and its decoding by libjpeg-turbo, both made by Pillow 13 (`tests/fixtures/jpeg`, generated
+/// with `Image.save(..., quality=85, restart_marker_blocks=2)`). A marker missing or out of
+/// turn is an error, not a silently shifted image.
+#[test]
+fn jpeg_restart_intervals_are_followed() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg");
+    let stream = std::fs::read(fixtures.join("restart_every_2_blocks_53x37.jpg")).unwrap();
+    let expected = std::fs::read(fixtures.join("restart_every_2_blocks_53x37.gray")).unwrap();
+    let frame = idaics::jpeg_extended::decode(&stream, (53, 37)).unwrap();
+    assert_eq!(frame.precision, 8);
+    assert_eq!(frame.samples.len(), expected.len());
+    let worst = frame.samples.iter().zip(&expected).map(|(a, b)| a.abs_diff(u16::from(*b))).max().unwrap();
+    assert!(worst <= 1, "{worst}");
+    let markers: Vec<usize> = stream
+        .windows(2)
+        .enumerate()
+        .filter(|(_, w)| w[0] == 0xFF && (0xD0..=0xD7).contains(&w[1]))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(markers.len(), 17, "35 blocks, a restart marker after every second but the last");
+    let mut missing = stream.clone();
+    missing.drain(markers[5]..markers[5] + 2);
+    let error = idaics::jpeg_extended::decode(&missing, (53, 37)).unwrap_err().to_string();
+    assert!(error.contains("restart marker"), "{error}");
+    let mut out_of_turn = stream.clone();
+    out_of_turn[markers[5] + 1] = 0xD0 + ((out_of_turn[markers[5] + 1] - 0xD0 + 1) % 8);
+    let error = idaics::jpeg_extended::decode(&out_of_turn, (53, 37)).unwrap_err().to_string();
+    assert!(error.contains("restart marker"), "{error}");
+}
