@@ -78,3 +78,41 @@ fn unseen_phantoms_get_each_level_classified_and_outlined() {
     assert!(accuracy >= 0.8, "{correct}/{total} levels right:\n{report}");
     assert!(worst_dice >= 0.6, "a mask misses its disc:\n{report}");
 }
+
+/// A phantom series stored as an archive that compressed it lossily would send it (12-bit JPEG
+/// Extended, by DCMTK at its default quality, read by our own decoder) gets the findings of the
+/// uncompressed series, level by level.
+#[test]
+fn a_lossy_jpeg_extended_series_gets_the_findings_of_the_original() {
+    let detector = Detector::load(WEIGHTS.as_ref(), "cpu").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = PhantomSpec {
+        seed: 7004,
+        levels: parse_levels("L5/S1=protrusion,L4/L5=bulge,L2/L3=schmorl").unwrap(),
+        pixel_spacing_mm: 1.0,
+        slice_thickness_mm: 2.0,
+        size: 256,
+        ..Default::default()
+    };
+    let (series, _truth) = write_phantom(&tmp.path().join("plain"), &spec).unwrap();
+    let lossy_dir = tmp.path().join("lossy");
+    std::fs::create_dir_all(&lossy_dir).unwrap();
+    let lossy: Vec<std::path::PathBuf> = series
+        .files
+        .iter()
+        .map(|f| {
+            let out = lossy_dir.join(f.file_name().unwrap());
+            let run = std::process::Command::new("dcmcjpeg").arg("+ee").arg(f).arg(&out).output().unwrap();
+            assert!(run.status.success(), "dcmcjpeg: {}", String::from_utf8_lossy(&run.stderr));
+            out
+        })
+        .collect();
+    let findings = |files: &[std::path::PathBuf]| {
+        let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
+        let analysis = idaics::pipeline::analyze(&volume, Some(&detector)).unwrap();
+        analysis.findings.iter().map(|f| (f.level.name.clone(), f.class.clone())).collect::<Vec<_>>()
+    };
+    let original = findings(&series.files);
+    assert!(!original.is_empty());
+    assert_eq!(findings(&lossy), original);
+}
