@@ -110,7 +110,7 @@ fn a_lossy_jpeg_extended_series_gets_the_findings_of_the_original() {
     let findings = |files: &[std::path::PathBuf]| {
         let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
         let analysis = idaics::pipeline::analyze(&volume, Some(&detector)).unwrap();
-        analysis.findings.iter().map(|f| (f.level.name.clone(), f.class.clone())).collect::<Vec<_>>()
+        analysis.findings.iter().map(|f| (f.level.name.clone(), f.class)).collect::<Vec<_>>()
     };
     let original = findings(&series.files);
     assert!(!original.is_empty());
