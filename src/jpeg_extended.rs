@@ -14,6 +14,8 @@
 //! a decoder using IJG's integer approximation (DCMTK's), as the standard's accuracy test allows
 //! (ISO 10918-2).
 
+use std::ops::Range;
+
 use dicom_core::value::Value;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
@@ -470,76 +472,103 @@ fn inverse_dct(coefficients: &[f64; 64], basis: &[f64; 64]) -> [f64; 64] {
     out
 }
 
-/// The frames of encapsulated pixel data: each frame's fragments joined. A frame starts with
-/// SOI; entropy-coded data cannot hold one (0xFF is stuffed there), so a fragment that starts
-/// with SOI starts a frame.
-fn frames_of(fragments: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let mut frames: Vec<Vec<u8>> = Vec::new();
-    for fragment in fragments {
+/// Which fragments hold each frame of encapsulated pixel data. A frame starts with SOI;
+/// entropy-coded data cannot hold one (0xFF is stuffed there), so a fragment that starts with
+/// SOI starts a frame.
+fn frame_fragments(fragments: &[Vec<u8>]) -> Vec<Range<usize>> {
+    let mut frames: Vec<Range<usize>> = Vec::new();
+    for (n, fragment) in fragments.iter().enumerate() {
         match frames.last_mut() {
-            Some(frame) if !fragment.starts_with(&[0xFF, 0xD8]) => frame.extend_from_slice(fragment),
-            _ => frames.push(fragment.clone()),
+            Some(frame) if !fragment.starts_with(&[0xFF, 0xD8]) => frame.end = n + 1,
+            _ => frames.push(n..n + 1),
         }
     }
     frames
 }
 
-/// Decodes every frame of a JPEG Extended data set into native pixel data (one or two bytes
-/// per sample, as Bits Allocated says), checking each against Rows, Columns and Bits Stored.
-pub fn native_pixel_data(object: &InMemDicomObject) -> Result<Vec<u8>, String> {
-    let number = |tag, name: &str| -> Result<usize, String> {
-        object
-            .element(tag)
+/// A JPEG Extended data set's pixel description and its frames, not yet decoded.
+pub struct EncapsulatedFrames<'a> {
+    fragments: &'a [Vec<u8>],
+    frames: Vec<Range<usize>>,
+    columns: usize,
+    rows: usize,
+    bits_allocated: usize,
+}
+
+impl<'a> EncapsulatedFrames<'a> {
+    /// Finds the frames and checks that there are as many as NumberOfFrames says.
+    pub fn of(object: &'a InMemDicomObject) -> Result<EncapsulatedFrames<'a>, String> {
+        let number = |tag, name: &str| -> Result<usize, String> {
+            object
+                .element(tag)
+                .ok()
+                .and_then(|e| e.to_int::<u32>().ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| format!("no {name}"))
+        };
+        let (rows, columns, bits_allocated) = (
+            number(tags::ROWS, "Rows")?,
+            number(tags::COLUMNS, "Columns")?,
+            number(tags::BITS_ALLOCATED, "BitsAllocated")?,
+        );
+        let number_of_frames = number(tags::NUMBER_OF_FRAMES, "NumberOfFrames").unwrap_or(1).max(1);
+        let fragments = object
+            .element(tags::PIXEL_DATA)
             .ok()
-            .and_then(|e| e.to_int::<u32>().ok())
-            .map(|v| v as usize)
-            .ok_or_else(|| format!("no {name}"))
-    };
-    let (rows, columns, bits_allocated) = (
-        number(tags::ROWS, "Rows")?,
-        number(tags::COLUMNS, "Columns")?,
-        number(tags::BITS_ALLOCATED, "BitsAllocated")?,
-    );
-    let number_of_frames = number(tags::NUMBER_OF_FRAMES, "NumberOfFrames").unwrap_or(1).max(1);
-    let fragments =
-        object.element(tags::PIXEL_DATA).ok().and_then(|e| e.value().fragments()).ok_or("no encapsulated PixelData")?;
-    let frames = frames_of(fragments);
-    if frames.len() != number_of_frames {
-        return Err(format!(
-            "NumberOfFrames {number_of_frames} but the pixel data holds {} JPEG frame(s)",
-            frames.len()
-        ));
-    }
-    let bytes_per_sample = if bits_allocated > 8 { 2 } else { 1 };
-    let mut out = Vec::with_capacity(rows * columns * bytes_per_sample * number_of_frames);
-    for (n, stream) in frames.iter().enumerate() {
-        let name = |e: String| if number_of_frames > 1 { format!("frame {}: {e}", n + 1) } else { e };
-        let frame = decode(stream, (columns, rows)).map_err(|e| name(e.to_string()))?;
-        if usize::from(frame.precision) > bits_allocated {
-            return Err(name(format!("{}-bit JPEG samples in {bits_allocated} allocated bits", frame.precision)));
+            .and_then(|e| e.value().fragments())
+            .ok_or("no encapsulated PixelData")?;
+        let frames = frame_fragments(fragments);
+        if frames.len() != number_of_frames {
+            return Err(format!(
+                "NumberOfFrames {number_of_frames} but the pixel data holds {} JPEG frame(s)",
+                frames.len()
+            ));
         }
-        if bytes_per_sample == 2 {
-            out.extend(frame.samples.iter().flat_map(|s| s.to_le_bytes()));
-        } else {
-            out.extend(frame.samples.iter().map(|s| *s as u8));
-        }
+        Ok(EncapsulatedFrames { fragments, frames, columns, rows, bits_allocated })
     }
-    Ok(out)
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Decodes frame `index` (from 0), of the size and at most the bits the header says.
+    pub fn decode(&self, index: usize) -> Result<Frame, String> {
+        let name = |e: String| if self.frames.len() > 1 { format!("frame {}: {e}", index + 1) } else { e };
+        let range = self.frames.get(index).ok_or_else(|| format!("no frame {}", index + 1))?.clone();
+        let stream = self.fragments[range].concat();
+        let frame = decode(&stream, (self.columns, self.rows)).map_err(|e| name(e.to_string()))?;
+        if usize::from(frame.precision) > self.bits_allocated {
+            return Err(name(format!(
+                "{}-bit JPEG samples in {} allocated bits",
+                frame.precision, self.bits_allocated
+            )));
+        }
+        Ok(frame)
+    }
 }
 
 /// A JPEG Extended object with its pixel data decoded, as Explicit VR Little Endian, so that
 /// dicom-pixeldata applies Bits Stored, the pixel representation and the modality LUT to it as
-/// to any native image. Objects in other syntaxes are returned as they are.
+/// to any native image. Objects in other syntaxes are returned as they are. Every frame is held
+/// decoded: callers bound the object's size first (the volume loader by `series.max_volume_mb`).
 pub fn to_native(object: DefaultDicomObject) -> Result<DefaultDicomObject, String> {
     if object.meta().transfer_syntax().trim_end_matches('\0') != JPEG_EXTENDED {
         return Ok(object);
     }
-    let pixels = native_pixel_data(&object)?;
-    let bits_allocated = object.element(tags::BITS_ALLOCATED).ok().and_then(|e| e.to_int::<u16>().ok()).unwrap_or(16);
-    let (vr, value) = if bits_allocated > 8 {
-        (VR::OW, PrimitiveValue::U16(pixels.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()))
+    let frames = EncapsulatedFrames::of(&object)?;
+    let mut samples = Vec::new();
+    for index in 0..frames.len() {
+        samples.extend_from_slice(&frames.decode(index)?.samples);
+    }
+    let eight_bit = frames.bits_allocated <= 8;
+    let (vr, value) = if eight_bit {
+        (VR::OB, PrimitiveValue::U8(samples.iter().map(|s| *s as u8).collect()))
     } else {
-        (VR::OB, PrimitiveValue::U8(pixels.into()))
+        (VR::OW, PrimitiveValue::U16(samples.into()))
     };
     let mut meta = object.meta().clone();
     meta.set_transfer_syntax(&dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN);

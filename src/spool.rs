@@ -530,9 +530,12 @@ impl Spool {
             // the data's fault as much as ours, and is answered as undecodable.
             use dicom_pixeldata::PixelDecoder;
             let decoded = if header.transfer_syntax_uid == crate::jpeg_extended::JPEG_EXTENDED {
-                // Our own decoder, on every frame: dicom-pixeldata's cannot read 12-bit DCT.
-                let native = crate::jpeg_extended::native_pixel_data(&obj).map_err(SpoolError::UndecodablePixelData)?;
-                (native.len() as u64) / u64::from(pixels.number_of_frames)
+                // Our own decoder, on the first frame as for the others: dicom-pixeldata's
+                // cannot read 12-bit DCT.
+                let frames =
+                    crate::jpeg_extended::EncapsulatedFrames::of(&obj).map_err(SpoolError::UndecodablePixelData)?;
+                let frame = frames.decode(0).map_err(SpoolError::UndecodablePixelData)?;
+                frame.samples.len() as u64 * u64::from(pixels.bits_allocated.div_ceil(8))
             } else {
                 let frame = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
                     .map_err(|_| SpoolError::UndecodablePixelData("the decoder failed on this stream".into()))?
