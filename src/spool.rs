@@ -527,21 +527,22 @@ impl Spool {
             // A compressed stream can parse as DICOM and still be undecodable (corrupt codestream,
             // parameters that contradict the header): refuse it now, while the sender can act.
             // The decoders are third-party code fed with the sender's bytes: a panic in one is
-            // the data's fault as much as ours, and is answered as undecodable.
-            use dicom_pixeldata::PixelDecoder;
-            let decoded = if header.transfer_syntax_uid == crate::jpeg_extended::JPEG_EXTENDED {
-                // Our own decoder, on the first frame as for the others: dicom-pixeldata's
-                // cannot read 12-bit DCT.
-                let frames =
-                    crate::jpeg_extended::EncapsulatedFrames::of(&obj).map_err(SpoolError::UndecodablePixelData)?;
-                let frame = frames.decode(0).map_err(SpoolError::UndecodablePixelData)?;
-                frame.samples.len() as u64 * u64::from(pixels.bits_allocated.div_ceil(8))
-            } else {
-                let frame = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| obj.decode_pixel_data_frame(0)))
-                    .map_err(|_| SpoolError::UndecodablePixelData("the decoder failed on this stream".into()))?
-                    .map_err(|e| SpoolError::UndecodablePixelData(e.to_string()))?;
-                frame.data().len() as u64
+            // the data's fault as much as ours, and is answered as undecodable. JPEG Extended
+            // goes to our own decoder (dicom-pixeldata's cannot read 12-bit DCT), under the same
+            // guard.
+            let first_frame_bytes = || -> Result<u64, String> {
+                use dicom_pixeldata::PixelDecoder;
+                if header.transfer_syntax_uid == crate::jpeg_extended::JPEG_EXTENDED {
+                    let frame = crate::jpeg_extended::EncapsulatedFrames::of(&obj)?.decode(0)?;
+                    Ok(frame.samples.len() as u64 * u64::from(pixels.bits_allocated.div_ceil(8)))
+                } else {
+                    let frame = obj.decode_pixel_data_frame(0).map_err(|e| e.to_string())?;
+                    Ok(frame.data().len() as u64)
+                }
             };
+            let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(first_frame_bytes))
+                .map_err(|_| SpoolError::UndecodablePixelData("the decoder failed on this stream".into()))?
+                .map_err(SpoolError::UndecodablePixelData)?;
             if decoded < pixels.frame_bytes() {
                 return Err(SpoolError::UndecodablePixelData(format!(
                     "the first frame decodes to {decoded} bytes; {} x {} pixels, {} sample(s) of {} bits need {}",
