@@ -1063,28 +1063,31 @@ fn association_limit_rejects_transiently_and_frees_the_slot() {
 }
 
 #[test]
-fn enhanced_ct_multiframe_is_stored_and_completed() {
+fn enhanced_and_legacy_converted_ct_multiframe_are_stored_and_completed() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[]);
-    // The corpora hold no Enhanced CT: an Enhanced MR multi-frame object relabelled as one.
-    let file = tmp.path().join("enhanced_ct.dcm");
-    std::fs::copy(shared_data().join("corpora/pylibjpeg-data/ds/LittleEndianExplicit/emri_small.dcm"), &file).unwrap();
-    dcmtk(
-        "dcmodify",
-        &["-nb", "-m", "(0008,0016)=1.2.840.10008.5.1.4.1.1.2.1", "-m", "(0008,0060)=CT"],
-        &file,
-        Path::new(""),
-    );
-    let header = dicom_object::open_file(&file).unwrap();
-    let frames: u32 = header.element(tags::NUMBER_OF_FRAMES).unwrap().to_int().unwrap();
-    let study = header.element(tags::STUDY_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
-    let series =
-        header.element(tags::SERIES_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
-    assert_eq!(store_outcomes(&agent.storescu(&[], &[file])), (1, 0));
-    agent.wait_for("completion", Duration::from_secs(10), |a| a.series_record(&study, &series).is_some());
-    let record = agent.series_record(&study, &series).unwrap();
-    assert_eq!(record["state"], "complete", "{record}");
-    assert_eq!(record["slices"], u64::from(frames));
+    // The corpora hold no Enhanced CT: an Enhanced MR multi-frame object relabelled as one, and
+    // as the Legacy Converted Enhanced CT that archives make of classic series (its own series).
+    for (n, sop_class) in ["1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"].iter().enumerate() {
+        let file = tmp.path().join(format!("enhanced_ct_{n}.dcm"));
+        std::fs::copy(shared_data().join("corpora/pylibjpeg-data/ds/LittleEndianExplicit/emri_small.dcm"), &file)
+            .unwrap();
+        let series = format!("1.2.826.0.1.3680043.8.498.79.{n}");
+        let modify = [format!("(0008,0016)={sop_class}"), "(0008,0060)=CT".into(), format!("(0020,000e)={series}")];
+        let mut args = vec!["-nb"];
+        modify.iter().for_each(|m| args.extend(["-m", m.as_str()]));
+        dcmtk("dcmodify", &args, &file, Path::new(""));
+        let header = dicom_object::open_file(&file).unwrap();
+        let frames: u32 = header.element(tags::NUMBER_OF_FRAMES).unwrap().to_int().unwrap();
+        let study =
+            header.element(tags::STUDY_INSTANCE_UID).unwrap().to_str().unwrap().trim_end_matches('\0').to_string();
+        assert_eq!(store_outcomes(&agent.storescu(&[], &[file])), (1, 0), "{sop_class}");
+        agent.wait_for("completion", Duration::from_secs(10), |a| a.series_record(&study, &series).is_some());
+        let record = agent.series_record(&study, &series).unwrap();
+        assert_eq!(record["state"], "complete", "{sop_class}: {record}");
+        assert_eq!(record["slices"], u64::from(frames));
+    }
+    assert_eq!(agent.spool_files().len(), 2, "both kept, neither discarded");
 }
 
 #[test]

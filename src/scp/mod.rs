@@ -36,8 +36,12 @@ use dimse::status;
 
 pub use storage_sop_classes::STORAGE_SOP_CLASSES;
 
-/// The storage SOP classes this agent analyses.
-pub const CT_SOP_CLASSES: &[&str] = &[uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE];
+/// The storage SOP classes this agent analyses. Legacy Converted Enhanced CT is what archives
+/// and converters make of a classic single-frame series (PS3.3 A.70): the same functional groups
+/// as Enhanced CT, read the same way; under the default discard policy it would otherwise be
+/// acknowledged and never analysed.
+pub const CT_SOP_CLASSES: &[&str] =
+    &[uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE, uids::LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE];
 
 /// Counters for logs now and the metrics endpoint later.
 #[derive(Debug, Default)]
