@@ -465,6 +465,16 @@ fn jpeg_extended_decodes_as_dcmtk_does() {
         dcmtk("dcmcjpeg", args, &ct_small, &out);
         files.push(out);
     }
+    // 8 bits per sample, in 8 allocated bits.
+    let (plain, eight_bit) = (tmp.path().join("eight_bit_plain.dcm"), tmp.path().join("eight_bit.dcm"));
+    dcmtk(
+        "dcmdjpeg",
+        &[],
+        &corpora.join("pylibjpeg-data/ds/JPEGLosslessSV1/JPEGLosslessP14SV1_1s_1f_u_08_08.dcm"),
+        &plain,
+    );
+    dcmtk("dcmcjpeg", &["+ee"], &plain, &eight_bit);
+    files.push(eight_bit);
     for (i, file) in files.iter().enumerate() {
         let reference = tmp.path().join(format!("reference_{i}.dcm"));
         dcmtk("dcmdjpeg", &[], file, &reference);
