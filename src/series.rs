@@ -741,6 +741,7 @@ mod tests {
             image_orientation: Some([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]),
             number_of_frames: 1,
             images_in_acquisition: None,
+            lossy_image_compression: false,
         }
     }
 

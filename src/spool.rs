@@ -133,6 +133,10 @@ pub struct InstanceHeader {
     pub image_orientation: Option<[f64; 6]>,
     pub number_of_frames: u32,
     pub images_in_acquisition: Option<u32>,
+    /// Lossy Image Compression (0028,2110) is 01: the pixels were lossy compressed at some point,
+    /// perhaps before this (lossless) copy was made.
+    #[serde(default)]
+    pub lossy_image_compression: bool,
 }
 
 impl InstanceHeader {
@@ -202,6 +206,7 @@ impl InstanceHeader {
             images_in_acquisition: int(tags::IMAGES_IN_ACQUISITION)
                 .and_then(|v| u32::try_from(v).ok())
                 .filter(|v| *v > 0),
+            lossy_image_compression: text(tags::LOSSY_IMAGE_COMPRESSION).as_deref() == Some("01"),
         })
     }
 

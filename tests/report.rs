@@ -225,6 +225,62 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     assert!(text.contains("L4/L5 Disc protrusion 84020006"), "{text}");
     assert!(text.contains("segments 2 frames 3"), "{text}");
     assert!(text.contains("Artificial Intelligence"), "{text}");
+
+    // Images derived from lossy compressed sources say so (PS3.3 C.7.6.1.1.5), with the source's
+    // ratio and method; from the uncompressed phantom, the SEG says 00 and the others nothing.
+    let lossy_attribute = |path: &Path| {
+        let object = dicom_object::open_file(path).unwrap();
+        let text =
+            |tag| object.element(tag).ok().map(|e| e.to_str().unwrap().trim_end_matches(['\0', ' ']).to_string());
+        use dicom_dictionary_std::tags::{LOSSY_IMAGE_COMPRESSION, LOSSY_IMAGE_COMPRESSION_METHOD};
+        (text(LOSSY_IMAGE_COMPRESSION), text(LOSSY_IMAGE_COMPRESSION_METHOD))
+    };
+    let images: Vec<&PathBuf> = objects.iter().filter(|o| o.path != sr.path).map(|o| &o.path).collect();
+    for image in &images {
+        let expected = if image == &&seg.path { Some("00".to_string()) } else { None };
+        assert_eq!(lossy_attribute(image), (expected, None), "{}", image.display());
+    }
+    let lossy_dir = tmp.path().join("lossy");
+    std::fs::create_dir_all(&lossy_dir).unwrap();
+    let lossy_files: Vec<PathBuf> = files
+        .iter()
+        .map(|f| {
+            let out = lossy_dir.join(f.file_name().unwrap());
+            common::dcmtk("dcmcjpeg", &["+ee"], f, &out);
+            out
+        })
+        .collect();
+    let lossy_source = Source::read(&lossy_files).unwrap();
+    let ratio = lossy_source.lossy.as_ref().and_then(|l| l.ratio.clone()).expect("the ratio DCMTK wrote");
+    let lossy_objects = idaics::pipeline::write_objects(
+        &lossy_source,
+        &analysis,
+        &algorithm,
+        &OutputsConfig::default(),
+        &tmp.path().join("lossy-out"),
+    )
+    .unwrap();
+    let lossy_images: Vec<&idaics::report::WrittenObject> =
+        lossy_objects.iter().filter(|o| o.sop_class_uid != sr_class(&lossy_objects)).collect();
+    assert_eq!(lossy_images.len(), images.len());
+    for image in lossy_images {
+        assert_eq!(
+            lossy_attribute(&image.path),
+            (Some("01".to_string()), Some("ISO_10918_1".to_string())),
+            "{}",
+            image.path.display()
+        );
+        let errors = dciodvfy_errors(&image.path);
+        assert!(errors.is_empty(), "{}: {}", image.path.display(), errors.join("\n"));
+        let object = dicom_object::open_file(&image.path).unwrap();
+        let stated = object.element(dicom_dictionary_std::tags::LOSSY_IMAGE_COMPRESSION_RATIO).unwrap();
+        assert_eq!(stated.to_str().unwrap().trim_end_matches(['\0', ' ']), ratio);
+    }
+}
+
+/// The SOP class of the report among written objects (the last one written).
+fn sr_class(objects: &[idaics::report::WrittenObject]) -> String {
+    objects.last().unwrap().sop_class_uid.clone()
 }
 
 /// A phantom on a grid the phantom model was trained on, with every abnormal class.

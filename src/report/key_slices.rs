@@ -111,7 +111,7 @@ pub fn write(
             PrimitiveValue::U16(slice.pixels.iter().map(|v| u16::from(*v)).collect()),
         ),
     ];
-    for e in elements {
+    for e in elements.into_iter().chain(super::lossy_compression(source, false)) {
         object.put(e);
     }
     let path = dir.join(format!("{}.dcm", role(slice)));

@@ -37,6 +37,77 @@ pub struct Source {
     pub frame_of_reference_uid: String,
     /// (SOP class, SOP instance) of every source instance, for the evidence sequence.
     pub instances: Vec<(String, String)>,
+    /// Set when a source instance was lossy compressed, in transit or before: images derived
+    /// from it must say so (PS3.3 C.7.6.1.1.5), or a viewer shows them as faithful.
+    pub lossy: Option<LossyHistory>,
+}
+
+/// What derived images repeat of their source's lossy compression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossyHistory {
+    /// Lossy Image Compression Ratio (0028,2112) as the source states it, or as measured on its
+    /// pixel data; `None` when neither is known.
+    pub ratio: Option<String>,
+    /// Lossy Image Compression Method (0028,2114), e.g. `ISO_10918_1`.
+    pub method: Option<String>,
+}
+
+/// JPEG Baseline and Extended: lossy whatever the stream.
+const ALWAYS_LOSSY: [&str; 2] = ["1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"];
+
+/// The transfer syntaxes the SCP accepts that may hold lossy compressed pixels, with the method
+/// each stands for (PS3.3 C.7.6.1.1.5.1). All but [`ALWAYS_LOSSY`] hold lossless streams
+/// too, and a lossy one is told by Lossy Image Compression.
+const LOSSY_METHODS: [(&str, &str); 5] = [
+    ("1.2.840.10008.1.2.4.50", "ISO_10918_1"),
+    ("1.2.840.10008.1.2.4.51", "ISO_10918_1"),
+    ("1.2.840.10008.1.2.4.81", "ISO_14495_1"),
+    ("1.2.840.10008.1.2.4.91", "ISO_15444_1"),
+    ("1.2.840.10008.1.2.4.203", "ISO_15444_15"),
+];
+
+impl LossyHistory {
+    /// The history of `path`, whose header says it was lossy compressed or which is stored in a
+    /// lossy JPEG syntax: the ratio and method it states, else the method its syntax stands for
+    /// and the ratio of its pixel data's size decoded to its size compressed.
+    fn of(path: &Path, transfer_syntax_uid: &str) -> LossyHistory {
+        let object = dicom_object::open_file(path).ok();
+        let stated = |tag| {
+            let object = object.as_ref()?;
+            let value = object.element(tag).ok()?.to_str().ok()?;
+            Some(value.trim_end_matches(['\0', ' ']).to_string()).filter(|v| !v.is_empty())
+        };
+        let method = stated(tags::LOSSY_IMAGE_COMPRESSION_METHOD)
+            .or_else(|| LOSSY_METHODS.iter().find(|(uid, _)| *uid == transfer_syntax_uid).map(|(_, m)| m.to_string()));
+        let measured = || {
+            let object = object.as_ref()?;
+            let pixels = crate::pixel_module::PixelModule::from_object(object).ok()?;
+            let fragments = object.element(tags::PIXEL_DATA).ok()?.value().fragments()?;
+            let compressed: usize = fragments.iter().map(Vec::len).sum();
+            (compressed > 0).then(|| format!("{:.2}", pixels.total_bytes() as f64 / compressed as f64))
+        };
+        LossyHistory { ratio: stated(tags::LOSSY_IMAGE_COMPRESSION_RATIO).or_else(measured), method }
+    }
+}
+
+/// Lossy Image Compression with its ratio and method, for an image derived from `source`:
+/// 01 when the source was lossy compressed; otherwise 00 where the IOD requires the attribute
+/// (`required`), nothing where it is optional.
+pub(crate) fn lossy_compression(source: &Source, required: bool) -> Vec<DataElement<InMemDicomObject>> {
+    match &source.lossy {
+        Some(history) => {
+            let mut elements = vec![text(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "01")];
+            if let Some(ratio) = &history.ratio {
+                elements.push(text(tags::LOSSY_IMAGE_COMPRESSION_RATIO, VR::DS, ratio.clone()));
+            }
+            if let Some(method) = &history.method {
+                elements.push(text(tags::LOSSY_IMAGE_COMPRESSION_METHOD, VR::CS, method.clone()));
+            }
+            elements
+        }
+        None if required => vec![text(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00")],
+        None => Vec::new(),
+    }
 }
 
 /// Patient and study attributes copied from the source (Type 2 ones are written empty when the
@@ -78,9 +149,14 @@ impl Source {
             }
         }
         let mut instances = Vec::with_capacity(files.len());
+        let mut lossy = None;
         for f in files {
             let header = crate::spool::InstanceHeader::read(f)
                 .map_err(|e| ReportError::Source(format!("{}: {e}", f.display())))?;
+            let jpeg_lossy = ALWAYS_LOSSY.contains(&header.transfer_syntax_uid.as_str());
+            if lossy.is_none() && (header.lossy_image_compression || jpeg_lossy) {
+                lossy = Some(LossyHistory::of(f, &header.transfer_syntax_uid));
+            }
             instances.push((header.sop_class_uid, header.sop_instance_uid));
         }
         Ok(Source {
@@ -92,6 +168,7 @@ impl Source {
             frame_of_reference_uid: text(tags::FRAME_OF_REFERENCE_UID)
                 .ok_or_else(|| ReportError::Source("no FrameOfReferenceUID: results could not be placed".into()))?,
             instances,
+            lossy,
         })
     }
 }

@@ -168,7 +168,7 @@ pub fn write(
         DataElement::new(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(0_u16)),
         DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(rgb.into())),
     ];
-    for e in elements {
+    for e in elements.into_iter().chain(super::lossy_compression(source, false)) {
         object.put(e);
     }
     write_object(object, uids::SECONDARY_CAPTURE_IMAGE_STORAGE, &sop_uid, &dir.join(format!("{role}.dcm")))

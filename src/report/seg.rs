@@ -215,7 +215,6 @@ pub fn write(
         text(tags::CONTENT_DESCRIPTION, VR::LO, "Intervertebral disc findings"),
         text(tags::CONTENT_CREATOR_NAME, VR::PN, ""),
         text(tags::SEGMENTATION_TYPE, VR::CS, "BINARY"),
-        text(tags::LOSSY_IMAGE_COMPRESSION, VR::CS, "00"),
         DataElement::new(tags::SAMPLES_PER_PIXEL, VR::US, PrimitiveValue::from(1_u16)),
         text(tags::PHOTOMETRIC_INTERPRETATION, VR::CS, "MONOCHROME2"),
         DataElement::new(tags::ROWS, VR::US, PrimitiveValue::from(size as u16)),
@@ -275,7 +274,9 @@ pub fn write(
         super::private_scheme_identification(),
         DataElement::new(tags::PIXEL_DATA, VR::OB, PrimitiveValue::U8(pixels.into())),
     ];
-    for e in elements.into_iter().chain(super::equipment_and_dates(algorithm)) {
+    for e in
+        elements.into_iter().chain(super::equipment_and_dates(algorithm)).chain(super::lossy_compression(source, true))
+    {
         object.put(e);
     }
     let object = write_object(object, uids::SEGMENTATION_STORAGE, &sop_uid, &dir.join("seg.dcm"))?;
