@@ -503,30 +503,12 @@ fn mutated_jpeg_extended_streams_fail_cleanly() {
     let stream = object.element(tags::PIXEL_DATA).unwrap().value().fragments().unwrap().concat();
     let size = (256, 1024);
     let original = idaics::jpeg_extended::decode(&stream, size).unwrap();
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = move |below: usize| -> usize {
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33) as usize % below.max(1)
-    };
+    let mut next = common::seeded_random(0x2545_F491_4F6C_DD1D);
     let (mut decoded, mut refused) = (0, 0);
     for _ in 0..1000 {
         let mut bytes = stream.clone();
-        let head = 700; // the marker segments before the coded data
-        match next(4) {
-            0 => (0..1 + next(6)).for_each(|_| bytes[next(head)] = next(256) as u8),
-            1 => bytes.truncate(next(bytes.len())),
-            2 => {
-                let at = next(bytes.len());
-                let chunk = bytes[at..(at + next(300)).min(bytes.len())].to_vec();
-                bytes.splice(at..at, chunk);
-            }
-            _ => (0..1 + next(20)).for_each(|_| {
-                let at = next(bytes.len());
-                bytes[at] ^= 1 << next(8)
-            }),
-        }
+        // The first 700 bytes are the marker segments before the coded data.
+        common::mutate(&mut bytes, 700, &mut next);
         match idaics::jpeg_extended::decode(&bytes, size) {
             Ok(frame) => {
                 assert_eq!((frame.width, frame.height, frame.samples.len()), (256, 1024, 256 * 1024));

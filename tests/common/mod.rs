@@ -43,6 +43,38 @@ pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool
     }
 }
 
+/// Numbers below a bound from a seeded xorshift64* generator: a fuzz test mutates the same way
+/// on every run, so a failure can be replayed.
+pub fn seeded_random(seed: u64) -> impl FnMut(usize) -> usize {
+    let mut state = seed;
+    move |below: usize| {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) as usize % below.max(1)
+    }
+}
+
+/// One random mutation of `bytes`: a few bytes changed within the first `head` (where the
+/// headers are), the end cut off, a run of bytes repeated, or bits flipped anywhere.
+pub fn mutate(bytes: &mut Vec<u8>, head: usize, next: &mut impl FnMut(usize) -> usize) {
+    let head = head.min(bytes.len()).max(1);
+    match next(4) {
+        0 if !bytes.is_empty() => (0..1 + next(8)).for_each(|_| bytes[next(head)] = next(256) as u8),
+        1 => bytes.truncate(next(bytes.len())),
+        2 => {
+            let at = next(bytes.len());
+            let chunk = bytes[at..(at + next(500)).min(bytes.len())].to_vec();
+            bytes.splice(at..at, chunk);
+        }
+        _ if !bytes.is_empty() => (0..1 + next(30)).for_each(|_| {
+            let at = next(bytes.len());
+            bytes[at] ^= 1 << next(8)
+        }),
+        _ => {}
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
