@@ -6,9 +6,9 @@
 //! could only be refused at negotiation, and a PACS that keeps nothing else could not send it.
 //! Only what CT needs is here: one component, Huffman tables, restart intervals. Progressive,
 //! arithmetic, hierarchical and lossless streams, colour and DNL-sized frames are refused with
-//! the reason. Every length and index comes from the sender, so nothing here indexes unchecked
-//! or allocates more than the frame header's size, which the caller has compared with the DICOM
-//! header ([`crate::pixel_module::PixelModule::check_codestream`]).
+//! the reason. Every length and index comes from the sender, so nothing here indexes unchecked,
+//! and nothing is allocated for a frame before its header has been found to match the DICOM
+//! header's Rows and Columns.
 //!
 //! The inverse DCT is computed in floating point and rounded, so values may differ by one from
 //! a decoder using IJG's integer approximation (DCMTK's), as the standard's accuracy test allows
@@ -215,10 +215,10 @@ pub fn decode(stream: &[u8], (columns, rows): (usize, usize)) -> Result<Frame, J
             return Err(JpegError::Damaged("the stream ends before any scan".into()));
         }
         let length = u16_at(stream, at)?;
-        let segment = stream.get(at + 2..at + length).ok_or(JpegError::CutShort("in a marker segment"))?;
         if length < 2 {
             return Err(JpegError::Damaged(format!("a marker segment of length {length}")));
         }
+        let segment = stream.get(at + 2..at + length).ok_or(JpegError::CutShort("in a marker segment"))?;
         match marker {
             0xDB => read_quantization(segment, &mut quantization)?,
             0xC4 => read_huffman(segment, &mut dc_tables, &mut ac_tables)?,
