@@ -459,6 +459,10 @@ fn idct_basis() -> [f64; 64] {
 fn inverse_dct(coefficients: &[f64; 64], basis: &[f64; 64]) -> [f64; 64] {
     let mut columns = [0f64; 64];
     for u in 0..8 {
+        // Quantisation leaves most high-frequency columns empty: their transform is zero.
+        if (0..8).all(|v| coefficients[v * 8 + u] == 0.0) {
+            continue;
+        }
         for y in 0..8 {
             columns[y * 8 + u] = (0..8).map(|v| basis[y * 8 + v] * coefficients[v * 8 + u]).sum();
         }
