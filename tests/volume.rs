@@ -442,7 +442,7 @@ fn native_samples(path: &std::path::Path) -> Vec<u16> {
 /// real 12-bit and 10-bit lossy images of the corpora, and CT compressed by DCMTK at several
 /// qualities and over several fragments, against DCMTK's decompression of the same files
 /// (IJG's integer inverse DCT approximates the exact one that ours computes in floating point:
-/// at most one apart, measured on 0.6 to 4.1% of the samples; against the original CT before
+/// at most one apart, measured on 0.5 to 4.1% of the samples; against the original CT before
 /// compression, both err alike).
 #[test]
 fn jpeg_extended_decodes_as_dcmtk_does() {
