@@ -476,20 +476,6 @@ fn inverse_dct(coefficients: &[f64; 64], basis: &[f64; 64]) -> [f64; 64] {
     out
 }
 
-/// Which fragments hold each frame of encapsulated pixel data. A frame starts with SOI;
-/// entropy-coded data cannot hold one (0xFF is stuffed there), so a fragment that starts with
-/// SOI starts a frame.
-fn frame_fragments(fragments: &[Vec<u8>]) -> Vec<Range<usize>> {
-    let mut frames: Vec<Range<usize>> = Vec::new();
-    for (n, fragment) in fragments.iter().enumerate() {
-        match frames.last_mut() {
-            Some(frame) if !fragment.starts_with(&[0xFF, 0xD8]) => frame.end = n + 1,
-            _ => frames.push(n..n + 1),
-        }
-    }
-    frames
-}
-
 /// A JPEG Extended data set's pixel description and its frames, not yet decoded.
 pub struct EncapsulatedFrames<'a> {
     fragments: &'a [Vec<u8>],
@@ -521,7 +507,7 @@ impl<'a> EncapsulatedFrames<'a> {
             .ok()
             .and_then(|e| e.value().fragments())
             .ok_or("no encapsulated PixelData")?;
-        let frames = frame_fragments(fragments);
+        let frames = crate::pixel_module::jpeg_frame_fragments(fragments);
         if frames.len() != number_of_frames {
             return Err(format!(
                 "NumberOfFrames {number_of_frames} but the pixel data holds {} JPEG frame(s)",

@@ -171,12 +171,12 @@ impl PixelModule {
         // from outside. A complete frame ends with its EOI marker, then padding to an even
         // length: a zero as DICOM says, or 0xFF as some encoders write (pylibjpeg's CT1_JLSN).
         if matches!(transfer_syntax_uid, "1.2.840.10008.1.2.4.80" | "1.2.840.10008.1.2.4.81") {
-            let starts_frame = |fragment: &Vec<u8>| fragment.starts_with(&[0xFF, 0xD8]);
-            for (n, fragment) in fragments.iter().enumerate() {
-                let ends_frame = fragments.get(n + 1).is_none_or(starts_frame);
+            for frame in jpeg_frame_fragments(fragments) {
+                let n = frame.end - 1;
+                let fragment = &fragments[n];
                 let content =
                     fragment.iter().rposition(|b| !matches!(b, 0x00 | 0xFF)).map_or(&[][..], |last| &fragment[..=last]);
-                if ends_frame && !content.ends_with(&[0xFF, 0xD9]) {
+                if !content.ends_with(&[0xFF, 0xD9]) {
                     let problem = "the JPEG-LS stream ends without its end-of-image marker: it is cut short";
                     return Err(if fragments.len() > 1 {
                         format!("fragment {}: {problem}", n + 1)
@@ -201,6 +201,20 @@ impl PixelModule {
             self.total_bytes()
         )
     }
+}
+
+/// Which fragments hold each frame of JPEG-family encapsulated pixel data (JPEG, JPEG-LS). A
+/// frame starts with SOI; entropy-coded data cannot hold one (0xFF is stuffed there), so a
+/// fragment that starts with SOI starts a frame.
+pub(crate) fn jpeg_frame_fragments(fragments: &[Vec<u8>]) -> Vec<std::ops::Range<usize>> {
+    let mut frames: Vec<std::ops::Range<usize>> = Vec::new();
+    for (n, fragment) in fragments.iter().enumerate() {
+        match frames.last_mut() {
+            Some(frame) if !fragment.starts_with(&[0xFF, 0xD8]) => frame.end = n + 1,
+            _ => frames.push(n..n + 1),
+        }
+    }
+    frames
 }
 
 /// What a compressed frame's own header says of its image.
