@@ -478,7 +478,11 @@ pub fn main() -> anyhow::Result<()> {
                     let patient = filter.patient.clone().unwrap_or_default();
                     db.history(&patient).await?.iter().map(|h| serde_json::to_value(h).expect("serialisable")).collect()
                 } else {
-                    db.findings(&filter).await?.iter().map(|f| serde_json::to_value(f).expect("serialisable")).collect()
+                    db.findings(&filter, crate::db::Page::ALL)
+                        .await?
+                        .iter()
+                        .map(|f| serde_json::to_value(f).expect("serialisable"))
+                        .collect()
                 };
                 let columns: &[&str] = if history {
                     &["level", "study_date", "accession", "study_uid", "class", "confidence", "prior_class", "change"]
@@ -522,7 +526,7 @@ pub fn main() -> anyhow::Result<()> {
                     return Ok(());
                 }
                 let rows: Vec<serde_json::Value> = db
-                    .jobs(state.as_deref(), series.as_deref())
+                    .jobs(state.as_deref(), series.as_deref(), crate::db::Page::ALL)
                     .await?
                     .iter()
                     .map(|j| serde_json::to_value(j).expect("serialisable"))
@@ -561,7 +565,7 @@ pub fn main() -> anyhow::Result<()> {
                     return Ok(());
                 }
                 let rows: Vec<serde_json::Value> = db
-                    .outbox(state.as_deref(), series.as_deref())
+                    .outbox(state.as_deref(), series.as_deref(), crate::db::Page::ALL)
                     .await?
                     .iter()
                     .map(|o| serde_json::to_value(o).expect("serialisable"))

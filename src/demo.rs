@@ -164,7 +164,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
                 Some((state, _)) if state == "done" && db.outbox_depth().await.unwrap_or(1) == 0 => {
                     let filter =
                         crate::db::FindingFilter { study: Some(truth.study_uid.clone()), ..Default::default() };
-                    if let Ok(rows) = db.findings(&filter).await {
+                    if let Ok(rows) = db.findings(&filter, crate::db::Page::ALL).await {
                         break Ok(rows);
                     }
                 }

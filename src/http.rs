@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Query, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::db::{Db, FindingFilter, JOB_STATES, SeriesFilter};
+use crate::db::{Db, FindingFilter, JOB_STATES, Page, SeriesFilter};
 use crate::scp::ScpStats;
 
 /// Upper bounds (seconds) of the inference latency histogram's buckets.
@@ -172,23 +172,51 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], out).into_response()
 }
 
-async fn findings(State(state): State<HttpState>, filter: FilterQuery<FindingFilter>) -> Response {
-    match filter {
-        Ok(Query(filter)) => listing("findings", state.db.findings(&filter).await),
-        Err(e) => bad_request(e.body_text()),
+/// Rows in a page of a listing when the request names no `limit`.
+const DEFAULT_PAGE_ROWS: u64 = 1000;
+/// The most rows one request may ask for: a response is built whole in memory, next to the SCP.
+const MAX_PAGE_ROWS: u64 = 10_000;
+
+/// A listing's query: its filter, and its page (`limit`, `offset`), which is taken out first so
+/// that the filter still refuses any name it does not know (a mistyped filter is an error, not
+/// every row).
+fn paged_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<(T, Page), String> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| format!("query string: {e}"))?;
+    let mut page = Page { limit: Some(DEFAULT_PAGE_ROWS), offset: 0 };
+    let mut filter_pairs = Vec::with_capacity(pairs.len());
+    for (name, value) in pairs {
+        match name.as_str() {
+            "limit" => match value.parse::<u64>() {
+                Ok(n) if (1..=MAX_PAGE_ROWS).contains(&n) => page.limit = Some(n),
+                _ => return Err(format!("limit {value:?} is not a number of rows from 1 to {MAX_PAGE_ROWS}")),
+            },
+            "offset" => {
+                page.offset = value.parse().map_err(|_| format!("offset {value:?} is not a number of rows to skip"))?;
+            }
+            _ => filter_pairs.push((name, value)),
+        }
+    }
+    let rest = serde_urlencoded::to_string(&filter_pairs).map_err(|e| format!("query string: {e}"))?;
+    let filter = serde_urlencoded::from_str(&rest).map_err(|e| format!("query string: {e}"))?;
+    Ok((filter, page))
+}
+
+async fn findings(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+    match paged_query::<FindingFilter>(raw.as_deref()) {
+        Ok((filter, page)) => listing("findings", page, state.db.findings(&filter, one_more(page)).await),
+        Err(message) => bad_request(message),
     }
 }
 
 /// Decided series with their latest job: why a study has no results (a skipped series and its
 /// reason, a failed job and its error), across every agent that shares the database.
-async fn series(State(state): State<HttpState>, filter: FilterQuery<SeriesFilter>) -> Response {
-    match filter {
-        Ok(Query(filter)) => listing("series", state.db.series_log(&filter).await),
-        Err(e) => bad_request(e.body_text()),
+async fn series(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+    match paged_query::<SeriesFilter>(raw.as_deref()) {
+        Ok((filter, page)) => listing("series", page, state.db.series_log(&filter, one_more(page)).await),
+        Err(message) => bad_request(message),
     }
 }
-
-type FilterQuery<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
 #[derive(serde::Deserialize)]
 struct HistoryQuery {
@@ -210,17 +238,15 @@ struct StateAndSeriesQuery {
     series: Option<String>,
 }
 
-type ListingQuery = FilterQuery<StateAndSeriesQuery>;
-
-/// The query, or what is wrong with it.
-fn listing_query(query: ListingQuery, states: &[&str]) -> Result<StateAndSeriesQuery, String> {
-    let Query(q) = query.map_err(|e| e.body_text())?;
+/// The query and its page, or what is wrong with them.
+fn listing_query(raw: Option<&str>, states: &[&str]) -> Result<(StateAndSeriesQuery, Page), String> {
+    let (q, page): (StateAndSeriesQuery, Page) = paged_query(raw)?;
     if let Some(wanted) = &q.state
         && !states.contains(&wanted.as_str())
     {
         return Err(format!("state must be one of {}", states.join(", ")));
     }
-    Ok(q)
+    Ok((q, page))
 }
 
 fn bad_request(message: String) -> Response {
@@ -232,28 +258,43 @@ fn unavailable(error: crate::db::DbError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": error.to_string() }))).into_response()
 }
 
-/// `{key: rows}`, a 400 for a filter the query cannot take, or a 503 when the database does not
-/// answer.
-fn listing<T: serde::Serialize>(key: &str, rows: Result<Vec<T>, crate::db::DbError>) -> Response {
+/// The page asked for and one row more, which tells whether another page follows.
+fn one_more(page: Page) -> Page {
+    Page { limit: page.limit.map(|n| n + 1), ..page }
+}
+
+/// `{key: rows, "next_offset": N}` from the rows fetched for [`one_more`]`(page)`, where
+/// `next_offset` is the `offset` of the next page, or null on the last one; a 400 for a filter
+/// the query cannot take, or a 503 when the database does not answer.
+fn listing<T: serde::Serialize>(key: &str, page: Page, rows: Result<Vec<T>, crate::db::DbError>) -> Response {
     match rows {
-        Ok(rows) => axum::Json(serde_json::json!({ key: rows })).into_response(),
+        Ok(mut rows) => {
+            let limit = page.limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            let next_offset = (rows.len() > limit).then(|| page.offset.saturating_add(limit as u64));
+            rows.truncate(limit);
+            axum::Json(serde_json::json!({ key: rows, "next_offset": next_offset })).into_response()
+        }
         Err(crate::db::DbError::Filter(message)) => bad_request(message),
         Err(e) => unavailable(e),
     }
 }
 
 /// Analysis jobs, newest first: what `idaics jobs` lists, for monitoring.
-async fn jobs(State(state): State<HttpState>, query: ListingQuery) -> Response {
-    match listing_query(query, &JOB_STATES) {
-        Ok(q) => listing("jobs", state.db.jobs(q.state.as_deref(), q.series.as_deref()).await),
+async fn jobs(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+    match listing_query(raw.as_deref(), &JOB_STATES) {
+        Ok((q, page)) => {
+            listing("jobs", page, state.db.jobs(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
+        }
         Err(message) => bad_request(message),
     }
 }
 
 /// Deliveries, newest first: what `idaics outbox` lists, for monitoring a destination.
-async fn outbox(State(state): State<HttpState>, query: ListingQuery) -> Response {
-    match listing_query(query, &crate::db::OUTBOX_STATES) {
-        Ok(q) => listing("outbox", state.db.outbox(q.state.as_deref(), q.series.as_deref()).await),
+async fn outbox(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+    match listing_query(raw.as_deref(), &crate::db::OUTBOX_STATES) {
+        Ok((q, page)) => {
+            listing("outbox", page, state.db.outbox(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
+        }
         Err(message) => bad_request(message),
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::postgres::Postgres;
 use common::{Agent, free_port, http_get as get, output_text, store_outcomes, wait_until};
-use idaics::db::{Db, Table};
+use idaics::db::{Db, SeriesRow, Table};
 use idaics::synthetic::{SeriesSpec, write_ct_series};
 
 /// A plain HTTP/1.1 GET; the status code and the body.
@@ -46,6 +46,13 @@ fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
 
 fn sample(samples: &[(String, f64)], series: &str) -> f64 {
     samples.iter().find(|(s, _)| s == series).unwrap_or_else(|| panic!("{series} not exported")).1
+}
+
+/// A listing's body, parsed, once its status is 200.
+fn listing(http: u16, path: &str) -> serde_json::Value {
+    let (status, body) = get(http, path);
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -100,7 +107,7 @@ fn embedded_database_metrics_and_api() {
     assert_eq!(listed["jobs"].as_array().unwrap().len(), 1, "{body}");
     assert_eq!(listed["jobs"][0]["series_uid"], series.series_uid.as_str());
     assert_eq!(listed["jobs"][0]["revision"], 1);
-    assert_eq!(get(http, "/api/v1/jobs?series=1.2.3.4").1, "{\"jobs\":[]}");
+    assert_eq!(listing(http, "/api/v1/jobs?series=1.2.3.4"), serde_json::json!({"jobs": [], "next_offset": null}));
     assert_eq!(get(http, "/api/v1/jobs?state=stuck").0, 400);
     assert_eq!(get(http, "/api/v1/jobs?colour=red").0, 400);
     // Why a series has (or has not) results, by what a person knows of it.
@@ -112,12 +119,49 @@ fn embedded_database_metrics_and_api() {
     assert_eq!(found[0]["series_uid"], series.series_uid.as_str());
     assert_eq!(found[0]["slices"], 12);
     assert_eq!(found[0]["job_id"], listed["jobs"][0]["id"]);
-    assert_eq!(get(http, "/api/v1/series?patient=nobody").1, "{\"series\":[]}");
+    assert_eq!(listing(http, "/api/v1/series?patient=nobody"), serde_json::json!({"series": [], "next_offset": null}));
     assert_eq!(get(http, "/api/v1/series?state=purged").0, 400);
     assert_eq!(get(http, "/api/v1/series?colour=red").0, 400);
     // No destination: nothing to send.
-    assert_eq!(get(http, "/api/v1/outbox").1, "{\"outbox\":[]}");
+    assert_eq!(listing(http, "/api/v1/outbox"), serde_json::json!({"outbox": [], "next_offset": null}));
     assert_eq!(get(http, "/api/v1/outbox?state=stuck").0, 400);
+
+    // Listings come in pages (1000 rows unless `limit` says otherwise), each saying where the
+    // next one starts. A second series, as another agent sharing the database would record it:
+    let other = SeriesRow {
+        series_uid: "1.2.826.0.1.3680043.10.1".into(),
+        study_uid: "1.2.826.0.1.3680043.10.2".into(),
+        patient_id: Some("OTHER".into()),
+        accession: None,
+        study_date: None,
+        body_part: None,
+        modality: Some("CT".into()),
+        instances: 1,
+        slices: 1,
+        state: "skipped".into(),
+        skip_reason: Some("1 slice(s); a stack needs at least 2".into()),
+        trigger_reason: "quiet period".into(),
+        revision: 1,
+        decided_at: idaics::db::now(),
+    };
+    rt.block_on(db.record_series(&other)).unwrap();
+    let whole = listing(http, "/api/v1/series");
+    assert_eq!(whole["series"].as_array().unwrap().len(), 2, "{whole}");
+    assert_eq!(whole["next_offset"], serde_json::Value::Null);
+    let first = listing(http, "/api/v1/series?limit=1");
+    assert_eq!(first["series"].as_array().unwrap()[..], whole["series"].as_array().unwrap()[..1]);
+    assert_eq!(first["next_offset"], 1);
+    let second = listing(http, "/api/v1/series?limit=1&offset=1");
+    assert_eq!(second["series"].as_array().unwrap()[..], whole["series"].as_array().unwrap()[1..]);
+    assert_eq!(second["next_offset"], serde_json::Value::Null);
+    let skipped = listing(http, "/api/v1/series?state=skipped&limit=5");
+    assert_eq!(skipped["series"][0]["series_uid"], other.series_uid.as_str());
+    assert_eq!(listing(http, "/api/v1/jobs?offset=1")["jobs"], serde_json::json!([]));
+    for bad in ["limit=0", "limit=10001", "limit=ten", "offset=-1", "limit="] {
+        let (status, body) = get(http, &format!("/api/v1/findings?{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains(bad.split('=').next().unwrap()), "{bad}: {body}");
+    }
 
     // The CLI reads the same database.
     let cli = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))

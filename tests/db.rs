@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use common::postgres::Postgres;
 use idaics::db::{
-    AssociationRow, Change, Db, DbError, FindingFilter, FindingRow, JobOutcome, OutboxEntry, Record, SeriesFilter,
-    SeriesRow, Table, Writer,
+    AssociationRow, Change, Db, DbError, FindingFilter, FindingRow, JobOutcome, OutboxEntry, Page, Record,
+    SeriesFilter, SeriesRow, Table, Writer,
 };
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -218,22 +218,22 @@ async fn failed_jobs_are_listed_and_queued_again(url: String) {
     let done = JobOutcome::Done { weights_sha256: None, findings: &[], outbox: &[] };
     assert!(db.finish_job(succeeding.id, "a|1", done).await.unwrap());
 
-    let all = db.jobs(None, None).await.unwrap();
+    let all = db.jobs(None, None, Page::ALL).await.unwrap();
     assert_eq!(all.iter().map(|j| j.id).collect::<Vec<_>>(), vec![succeeding.id, failing.id], "newest first");
-    let failed = db.jobs(Some("failed"), None).await.unwrap();
+    let failed = db.jobs(Some("failed"), None, Page::ALL).await.unwrap();
     assert_eq!(failed.len(), 1);
     assert_eq!((failed[0].id, failed[0].attempts), (failing.id, 1));
     assert_eq!(failed[0].error.as_deref(), Some("series larger than 1 MB"));
     assert_eq!(failed[0].claimed_by.as_deref(), Some("a|1"));
     assert!(failed[0].finished_at.is_some());
-    assert_eq!(db.jobs(None, Some("6.2")).await.unwrap()[0].state, "done");
-    assert!(db.jobs(Some("running"), None).await.unwrap().is_empty());
+    assert_eq!(db.jobs(None, Some("6.2"), Page::ALL).await.unwrap()[0].state, "done");
+    assert!(db.jobs(Some("running"), None, Page::ALL).await.unwrap().is_empty());
 
     assert!(!db.retry_failed_job(succeeding.id).await.unwrap(), "a done job is not run again");
     assert!(!db.retry_failed_job(999_999).await.unwrap());
     assert!(db.retry_failed_job(failing.id).await.unwrap());
     assert!(!db.retry_failed_job(failing.id).await.unwrap(), "already queued");
-    let queued = db.jobs(Some("queued"), Some("6.1")).await.unwrap();
+    let queued = db.jobs(Some("queued"), Some("6.1"), Page::ALL).await.unwrap();
     assert_eq!(queued.len(), 1);
     assert_eq!((queued[0].attempts, queued[0].error.as_deref(), queued[0].finished_at.as_deref()), (0, None, None));
     let again = db.claim_job("b|1").await.unwrap().unwrap();
@@ -256,7 +256,7 @@ async fn the_series_log_says_what_became_of_each_series(url: String) {
     let listed = |filter: SeriesFilter| {
         let db = db.clone();
         async move {
-            let mut rows = db.series_log(&filter).await.unwrap();
+            let mut rows = db.series_log(&filter, Page::ALL).await.unwrap();
             rows.sort_by(|a, b| a.series.series_uid.cmp(&b.series.series_uid));
             rows
         }
@@ -284,7 +284,7 @@ async fn the_series_log_says_what_became_of_each_series(url: String) {
     assert_eq!(uids(listed(by(None, None, Some("ACC-8"), None)).await), ["8.1"]);
     assert_eq!(uids(listed(by(Some("complete"), Some("P7"), None, Some("7"))).await), ["7.1"]);
     assert!(listed(by(None, Some("P9"), None, None)).await.is_empty());
-    let refused = db.series_log(&by(Some("purged"), None, None, None)).await;
+    let refused = db.series_log(&by(Some("purged"), None, None, None), Page::ALL).await;
     assert!(matches!(refused, Err(DbError::Filter(_))), "{refused:?}");
 
     // Sent again, the series is decided again: its new job is the one listed.
@@ -342,13 +342,13 @@ async fn retention_takes_only_finished_and_delivered_series(url: String) {
 
     // The operator's view of the outbox (`idaics outbox`): one object sent, one pending.
     // Cancelling the pending one lets its series go; a retry makes it due, and holds it again.
-    let outbox = db.outbox(None, None).await.unwrap();
+    let outbox = db.outbox(None, None, Page::ALL).await.unwrap();
     let listed_outbox: Vec<_> = outbox.iter().map(|o| (o.series_uid.as_deref(), o.state.as_str())).collect();
     assert_eq!(listed_outbox, [(Some("8.4"), "pending"), (Some("8.1"), "sent")]);
     assert!(outbox[0].next_attempt_at.is_some() && outbox[1].next_attempt_at.is_none());
     let (pending_id, sent_id) = (outbox[0].id, outbox[1].id);
-    assert_eq!(db.outbox(Some("pending"), Some("8.4")).await.unwrap().len(), 1);
-    assert!(db.outbox(Some("pending"), Some("8.1")).await.unwrap().is_empty());
+    assert_eq!(db.outbox(Some("pending"), Some("8.4"), Page::ALL).await.unwrap().len(), 1);
+    assert!(db.outbox(Some("pending"), Some("8.1"), Page::ALL).await.unwrap().is_empty());
     assert!(!db.cancel_outbox(sent_id).await.unwrap(), "a sent object stays sent");
     assert!(!db.retry_outbox(sent_id).await.unwrap(), "a sent object stays sent");
     assert!(db.cancel_outbox(pending_id).await.unwrap());
@@ -434,7 +434,7 @@ async fn queries_and_history(url: String) {
     finish_with_findings(&db, "t", &rows).await;
     let count = |filter: FindingFilter| {
         let db = db.clone();
-        async move { db.findings(&filter).await.unwrap().len() }
+        async move { db.findings(&filter, Page::ALL).await.unwrap().len() }
     };
     assert_eq!(count(FindingFilter::default()).await, 7);
     assert_eq!(count(FindingFilter { patient: Some("P7".into()), ..Default::default() }).await, 7);
@@ -452,13 +452,35 @@ async fn queries_and_history(url: String) {
         min_confidence: Some(0.8),
         ..Default::default()
     };
-    let found = db.findings(&combined).await.unwrap();
+    let found = db.findings(&combined, Page::ALL).await.unwrap();
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].class, "protrusion");
     assert_eq!(found[0].r#box, Some([10.0, 20.0, 110.0, 80.0]));
     assert_eq!(found[0].views, vec!["sagittal", "axial"]);
-    assert!(db.findings(&FindingFilter { class: Some("herniation".into()), ..Default::default() }).await.is_err());
-    assert!(db.findings(&FindingFilter { since: Some("01/02/2025".into()), ..Default::default() }).await.is_err());
+    // Pages of a listing, in its order, add up to the whole of it.
+    let all = db.findings(&FindingFilter::default(), Page::ALL).await.unwrap();
+    let mut paged = Vec::new();
+    for offset in [0, 3, 6] {
+        paged.extend(db.findings(&FindingFilter::default(), Page { limit: Some(3), offset }).await.unwrap());
+    }
+    assert_eq!(paged, all);
+    assert!(db.findings(&FindingFilter::default(), Page { limit: Some(3), offset: 7 }).await.unwrap().is_empty());
+    assert_eq!(db.findings(&FindingFilter::default(), Page { limit: None, offset: 5 }).await.unwrap(), all[5..]);
+    let by_level = FindingFilter { level: Some("L5/S1".into()), ..Default::default() };
+    assert_eq!(db.findings(&by_level, Page { limit: Some(2), offset: 1 }).await.unwrap().len(), 2);
+    let jobs = db.jobs(None, None, Page::ALL).await.unwrap();
+    assert_eq!(jobs.len(), 3);
+    assert_eq!(db.jobs(None, None, Page { limit: Some(2), offset: 1 }).await.unwrap(), jobs[1..]);
+    assert!(
+        db.findings(&FindingFilter { class: Some("herniation".into()), ..Default::default() }, Page::ALL)
+            .await
+            .is_err()
+    );
+    assert!(
+        db.findings(&FindingFilter { since: Some("01/02/2025".into()), ..Default::default() }, Page::ALL)
+            .await
+            .is_err()
+    );
 
     let history = db.history("P7").await.unwrap();
     let of = |level: &str| -> Vec<(String, Change)> {

@@ -629,7 +629,7 @@ impl InterruptedJob {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
             let db = idaics::db::Db::open(&format!("sqlite://{}", self.state.join("idaics.db").display())).unwrap();
-            let jobs = db.jobs(None, None).await.unwrap();
+            let jobs = db.jobs(None, None, idaics::db::Page::ALL).await.unwrap();
             assert_eq!(jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(), ["done"]);
             let findings = db.count(idaics::db::Table::Findings).await.unwrap();
             assert_eq!(findings, self.levels as i64, "one finding per level, once");
