@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::{Query, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -181,8 +181,7 @@ const MAX_PAGE_ROWS: u64 = 10_000;
 /// that the filter still refuses any name it does not know (a mistyped filter is an error, not
 /// every row).
 fn paged_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<(T, Page), String> {
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(raw.unwrap_or("")).map_err(|e| format!("query string: {e}"))?;
+    let pairs: Vec<(String, String)> = parse_query(raw.unwrap_or(""))?;
     let mut page = Page { limit: Some(DEFAULT_PAGE_ROWS), offset: 0 };
     let mut filter_pairs = Vec::with_capacity(pairs.len());
     for (name, value) in pairs {
@@ -198,8 +197,13 @@ fn paged_query<T: serde::de::DeserializeOwned>(raw: Option<&str>) -> Result<(T, 
         }
     }
     let rest = serde_urlencoded::to_string(&filter_pairs).map_err(|e| format!("query string: {e}"))?;
-    let filter = serde_urlencoded::from_str(&rest).map_err(|e| format!("query string: {e}"))?;
-    Ok((filter, page))
+    Ok((parse_query(&rest)?, page))
+}
+
+/// A query string as `T`, or what is wrong with it, for a JSON 400 like every other refusal
+/// here (axum's own extractor answers in plain text).
+fn parse_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, String> {
+    serde_urlencoded::from_str(query).map_err(|e| format!("query string: {e}"))
 }
 
 async fn findings(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
@@ -219,11 +223,16 @@ async fn series(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Resp
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryQuery {
     patient: String,
 }
 
-async fn history(State(state): State<HttpState>, Query(q): Query<HistoryQuery>) -> Response {
+async fn history(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
+    let q: HistoryQuery = match parse_query(raw.as_deref().unwrap_or("")) {
+        Ok(q) => q,
+        Err(message) => return bad_request(message),
+    };
     match state.db.history(&q.patient).await {
         Ok(entries) => axum::Json(serde_json::json!({ "patient": q.patient, "history": entries })).into_response(),
         Err(e) => unavailable(e),

@@ -157,6 +157,15 @@ fn embedded_database_metrics_and_api() {
     let skipped = listing(http, "/api/v1/series?state=skipped&limit=5");
     assert_eq!(skipped["series"][0]["series_uid"], other.series_uid.as_str());
     assert_eq!(listing(http, "/api/v1/jobs?offset=1")["jobs"], serde_json::json!([]));
+    // A patient's history; a request without one, or with a name it does not take, is told so.
+    let history = listing(http, "/api/v1/history?patient=SYN21");
+    assert_eq!(history["patient"], "SYN21");
+    for bad in ["", "?colour=red", "?patient=SYN21&colour=red"] {
+        let (status, body) = get(http, &format!("/api/v1/history{bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{bad}: {e}: {body}"));
+        assert!(error["error"].as_str().unwrap().contains(if bad.is_empty() { "patient" } else { "colour" }), "{body}");
+    }
     for bad in ["limit=0", "limit=10001", "limit=ten", "offset=-1", "limit="] {
         let (status, body) = get(http, &format!("/api/v1/findings?{bad}"));
         assert_eq!(status, 400, "{bad}: {body}");
