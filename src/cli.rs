@@ -1,6 +1,7 @@
 //! The command line: parses arguments, loads the configuration and dispatches to the library.
 //! This is the top of the program, so errors become `anyhow` here and nowhere below.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -474,16 +475,6 @@ pub fn main() -> anyhow::Result<()> {
             one_shot(async move {
                 let db = crate::db::Db::connect(&url).await?;
                 db.migrate().await?;
-                let rows: Vec<serde_json::Value> = if history {
-                    let patient = filter.patient.clone().unwrap_or_default();
-                    db.history(&patient).await?.iter().map(|h| serde_json::to_value(h).expect("serialisable")).collect()
-                } else {
-                    db.findings(&filter, crate::db::Page::ALL)
-                        .await?
-                        .iter()
-                        .map(|f| serde_json::to_value(f).expect("serialisable"))
-                        .collect()
-                };
                 let columns: &[&str] = if history {
                     &["level", "study_date", "accession", "study_uid", "class", "confidence", "prior_class", "change"]
                 } else {
@@ -501,7 +492,18 @@ pub fn main() -> anyhow::Result<()> {
                         "model_version",
                     ]
                 };
-                print_rows(&rows, columns, format, if history { "history" } else { "findings" })
+                if history {
+                    let patient = filter.patient.clone().unwrap_or_default();
+                    let mut out = RowPrinter::new(columns, format, "history")?;
+                    for entry in db.history(&patient).await? {
+                        out.row(&entry)?;
+                    }
+                    out.finish()
+                } else {
+                    let mut out = RowPrinter::new(columns, format, "findings")?;
+                    db.each_finding(&filter, crate::db::Page::ALL, |f| out.row(&f)).await?;
+                    out.finish()
+                }
             })
         }
         Command::Jobs { database, state, series, retry, format } => {
@@ -525,15 +527,11 @@ pub fn main() -> anyhow::Result<()> {
                     );
                     return Ok(());
                 }
-                let rows: Vec<serde_json::Value> = db
-                    .jobs(state.as_deref(), series.as_deref(), crate::db::Page::ALL)
-                    .await?
-                    .iter()
-                    .map(|j| serde_json::to_value(j).expect("serialisable"))
-                    .collect();
                 let columns =
                     ["id", "state", "attempts", "series_uid", "revision", "finished_at", "claimed_by", "error"];
-                print_rows(&rows, &columns, format, "jobs")
+                let mut out = RowPrinter::new(&columns, format, "jobs")?;
+                db.each_job(state.as_deref(), series.as_deref(), crate::db::Page::ALL, |j| out.row(&j)).await?;
+                out.finish()
             })
         }
         Command::Outbox { database, state, series, cancel, retry, format } => {
@@ -564,12 +562,6 @@ pub fn main() -> anyhow::Result<()> {
                     );
                     return Ok(());
                 }
-                let rows: Vec<serde_json::Value> = db
-                    .outbox(state.as_deref(), series.as_deref(), crate::db::Page::ALL)
-                    .await?
-                    .iter()
-                    .map(|o| serde_json::to_value(o).expect("serialisable"))
-                    .collect();
                 let columns = [
                     "id",
                     "state",
@@ -581,7 +573,9 @@ pub fn main() -> anyhow::Result<()> {
                     "last_status",
                     "last_error",
                 ];
-                print_rows(&rows, &columns, format, "outbox")
+                let mut out = RowPrinter::new(&columns, format, "outbox")?;
+                db.each_outbox(state.as_deref(), series.as_deref(), crate::db::Page::ALL, |o| out.row(&o)).await?;
+                out.finish()
             })
         }
         Command::Series { config, state_dir, format } => {
@@ -1150,65 +1144,150 @@ fn one_shot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> any
 }
 
 /// Prints rows as an aligned table, a JSON document `{key: [...]}`, or CSV with a header line.
-fn print_rows(rows: &[serde_json::Value], columns: &[&str], format: TableJsonCsv, key: &str) -> anyhow::Result<()> {
-    let cell = |row: &serde_json::Value, column: &str| -> String {
-        match &row[column] {
-            serde_json::Value::Null => String::new(),
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(items) => items
-                .iter()
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string))
-                .collect::<Vec<_>>()
-                .join("+"),
-            serde_json::Value::Number(n) if column == "confidence" => format!("{:.3}", n.as_f64().unwrap_or(0.0)),
-            // Areas come from pixel counts times an f32 pixel area: a tenth of a square millimetre is
-            // all they can mean, and twelve digits hide the column's scale from whoever reads it.
-            serde_json::Value::Number(n) if column.ends_with("_mm2") => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
-            other => other.to_string(),
+/// Prints a listing's rows as they come from the database: CSV and JSON row by row, so that an
+/// export of any length costs a row's memory; the table once every row is in, its columns as
+/// wide as their widest cell. A reader that stops early (`| head`) ends the listing quietly.
+struct RowPrinter<'a> {
+    columns: &'a [&'a str],
+    format: TableJsonCsv,
+    key: &'a str,
+    out: std::io::BufWriter<std::io::StdoutLock<'static>>,
+    rows: usize,
+    /// The table's cells, held until [`RowPrinter::finish`].
+    table: Vec<Vec<String>>,
+    /// Stdout was closed: the rest is dropped.
+    closed: bool,
+}
+
+impl<'a> RowPrinter<'a> {
+    fn new(columns: &'a [&'a str], format: TableJsonCsv, key: &'a str) -> anyhow::Result<Self> {
+        let out = std::io::BufWriter::new(std::io::stdout().lock());
+        let mut printer = RowPrinter { columns, format, key, out, rows: 0, table: Vec::new(), closed: false };
+        if let TableJsonCsv::Csv = format {
+            let header = columns.join(",");
+            printer.write(|out| writeln!(out, "{header}"))?;
         }
-    };
-    match format {
-        TableJsonCsv::Json => println!("{}", serde_json::to_string_pretty(&serde_json::json!({ key: rows }))?),
-        TableJsonCsv::Csv => {
-            println!("{}", columns.join(","));
-            for row in rows {
-                let fields: Vec<String> = columns
+        Ok(printer)
+    }
+
+    fn row(&mut self, row: &impl serde::Serialize) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        let row = serde_json::to_value(row)?;
+        let first = self.rows == 0;
+        self.rows += 1;
+        match self.format {
+            TableJsonCsv::Json => {
+                // serde_json's pretty form of `{key: [rows]}`, one row at a time.
+                let pretty = serde_json::to_string_pretty(&row)?;
+                let key = self.key;
+                self.write(|out| {
+                    if first {
+                        write!(out, "{{\n  {}: [\n", serde_json::Value::from(key))?;
+                    } else {
+                        writeln!(out, ",")?;
+                    }
+                    for (i, line) in pretty.lines().enumerate() {
+                        if i > 0 {
+                            writeln!(out)?;
+                        }
+                        write!(out, "    {line}")?;
+                    }
+                    Ok(())
+                })
+            }
+            TableJsonCsv::Csv => {
+                let fields: Vec<String> = self
+                    .columns
                     .iter()
                     .map(|c| {
-                        let v = cell(row, c);
+                        let v = cell(&row, c);
                         if v.contains([',', '"', '\n']) { format!("\"{}\"", v.replace('"', "\"\"")) } else { v }
                     })
                     .collect();
-                println!("{}", fields.join(","));
+                self.write(|out| writeln!(out, "{}", fields.join(",")))
             }
-        }
-        TableJsonCsv::Table => {
-            let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| cell(r, c)).collect()).collect();
-            let widths: Vec<usize> = columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0))
-                .collect();
-            let line = |values: Vec<&str>| {
-                values
-                    .iter()
-                    .zip(&widths)
-                    .map(|(v, w)| format!("{v:<w$}"))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-                    .trim_end()
-                    .to_string()
-            };
-            println!("{}", line(columns.to_vec()));
-            for r in &cells {
-                println!("{}", line(r.iter().map(String::as_str).collect()));
-            }
-            if rows.is_empty() {
-                println!("(no {key})");
+            TableJsonCsv::Table => {
+                self.table.push(self.columns.iter().map(|c| cell(&row, c)).collect());
+                Ok(())
             }
         }
     }
-    Ok(())
+
+    fn finish(mut self) -> anyhow::Result<()> {
+        let (columns, key, rows) = (self.columns, self.key, self.rows);
+        match self.format {
+            TableJsonCsv::Json if rows == 0 => {
+                self.write(|out| writeln!(out, "{{\n  {}: []\n}}", serde_json::Value::from(key)))?
+            }
+            TableJsonCsv::Json => self.write(|out| writeln!(out, "\n  ]\n}}"))?,
+            TableJsonCsv::Csv => {}
+            TableJsonCsv::Table => {
+                let cells = std::mem::take(&mut self.table);
+                let widths: Vec<usize> = columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0))
+                    .collect();
+                let line = |values: Vec<&str>| {
+                    values
+                        .iter()
+                        .zip(&widths)
+                        .map(|(v, w)| format!("{v:<w$}"))
+                        .collect::<Vec<_>>()
+                        .join("  ")
+                        .trim_end()
+                        .to_string()
+                };
+                self.write(|out| {
+                    writeln!(out, "{}", line(columns.to_vec()))?;
+                    for r in &cells {
+                        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+                    }
+                    if rows == 0 {
+                        writeln!(out, "(no {key})")?;
+                    }
+                    Ok(())
+                })?;
+            }
+        }
+        self.write(|out| out.flush())
+    }
+
+    /// Writes unless stdout has been closed; a closed stdout is remembered, any other failure
+    /// returned.
+    fn write(
+        &mut self,
+        what: impl FnOnce(&mut std::io::BufWriter<std::io::StdoutLock<'static>>) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match what(&mut self.out) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+/// A value as a listing prints it.
+fn cell(row: &serde_json::Value, column: &str) -> String {
+    match &row[column] {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) => {
+            items.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_string)).collect::<Vec<_>>().join("+")
+        }
+        serde_json::Value::Number(n) if column == "confidence" => format!("{:.3}", n.as_f64().unwrap_or(0.0)),
+        // Areas come from pixel counts times an f32 pixel area: a tenth of a square millimetre is
+        // all they can mean, and twelve digits hide the column's scale from whoever reads it.
+        serde_json::Value::Number(n) if column.ends_with("_mm2") => format!("{:.1}", n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    }
 }
 
 /// Logging for one-shot commands: warnings and errors to stderr.

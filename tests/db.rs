@@ -651,6 +651,13 @@ fn findings_command_filters_and_formats() {
         history.contains("changed_class") && history.contains("unchanged") && history.contains("first"),
         "{history}"
     );
+    // Printed row by row, the JSON is still serde_json's pretty form of the whole listing.
+    let listed = runtime().block_on(async {
+        Db::connect(&url).await.unwrap().findings(&FindingFilter::default(), Page::ALL).await.unwrap()
+    });
+    let whole = serde_json::to_string_pretty(&serde_json::json!({ "findings": listed })).unwrap();
+    assert_eq!(run(&["--format", "json"]), whole + "\n");
+    assert_eq!(run(&["--study", "none", "--format", "json"]), "{\n  \"findings\": []\n}\n");
     let bad = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
         .args(["findings", "--state-dir"])
         .arg(state.path())
@@ -659,6 +666,41 @@ fn findings_command_filters_and_formats() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("herniation"));
+}
+
+/// `idaics findings | head`: the listing streams, and a reader that stops early ends it
+/// quietly, with success, rather than with a panic about a broken pipe.
+#[test]
+fn a_listing_read_only_in_part_ends_quietly() {
+    use std::io::BufRead as _;
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", state.path().join("idaics.db").display());
+    runtime().block_on(async {
+        let db = Db::connect(&url).await.unwrap();
+        db.migrate().await.unwrap();
+        db.record_series(&series_row("9.1.1", "P7", "9.1", "2024-03-01", "complete", 1)).await.unwrap();
+        let job = db.claim_job("t").await.unwrap().unwrap().id;
+        // Far more than a pipe holds (64 KiB), so the writer meets the closed end.
+        let rows: Vec<FindingRow> =
+            (0..5000).map(|_| finding(job, "9.1", "2024-03-01", "L4/L5", "bulge", 0.5)).collect();
+        finish_with_findings(&db, "t", &rows).await;
+    });
+    for format in ["csv", "json", "table"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(["findings", "--format", format, "--state-dir"])
+            .arg(state.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        assert!(!first.is_empty(), "{format}: nothing printed");
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{format}: {:?} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{format}: {stderr}");
+    }
 }
 
 #[test]
