@@ -1143,10 +1143,11 @@ fn one_shot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> any
         .block_on(work)
 }
 
-/// Prints rows as an aligned table, a JSON document `{key: [...]}`, or CSV with a header line.
-/// Prints a listing's rows as they come from the database: CSV and JSON row by row, so that an
-/// export of any length costs a row's memory; the table once every row is in, its columns as
-/// wide as their widest cell. A reader that stops early (`| head`) ends the listing quietly.
+/// Prints a listing as an aligned table, a JSON document `{key: [...]}`, or CSV with a header
+/// line, from rows handed over as the database sends them: CSV and JSON are written row by row,
+/// so that an export of any length costs a row's memory; the table once every row is in, its
+/// columns as wide as their widest cell. A reader that stops early (`| head`) ends the listing
+/// quietly: what follows is read and dropped.
 struct RowPrinter<'a> {
     columns: &'a [&'a str],
     format: TableJsonCsv,
