@@ -1316,12 +1316,7 @@ fn cli_log_spec() -> String {
 /// warning, with the whole SQL, was all an administrator saw on stderr after a year's findings.
 /// The service keeps the warning, where a slow statement is news.
 fn database_cli_log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
-    let filter = log_filter(spec);
-    if spec.contains("sqlx") {
-        filter
-    } else {
-        filter.add_directive("sqlx::query=error".parse().expect("a valid directive"))
-    }
+    held_back_unless_named(log_filter(spec), spec, "sqlx", "sqlx::query=error")
 }
 
 /// The series selection rules in a sentence, for an administrator checking what a change does.
@@ -1361,12 +1356,23 @@ pub fn redact_url(url: &str) -> String {
 /// burying the warnings an administrator must see. `dicom_parser=warn` in the filter shows them
 /// again.
 fn log_filter(spec: &str) -> tracing_subscriber::EnvFilter {
-    let filter = tracing_subscriber::EnvFilter::new(spec);
-    if spec.contains("dicom_parser") {
-        filter
-    } else {
-        filter.add_directive("dicom_parser::stateful=error".parse().expect("a valid directive"))
-    }
+    held_back_unless_named(
+        tracing_subscriber::EnvFilter::new(spec),
+        spec,
+        "dicom_parser",
+        "dicom_parser::stateful=error",
+    )
+}
+
+/// `filter` with `directive` added, unless `spec` names `target`: an administrator who asks for
+/// a target's messages gets them.
+fn held_back_unless_named(
+    filter: tracing_subscriber::EnvFilter,
+    spec: &str,
+    target: &str,
+    directive: &str,
+) -> tracing_subscriber::EnvFilter {
+    if spec.contains(target) { filter } else { filter.add_directive(directive.parse().expect("a valid directive")) }
 }
 
 fn init_logging(cfg: &Config) {

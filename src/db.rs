@@ -586,11 +586,7 @@ impl Db {
     /// Findings matching the filter, by patient, study date, study, then level.
     pub async fn findings(&self, filter: &FindingFilter, page: Page) -> Result<Vec<FindingRow>, DbError> {
         let mut rows = Vec::new();
-        self.each_finding(filter, page, |row| {
-            rows.push(row);
-            Ok::<_, DbError>(())
-        })
-        .await?;
+        self.each_finding(filter, page, gather(&mut rows)).await?;
         Ok(rows)
     }
 
@@ -779,11 +775,7 @@ impl Db {
         page: Page,
     ) -> Result<Vec<OutboxRow>, DbError> {
         let mut rows = Vec::new();
-        self.each_outbox(state, series_uid, page, |row| {
-            rows.push(row);
-            Ok::<_, DbError>(())
-        })
-        .await?;
+        self.each_outbox(state, series_uid, page, gather(&mut rows)).await?;
         Ok(rows)
     }
 
@@ -918,11 +910,7 @@ impl Db {
         page: Page,
     ) -> Result<Vec<JobRow>, DbError> {
         let mut rows = Vec::new();
-        self.each_job(state, series_uid, page, |row| {
-            rows.push(row);
-            Ok::<_, DbError>(())
-        })
-        .await?;
+        self.each_job(state, series_uid, page, gather(&mut rows)).await?;
         Ok(rows)
     }
 
@@ -1170,6 +1158,14 @@ impl Table {
             Table::Findings => "findings",
             Table::Outbox => "outbox",
         }
+    }
+}
+
+/// An `each` for the `each_*` listings that keeps every row: the `Vec` form of a listing.
+fn gather<T>(rows: &mut Vec<T>) -> impl FnMut(T) -> Result<(), DbError> + '_ {
+    move |row| {
+        rows.push(row);
+        Ok(())
     }
 }
 
