@@ -700,10 +700,10 @@ fn analyze(
     let mut report = Vec::new();
     for source in volumes_under(paths)? {
         let series_uid = source.name();
-        let result = source.load().and_then(|volume| {
-            let analysis = crate::pipeline::analyze(&volume, detector).map_err(|e| e.to_string())?;
+        let result = source.load().and_then(|blocks| {
+            let analysis = crate::pipeline::analyze(&blocks, detector).map_err(|e| e.to_string())?;
             if png {
-                write_pngs(&volume, &analysis.levels, &out.join(&series_uid))
+                write_pngs(&blocks, &analysis.levels, &out.join(&series_uid))
                     .map_err(|e| format!("writing PNGs: {e}"))?;
             }
             Ok(analysis.findings)
@@ -773,12 +773,15 @@ impl VolumeSource {
         }
     }
 
-    fn load(&self) -> Result<crate::volume::Volume, String> {
+    /// The contiguous blocks of slices the source holds (a NIfTI file is one).
+    fn load(&self) -> Result<Vec<crate::volume::Volume>, String> {
         match self {
             VolumeSource::Series { files, .. } => {
-                crate::volume::load_series(files, &crate::config::SeriesConfig::default()).map_err(|e| e.to_string())
+                crate::volume::load_blocks(files, &crate::config::SeriesConfig::default())
+                    .map(|(blocks, _notes)| blocks)
+                    .map_err(|e| e.to_string())
             }
-            VolumeSource::Nifti { path } => crate::nifti::read(path).map_err(|e| e.to_string()),
+            VolumeSource::Nifti { path } => crate::nifti::read(path).map(|v| vec![v]).map_err(|e| e.to_string()),
         }
     }
 }
@@ -887,7 +890,7 @@ fn evaluate(
         };
         let findings = match source
             .load()
-            .and_then(|volume| crate::pipeline::analyze(&volume, Some(detector)).map_err(|e| e.to_string()))
+            .and_then(|blocks| crate::pipeline::analyze(&blocks, Some(detector)).map_err(|e| e.to_string()))
         {
             Ok(analysis) => analysis.findings,
             Err(reason) => {
@@ -970,36 +973,71 @@ fn evaluate_images(
     Ok(evaluation)
 }
 
-/// The sagittal with a cross at each level, and each level's axial image, for a person to look at.
+/// What a radiologist checks in two seconds: per block of the series a mid-sagittal and a coronal
+/// view through the column with each located disc marked and named (green when the name is
+/// certain, orange with "?" when not), and each level's axial image.
 fn write_pngs(
-    volume: &crate::volume::Volume,
+    blocks: &[crate::volume::Volume],
     levels: &[crate::spine::DiscLevel],
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
+    use crate::report::secondary_capture::draw_text;
     use crate::slices;
     std::fs::create_dir_all(dir)?;
-    let save = |image: &slices::SliceImage, name: &str, marks: &[(f64, f64)]| -> anyhow::Result<()> {
-        let mut img = image::GrayImage::from_raw(image.size as u32, image.size as u32, image.pixels.clone())
+    let save_gray = |image: &slices::SliceImage, name: &str| -> anyhow::Result<()> {
+        let img = image::GrayImage::from_raw(image.size as u32, image.size as u32, image.pixels.clone())
             .ok_or_else(|| anyhow::anyhow!("image buffer size"))?;
-        for &(c, r) in marks {
-            for d in -6i64..=6 {
-                for (x, y) in [(c as i64 + d, r as i64), (c as i64, r as i64 + d)] {
-                    if x >= 0 && y >= 0 && (x as usize) < image.size && (y as usize) < image.size {
-                        img.put_pixel(x as u32, y as u32, image::Luma([255]));
-                    }
-                }
-            }
-        }
         img.save(dir.join(name))?;
         Ok(())
     };
-    if let Some(sagittal) = slices::sagittal(volume, levels, 512) {
-        let marks: Vec<(f64, f64)> = levels.iter().map(|l| sagittal.lps_to_pixel(l.center_lps_mm)).collect();
-        save(&sagittal, "sagittal.png", &marks)?;
-    }
-    for level in levels {
-        let axial = slices::axial(volume, level, 512);
-        save(&axial, &format!("axial_{}.png", level.name.replace('/', "-")), &[])?;
+    for (number, block) in blocks.iter().enumerate() {
+        let inside = |l: &&crate::spine::DiscLevel| {
+            let k = block.lps_to_voxel(l.center_lps_mm)[2];
+            (-0.5..=block.dims[2] as f64 - 0.5).contains(&k)
+        };
+        let own: Vec<&crate::spine::DiscLevel> = levels.iter().filter(inside).collect();
+        // Through the levels' mean centre, or the block's middle when it has none.
+        let middle = block.voxel_to_lps(block.dims.map(|n| (n as f64 - 1.0) / 2.0));
+        let centre: [f64; 3] = if own.is_empty() {
+            middle
+        } else {
+            let mean = |d: usize| own.iter().map(|l| l.center_lps_mm[d]).sum::<f64>() / own.len() as f64;
+            [mean(0), mean(1), middle[2]]
+        };
+        let extent = block.dims[2] as f64 * block.spacing[2];
+        let fov = (extent + 40.0).max(slices::SAGITTAL_FOV_MM);
+        let views = [
+            ("sagittal", [0.0, 1.0, 0.0]), // anterior on the left, head at the top
+            ("coronal", [1.0, 0.0, 0.0]),  // patient right on the left
+        ];
+        for (view, row_direction) in views {
+            let image = slices::resample(block, slices::View::Sagittal, centre, row_direction, [0.0, 0.0, -1.0], 512, fov);
+            let size = image.size;
+            let mut rgb: Vec<u8> = image.pixels.iter().flat_map(|&v| [v, v, v]).collect();
+            for level in &own {
+                let (c, r) = image.lps_to_pixel(level.center_lps_mm);
+                let colour = if level.name_certain { [60, 230, 90] } else { [255, 150, 0] };
+                let (c, r) = (c.round() as i64, r.round() as i64);
+                for x in c - 14..=c + 14 {
+                    for y in [r, r + 1] {
+                        if x >= 0 && y >= 0 && (x as usize) < size && (y as usize) < size {
+                            rgb[(y as usize * size + x as usize) * 3..][..3].copy_from_slice(&colour);
+                        }
+                    }
+                }
+                let label = if level.name_certain { level.name.clone() } else { format!("{}?", level.name) };
+                if r >= 7 && (r as usize) < size {
+                    draw_text(&mut rgb, size, (c + 18).max(0) as usize, r as usize - 7, 2, &label, colour);
+                }
+            }
+            let name = if blocks.len() > 1 { format!("{view}_block{}.png", number + 1) } else { format!("{view}.png") };
+            image::RgbImage::from_raw(size as u32, size as u32, rgb)
+                .ok_or_else(|| anyhow::anyhow!("image buffer size"))?
+                .save(dir.join(name))?;
+        }
+        for level in own {
+            save_gray(&slices::axial(block, level, 512), &format!("axial_{}.png", level.name.replace('/', "-")))?;
+        }
     }
     Ok(())
 }

@@ -84,11 +84,34 @@ pub struct Analysis {
     pub findings: Vec<LevelFinding>,
 }
 
-/// Levels, slices and findings of a volume; without a detector every finding is undetermined.
-pub fn analyze(volume: &Volume, detector: Option<&Detector>) -> Result<Analysis, PipelineError> {
-    let levels = crate::spine::locate_discs(volume)?;
-    let sagittal = crate::slices::sagittal(volume, &levels, SLICE_SIZE);
-    let axials: Vec<SliceImage> = levels.iter().map(|l| crate::slices::axial(volume, l, SLICE_SIZE)).collect();
+/// Levels, slices and findings of a series, given as the contiguous blocks it holds
+/// ([`crate::volume::load_blocks`]); without a detector every finding is undetermined. Each
+/// block is located and named on its own: a name is anchored only by landmarks in its block.
+/// The sagittal image is cut through the block with the most levels.
+pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysis, PipelineError> {
+    let mut located: Vec<(usize, DiscLevel)> = Vec::new();
+    let mut first_error = None;
+    for (index, block) in blocks.iter().enumerate() {
+        match crate::spine::locate_discs(block) {
+            Ok(levels) => located.extend(levels.into_iter().map(|l| (index, l))),
+            Err(e) if blocks.len() > 1 => {
+                tracing::warn!(block = index + 1, blocks = blocks.len(), error = %e, "no disc level in this block of the series");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if located.is_empty() {
+        return Err(first_error
+            .unwrap_or_else(|| crate::spine::SpineError::NotFound("the series holds no block of slices".into()))
+            .into());
+    }
+    let main_block = (0..blocks.len()).max_by_key(|&b| located.iter().filter(|(i, _)| *i == b).count()).unwrap_or(0);
+    let main_levels: Vec<DiscLevel> = located.iter().filter(|(i, _)| *i == main_block).map(|(_, l)| l.clone()).collect();
+    let sagittal = crate::slices::sagittal(&blocks[main_block], &main_levels, SLICE_SIZE);
+    let axials: Vec<SliceImage> =
+        located.iter().map(|(block, l)| crate::slices::axial(&blocks[*block], l, SLICE_SIZE)).collect();
+    let levels: Vec<DiscLevel> = located.into_iter().map(|(_, l)| l).collect();
     let findings = match detector {
         None => crate::findings::undetermined(&levels),
         Some(d) => {
@@ -340,8 +363,9 @@ impl Worker {
         let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
             // The tracker's tolerances, so a series it called complete loads here too.
-            let volume = crate::volume::load_series(&files, &worker.series_config).map_err(|e| e.to_string())?;
-            let analysis = analyze(&volume, worker.detector.as_deref()).map_err(|e| e.to_string())?;
+            let (blocks, _notes) =
+                crate::volume::load_blocks(&files, &worker.series_config).map_err(|e| e.to_string())?;
+            let analysis = analyze(&blocks, worker.detector.as_deref()).map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
             let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
             let objects =

@@ -201,7 +201,8 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
         // Enhanced CT carries per-frame geometry in functional groups; the volume stage checks it.
         return Assessment::Stack { slices };
     }
-    match stack_geometry(instances, config) {
+    // Set-aside strays and gaps do not stop a series: the volume stage analyses its blocks.
+    match stack_blocks(instances, config) {
         Ok(_) => Assessment::Stack { slices },
         Err(reason) => Assessment::Skip(reason),
     }
@@ -409,6 +410,133 @@ pub fn stack_geometry(instances: &[&InstanceHeader], config: &SeriesConfig) -> R
         spacing: median,
         shear: if tilt < NEGLIGIBLE_TILT_DEGREES { [0.0; 3] } else { shear },
     })
+}
+
+/// A series as archives hold it: the contiguous stacks it is made of, in order along their
+/// normal, with what was set aside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StackBlocks {
+    /// Each a regular stack ([`stack_geometry`]) whose `order` indexes the input.
+    pub blocks: Vec<StackGeometry>,
+    /// Input indices not in any block: images of another orientation (a localizer inside the
+    /// series), and blocks too short to hold a disc.
+    pub set_aside: Vec<usize>,
+    /// What was split or set aside and why, for the log and the report.
+    pub notes: Vec<String>,
+}
+
+/// A block shorter than this along its normal cannot show a disc with the bodies around it, mm.
+pub const MIN_BLOCK_MM: f64 = 30.0;
+
+/// Splits a series into the contiguous stacks it holds. Images of another orientation are set
+/// aside when they are few (a localizer or two inside a reformat series); a series made of
+/// several substantial stacks at different angles (disc-parallel blocks) is refused, since no one
+/// volume holds them. The main stack is cut where slices are missing (the archive lost some, or
+/// a block was never sent): each side is a block of its own, analysed in its own geometry.
+pub fn stack_blocks(instances: &[&InstanceHeader], config: &SeriesConfig) -> Result<StackBlocks, String> {
+    let mut groups: Vec<([f64; 6], Vec<usize>)> = Vec::new();
+    for (index, h) in instances.iter().enumerate() {
+        let (Some(_), Some(o)) = (h.image_position, h.image_orientation) else {
+            return Err(format!("instance {} lacks ImagePositionPatient or ImageOrientationPatient", h.sop_instance_uid));
+        };
+        match groups.iter_mut().find(|(g, _)| g.iter().zip(o.iter()).all(|(a, b)| (a - b).abs() <= 1e-3)) {
+            Some((_, members)) => members.push(index),
+            None => groups.push((o, vec![index])),
+        }
+    }
+    groups.sort_by_key(|(_, members)| std::cmp::Reverse(members.len()));
+    let mut notes = Vec::new();
+    let mut set_aside: Vec<usize> = Vec::new();
+    let others: usize = groups.iter().skip(1).map(|(_, m)| m.len()).sum();
+    if others > 0 {
+        // A localizer or two: set aside. More: several stacks at different angles.
+        let allowed = MAX_STRAY_IMAGES.max(instances.len() / 10);
+        if others > allowed {
+            return Err(format!(
+                "slices with different orientations: {} stacks at different angles ({} images outside the largest), \
+                 such as disc-parallel blocks; no single volume holds them",
+                groups.len(),
+                others
+            ));
+        }
+        for (_, members) in groups.iter().skip(1) {
+            set_aside.extend(members);
+        }
+        notes.push(format!("{others} image(s) of another orientation set aside (a localizer inside the series)"));
+    }
+    let main = &groups[0].1;
+    let headers: Vec<&InstanceHeader> = main.iter().map(|&i| instances[i]).collect();
+    let along = positions_along_normal(&headers)?;
+    let mut order: Vec<usize> = (0..headers.len()).collect();
+    order.sort_by(|&a, &b| along[a].total_cmp(&along[b]));
+    let gaps: Vec<f64> = order.windows(2).map(|w| along[w[1]] - along[w[0]]).collect();
+    let mut sorted = gaps.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    // Cut at every gap wider than the tolerance; other irregularities are the stack check's.
+    let mut runs: Vec<Vec<usize>> = vec![Vec::new()];
+    for (position, &index) in order.iter().enumerate() {
+        if position > 0 && median > 1e-3 && gaps[position - 1] > (1.0 + config.spacing_tolerance) * median {
+            notes.push(format!(
+                "gap (missing slices): {:.2} mm between slices at {:.2} and {:.2} mm along the normal, median spacing {median:.2} mm",
+                gaps[position - 1],
+                along[order[position - 1]],
+                along[index]
+            ));
+            runs.push(Vec::new());
+        }
+        runs.last_mut().expect("one run at least").push(index);
+    }
+    let mut blocks = Vec::new();
+    let mut first_error = None;
+    for run in &runs {
+        let extent = along[run[run.len() - 1]] - along[run[0]];
+        if runs.len() > 1 && extent < MIN_BLOCK_MM {
+            notes.push(format!(
+                "{} slice(s) between {:.2} and {:.2} mm set aside: a block under {MIN_BLOCK_MM} mm holds no disc with its bodies",
+                run.len(),
+                along[run[0]],
+                along[run[run.len() - 1]]
+            ));
+            set_aside.extend(run.iter().map(|&i| main[i]));
+            continue;
+        }
+        let run_headers: Vec<&InstanceHeader> = run.iter().map(|&i| headers[i]).collect();
+        match stack_geometry(&run_headers, config) {
+            Ok(mut geometry) => {
+                geometry.order = geometry.order.iter().map(|&i| main[run[i]]).collect();
+                blocks.push(geometry);
+            }
+            Err(reason) => {
+                first_error.get_or_insert(reason);
+            }
+        }
+    }
+    if let Some(reason) = first_error {
+        return Err(reason);
+    }
+    if blocks.is_empty() {
+        return Err(notes.join("; "));
+    }
+    set_aside.sort_unstable();
+    Ok(StackBlocks { blocks, set_aside, notes })
+}
+
+/// At most this many images of another orientation are set aside as strays in a series (or a
+/// tenth of it, if more); more make it several stacks.
+const MAX_STRAY_IMAGES: usize = 3;
+
+/// Each slice's position along the normal that slices of one orientation share.
+fn positions_along_normal(instances: &[&InstanceHeader]) -> Result<Vec<f64>, String> {
+    let orientation = instances.first().and_then(|h| h.image_orientation).ok_or("no slices")?;
+    let normal =
+        cross([orientation[0], orientation[1], orientation[2]], [orientation[3], orientation[4], orientation[5]]);
+    let norm = dot(normal, normal).sqrt();
+    if !(0.9..1.1).contains(&norm) {
+        return Err("ImageOrientationPatient is not two unit orthogonal vectors".into());
+    }
+    let normal = normal.map(|x| x / norm);
+    Ok(instances.iter().map(|h| h.image_position.map_or(0.0, |p| dot(p, normal))).collect())
 }
 
 /// Tracks pending series and decides them. Owned by one task; fed through [`TrackerEvent`]s.

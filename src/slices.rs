@@ -73,7 +73,8 @@ pub fn window(hu: f32) -> u8 {
     ((hu - low) / WINDOW_WIDTH_HU * 255.0).round().clamp(0.0, 255.0) as u8
 }
 
-fn resample(
+/// The volume resampled on a plane: `size` pixels square over `fov_mm`, centred on `centre`.
+pub fn resample(
     volume: &Volume,
     view: View,
     centre: [f64; 3],

@@ -419,9 +419,39 @@ fn decode_into(path: &Path, out: &mut [f32]) -> Result<(), VolumeError> {
 }
 
 /// Loads the CT files of one series (single-frame slices, or Enhanced CT multi-frame objects)
-/// into a volume: planes sorted along the normal, pixels decoded (every transfer syntax the SCP
-/// accepts) and rescaled to Hounsfield units, per frame where the frames say so.
+/// into one volume: planes sorted along the normal, pixels decoded (every transfer syntax the SCP
+/// accepts) and rescaled to Hounsfield units, per frame where the frames say so. A series with
+/// gaps or stray images is refused here; [`load_blocks`] takes it apart instead.
 pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, VolumeError> {
+    let planes = read_all_planes(paths)?;
+    check_consistent(paths, &planes.iter().collect::<Vec<_>>())?;
+    let headers: Vec<&InstanceHeader> = planes.iter().map(|p| &p.header).collect();
+    let geometry = stack_geometry(&headers, config).map_err(VolumeError::Geometry)?;
+    load_stack(paths, &planes, &geometry, config)
+}
+
+/// The series as the contiguous blocks it holds, each a volume in its own geometry, in order
+/// along the normal; images of another orientation (a localizer) and blocks too short to hold
+/// a disc are set aside. What was split or set aside is logged and returned.
+pub fn load_blocks(paths: &[PathBuf], config: &SeriesConfig) -> Result<(Vec<Volume>, Vec<String>), VolumeError> {
+    let planes = read_all_planes(paths)?;
+    let headers: Vec<&InstanceHeader> = planes.iter().map(|p| &p.header).collect();
+    let stacks = crate::series::stack_blocks(&headers, config).map_err(VolumeError::Geometry)?;
+    let series_uid = planes.first().map(|p| p.header.series_instance_uid.clone()).unwrap_or_default();
+    for note in &stacks.notes {
+        tracing::warn!(series_uid = %series_uid, "{note}");
+    }
+    let kept: Vec<&Plane> = stacks.blocks.iter().flat_map(|b| b.order.iter().map(|&i| &planes[i])).collect();
+    check_consistent(paths, &kept)?;
+    let volumes = stacks
+        .blocks
+        .iter()
+        .map(|geometry| load_stack(paths, &planes, geometry, config))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((volumes, stacks.notes))
+}
+
+fn read_all_planes(paths: &[PathBuf]) -> Result<Vec<Plane>, VolumeError> {
     let planes: Vec<Plane> = paths
         .par_iter()
         .enumerate()
@@ -430,8 +460,16 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
         .into_iter()
         .flatten()
         .collect();
+    if planes.is_empty() {
+        return Err(VolumeError::Geometry("no slices".into()));
+    }
+    Ok(planes)
+}
+
+/// The planes of one volume must share series, size and pixel spacing.
+fn check_consistent(paths: &[PathBuf], planes: &[&Plane]) -> Result<(), VolumeError> {
     let first = planes.first().ok_or_else(|| VolumeError::Geometry("no slices".into()))?;
-    for plane in &planes {
+    for plane in planes {
         let path = paths[plane.file].display();
         if plane.header.series_instance_uid != first.header.series_instance_uid {
             return Err(VolumeError::Inconsistent(format!("{path} belongs to another series")));
@@ -446,19 +484,35 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
             return Err(VolumeError::Inconsistent(format!("{path} has another pixel spacing")));
         }
     }
-    let headers: Vec<&InstanceHeader> = planes.iter().map(|p| &p.header).collect();
-    let geometry = stack_geometry(&headers, config).map_err(VolumeError::Geometry)?;
+    Ok(())
+}
+
+/// Decodes the planes of one regular stack into a volume.
+fn load_stack(
+    paths: &[PathBuf],
+    planes: &[Plane],
+    geometry: &crate::series::StackGeometry,
+    config: &SeriesConfig,
+) -> Result<Volume, VolumeError> {
+    let first = &planes[geometry.order[0]];
     let (rows, columns) = (first.rows, first.columns);
     let plane_len = rows * columns;
     // Decoded in parallel, each plane straight into its place: memory stays at the volume plus
     // one file per thread. A multi-frame object is decoded once and its frames copied out.
     let mut hu = voxel_buffer(
         "a series",
-        (plane_len as u64) * planes.len() as u64,
+        (plane_len as u64) * geometry.order.len() as u64,
         (config.max_volume_mb, "series.max_volume_mb"),
     )?;
     let multi_frame_files: Vec<usize> = {
-        let mut files: Vec<usize> = planes.iter().filter(|p| p.header.number_of_frames > 1).map(|p| p.file).collect();
+        let mut files: Vec<usize> = geometry
+            .order
+            .iter()
+            .map(|&i| &planes[i])
+            .filter(|p| p.header.number_of_frames > 1)
+            .map(|p| p.file)
+            .collect();
+        files.sort_unstable();
         files.dedup();
         files
     };
@@ -500,7 +554,7 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
         study_uid: first.header.study_instance_uid.clone(),
         series_uid: first.header.series_instance_uid.clone(),
         hu,
-        dims: [columns, rows, planes.len()],
+        dims: [columns, rows, geometry.order.len()],
         // PixelSpacing is (between rows, between columns).
         spacing: [first.pixel_spacing[1], first.pixel_spacing[0], geometry.spacing],
         slice_shear: geometry.shear,

@@ -66,12 +66,19 @@ fn glyph(c: char) -> [u8; 7] {
         '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
         '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
         ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
+        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
+        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        '?' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x00, 0x04],
+        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
+        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
+        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
+        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
         _ => [0; 7],
     }
 }
 
 /// Draws `label` at (x, y) with each font pixel `scale` pixels wide, on an RGB image of `size`.
-fn draw_text(rgb: &mut [u8], size: usize, x: usize, y: usize, scale: usize, label: &str, colour: [u8; 3]) {
+pub(crate) fn draw_text(rgb: &mut [u8], size: usize, x: usize, y: usize, scale: usize, label: &str, colour: [u8; 3]) {
     for (n, c) in label.chars().enumerate() {
         let rows = glyph(c);
         for (row, bits) in rows.iter().enumerate() {
@@ -123,7 +130,8 @@ pub fn write(
             }
         }
     }
-    let label = format!("{} {} {:.2}", finding.level.name, finding.class, finding.confidence);
+    // An uncertain level says so on the image itself: a reader may see nothing else.
+    let label = format!("{} {} {:.2}", finding.level.label(), finding.class, finding.confidence);
     draw_text(&mut rgb, size, 8, 8, 3, &label, tint);
     draw_text(&mut rgb, size, 8, size.saturating_sub(30), 2, "IDAICS - NOT FOR DIAGNOSIS UNVERIFIED", [230, 230, 230]);
 

@@ -50,18 +50,22 @@ const SACRUM_ALA_SHARE: f64 = 0.12;
 const MAX_BODY_AND_DISC_MM: f64 = 50.0;
 /// A dip inside a body stands out less than this share of the discs on either side of it.
 const WEAK_DIP_RATIO: f64 = 0.6;
+/// Two discs closer than this share of the usual spacing cannot both be discs.
+const TOO_CLOSE_RATIO: f64 = 0.6;
 /// L1 to L5 with their discs: no rib head lies closer above L5/S1 than this, mm.
 const MIN_RIBS_ABOVE_SACRUM_MM: f64 = 100.0;
 /// A gap between two neighbouring discs this much wider than the usual spacing may hide a disc
 /// the locator did not find: a count through it is not certain.
 const MISSED_DISC_RATIO: f64 = 1.6;
 
-/// The disc names counted up from L5/S1.
+/// The disc names counted up from L5/S1: the lumbar discs and the two above them. Higher
+/// thoracic discs are not reported: the network was trained on lumbar discs, and a count far
+/// from its landmark is the likeliest to slip.
 fn name_from_sacrum(index: i64) -> Option<String> {
     match index {
         0..=4 => Some(format!("L{}/{}", 5 - index, if index == 0 { "S1".into() } else { format!("L{}", 6 - index) })),
         5 => Some("T12/L1".into()),
-        6..=16 => Some(format!("T{}/T{}", 17 - index, 18 - index)),
+        6 => Some("T11/T12".into()),
         _ => None,
     }
 }
@@ -186,14 +190,17 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         discs.drain(..index);
         0
     });
-    // T12: the vertebra of the lowest rib head above the lowest disc, with that disc's vertebra
-    // (L1) seen below it free of ribs.
+    // T12: the vertebra of the lowest rib head, with the vertebra below it (L1) seen free of
+    // ribs. A rib head under the lowest disc leaves the count unanchored: that vertebra bears
+    // ribs itself, and T12 may lie lower still. Under the sacrum, bone is pelvis, not ribs.
     let lowest_disc = height(discs[0].k);
+    let rib_floor = if sacral_disc.is_some() { lowest_disc } else { f64::MIN };
     let rib_disc = heads
         .iter()
         .map(|r| height(r.k))
-        .filter(|&h| h > lowest_disc)
+        .filter(|&h| h > rib_floor)
         .min_by(f64::total_cmp)
+        .filter(|&h| h > lowest_disc)
         .and_then(|h| {
             let below = discs.iter().rposition(|d| height(d.k) < h)?;
             let above_top = below + 1 == discs.len();
@@ -297,19 +304,25 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
 }
 
 /// A body lies between consecutive discs. Inside a body the bone share can dip too (the
-/// cancellous interior inside the cortical ring of a porous body, basivertebral veins), though
-/// less than at a disc: a dip much weaker than both its neighbours, which together span no more
-/// than one body and its disc, is such an interior and is dropped, the weakest first.
+/// cancellous interior inside the cortical ring of a porous body, basivertebral veins, an
+/// endplate cut by the volume's edge), though less than at a disc. Two rules drop such dips, the
+/// weakest first: a dip much weaker than both its neighbours, which together span no more than
+/// one body and its disc; and of two dips closer than a body's height allows next to their
+/// neighbours' usual spacing, the weaker.
 fn drop_mid_body_dips(taken: &mut Vec<profile::ProfileDisc>, slice_mm: f64) {
     loop {
-        let mid_body = (1..taken.len().saturating_sub(1))
-            .filter(|&i| {
-                let span = (taken[i + 1].k - taken[i - 1].k).abs() * slice_mm;
-                let neighbours = taken[i - 1].contrast.min(taken[i + 1].contrast);
-                span <= MAX_BODY_AND_DISC_MM && taken[i].contrast < WEAK_DIP_RATIO * neighbours
-            })
-            .min_by(|&i, &j| taken[i].contrast.total_cmp(&taken[j].contrast));
-        match mid_body {
+        let spacing = |a: usize, b: usize| (taken[b].k - taken[a].k).abs() * slice_mm;
+        let mut spacings: Vec<f64> = (1..taken.len()).map(|i| spacing(i - 1, i)).collect();
+        spacings.sort_by(f64::total_cmp);
+        let usual = spacings.get(spacings.len() / 2).copied().unwrap_or(f64::MAX);
+        let inside_body = (1..taken.len().saturating_sub(1)).filter(|&i| {
+            let neighbours = taken[i - 1].contrast.min(taken[i + 1].contrast);
+            spacing(i - 1, i + 1) <= MAX_BODY_AND_DISC_MM && taken[i].contrast < WEAK_DIP_RATIO * neighbours
+        });
+        let too_close = (1..taken.len())
+            .filter(|&i| spacings.len() >= 3 && spacing(i - 1, i) < TOO_CLOSE_RATIO * usual)
+            .map(|i| if taken[i].contrast < taken[i - 1].contrast { i } else { i - 1 });
+        match inside_body.chain(too_close).min_by(|&i, &j| taken[i].contrast.total_cmp(&taken[j].contrast)) {
             Some(i) => {
                 taken.remove(i);
             }
@@ -358,9 +371,7 @@ fn two_sided_half_peak_middle(counts: &[usize], split: usize) -> Option<f64> {
 mod tests {
     #[test]
     fn names_count_up_from_the_sacrum() {
-        let names: Vec<String> = (0..8).filter_map(super::name_from_sacrum).collect();
-        assert_eq!(names, ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1", "T11/T12", "T10/T11"]);
-        assert_eq!(super::name_from_sacrum(16).as_deref(), Some("T1/T2"));
-        assert!(super::name_from_sacrum(17).is_none() && super::name_from_sacrum(-1).is_none());
+        let names: Vec<String> = (-1..9).filter_map(super::name_from_sacrum).collect();
+        assert_eq!(names, ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1", "T11/T12"]);
     }
 }
