@@ -155,6 +155,9 @@ struct Anatomy {
     body_center: [f64; 2],
     body_radii: [f64; 2],
     z_range: [f64; 2],
+    /// T12's ribs: segments (from, to) of cortical bone, `RIB_RADIUS_MM` thick. T12 is the
+    /// lowest vertebra that bears ribs, and the locator counts from them too.
+    ribs: Vec<([f64; 3], [f64; 3])>,
     /// Bone densities, HU.
     cancellous: f64,
     cortical: f64,
@@ -231,7 +234,17 @@ fn build_anatomy(spec: &PhantomSpec) -> Anatomy {
         }
         z += body_heights[level];
     }
+    // T12 (the last body) bears a rib on each side: from beside its body, out, back and down.
+    let t12 = segments.last().expect("bodies were pushed");
+    let ribs = [-1.0, 1.0]
+        .map(|side: f64| {
+            let start = add(add(t12.center, scale(t12.ap, t12.radii[1] * 0.6)), [side * (t12.radii[0] + 1.0), 0.0, 0.0]);
+            let end = add(add(t12.center, scale(t12.ap, t12.radii[1] + 30.0)), [side * 115.0, 0.0, -8.0]);
+            (start, end)
+        })
+        .to_vec();
     Anatomy {
+        ribs,
         segments,
         nodes,
         body_center: [x0 * 0.5, y0 - 45.0],
@@ -263,6 +276,7 @@ fn disc_extension(condition: Condition, theta: f64) -> f64 {
 }
 
 const AIR: f64 = -1000.0;
+const RIB_RADIUS_MM: f64 = 5.0;
 const FAT: f64 = -100.0;
 const MUSCLE: f64 = 50.0;
 const CANCELLOUS: f64 = 250.0;
@@ -310,6 +324,14 @@ fn tissue(anatomy: &Anatomy, p: [f64; 3]) -> Tissue {
             return Tissue::Disc { level: *level, nucleus: false };
         }
     }
+    for (from, to) in &anatomy.ribs {
+        let (d, q) = (sub(*to, *from), sub(p, *from));
+        let t = (dot(q, d) / dot(d, d)).clamp(0.0, 1.0);
+        let off = sub(q, scale(d, t));
+        if dot(off, off) < RIB_RADIUS_MM * RIB_RADIUS_MM {
+            return Tissue::Bone { cortical: true };
+        }
+    }
     for s in &anatomy.segments {
         let rel = sub(p, s.center);
         let along = dot(rel, s.axis);
@@ -321,6 +343,11 @@ fn tissue(anatomy: &Anatomy, p: [f64; 3]) -> Tissue {
         let e = [lateral / s.radii[0], ap / s.radii[1]];
         let radial = (e[0] * e[0] + e[1] * e[1]).sqrt();
         match s.kind {
+            // The sacral alae beside S1 and S2, out to the sacroiliac joints: what the locator
+            // tells the sacrum by.
+            SegmentKind::Sacrum if lateral.abs() > s.radii[0] && lateral.abs() < 70.0 && (-15.0..12.0).contains(&ap) => {
+                return Tissue::Bone { cortical: true };
+            }
             SegmentKind::Vertebra | SegmentKind::Sacrum => {
                 if radial <= 1.0 {
                     let shell = (1.0 - radial) * s.radii[1] < 1.5 || s.half_height - along.abs() < 1.2;
@@ -339,10 +366,10 @@ fn tissue(anatomy: &Anatomy, p: [f64; 3]) -> Tissue {
         // the lumbar bodies.
         let canal = [lateral / 11.0, (ap - s.radii[1] - 10.0) / 8.5];
         let c = (canal[0] * canal[0] + canal[1] * canal[1]).sqrt();
-        if c <= 1.0 && s.kind != SegmentKind::Sacrum {
+        if c <= 1.0 {
             return Tissue::Csf;
         }
-        if s.kind == SegmentKind::Vertebra
+        if matches!(s.kind, SegmentKind::Vertebra | SegmentKind::Sacrum)
             && ((c <= 1.55 && ap > s.radii[1])
                 || (lateral.abs() < 3.5 && ap > s.radii[1] + 18.0 && ap < s.radii[1] + 48.0))
         {
