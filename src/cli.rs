@@ -483,6 +483,7 @@ pub fn main() -> anyhow::Result<()> {
                         "study_date",
                         "accession",
                         "level",
+                        "level_certain",
                         "class",
                         "confidence",
                         "views",

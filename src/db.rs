@@ -153,6 +153,10 @@ pub struct FindingRow {
     pub accession: Option<String>,
     pub study_date: Option<String>,
     pub level: String,
+    /// Whether the level's name was counted from an anatomical landmark (see
+    /// [`crate::spine::DiscLevel::name_certain`]); `None` for findings logged before the agent
+    /// said.
+    pub level_certain: Option<bool>,
     pub class: String,
     pub confidence: f64,
     pub views: Vec<String>,
@@ -259,7 +263,7 @@ fn valid_date(text: &str) -> bool {
 /// The files of `migrations/`, as (version, description, PostgreSQL, SQLite), described as sqlx
 /// describes a file from its name so that the checksums existing databases recorded still match
 /// (a test compares them with sqlx's own reading of the folders).
-const MIGRATIONS: [(i64, &str, &str, &str); 3] = [
+const MIGRATIONS: [(i64, &str, &str, &str); 4] = [
     (
         1,
         "finding log",
@@ -277,6 +281,12 @@ const MIGRATIONS: [(i64, &str, &str, &str); 3] = [
         "series retention",
         include_str!("../migrations/postgres/0003_series_retention.sql"),
         include_str!("../migrations/sqlite/0003_series_retention.sql"),
+    ),
+    (
+        4,
+        "level certainty",
+        include_str!("../migrations/postgres/0004_level_certainty.sql"),
+        include_str!("../migrations/sqlite/0004_level_certainty.sql"),
     ),
 ];
 
@@ -637,8 +647,8 @@ impl Db {
             }
             add("confidence", ">=", Value::Float(p));
         }
-        let mut sql = "SELECT job_id, series_uid, study_uid, patient_id, accession, study_date, level, class, \
-                       confidence, views, box, mask_area_mm2, model_version, created_at FROM findings"
+        let mut sql = "SELECT job_id, series_uid, study_uid, patient_id, accession, study_date, level, \
+                       level_certain, class, confidence, views, box, mask_area_mm2, model_version, created_at FROM findings"
             .to_string();
         if !clauses.is_empty() {
             sql.push_str(" WHERE ");
@@ -1037,8 +1047,8 @@ async fn insert_findings(tx: &mut sqlx::Transaction<'_, sqlx::Any>, findings: &[
     for f in findings {
         sqlx::query(
             "INSERT INTO findings (job_id, series_uid, study_uid, patient_id, accession, study_date, level, class, \
-             confidence, views, box, mask_area_mm2, model_version, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+             confidence, views, box, mask_area_mm2, model_version, created_at, level_certain) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(f.job_id)
         .bind(&f.series_uid)
@@ -1054,6 +1064,7 @@ async fn insert_findings(tx: &mut sqlx::Transaction<'_, sqlx::Any>, findings: &[
         .bind(f.mask_area_mm2)
         .bind(&f.model_version)
         .bind(&f.created_at)
+        .bind(f.level_certain.map(i64::from))
         .execute(&mut **tx)
         .await?;
     }
@@ -1229,6 +1240,7 @@ fn finding_from_row(r: &AnyRow) -> Result<FindingRow, DbError> {
         accession: r.try_get("accession")?,
         study_date: r.try_get("study_date")?,
         level: r.try_get("level")?,
+        level_certain: r.try_get::<Option<i64>, _>("level_certain")?.map(|v| v != 0),
         class: r.try_get("class")?,
         confidence: r.try_get("confidence")?,
         views: serde_json::from_str(&views).unwrap_or_default(),

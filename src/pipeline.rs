@@ -388,6 +388,7 @@ impl Worker {
                 accession: series.accession.clone(),
                 study_date: series.study_date.clone(),
                 level: f.level.name.clone(),
+                level_certain: Some(f.level.name_certain),
                 class: f.class.to_string(),
                 confidence: f.confidence,
                 views: f.views.iter().map(|v| v.to_string()).collect(),

@@ -187,7 +187,9 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
     if instances.iter().any(|h| h.manufacturer.as_deref() == Some(crate::report::MANUFACTURER)) {
         return Assessment::Skip("objects made by IDAICS (its key slices), not analysed again".into());
     }
-    if instances.iter().any(|h| h.image_type.iter().any(|t| t == "LOCALIZER")) {
+    // A series of localizers is skipped; a localizer or two inside a series is set aside by the
+    // geometry (another orientation) and the rest analysed.
+    if instances.iter().all(|h| h.image_type.iter().any(|t| t == "LOCALIZER")) {
         return Assessment::Skip("localizer (scout) images".into());
     }
     if let Some(reason) = not_selected(instances, config) {
@@ -940,7 +942,7 @@ mod tests {
         assert!(matches!(judge(&wobbly), Assessment::Skip(r) if r.contains("straight line")), "{:?}", judge(&wobbly));
 
         let mut scout = vec![slice(0, 0.0), slice(1, 1.0)];
-        scout[0].image_type = vec!["ORIGINAL".into(), "PRIMARY".into(), "LOCALIZER".into()];
+        scout.iter_mut().for_each(|h| h.image_type = vec!["ORIGINAL".into(), "PRIMARY".into(), "LOCALIZER".into()]);
         assert!(matches!(judge(&scout), Assessment::Skip(r) if r.contains("localizer")));
 
         // The agent's own key slices, sent back by a PACS; a series made by another program
@@ -957,8 +959,13 @@ mod tests {
         mr[2].modality = Some("MR".into());
         assert!(matches!(judge(&mr), Assessment::Skip(r) if r.contains("MR")));
 
-        let mut mixed: Vec<_> = (0..5).map(|i| slice(i, i as f64)).collect();
-        mixed[1].image_orientation = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+        // A stray image of another orientation (a localizer) is set aside; two stacks at different
+        // angles make no volume.
+        let mut stray: Vec<_> = (0..5).map(|i| slice(i, i as f64)).collect();
+        stray[1].image_orientation = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+        assert_eq!(judge(&stray), Assessment::Stack { slices: 5 });
+        let mut mixed: Vec<_> = (0..10).map(|i| slice(i, i as f64)).collect();
+        mixed[5..].iter_mut().for_each(|h| h.image_orientation = Some([1.0, 0.0, 0.0, 0.0, 0.966, -0.259]));
         assert!(matches!(judge(&mixed), Assessment::Skip(r) if r.contains("orientations")));
     }
 
@@ -1026,10 +1033,14 @@ mod tests {
         assert!(matches!(judge_with(&unnamed, &including),
             Assessment::Skip(r) if r == "no SeriesDescription: it contains none of series.include_descriptions (BONE)"));
         assert_eq!(judge_with(&unnamed, &excluding), Assessment::Stack { slices: 10 });
-        // Mixed orientations are named as such by the geometry check, whichever instance is first.
+        // Mixed orientations are named as such by the geometry check, whichever instance is first;
+        // a single stray is set aside.
         let mut mixed = sagittal.clone();
-        mixed[0].image_orientation = axial[0].image_orientation;
+        mixed[..5].iter_mut().zip(&axial).for_each(|(h, a)| h.image_orientation = a.image_orientation);
         assert!(matches!(judge_with(&mixed, &defaults), Assessment::Skip(r) if r.contains("different orientations")));
+        let mut stray = sagittal.clone();
+        stray[0].image_orientation = axial[0].image_orientation;
+        assert!(!matches!(judge_with(&stray, &defaults), Assessment::Skip(r) if r.contains("orientations")));
     }
 
     #[test]

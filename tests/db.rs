@@ -121,6 +121,7 @@ fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confiden
         accession: Some(format!("ACC-{study}")),
         study_date: Some(date.into()),
         level: level.into(),
+        level_certain: Some(true),
         class: class.into(),
         confidence,
         views: vec!["sagittal".into(), "axial".into()],
@@ -641,7 +642,7 @@ fn findings_command_filters_and_formats() {
     let csv = run(&["--level", "L4/L5", "--format", "csv"]);
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 4, "{csv}");
-    assert!(lines[0].starts_with("patient_id,study_date,accession,level,class,confidence"));
+    assert!(lines[0].starts_with("patient_id,study_date,accession,level,level_certain,class,confidence"));
     assert!(lines[3].contains("P7,2026-03-01,ACC-9.3,L4/L5,protrusion,0.910,sagittal+axial,1227.7,"), "{csv}");
     let table = run(&["--class", "protrusion"]);
     assert!(table.lines().next().unwrap().starts_with("patient_id"), "{table}");

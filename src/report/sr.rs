@@ -149,15 +149,17 @@ pub fn write(
         .iter()
         .map(|f| {
             let name = &f.level.name;
+            // An uncertain name says so where a reader sees it, and codes no finding site: the
+            // site would state as fact what the count could not establish.
             let mut children = vec![
-                text_item("HAS OBS CONTEXT", code("112039", "DCM", "Tracking Identifier"), name),
+                text_item("HAS OBS CONTEXT", code("112039", "DCM", "Tracking Identifier"), &f.level.label()),
                 uid_item(
                     "HAS OBS CONTEXT",
                     code("112040", "DCM", "Tracking Unique Identifier"),
                     &derived_uid(&source.series_uid, weights, &format!("tracking-{name}")),
                 ),
             ];
-            if let Some((value, meaning)) = disc_site(name) {
+            if let Some((value, meaning)) = disc_site(name).filter(|_| f.level.name_certain) {
                 children.push(code_item(
                     "HAS CONCEPT MOD",
                     code("363698007", "SCT", "Finding Site"),
