@@ -97,12 +97,14 @@ fn every_patient_position_every_disc_within_3_mm_and_named() {
 }
 
 #[test]
-fn without_the_sacrum_names_are_uncertain() {
+fn without_the_sacrum_and_the_ribs_names_are_uncertain() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = PhantomSpec { seed: 4, pixel_spacing_mm: 2.0, slice_thickness_mm: 2.0, size: 160, ..Default::default() };
     let (series, truth) = write_phantom(tmp.path(), &spec).unwrap();
-    // Keep only the slices above L4/L5's disc centre + 15 mm: the sacrum and L5/S1 are cut off.
+    // Keep only the slices above L4/L5's disc centre + 15 mm and below T12/L1's + 3 mm: the
+    // sacrum and L5/S1 are cut off, and so are T12 and its ribs. No landmark is left to count from.
     let cut = truth.levels[1].center_lps_mm[2] + 15.0;
+    let top = truth.levels[5].center_lps_mm[2] + 3.0;
     let files: Vec<_> = series
         .files
         .iter()
@@ -110,7 +112,7 @@ fn without_the_sacrum_names_are_uncertain() {
             let obj = dicom_object::open_file(f).unwrap();
             let z =
                 obj.element(dicom_dictionary_std::tags::IMAGE_POSITION_PATIENT).unwrap().to_multi_float64().unwrap()[2];
-            z > cut
+            z > cut && z < top
         })
         .cloned()
         .collect();

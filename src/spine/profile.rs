@@ -21,6 +21,9 @@ const TILTS_DEGREES: [f64; 9] = [-40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30
 const FLANK_MM: usize = 8;
 const FLANK_GAP_MM: usize = 2;
 
+/// Column imaged on either side of a disc before it is judged, mm.
+const EDGE_MM: usize = 12;
+
 /// Profile samples are 1 mm apart along the slice axis.
 pub const STEP_MM: f64 = 1.0;
 
@@ -102,21 +105,32 @@ impl Profile {
         if n < 2 * FLANK_MM + 1 {
             return Vec::new();
         }
-        let mut best = vec![(0.0f64, 0usize); n];
+        // (contrast, tilt, middle between the two flanking peaks in samples)
+        let mut best = vec![(0.0f64, 0usize, 0.0f64); n];
+        let peak = |values: &[f32]| -> (f32, f64) {
+            // The highest value and the middle of where it is reached (a flat top's centre).
+            let top = values.iter().copied().fold(0.0f32, f32::max);
+            let at: Vec<usize> = (0..values.len()).filter(|&i| values[i] >= top).collect();
+            (top, at.iter().sum::<usize>() as f64 / at.len().max(1) as f64)
+        };
         for (t, share) in self.share.iter().enumerate() {
             for s in FLANK_MM..n - FLANK_MM {
-                let before = share[s - FLANK_MM..=s - FLANK_GAP_MM].iter().copied().fold(0.0f32, f32::max);
-                let after = share[s + FLANK_GAP_MM..=s + FLANK_MM].iter().copied().fold(0.0f32, f32::max);
+                let (before, before_at) = peak(&share[s - FLANK_MM..=s - FLANK_GAP_MM]);
+                let (after, after_at) = peak(&share[s + FLANK_GAP_MM..=s + FLANK_MM]);
                 let contrast = f64::from(before.min(after) - share[s]);
                 if contrast > best[s].0 {
-                    best[s] = (contrast, t);
+                    // The disc's middle lies between its two endplates.
+                    let middle = ((s - FLANK_MM) as f64 + before_at + (s + FLANK_GAP_MM) as f64 + after_at) / 2.0;
+                    best[s] = (contrast, t, middle);
                 }
             }
         }
         let reach = 5;
         let mut found = Vec::new();
-        for s in FLANK_MM..n - FLANK_MM {
-            let (contrast, t) = best[s];
+        // A disc is judged only with a body's worth of column imaged on either side: an endplate
+        // at the volume's edge, with a bit of its body, looks like a disc cut by it.
+        for s in EDGE_MM.max(FLANK_MM)..n.saturating_sub(EDGE_MM.max(FLANK_MM)) {
+            let (contrast, t, middle) = best[s];
             if contrast < min_contrast {
                 continue;
             }
@@ -125,7 +139,7 @@ impl Profile {
             if window.clone().any(|q| best[q].0 > contrast || (best[q].0 == contrast && q < s)) {
                 continue;
             }
-            found.push(ProfileDisc { k: s as f64 * STEP_MM / slice_mm, contrast, tilt_degrees: TILTS_DEGREES[t] });
+            found.push(ProfileDisc { k: middle * STEP_MM / slice_mm, contrast, tilt_degrees: TILTS_DEGREES[t] });
         }
         found
     }
