@@ -15,7 +15,8 @@ use crate::volume::Volume;
 const BOX_HALF_WIDTH_MM: f64 = 10.0;
 const BOX_FROM_CANAL_MM: (f64, f64) = (14.0, 40.0);
 /// Sagittal tilts tried, degrees.
-const TILTS_DEGREES: [f64; 9] = [-40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0, 40.0];
+const TILTS_DEGREES: [f64; 17] =
+    [-40.0, -35.0, -30.0, -25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0];
 /// The endplates that flank a disc lie within this distance of its middle, mm (a disc is 3 to
 /// 14 mm high).
 const FLANK_MM: usize = 8;
