@@ -48,6 +48,26 @@ impl Canal {
         (self.i[k0] * (1.0 - t) + self.i[k1] * t, self.j[k0] * (1.0 - t) + self.j[k1] * t)
     }
 
+    /// Change of the centre's column and row per slice around slice `k`: a least-squares line
+    /// through the slices within `half` slices (the centres lie on a 2 mm grid, so neighbours
+    /// alone would give steps, not a slope).
+    pub fn slope(&self, k: f64, half: f64) -> (f64, f64) {
+        let last = self.i.len() - 1;
+        let from = (k - half).floor().max(0.0) as usize;
+        let to = ((k + half).ceil() as usize).min(last);
+        let n = (to + 1 - from) as f64;
+        let mean_k = (from..=to).map(|q| q as f64).sum::<f64>() / n;
+        let spread: f64 = (from..=to).map(|q| (q as f64 - mean_k).powi(2)).sum();
+        if spread == 0.0 {
+            return (0.0, 0.0);
+        }
+        let fit = |values: &[f64]| {
+            let mean = values[from..=to].iter().sum::<f64>() / n;
+            (from..=to).map(|q| (q as f64 - mean_k) * (values[q] - mean)).sum::<f64>() / spread
+        };
+        (fit(&self.i), fit(&self.j))
+    }
+
     /// Mean ring score over the slices within `half_mm` of slice `k`.
     pub fn confidence(&self, k: f64, half_mm: f64, slice_mm: f64) -> f32 {
         let half = (half_mm / slice_mm).round() as isize;

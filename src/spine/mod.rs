@@ -50,6 +50,8 @@ const SACRUM_ALA_SHARE: f64 = 0.12;
 const MAX_BODY_AND_DISC_MM: f64 = 50.0;
 /// A dip inside a body stands out less than this share of the discs on either side of it.
 const WEAK_DIP_RATIO: f64 = 0.6;
+/// Half the stretch of canal whose course gives a disc's plane, mm.
+const COLUMN_TANGENT_MM: f64 = 25.0;
 /// Two discs closer than this share of the usual spacing cannot both be discs.
 const TOO_CLOSE_RATIO: f64 = 0.6;
 /// L1 to L5 with their discs: no rib head lies closer above L5/S1 than this, mm.
@@ -286,12 +288,12 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         let ahead_mm = (centre_j - profile_centre) * sy * front;
         let k = disc.k + ahead_mm * slope / sz;
         let centre = volume.voxel_to_lps([centre_i, centre_j, k]);
-        // Normal of the tilted plane: across it lies the lateral axis and the direction that runs
-        // towards the front by 1 mm and along the slices by the tilt.
-        let lateral = volume.voxel_to_lps([centre_i + 1.0 / sx, centre_j, k]);
-        let ahead = volume.voxel_to_lps([centre_i, centre_j + front / sy, k + slope / sz]);
-        let normal = crate::geometry::cross(crate::geometry::sub(lateral, centre), crate::geometry::sub(ahead, centre));
-        let mut normal = crate::geometry::normalize(normal);
+        // The plane the slices are cut in: across the column, whose course the canal follows
+        // (a line fitted over 50 mm). The profile's tilt is coarser and, where dense bone saturates the
+        // contrast, less sure; the model was trained on slices cut across the column.
+        let (di, dj) = canal.slope(k, COLUMN_TANGENT_MM / sz);
+        let tangent = crate::geometry::sub(volume.voxel_to_lps([ci + di, cj + dj, k + 1.0]), volume.voxel_to_lps([ci, cj, k]));
+        let mut normal = crate::geometry::normalize(tangent);
         if normal[2] < 0.0 {
             normal = normal.map(|v| -v);
         }

@@ -22,6 +22,8 @@ const TILTS_DEGREES: [f64; 17] =
 const FLANK_MM: usize = 8;
 const FLANK_GAP_MM: usize = 2;
 
+/// Score gained per mm of a dip's bone-free core when tilts are compared.
+const CORE_BONUS_PER_MM: f64 = 0.02;
 /// Column imaged on either side of a disc before it is judged, mm.
 const EDGE_MM: usize = 12;
 
@@ -106,23 +108,34 @@ impl Profile {
         if n < 2 * FLANK_MM + 1 {
             return Vec::new();
         }
-        // (contrast, tilt, middle between the two flanking peaks in samples)
-        let mut best = vec![(0.0f64, 0usize, 0.0f64); n];
-        let peak = |values: &[f32]| -> (f32, f64) {
-            // The highest value and the middle of where it is reached (a flat top's centre).
-            let top = values.iter().copied().fold(0.0f32, f32::max);
-            let at: Vec<usize> = (0..values.len()).filter(|&i| values[i] >= top).collect();
-            (top, at.iter().sum::<usize>() as f64 / at.len().max(1) as f64)
-        };
+        // Per sample, over the tilts: (score, contrast, tilt, the dip's middle in samples). A
+        // plane tilted like the disc lies wholly inside it over the disc's height less what the
+        // box's depth adds to a mismatch, so the disc's own tilt has the longest run nearly free
+        // of bone: the score is the contrast plus a little per mm of that core. Dense bone
+        // saturates the contrast at many tilts; the core tells them apart.
+        let mut best = vec![(f64::MIN, 0.0f64, 0usize, 0.0f64); n];
         for (t, share) in self.share.iter().enumerate() {
             for s in FLANK_MM..n - FLANK_MM {
-                let (before, before_at) = peak(&share[s - FLANK_MM..=s - FLANK_GAP_MM]);
-                let (after, after_at) = peak(&share[s + FLANK_GAP_MM..=s + FLANK_MM]);
-                let contrast = f64::from(before.min(after) - share[s]);
-                if contrast > best[s].0 {
-                    // The disc's middle lies between its two endplates.
-                    let middle = ((s - FLANK_MM) as f64 + before_at + (s + FLANK_GAP_MM) as f64 + after_at) / 2.0;
-                    best[s] = (contrast, t, middle);
+                let before = share[s - FLANK_MM..=s - FLANK_GAP_MM].iter().copied().fold(0.0f32, f32::max);
+                let after = share[s + FLANK_GAP_MM..=s + FLANK_MM].iter().copied().fold(0.0f32, f32::max);
+                let flank = before.min(after);
+                let contrast = f64::from(flank - share[s]);
+                if contrast <= 0.0 {
+                    continue;
+                }
+                // The dip's core: the run around `s` below a quarter of the way up to the flank,
+                // or, in a shallow dip, just below half-way.
+                let run = |level: f32| {
+                    let first = (s - FLANK_MM..=s).rev().take_while(|&q| share[q] < level).last();
+                    let last = (s..=s + FLANK_MM).take_while(|&q| share[q] < level).last();
+                    first.zip(last)
+                };
+                let core = run(share[s] + (flank - share[s]) * 0.25);
+                let (first, last) = core.or_else(|| run((flank + share[s]) / 2.0)).unwrap_or((s, s));
+                let core_mm = core.map_or(0.0, |(a, b)| (b - a + 1) as f64 * STEP_MM);
+                let score = contrast + CORE_BONUS_PER_MM * core_mm;
+                if score > best[s].0 {
+                    best[s] = (score, contrast, t, (first + last) as f64 / 2.0);
                 }
             }
         }
@@ -131,13 +144,13 @@ impl Profile {
         // A disc is judged only with a body's worth of column imaged on either side: an endplate
         // at the volume's edge, with a bit of its body, looks like a disc cut by it.
         for s in EDGE_MM.max(FLANK_MM)..n.saturating_sub(EDGE_MM.max(FLANK_MM)) {
-            let (contrast, t, middle) = best[s];
+            let (score, contrast, t, middle) = best[s];
             if contrast < min_contrast {
                 continue;
             }
             let window = s.saturating_sub(reach)..(s + reach + 1).min(n);
             // The first of equal neighbours stands for a flat top.
-            if window.clone().any(|q| best[q].0 > contrast || (best[q].0 == contrast && q < s)) {
+            if window.clone().any(|q| best[q].0 > score || (best[q].0 == score && q < s)) {
                 continue;
             }
             found.push(ProfileDisc { k: middle * STEP_MM / slice_mm, contrast, tilt_degrees: TILTS_DEGREES[t] });
