@@ -27,6 +27,9 @@ const MIN_SCORE: f32 = 0.15;
 const FREE_MOVE_MM: f64 = 3.0;
 const FREE_MOVE_PER_MM: f64 = 0.5;
 const MOVE_COST_PER_MM: f64 = 0.1;
+/// A slice whose chosen candidate scores less than this share of the path's median ring score
+/// is placed between its clear neighbours.
+const CLEAR_SHARE_OF_MEDIAN: f32 = 0.6;
 /// The path is smoothed by a running median over this many mm along the column.
 const SMOOTH_MM: f64 = 20.0;
 
@@ -66,6 +69,13 @@ impl Canal {
             (from..=to).map(|q| (q as f64 - mean_k) * (values[q] - mean)).sum::<f64>() / spread
         };
         (fit(&self.i), fit(&self.j))
+    }
+
+    /// The median ring score along the track: how clearly this scan shows its canal.
+    pub fn typical_score(&self) -> f32 {
+        let mut scores = self.score.clone();
+        scores.sort_by(f32::total_cmp);
+        scores[scores.len() / 2]
     }
 
     /// Mean ring score over the slices within `half_mm` of slice `k`.
@@ -215,6 +225,30 @@ pub fn track(grid: &Volume) -> Option<Canal> {
             state = back[k][state];
         }
     }
+    // Where the ring is faint (at a disc whose facets the slice misses, in a phantom's disc) the
+    // best candidate may lie anywhere: such slices take the line between the clear ones around.
+    let mut canal = Canal { i: Vec::new(), j: Vec::new(), score: path.iter().map(|p| p.0).collect() };
+    let clear_score = CLEAR_SHARE_OF_MEDIAN * canal.typical_score();
+    let clear: Vec<usize> = (0..nz).filter(|&k| path[k].0 >= clear_score).collect();
+    if !clear.is_empty() {
+        for k in 0..nz {
+            if path[k].0 >= clear_score {
+                continue;
+            }
+            let after = clear.partition_point(|&c| c < k);
+            let (i, j) = match (after.checked_sub(1).map(|b| clear[b]), clear.get(after).copied()) {
+                (Some(a), Some(b)) => {
+                    let t = (k - a) as f64 / (b - a) as f64;
+                    (path[a].1 + (path[b].1 - path[a].1) * t, path[a].2 + (path[b].2 - path[a].2) * t)
+                }
+                (Some(a), None) => (path[a].1, path[a].2),
+                (None, Some(b)) => (path[b].1, path[b].2),
+                (None, None) => (path[k].1, path[k].2),
+            };
+            path[k].1 = i;
+            path[k].2 = j;
+        }
+    }
     let half = ((SMOOTH_MM / 2.0 / sz).round() as usize).max(1);
     let median = |values: &[f64], k: usize| {
         let mut window: Vec<f64> = values[k.saturating_sub(half)..(k + half + 1).min(nz)].to_vec();
@@ -223,9 +257,7 @@ pub fn track(grid: &Volume) -> Option<Canal> {
     };
     let raw_i: Vec<f64> = path.iter().map(|p| p.1).collect();
     let raw_j: Vec<f64> = path.iter().map(|p| p.2).collect();
-    Some(Canal {
-        i: (0..nz).map(|k| median(&raw_i, k)).collect(),
-        j: (0..nz).map(|k| median(&raw_j, k)).collect(),
-        score: path.iter().map(|p| p.0).collect(),
-    })
+    canal.i = (0..nz).map(|k| median(&raw_i, k)).collect();
+    canal.j = (0..nz).map(|k| median(&raw_j, k)).collect();
+    Some(canal)
 }

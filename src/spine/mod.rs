@@ -31,8 +31,10 @@ const BONE_HU: f32 = 160.0;
 const MIN_CONTRAST: f64 = 0.12;
 /// Two discs are at least this far apart: a vertebral body is 15 mm tall or more.
 const MIN_DISC_SPACING_MM: f64 = 15.0;
-/// Around a disc, the canal must have been seen this clearly (mean ring score over 20 mm).
-const MIN_CANAL_CONFIDENCE: f32 = 0.25;
+/// Around a disc, the canal must have been seen this clearly (mean ring score over 40 mm), as a
+/// share of how clearly it was seen along the whole track: below the sacrum the track passes
+/// through the pelvis, where ring-like bone is no canal.
+const MIN_CANAL_CONFIDENCE: f32 = 0.6;
 /// The slabs of the bodies above and below a disc whose bone gives its centre: from and to this
 /// distance from the disc, mm.
 const BODY_SLAB_MM: (f64, f64) = (4.0, 14.0);
@@ -41,6 +43,9 @@ const BODY_HALF_WIDTH_MM: f64 = 30.0;
 /// Where the bodies lie in front of the canal's centre, mm: their back wall and far enough for
 /// the deepest lumbar body.
 const BODY_FROM_CANAL_MM: (f64, f64) = (8.0, 62.0);
+/// Where a body's centre usually lies in front of the canal's centre, mm: a canal's radius
+/// and half a lumbar body's depth.
+const TYPICAL_BODY_CENTRE_MM: f64 = 26.0;
 /// Windows below and above a disc in which the sacrum is looked for, mm.
 const SACRUM_WINDOW_MM: (f64, f64) = (6.0, 28.0);
 /// Bone share beside the column that the sacrum's alae and sacroiliac joints give at least.
@@ -130,7 +135,7 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     let mut candidates: Vec<profile::ProfileDisc> = profile
         .candidates(sz, MIN_CONTRAST)
         .into_iter()
-        .filter(|d| canal.confidence(d.k, 10.0, sz) >= MIN_CANAL_CONFIDENCE)
+        .filter(|d| canal.confidence(d.k, 20.0, sz) >= MIN_CANAL_CONFIDENCE * canal.typical_score())
         .collect();
     candidates.sort_by(|a, b| b.contrast.total_cmp(&a.contrast));
     let mut discs: Vec<profile::ProfileDisc> = Vec::new();
@@ -277,9 +282,9 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
                 }
             }
         }
-        let box_centre = cj + front * (BODY_FROM_CANAL_MM.0 + 26.0) / sy;
-        let split = box_centre.round().clamp(1.0, (ny - 1) as f64) as usize;
-        let centre_j = two_sided_half_peak_middle(&per_row, split).unwrap_or(box_centre);
+        let usual_centre = cj + front * TYPICAL_BODY_CENTRE_MM / sy;
+        let split = usual_centre.round().clamp(1.0, (ny - 1) as f64) as usize;
+        let centre_j = two_sided_half_peak_middle(&per_row, split).unwrap_or(usual_centre);
         let centre_i = half_peak_middle(&per_column).unwrap_or(ci);
         // The disc's plane passes through the profile box's centre at `disc.k`; at the body's
         // centre it lies higher or lower by the tilt.
