@@ -289,7 +289,7 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         // The disc's plane passes through the profile box's centre at `disc.k`; at the body's
         // centre it lies higher or lower by the tilt.
         let slope = disc.tilt_degrees.to_radians().tan();
-        let profile_centre = cj + front * 27.0 / sy;
+        let profile_centre = cj + front * profile::BOX_CENTRE_MM / sy;
         let ahead_mm = (centre_j - profile_centre) * sy * front;
         let k = disc.k + ahead_mm * slope / sz;
         let centre = volume.voxel_to_lps([centre_i, centre_j, k]);
@@ -321,7 +321,8 @@ fn drop_mid_body_dips(taken: &mut Vec<profile::ProfileDisc>, slice_mm: f64) {
         let spacing = |a: usize, b: usize| (taken[b].k - taken[a].k).abs() * slice_mm;
         let mut spacings: Vec<f64> = (1..taken.len()).map(|i| spacing(i - 1, i)).collect();
         spacings.sort_by(f64::total_cmp);
-        let usual = spacings.get(spacings.len() / 2).copied().unwrap_or(f64::MAX);
+        // The upper quartile: spurious dips halve spacings, so the lower half is theirs.
+        let usual = spacings.get(spacings.len() * 3 / 4).copied().unwrap_or(f64::MAX);
         let inside_body = (1..taken.len().saturating_sub(1)).filter(|&i| {
             let neighbours = taken[i - 1].contrast.min(taken[i + 1].contrast);
             spacing(i - 1, i + 1) <= MAX_BODY_AND_DISC_MM && taken[i].contrast < WEAK_DIP_RATIO * neighbours

@@ -13,7 +13,9 @@ use crate::volume::Volume;
 /// The box, mm: side to side around the canal's centre, and front to back from the canal's
 /// centre towards the front.
 const BOX_HALF_WIDTH_MM: f64 = 10.0;
-const BOX_FROM_CANAL_MM: (f64, f64) = (14.0, 40.0);
+const BOX_FROM_CANAL_MM: (f64, f64) = (10.0, 44.0);
+/// The box's centre, where a disc's position along the column is measured, mm from the canal.
+pub const BOX_CENTRE_MM: f64 = (BOX_FROM_CANAL_MM.0 + BOX_FROM_CANAL_MM.1) / 2.0;
 /// Sagittal tilts tried, degrees.
 const TILTS_DEGREES: [f64; 17] =
     [-40.0, -35.0, -30.0, -25.0, -20.0, -15.0, -10.0, -5.0, 0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0];
@@ -55,7 +57,6 @@ impl Profile {
         let samples = ((nz - 1) as f64 * sz / STEP_MM).floor() as usize + 1;
         let front = row_step_towards_front(volume);
         let half_width = (BOX_HALF_WIDTH_MM / sx).round() as isize;
-        let centre_mm = (BOX_FROM_CANAL_MM.0 + BOX_FROM_CANAL_MM.1) / 2.0;
         let depths: Vec<f64> = (0..=((BOX_FROM_CANAL_MM.1 - BOX_FROM_CANAL_MM.0) as usize))
             .map(|d| BOX_FROM_CANAL_MM.0 + d as f64)
             .collect();
@@ -70,7 +71,7 @@ impl Profile {
                         let (mut bone, mut all) = (0u32, 0u32);
                         for &depth in &depths {
                             let j = (cj + front * depth / sy).round();
-                            let kk = k + (depth - centre_mm) * slope / sz;
+                            let kk = k + (depth - BOX_CENTRE_MM) * slope / sz;
                             if j < 0.0 || j >= ny as f64 || kk < 0.0 || kk > (nz - 1) as f64 {
                                 continue;
                             }
