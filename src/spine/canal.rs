@@ -29,7 +29,7 @@ const FREE_MOVE_PER_MM: f64 = 0.5;
 const MOVE_COST_PER_MM: f64 = 0.1;
 /// A slice whose chosen candidate scores less than this share of the path's median ring score
 /// is placed between its clear neighbours.
-const CLEAR_SHARE_OF_MEDIAN: f32 = 0.6;
+const CLEAR_SHARE_OF_MEDIAN: f32 = 0.75;
 /// The path is smoothed by a running median over this many mm along the column.
 const SMOOTH_MM: f64 = 20.0;
 

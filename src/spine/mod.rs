@@ -42,7 +42,7 @@ const BODY_SLAB_MM: (f64, f64) = (4.0, 14.0);
 const BODY_HALF_WIDTH_MM: f64 = 30.0;
 /// Where the bodies lie in front of the canal's centre, mm: their back wall and far enough for
 /// the deepest lumbar body.
-const BODY_FROM_CANAL_MM: (f64, f64) = (8.0, 62.0);
+const BODY_FROM_CANAL_MM: (f64, f64) = (10.0, 62.0);
 /// Where a body's centre usually lies in front of the canal's centre, mm: a canal's radius
 /// and half a lumbar body's depth.
 const TYPICAL_BODY_CENTRE_MM: f64 = 26.0;
@@ -285,6 +285,10 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         let usual_centre = cj + front * TYPICAL_BODY_CENTRE_MM / sy;
         let split = usual_centre.round().clamp(1.0, (ny - 1) as f64) as usize;
         let centre_j = two_sided_half_peak_middle(&per_row, split).unwrap_or(usual_centre);
+        if debug {
+            let shown: Vec<String> = rows.iter().map(|&j| format!("{j}:{}", per_row[j])).collect();
+            eprintln!("centre of {name}: canal j {cj:.1}, split {split}, centre j {centre_j:.1}; rows {}", shown.join(" "));
+        }
         let centre_i = half_peak_middle(&per_column).unwrap_or(ci);
         // The disc's plane passes through the profile box's centre at `disc.k`; at the body's
         // centre it lies higher or lower by the tilt.
