@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
         let dir = kept.unwrap_or(scratch.path()).join(seed.to_string());
         let (series, _) = write_phantom(&dir, &spec)?;
         let volume = idaics::volume::load_series(&series.files, &Default::default())?;
-        let analysis = idaics::pipeline::analyze(&volume, None)?;
+        let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None)?;
         let labels = DiscLabels::new(&spec);
         for image in analysis.sagittal.iter() {
             entries.push(write_image(image, &labels, out, &format!("p{seed}_sagittal"))?);

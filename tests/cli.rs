@@ -345,7 +345,7 @@ fn evaluate_scores_labelled_images_as_the_paper_did() {
     };
     let (series, _) = write_phantom(&dir.path().join("series"), &spec).unwrap();
     let volume = idaics::volume::load_series(&series.files, &Default::default()).unwrap();
-    let analysis = idaics::pipeline::analyze(&volume, None).unwrap();
+    let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     let labels = DiscLabels::new(&spec);
     let (images, label_dir) = (dir.path().join("set/images"), dir.path().join("set/labels"));
     std::fs::create_dir_all(&images).unwrap();

@@ -49,7 +49,7 @@ fn unseen_phantoms_get_each_level_classified_and_outlined() {
         };
         let (series, truth) = write_phantom(&tmp.path().join(seed.to_string()), &spec).unwrap();
         let volume = idaics::volume::load_series(&series.files, &SeriesConfig::default()).unwrap();
-        let analysis = idaics::pipeline::analyze(&volume, Some(&detector)).unwrap();
+        let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), Some(&detector)).unwrap();
         let labels = DiscLabels::new(&spec);
         assert_eq!(analysis.findings.len(), truth.levels.len(), "seed {seed}");
         for finding in &analysis.findings {
@@ -109,7 +109,7 @@ fn a_lossy_jpeg_extended_series_gets_the_findings_of_the_original() {
         .collect();
     let findings = |files: &[std::path::PathBuf]| {
         let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
-        let analysis = idaics::pipeline::analyze(&volume, Some(&detector)).unwrap();
+        let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), Some(&detector)).unwrap();
         analysis.findings.iter().map(|f| (f.level.name.clone(), f.class)).collect::<Vec<_>>()
     };
     let original = findings(&series.files);

@@ -30,7 +30,7 @@ fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     let (files, truth) = phantom(&tmp.path().join("in"), 3);
     let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
-    let analysis = idaics::pipeline::analyze(&volume, None).unwrap();
+    let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     assert!(analysis.findings.iter().all(|f| f.class == "undetermined"));
     let source = Source::read(&files).unwrap();
     let algorithm = Algorithm::new(None);
@@ -141,7 +141,7 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     let tmp = tempfile::tempdir().unwrap();
     let (files, _truth) = phantom(&tmp.path().join("in"), 5);
     let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
-    let mut analysis = idaics::pipeline::analyze(&volume, None).unwrap();
+    let mut analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     // What a detector would have said: an ellipse where the disc is, on the views named.
     let size = idaics::pipeline::SLICE_SIZE;
     let ellipse = |cx: f64, cy: f64, rx: f64, ry: f64| Mask {
