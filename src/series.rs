@@ -961,9 +961,9 @@ mod tests {
 
         // A stray image of another orientation (a localizer) is set aside; two stacks at different
         // angles make no volume.
-        let mut stray: Vec<_> = (0..5).map(|i| slice(i, i as f64)).collect();
-        stray[1].image_orientation = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
-        assert_eq!(judge(&stray), Assessment::Stack { slices: 5 });
+        let mut stray: Vec<_> = (0..6).map(|i| slice(i, i as f64)).collect();
+        stray[5].image_orientation = Some([0.0, 1.0, 0.0, 0.0, 0.0, -1.0]);
+        assert_eq!(judge(&stray), Assessment::Stack { slices: 6 });
         let mut mixed: Vec<_> = (0..10).map(|i| slice(i, i as f64)).collect();
         mixed[5..].iter_mut().for_each(|h| h.image_orientation = Some([1.0, 0.0, 0.0, 0.0, 0.966, -0.259]));
         assert!(matches!(judge(&mixed), Assessment::Skip(r) if r.contains("orientations")));

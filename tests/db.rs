@@ -643,7 +643,7 @@ fn findings_command_filters_and_formats() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 4, "{csv}");
     assert!(lines[0].starts_with("patient_id,study_date,accession,level,level_certain,class,confidence"));
-    assert!(lines[3].contains("P7,2026-03-01,ACC-9.3,L4/L5,protrusion,0.910,sagittal+axial,1227.7,"), "{csv}");
+    assert!(lines[3].contains("P7,2026-03-01,ACC-9.3,L4/L5,true,protrusion,0.910,sagittal+axial,1227.7,"), "{csv}");
     let table = run(&["--class", "protrusion"]);
     assert!(table.lines().next().unwrap().starts_with("patient_id"), "{table}");
     assert!(table.contains("protrusion"), "{table}");

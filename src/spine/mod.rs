@@ -323,16 +323,19 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
 fn drop_mid_body_dips(taken: &mut Vec<profile::ProfileDisc>, slice_mm: f64) {
     loop {
         let spacing = |a: usize, b: usize| (taken[b].k - taken[a].k).abs() * slice_mm;
-        let mut spacings: Vec<f64> = (1..taken.len()).map(|i| spacing(i - 1, i)).collect();
-        spacings.sort_by(f64::total_cmp);
-        // The upper quartile: spurious dips halve spacings, so the lower half is theirs.
-        let usual = spacings.get(spacings.len() * 3 / 4).copied().unwrap_or(f64::MAX);
+        // The largest spacing one body and its disc can span: spurious dips only shorten
+        // spacings and a missed disc doubles one, so neither the median nor the largest will do.
+        let usual = (1..taken.len())
+            .map(|i| spacing(i - 1, i))
+            .filter(|&s| s <= MAX_BODY_AND_DISC_MM)
+            .max_by(f64::total_cmp)
+            .unwrap_or(f64::MAX);
         let inside_body = (1..taken.len().saturating_sub(1)).filter(|&i| {
             let neighbours = taken[i - 1].contrast.min(taken[i + 1].contrast);
             spacing(i - 1, i + 1) <= MAX_BODY_AND_DISC_MM && taken[i].contrast < WEAK_DIP_RATIO * neighbours
         });
         let too_close = (1..taken.len())
-            .filter(|&i| spacings.len() >= 3 && spacing(i - 1, i) < TOO_CLOSE_RATIO * usual)
+            .filter(|&i| taken.len() >= 3 && spacing(i - 1, i) < TOO_CLOSE_RATIO * usual)
             .map(|i| if taken[i].contrast < taken[i - 1].contrast { i } else { i - 1 });
         match inside_body.chain(too_close).min_by(|&i, &j| taken[i].contrast.total_cmp(&taken[j].contrast)) {
             Some(i) => {

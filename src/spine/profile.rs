@@ -27,7 +27,7 @@ const FLANK_GAP_MM: usize = 2;
 /// Score gained per mm of a dip's bone-free core when tilts are compared.
 const CORE_BONUS_PER_MM: f64 = 0.02;
 /// Column imaged on either side of a disc before it is judged, mm.
-const EDGE_MM: usize = 12;
+const EDGE_MM: usize = 10;
 
 /// Profile samples are 1 mm apart along the slice axis.
 pub const STEP_MM: f64 = 1.0;
