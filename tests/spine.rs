@@ -216,7 +216,6 @@ fn slices_look_the_same_in_every_patient_position() {
 }
 
 #[test]
-#[ignore = "regression of the real-CT locator (issue 29): on porous bone with thick slices some discs are missed or taken inside a body; see the issue note"]
 fn osteoporotic_phantoms_every_disc_within_4_mm_and_named() {
     // Cancellous bone as dense as the discs, a thin cortex and low-dose noise: the discs show only
     // between endplates, as on the real TPTBox crop.
@@ -242,7 +241,6 @@ fn osteoporotic_phantoms_every_disc_within_4_mm_and_named() {
 /// dips like a disc, halfway between two true ones. Seed 1001 put a spurious level in L1's body
 /// before the locator learnt that discs are evenly spaced.
 #[test]
-#[ignore = "regression of the real-CT locator (issue 29): on porous bone with thick slices some discs are missed or taken inside a body; see the issue note"]
 fn osteoporotic_coarse_grid_finds_no_disc_inside_a_body() {
     let levels = "L5/S1=schmorl,L4/L5=bulge,L3/L4=schmorl,L2/L3=bulge,L1/L2=protrusion,T12/L1=bulge";
     let specs = [1001u64, 41, 45].map(|seed| PhantomSpec {

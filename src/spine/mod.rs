@@ -27,8 +27,21 @@ use crate::volume::Volume;
 
 /// Bone threshold, HU: cortical bone and endplates are far above it, muscle and disc below.
 const BONE_HU: f32 = 160.0;
-/// The least contrast (in bone share) of a disc with its flanking endplates.
+/// The contrast (in bone share) of a disc with its flanking endplates above which a dip counts
+/// for a disc on its own; fainter dips count only where they make the column regular.
 const MIN_CONTRAST: f64 = 0.12;
+/// A disc fainter than this share of the clearest ones within a body's span around it earns
+/// nothing on its own: a dip inside a porous body can be as deep as a disc in dense bone.
+const FAINT_DISC_RATIO: f64 = 0.5;
+/// The faintest dip that may still be a disc.
+const MIN_CANDIDATE_CONTRAST: f64 = 0.02;
+/// Weight of the squared log ratio of two consecutive spacings, against contrast.
+const UNEVEN_SPACING_COST: f64 = 0.5;
+/// The lower thoracic and lumbar bodies with their discs span this much or more, mm; a shorter
+/// span costs its squared log ratio to it, times the weight, so that a run of dips halfway
+/// inside porous bodies, evenly spaced as it is, does not pass for a column.
+const SHORT_SPAN_MM: f64 = 24.0;
+const SHORT_SPAN_COST: f64 = 2.0;
 /// Two discs are at least this far apart: a vertebral body is 15 mm tall or more.
 const MIN_DISC_SPACING_MM: f64 = 15.0;
 /// Around a disc, the canal must have been seen this clearly (mean ring score over 40 mm), as a
@@ -53,12 +66,8 @@ const SACRUM_ALA_SHARE: f64 = 0.12;
 /// The tallest lumbar body with one disc, mm: two discs further apart than this have a body
 /// between them, not a dip inside one.
 const MAX_BODY_AND_DISC_MM: f64 = 50.0;
-/// A dip inside a body stands out less than this share of the discs on either side of it.
-const WEAK_DIP_RATIO: f64 = 0.6;
 /// Half the stretch of canal whose course gives a disc's plane, mm.
 const COLUMN_TANGENT_MM: f64 = 25.0;
-/// Two discs closer than this share of the usual spacing cannot both be discs.
-const TOO_CLOSE_RATIO: f64 = 0.6;
 /// L1 to L5 with their discs: no rib head lies closer above L5/S1 than this, mm.
 const MIN_RIBS_ABOVE_SACRUM_MM: f64 = 100.0;
 /// A gap between two neighbouring discs this much wider than the usual spacing may hide a disc
@@ -132,20 +141,23 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     // Height along the patient's axis, mm, of a fractional slice index.
     let up = if volume.axes[2][2] >= 0.0 { 1.0 } else { -1.0 };
     let height = |k: f64| up * k * sz;
+    if debug {
+        for c in profile.candidates(sz, 0.03) {
+            eprintln!("cand k {:.1} h {:.1} contrast {:.3} resid {:.2} tilt {} conf {:.2}", c.k, height(c.k), c.contrast, c.residual, c.tilt_degrees, canal.confidence(c.k, 20.0, sz) / canal.typical_score());
+        }
+    }
     let mut candidates: Vec<profile::ProfileDisc> = profile
-        .candidates(sz, MIN_CONTRAST)
+        .candidates(sz, MIN_CANDIDATE_CONTRAST)
         .into_iter()
         .filter(|d| canal.confidence(d.k, 20.0, sz) >= MIN_CANAL_CONFIDENCE * canal.typical_score())
         .collect();
-    candidates.sort_by(|a, b| b.contrast.total_cmp(&a.contrast));
-    let mut discs: Vec<profile::ProfileDisc> = Vec::new();
-    for c in candidates {
-        if discs.iter().all(|d| (d.k - c.k).abs() * sz >= MIN_DISC_SPACING_MM) {
-            discs.push(c);
-        }
-    }
-    discs.sort_by(|a, b| height(a.k).total_cmp(&height(b.k)));
-    drop_mid_body_dips(&mut discs, sz);
+    candidates.sort_by(|a, b| height(a.k).total_cmp(&height(b.k)));
+    let heights: Vec<f64> = candidates.iter().map(|c| height(c.k)).collect();
+    let mut discs: Vec<profile::ProfileDisc> =
+        most_plausible_column(&heights, &candidates.iter().map(|c| c.contrast * (1.0 - c.residual)).collect::<Vec<_>>())
+            .into_iter()
+            .map(|i| candidates[i])
+            .collect();
     let ala = anchors::ala_share(volume, &canal);
     let heads = anchors::rib_heads(volume, &canal);
     if debug {
@@ -314,35 +326,78 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     Ok(levels)
 }
 
-/// A body lies between consecutive discs. Inside a body the bone share can dip too (the
-/// cancellous interior inside the cortical ring of a porous body, basivertebral veins, an
-/// endplate cut by the volume's edge), though less than at a disc. Two rules drop such dips, the
-/// weakest first: a dip much weaker than both its neighbours, which together span no more than
-/// one body and its disc; and of two dips closer than a body's height allows next to their
-/// neighbours' usual spacing, the weaker.
-fn drop_mid_body_dips(taken: &mut Vec<profile::ProfileDisc>, slice_mm: f64) {
-    loop {
-        let spacing = |a: usize, b: usize| (taken[b].k - taken[a].k).abs() * slice_mm;
-        // The largest spacing one body and its disc can span: spurious dips only shorten
-        // spacings and a missed disc doubles one, so neither the median nor the largest will do.
-        let usual = (1..taken.len())
-            .map(|i| spacing(i - 1, i))
-            .filter(|&s| s <= MAX_BODY_AND_DISC_MM)
-            .max_by(f64::total_cmp)
-            .unwrap_or(f64::MAX);
-        let inside_body = (1..taken.len().saturating_sub(1)).filter(|&i| {
-            let neighbours = taken[i - 1].contrast.min(taken[i + 1].contrast);
-            spacing(i - 1, i + 1) <= MAX_BODY_AND_DISC_MM && taken[i].contrast < WEAK_DIP_RATIO * neighbours
-        });
-        let too_close = (1..taken.len())
-            .filter(|&i| taken.len() >= 3 && spacing(i - 1, i) < TOO_CLOSE_RATIO * usual)
-            .map(|i| if taken[i].contrast < taken[i - 1].contrast { i } else { i - 1 });
-        match inside_body.chain(too_close).min_by(|&i, &j| taken[i].contrast.total_cmp(&taken[j].contrast)) {
-            Some(i) => {
-                taken.remove(i);
+/// The chain of candidates, by index into `heights` (ascending), that a column of bodies and
+/// discs most plausibly made. Each candidate earns its contrast less a bar: [`MIN_CONTRAST`], or
+/// half the contrast of the clearest dips within a body and disc's span on either side,
+/// whichever is higher, so a dip inside a body earns nothing on its own and a faint disc is taken
+/// only where it keeps the column regular. Each body costs the squared log ratio of its span to
+/// the one below, as consecutive vertebrae differ in height by a few mm, not by half: a dip
+/// halfway inside a body halves two spans, and a disc left out doubles one. Exact, by dynamic
+/// programming over the last two discs of a chain: a few hundred candidates at most.
+fn most_plausible_column(heights: &[f64], contrasts: &[f64]) -> Vec<usize> {
+    let n = heights.len();
+    let clearest_within = |i: usize, below: bool| {
+        (0..n)
+            .filter(|&q| {
+                let d = heights[q] - heights[i];
+                if below { (-MAX_BODY_AND_DISC_MM..0.0).contains(&d) } else { d > 0.0 && d <= MAX_BODY_AND_DISC_MM }
+            })
+            .map(|q| contrasts[q])
+            .fold(None, |m: Option<f64>, c| Some(m.map_or(c, |m| m.max(c))))
+    };
+    let rewards: Vec<f64> = (0..n)
+        .map(|i| {
+            let neighbours = match (clearest_within(i, true), clearest_within(i, false)) {
+                (Some(a), Some(b)) => a.min(b),
+                (Some(a), None) | (None, Some(a)) => a,
+                (None, None) => 0.0,
+            };
+            contrasts[i] - MIN_CONTRAST.max(FAINT_DISC_RATIO * neighbours)
+        })
+        .collect();
+    let reward = |i: usize| rewards[i];
+    let unevenness = |lower: f64, upper: f64| UNEVEN_SPACING_COST * (upper / lower).ln().powi(2);
+    let shortness = |span: f64| SHORT_SPAN_COST * (SHORT_SPAN_MM / span).ln().max(0.0).powi(2);
+    // score[i][j], j < i: the best chain ending with discs j then i; from[i][j]: the disc before j.
+    let mut score = vec![vec![f64::MIN; n]; n];
+    let mut from = vec![vec![usize::MAX; n]; n];
+    let mut best: Option<(f64, usize, usize)> = None;
+    for i in 0..n {
+        for j in 0..i {
+            let spacing = heights[i] - heights[j];
+            if spacing < MIN_DISC_SPACING_MM {
+                continue;
             }
-            None => return,
+            let (mut value, mut before) = (reward(j) - shortness(spacing), usize::MAX);
+            for k in 0..j {
+                if score[j][k] == f64::MIN {
+                    continue;
+                }
+                let v = score[j][k] - unevenness(heights[j] - heights[k], spacing) - shortness(spacing);
+                if v > value {
+                    (value, before) = (v, k);
+                }
+            }
+            score[i][j] = value + reward(i);
+            from[i][j] = before;
+            if best.is_none_or(|(b, _, _)| score[i][j] > b) {
+                best = Some((score[i][j], j, i));
+            }
         }
+    }
+    let single = (0..n).max_by(|&a, &b| reward(a).total_cmp(&reward(b)));
+    match (best, single) {
+        (Some((value, mut j, mut i)), Some(s)) if value >= reward(s) => {
+            let mut chain = vec![i, j];
+            while from[i][j] != usize::MAX {
+                (i, j) = (j, from[i][j]);
+                chain.push(j);
+            }
+            chain.reverse();
+            chain
+        }
+        (_, Some(s)) if reward(s) > 0.0 => vec![s],
+        _ => Vec::new(),
     }
 }
 

@@ -25,7 +25,7 @@ const FLANK_MM: usize = 8;
 const FLANK_GAP_MM: usize = 2;
 
 /// Score gained per mm of a dip's bone-free core when tilts are compared.
-const CORE_BONUS_PER_MM: f64 = 0.02;
+const CORE_BONUS_PER_MM: f64 = 0.03;
 /// Column imaged on either side of a disc before it is judged, mm.
 const EDGE_MM: usize = 10;
 
@@ -46,6 +46,9 @@ pub struct ProfileDisc {
     pub k: f64,
     /// How clearly it stands out: the lower flanking peak less the share at its middle.
     pub contrast: f64,
+    /// The bone share left at its middle, as a share of its flanks': near 0 in a disc, which
+    /// holds no bone, higher in a dip inside a porous body.
+    pub residual: f64,
     /// Tilt of its plane, degrees (positive: the front lies towards higher slice indices).
     pub tilt_degrees: f64,
 }
@@ -114,7 +117,7 @@ impl Profile {
         // box's depth adds to a mismatch, so the disc's own tilt has the longest run nearly free
         // of bone: the score is the contrast plus a little per mm of that core. Dense bone
         // saturates the contrast at many tilts; the core tells them apart.
-        let mut best = vec![(f64::MIN, 0.0f64, 0usize, 0.0f64); n];
+        let mut best = vec![(f64::MIN, 0.0f64, 0usize, 0.0f64, 0.0f64); n];
         for (t, share) in self.share.iter().enumerate() {
             for s in FLANK_MM..n - FLANK_MM {
                 let before = share[s - FLANK_MM..=s - FLANK_GAP_MM].iter().copied().fold(0.0f32, f32::max);
@@ -134,9 +137,9 @@ impl Profile {
                 let core = run(share[s] + (flank - share[s]) * 0.25);
                 let (first, last) = core.or_else(|| run((flank + share[s]) / 2.0)).unwrap_or((s, s));
                 let core_mm = core.map_or(0.0, |(a, b)| (b - a + 1) as f64 * STEP_MM);
-                let score = contrast + CORE_BONUS_PER_MM * core_mm;
+                let score = contrast * f64::from(1.0 - share[s] / flank) * (1.0 + CORE_BONUS_PER_MM * core_mm);
                 if score > best[s].0 {
-                    best[s] = (score, contrast, t, (first + last) as f64 / 2.0);
+                    best[s] = (score, contrast, t, (first + last) as f64 / 2.0, f64::from(share[s] / flank));
                 }
             }
         }
@@ -145,7 +148,7 @@ impl Profile {
         // A disc is judged only with a body's worth of column imaged on either side: an endplate
         // at the volume's edge, with a bit of its body, looks like a disc cut by it.
         for s in EDGE_MM.max(FLANK_MM)..n.saturating_sub(EDGE_MM.max(FLANK_MM)) {
-            let (score, contrast, t, middle) = best[s];
+            let (score, contrast, t, middle, residual) = best[s];
             if contrast < min_contrast {
                 continue;
             }
@@ -154,7 +157,7 @@ impl Profile {
             if window.clone().any(|q| best[q].0 > score || (best[q].0 == score && q < s)) {
                 continue;
             }
-            found.push(ProfileDisc { k: middle * STEP_MM / slice_mm, contrast, tilt_degrees: TILTS_DEGREES[t] });
+            found.push(ProfileDisc { k: middle * STEP_MM / slice_mm, contrast, residual, tilt_degrees: TILTS_DEGREES[t] });
         }
         found
     }
