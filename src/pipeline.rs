@@ -106,6 +106,30 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
             .unwrap_or_else(|| crate::spine::SpineError::NotFound("the series holds no block of slices".into()))
             .into());
     }
+    // A block that no landmark anchors takes its names from one that is, across the gap.
+    let anchored_blocks: Vec<usize> =
+        (0..blocks.len()).filter(|&b| located.iter().any(|(i, l)| *i == b && l.name_certain)).collect();
+    if let Some(&anchored) = anchored_blocks.first() {
+        let anchored_levels: Vec<DiscLevel> =
+            located.iter().filter(|(i, _)| *i == anchored).map(|(_, l)| l.clone()).collect();
+        let axis = crate::geometry::normalize(blocks[anchored].axes[2]);
+        let axis = if axis[2] < 0.0 { axis.map(|v| -v) } else { axis };
+        let mut renamed: Vec<(usize, DiscLevel)> = Vec::new();
+        for b in 0..blocks.len() {
+            let levels: Vec<DiscLevel> = located.iter().filter(|(i, _)| *i == b).map(|(_, l)| l.clone()).collect();
+            if anchored_blocks.contains(&b) {
+                renamed.extend(levels.into_iter().map(|l| (b, l)));
+            } else {
+                let named = crate::spine::name_across_gap(&anchored_levels, &levels, axis);
+                if named.len() < levels.len() {
+                    tracing::info!(block = b + 1, dropped = levels.len() - named.len(), "levels counted across a gap beyond L5/S1 or T11/T12 are not reported");
+                }
+                renamed.extend(named.into_iter().map(|l| (b, l)));
+            }
+        }
+        renamed.sort_by(|a, b| a.0.cmp(&b.0));
+        located = renamed;
+    }
     let main_block = (0..blocks.len()).max_by_key(|&b| located.iter().filter(|(i, _)| *i == b).count()).unwrap_or(0);
     let main_levels: Vec<DiscLevel> = located.iter().filter(|(i, _)| *i == main_block).map(|(_, l)| l.clone()).collect();
     let sagittal = crate::slices::sagittal(&blocks[main_block], &main_levels, SLICE_SIZE);

@@ -112,8 +112,15 @@ fn colonography_with_archive_gaps_is_analysed_on_its_blocks() {
     assert!(blocks.len() >= 2, "{} blocks", blocks.len());
     let levels = idaics::pipeline::analyze(&blocks, None).unwrap().levels;
     assert_levels(name, &levels, (f64::MIN, f64::MAX));
-    // Above the gap no landmark anchors the count: no name there may claim certainty.
+    // Above the gap no landmark anchors the count: no name there may claim certainty. Its discs
+    // (T10/T11 and T9/T10) are counted on from the block below, across the gap, and lie above
+    // the levels reported, rather than counted up from their own lowest as L5/S1 and L4/L5.
     assert!(levels.iter().filter(|l| l.center_lps_mm[2] > -127.0).all(|l| !l.name_certain));
+    let mut names: Vec<&str> = levels.iter().map(|l| l.name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), levels.len(), "a name given twice: {levels:#?}");
+    assert!(levels.iter().all(|l| l.center_lps_mm[2] < -127.0), "{levels:#?}");
 }
 
 /// The PET/CT with a 60 mm block of slices (over L1/L2 and L2/L3) missing, as when a block of a

@@ -401,6 +401,59 @@ fn most_plausible_column(heights: &[f64], contrasts: &[f64]) -> Vec<usize> {
     }
 }
 
+/// Names the levels of a block whose count no landmark anchors from a block of the same series
+/// whose count one does (the two lie on either side of a gap in the archive, along `axis`, the
+/// patient's head-foot direction). The number of discs across the gap is the distance between
+/// the nearest discs on either side over the spacing of the anchored discs nearest the gap:
+/// a best guess, so every name stays uncertain; levels counted beyond L5/S1 or T11/T12 are
+/// dropped, as in one block. Without this, an unanchored block above a gap would count up from
+/// its own lowest disc as L5/S1.
+pub fn name_across_gap(anchored: &[DiscLevel], unanchored: &[DiscLevel], axis: [f64; 3]) -> Vec<DiscLevel> {
+    let along = |l: &DiscLevel| crate::geometry::dot(l.center_lps_mm, axis);
+    let index_of = |name: &str| (0..7).find(|&i| name_from_sacrum(i).as_deref() == Some(name));
+    let mut counted: Vec<(f64, i64)> =
+        anchored.iter().filter(|l| l.name_certain).filter_map(|l| Some((along(l), index_of(&l.name)?))).collect();
+    counted.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut others: Vec<&DiscLevel> = unanchored.iter().collect();
+    others.sort_by(|a, b| along(a).total_cmp(&along(b)));
+    let (Some(&(low, low_index)), Some(&(high, high_index)), Some(first), Some(last)) =
+        (counted.first(), counted.last(), others.first(), others.last())
+    else {
+        return Vec::new();
+    };
+    // The anchored spacing nearest the gap, or a lumbar body and disc's.
+    let spacing = |a: usize, b: usize| {
+        counted.get(a).zip(counted.get(b)).map(|(x, y)| (y.0 - x.0).abs() / (y.1 - x.1).abs().max(1) as f64)
+    };
+    let n = counted.len();
+    let (start_index, step) = if along(first) > high {
+        let s = if n >= 2 { spacing(n - 2, n - 1) } else { None }.unwrap_or(35.0);
+        let steps = ((along(first) - high) / s).round().max(1.0) as i64;
+        (high_index + steps, 1)
+    } else if along(last) < low {
+        let s = spacing(0, 1).unwrap_or(35.0);
+        let steps = ((low - along(last)) / s).round().max(1.0) as i64;
+        (low_index - steps, -1)
+    } else {
+        return Vec::new();
+    };
+    // Count away from the anchored block: upwards from the lowest, or downwards from the highest.
+    let ordered: Vec<&DiscLevel> = if step > 0 { others } else { others.into_iter().rev().collect() };
+    let mut named: Vec<DiscLevel> = ordered
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, level)| {
+            let name = name_from_sacrum(start_index + step * i as i64)?;
+            Some(DiscLevel { name, name_certain: false, ..level.clone() })
+        })
+        .collect();
+    // From the lowest up, as every block's levels are.
+    if step < 0 {
+        named.reverse();
+    }
+    named
+}
+
 /// Middle of the range from the first bin at `first_level` or above to the last bin at
 /// `last_level` or above, with both ends interpolated between bins (coarse grids put a bin
 /// across the edge).
@@ -443,5 +496,26 @@ mod tests {
     fn names_count_up_from_the_sacrum() {
         let names: Vec<String> = (-1..9).filter_map(super::name_from_sacrum).collect();
         assert_eq!(names, ["L5/S1", "L4/L5", "L3/L4", "L2/L3", "L1/L2", "T12/L1", "T11/T12"]);
+    }
+
+    fn level(name: &str, z: f64, certain: bool) -> super::DiscLevel {
+        super::DiscLevel { name: name.into(), name_certain: certain, center_lps_mm: [0.0, 0.0, z], normal: [0.0, 0.0, 1.0] }
+    }
+
+    #[test]
+    fn a_block_beyond_a_gap_is_counted_on_from_the_anchored_one_and_stays_uncertain() {
+        let below = [level("L5/S1", 0.0, true), level("L4/L5", 35.0, true), level("L3/L4", 70.0, true)];
+        // Two discs missing in the gap (L2/L3, L1/L2), then T12/L1 and T11/T12, then a thoracic
+        // disc that is not reported.
+        let above = [level("L5/S1", 173.0, false), level("L4/L5", 203.0, false), level("L3/L4", 231.0, false)];
+        let named = super::name_across_gap(&below, &above, [0.0, 0.0, 1.0]);
+        let got: Vec<(&str, bool, f64)> = named.iter().map(|l| (l.name.as_str(), l.name_certain, l.center_lps_mm[2])).collect();
+        assert_eq!(got, [("T12/L1", false, 173.0), ("T11/T12", false, 203.0)]);
+        // And downwards: an anchored block above, an unanchored one below the gap.
+        let above = [level("T12/L1", 200.0, true), level("L1/L2", 165.0, true)];
+        let below = [level("L5/S1", 60.0, false), level("L4/L5", 95.0, false)];
+        let named = super::name_across_gap(&above, &below, [0.0, 0.0, 1.0]);
+        let got: Vec<&str> = named.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(got, ["L4/L5", "L3/L4"]);
     }
 }
