@@ -127,7 +127,6 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
                 renamed.extend(named.into_iter().map(|l| (b, l)));
             }
         }
-        renamed.sort_by(|a, b| a.0.cmp(&b.0));
         located = renamed;
     }
     let main_block = (0..blocks.len()).max_by_key(|&b| located.iter().filter(|(i, _)| *i == b).count()).unwrap_or(0);
