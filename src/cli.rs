@@ -701,12 +701,15 @@ fn analyze(
     let mut report = Vec::new();
     for source in volumes_under(paths)? {
         let series_uid = source.name();
-        let result = source.load().and_then(|blocks| {
+        let mut notes = Vec::new();
+        let result = source.load().and_then(|(blocks, loading_notes)| {
             let analysis = crate::pipeline::analyze(&blocks, detector).map_err(|e| e.to_string())?;
             if png {
                 write_pngs(&blocks, &analysis.levels, &out.join(&series_uid))
                     .map_err(|e| format!("writing PNGs: {e}"))?;
             }
+            notes = loading_notes;
+            notes.extend(analysis.notes);
             Ok(analysis.findings)
         });
         let (levels, skipped) = match result {
@@ -725,7 +728,7 @@ fn analyze(
             ),
             Err(reason) => (Vec::new(), Some(reason)),
         };
-        report.push(serde_json::json!({"series_uid": series_uid, "levels": levels, "skipped": skipped}));
+        report.push(serde_json::json!({"series_uid": series_uid, "levels": levels, "skipped": skipped, "notes": notes}));
     }
     let document = serde_json::json!({ "series": report });
     std::fs::write(out.join("analysis.json"), serde_json::to_vec_pretty(&document)?)?;
@@ -736,6 +739,9 @@ fn analyze(
                 println!("series {}", s["series_uid"].as_str().unwrap_or(""));
                 if let Some(reason) = s["skipped"].as_str() {
                     println!("  skipped: {reason}");
+                }
+                for note in s["notes"].as_array().into_iter().flatten() {
+                    println!("  note: {}", note.as_str().unwrap_or(""));
                 }
                 for l in s["levels"].as_array().into_iter().flatten() {
                     let c: Vec<f64> =
@@ -774,15 +780,16 @@ impl VolumeSource {
         }
     }
 
-    /// The contiguous blocks of slices the source holds (a NIfTI file is one).
-    fn load(&self) -> Result<Vec<crate::volume::Volume>, String> {
+    /// The contiguous blocks of slices the source holds (a NIfTI file is one), with what was
+    /// split or set aside.
+    fn load(&self) -> Result<(Vec<crate::volume::Volume>, Vec<String>), String> {
         match self {
             VolumeSource::Series { files, .. } => {
-                crate::volume::load_blocks(files, &crate::config::SeriesConfig::default())
-                    .map(|(blocks, _notes)| blocks)
-                    .map_err(|e| e.to_string())
+                crate::volume::load_blocks(files, &crate::config::SeriesConfig::default()).map_err(|e| e.to_string())
             }
-            VolumeSource::Nifti { path } => crate::nifti::read(path).map(|v| vec![v]).map_err(|e| e.to_string()),
+            VolumeSource::Nifti { path } => {
+                crate::nifti::read(path).map(|v| (vec![v], Vec::new())).map_err(|e| e.to_string())
+            }
         }
     }
 }
@@ -891,7 +898,7 @@ fn evaluate(
         };
         let findings = match source
             .load()
-            .and_then(|blocks| crate::pipeline::analyze(&blocks, Some(detector)).map_err(|e| e.to_string()))
+            .and_then(|(blocks, _)| crate::pipeline::analyze(&blocks, Some(detector)).map_err(|e| e.to_string()))
         {
             Ok(analysis) => analysis.findings,
             Err(reason) => {

@@ -82,6 +82,22 @@ pub struct Analysis {
     /// One per level, in the order of `levels`.
     pub axials: Vec<SliceImage>,
     pub findings: Vec<LevelFinding>,
+    /// What a reader must know about how the series was read, for the report: blocks split at
+    /// gaps in the archive, images set aside, names counted across a gap.
+    pub notes: Vec<String>,
+}
+
+/// [`analyze`] on the files of one series as the archive holds them: split into its contiguous
+/// blocks, with what was split or set aside kept among the notes for the report.
+pub fn analyze_files(
+    files: &[PathBuf],
+    config: &crate::config::SeriesConfig,
+    detector: Option<&Detector>,
+) -> Result<Analysis, PipelineError> {
+    let (blocks, loading_notes) = crate::volume::load_blocks(files, config)?;
+    let mut analysis = analyze(&blocks, detector)?;
+    analysis.notes.splice(0..0, loading_notes);
+    Ok(analysis)
 }
 
 /// Levels, slices and findings of a series, given as the contiguous blocks it holds
@@ -89,6 +105,7 @@ pub struct Analysis {
 /// block is located and named on its own: a name is anchored only by landmarks in its block.
 /// The sagittal image is cut through the block with the most levels.
 pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysis, PipelineError> {
+    let mut notes = Vec::new();
     let mut located: Vec<(usize, DiscLevel)> = Vec::new();
     let mut first_error = None;
     for (index, block) in blocks.iter().enumerate() {
@@ -121,6 +138,14 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
                 renamed.extend(levels.into_iter().map(|l| (b, l)));
             } else {
                 let named = crate::spine::name_across_gap(&anchored_levels, &levels, axis);
+                if !named.is_empty() {
+                    let names: Vec<&str> = named.iter().map(|l| l.name.as_str()).collect();
+                    notes.push(format!(
+                        "{} named by counting across a gap in the series from block {}: level uncertain",
+                        names.join(", "),
+                        anchored + 1
+                    ));
+                }
                 if named.len() < levels.len() {
                     tracing::info!(block = b + 1, dropped = levels.len() - named.len(), "levels counted across a gap beyond L5/S1 or T11/T12 are not reported");
                 }
@@ -150,7 +175,7 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
             )
         }
     };
-    Ok(Analysis { levels, sagittal, axials, findings })
+    Ok(Analysis { levels, sagittal, axials, findings, notes })
 }
 
 /// Writes the key slices, the SEG (when there are masks), the Secondary Captures (when asked) and
@@ -183,6 +208,7 @@ pub fn write_objects(
         &analysis.findings,
         &key_slices,
         seg.as_ref(),
+        &analysis.notes,
         outputs.sr_storage,
         dir,
     )?;
@@ -386,9 +412,8 @@ impl Worker {
         let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
             // The tracker's tolerances, so a series it called complete loads here too.
-            let (blocks, _notes) =
-                crate::volume::load_blocks(&files, &worker.series_config).map_err(|e| e.to_string())?;
-            let analysis = analyze(&blocks, worker.detector.as_deref()).map_err(|e| e.to_string())?;
+            let analysis = analyze_files(&files, &worker.series_config, worker.detector.as_deref())
+                .map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
             let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
             let objects =

@@ -898,3 +898,41 @@ fn patient_names_come_back_byte_for_byte_in_their_character_set() {
     let log = agent.log();
     assert!(!log.contains("Unsupported character set"), "{}", &log[..log.len().min(4000)]);
 }
+
+/// A series read around gaps in the archive says so in its report, where the reader sees the
+/// levels: the real colonography CT, with three gaps, analysed as the job worker does.
+#[test]
+fn gaps_in_the_series_are_named_in_the_report() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/real/colonography-0518-gaps");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "dcm"))
+        .collect();
+    files.sort();
+    let analysis = idaics::pipeline::analyze_files(&files, &SeriesConfig::default(), None).unwrap();
+    assert!(analysis.notes.iter().any(|n| n.contains("gap (missing slices): 35.20 mm")), "{:?}", analysis.notes);
+    let tmp = tempfile::tempdir().unwrap();
+    let source = Source::read(&files).unwrap();
+    let objects = idaics::pipeline::write_objects(
+        &source,
+        &analysis,
+        &Algorithm::new(None),
+        &OutputsConfig { secondary_capture: false, ..OutputsConfig::default() },
+        tmp.path(),
+    )
+    .unwrap();
+    let sr = objects.last().unwrap();
+    let errors = dciodvfy_errors(&sr.path);
+    assert!(errors.is_empty(), "{}:\n{}", sr.path.display(), errors.join("\n"));
+    let dump = Command::new("dsrdump").args(["+Pl", "+Pc"]).arg(&sr.path).output().unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    assert!(dump.contains("C0034375,UMLS,\"Qualitative Evaluations\""), "{dump}");
+    for note in &analysis.notes {
+        assert!(dump.contains(note.as_str()), "{note:?} not in the SR:\n{dump}");
+    }
+    // A series without gaps has no such section.
+    let (files, _) = phantom(&tmp.path().join("phantom"), 5);
+    let analysis = idaics::pipeline::analyze_files(&files, &SeriesConfig::default(), None).unwrap();
+    assert!(analysis.notes.is_empty(), "{:?}", analysis.notes);
+}

@@ -109,6 +109,7 @@ pub fn write(
     findings: &[LevelFinding],
     key_slices: &[(Option<String>, WrittenObject)],
     seg: Option<&super::seg::WrittenSeg>,
+    notes: &[String],
     storage: crate::config::SrStorage,
     dir: &Path,
 ) -> Result<WrittenObject, ReportError> {
@@ -231,6 +232,13 @@ pub fn write(
         })
         .collect();
     root.push(container(Some("CONTAINS"), code("126010", "DCM", "Imaging Measurements"), groups));
+    // How the series was read (a gap, an image set aside) bears on every level: TID 1500's
+    // Qualitative Evaluations, one comment each, where a viewer shows them with the findings.
+    if !notes.is_empty() {
+        let comments =
+            notes.iter().map(|n| text_item("CONTAINS", code("121106", "DCM", "Comment"), n)).collect();
+        root.push(container(Some("CONTAINS"), code("C0034375", "UMLS", "Qualitative Evaluations"), comments));
+    }
 
     let mut object = InMemDicomObject::new_empty();
     for e in &source.patient_study {
