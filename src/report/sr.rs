@@ -101,18 +101,26 @@ fn image_item(concept: Option<InMemDicomObject>, object: &WrittenObject) -> InMe
     )
 }
 
-/// Writes the report. `key_slices[0]` is the sagittal (when there is one); an axial key slice's
-/// file name carries its level (see [`super::key_slices::role`]).
+/// The objects written before the report that it references.
+#[derive(Clone, Copy)]
+pub struct Evidence<'a> {
+    /// `key_slices[0]` is the sagittal (when there is one); an axial key slice's file name
+    /// carries its level (see [`super::key_slices::role`]).
+    pub key_slices: &'a [(Option<String>, WrittenObject)],
+    pub seg: Option<&'a super::seg::WrittenSeg>,
+}
+
+/// Writes the report, with `notes` on how the series was read (gaps, images set aside).
 pub fn write(
     source: &Source,
     algorithm: &Algorithm,
     findings: &[LevelFinding],
-    key_slices: &[(Option<String>, WrittenObject)],
-    seg: Option<&super::seg::WrittenSeg>,
+    evidence: Evidence<'_>,
     notes: &[String],
     storage: crate::config::SrStorage,
     dir: &Path,
 ) -> Result<WrittenObject, ReportError> {
+    let Evidence { key_slices, seg } = evidence;
     let weights = algorithm.weights_sha256.as_deref();
     // A report in the other class is another object: it gets a UID of its own, so a PACS never
     // sees one UID under two SOP classes when a site switches.
