@@ -216,8 +216,9 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
 /// reconstructions with other kernels or slice thicknesses. The pipeline analyses any of them
 /// alike, so without these rules a study routed whole would send the PACS a report per
 /// reformat on the same discs. A description is its series', so one instance whose description
-/// matches a rule decides; an orientation decides only when every instance that has one agrees
-/// (a mixed series is the geometry check's to name).
+/// matches a rule decides; an orientation decides when all instances but the few strays the
+/// geometry check would set aside (a localizer inside a reformat series) agree on it; a series
+/// more mixed than that is the geometry check's to name.
 pub fn not_selected(instances: &[&InstanceHeader], config: &SeriesConfig) -> Option<String> {
     let descriptions: Vec<&str> = instances.iter().filter_map(|h| h.series_description.as_deref()).collect();
     let matching = |patterns: &[String]| -> Option<(String, String)> {
@@ -239,9 +240,11 @@ pub fn not_selected(instances: &[&InstanceHeader], config: &SeriesConfig) -> Opt
             config.include_descriptions.join(", ")
         ));
     }
-    let mut kinds = instances.iter().filter_map(|h| h.image_orientation.and_then(stack_orientation));
-    let kind = kinds.next()?;
-    if kinds.any(|k| k != kind) || config.orientations.iter().any(|o| o == kind) {
+    let kinds: Vec<&str> = instances.iter().filter_map(|h| h.image_orientation.and_then(stack_orientation)).collect();
+    let kind = ["axial", "sagittal", "coronal"].into_iter().max_by_key(|k| kinds.iter().filter(|o| *o == k).count())?;
+    let others = kinds.iter().filter(|&&o| o != kind).count();
+    if kinds.is_empty() || others > MAX_STRAY_IMAGES.max(instances.len() / 10) || config.orientations.iter().any(|o| o == kind)
+    {
         return None;
     }
     Some(format!(
@@ -1038,9 +1041,14 @@ mod tests {
         let mut mixed = sagittal.clone();
         mixed[..5].iter_mut().zip(&axial).for_each(|(h, a)| h.image_orientation = a.image_orientation);
         assert!(matches!(judge_with(&mixed, &defaults), Assessment::Skip(r) if r.contains("different orientations")));
-        let mut stray = sagittal.clone();
-        stray[0].image_orientation = axial[0].image_orientation;
-        assert!(!matches!(judge_with(&stray, &defaults), Assessment::Skip(r) if r.contains("orientations")));
+        // A stray axial localizer, first or not, neither makes a sagittal reformat series mixed
+        // nor lets it pass for an axial one.
+        for position in [0, 9] {
+            let mut stray = sagittal.clone();
+            stray[position].image_orientation = axial[0].image_orientation;
+            assert!(!matches!(judge_with(&stray, &all), Assessment::Skip(r) if r.contains("orientations")));
+            assert!(matches!(judge_with(&stray, &defaults), Assessment::Skip(r) if r.starts_with("sagittal stack")));
+        }
     }
 
     #[test]

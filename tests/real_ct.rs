@@ -174,3 +174,123 @@ fn a_localizer_inside_the_series_is_set_aside() {
     let levels = idaics::pipeline::analyze(&blocks, None).unwrap().levels;
     assert_levels(name, &levels, (f64::MIN, f64::MAX));
 }
+
+/// A reformat of a real series, as a workstation writes one: `planes` images 2 mm apart along
+/// `normal_axis` (0: sagittal, 1: coronal) around `centre`, 1 mm pixels, rows running from head to
+/// feet, each written from one of the real files as a template (patient, study, equipment kept).
+fn write_reformat(dir: &Path, files: &[PathBuf], normal_axis: usize, centre: [f64; 3], half_width_mm: f64) -> Vec<PathBuf> {
+    let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
+    // The volume's extent in LPS, from its corners.
+    let corners: Vec<[f64; 3]> = (0..8)
+        .map(|c| {
+            let [nx, ny, nz] = volume.dims;
+            volume.voxel_to_lps([
+                if c & 1 == 0 { 0.0 } else { (nx - 1) as f64 },
+                if c & 2 == 0 { 0.0 } else { (ny - 1) as f64 },
+                if c & 4 == 0 { 0.0 } else { (nz - 1) as f64 },
+            ])
+        })
+        .collect();
+    let extent = |d: usize| {
+        let values = corners.iter().map(|c| c[d]);
+        (values.clone().fold(f64::MAX, f64::min), values.fold(f64::MIN, f64::max))
+    };
+    let in_plane = 1 - normal_axis; // sagittal: columns run front to back (y); coronal: right to left (x)
+    let (across_from, across_to) = extent(in_plane);
+    let (z_from, z_to) = extent(2);
+    let (columns, rows) = ((across_to - across_from) as usize, (z_to - z_from) as usize);
+    let mut row_direction = [0.0; 3];
+    row_direction[in_plane] = 1.0;
+    let orientation: Vec<String> =
+        row_direction.iter().chain(&[0.0, 0.0, -1.0]).map(|v| format!("{}", v + 0.0)).collect();
+    let series_uid = format!("1.2.826.0.1.3680043.8.498.7700{normal_axis}");
+    let planes = (2.0 * half_width_mm / 2.0) as usize + 1;
+    std::fs::create_dir_all(dir).unwrap();
+    (0..planes)
+        .map(|n| {
+            let offset = centre[normal_axis] - half_width_mm + 2.0 * n as f64;
+            let mut first = [0.0; 3];
+            first[normal_axis] = offset;
+            first[in_plane] = across_from;
+            first[2] = z_to;
+            let mut pixels = Vec::with_capacity(rows * columns);
+            for r in 0..rows {
+                for c in 0..columns {
+                    let mut p = first;
+                    p[in_plane] += c as f64;
+                    p[2] -= r as f64;
+                    pixels.push(volume.sample(p).unwrap_or(-1000.0).round().clamp(-1024.0, 3071.0) as i16);
+                }
+            }
+            let mut object = dicom_object::open_file(&files[0]).unwrap().into_inner();
+            let sop_uid = format!("{series_uid}.{}", n + 1);
+            let mut put = |tag, vr, value: PrimitiveValue| object.put(DataElement::new(tag, vr, value));
+            put(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str().into());
+            put(tags::SOP_INSTANCE_UID, VR::UI, sop_uid.as_str().into());
+            put(tags::IMAGE_TYPE, VR::CS, strs(&["DERIVED", "SECONDARY", "REFORMATTED"]));
+            put(tags::INSTANCE_NUMBER, VR::IS, (n + 1).to_string().into());
+            put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&orientation.iter().map(String::as_str).collect::<Vec<_>>()));
+            put(tags::IMAGE_POSITION_PATIENT, VR::DS, strs(&first.map(|v| format!("{v:.3}")).each_ref().map(String::as_str)));
+            put(tags::PIXEL_SPACING, VR::DS, strs(&["1", "1"]));
+            put(tags::SLICE_THICKNESS, VR::DS, "2".into());
+            put(tags::ROWS, VR::US, PrimitiveValue::from(rows as u16));
+            put(tags::COLUMNS, VR::US, PrimitiveValue::from(columns as u16));
+            put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16));
+            put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16_u16));
+            put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15_u16));
+            put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(1_u16));
+            put(tags::RESCALE_INTERCEPT, VR::DS, "0".into());
+            put(tags::RESCALE_SLOPE, VR::DS, "1".into());
+            put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::I16(pixels.into()));
+            object.remove_element(tags::PIXEL_PADDING_VALUE);
+            object.remove_element(tags::SMALLEST_IMAGE_PIXEL_VALUE);
+            object.remove_element(tags::LARGEST_IMAGE_PIXEL_VALUE);
+            let meta = dicom_object::meta::FileMetaTableBuilder::new()
+                .media_storage_sop_class_uid(dicom_dictionary_std::uids::CT_IMAGE_STORAGE)
+                .media_storage_sop_instance_uid(sop_uid.as_str())
+                .transfer_syntax(dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN)
+                .build()
+                .unwrap();
+            let path = dir.join(format!("reformat_{:03}.dcm", n + 1));
+            object.with_exact_meta(meta).write_to_file(&path).unwrap();
+            path
+        })
+        .collect()
+}
+
+/// The PET/CT as sagittal and as coronal reformats, each with an axial image of the original
+/// series slipped in as a stray localizer: the localizer is set aside with a note, and the
+/// reformat is read in its own geometry, with the same levels as the axial series.
+#[test]
+fn sagittal_and_coronal_reformats_with_a_stray_localizer() {
+    let name = "acrin-flt-breast-001-ct";
+    let files = series_files(&real(name));
+    let truth = truth(name);
+    let tmp = tempfile::tempdir().unwrap();
+    // Around the column: the mean centre of the scored discs.
+    let axial_levels = levels_of(&files);
+    let scored: Vec<&DiscLevel> = axial_levels.iter().filter(|l| l.name.starts_with('L')).collect();
+    let centre: [f64; 3] =
+        std::array::from_fn(|d| scored.iter().map(|l| l.center_lps_mm[d]).sum::<f64>() / scored.len() as f64);
+    for (normal_axis, half_width) in [(0, 70.0), (1, 50.0)] {
+        let dir = tmp.path().join(format!("reformat{normal_axis}"));
+        let mut reformat = write_reformat(&dir, &files, normal_axis, centre, half_width);
+        let mut localizer = dicom_object::open_file(&files[50]).unwrap();
+        let series_uid = format!("1.2.826.0.1.3680043.8.498.7700{normal_axis}");
+        localizer.put(DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from(series_uid.as_str())));
+        localizer.put(DataElement::new(tags::IMAGE_TYPE, VR::CS, strs(&["ORIGINAL", "PRIMARY", "LOCALIZER"])));
+        let uid = format!("{series_uid}.9999");
+        localizer.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
+        localizer.meta_mut().media_storage_sop_instance_uid = uid.clone();
+        let path = dir.join("localizer.dcm");
+        localizer.write_to_file(&path).unwrap();
+        reformat.insert(reformat.len() / 2, path);
+        let analysis = idaics::pipeline::analyze_files(&reformat, &SeriesConfig::default(), None).unwrap();
+        assert!(analysis.notes.iter().any(|n| n.contains("another orientation")), "{:?}", analysis.notes);
+        let problems = problems(&analysis.levels, &truth, (f64::MIN, f64::MAX));
+        let summary: Vec<String> =
+            analysis.levels.iter().map(|l| format!("{}@{:.1}", l.label(), l.center_lps_mm[2])).collect();
+        eprintln!("reformat across axis {normal_axis}: {} images; levels {summary:?}; notes {:?}", reformat.len(), analysis.notes);
+        assert!(problems.is_empty(), "reformat across axis {normal_axis}: {problems:?}; levels {summary:?}");
+    }
+}
