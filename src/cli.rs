@@ -728,7 +728,8 @@ fn analyze(
             ),
             Err(reason) => (Vec::new(), Some(reason)),
         };
-        report.push(serde_json::json!({"series_uid": series_uid, "levels": levels, "skipped": skipped, "notes": notes}));
+        report
+            .push(serde_json::json!({"series_uid": series_uid, "levels": levels, "skipped": skipped, "notes": notes}));
     }
     let document = serde_json::json!({ "series": report });
     std::fs::write(out.join("analysis.json"), serde_json::to_vec_pretty(&document)?)?;
@@ -1019,7 +1020,8 @@ fn write_pngs(
             ("coronal", [1.0, 0.0, 0.0]),  // patient right on the left
         ];
         for (view, row_direction) in views {
-            let image = slices::resample(block, slices::View::Sagittal, centre, row_direction, [0.0, 0.0, -1.0], 512, fov);
+            let image =
+                slices::resample(block, slices::View::Sagittal, centre, row_direction, [0.0, 0.0, -1.0], 512, fov);
             let size = image.size;
             let mut rgb: Vec<u8> = image.pixels.iter().flat_map(|&v| [v, v, v]).collect();
             for level in &own {

@@ -238,7 +238,8 @@ fn build_anatomy(spec: &PhantomSpec) -> Anatomy {
     let t12 = segments.last().expect("bodies were pushed");
     let ribs = [-1.0, 1.0]
         .map(|side: f64| {
-            let start = add(add(t12.center, scale(t12.ap, t12.radii[1] * 0.6)), [side * (t12.radii[0] + 1.0), 0.0, 0.0]);
+            let start =
+                add(add(t12.center, scale(t12.ap, t12.radii[1] * 0.6)), [side * (t12.radii[0] + 1.0), 0.0, 0.0]);
             let end = add(add(t12.center, scale(t12.ap, t12.radii[1] + 30.0)), [side * 115.0, 0.0, -8.0]);
             (start, end)
         })
@@ -345,7 +346,9 @@ fn tissue(anatomy: &Anatomy, p: [f64; 3]) -> Tissue {
         match s.kind {
             // The sacral alae beside S1 and S2, out to the sacroiliac joints: what the locator
             // tells the sacrum by.
-            SegmentKind::Sacrum if lateral.abs() > s.radii[0] && lateral.abs() < 70.0 && (-15.0..12.0).contains(&ap) => {
+            SegmentKind::Sacrum
+                if lateral.abs() > s.radii[0] && lateral.abs() < 70.0 && (-15.0..12.0).contains(&ap) =>
+            {
                 return Tissue::Bone { cortical: true };
             }
             SegmentKind::Vertebra | SegmentKind::Sacrum => {

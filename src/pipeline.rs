@@ -147,7 +147,11 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
                     ));
                 }
                 if named.len() < levels.len() {
-                    tracing::info!(block = b + 1, dropped = levels.len() - named.len(), "levels counted across a gap beyond L5/S1 or T11/T12 are not reported");
+                    tracing::info!(
+                        block = b + 1,
+                        dropped = levels.len() - named.len(),
+                        "levels counted across a gap beyond L5/S1 or T11/T12 are not reported"
+                    );
                 }
                 renamed.extend(named.into_iter().map(|l| (b, l)));
             }
@@ -155,7 +159,8 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
         located = renamed;
     }
     let main_block = (0..blocks.len()).max_by_key(|&b| located.iter().filter(|(i, _)| *i == b).count()).unwrap_or(0);
-    let main_levels: Vec<DiscLevel> = located.iter().filter(|(i, _)| *i == main_block).map(|(_, l)| l.clone()).collect();
+    let main_levels: Vec<DiscLevel> =
+        located.iter().filter(|(i, _)| *i == main_block).map(|(_, l)| l.clone()).collect();
     let sagittal = crate::slices::sagittal(&blocks[main_block], &main_levels, SLICE_SIZE);
     let axials: Vec<SliceImage> =
         located.iter().map(|(block, l)| crate::slices::axial(&blocks[*block], l, SLICE_SIZE)).collect();
@@ -411,8 +416,8 @@ impl Worker {
         let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
             let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
             // The tracker's tolerances, so a series it called complete loads here too.
-            let analysis = analyze_files(&files, &worker.series_config, worker.detector.as_deref())
-                .map_err(|e| e.to_string())?;
+            let analysis =
+                analyze_files(&files, &worker.series_config, worker.detector.as_deref()).map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
             let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
             let objects =

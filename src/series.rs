@@ -243,7 +243,9 @@ pub fn not_selected(instances: &[&InstanceHeader], config: &SeriesConfig) -> Opt
     let kinds: Vec<&str> = instances.iter().filter_map(|h| h.image_orientation.and_then(stack_orientation)).collect();
     let kind = ["axial", "sagittal", "coronal"].into_iter().max_by_key(|k| kinds.iter().filter(|o| *o == k).count())?;
     let others = kinds.iter().filter(|&&o| o != kind).count();
-    if kinds.is_empty() || others > MAX_STRAY_IMAGES.max(instances.len() / 10) || config.orientations.iter().any(|o| o == kind)
+    if kinds.is_empty()
+        || others > MAX_STRAY_IMAGES.max(instances.len() / 10)
+        || config.orientations.iter().any(|o| o == kind)
     {
         return None;
     }
@@ -442,7 +444,10 @@ pub fn stack_blocks(instances: &[&InstanceHeader], config: &SeriesConfig) -> Res
     let mut groups: Vec<([f64; 6], Vec<usize>)> = Vec::new();
     for (index, h) in instances.iter().enumerate() {
         let (Some(_), Some(o)) = (h.image_position, h.image_orientation) else {
-            return Err(format!("instance {} lacks ImagePositionPatient or ImageOrientationPatient", h.sop_instance_uid));
+            return Err(format!(
+                "instance {} lacks ImagePositionPatient or ImageOrientationPatient",
+                h.sop_instance_uid
+            ));
         };
         match groups.iter_mut().find(|(g, _)| g.iter().zip(o.iter()).all(|(a, b)| (a - b).abs() <= 1e-3)) {
             Some((_, members)) => members.push(index),

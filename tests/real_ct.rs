@@ -82,8 +82,7 @@ fn problems(levels: &[DiscLevel], truth: &[TruthDisc], z_range: (f64, f64)) -> V
 
 fn assert_levels(name: &str, levels: &[DiscLevel], z_range: (f64, f64)) {
     let problems = problems(levels, &truth(name), z_range);
-    let summary: Vec<String> =
-        levels.iter().map(|l| format!("{}@{:.1}", l.label(), l.center_lps_mm[2])).collect();
+    let summary: Vec<String> = levels.iter().map(|l| format!("{}@{:.1}", l.label(), l.center_lps_mm[2])).collect();
     assert!(problems.is_empty(), "{name}: {problems:?}; levels {summary:?}");
 }
 
@@ -155,11 +154,7 @@ fn a_localizer_inside_the_series_is_set_aside() {
     let tmp = tempfile::tempdir().unwrap();
     let mut files = series_files(&real(name));
     let mut localizer = dicom_object::open_file(&files[40]).unwrap();
-    localizer.put(DataElement::new(
-        tags::IMAGE_ORIENTATION_PATIENT,
-        VR::DS,
-        strs(&["1", "0", "0", "0", "0", "-1"]),
-    ));
+    localizer.put(DataElement::new(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&["1", "0", "0", "0", "0", "-1"])));
     localizer.put(DataElement::new(tags::IMAGE_TYPE, VR::CS, strs(&["ORIGINAL", "PRIMARY", "LOCALIZER"])));
     let uid = "1.2.826.0.1.3680043.8.498.99999999999999999999";
     localizer.put(DataElement::new(tags::SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid)));
@@ -175,84 +170,123 @@ fn a_localizer_inside_the_series_is_set_aside() {
     assert_levels(name, &levels, (f64::MIN, f64::MAX));
 }
 
-/// A reformat of a real series, as a workstation writes one: `planes` images 2 mm apart along
-/// `normal_axis` (0: sagittal, 1: coronal) around `centre`, 1 mm pixels, rows running from head to
-/// feet, each written from one of the real files as a template (patient, study, equipment kept).
-fn write_reformat(dir: &Path, files: &[PathBuf], normal_axis: usize, centre: [f64; 3], half_width_mm: f64) -> Vec<PathBuf> {
-    let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
-    // The volume's extent in LPS, from its corners.
-    let corners: Vec<[f64; 3]> = (0..8)
-        .map(|c| {
-            let [nx, ny, nz] = volume.dims;
-            volume.voxel_to_lps([
-                if c & 1 == 0 { 0.0 } else { (nx - 1) as f64 },
-                if c & 2 == 0 { 0.0 } else { (ny - 1) as f64 },
-                if c & 4 == 0 { 0.0 } else { (nz - 1) as f64 },
-            ])
-        })
+/// An image cut from `volume` through the plane whose first pixel lies at `first` (LPS mm), its
+/// rows along `row_direction` and columns along `column_direction`, square `pixel_mm` pixels,
+/// written as instance `number` of `series_uid` with one of the real files as a template
+/// (patient, study and equipment kept).
+struct Cut<'a> {
+    volume: &'a idaics::volume::Volume,
+    template: &'a Path,
+    series_uid: &'a str,
+    image_type: [&'a str; 3],
+    thickness_mm: f64,
+}
+
+impl Cut<'_> {
+    fn write(
+        &self,
+        path: &Path,
+        number: usize,
+        first: [f64; 3],
+        directions: [[f64; 3]; 2],
+        size: [usize; 2],
+        pixel_mm: f64,
+    ) {
+        let [row_direction, column_direction] = directions;
+        let [rows, columns] = size;
+        let mut pixels = Vec::with_capacity(rows * columns);
+        for r in 0..rows {
+            for c in 0..columns {
+                let p: [f64; 3] = std::array::from_fn(|d| {
+                    first[d] + pixel_mm * (c as f64 * row_direction[d] + r as f64 * column_direction[d])
+                });
+                pixels.push(self.volume.sample(p).unwrap_or(-1000.0).round().clamp(-1024.0, 3071.0) as i16);
+            }
+        }
+        let mut object = dicom_object::open_file(self.template).unwrap().into_inner();
+        let sop_uid = format!("{}.{number}", self.series_uid);
+        let orientation: Vec<String> =
+            row_direction.iter().chain(&column_direction).map(|v| format!("{:.6}", v + 0.0)).collect();
+        let pixel = format!("{pixel_mm}");
+        let mut put = |tag, vr, value: PrimitiveValue| object.put(DataElement::new(tag, vr, value));
+        put(tags::SERIES_INSTANCE_UID, VR::UI, self.series_uid.into());
+        put(tags::SOP_INSTANCE_UID, VR::UI, sop_uid.as_str().into());
+        put(tags::IMAGE_TYPE, VR::CS, strs(&self.image_type));
+        put(tags::INSTANCE_NUMBER, VR::IS, number.to_string().into());
+        put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&orientation.iter().map(String::as_str).collect::<Vec<_>>()));
+        put(
+            tags::IMAGE_POSITION_PATIENT,
+            VR::DS,
+            strs(&first.map(|v| format!("{v:.3}")).each_ref().map(String::as_str)),
+        );
+        put(tags::PIXEL_SPACING, VR::DS, strs(&[&pixel, &pixel]));
+        put(tags::SLICE_THICKNESS, VR::DS, format!("{}", self.thickness_mm).into());
+        put(tags::ROWS, VR::US, PrimitiveValue::from(rows as u16));
+        put(tags::COLUMNS, VR::US, PrimitiveValue::from(columns as u16));
+        put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16));
+        put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16_u16));
+        put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15_u16));
+        put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(1_u16));
+        put(tags::RESCALE_INTERCEPT, VR::DS, "0".into());
+        put(tags::RESCALE_SLOPE, VR::DS, "1".into());
+        put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::I16(pixels.into()));
+        object.remove_element(tags::PIXEL_PADDING_VALUE);
+        object.remove_element(tags::SMALLEST_IMAGE_PIXEL_VALUE);
+        object.remove_element(tags::LARGEST_IMAGE_PIXEL_VALUE);
+        let meta = dicom_object::meta::FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid(dicom_dictionary_std::uids::CT_IMAGE_STORAGE)
+            .media_storage_sop_instance_uid(sop_uid.as_str())
+            .transfer_syntax(dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN)
+            .build()
+            .unwrap();
+        object.with_exact_meta(meta).write_to_file(path).unwrap();
+    }
+}
+
+/// The volume's extent along LPS axis `d`, from its corners.
+fn extent(volume: &idaics::volume::Volume, d: usize) -> (f64, f64) {
+    let [nx, ny, nz] = volume.dims.map(|n| (n - 1) as f64);
+    let values: Vec<f64> = (0..8)
+        .map(|c| volume.voxel_to_lps([nx * (c & 1) as f64, ny * ((c >> 1) & 1) as f64, nz * (c >> 2) as f64])[d])
         .collect();
-    let extent = |d: usize| {
-        let values = corners.iter().map(|c| c[d]);
-        (values.clone().fold(f64::MAX, f64::min), values.fold(f64::MIN, f64::max))
-    };
+    (values.iter().copied().fold(f64::MAX, f64::min), values.iter().copied().fold(f64::MIN, f64::max))
+}
+
+/// A reformat of a real series, as a workstation writes one: images 2 mm apart along
+/// `normal_axis` (0: sagittal, 1: coronal) within `half_width_mm` of `centre`, 1 mm pixels,
+/// rows running from head to feet.
+fn write_reformat(
+    dir: &Path,
+    files: &[PathBuf],
+    normal_axis: usize,
+    centre: [f64; 3],
+    half_width_mm: f64,
+) -> Vec<PathBuf> {
+    let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
     let in_plane = 1 - normal_axis; // sagittal: columns run front to back (y); coronal: right to left (x)
-    let (across_from, across_to) = extent(in_plane);
-    let (z_from, z_to) = extent(2);
-    let (columns, rows) = ((across_to - across_from) as usize, (z_to - z_from) as usize);
+    let (across_from, across_to) = extent(&volume, in_plane);
+    let (z_from, z_to) = extent(&volume, 2);
+    let size = [(z_to - z_from) as usize, (across_to - across_from) as usize];
     let mut row_direction = [0.0; 3];
     row_direction[in_plane] = 1.0;
-    let orientation: Vec<String> =
-        row_direction.iter().chain(&[0.0, 0.0, -1.0]).map(|v| format!("{}", v + 0.0)).collect();
     let series_uid = format!("1.2.826.0.1.3680043.8.498.7700{normal_axis}");
-    let planes = (2.0 * half_width_mm / 2.0) as usize + 1;
+    let cut = Cut {
+        volume: &volume,
+        template: &files[0],
+        series_uid: &series_uid,
+        image_type: ["DERIVED", "SECONDARY", "REFORMATTED"],
+        thickness_mm: 2.0,
+    };
     std::fs::create_dir_all(dir).unwrap();
+    let planes = (half_width_mm as usize) + 1; // 2 mm apart over twice the half width
     (0..planes)
         .map(|n| {
-            let offset = centre[normal_axis] - half_width_mm + 2.0 * n as f64;
             let mut first = [0.0; 3];
-            first[normal_axis] = offset;
+            first[normal_axis] = centre[normal_axis] - half_width_mm + 2.0 * n as f64;
             first[in_plane] = across_from;
             first[2] = z_to;
-            let mut pixels = Vec::with_capacity(rows * columns);
-            for r in 0..rows {
-                for c in 0..columns {
-                    let mut p = first;
-                    p[in_plane] += c as f64;
-                    p[2] -= r as f64;
-                    pixels.push(volume.sample(p).unwrap_or(-1000.0).round().clamp(-1024.0, 3071.0) as i16);
-                }
-            }
-            let mut object = dicom_object::open_file(&files[0]).unwrap().into_inner();
-            let sop_uid = format!("{series_uid}.{}", n + 1);
-            let mut put = |tag, vr, value: PrimitiveValue| object.put(DataElement::new(tag, vr, value));
-            put(tags::SERIES_INSTANCE_UID, VR::UI, series_uid.as_str().into());
-            put(tags::SOP_INSTANCE_UID, VR::UI, sop_uid.as_str().into());
-            put(tags::IMAGE_TYPE, VR::CS, strs(&["DERIVED", "SECONDARY", "REFORMATTED"]));
-            put(tags::INSTANCE_NUMBER, VR::IS, (n + 1).to_string().into());
-            put(tags::IMAGE_ORIENTATION_PATIENT, VR::DS, strs(&orientation.iter().map(String::as_str).collect::<Vec<_>>()));
-            put(tags::IMAGE_POSITION_PATIENT, VR::DS, strs(&first.map(|v| format!("{v:.3}")).each_ref().map(String::as_str)));
-            put(tags::PIXEL_SPACING, VR::DS, strs(&["1", "1"]));
-            put(tags::SLICE_THICKNESS, VR::DS, "2".into());
-            put(tags::ROWS, VR::US, PrimitiveValue::from(rows as u16));
-            put(tags::COLUMNS, VR::US, PrimitiveValue::from(columns as u16));
-            put(tags::BITS_ALLOCATED, VR::US, PrimitiveValue::from(16_u16));
-            put(tags::BITS_STORED, VR::US, PrimitiveValue::from(16_u16));
-            put(tags::HIGH_BIT, VR::US, PrimitiveValue::from(15_u16));
-            put(tags::PIXEL_REPRESENTATION, VR::US, PrimitiveValue::from(1_u16));
-            put(tags::RESCALE_INTERCEPT, VR::DS, "0".into());
-            put(tags::RESCALE_SLOPE, VR::DS, "1".into());
-            put(tags::PIXEL_DATA, VR::OW, PrimitiveValue::I16(pixels.into()));
-            object.remove_element(tags::PIXEL_PADDING_VALUE);
-            object.remove_element(tags::SMALLEST_IMAGE_PIXEL_VALUE);
-            object.remove_element(tags::LARGEST_IMAGE_PIXEL_VALUE);
-            let meta = dicom_object::meta::FileMetaTableBuilder::new()
-                .media_storage_sop_class_uid(dicom_dictionary_std::uids::CT_IMAGE_STORAGE)
-                .media_storage_sop_instance_uid(sop_uid.as_str())
-                .transfer_syntax(dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN)
-                .build()
-                .unwrap();
             let path = dir.join(format!("reformat_{:03}.dcm", n + 1));
-            object.with_exact_meta(meta).write_to_file(&path).unwrap();
+            cut.write(&path, n + 1, first, [row_direction, [0.0, 0.0, -1.0]], size, 1.0);
             path
         })
         .collect()
@@ -290,7 +324,76 @@ fn sagittal_and_coronal_reformats_with_a_stray_localizer() {
         let problems = problems(&analysis.levels, &truth, (f64::MIN, f64::MAX));
         let summary: Vec<String> =
             analysis.levels.iter().map(|l| format!("{}@{:.1}", l.label(), l.center_lps_mm[2])).collect();
-        eprintln!("reformat across axis {normal_axis}: {} images; levels {summary:?}; notes {:?}", reformat.len(), analysis.notes);
+        eprintln!(
+            "reformat across axis {normal_axis}: {} images; levels {summary:?}; notes {:?}",
+            reformat.len(),
+            analysis.notes
+        );
         assert!(problems.is_empty(), "reformat across axis {normal_axis}: {problems:?}; levels {summary:?}");
     }
+}
+
+/// Disc-parallel stacks as a technologist plans them on the PET/CT: five 3 mm slices through each
+/// of L3/L4, L4/L5 and L5/S1, each stack tilted to its disc, with a sagittal and a coronal
+/// localizer (other sizes, other pixel spacings) in the same series. No one volume holds such
+/// stacks: the series is declined, saying so, rather than stacked by z or refused for the
+/// localizers' pixel spacing.
+#[test]
+fn disc_angled_stacks_are_declined_with_the_reason() {
+    let name = "acrin-flt-breast-001-ct";
+    let files = series_files(&real(name));
+    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let series_uid = "1.2.826.0.1.3680043.8.498.77010";
+    let cut =
+        |image_type, thickness_mm| Cut { volume: &volume, template: &files[0], series_uid, image_type, thickness_mm };
+    let levels = levels_of(&files);
+    let mut written = Vec::new();
+    let mut number = 0;
+    for (level, tilt_degrees) in [("L3/L4", 5.0f64), ("L4/L5", 15.0), ("L5/S1", 30.0)] {
+        let centre = levels.iter().find(|l| l.name == level).unwrap().center_lps_mm;
+        let (sin, cos) = tilt_degrees.to_radians().sin_cos();
+        // Rows run to the patient's left; columns to the back, tilted about the left-right axis.
+        let (row_direction, column_direction) = ([1.0, 0.0, 0.0], [0.0, cos, -sin]);
+        let normal = [0.0, sin, cos];
+        for s in -2..=2 {
+            number += 1;
+            let half = 100.0;
+            let first: [f64; 3] = std::array::from_fn(|d| {
+                centre[d] + 3.0 * s as f64 * normal[d] - half * row_direction[d] - half * column_direction[d]
+            });
+            let path = tmp.path().join(format!("angled_{number:02}.dcm"));
+            cut(["ORIGINAL", "PRIMARY", "AXIAL"], 3.0).write(
+                &path,
+                number,
+                first,
+                [row_direction, column_direction],
+                [256, 256],
+                200.0 / 256.0,
+            );
+            written.push(path);
+        }
+    }
+    for (n, columns_along) in [(1usize, [0.0, 1.0, 0.0]), (2, [1.0, 0.0, 0.0])] {
+        let centre = levels[0].center_lps_mm;
+        let first: [f64; 3] =
+            std::array::from_fn(|d| centre[d] - 200.0 * columns_along[d] + if d == 2 { 200.0 } else { 0.0 });
+        let path = tmp.path().join(format!("localizer_{n}.dcm"));
+        cut(["ORIGINAL", "PRIMARY", "LOCALIZER"], 10.0).write(
+            &path,
+            100 + n,
+            first,
+            [columns_along, [0.0, 0.0, -1.0]],
+            [200, 200],
+            2.0,
+        );
+        written.push(path);
+    }
+    let Err(error) = idaics::pipeline::analyze_files(&written, &SeriesConfig::default(), None) else {
+        panic!("disc-angled stacks analysed as one volume");
+    };
+    let error = error.to_string();
+    assert!(error.contains("different orientations") && error.contains("stacks at different angles"), "{error}");
+    assert!(!error.contains("pixel spacing"), "{error}");
+    eprintln!("declined: {error}");
 }

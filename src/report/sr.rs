@@ -243,8 +243,7 @@ pub fn write(
     // How the series was read (a gap, an image set aside) bears on every level: TID 1500's
     // Qualitative Evaluations, one comment each, where a viewer shows them with the findings.
     if !notes.is_empty() {
-        let comments =
-            notes.iter().map(|n| text_item("CONTAINS", code("121106", "DCM", "Comment"), n)).collect();
+        let comments = notes.iter().map(|n| text_item("CONTAINS", code("121106", "DCM", "Comment"), n)).collect();
         root.push(container(Some("CONTAINS"), code("C0034375", "UMLS", "Qualitative Evaluations"), comments));
     }
 

@@ -190,7 +190,11 @@ pub fn track(grid: &Volume) -> Option<Canal> {
     let mut states: Vec<Vec<(f32, f64, f64)>> = Vec::with_capacity(nz);
     for (k, c) in candidates.into_iter().enumerate() {
         if c.is_empty() {
-            let previous = if k > 0 { states[k - 1].clone() } else { vec![(0.0, grid.dims[0] as f64 / 2.0, grid.dims[1] as f64 / 2.0)] };
+            let previous = if k > 0 {
+                states[k - 1].clone()
+            } else {
+                vec![(0.0, grid.dims[0] as f64 / 2.0, grid.dims[1] as f64 / 2.0)]
+            };
             states.push(previous.into_iter().map(|(_, i, j)| (0.0, i, j)).collect());
         } else {
             states.push(c);

@@ -143,7 +143,15 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
     let height = |k: f64| up * k * sz;
     if debug {
         for c in profile.candidates(sz, 0.03) {
-            eprintln!("cand k {:.1} h {:.1} contrast {:.3} resid {:.2} tilt {} conf {:.2}", c.k, height(c.k), c.contrast, c.residual, c.tilt_degrees, canal.confidence(c.k, 20.0, sz) / canal.typical_score());
+            eprintln!(
+                "cand k {:.1} h {:.1} contrast {:.3} resid {:.2} tilt {} conf {:.2}",
+                c.k,
+                height(c.k),
+                c.contrast,
+                c.residual,
+                c.tilt_degrees,
+                canal.confidence(c.k, 20.0, sz) / canal.typical_score()
+            );
         }
     }
     let mut candidates: Vec<profile::ProfileDisc> = profile
@@ -153,11 +161,13 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         .collect();
     candidates.sort_by(|a, b| height(a.k).total_cmp(&height(b.k)));
     let heights: Vec<f64> = candidates.iter().map(|c| height(c.k)).collect();
-    let mut discs: Vec<profile::ProfileDisc> =
-        most_plausible_column(&heights, &candidates.iter().map(|c| c.contrast * (1.0 - c.residual)).collect::<Vec<_>>())
-            .into_iter()
-            .map(|i| candidates[i])
-            .collect();
+    let mut discs: Vec<profile::ProfileDisc> = most_plausible_column(
+        &heights,
+        &candidates.iter().map(|c| c.contrast * (1.0 - c.residual)).collect::<Vec<_>>(),
+    )
+    .into_iter()
+    .map(|i| candidates[i])
+    .collect();
     let ala = anchors::ala_share(volume, &canal);
     let heads = anchors::rib_heads(volume, &canal);
     if debug {
@@ -186,7 +196,8 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         let slices: Vec<f32> =
             (0..nz).filter(|&k| (from_mm..=to_mm).contains(&height(k as f64))).map(|k| ala[k]).collect();
         let wanted = ((to_mm - from_mm) / sz).floor().max(1.0);
-        (slices.len() as f64 >= 0.8 * wanted).then(|| slices.iter().map(|&v| f64::from(v)).sum::<f64>() / slices.len() as f64)
+        (slices.len() as f64 >= 0.8 * wanted)
+            .then(|| slices.iter().map(|&v| f64::from(v)).sum::<f64>() / slices.len() as f64)
     };
     let sacral_disc = discs
         .iter()
@@ -270,8 +281,8 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         // pedicles, outweighs the front wall. Measured away from the endplates, which a tilted
         // disc plane cuts obliquely.
         let k_mid = disc.k.round() as usize;
-        let slabs =
-            (k_mid.saturating_sub(far)..k_mid.saturating_sub(near)).chain((k_mid + near).min(nz)..(k_mid + far + 1).min(nz));
+        let slabs = (k_mid.saturating_sub(far)..k_mid.saturating_sub(near))
+            .chain((k_mid + near).min(nz)..(k_mid + far + 1).min(nz));
         let (ci, cj) = canal.at(disc.k);
         let reach = (BODY_HALF_WIDTH_MM / sx).ceil() as isize;
         let mut per_row = vec![0usize; ny];
@@ -299,7 +310,10 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         let centre_j = two_sided_half_peak_middle(&per_row, split).unwrap_or(usual_centre);
         if debug {
             let shown: Vec<String> = rows.iter().map(|&j| format!("{j}:{}", per_row[j])).collect();
-            eprintln!("centre of {name}: canal j {cj:.1}, split {split}, centre j {centre_j:.1}; rows {}", shown.join(" "));
+            eprintln!(
+                "centre of {name}: canal j {cj:.1}, split {split}, centre j {centre_j:.1}; rows {}",
+                shown.join(" ")
+            );
         }
         let centre_i = half_peak_middle(&per_column).unwrap_or(ci);
         // The disc's plane passes through the profile box's centre at `disc.k`; at the body's
@@ -313,7 +327,8 @@ pub fn locate_discs(volume: &Volume) -> Result<Vec<DiscLevel>, SpineError> {
         // (a line fitted over 50 mm). The profile's tilt is coarser and, where dense bone saturates the
         // contrast, less sure; the model was trained on slices cut across the column.
         let (di, dj) = canal.slope(k, COLUMN_TANGENT_MM / sz);
-        let tangent = crate::geometry::sub(volume.voxel_to_lps([ci + di, cj + dj, k + 1.0]), volume.voxel_to_lps([ci, cj, k]));
+        let tangent =
+            crate::geometry::sub(volume.voxel_to_lps([ci + di, cj + dj, k + 1.0]), volume.voxel_to_lps([ci, cj, k]));
         let mut normal = crate::geometry::normalize(tangent);
         if normal[2] < 0.0 {
             normal = normal.map(|v| -v);
@@ -499,7 +514,12 @@ mod tests {
     }
 
     fn level(name: &str, z: f64, certain: bool) -> super::DiscLevel {
-        super::DiscLevel { name: name.into(), name_certain: certain, center_lps_mm: [0.0, 0.0, z], normal: [0.0, 0.0, 1.0] }
+        super::DiscLevel {
+            name: name.into(),
+            name_certain: certain,
+            center_lps_mm: [0.0, 0.0, z],
+            normal: [0.0, 0.0, 1.0],
+        }
     }
 
     #[test]
@@ -509,7 +529,8 @@ mod tests {
         // disc that is not reported.
         let above = [level("L5/S1", 173.0, false), level("L4/L5", 203.0, false), level("L3/L4", 231.0, false)];
         let named = super::name_across_gap(&below, &above, [0.0, 0.0, 1.0]);
-        let got: Vec<(&str, bool, f64)> = named.iter().map(|l| (l.name.as_str(), l.name_certain, l.center_lps_mm[2])).collect();
+        let got: Vec<(&str, bool, f64)> =
+            named.iter().map(|l| (l.name.as_str(), l.name_certain, l.center_lps_mm[2])).collect();
         assert_eq!(got, [("T12/L1", false, 173.0), ("T11/T12", false, 203.0)]);
         // And downwards: an anchored block above, an unanchored one below the gap.
         let above = [level("T12/L1", 200.0, true), level("L1/L2", 165.0, true)];

@@ -157,7 +157,12 @@ impl Profile {
             if window.clone().any(|q| best[q].0 > score || (best[q].0 == score && q < s)) {
                 continue;
             }
-            found.push(ProfileDisc { k: middle * STEP_MM / slice_mm, contrast, residual, tilt_degrees: TILTS_DEGREES[t] });
+            found.push(ProfileDisc {
+                k: middle * STEP_MM / slice_mm,
+                contrast,
+                residual,
+                tilt_degrees: TILTS_DEGREES[t],
+            });
         }
         found
     }
