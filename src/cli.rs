@@ -316,7 +316,7 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve { config, port, ae_title, state_dir, http_port, database_url, destinations } => {
-            let (mut cfg, _) = load_config(config)?;
+            let (mut cfg, config_path) = load_config(config)?;
             for text in destinations {
                 let parsed = crate::pipeline::parse_destination(&text).map_err(anyhow::Error::msg)?;
                 let mut d = crate::config::Destination { name: parsed.name, ..Default::default() };
@@ -350,7 +350,7 @@ pub fn main() -> anyhow::Result<()> {
                 .thread_name("idaics")
                 .build()
                 .context("cannot start the async runtime")?;
-            runtime.block_on(crate::service::run(cfg))?;
+            runtime.block_on(crate::service::run(cfg, config_path))?;
             Ok(())
         }
         Command::Demo { out, weights, levels, seed, timeout } => crate::demo::run(&crate::demo::DemoOptions {

@@ -50,9 +50,9 @@ pub struct HttpState {
     pub pipeline: Arc<PipelineStats>,
     /// Where the spool writes its temporary files: checked writable by `/readyz`.
     pub spool_tmp: PathBuf,
-    /// `None`: no weights configured (the agent reports levels only, which is ready);
-    /// `Some(false)`: configured but not loaded.
-    pub model_loaded: Option<bool>,
+    /// The weights in use; configured but not loaded makes the agent not ready (no weights
+    /// configured: it reports levels only, which is ready).
+    pub model: Arc<crate::pipeline::ModelSlot>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -72,10 +72,12 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     let database = state.db.ping().await;
     let probe = state.spool_tmp.join(".readyz");
     let spool = std::fs::write(&probe, b"ok").and_then(|()| std::fs::remove_file(&probe)).is_ok();
-    let model = state.model_loaded != Some(false);
+    let loaded = state.model.loaded();
+    let model = loaded != Some(false);
     let body = serde_json::json!({
         "database": database, "spool_writable": spool,
-        "model": match state.model_loaded { None => "not configured", Some(true) => "loaded", Some(false) => "not loaded" },
+        "model": match loaded { None => "not configured", Some(true) => "loaded", Some(false) => "not loaded" },
+        "weights_sha256": state.model.current().map(|d| d.sha256.clone()),
     });
     let status = if database && spool && model { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()

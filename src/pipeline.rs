@@ -75,6 +75,40 @@ impl Detector {
     }
 }
 
+/// The weights in use, swapped whole by a reload (SIGHUP). A job takes the detector once, when it
+/// starts, and keeps it to its end: a reload takes effect between jobs, and every finding and
+/// SR names the weights that made it.
+pub struct ModelSlot {
+    /// Whether the configuration names weights at all (without, levels only: not an outage).
+    configured: std::sync::atomic::AtomicBool,
+    current: std::sync::RwLock<Option<Arc<Detector>>>,
+}
+
+impl ModelSlot {
+    pub fn new(configured: bool, detector: Option<Detector>) -> ModelSlot {
+        ModelSlot {
+            configured: std::sync::atomic::AtomicBool::new(configured),
+            current: std::sync::RwLock::new(detector.map(Arc::new)),
+        }
+    }
+
+    /// The detector a job starts with.
+    pub fn current(&self) -> Option<Arc<Detector>> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts new weights in place (or none, when the configuration no longer names any).
+    pub fn replace(&self, configured: bool, detector: Option<Detector>) {
+        self.configured.store(configured, std::sync::atomic::Ordering::Relaxed);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = detector.map(Arc::new);
+    }
+
+    /// `None`: no weights configured; `Some(loaded)` otherwise.
+    pub fn loaded(&self) -> Option<bool> {
+        self.configured.load(std::sync::atomic::Ordering::Relaxed).then(|| self.current().is_some())
+    }
+}
+
 /// Everything the analysis of one volume found.
 pub struct Analysis {
     pub levels: Vec<DiscLevel>,
@@ -270,7 +304,7 @@ pub struct Worker {
     pub db: Db,
     pub spool_dir: PathBuf,
     pub outputs_dir: PathBuf,
-    pub detector: Option<Arc<Detector>>,
+    pub model: Arc<ModelSlot>,
     pub destinations: Vec<Destination>,
     /// Which objects to write: Secondary Captures or not, the SR's storage class.
     pub outputs: crate::config::OutputsConfig,
@@ -354,9 +388,11 @@ impl Worker {
                     tracing::info!(attempt = job.attempts, "job started");
                     let started = std::time::Instant::now();
                     let renewal = tokio::spawn(self.clone().keep_claim(job.id));
-                    let outcome = self.clone().run_job(job.series_uid.clone(), job.id).await;
+                    // The weights of the whole job, whatever a reload puts in place meanwhile.
+                    let detector = self.model.current();
+                    let outcome = self.clone().run_job(job.series_uid.clone(), job.id, detector.clone()).await;
                     renewal.abort();
-                    let weights = self.detector.as_ref().map(|d| d.sha256.clone());
+                    let weights = detector.as_ref().map(|d| d.sha256.clone());
                     let ending = match &outcome {
                         Ok(results) => JobOutcome::Done {
                             weights_sha256: weights.as_deref(),
@@ -407,26 +443,33 @@ impl Worker {
 
     /// One job: analysis and objects (blocking work off the async threads), then the findings and
     /// the objects to queue, which `finish_job` records together.
-    async fn run_job(self: Arc<Self>, series_uid: String, job_id: i64) -> Result<JobResults, String> {
+    async fn run_job(
+        self: Arc<Self>,
+        series_uid: String,
+        job_id: i64,
+        detector: Option<Arc<Detector>>,
+    ) -> Result<JobResults, String> {
         let series =
             self.db.series_identity(&series_uid).await.map_err(|e| e.to_string())?.ok_or("series not in the log")?;
         let dir = self.spool_dir.join(&series.study_uid).join(&series_uid);
         let out = self.outputs_dir.join(&series_uid);
         let worker = self.clone();
+        let job_detector = detector.clone();
         let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
+            let detector = job_detector;
             let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
             // The tracker's tolerances, so a series it called complete loads here too.
             let analysis =
-                analyze_files(&files, &worker.series_config, worker.detector.as_deref()).map_err(|e| e.to_string())?;
+                analyze_files(&files, &worker.series_config, detector.as_deref()).map_err(|e| e.to_string())?;
             let source = Source::read(&files).map_err(|e| e.to_string())?;
-            let algorithm = Algorithm::new(worker.detector.as_ref().map(|d| d.sha256.clone()));
+            let algorithm = Algorithm::new(detector.as_ref().map(|d| d.sha256.clone()));
             let objects =
                 write_objects(&source, &analysis, &algorithm, &worker.outputs, &out).map_err(|e| e.to_string())?;
             Ok((analysis.findings, objects, source))
         })
         .await
         .map_err(|e| format!("analysis panicked: {e}"))??;
-        let model_version = match &self.detector {
+        let model_version = match &detector {
             Some(d) => format!("{} weights {}", env!("CARGO_PKG_VERSION"), &d.sha256[..12]),
             None => format!("{} (no weights)", env!("CARGO_PKG_VERSION")),
         };

@@ -3,7 +3,7 @@
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::db::{Db, Record, SeriesRow, Writer};
 use crate::http::{HttpState, PipelineStats};
+use crate::pipeline::ModelSlot;
 use crate::scp::{self, ScpContext, ScpStats};
 use crate::series::{self, DecidedSeries, SeriesTracker};
 use crate::spool::{Spool, SpoolError, SpoolPolicy};
@@ -66,7 +67,8 @@ fn workplace(state_dir: &Path, host: &str) -> String {
 }
 
 /// Runs the agent until a termination signal, then drains open associations and returns.
-pub async fn run(config: Config) -> Result<(), ServiceError> {
+/// `config_path` is where the configuration was read from, read again on SIGHUP.
+pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), ServiceError> {
     let config = Arc::new(config);
     let state_dir = &config.storage.state_dir;
     std::fs::create_dir_all(state_dir)
@@ -161,21 +163,18 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
     let ctx = Arc::new(ctx);
 
     // The analysis worker and one sender per destination.
-    let detector = if config.model.weights.is_empty() {
-        None
-    } else {
+    let model = Arc::new(crate::pipeline::ModelSlot::new(!config.model.weights.is_empty(), None));
+    if !config.model.weights.is_empty() {
         match crate::pipeline::Detector::load(std::path::Path::new(&config.model.weights), &config.model.device) {
             Ok(d) => {
                 tracing::info!(weights = %config.model.weights, sha256 = %d.sha256, "detector loaded");
-                Some(Arc::new(d))
+                model.replace(true, Some(d));
             }
             Err(e) => {
                 tracing::error!(weights = %config.model.weights, error = %e, "cannot load the weights; series are analysed without findings");
-                None
             }
         }
-    };
-    let model_loaded = (!config.model.weights.is_empty()).then_some(detector.is_some());
+    }
     let destinations: Vec<crate::pipeline::Destination> = config
         .destinations
         .iter()
@@ -197,7 +196,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         db: db.clone(),
         spool_dir: config.storage.spool_dir(),
         outputs_dir: state_dir.join("outputs"),
-        detector,
+        model: model.clone(),
         destinations: destinations.clone(),
         outputs: config.outputs.clone(),
         series_config: config.series.clone(),
@@ -232,7 +231,7 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
             scp: stats,
             pipeline: pipeline_stats,
             spool_tmp: config.storage.tmp_dir(),
-            model_loaded,
+            model: model.clone(),
         };
         tracing::info!(address = %addr, "HTTP listening (/healthz, /readyz, /metrics, /api/v1/findings)");
         Some(tokio::spawn(async move {
@@ -264,7 +263,12 @@ pub async fn run(config: Config) -> Result<(), ServiceError> {
         })
     });
 
-    wait_for_signal().await?;
+    loop {
+        match wait_for_signal().await? {
+            Signal::Terminate => break,
+            Signal::Reload => reload_model(config_path.as_deref(), &config.model, &model).await,
+        }
+    }
     tracing::info!("termination requested: finishing in-flight work");
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
@@ -341,14 +345,65 @@ async fn retention(db: Db, period: std::time::Duration, removal: Removal, mut st
     }
 }
 
-async fn wait_for_signal() -> Result<(), ServiceError> {
+enum Signal {
+    Terminate,
+    Reload,
+}
+
+async fn wait_for_signal() -> Result<Signal, ServiceError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hangup = signal(SignalKind::hangup()).map_err(ServiceError::Signal)?;
+    Ok(tokio::select! {
+        _ = term.recv() => Signal::Terminate,
+        _ = int.recv() => Signal::Terminate,
+        _ = hangup.recv() => Signal::Reload,
+    })
+}
+
+/// SIGHUP (`systemctl reload idaics`): the configuration is read again and new weights are put
+/// in place between jobs, without dropping an association. The weights are loaded and checked
+/// (every tensor the network needs, with its shape) before the old ones go: a file that fails
+/// is refused with the reason, and the weights in use stay. Only `[model]` is applied; other
+/// changes wait for a restart, and the log says so. `started_with` is the model section the agent
+/// started with (command-line overrides included), for comparison.
+async fn reload_model(config_path: Option<&Path>, started_with: &crate::config::ModelConfig, model: &ModelSlot) {
+    if let Err(reason) = reload_model_from(config_path, started_with, model).await {
+        tracing::error!(reason = %reason, "weights refused; the weights in use stay");
     }
+}
+
+async fn reload_model_from(
+    config_path: Option<&Path>,
+    started_with: &crate::config::ModelConfig,
+    model: &ModelSlot,
+) -> Result<(), String> {
+    let config = Config::load(config_path).map_err(|e| format!("cannot read the configuration: {e}"))?;
+    config.validate("reload").map_err(|e| format!("configuration not valid: {e}"))?;
+    let wanted = config.model;
+    let in_use = model.current();
+    if wanted.weights.is_empty() {
+        model.replace(false, None);
+        tracing::warn!("no weights configured any more: series are analysed without findings");
+        return Ok(());
+    }
+    if wanted.device != started_with.device {
+        tracing::warn!(device = %wanted.device, "model.device changes at the next restart");
+    }
+    let path = std::path::PathBuf::from(&wanted.weights);
+    let device = started_with.device.clone();
+    let detector = tokio::task::spawn_blocking(move || crate::pipeline::Detector::load(&path, &device))
+        .await
+        .map_err(|e| format!("loading the weights panicked: {e}"))?
+        .map_err(|e| e.to_string())?;
+    if in_use.as_ref().is_some_and(|d| d.sha256 == detector.sha256) {
+        tracing::info!(weights = %wanted.weights, sha256 = %detector.sha256, "weights unchanged");
+        return Ok(());
+    }
+    let previous = in_use.map(|d| d.sha256.clone()).unwrap_or_else(|| "none".into());
+    tracing::info!(weights = %wanted.weights, sha256 = %detector.sha256, previous = %previous, "weights reloaded: the next job uses them");
+    model.replace(true, Some(detector));
     Ok(())
 }
 
