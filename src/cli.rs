@@ -181,6 +181,11 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: String,
     },
+    /// Training data for a site's own weights.
+    Dataset {
+        #[command(subcommand)]
+        action: DatasetCommand,
+    },
     /// The paper's figures (confusion matrix, accuracy, Cohen's kappa, per-class sensitivity,
     /// specificity, PPV, NPV, Youden) for the findings on labelled CT series. Labels come from
     /// each phantom's truth.json under the paths, or from --labels.
@@ -275,6 +280,37 @@ struct DatabaseArgs {
     state_dir: Option<PathBuf>,
     #[arg(long)]
     database_url: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DatasetCommand {
+    /// The images the network sees (the sagittal and each level's axial, 512x512 PNG), each with
+    /// a LabelMe JSON pre-annotation to correct: the disc outline (from the weights' masks, else
+    /// from the locator) labelled with the agent's finding or "unlabelled". Files are named by
+    /// patient pseudonyms; the mapping to PatientIDs stays in the state directory.
+    Export {
+        /// DICOM files or folders to analyse.
+        paths: Vec<PathBuf>,
+        /// Series the agent received, by SeriesInstanceUID, read from its spool. Repeatable.
+        #[arg(long = "series")]
+        series: Vec<String>,
+        /// Folder for the images and their JSON (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Weights whose masks and classes pre-annotate; without, outlines come from the locator
+        /// and every label is "unlabelled".
+        #[arg(long)]
+        weights: Option<PathBuf>,
+        /// auto, cpu or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Configuration file (its state directory keeps the pseudonym key and mapping).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// State directory, overriding storage.state_dir.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -446,6 +482,16 @@ pub fn main() -> anyhow::Result<()> {
                 })
                 .transpose()?;
             analyze(&paths, &out, format, png, detector.as_ref())
+        }
+        Command::Dataset {
+            action: DatasetCommand::Export { paths, series, out, weights, device, config, state_dir },
+        } => {
+            init_cli_logging();
+            let (mut cfg, _) = load_config(config)?;
+            if let Some(dir) = state_dir {
+                cfg.storage.state_dir = dir;
+            }
+            dataset_export(&cfg, &paths, &series, &out, weights.as_deref(), &device)
         }
         Command::Migrate { database } => {
             let url = database_url_of(database)?;
@@ -760,6 +806,66 @@ fn analyze(
                 }
             }
         }
+    }
+    Ok(())
+}
+
+fn dataset_export(
+    cfg: &Config,
+    paths: &[PathBuf],
+    series: &[String],
+    out: &std::path::Path,
+    weights: Option<&std::path::Path>,
+    device: &str,
+) -> anyhow::Result<()> {
+    if paths.is_empty() && series.is_empty() {
+        anyhow::bail!("nothing to export: give DICOM paths or --series UID");
+    }
+    let detector = weights
+        .map(|w| crate::pipeline::Detector::load(w, device).with_context(|| format!("cannot load {}", w.display())))
+        .transpose()?;
+    let pseudonyms = crate::dataset::Pseudonyms::open(&cfg.storage.state_dir)?;
+    let mut sources: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    if !paths.is_empty() {
+        for source in volumes_under(paths)? {
+            match source {
+                VolumeSource::Series { uid, files } => sources.push((uid, files)),
+                VolumeSource::Nifti { path } => {
+                    eprintln!("{}: left out (a NIfTI file has no patient or series to name it by)", path.display())
+                }
+            }
+        }
+    }
+    let spool = cfg.storage.spool_dir();
+    for uid in series {
+        // The spool keeps each series under its study: spool/STUDY/SERIES.
+        let dir = std::fs::read_dir(&spool)
+            .with_context(|| format!("cannot read the spool {}", spool.display()))?
+            .flatten()
+            .map(|study| study.path().join(uid))
+            .find(|dir| dir.is_dir())
+            .ok_or_else(|| anyhow::anyhow!("series {uid} is not in the spool {}", spool.display()))?;
+        sources.push((uid.clone(), crate::spool::instance_files(&dir)?));
+    }
+    let (mut images, mut failed) = (0, 0);
+    for (done, (uid, files)) in sources.iter().enumerate() {
+        match crate::dataset::export_series(files, &cfg.series, detector.as_ref(), &pseudonyms, out) {
+            Ok(exported) => images += exported.images.len(),
+            Err(e) => {
+                failed += 1;
+                eprintln!("series {uid}: not exported: {e}");
+            }
+        }
+        crate::dataset::progress(done + 1, sources.len(), "series");
+    }
+    println!(
+        "{images} images with their LabelMe JSON in {} from {} series ({failed} not exported); pseudonym mapping: {}",
+        out.display(),
+        sources.len() - failed,
+        cfg.storage.state_dir.join("dataset/mapping.csv").display()
+    );
+    if failed > 0 && failed == sources.len() {
+        anyhow::bail!("no series exported");
     }
     Ok(())
 }
