@@ -26,14 +26,11 @@ fn labelme_conversion_unit_tests_pass() {
     assert!(out.status.success() && text.contains("OK"), "{text}");
 }
 
-/// Two phantom patients exported as a reader would receive them, their labels set from the
-/// phantoms' truth (a script standing in for the radiologist), converted into folds.
-#[test]
-fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
-    let tmp = tempfile::tempdir().unwrap();
-    let export = tmp.path().join("export");
+/// Phantom patients exported as a reader receives them, every disc's label then set from the
+/// phantoms' truth (a script standing in for the radiologist). Returns the number of images.
+fn export_corrected_to_truth(tmp: &Path, export: &Path, seeds: &[u64]) -> usize {
     let mut truths = Vec::new();
-    for seed in [7201u64, 7202] {
+    for &seed in seeds {
         let spec = PhantomSpec {
             seed,
             levels: parse_levels("L4/L5=protrusion,L5/S1=schmorl").unwrap(),
@@ -42,26 +39,25 @@ fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
             size: 192,
             ..Default::default()
         };
-        let dir = tmp.path().join(format!("series{seed}"));
+        let dir = tmp.join(format!("series{seed}"));
         let (_, truth) = write_phantom(&dir, &spec).unwrap();
         truths.push(truth);
         let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
             .args(["dataset", "export"])
             .arg(&dir)
             .arg("--out")
-            .arg(&export)
+            .arg(export)
             .arg("--state-dir")
-            .arg(tmp.path().join("state"))
+            .arg(tmp.join("state"))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    // The reader: every unlabelled disc gets its truth.
     let condition_of = |level: &str| {
         truths.iter().flat_map(|t| &t.levels).find(|l| l.name == level).map(|l| l.condition.class()).unwrap()
     };
     let mut images = 0;
-    for entry in std::fs::read_dir(&export).unwrap() {
+    for entry in std::fs::read_dir(export).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "json") {
             continue;
@@ -75,17 +71,30 @@ fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
         }
         std::fs::write(&path, serde_json::to_vec(&doc).unwrap()).unwrap();
     }
-    let dataset = tmp.path().join("dataset");
+    images
+}
+
+fn convert(export: &Path, dataset: &Path, folds: usize) -> String {
     let out = Command::new(python())
         .arg(tools().join("labelme_to_yolo.py"))
-        .arg(&export)
+        .arg(export)
         .arg("--out")
-        .arg(&dataset)
-        .args(["--folds", "2"])
+        .arg(dataset)
+        .args(["--folds", &folds.to_string()])
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{printed}");
+    printed
+}
+
+#[test]
+fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    let images = export_corrected_to_truth(tmp.path(), &export, &[7201, 7202]);
+    let dataset = tmp.path().join("dataset");
+    let printed = convert(&export, &dataset, 2);
     assert!(printed.contains(&format!("{images} images of 2 patients in 2 folds")), "{printed}");
     // Every disc became one object of its class: per image, the axial one disc, the sagittal all.
     let mut per_class = [0usize; 4];
@@ -108,4 +117,59 @@ fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
     assert_eq!(folds_of_patient.len(), 2);
     assert!(folds_of_patient.values().all(|f| f.len() == 1), "{cases}");
     assert!(dataset.join("fold_0.yaml").is_file() && dataset.join("fold_1.yaml").is_file());
+}
+
+/// The recipe itself, one epoch at 128 px on two folds of four phantom patients, then the agent
+/// scoring the exported weights. Needs torch and ultralytics, which CI does not install:
+/// `IDAICS_TRAIN_PYTHON=/path/to/venv/bin/python cargo test --test training_tools -- --ignored`.
+#[test]
+#[ignore = "needs torch and ultralytics (IDAICS_TRAIN_PYTHON); CI installs neither"]
+fn the_recipe_trains_folds_and_exports_weights_the_agent_scores() {
+    let python =
+        std::env::var("IDAICS_TRAIN_PYTHON").expect("IDAICS_TRAIN_PYTHON: a Python with model/tools/requirements.txt");
+    let tmp = tempfile::tempdir().unwrap();
+    let export = tmp.path().join("export");
+    export_corrected_to_truth(tmp.path(), &export, &[7301, 7302, 7303, 7304]);
+    let dataset = tmp.path().join("dataset");
+    convert(&export, &dataset, 2);
+    let weights = tmp.path().join("site.safetensors");
+    let out = Command::new(&python)
+        .arg(tools().join("train.py"))
+        .arg(&dataset)
+        .arg(&weights)
+        .args(["--epochs", "1", "--imgsz", "128", "--batch", "4", "--device", "cpu"])
+        .env("YOLO_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The metadata says how the weights were made.
+    let bytes = std::fs::read(&weights).unwrap();
+    let length = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + length]).unwrap();
+    let metadata = &header["__metadata__"];
+    let recipe: serde_json::Value = serde_json::from_str(metadata["recipe"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (recipe["lr0"].as_f64(), recipe["fliplr"].as_f64(), recipe["optimizer"].as_str()),
+        (Some(0.001), Some(0.5), Some("AdamW"))
+    );
+    assert_eq!(metadata["dataset_images"], "28");
+    assert_eq!(metadata["dataset_sha256"].as_str().unwrap().len(), 64);
+    let folds: serde_json::Value = serde_json::from_str(metadata["fold_metrics"].as_str().unwrap()).unwrap();
+    assert_eq!(folds.as_object().unwrap().len(), 2);
+    // The agent loads them and scores a phantom no fold has seen.
+    let unseen = tmp.path().join("unseen");
+    write_phantom(
+        &unseen,
+        &PhantomSpec { seed: 7399, pixel_spacing_mm: 1.5, slice_thickness_mm: 2.0, size: 192, ..Default::default() },
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["evaluate", "--device", "cpu", "--format", "json", "--weights"])
+        .arg(&weights)
+        .arg(&unseen)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(scored.to_string().contains("kappa"), "{scored}");
 }

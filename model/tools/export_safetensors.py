@@ -16,19 +16,14 @@ from safetensors.torch import save_file
 from ultralytics import YOLO
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("output")
-    parser.add_argument("--f16", action="store_true", help="store weights as float16 (half the size)")
-    parser.add_argument("--imgsz", type=int, default=None, help="input size (default: the training size)")
-    args = parser.parse_args()
-
-    yolo = YOLO(args.checkpoint)
+def export(checkpoint: str, output: str, f16: bool = False, imgsz=None, extra=None) -> dict:
+    """Writes the checkpoint's tensors and metadata (plus `extra`, string values) to `output`;
+    returns the metadata."""
+    yolo = YOLO(checkpoint)
     model = yolo.model.float().eval()
     if yolo.task != "segment":
-        raise SystemExit(f"{args.checkpoint} is a {yolo.task} model, not segment")
-    dtype = torch.float16 if args.f16 else torch.float32
+        raise SystemExit(f"{checkpoint} is a {yolo.task} model, not segment")
+    dtype = torch.float16 if f16 else torch.float32
     tensors = {
         name: t.detach().to(dtype).contiguous()
         for name, t in model.state_dict().items()
@@ -40,7 +35,7 @@ def main() -> None:
     if len(eps) != 1:
         raise SystemExit(f"mixed batch-norm epsilons {eps}")
     train_args = getattr(model, "args", {}) or {}
-    imgsz = args.imgsz or (train_args.get("imgsz") if isinstance(train_args, dict) else None) or 640
+    imgsz = imgsz or (train_args.get("imgsz") if isinstance(train_args, dict) else None) or 640
     if isinstance(imgsz, (list, tuple)):
         imgsz = imgsz[0]
     metadata = {
@@ -52,8 +47,20 @@ def main() -> None:
         "scale": str(model.yaml.get("scale", "")),
         "ultralytics_version": ultralytics.__version__,
     }
-    save_file(tensors, args.output, metadata=metadata)
-    print(f"{args.output}: {len(tensors)} tensors, classes {class_names}, imgsz {imgsz}")
+    metadata.update(extra or {})
+    save_file(tensors, output, metadata=metadata)
+    print(f"{output}: {len(tensors)} tensors, classes {class_names}, imgsz {imgsz}")
+    return metadata
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("output")
+    parser.add_argument("--f16", action="store_true", help="store weights as float16 (half the size)")
+    parser.add_argument("--imgsz", type=int, default=None, help="input size (default: the training size)")
+    args = parser.parse_args()
+    export(args.checkpoint, args.output, args.f16, args.imgsz)
 
 
 if __name__ == "__main__":
