@@ -99,8 +99,30 @@ enum Command {
         /// Per level, the finding in each of the patient's studies and the change since the prior one.
         #[arg(long, requires = "patient")]
         history: bool,
+        /// The readers' reviews instead, and how far the agent agrees with them (Cohen's kappa,
+        /// per class).
+        #[arg(long, conflicts_with = "history")]
+        reviews: bool,
         #[arg(long, value_enum, default_value_t = TableJsonCsv::Table)]
         format: TableJsonCsv,
+    },
+    /// Record a reader's review of a finding (its id in `idaics findings`): the agent's class
+    /// confirmed, or corrected. Reviews are the next training round's labels.
+    Review {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        finding_id: i64,
+        /// Keep the agent's class.
+        #[arg(long, conflicts_with = "class", required_unless_present = "class")]
+        confirm: bool,
+        /// The class the reader gives: normal, schmorl, bulge or protrusion.
+        #[arg(long)]
+        class: Option<String>,
+        /// Who reviews (default: the user running the command).
+        #[arg(long)]
+        reviewer: Option<String>,
+        #[arg(long)]
+        comment: Option<String>,
     },
     /// Validate a configuration file and print the effective settings.
     CheckConfig {
@@ -493,6 +515,30 @@ pub fn main() -> anyhow::Result<()> {
             }
             dataset_export(&cfg, &paths, &series, &out, weights.as_deref(), &device)
         }
+        Command::Review { database, finding_id, confirm, class, reviewer, comment } => {
+            let url = database_url_of(database)?;
+            let reviewer = reviewer
+                .or_else(|| std::env::var("SUDO_USER").ok())
+                .or_else(|| std::env::var("USER").ok())
+                .ok_or_else(|| anyhow::anyhow!("who reviews? give --reviewer"))?;
+            one_shot(async move {
+                let db = crate::db::Db::connect(&url).await?;
+                db.migrate().await?;
+                let row =
+                    db.record_review(finding_id, &crate::db::NewReview { reviewer, class, confirm, comment }).await?;
+                println!(
+                    "finding {} ({} {}): {} {} by {} at {}",
+                    row.finding_id,
+                    row.series_uid,
+                    row.level,
+                    if row.confirmed { "confirmed" } else { "corrected to" },
+                    row.class,
+                    row.reviewer,
+                    row.reviewed_at
+                );
+                Ok(())
+            })
+        }
         Command::Migrate { database } => {
             let url = database_url_of(database)?;
             one_shot(async {
@@ -513,9 +559,17 @@ pub fn main() -> anyhow::Result<()> {
             until,
             min_confidence,
             history,
+            reviews,
             format,
         } => {
             let url = database_url_of(database)?;
+            if reviews {
+                return one_shot(async move {
+                    let db = crate::db::Db::connect(&url).await?;
+                    db.migrate().await?;
+                    print_reviews(&db, format).await
+                });
+            }
             let filter =
                 crate::db::FindingFilter { patient, accession, study, level, class, since, until, min_confidence };
             one_shot(async move {
@@ -525,6 +579,7 @@ pub fn main() -> anyhow::Result<()> {
                     &["level", "study_date", "accession", "study_uid", "class", "confidence", "prior_class", "change"]
                 } else {
                     &[
+                        "id",
                         "patient_id",
                         "study_date",
                         "accession",
@@ -805,6 +860,65 @@ fn analyze(
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// The reviews, then the agent's agreement with its readers.
+async fn print_reviews(db: &crate::db::Db, format: TableJsonCsv) -> anyhow::Result<()> {
+    let reviews = db.reviews().await?;
+    let agreement = db.review_agreement().await?;
+    let per_class: Vec<serde_json::Value> = agreement
+        .categories
+        .iter()
+        .map(|c| {
+            let m = agreement.class_metrics(c).expect("a category of the matrix");
+            serde_json::json!({"class": c, "reviewed": m.labelled, "agent": m.predicted, "sensitivity": m.sensitivity, "ppv": m.ppv})
+        })
+        .collect();
+    if let TableJsonCsv::Json = format {
+        let document = serde_json::json!({
+            "reviews": reviews,
+            "agreement": {"findings": agreement.total(), "agreed": agreement.correct(), "kappa": agreement.kappa(), "per_class": per_class},
+        });
+        println!("{}", serde_json::to_string_pretty(&document)?);
+        return Ok(());
+    }
+    let columns: &[&str] = &[
+        "id",
+        "finding_id",
+        "series_uid",
+        "level",
+        "agent_class",
+        "class",
+        "confirmed",
+        "reviewer",
+        "reviewed_at",
+        "comment",
+    ];
+    let mut out = RowPrinter::new(columns, format, "reviews")?;
+    for review in &reviews {
+        out.row(review)?;
+    }
+    out.finish()?;
+    if let TableJsonCsv::Table = format {
+        let kappa = agreement.kappa().map_or("-".to_string(), |k| format!("{k:.3}"));
+        println!(
+            "agreement: {} of {} reviewed findings kept (latest review of each; undetermined ones not counted), kappa {kappa}",
+            agreement.correct(),
+            agreement.total()
+        );
+        for c in &per_class {
+            let f = |v: &serde_json::Value| v.as_f64().map_or("-".to_string(), |x| format!("{x:.3}"));
+            println!(
+                "  {:<11} readers {:>4}  agent {:>4}  sensitivity {}  ppv {}",
+                c["class"].as_str().unwrap_or(""),
+                c["reviewed"],
+                c["agent"],
+                f(&c["sensitivity"]),
+                f(&c["ppv"])
+            );
         }
     }
     Ok(())

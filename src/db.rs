@@ -27,6 +27,10 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
     #[error("invalid filter: {0}")]
     Filter(String),
+    #[error("no finding {0} in the log")]
+    NoSuchFinding(i64),
+    #[error("invalid review: {0}")]
+    Review(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +150,8 @@ pub struct JobRow {
 /// One disc level's finding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FindingRow {
+    /// The finding's number in the log, which a review names; `None` before it is written.
+    pub id: Option<i64>,
     pub job_id: i64,
     pub series_uid: String,
     pub study_uid: String,
@@ -164,6 +170,36 @@ pub struct FindingRow {
     pub mask_area_mm2: Option<f64>,
     pub model_version: String,
     pub created_at: String,
+}
+
+/// A reader's review of a finding, as given.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewReview {
+    pub reviewer: String,
+    /// The class the reader gives; `None` with `confirm`: the agent's class.
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub confirm: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// A review in the log, with the finding it is about.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReviewRow {
+    pub id: i64,
+    pub finding_id: i64,
+    pub reviewer: String,
+    pub class: String,
+    /// The agent's class for the finding.
+    pub agent_class: String,
+    pub confirmed: bool,
+    pub comment: Option<String>,
+    pub reviewed_at: String,
+    pub series_uid: String,
+    pub level: String,
 }
 
 /// Filters of `idaics findings` and `/api/v1/findings`; all optional, combined with AND.
@@ -263,7 +299,7 @@ fn valid_date(text: &str) -> bool {
 /// The files of `migrations/`, as (version, description, PostgreSQL, SQLite), described as sqlx
 /// describes a file from its name so that the checksums existing databases recorded still match
 /// (a test compares them with sqlx's own reading of the folders).
-const MIGRATIONS: [(i64, &str, &str, &str); 4] = [
+const MIGRATIONS: [(i64, &str, &str, &str); 5] = [
     (
         1,
         "finding log",
@@ -287,6 +323,12 @@ const MIGRATIONS: [(i64, &str, &str, &str); 4] = [
         "level certainty",
         include_str!("../migrations/postgres/0004_level_certainty.sql"),
         include_str!("../migrations/sqlite/0004_level_certainty.sql"),
+    ),
+    (
+        5,
+        "reviews",
+        include_str!("../migrations/postgres/0005_reviews.sql"),
+        include_str!("../migrations/sqlite/0005_reviews.sql"),
     ),
 ];
 
@@ -647,7 +689,7 @@ impl Db {
             }
             add("confidence", ">=", Value::Float(p));
         }
-        let mut sql = "SELECT job_id, series_uid, study_uid, patient_id, accession, study_date, level, \
+        let mut sql = "SELECT id, job_id, series_uid, study_uid, patient_id, accession, study_date, level, \
                        level_certain, class, confidence, views, box, mask_area_mm2, model_version, created_at FROM findings"
             .to_string();
         if !clauses.is_empty() {
@@ -706,6 +748,93 @@ impl Db {
             prior = Some((level, f.class));
         }
         Ok(entries)
+    }
+
+    /// Records a reader's review of a finding: a confirmation of the agent's class or a
+    /// correction. Refused for a finding not in the log, a class not one of the four, a review
+    /// that both confirms and corrects to another class, or one without a reviewer.
+    pub async fn record_review(&self, finding_id: i64, review: &NewReview) -> Result<ReviewRow, DbError> {
+        let reviewer = review.reviewer.trim();
+        if reviewer.is_empty() || reviewer.contains('\0') {
+            return Err(DbError::Review("a review names its reviewer".into()));
+        }
+        let agent_class: String = sqlx::query("SELECT class FROM findings WHERE id = $1")
+            .bind(finding_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(DbError::NoSuchFinding(finding_id))?
+            .try_get("class")?;
+        let class = match (&review.class, review.confirm) {
+            (None, false) => return Err(DbError::Review("give a class, or confirm the agent's".into())),
+            (None, true) if agent_class == "undetermined" => {
+                return Err(DbError::Review("the agent gave no class to confirm (undetermined): give one".into()));
+            }
+            (None, true) => agent_class.clone(),
+            (Some(c), true) if *c != agent_class => {
+                return Err(DbError::Review(format!("confirming the agent's {agent_class} and giving {c} at once")));
+            }
+            (Some(c), _) => c.clone(),
+        };
+        if !CLASSES[..4].contains(&class.as_str()) {
+            return Err(DbError::Review(format!("class {class:?} is not one of {}", CLASSES[..4].join(", "))));
+        }
+        let reviewed_at = now();
+        let id: i64 = sqlx::query(
+            "INSERT INTO reviews (finding_id, reviewer, class, confirmed, comment, reviewed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        )
+        .bind(finding_id)
+        .bind(reviewer)
+        .bind(&class)
+        .bind(i64::from(class == agent_class))
+        .bind(review.comment.as_deref().map(|c| c.replace('\0', "")))
+        .bind(&reviewed_at)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("id")?;
+        Ok(self.reviews().await?.into_iter().find(|r| r.id == id).expect("the review just written"))
+    }
+
+    /// Every review, oldest first, with the finding's class, series and level.
+    pub async fn reviews(&self) -> Result<Vec<ReviewRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT r.id, r.finding_id, r.reviewer, r.class, f.class AS agent_class, r.confirmed, r.comment, \
+             r.reviewed_at, f.series_uid, f.level FROM reviews r JOIN findings f ON f.id = r.finding_id ORDER BY r.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ReviewRow {
+                    id: r.try_get("id")?,
+                    finding_id: r.try_get("finding_id")?,
+                    reviewer: r.try_get("reviewer")?,
+                    class: r.try_get("class")?,
+                    agent_class: r.try_get("agent_class")?,
+                    confirmed: r.try_get::<i64, _>("confirmed")? != 0,
+                    comment: r.try_get("comment")?,
+                    reviewed_at: r.try_get("reviewed_at")?,
+                    series_uid: r.try_get("series_uid")?,
+                    level: r.try_get("level")?,
+                })
+            })
+            .collect()
+    }
+
+    /// The agent against its readers: per reviewed finding (its latest review), the agent's
+    /// class against the reader's (the reader's in the rows, as truth; the agent's in the columns).
+    /// Findings the agent left undetermined are not counted: there is nothing to agree with.
+    pub async fn review_agreement(&self) -> Result<crate::evaluation::ConfusionMatrix, DbError> {
+        let mut latest: BTreeMap<i64, ReviewRow> = BTreeMap::new();
+        for review in self.reviews().await? {
+            latest.insert(review.finding_id, review);
+        }
+        let mut matrix = crate::evaluation::ConfusionMatrix::new(CLASSES[..4].iter().copied());
+        for review in latest.values().filter(|r| r.agent_class != "undetermined") {
+            // The reader is the truth (rows); the agent the prediction (columns).
+            matrix.add(&review.class, &review.agent_class).map_err(|e| DbError::Review(e.to_string()))?;
+        }
+        Ok(matrix)
     }
 
     /// Counts of rows, for `/metrics` and tests.
@@ -1158,6 +1287,7 @@ pub enum Table {
     Jobs,
     Findings,
     Outbox,
+    Reviews,
 }
 
 impl Table {
@@ -1168,6 +1298,7 @@ impl Table {
             Table::Jobs => "jobs",
             Table::Findings => "findings",
             Table::Outbox => "outbox",
+            Table::Reviews => "reviews",
         }
     }
 }
@@ -1233,6 +1364,7 @@ fn finding_from_row(r: &AnyRow) -> Result<FindingRow, DbError> {
     let views: String = r.try_get("views")?;
     let bbox: Option<String> = r.try_get("box")?;
     Ok(FindingRow {
+        id: Some(r.try_get("id")?),
         job_id: r.try_get("job_id")?,
         series_uid: r.try_get("series_uid")?,
         study_uid: r.try_get("study_uid")?,

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::db::{Db, FindingFilter, JOB_STATES, Page, SeriesFilter};
 use crate::scp::ScpStats;
@@ -61,6 +61,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/findings", get(findings))
+        .route("/api/v1/findings/{id}/review", post(review))
         .route("/api/v1/history", get(history))
         .route("/api/v1/series", get(series))
         .route("/api/v1/jobs", get(jobs))
@@ -164,6 +165,27 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     let _ = writeln!(out, "idaics_inference_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
     let _ = writeln!(out, "idaics_inference_seconds_sum {}", load(&p.inference_micros_sum) as f64 / 1e6);
     let _ = writeln!(out, "idaics_inference_seconds_count {cumulative}");
+    // The agent against its readers (each reviewed finding's latest review); left out with no
+    // review or without the database.
+    if let Ok(agreement) = state.db.review_agreement().await
+        && agreement.total() > 0
+    {
+        let _ = writeln!(
+            out,
+            "# HELP idaics_reviewed_findings Reviewed findings the agent gave a class, by whether the reader kept it.\n\
+             # TYPE idaics_reviewed_findings gauge\n\
+             idaics_reviewed_findings{{agreed=\"true\"}} {}\nidaics_reviewed_findings{{agreed=\"false\"}} {}",
+            agreement.correct(),
+            agreement.total() - agreement.correct()
+        );
+        if let Some(kappa) = agreement.kappa() {
+            let _ = writeln!(
+                out,
+                "# HELP idaics_review_agreement_kappa Cohen's kappa between the agent's classes and its readers'.\n\
+                 # TYPE idaics_review_agreement_kappa gauge\nidaics_review_agreement_kappa {kappa:.4}"
+            );
+        }
+    }
     // The outbox lives in the database; without it the gauge is left out rather than made up.
     if let Ok(depth) = state.db.outbox_depth().await {
         let _ = writeln!(
@@ -258,6 +280,33 @@ fn listing_query(raw: Option<&str>, states: &[&str]) -> Result<(StateAndSeriesQu
         return Err(format!("state must be one of {}", states.join(", ")));
     }
     Ok((q, page))
+}
+
+/// A reader's review of a finding: `{"reviewer": "...", "confirm": true}` or
+/// `{"reviewer": "...", "class": "bulge", "comment": "..."}`. 201 with the review; 404 for a
+/// finding not in the log; 400 for a review the log refuses, with the reason.
+async fn review(
+    State(state): State<HttpState>,
+    Path(id): Path<i64>,
+    body: Result<axum::Json<crate::db::NewReview>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let axum::Json(review) = match body {
+        Ok(body) => body,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    match state.db.record_review(id, &review).await {
+        Ok(row) => {
+            tracing::info!(finding = id, reviewer = %row.reviewer, class = %row.class, confirmed = row.confirmed, "review recorded");
+            (StatusCode::CREATED, axum::Json(row)).into_response()
+        }
+        Err(e @ crate::db::DbError::NoSuchFinding(_)) => {
+            (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": e.to_string() }))).into_response()
+        }
+        Err(e @ crate::db::DbError::Review(_)) => bad_request(e.to_string()),
+        Err(e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": e.to_string() }))).into_response()
+        }
+    }
 }
 
 fn bad_request(message: String) -> Response {

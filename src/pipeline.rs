@@ -476,6 +476,7 @@ impl Worker {
         let rows: Vec<crate::db::FindingRow> = analysis_findings
             .iter()
             .map(|f| crate::db::FindingRow {
+                id: None,
                 job_id,
                 series_uid: series_uid.clone(),
                 study_uid: source.study_uid.clone(),

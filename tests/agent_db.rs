@@ -231,3 +231,82 @@ fn postgres_outage_while_series_arrive_loses_no_row() {
         rt.block_on(db.count(Table::Associations)).unwrap_or(0) >= 4
     });
 }
+
+/// A reader reviews the running agent's findings: through the API (a confirmation, a
+/// correction, and the refusals) and the CLI; `idaics findings --reviews` and `/metrics` show
+/// how far the agent agrees with its readers.
+#[test]
+fn readers_review_findings_through_the_api_and_the_cli() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = idaics::phantom::PhantomSpec {
+        seed: 7501,
+        levels: idaics::phantom::parse_levels("L4/L5=protrusion,L5/S1=schmorl").unwrap(),
+        pixel_spacing_mm: 1.0,
+        slice_thickness_mm: 2.0,
+        size: 256,
+        ..Default::default()
+    };
+    let (series, _) = idaics::phantom::write_phantom(&tmp.path().join("in"), &spec).unwrap();
+    let http = free_port();
+    let agent = Agent::start(
+        &tmp.path().join("state"),
+        &[
+            ("IDAICS_HTTP_PORT", &http.to_string()),
+            ("IDAICS_MODEL_WEIGHTS", common::PHANTOM_MODEL),
+            ("IDAICS_MODEL_DEVICE", "cpu"),
+        ],
+    );
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)).0, series.files.len());
+    let mut findings = serde_json::Value::Null;
+    wait_until("the findings", Duration::from_secs(180), || {
+        findings = listing(http, "/api/v1/findings");
+        findings["findings"].as_array().is_some_and(|f| f.len() == 6)
+    });
+    let finding =
+        |level: &str| findings["findings"].as_array().unwrap().iter().find(|f| f["level"] == level).unwrap().clone();
+    let (l4, l5) = (finding("L4/L5"), finding("L5/S1"));
+    assert_eq!(l4["class"], "protrusion", "{findings}");
+    let review =
+        |id: &serde_json::Value, body: &str| common::http_post(http, &format!("/api/v1/findings/{id}/review"), body);
+    let (status, body) = review(&l4["id"], r#"{"reviewer": "dr.first", "confirm": true}"#);
+    assert_eq!(status, 201, "{body}");
+    let written: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((written["class"].as_str(), written["confirmed"].as_bool()), (Some("protrusion"), Some(true)));
+    let (status, body) = review(&l5["id"], r#"{"reviewer": "dr.first", "class": "normal", "comment": "no node"}"#);
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(review(&serde_json::json!(99999), r#"{"reviewer": "dr.first", "confirm": true}"#).0, 404);
+    let (status, body) = review(&l4["id"], r#"{"reviewer": "dr.first", "class": "herniation"}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("herniation"), "{body}");
+    assert_eq!(review(&l4["id"], r#"{"reviewer": "dr.first", "colour": "red"}"#).0, 400);
+    assert_eq!(review(&l4["id"], "not json").0, 400);
+
+    // The CLI, on the same log: a second reader corrects the first.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(args)
+            .arg("--state-dir")
+            .arg(&agent.state_dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    let id = l4["id"].to_string();
+    let printed = cli(&["review", &id, "--class", "bulge", "--reviewer", "dr.second"]);
+    assert!(printed.contains("corrected to bulge by dr.second"), "{printed}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&cli(&["findings", "--reviews", "--format", "json"])).unwrap();
+    assert_eq!(summary["reviews"].as_array().unwrap().len(), 3);
+    // The latest review of each finding: L4/L5 corrected to bulge, L5/S1 to normal.
+    assert_eq!(
+        (summary["agreement"]["findings"].as_u64(), summary["agreement"]["agreed"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let table = cli(&["findings", "--reviews"]);
+    assert!(table.contains("agreement: 0 of 2 reviewed findings kept"), "{table}");
+    let samples = parse_prometheus(&get(http, "/metrics").1);
+    assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"false\"}"), 2.0);
+    assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"true\"}"), 0.0);
+}

@@ -114,6 +114,7 @@ async fn two_agents_claim_each_job_once(url: String) {
 
 fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confidence: f64) -> FindingRow {
     FindingRow {
+        id: None,
         job_id: job,
         series_uid: format!("{study}.1"),
         study_uid: study.into(),
@@ -757,4 +758,71 @@ fn retention_takes_only_finished_and_delivered_series_on_sqlite() {
 fn retention_takes_only_finished_and_delivered_series_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(retention_takes_only_finished_and_delivered_series(pg.fresh_database("retention")));
+}
+
+/// Readers' reviews: a confirmation and a correction recorded with who and when, the latest
+/// review of a finding counting, refusals with their reasons, and the agent's agreement with
+/// its readers as a confusion matrix and kappa.
+async fn reviews(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    db.record_series(&series_row("8.1.1", "P8", "8.1", "2026-01-05", "complete", 1)).await.unwrap();
+    let job = db.claim_job("t").await.unwrap().unwrap().id;
+    let rows = vec![
+        finding(job, "8.1", "2026-01-05", "L3/L4", "normal", 0.9),
+        finding(job, "8.1", "2026-01-05", "L4/L5", "bulge", 0.8),
+        finding(job, "8.1", "2026-01-05", "L5/S1", "protrusion", 0.7),
+        finding(job, "8.1", "2026-01-05", "L2/L3", "undetermined", 0.0),
+    ];
+    finish_with_findings(&db, "t", &rows).await;
+    let logged = db.findings(&FindingFilter::default(), Page::ALL).await.unwrap();
+    let id_of = |level: &str| logged.iter().find(|f| f.level == level).unwrap().id.unwrap();
+    let review = |class: Option<&str>, confirm: bool| idaics::db::NewReview {
+        reviewer: "dr.reader".into(),
+        class: class.map(String::from),
+        confirm,
+        comment: Some("checked on the axial".into()),
+    };
+    let confirmed = db.record_review(id_of("L3/L4"), &review(None, true)).await.unwrap();
+    assert_eq!((confirmed.class.as_str(), confirmed.confirmed, confirmed.level.as_str()), ("normal", true, "L3/L4"));
+    assert_eq!(confirmed.reviewer, "dr.reader");
+    let corrected = db.record_review(id_of("L4/L5"), &review(Some("protrusion"), false)).await.unwrap();
+    assert_eq!(
+        (corrected.class.as_str(), corrected.agent_class.as_str(), corrected.confirmed),
+        ("protrusion", "bulge", false)
+    );
+    // Reviewed again: the latest counts.
+    db.record_review(id_of("L5/S1"), &review(Some("bulge"), false)).await.unwrap();
+    db.record_review(id_of("L5/S1"), &review(None, true)).await.unwrap();
+    // An undetermined finding gets a class but no agreement.
+    db.record_review(id_of("L2/L3"), &review(Some("schmorl"), false)).await.unwrap();
+    assert_eq!(db.reviews().await.unwrap().len(), 5);
+    assert_eq!(db.count(idaics::db::Table::Reviews).await.unwrap(), 5);
+    let agreement = db.review_agreement().await.unwrap();
+    assert_eq!((agreement.total(), agreement.correct()), (3, 2));
+    assert!(agreement.kappa().unwrap() > 0.0);
+    // Refused, saying why.
+    let refused = |r: Result<idaics::db::ReviewRow, idaics::db::DbError>| r.unwrap_err().to_string();
+    assert!(refused(db.record_review(9999, &review(None, true)).await).contains("no finding 9999"));
+    assert!(
+        refused(db.record_review(id_of("L3/L4"), &review(Some("herniated"), false)).await).contains("\"herniated\"")
+    );
+    assert!(refused(db.record_review(id_of("L3/L4"), &review(Some("bulge"), true)).await).contains("at once"));
+    assert!(refused(db.record_review(id_of("L2/L3"), &review(None, true)).await).contains("undetermined"));
+    assert!(refused(db.record_review(id_of("L3/L4"), &review(None, false)).await).contains("give a class"));
+    let mut anonymous = review(None, true);
+    anonymous.reviewer = " ".into();
+    assert!(refused(db.record_review(id_of("L3/L4"), &anonymous).await).contains("reviewer"));
+    assert_eq!(db.reviews().await.unwrap().len(), 5, "nothing refused was written");
+}
+
+#[test]
+fn reviews_on_sqlite() {
+    runtime().block_on(on_sqlite(reviews));
+}
+
+#[test]
+fn reviews_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(reviews(pg.fresh_database("reviews")));
 }
