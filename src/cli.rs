@@ -326,12 +326,14 @@ enum DatasetCommand {
         /// auto, cpu or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
-        /// Configuration file (its state directory keeps the pseudonym key and mapping).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// State directory, overriding storage.state_dir.
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        /// Exactly the images of reviewed findings (from the spool), labelled with the readers'
+        /// classes (each finding's latest review): the next training round.
+        #[arg(long, conflicts_with_all = ["paths", "series"])]
+        reviewed: bool,
+        /// Configuration file (its state directory keeps the pseudonym key and mapping), state
+        /// directory and database.
+        #[command(flatten)]
+        database: DatabaseArgs,
     },
 }
 
@@ -506,14 +508,25 @@ pub fn main() -> anyhow::Result<()> {
             analyze(&paths, &out, format, png, detector.as_ref())
         }
         Command::Dataset {
-            action: DatasetCommand::Export { paths, series, out, weights, device, config, state_dir },
+            action: DatasetCommand::Export { paths, series, out, weights, device, reviewed, database },
         } => {
             init_cli_logging();
-            let (mut cfg, _) = load_config(config)?;
-            if let Some(dir) = state_dir {
-                cfg.storage.state_dir = dir;
+            let (mut cfg, _) = load_config(database.config.clone())?;
+            if let Some(dir) = &database.state_dir {
+                cfg.storage.state_dir = dir.clone();
             }
-            dataset_export(&cfg, &paths, &series, &out, weights.as_deref(), &device)
+            let reviews = if reviewed {
+                let url = database_url_of(database)?;
+                let rows = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+                    let db = crate::db::Db::connect(&url).await?;
+                    db.migrate().await?;
+                    anyhow::Ok(db.reviews().await?)
+                })?;
+                Some(crate::dataset::ReviewedLabels::latest(rows))
+            } else {
+                None
+            };
+            dataset_export(&cfg, &paths, &series, &out, weights.as_deref(), &device, reviews.as_ref())
         }
         Command::Review { database, finding_id, confirm, class, reviewer, comment } => {
             let url = database_url_of(database)?;
@@ -931,9 +944,15 @@ fn dataset_export(
     out: &std::path::Path,
     weights: Option<&std::path::Path>,
     device: &str,
+    reviewed: Option<&crate::dataset::ReviewedLabels>,
 ) -> anyhow::Result<()> {
+    let reviewed_series: Vec<String> = reviewed.map(|r| r.series()).unwrap_or_default();
+    let series = if reviewed.is_some() { &reviewed_series[..] } else { series };
+    if reviewed.is_some() && series.is_empty() {
+        anyhow::bail!("no reviewed finding in the log");
+    }
     if paths.is_empty() && series.is_empty() {
-        anyhow::bail!("nothing to export: give DICOM paths or --series UID");
+        anyhow::bail!("nothing to export: give DICOM paths, --series UID or --reviewed");
     }
     let detector = weights
         .map(|w| crate::pipeline::Detector::load(w, device).with_context(|| format!("cannot load {}", w.display())))
@@ -963,7 +982,8 @@ fn dataset_export(
     }
     let (mut images, mut failed) = (0, 0);
     for (done, (uid, files)) in sources.iter().enumerate() {
-        match crate::dataset::export_series(files, &cfg.series, detector.as_ref(), &pseudonyms, out) {
+        let labels = reviewed.map(|r| r.of_series(uid));
+        match crate::dataset::export_series(files, &cfg.series, detector.as_ref(), &pseudonyms, labels.as_ref(), out) {
             Ok(exported) => images += exported.images.len(),
             Err(e) => {
                 failed += 1;

@@ -8,6 +8,7 @@
 //! pseudonym-to-patient mapping kept in the state directory, never beside the images. The same
 //! patient keeps the same pseudonym across exports, so training folds can be grouped by patient.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -106,6 +107,39 @@ impl Pseudonyms {
     }
 }
 
+/// Readers' classes by series and level: each finding's latest review.
+pub struct ReviewedLabels {
+    by_series: BTreeMap<String, BTreeMap<String, Reviewed>>,
+}
+
+/// A level's class as its reader gave it.
+#[derive(Debug, Clone)]
+pub struct Reviewed {
+    pub class: String,
+    pub reviewer: String,
+    pub reviewed_at: String,
+}
+
+impl ReviewedLabels {
+    /// From the log's reviews, oldest first: a later review of a finding replaces an earlier one.
+    pub fn latest(reviews: Vec<crate::db::ReviewRow>) -> ReviewedLabels {
+        let mut by_series: BTreeMap<String, BTreeMap<String, Reviewed>> = BTreeMap::new();
+        for r in reviews {
+            let reviewed = Reviewed { class: r.class, reviewer: r.reviewer, reviewed_at: r.reviewed_at };
+            by_series.entry(r.series_uid).or_default().insert(r.level, reviewed);
+        }
+        ReviewedLabels { by_series }
+    }
+
+    pub fn series(&self) -> Vec<String> {
+        self.by_series.keys().cloned().collect()
+    }
+
+    pub fn of_series(&self, series_uid: &str) -> BTreeMap<String, Reviewed> {
+        self.by_series.get(series_uid).cloned().unwrap_or_default()
+    }
+}
+
 /// What one series gave.
 #[derive(Debug)]
 pub struct ExportedSeries {
@@ -115,15 +149,25 @@ pub struct ExportedSeries {
 }
 
 /// Analyses the series in `files` as the agent does and writes its images and pre-annotations
-/// into `out`.
+/// into `out`. With `reviewed`, only the reviewed levels' axial images, labelled with the readers'
+/// classes, and the sagittal image only when every level on it was reviewed: a disc left
+/// unannotated on an image would teach the network that it is background.
 pub fn export_series(
     files: &[PathBuf],
     series_config: &crate::config::SeriesConfig,
     detector: Option<&Detector>,
     pseudonyms: &Pseudonyms,
+    reviewed: Option<&BTreeMap<String, Reviewed>>,
     out: &Path,
 ) -> Result<ExportedSeries, DatasetError> {
-    let analysis = crate::pipeline::analyze_files(files, series_config, detector)?;
+    let mut analysis = crate::pipeline::analyze_files(files, series_config, detector)?;
+    if let Some(reviewed) = reviewed {
+        for finding in &mut analysis.findings {
+            if let Some(r) = reviewed.get(&finding.level.name) {
+                finding.class = crate::findings::canonical_class(&r.class).unwrap_or(crate::findings::UNDETERMINED);
+            }
+        }
+    }
     let first = files.first().ok_or_else(|| DatasetError::Identity(out.to_path_buf()))?;
     let header = dicom_object::OpenFileOptions::new()
         .read_until(dicom_dictionary_std::tags::PIXEL_DATA)
@@ -142,15 +186,18 @@ pub fn export_series(
     let weights = detector.map(|d| d.sha256.clone());
     let context = Context { patient: &patient, case: &case, series_uid: &series_uid, weights: weights.as_deref() };
     let mut images = Vec::new();
-    if let Some(sagittal) = &analysis.sagittal {
+    let is_reviewed = |f: &LevelFinding| reviewed.is_none_or(|r| r.contains_key(&f.level.name));
+    let review_of = |f: &LevelFinding| reviewed.and_then(|r| r.get(&f.level.name)).cloned();
+    if let Some(sagittal) = analysis.sagittal.as_ref().filter(|_| analysis.findings.iter().all(is_reviewed)) {
         let shapes: Vec<serde_json::Value> =
             analysis.findings.iter().map(|f| shape(f, sagittal, View::SAGITTAL)).collect();
-        images.push(write_image(out, &format!("{case}_sagittal"), sagittal, shapes, &context, None)?);
+        let reviews: Vec<Option<Reviewed>> = analysis.findings.iter().map(review_of).collect();
+        images.push(write_image(out, &format!("{case}_sagittal"), sagittal, shapes, &context, None, &reviews)?);
     }
-    for (finding, axial) in analysis.findings.iter().zip(&analysis.axials) {
+    for (finding, axial) in analysis.findings.iter().zip(&analysis.axials).filter(|(f, _)| is_reviewed(f)) {
         let name = format!("{case}_{}", finding.level.name.replace('/', "-"));
         let shapes = vec![shape(finding, axial, View::AXIAL)];
-        images.push(write_image(out, &name, axial, shapes, &context, Some(finding))?);
+        images.push(write_image(out, &name, axial, shapes, &context, Some(finding), &[review_of(finding)])?);
     }
     Ok(ExportedSeries { case, images })
 }
@@ -169,7 +216,13 @@ fn write_image(
     shapes: Vec<serde_json::Value>,
     context: &Context,
     level: Option<&LevelFinding>,
+    reviews: &[Option<Reviewed>],
 ) -> Result<PathBuf, DatasetError> {
+    let reviews: Vec<serde_json::Value> = reviews
+        .iter()
+        .flatten()
+        .map(|r| json!({"class": r.class, "reviewer": r.reviewer, "reviewed_at": r.reviewed_at}))
+        .collect();
     let png = out.join(format!("{name}.png"));
     let gray = image::GrayImage::from_raw(image.size as u32, image.size as u32, image.pixels.clone())
         .ok_or_else(|| DatasetError::Image { path: png.clone(), reason: "image buffer size".into() })?;
@@ -191,6 +244,7 @@ fn write_image(
             "level_certain": level.map(|f| f.level.name_certain),
             "pixel_spacing_mm": image.pixel_spacing_mm,
             "weights_sha256": context.weights,
+            "reviews": reviews,
         },
     });
     let json_path = out.join(format!("{name}.json"));

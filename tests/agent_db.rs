@@ -309,4 +309,28 @@ fn readers_review_findings_through_the_api_and_the_cli() {
     let samples = parse_prometheus(&get(http, "/metrics").1);
     assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"false\"}"), 2.0);
     assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"true\"}"), 0.0);
+
+    // The next training round: exactly the reviewed images, with the readers' classes. The
+    // sagittal image shows unreviewed levels too, so it is left out.
+    let export = tmp.path().join("reviewed");
+    let printed = cli(&["dataset", "export", "--reviewed", "--out", export.to_str().unwrap()]);
+    assert!(printed.contains("2 images"), "{printed}");
+    let mut labels = Vec::new();
+    for entry in std::fs::read_dir(&export).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            let review = &doc["idaics"]["reviews"][0];
+            labels.push((
+                doc["idaics"]["level"].as_str().unwrap().to_string(),
+                doc["shapes"][0]["label"].as_str().unwrap().to_string(),
+                review["reviewer"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+    labels.sort();
+    assert_eq!(
+        labels,
+        [("L4/L5".into(), "bulge".into(), "dr.second".into()), ("L5/S1".into(), "normal".into(), "dr.first".into())]
+    );
 }
