@@ -1185,28 +1185,44 @@ fn evaluate_images(
     let mut left_out = std::collections::BTreeMap::new();
     for file in files {
         let name = file.display().to_string();
-        let Some(label_path) = yolo_label_path(&file).filter(|p| p.is_file()) else {
-            left_out.insert(name, "no label file (expected beside it: ../labels/NAME.txt)".to_string());
+        // YOLO-seg labels (../labels/NAME.txt), or a LabelMe file beside the image (NAME.json).
+        let labelme_path = file.with_extension("json");
+        let yolo_path = yolo_label_path(&file).filter(|p| p.is_file());
+        if yolo_path.is_none() && !labelme_path.is_file() {
+            left_out.insert(
+                name,
+                "no label file (expected: ../labels/NAME.txt, YOLO-seg, or NAME.json, LabelMe)".to_string(),
+            );
             continue;
-        };
-        let text =
-            std::fs::read_to_string(&label_path).with_context(|| format!("cannot read {}", label_path.display()))?;
-        let objects = parse_yolo_labels(&text).with_context(|| label_path.display().to_string())?;
+        }
         let image = crate::detector::read_image(&file)?;
-        let labelled = objects
-            .iter()
-            .map(|object| {
-                let class = class_of(object.class_id).with_context(|| {
-                    format!(
-                        "{}: class {} is not a disc class of these weights ({})",
-                        label_path.display(),
-                        object.class_id,
-                        detector.class_names().join(", ")
-                    )
-                })?;
-                Ok((class, rasterize(&object.polygon, image.width, image.height)))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let labelled = match yolo_path {
+            Some(label_path) => {
+                let text = std::fs::read_to_string(&label_path)
+                    .with_context(|| format!("cannot read {}", label_path.display()))?;
+                let objects = parse_yolo_labels(&text).with_context(|| label_path.display().to_string())?;
+                objects
+                    .iter()
+                    .map(|object| {
+                        let class = class_of(object.class_id).with_context(|| {
+                            format!(
+                                "{}: class {} is not a disc class of these weights ({})",
+                                label_path.display(),
+                                object.class_id,
+                                detector.class_names().join(", ")
+                            )
+                        })?;
+                        Ok((class, rasterize(&object.polygon, image.width, image.height)))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?
+            }
+            None => {
+                let text = std::fs::read_to_string(&labelme_path)
+                    .with_context(|| format!("cannot read {}", labelme_path.display()))?;
+                crate::evaluation::parse_labelme(&text, image.width, image.height)
+                    .with_context(|| labelme_path.display().to_string())?
+            }
+        };
         let detected: Vec<_> = detector
             .detect_image(&image)?
             .into_iter()

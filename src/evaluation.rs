@@ -23,6 +23,8 @@ pub enum EvaluationError {
     LabelNotAClass { series: String, level: String, label: String },
     #[error("line {line}: {message}")]
     YoloLabel { line: usize, message: String },
+    #[error("{0}")]
+    LabelMe(String),
 }
 
 /// What a label can say, in the paper's order of definitions.
@@ -190,6 +192,7 @@ pub fn score_series(series: &str, labels: Vec<Label>, findings: &[LevelFinding])
                 truth: label.class.to_string(),
                 predicted: matched.map_or(NOT_FOUND, |f| f.class).to_string(),
                 confidence: matched.map(|f| f.confidence),
+                dice: None,
             }
         })
         .collect()
@@ -221,6 +224,60 @@ pub fn parse_yolo_labels(text: &str) -> Result<Vec<YoloObject>, EvaluationError>
         objects.push(YoloObject { class_id, polygon: values.chunks(2).map(|p| [p[0], p[1]]).collect() });
     }
     Ok(objects)
+}
+
+/// The objects of a LabelMe file (as `idaics dataset export` writes them and a reader corrects
+/// them) on a `width` x `height` image: each shape's class and mask. Shapes sharing a label and a
+/// group_id are one object whose rings combine by the even-odd rule, so a ring inside another is
+/// a hole. Polygons and rectangles only; a label not among the four classes (`unlabelled`
+/// included) is refused with the shape named, as `model/tools/labelme_to_yolo.py` refuses it.
+pub fn parse_labelme(text: &str, width: usize, height: usize) -> Result<Vec<(&'static str, Mask)>, EvaluationError> {
+    let document: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| EvaluationError::LabelMe(format!("not LabelMe JSON: {e}")))?;
+    let mut objects: Vec<(&'static str, Option<i64>, Mask)> = Vec::new();
+    for (number, shape) in document["shapes"].as_array().into_iter().flatten().enumerate() {
+        let label = shape["label"].as_str().unwrap_or("");
+        let fail = |why: &str| EvaluationError::LabelMe(format!("shape {} ({label:?}): {why}", number + 1));
+        let class = CLASSES
+            .iter()
+            .copied()
+            .find(|c| *c == label)
+            .ok_or_else(|| fail(if label == "unlabelled" { "not labelled yet" } else { "unknown label" }))?;
+        let mut points: Vec<[f64; 2]> = shape["points"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some([p[0].as_f64()? / width as f64, p[1].as_f64()? / height as f64]))
+            .collect();
+        match shape["shape_type"].as_str().unwrap_or("polygon") {
+            "polygon" => {}
+            "rectangle" if points.len() == 2 => {
+                let ([x0, y0], [x1, y1]) = (points[0], points[1]);
+                points = vec![[x0, y0], [x1, y0], [x1, y1], [x0, y1]];
+            }
+            other => return Err(fail(&format!("shape type {other:?}; only polygons and rectangles are outlines"))),
+        }
+        if points.len() < 3 {
+            return Err(fail("an outline needs three points"));
+        }
+        let mask = rasterize(&points, width, height);
+        let group = shape["group_id"].as_i64();
+        match objects.iter_mut().find(|(c, g, _)| group.is_some() && *c == class && *g == group) {
+            Some((_, _, combined)) => combined.data.iter_mut().zip(&mask.data).for_each(|(a, b)| *a ^= *b),
+            None => objects.push((class, group, mask)),
+        }
+    }
+    Ok(objects.into_iter().map(|(class, _, mask)| (class, mask)).collect())
+}
+
+/// Dice overlap of two masks of one image; 0 when both are empty.
+pub fn mask_dice(a: &Mask, b: &Mask) -> f64 {
+    let (mut both, mut total) = (0usize, 0usize);
+    for (&x, &y) in a.data.iter().zip(&b.data) {
+        both += usize::from(x && y);
+        total += usize::from(x) + usize::from(y);
+    }
+    if total == 0 { 0.0 } else { 2.0 * both as f64 / total as f64 }
 }
 
 /// The pixels of a `width` x `height` image whose centres lie inside a polygon given in
@@ -298,6 +355,7 @@ pub fn score_image(
             truth: class.to_string(),
             predicted: matched.map_or(NOT_FOUND, |d| detected[d].0).to_string(),
             confidence: matched.map(|d| detected[d].1),
+            dice: matched.map(|d| mask_dice(&labelled[index].1, &detected[d].2)),
         })
         .collect();
     (outcomes, detection_used.iter().filter(|used| !**used).count())
@@ -312,6 +370,9 @@ pub struct LevelOutcome {
     pub predicted: String,
     /// The finding's confidence; `None` when the disc was not found.
     pub confidence: Option<f64>,
+    /// Images only: Dice of the matched detection's mask with the labelled one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dice: Option<f64>,
 }
 
 /// Everything `idaics evaluate` reports.
@@ -329,6 +390,8 @@ pub struct Evaluation {
     pub left_out: BTreeMap<String, String>,
     /// Images only: detections that matched no labelled object.
     pub unlabelled_detections: Option<u64>,
+    /// Images only: mean Dice of the matched objects' masks with their labels.
+    pub mean_dice: Option<f64>,
 }
 
 impl Evaluation {
@@ -350,7 +413,10 @@ impl Evaluation {
             confusion.add(&outcome.truth, &outcome.predicted)?;
         }
         let classes = CLASSES.iter().map(|c| confusion.class_metrics(c)).collect::<Result<Vec<_>, _>>()?;
+        let dice: Vec<f64> = levels.iter().filter_map(|l| l.dice).collect();
+        let mean_dice = (!dice.is_empty()).then(|| dice.iter().sum::<f64>() / dice.len() as f64);
         Ok(Evaluation {
+            mean_dice,
             correct: confusion.correct(),
             total: confusion.total(),
             accuracy: confusion.accuracy(),
@@ -411,6 +477,9 @@ impl Evaluation {
         if let Some(count) = self.unlabelled_detections {
             let _ = writeln!(out, "detections matching no labelled object: {count}");
         }
+        if let Some(dice) = self.mean_dice {
+            let _ = writeln!(out, "mask Dice of the matched objects, mean: {dice:.3}");
+        }
         for (series, why) in &self.left_out {
             let _ = writeln!(out, "left out: {series}: {why}");
         }
@@ -420,6 +489,24 @@ impl Evaluation {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn labelme_shapes_become_masks_with_holes_by_group() {
+        let text = r#"{"shapes": [
+            {"label": "bulge", "points": [[0, 0], [10, 0], [10, 10], [0, 10]], "group_id": 1, "shape_type": "polygon"},
+            {"label": "bulge", "points": [[4, 4], [6, 4], [6, 6], [4, 6]], "group_id": 1, "shape_type": "polygon"},
+            {"label": "normal", "points": [[12, 12], [16, 16]], "group_id": null, "shape_type": "rectangle"}
+        ]}"#;
+        let objects = super::parse_labelme(text, 20, 20).unwrap();
+        assert_eq!(objects.iter().map(|o| o.0).collect::<Vec<_>>(), ["bulge", "normal"]);
+        assert_eq!(objects[0].1.area(), 100 - 4, "the inner ring is a hole");
+        assert_eq!(objects[1].1.area(), 16);
+        for (label, says) in [("unlabelled", "not labelled yet"), ("herniation", "unknown label")] {
+            let text = format!(r#"{{"shapes": [{{"label": "{label}", "points": [[0, 0], [5, 0], [5, 5]]}}]}}"#);
+            let error = super::parse_labelme(&text, 20, 20).unwrap_err().to_string();
+            assert!(error.contains(says) && error.contains(label) && error.contains("shape 1"), "{error}");
+        }
+    }
+
     use super::*;
 
     #[test]
@@ -532,6 +619,7 @@ mod tests {
                 truth: UNDETERMINED.into(),
                 predicted: BULGE.into(),
                 confidence: Some(0.5),
+                dice: None,
             }],
             BTreeMap::new(),
         );

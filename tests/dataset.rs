@@ -130,6 +130,27 @@ fn exports_the_networks_images_with_labelme_pre_annotations_under_pseudonyms() {
             }
         }
     }
+    // `idaics evaluate --images` reads the LabelMe files directly: the weights against their own
+    // pre-annotations agree on every disc, with the masks' Dice beside; an image still
+    // unlabelled is refused, naming its file.
+    let evaluate = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_idaics"))
+            .args(["evaluate", "--images", "--device", "cpu", "--format", "json", "--weights", PHANTOM_MODEL])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = evaluate(&with_weights);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scored["total"].as_u64(), Some(2 * truth.levels.len() as u64), "{scored}");
+    assert_eq!(scored["correct"], scored["total"], "{scored}");
+    assert!(scored["mean_dice"].as_f64().unwrap() > 0.8, "{scored}");
+    let out = evaluate(&without);
+    assert!(!out.status.success());
+    let refusal = String::from_utf8_lossy(&out.stderr);
+    assert!(refusal.contains("not labelled yet") && refusal.contains(".json"), "{refusal}");
+
     let mapping = std::fs::read_to_string(state.join("dataset/mapping.csv")).unwrap();
     let pseudonym = sagittal["idaics"]["patient"].as_str().unwrap();
     assert!(mapping.lines().any(|l| l.contains(pseudonym) && l.contains(&patient_id)), "{mapping}");
