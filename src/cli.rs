@@ -226,6 +226,14 @@ enum Command {
         /// are in .../labels/NAME.txt, by the weights' class indices.
         #[arg(long, conflicts_with = "labels")]
         images: bool,
+        /// With --images: the cases.csv of a dataset made by model/tools/labelme_to_yolo.py,
+        /// whose fold column gives each image's fold: figures per fold beside the pooled ones.
+        #[arg(long, requires = "images")]
+        folds: Option<PathBuf>,
+        /// Write a model card (markdown): the weights, how they were made (from their metadata),
+        /// what they were evaluated on and the figures.
+        #[arg(long)]
+        model_card: Option<PathBuf>,
         /// auto, cpu or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -483,15 +491,18 @@ pub fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Evaluate { paths, weights, labels, images, device, format } => {
+        Command::Evaluate { paths, weights, labels, images, folds, model_card, device, format } => {
             init_cli_logging();
             let detector = crate::pipeline::Detector::load(&weights, &device)
                 .with_context(|| format!("cannot load {}", weights.display()))?;
             let evaluation = if images {
-                evaluate_images(&paths, &detector)?
+                evaluate_images(&paths, &detector, folds.as_deref())?
             } else {
                 evaluate(&paths, labels.as_deref(), &detector)?
             };
+            if let Some(card) = model_card {
+                write_model_card(&card, &weights, &detector.sha256, &paths, images, &evaluation)?;
+            }
             match format {
                 DetectFormat::Json => println!("{}", serde_json::to_string_pretty(&evaluation)?),
                 DetectFormat::Table => print!("{}", evaluation.table()),
@@ -592,7 +603,6 @@ pub fn main() -> anyhow::Result<()> {
                     &["level", "study_date", "accession", "study_uid", "class", "confidence", "prior_class", "change"]
                 } else {
                     &[
-                        "id",
                         "patient_id",
                         "study_date",
                         "accession",
@@ -605,6 +615,8 @@ pub fn main() -> anyhow::Result<()> {
                         "study_uid",
                         "series_uid",
                         "model_version",
+                        // Last, so that columns read by position before reviews existed keep their place.
+                        "id",
                     ]
                 };
                 if history {
@@ -1169,7 +1181,34 @@ fn yolo_label_path(image: &std::path::Path) -> Option<PathBuf> {
 fn evaluate_images(
     paths: &[PathBuf],
     detector: &crate::pipeline::Detector,
+    folds: Option<&std::path::Path>,
 ) -> anyhow::Result<crate::evaluation::Evaluation> {
+    // image name (without extension) -> fold
+    let fold_of: std::collections::BTreeMap<String, String> = match folds {
+        None => Default::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mut lines = text.lines();
+            let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
+            let column = |name: &str| header.iter().position(|h| *h == name);
+            let (Some(image), Some(fold)) = (column("image"), column("fold")) else {
+                anyhow::bail!(
+                    "{}: expected the columns image and fold (labelme_to_yolo.py's cases.csv)",
+                    path.display()
+                );
+            };
+            lines
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let fields: Vec<&str> = l.split(',').collect();
+                    Some((fields.get(image)?.to_string(), fields.get(fold)?.to_string()))
+                })
+                .collect::<Option<_>>()
+                .with_context(|| format!("{}: a row lacks its image or fold", path.display()))?
+        }
+    };
+    let mut records = Vec::new();
+    let mut labelled_counts: std::collections::BTreeMap<&'static str, u64> = Default::default();
     use crate::evaluation::{Evaluation, parse_yolo_labels, rasterize, score_image};
     use crate::findings::canonical_class;
     let mut files = Vec::new();
@@ -1228,14 +1267,95 @@ fn evaluate_images(
             .into_iter()
             .filter_map(|d| Some((class_of(d.class_id)?, f64::from(d.confidence), d.mask)))
             .collect();
+        let (image_records, counts) = crate::evaluation::precision_records(&labelled, &detected);
+        records.extend(image_records);
+        for (class, n) in counts {
+            *labelled_counts.entry(class).or_insert(0) += n;
+        }
         let (scored, unmatched) = score_image(&name, &labelled, &detected);
         outcomes.extend(scored);
         unlabelled_detections += unmatched as u64;
     }
     anyhow::ensure!(!outcomes.is_empty() || !left_out.is_empty(), "no images under the paths");
+    let stem = |series: &str| {
+        std::path::Path::new(series).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    };
+    let mut per_fold: std::collections::BTreeMap<String, Vec<crate::evaluation::LevelOutcome>> = Default::default();
+    if folds.is_some() {
+        for outcome in &outcomes {
+            let fold = fold_of.get(&stem(&outcome.series)).cloned().unwrap_or_else(|| "none".into());
+            per_fold.entry(fold).or_default().push(outcome.clone());
+        }
+    }
     let mut evaluation = Evaluation::from_outcomes(outcomes, left_out)?;
     evaluation.unlabelled_detections = Some(unlabelled_detections);
+    evaluation.ap50 = crate::evaluation::average_precision(&records, &labelled_counts);
+    let aps: Vec<f64> = evaluation.ap50.iter().filter_map(|(_, ap)| *ap).collect();
+    evaluation.map50 = (!aps.is_empty()).then(|| aps.iter().sum::<f64>() / aps.len() as f64);
+    for (fold, outcomes) in per_fold {
+        let e = Evaluation::from_outcomes(outcomes, Default::default())?;
+        evaluation.folds.push(crate::evaluation::FoldFigures {
+            fold,
+            total: e.total,
+            correct: e.correct,
+            accuracy: e.accuracy,
+            kappa: e.kappa,
+            mean_dice: e.mean_dice,
+        });
+    }
     Ok(evaluation)
+}
+
+/// A model card in markdown: what the weights are, how they were made (the metadata that
+/// model/tools/train.py writes), what they were evaluated on here, and the figures.
+fn write_model_card(
+    card: &std::path::Path,
+    weights: &std::path::Path,
+    sha256: &str,
+    paths: &[PathBuf],
+    images: bool,
+    evaluation: &crate::evaluation::Evaluation,
+) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let metadata: serde_json::Value = (|| -> Option<serde_json::Value> {
+        let bytes = std::fs::read(weights).ok()?;
+        let length = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+        let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + length)?).ok()?;
+        Some(header["__metadata__"].clone())
+    })()
+    .unwrap_or(serde_json::Value::Null);
+    let field = |key: &str| metadata[key].as_str().unwrap_or("not recorded").to_string();
+    let mut out = String::new();
+    let name = weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let _ = writeln!(out, "# Model card: {name}\n");
+    let _ = writeln!(out, "- **Weights**: `{}`, SHA-256 `{sha256}`", weights.display());
+    let _ = writeln!(out, "- **Classes**: {}; input {} px", field("names"), field("imgsz"));
+    let _ = writeln!(out, "- **Recipe**: `{}`", field("recipe"));
+    let _ =
+        writeln!(out, "- **Training data**: {} images, SHA-256 `{}`", field("dataset_images"), field("dataset_sha256"));
+    let _ = writeln!(
+        out,
+        "- **Folds (ultralytics' validation per fold)**: `{}`; exported: fold {}",
+        field("fold_metrics"),
+        field("chosen_fold")
+    );
+    let _ = writeln!(
+        out,
+        "- **Evaluated on**: {} ({}), {} labelled discs, by idaics {} on {}",
+        paths.iter().map(|p| format!("`{}`", p.display())).collect::<Vec<_>>().join(", "),
+        if images { "2D images, the paper's protocol" } else { "CT series, the agent's whole path" },
+        evaluation.total,
+        env!("CARGO_PKG_VERSION"),
+        crate::db::now()
+    );
+    let _ = writeln!(
+        out,
+        "- **Intended use**: decision support beside the PACS, every finding reviewed by a radiologist; \
+         not validated for clinical use until a site has evaluated it on its own patients.\n"
+    );
+    let _ = writeln!(out, "## Figures\n\n```\n{}```", evaluation.table());
+    std::fs::write(card, out).with_context(|| format!("cannot write {}", card.display()))?;
+    Ok(())
 }
 
 /// What a radiologist checks in two seconds: per block of the series a mid-sagittal and a coronal

@@ -361,6 +361,73 @@ pub fn score_image(
     (outcomes, detection_used.iter().filter(|used| !**used).count())
 }
 
+/// Per image, what average precision needs without keeping masks: each detection's class,
+/// confidence and whether it is a true positive (mask IoU 0.5 or more with a labelled object of
+/// its class not yet taken by a more confident detection), and the labelled objects per class.
+pub fn precision_records(
+    labelled: &[(&'static str, Mask)],
+    detected: &[(&'static str, f64, Mask)],
+) -> (Vec<(&'static str, f64, bool)>, BTreeMap<&'static str, u64>) {
+    let mut order: Vec<usize> = (0..detected.len()).collect();
+    order.sort_by(|&a, &b| detected[b].1.total_cmp(&detected[a].1));
+    let mut taken = vec![false; labelled.len()];
+    let mut records = Vec::with_capacity(detected.len());
+    for d in order {
+        let (class, confidence, mask) = &detected[d];
+        let best = labelled
+            .iter()
+            .enumerate()
+            .filter(|(l, (c, _))| c == class && !taken[*l])
+            .map(|(l, (_, label))| (mask_iou(label, mask), l))
+            .filter(|(iou, _)| *iou >= IMAGE_MATCH_IOU)
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        if let Some((_, l)) = best {
+            taken[l] = true;
+        }
+        records.push((*class, *confidence, best.is_some()));
+    }
+    let mut counts = BTreeMap::new();
+    for (class, _) in labelled {
+        *counts.entry(*class).or_insert(0) += 1;
+    }
+    (records, counts)
+}
+
+/// Average precision per class at mask IoU 0.5 (the area under the precision-recall curve,
+/// precision made monotone, all points), over every image's records; `None` for a class with
+/// no labelled object.
+pub fn average_precision(
+    records: &[(&'static str, f64, bool)],
+    labelled: &BTreeMap<&'static str, u64>,
+) -> Vec<(String, Option<f64>)> {
+    CLASSES
+        .iter()
+        .map(|&class| {
+            let total = labelled.get(class).copied().unwrap_or(0);
+            if total == 0 {
+                return (class.to_string(), None);
+            }
+            let mut own: Vec<(f64, bool)> = records.iter().filter(|r| r.0 == class).map(|r| (r.1, r.2)).collect();
+            own.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let (mut tp, mut points) = (0u64, Vec::with_capacity(own.len()));
+            for (n, (_, hit)) in own.iter().enumerate() {
+                tp += u64::from(*hit);
+                points.push((tp as f64 / total as f64, tp as f64 / (n + 1) as f64));
+            }
+            // Precision at each recall: the best at that recall or beyond.
+            for i in (0..points.len().saturating_sub(1)).rev() {
+                points[i].1 = points[i].1.max(points[i + 1].1);
+            }
+            let (mut ap, mut recall) = (0.0, 0.0);
+            for (r, p) in points {
+                ap += (r - recall) * p;
+                recall = r;
+            }
+            (class.to_string(), Some(ap))
+        })
+        .collect()
+}
+
 /// A labelled disc and what the agent said of it.
 #[derive(Debug, Clone, Serialize)]
 pub struct LevelOutcome {
@@ -392,6 +459,25 @@ pub struct Evaluation {
     pub unlabelled_detections: Option<u64>,
     /// Images only: mean Dice of the matched objects' masks with their labels.
     pub mean_dice: Option<f64>,
+    /// Images only: average precision per class at mask IoU 0.5, and its mean over the classes
+    /// with labels (mAP50, as ultralytics reports it for masks).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ap50: Vec<(String, Option<f64>)>,
+    pub map50: Option<f64>,
+    /// Images with `--folds`: the figures of each fold's images.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<FoldFigures>,
+}
+
+/// One fold's share of an evaluation.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoldFigures {
+    pub fold: String,
+    pub total: u64,
+    pub correct: u64,
+    pub accuracy: Option<f64>,
+    pub kappa: Option<f64>,
+    pub mean_dice: Option<f64>,
 }
 
 impl Evaluation {
@@ -417,6 +503,9 @@ impl Evaluation {
         let mean_dice = (!dice.is_empty()).then(|| dice.iter().sum::<f64>() / dice.len() as f64);
         Ok(Evaluation {
             mean_dice,
+            ap50: Vec::new(),
+            map50: None,
+            folds: Vec::new(),
             correct: confusion.correct(),
             total: confusion.total(),
             accuracy: confusion.accuracy(),
@@ -480,6 +569,22 @@ impl Evaluation {
         if let Some(dice) = self.mean_dice {
             let _ = writeln!(out, "mask Dice of the matched objects, mean: {dice:.3}");
         }
+        if !self.ap50.is_empty() {
+            let per_class: Vec<String> = self.ap50.iter().map(|(c, ap)| format!("{c} {}", figure(*ap))).collect();
+            let _ = writeln!(out, "mask mAP50 {} ({})", figure(self.map50), per_class.join(", "));
+        }
+        for f in &self.folds {
+            let _ = writeln!(
+                out,
+                "fold {}: {} of {} right, accuracy {}, kappa {}, mean Dice {}",
+                f.fold,
+                f.correct,
+                f.total,
+                figure(f.accuracy),
+                figure(f.kappa),
+                figure(f.mean_dice)
+            );
+        }
         for (series, why) in &self.left_out {
             let _ = writeln!(out, "left out: {series}: {why}");
         }
@@ -489,6 +594,17 @@ impl Evaluation {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn average_precision_is_the_area_under_the_monotone_precision_recall_curve() {
+        // Two labelled bulges; detections by confidence: hit, miss, hit.
+        let records = [("bulge", 0.9, true), ("bulge", 0.8, false), ("bulge", 0.7, true), ("normal", 0.6, false)];
+        let labelled = BTreeMap::from([("bulge", 2u64)]);
+        let ap = super::average_precision(&records, &labelled);
+        let bulge = ap.iter().find(|(c, _)| c == "bulge").unwrap().1.unwrap();
+        assert!((bulge - (0.5 + 0.5 * 2.0 / 3.0)).abs() < 1e-12, "{bulge}");
+        assert_eq!(ap.iter().find(|(c, _)| c == "normal").unwrap().1, None, "no labelled normal disc");
+    }
+
     #[test]
     fn labelme_shapes_become_masks_with_holes_by_group() {
         let text = r#"{"shapes": [

@@ -117,6 +117,30 @@ fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
     assert_eq!(folds_of_patient.len(), 2);
     assert!(folds_of_patient.values().all(|f| f.len() == 1), "{cases}");
     assert!(dataset.join("fold_0.yaml").is_file() && dataset.join("fold_1.yaml").is_file());
+
+    // The converted dataset scored fold by fold, with a model card.
+    let card = tmp.path().join("card.md");
+    let weights = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
+    let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["evaluate", "--images", "--device", "cpu", "--format", "json", "--weights", weights])
+        .arg(dataset.join("images"))
+        .arg("--folds")
+        .arg(dataset.join("cases.csv"))
+        .arg("--model-card")
+        .arg(&card)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(scored["total"].as_u64(), Some(24), "{scored}");
+    let folds = scored["folds"].as_array().unwrap();
+    assert_eq!(folds.len(), 2, "{scored}");
+    assert_eq!(folds.iter().map(|f| f["total"].as_u64().unwrap()).sum::<u64>(), 24);
+    let map50 = scored["map50"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&map50) && map50 > 0.5, "{scored}");
+    let card = std::fs::read_to_string(&card).unwrap();
+    let sha = idaics::report::sha256_file(Path::new(weights)).unwrap();
+    assert!(card.contains(&sha) && card.contains("## Figures") && card.contains("mAP50"), "{card}");
 }
 
 /// The recipe itself, one epoch at 128 px on two folds of four phantom patients, then the agent
