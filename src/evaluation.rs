@@ -361,13 +361,16 @@ pub fn score_image(
     (outcomes, detection_used.iter().filter(|used| !**used).count())
 }
 
+/// A detection for average precision: its class, confidence, and whether it is a true positive.
+pub type PrecisionRecord = (&'static str, f64, bool);
+
 /// Per image, what average precision needs without keeping masks: each detection's class,
 /// confidence and whether it is a true positive (mask IoU 0.5 or more with a labelled object of
 /// its class not yet taken by a more confident detection), and the labelled objects per class.
 pub fn precision_records(
     labelled: &[(&'static str, Mask)],
     detected: &[(&'static str, f64, Mask)],
-) -> (Vec<(&'static str, f64, bool)>, BTreeMap<&'static str, u64>) {
+) -> (Vec<PrecisionRecord>, BTreeMap<&'static str, u64>) {
     let mut order: Vec<usize> = (0..detected.len()).collect();
     order.sort_by(|&a, &b| detected[b].1.total_cmp(&detected[a].1));
     let mut taken = vec![false; labelled.len()];
@@ -397,7 +400,7 @@ pub fn precision_records(
 /// precision made monotone, all points), over every image's records; `None` for a class with
 /// no labelled object.
 pub fn average_precision(
-    records: &[(&'static str, f64, bool)],
+    records: &[PrecisionRecord],
     labelled: &BTreeMap<&'static str, u64>,
 ) -> Vec<(String, Option<f64>)> {
     CLASSES
