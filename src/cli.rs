@@ -338,6 +338,10 @@ enum DatasetCommand {
         /// classes (each finding's latest review): the next training round.
         #[arg(long, conflicts_with_all = ["paths", "series"])]
         reviewed: bool,
+        /// Every series the agent decided complete since this date (YYYY-MM-DD), from the log
+        /// and the spool.
+        #[arg(long, conflicts_with = "reviewed")]
+        since: Option<String>,
         /// Configuration file (its state directory keeps the pseudonym key and mapping), state
         /// directory and database.
         #[command(flatten)]
@@ -519,12 +523,37 @@ pub fn main() -> anyhow::Result<()> {
             analyze(&paths, &out, format, png, detector.as_ref())
         }
         Command::Dataset {
-            action: DatasetCommand::Export { paths, series, out, weights, device, reviewed, database },
+            action: DatasetCommand::Export { paths, mut series, out, weights, device, reviewed, since, database },
         } => {
             init_cli_logging();
             let (mut cfg, _) = load_config(database.config.clone())?;
             if let Some(dir) = &database.state_dir {
                 cfg.storage.state_dir = dir.clone();
+            }
+            if let Some(date) = &since {
+                anyhow::ensure!(crate::db::valid_date(date), "--since {date:?}: not a date (YYYY-MM-DD)");
+                let url = database_url_of(DatabaseArgs {
+                    config: database.config.clone(),
+                    state_dir: database.state_dir.clone(),
+                    database_url: database.database_url.clone(),
+                })?;
+                let filter = crate::db::SeriesFilter { state: Some("complete".into()), ..Default::default() };
+                let rows = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+                    let db = crate::db::Db::connect(&url).await?;
+                    db.migrate().await?;
+                    anyhow::Ok(db.series_log(&filter, crate::db::Page::ALL).await?)
+                })?;
+                let before = series.len();
+                series.extend(
+                    rows.into_iter()
+                        .filter(|r| {
+                            r.purged_at.is_none() && r.series.decided_at.get(..10).is_some_and(|d| d >= date.as_str())
+                        })
+                        .map(|r| r.series.series_uid),
+                );
+                series.sort();
+                series.dedup();
+                anyhow::ensure!(series.len() > before || !paths.is_empty(), "no series decided complete since {date}");
             }
             let reviews = if reviewed {
                 let url = database_url_of(database)?;

@@ -288,7 +288,7 @@ pub fn dicom_date(da: &str) -> Option<String> {
     (d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())).then(|| format!("{}-{}-{}", &d[0..4], &d[4..6], &d[6..8]))
 }
 
-fn valid_date(text: &str) -> bool {
+pub fn valid_date(text: &str) -> bool {
     let b = text.as_bytes();
     b.len() == 10
         && b[4] == b'-'

@@ -328,6 +328,19 @@ fn readers_review_findings_through_the_api_and_the_cli() {
             ));
         }
     }
+    // Every series analysed since a date, from the log and the spool.
+    let recent = tmp.path().join("recent");
+    let printed = cli(&["dataset", "export", "--since", "2000-01-01", "--out", recent.to_str().unwrap()]);
+    assert!(printed.contains("7 images") && printed.contains("from 1 series"), "{printed}");
+    let future = std::process::Command::new(env!("CARGO_BIN_EXE_idaics"))
+        .args(["dataset", "export", "--since", "2999-01-01", "--out", recent.to_str().unwrap(), "--state-dir"])
+        .arg(&agent.state_dir)
+        .output()
+        .unwrap();
+    assert!(
+        !future.status.success()
+            && String::from_utf8_lossy(&future.stderr).contains("no series decided complete since")
+    );
     labels.sort();
     assert_eq!(
         labels,
