@@ -1346,14 +1346,8 @@ fn write_model_card(
     evaluation: &crate::evaluation::Evaluation,
 ) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let metadata: serde_json::Value = (|| -> Option<serde_json::Value> {
-        let bytes = std::fs::read(weights).ok()?;
-        let length = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
-        let header: serde_json::Value = serde_json::from_slice(bytes.get(8..8 + length)?).ok()?;
-        Some(header["__metadata__"].clone())
-    })()
-    .unwrap_or(serde_json::Value::Null);
-    let field = |key: &str| metadata[key].as_str().unwrap_or("not recorded").to_string();
+    let metadata = crate::detector::weights_metadata(weights)?;
+    let field = |key: &str| metadata.get(key).cloned().unwrap_or_else(|| "not recorded".into());
     let mut out = String::new();
     let name = weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let _ = writeln!(out, "# Model card: {name}\n");

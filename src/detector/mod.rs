@@ -79,6 +79,12 @@ fn read_header(path: &Path) -> Result<Header, DetectorError> {
     Ok(Header { shapes, metadata })
 }
 
+/// The metadata of a weights file (class names, input size, and how the weights were made when
+/// model/tools/train.py made them), read without loading the tensors.
+pub fn weights_metadata(path: &Path) -> Result<HashMap<String, String>, DetectorError> {
+    Ok(read_header(path)?.metadata)
+}
+
 impl WeightsInfo {
     /// Reads the architecture from the tensor shapes, and class names and input size from the
     /// metadata (`names`: JSON list, `imgsz`: integer, `bn_eps`: float).
