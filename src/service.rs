@@ -244,6 +244,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let scp_task = tokio::spawn(scp::serve(listener, ctx, shutdown_rx));
+    // Made once, before the agent says it is up: a SIGHUP from then on reloads rather than
+    // terminates, and a signal that arrives while a reload runs is kept for the next wait.
+    let mut signals = Signals::new()?;
 
     tracing::info!(
         ae_title = %config.dicom.ae_title,
@@ -264,7 +267,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     });
 
     loop {
-        match wait_for_signal().await? {
+        match signals.next().await {
             Signal::Terminate => break,
             Signal::Reload => reload_model(config_path.as_deref(), &config.model, &model).await,
         }
@@ -350,16 +353,29 @@ enum Signal {
     Reload,
 }
 
-async fn wait_for_signal() -> Result<Signal, ServiceError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(ServiceError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServiceError::Signal)?;
-    let mut hangup = signal(SignalKind::hangup()).map_err(ServiceError::Signal)?;
-    Ok(tokio::select! {
-        _ = term.recv() => Signal::Terminate,
-        _ = int.recv() => Signal::Terminate,
-        _ = hangup.recv() => Signal::Reload,
-    })
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, ServiceError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(ServiceError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(ServiceError::Signal)?,
+            hangup: signal(SignalKind::hangup()).map_err(ServiceError::Signal)?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Terminate,
+            _ = self.int.recv() => Signal::Terminate,
+            _ = self.hangup.recv() => Signal::Reload,
+        }
+    }
 }
 
 /// SIGHUP (`systemctl reload idaics`): the configuration is read again and new weights are put
