@@ -33,6 +33,29 @@ pub enum DbError {
     Review(String),
 }
 
+impl DbError {
+    /// Whether the database answered and refused this one statement for its data (SQLSTATE
+    /// class 22, data exception, or 23, integrity constraint; SQLite's constraint errors), as
+    /// opposed to being unreachable: retrying such a record can never succeed.
+    pub fn is_refusal_of_the_data(&self) -> bool {
+        match self {
+            DbError::Query(sqlx::Error::Database(e)) => {
+                let code = e.code().map(|c| c.into_owned()).unwrap_or_default();
+                code.starts_with("22")
+                    || code.starts_with("23")
+                    || matches!(
+                        e.kind(),
+                        sqlx::error::ErrorKind::UniqueViolation
+                            | sqlx::error::ErrorKind::ForeignKeyViolation
+                            | sqlx::error::ErrorKind::NotNullViolation
+                            | sqlx::error::ErrorKind::CheckViolation
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,
@@ -1391,6 +1414,23 @@ pub enum Record {
     Series(SeriesRow),
 }
 
+impl Record {
+    /// The record with every NUL byte in its text replaced by U+FFFD.
+    pub fn without_nul(&self) -> Record {
+        fn clean(value: &mut serde_json::Value) {
+            match value {
+                serde_json::Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
+                serde_json::Value::Array(items) => items.iter_mut().for_each(clean),
+                serde_json::Value::Object(fields) => fields.values_mut().for_each(clean),
+                _ => {}
+            }
+        }
+        let mut value = serde_json::to_value(self).expect("records serialise");
+        clean(&mut value);
+        serde_json::from_value(value).expect("a record with other text is still a record")
+    }
+}
+
 /// Writes records to the database in order; while the database is unreachable it keeps them in
 /// memory and in a journal file (`<state>/db-pending.jsonl`, fsync'd), retries with back-off, and
 /// writes them once the database answers again, so an outage never stops ingest nor loses a row.
@@ -1399,6 +1439,8 @@ pub enum Record {
 pub struct Writer {
     db: Db,
     journal: PathBuf,
+    /// Records the database refused for their content, kept for a person to look at.
+    refused: PathBuf,
     pending: std::collections::VecDeque<Record>,
     /// Whether every pending record is also in the journal (true from the first failure until
     /// everything is written).
@@ -1424,7 +1466,7 @@ impl Writer {
             }
         }
         let journalled = !pending.is_empty();
-        Writer { db, journal, pending, journalled, migrated: false }
+        Writer { db, journal, refused: state_dir.join("db-refused.jsonl"), pending, journalled, migrated: false }
     }
 
     /// Runs until the channel closes and everything is written or journalled.
@@ -1471,12 +1513,23 @@ impl Writer {
         }
         let mut wrote_any = false;
         while let Some(record) = self.pending.front() {
-            let result = match record {
+            // A NUL byte (in a calling AE title, a PatientID) is refused by PostgreSQL and cut
+            // short by readers of SQLite: the record is written without it.
+            let record = record.without_nul();
+            let result = match &record {
                 Record::Association(a) => self.db.record_association(a).await,
                 Record::Series(s) => self.db.record_series(s).await.map(|_| ()),
             };
             match result {
                 Ok(()) => {
+                    self.pending.pop_front();
+                    wrote_any = true;
+                }
+                // The database answered and will never take this record: keep it aside, say so,
+                // and go on with the next, rather than retry it for ever and write nothing more.
+                Err(e) if e.is_refusal_of_the_data() => {
+                    tracing::error!(error = %e, path = %self.refused.display(), "the database refused a record for its content; kept aside, the next records go on");
+                    Self::append_line(&self.refused, &record);
                     self.pending.pop_front();
                     wrote_any = true;
                 }
@@ -1508,15 +1561,19 @@ impl Writer {
     }
 
     fn append_journal(&self, record: &Record) {
+        Self::append_line(&self.journal, record);
+    }
+
+    fn append_line(path: &Path, record: &Record) {
         use std::io::Write;
         let line = serde_json::to_string(record).expect("records serialise") + "\n";
         let result = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.journal)
+            .open(path)
             .and_then(|mut f| f.write_all(line.as_bytes()).and_then(|()| f.sync_data()));
         if let Err(e) = result {
-            tracing::error!(path = %self.journal.display(), error = %e, "cannot write the database journal");
+            tracing::error!(path = %path.display(), error = %e, "cannot write the database journal");
         }
     }
 }

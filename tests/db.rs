@@ -826,3 +826,38 @@ fn reviews_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(reviews(pg.fresh_database("reviews")));
 }
+
+/// One bad value must not stop the finding log: a NUL byte in a calling AE title and in a
+/// PatientID (PostgreSQL refuses NUL in text) is written as U+FFFD, and every record after it is
+/// written too, with nothing left pending or journalled.
+async fn a_nul_byte_does_not_stop_the_log(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = tokio::spawn(Writer::new(db.clone(), state.path()).run(rx));
+    let mut evil = association("evil");
+    evil.calling_ae = "EVIL\0AE".into();
+    tx.send(Record::Association(evil)).unwrap();
+    tx.send(Record::Series(series_row("1.7.1", "P\07", "7.7", "2026-03-03", "complete", 1))).unwrap();
+    tx.send(Record::Association(association("after"))).unwrap();
+    drop(tx);
+    writer.await.unwrap();
+    assert_eq!(db.count(Table::Associations).await.unwrap(), 2);
+    assert_eq!(db.count(Table::Series).await.unwrap(), 1);
+    assert_eq!(db.count(Table::Jobs).await.unwrap(), 1);
+    let series = db.series_identity("1.7.1").await.unwrap().unwrap();
+    assert_eq!(series.patient_id.as_deref(), Some("P\u{FFFD}7"));
+    assert!(!state.path().join("db-pending.jsonl").exists());
+}
+
+#[test]
+fn a_nul_byte_does_not_stop_the_log_on_sqlite() {
+    runtime().block_on(on_sqlite(a_nul_byte_does_not_stop_the_log));
+}
+
+#[test]
+fn a_nul_byte_does_not_stop_the_log_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(a_nul_byte_does_not_stop_the_log(pg.fresh_database("nul")));
+}
