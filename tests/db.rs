@@ -839,7 +839,7 @@ async fn a_nul_byte_does_not_stop_the_log(url: String) {
     let mut evil = association("evil");
     evil.calling_ae = "EVIL\0AE".into();
     tx.send(Record::Association(evil)).unwrap();
-    tx.send(Record::Series(series_row("1.7.1", "P\07", "7.7", "2026-03-03", "complete", 1))).unwrap();
+    tx.send(Record::Series(series_row("1.7.1", "P\x007", "7.7", "2026-03-03", "complete", 1))).unwrap();
     tx.send(Record::Association(association("after"))).unwrap();
     drop(tx);
     writer.await.unwrap();
