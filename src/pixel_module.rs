@@ -74,17 +74,17 @@ impl PixelModule {
         Ok(module)
     }
 
-    /// Bytes of one decoded frame.
+    /// Bytes of one decoded frame, saturating (see [`PixelModule::total_bytes`]).
     pub fn frame_bytes(&self) -> u64 {
-        u64::from(self.rows)
-            * u64::from(self.columns)
-            * u64::from(self.samples_per_pixel)
-            * u64::from(self.bits_allocated / 8)
+        [self.columns, self.samples_per_pixel, self.bits_allocated / 8]
+            .into_iter()
+            .fold(u64::from(self.rows), |bytes, factor| bytes.saturating_mul(u64::from(factor)))
     }
 
-    /// Bytes of all frames, decoded: what native (uncompressed) pixel data must hold.
+    /// Bytes of all frames, decoded: what native (uncompressed) pixel data must hold. Saturates
+    /// rather than wraps: a header declaring absurd sizes must read as too large, never as small.
     pub fn total_bytes(&self) -> u64 {
-        self.frame_bytes() * u64::from(self.number_of_frames)
+        self.frame_bytes().saturating_mul(u64::from(self.number_of_frames))
     }
 
     /// Checks the description against the Pixel Data element as received: native data must hold
@@ -333,6 +333,26 @@ mod tests {
         }
         object.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(vec![0u8; pixel_bytes])));
         object
+    }
+
+    #[test]
+    fn absurd_sizes_read_as_too_large_never_wrap_to_small() {
+        let module = PixelModule {
+            rows: u32::MAX,
+            columns: u32::MAX,
+            samples_per_pixel: 3,
+            bits_allocated: 64,
+            number_of_frames: 9,
+        };
+        assert_eq!((module.frame_bytes(), module.total_bytes()), (u64::MAX, u64::MAX));
+        let module = PixelModule {
+            rows: 65535,
+            columns: 65535,
+            samples_per_pixel: 3,
+            bits_allocated: 16,
+            number_of_frames: u32::MAX,
+        };
+        assert_eq!(module.total_bytes(), u64::MAX);
     }
 
     #[test]
