@@ -89,15 +89,18 @@ impl Pseudonyms {
     }
 
     /// The patient's pseudonym, and the case name (patient and series) the files of one series
-    /// are named by; the mapping gains a line.
+    /// are named by; the mapping gains a line for a case it does not hold yet.
     fn name(&self, patient_id: &str, study_uid: &str, series_uid: &str) -> Result<(String, String), DatasetError> {
         let patient = format!("P{}", self.keyed("patient", patient_id, 10));
         let case = format!("{patient}-S{}", self.keyed("series", series_uid, 8));
-        let new = !self.mapping.exists();
+        let known = std::fs::read_to_string(&self.mapping).unwrap_or_default();
+        if known.lines().any(|l| l.starts_with(&format!("{case},"))) {
+            return Ok((patient, case));
+        }
         let mut file =
             std::fs::OpenOptions::new().create(true).append(true).open(&self.mapping).map_err(io(&self.mapping))?;
         let mut line = String::new();
-        if new {
+        if known.is_empty() {
             line.push_str("case,patient_pseudonym,patient_id,study_uid,series_uid\n");
         }
         let quoted = |v: &str| format!("\"{}\"", v.replace('"', "\"\""));
@@ -376,8 +379,9 @@ mod tests {
         assert_eq!(Pseudonyms::open(state.path()).unwrap().name("MRN-1234", "1.2.3", "1.2.3.5").unwrap().0, patient);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(Pseudonyms::open(other.path()).unwrap().name("MRN-1234", "1.2.3", "1.2.3.4").unwrap().0, patient);
+        names.name("MRN-1234", "1.2.3", "1.2.3.4").unwrap();
         let mapping = std::fs::read_to_string(state.path().join("dataset/mapping.csv")).unwrap();
-        assert_eq!(mapping.lines().count(), 3, "{mapping}");
+        assert_eq!(mapping.lines().count(), 3, "the header and two cases, each once: {mapping}");
         assert!(mapping.contains("\"MRN-1234\""));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(state.path().join("dataset/pseudonym.key")).unwrap().permissions().mode();
