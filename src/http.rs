@@ -29,16 +29,54 @@ pub struct PipelineStats {
     pub jobs_taken_over: AtomicU64,
     /// Series whose instances and objects retention removed.
     pub series_purged: AtomicU64,
-    /// Per bucket of [`INFERENCE_BUCKETS`] (not cumulative), then the overflow bucket.
-    inference_buckets: [AtomicU64; INFERENCE_BUCKETS.len() + 1],
-    inference_micros_sum: AtomicU64,
+    /// Whole jobs.
+    inference: Histogram,
+    /// Each stage of a job, by [`crate::pipeline::STAGES`].
+    stages: [Histogram; crate::pipeline::STAGES.len()],
+}
+
+/// A Prometheus histogram over [`INFERENCE_BUCKETS`].
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Per bucket (not cumulative), then the overflow bucket.
+    buckets: [AtomicU64; INFERENCE_BUCKETS.len() + 1],
+    micros_sum: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let bucket = INFERENCE_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(INFERENCE_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.micros_sum.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The series of `name` with `labels` (`stage="load",` or empty) before `le`.
+    fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let braces = labels.trim_end_matches(',');
+        let braces = if braces.is_empty() { String::new() } else { format!("{{{braces}}}") };
+        let mut cumulative = 0;
+        for (bound, count) in INFERENCE_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += load(count);
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += load(&self.buckets[INFERENCE_BUCKETS.len()]);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum{braces} {}", load(&self.micros_sum) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
 }
 
 impl PipelineStats {
     pub fn observe_inference(&self, seconds: f64) {
-        let bucket = INFERENCE_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(INFERENCE_BUCKETS.len());
-        self.inference_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.inference_micros_sum.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.inference.observe(seconds);
+    }
+
+    /// One stage of a job, named as in [`crate::pipeline::STAGES`].
+    pub fn observe_stage(&self, stage: &str, seconds: f64) {
+        if let Some(index) = crate::pipeline::STAGES.iter().position(|s| *s == stage) {
+            self.stages[index].observe(seconds);
+        }
     }
 }
 
@@ -156,15 +194,16 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         out,
         "# HELP idaics_inference_seconds Detector time per job.\n# TYPE idaics_inference_seconds histogram"
     );
-    let mut cumulative = 0;
-    for (bound, count) in INFERENCE_BUCKETS.iter().zip(&p.inference_buckets) {
-        cumulative += load(count);
-        let _ = writeln!(out, "idaics_inference_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+    p.inference.write(&mut out, "idaics_inference_seconds", "");
+    let _ = writeln!(
+        out,
+        "# HELP idaics_stage_seconds Time of each stage of a job: load (decode the volume), levels \
+         (locate and name the discs), slices, inference, objects (write the report objects).\n\
+         # TYPE idaics_stage_seconds histogram"
+    );
+    for (stage, histogram) in crate::pipeline::STAGES.iter().zip(&p.stages) {
+        histogram.write(&mut out, "idaics_stage_seconds", &format!("stage=\"{stage}\","));
     }
-    cumulative += load(&p.inference_buckets[INFERENCE_BUCKETS.len()]);
-    let _ = writeln!(out, "idaics_inference_seconds_bucket{{le=\"+Inf\"}} {cumulative}");
-    let _ = writeln!(out, "idaics_inference_seconds_sum {}", load(&p.inference_micros_sum) as f64 / 1e6);
-    let _ = writeln!(out, "idaics_inference_seconds_count {cumulative}");
     // The agent against its readers (each reviewed finding's latest review); left out with no
     // review or without the database.
     if let Ok(agreement) = state.db.review_agreement().await

@@ -109,6 +109,9 @@ impl ModelSlot {
     }
 }
 
+/// The stages of a job, as its log line and `idaics_stage_seconds` name them.
+pub const STAGES: [&str; 5] = ["load", "levels", "slices", "inference", "objects"];
+
 /// Everything the analysis of one volume found.
 pub struct Analysis {
     pub levels: Vec<DiscLevel>,
@@ -119,6 +122,8 @@ pub struct Analysis {
     /// What a reader must know about how the series was read, for the report: blocks split at
     /// gaps in the archive, images set aside, names counted across a gap.
     pub notes: Vec<String>,
+    /// Seconds per stage (names from [`STAGES`]) of what produced it.
+    pub stage_seconds: Vec<(&'static str, f64)>,
 }
 
 /// [`analyze`] on the files of one series as the archive holds them: split into its contiguous
@@ -128,9 +133,12 @@ pub fn analyze_files(
     config: &crate::config::SeriesConfig,
     detector: Option<&Detector>,
 ) -> Result<Analysis, PipelineError> {
+    let started = std::time::Instant::now();
     let (blocks, loading_notes) = crate::volume::load_blocks(files, config)?;
+    let loaded = started.elapsed().as_secs_f64();
     let mut analysis = analyze(&blocks, detector)?;
     analysis.notes.splice(0..0, loading_notes);
+    analysis.stage_seconds.insert(0, ("load", loaded));
     Ok(analysis)
 }
 
@@ -140,6 +148,12 @@ pub fn analyze_files(
 /// The sagittal image is cut through the block with the most levels.
 pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysis, PipelineError> {
     let mut notes = Vec::new();
+    let mut clock = std::time::Instant::now();
+    let mut stage_seconds = Vec::new();
+    let mut lap = |stage: &'static str| {
+        stage_seconds.push((stage, clock.elapsed().as_secs_f64()));
+        clock = std::time::Instant::now();
+    };
     let mut located: Vec<(usize, DiscLevel)> = Vec::new();
     let mut first_error = None;
     for (index, block) in blocks.iter().enumerate() {
@@ -195,9 +209,11 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
     let main_block = (0..blocks.len()).max_by_key(|&b| located.iter().filter(|(i, _)| *i == b).count()).unwrap_or(0);
     let main_levels: Vec<DiscLevel> =
         located.iter().filter(|(i, _)| *i == main_block).map(|(_, l)| l.clone()).collect();
+    lap("levels");
     let sagittal = crate::slices::sagittal(&blocks[main_block], &main_levels, SLICE_SIZE);
     let axials: Vec<SliceImage> =
         located.iter().map(|(block, l)| crate::slices::axial(&blocks[*block], l, SLICE_SIZE)).collect();
+    lap("slices");
     let levels: Vec<DiscLevel> = located.into_iter().map(|(_, l)| l).collect();
     let findings = match detector {
         None => crate::findings::undetermined(&levels),
@@ -214,7 +230,8 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
             )
         }
     };
-    Ok(Analysis { levels, sagittal, axials, findings, notes })
+    lap("inference");
+    Ok(Analysis { levels, sagittal, axials, findings, notes, stage_seconds })
 }
 
 /// Writes the key slices, the SEG (when there are masks), the Secondary Captures (when asked) and
@@ -408,8 +425,13 @@ impl Worker {
                                 Ok(results) => {
                                     self.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
                                     self.stats.observe_inference(started.elapsed().as_secs_f64());
+                                    for (stage, seconds) in &results.stage_seconds {
+                                        self.stats.observe_stage(stage, *seconds);
+                                    }
+                                    let stages: Vec<String> =
+                                        results.stage_seconds.iter().map(|(s, t)| format!("{s} {t:.3}")).collect();
                                     let (levels, seconds) = (results.findings.len(), started.elapsed().as_secs_f64());
-                                    tracing::info!(levels, seconds, "job done");
+                                    tracing::info!(levels, seconds, stages = %stages.join(", "), "job done");
                                 }
                                 Err(e) => {
                                     self.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
@@ -455,20 +477,24 @@ impl Worker {
         let out = self.outputs_dir.join(&series_uid);
         let worker = self.clone();
         let job_detector = detector.clone();
-        let (analysis_findings, objects, source) = tokio::task::spawn_blocking(move || -> Result<_, String> {
-            let detector = job_detector;
-            let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
-            // The tracker's tolerances, so a series it called complete loads here too.
-            let analysis =
-                analyze_files(&files, &worker.series_config, detector.as_deref()).map_err(|e| e.to_string())?;
-            let source = Source::read(&files).map_err(|e| e.to_string())?;
-            let algorithm = Algorithm::new(detector.as_ref().map(|d| d.sha256.clone()));
-            let objects =
-                write_objects(&source, &analysis, &algorithm, &worker.outputs, &out).map_err(|e| e.to_string())?;
-            Ok((analysis.findings, objects, source))
-        })
-        .await
-        .map_err(|e| format!("analysis panicked: {e}"))??;
+        let (analysis_findings, objects, source, stage_seconds) =
+            tokio::task::spawn_blocking(move || -> Result<_, String> {
+                let detector = job_detector;
+                let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
+                // The tracker's tolerances, so a series it called complete loads here too.
+                let analysis =
+                    analyze_files(&files, &worker.series_config, detector.as_deref()).map_err(|e| e.to_string())?;
+                let writing = std::time::Instant::now();
+                let source = Source::read(&files).map_err(|e| e.to_string())?;
+                let algorithm = Algorithm::new(detector.as_ref().map(|d| d.sha256.clone()));
+                let objects =
+                    write_objects(&source, &analysis, &algorithm, &worker.outputs, &out).map_err(|e| e.to_string())?;
+                let mut stage_seconds = analysis.stage_seconds;
+                stage_seconds.push(("objects", writing.elapsed().as_secs_f64()));
+                Ok((analysis.findings, objects, source, stage_seconds))
+            })
+            .await
+            .map_err(|e| format!("analysis panicked: {e}"))??;
         let model_version = match &detector {
             Some(d) => format!("{} weights {}", env!("CARGO_PKG_VERSION"), &d.sha256[..12]),
             None => format!("{} (no weights)", env!("CARGO_PKG_VERSION")),
@@ -506,7 +532,7 @@ impl Worker {
                 })
             })
             .collect();
-        Ok(JobResults { findings: rows, outbox })
+        Ok(JobResults { findings: rows, outbox, stage_seconds })
     }
 
     fn renew_every(&self) -> Duration {
@@ -561,6 +587,8 @@ impl Worker {
 struct JobResults {
     findings: Vec<crate::db::FindingRow>,
     outbox: Vec<OutboxEntry>,
+    /// Seconds per stage, by [`STAGES`].
+    stage_seconds: Vec<(&'static str, f64)>,
 }
 
 /// Sends a destination's due objects, with capped exponential back-off per object, until

@@ -309,6 +309,14 @@ fn readers_review_findings_through_the_api_and_the_cli() {
     let samples = parse_prometheus(&get(http, "/metrics").1);
     assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"false\"}"), 2.0);
     assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"true\"}"), 0.0);
+    // The job's stages, timed: in /metrics and on its log line.
+    for stage in idaics::pipeline::STAGES {
+        assert_eq!(sample(&samples, &format!("idaics_stage_seconds_count{{stage=\"{stage}\"}}")), 1.0, "{stage}");
+        assert_eq!(sample(&samples, &format!("idaics_stage_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}}")), 1.0);
+    }
+    let done = agent.events("job done");
+    let stages = done[0]["fields"]["stages"].as_str().unwrap_or_default().to_string();
+    assert!(idaics::pipeline::STAGES.iter().all(|s| stages.contains(s)), "{done:?}");
 
     // The next training round: exactly the reviewed images, with the readers' classes. The
     // sagittal image shows unreviewed levels too, so it is left out.
