@@ -208,6 +208,28 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     assert!(errors.is_empty(), "{}", errors.join("\n"));
     let dump = String::from_utf8_lossy(&Command::new("dsrdump").arg(&sr.path).output().unwrap().stdout).into_owned();
     assert_eq!(dump.matches("Referenced Segment").count(), 2, "{dump}");
+    // IHE AI Results: both name the algorithm as contributing equipment, by a Device UID of the
+    // weights.
+    let algorithm_device = |path: &Path| {
+        use dicom_dictionary_std::tags;
+        let object = dicom_object::open_file(path).unwrap();
+        let items = object.element(tags::CONTRIBUTING_EQUIPMENT_SEQUENCE).unwrap().items().unwrap().to_vec();
+        let item = &items[0];
+        let text = |o: &dicom_object::InMemDicomObject, tag| {
+            o.element(tag).unwrap().to_str().unwrap().trim_end_matches('\0').to_string()
+        };
+        let purpose = item.element(tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE).unwrap().items().unwrap()[0].clone();
+        assert_eq!(
+            (text(&purpose, tags::CODE_VALUE), text(&purpose, tags::CODING_SCHEME_DESIGNATOR)),
+            ("Newcode1".into(), "99IHE".into())
+        );
+        assert_eq!(text(item, tags::MANUFACTURER), "IDAICS");
+        text(item, tags::DEVICE_UID)
+    };
+    let device = algorithm_device(&sr.path);
+    assert_eq!(device, algorithm_device(&seg.path));
+    assert_eq!(device, idaics::report::derived_uid("idaics-algorithm", Some(&"ab".repeat(32)), "device"));
+    assert_ne!(device, idaics::report::derived_uid("idaics-algorithm", Some(&"cd".repeat(32)), "device"));
     // highdicom reads both back.
     let python = std::env::var("IDAICS_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/highdicom_read.py");

@@ -272,10 +272,27 @@ pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject
 }
 
 /// Enhanced General Equipment (as Comprehensive 3D SR and SEG require), the instance number and
-/// the creation and content date and time: the same in every multi-purpose object we write.
+/// the creation and content date and time: the same in every multi-purpose object we write. And
+/// the algorithm as IHE AI Results identifies it: a Contributing Equipment item whose purpose is
+/// (Newcode1, 99IHE, "Processing Algorithm"), with a Device UID that changes whenever the
+/// weights do, so a viewer can tell results of different weights apart.
 pub(crate) fn equipment_and_dates(algorithm: &Algorithm) -> Vec<DataElement<InMemDicomObject>> {
     let (date, time) = now_da_tm();
+    let device_uid = derived_uid("idaics-algorithm", algorithm.weights_sha256.as_deref(), "device");
     vec![
+        sequence(
+            tags::CONTRIBUTING_EQUIPMENT_SEQUENCE,
+            vec![item(vec![
+                sequence(
+                    tags::PURPOSE_OF_REFERENCE_CODE_SEQUENCE,
+                    vec![code("Newcode1", "99IHE", "Processing Algorithm")],
+                ),
+                text(tags::MANUFACTURER, VR::LO, MANUFACTURER),
+                text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
+                text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
+                text(tags::DEVICE_UID, VR::UI, device_uid),
+            ])],
+        ),
         text(tags::MANUFACTURER, VR::LO, MANUFACTURER),
         text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
         text(tags::DEVICE_SERIAL_NUMBER, VR::LO, "0"),
