@@ -532,17 +532,25 @@ pub fn main() -> anyhow::Result<()> {
             }
             if let Some(date) = &since {
                 anyhow::ensure!(crate::db::valid_date(date), "--since {date:?}: not a date (YYYY-MM-DD)");
-                let url = database_url_of(DatabaseArgs {
-                    config: database.config.clone(),
-                    state_dir: database.state_dir.clone(),
-                    database_url: database.database_url.clone(),
-                })?;
-                let filter = crate::db::SeriesFilter { state: Some("complete".into()), ..Default::default() };
-                let rows = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+            }
+            // What the log says: the series decided since the date, or the reviews.
+            let (decided, reviews) = if since.is_some() || reviewed {
+                let url = database_url_of(database)?;
+                tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
                     let db = crate::db::Db::connect(&url).await?;
                     db.migrate().await?;
-                    anyhow::Ok(db.series_log(&filter, crate::db::Page::ALL).await?)
-                })?;
+                    let complete = crate::db::SeriesFilter { state: Some("complete".into()), ..Default::default() };
+                    let decided = match since {
+                        Some(_) => Some(db.series_log(&complete, crate::db::Page::ALL).await?),
+                        None => None,
+                    };
+                    let reviews = if reviewed { Some(db.reviews().await?) } else { None };
+                    anyhow::Ok((decided, reviews))
+                })?
+            } else {
+                (None, None)
+            };
+            if let (Some(date), Some(rows)) = (&since, decided) {
                 let before = series.len();
                 series.extend(
                     rows.into_iter()
@@ -555,17 +563,7 @@ pub fn main() -> anyhow::Result<()> {
                 series.dedup();
                 anyhow::ensure!(series.len() > before || !paths.is_empty(), "no series decided complete since {date}");
             }
-            let reviews = if reviewed {
-                let url = database_url_of(database)?;
-                let rows = tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-                    let db = crate::db::Db::connect(&url).await?;
-                    db.migrate().await?;
-                    anyhow::Ok(db.reviews().await?)
-                })?;
-                Some(crate::dataset::ReviewedLabels::latest(rows))
-            } else {
-                None
-            };
+            let reviews = reviews.map(crate::dataset::ReviewedLabels::latest);
             dataset_export(&cfg, &paths, &series, &out, weights.as_deref(), &device, reviews.as_ref())
         }
         Command::Review { database, finding_id, confirm, class, reviewer, comment } => {
@@ -1025,7 +1023,7 @@ fn dataset_export(
     for (done, (uid, files)) in sources.iter().enumerate() {
         let labels = reviewed.map(|r| r.of_series(uid));
         match crate::dataset::export_series(files, &cfg.series, detector.as_ref(), &pseudonyms, labels.as_ref(), out) {
-            Ok(exported) => images += exported.images.len(),
+            Ok(exported) => images += exported.len(),
             Err(e) => {
                 failed += 1;
                 eprintln!("series {uid}: not exported: {e}");

@@ -143,18 +143,11 @@ impl ReviewedLabels {
     }
 }
 
-/// What one series gave.
-#[derive(Debug)]
-pub struct ExportedSeries {
-    pub case: String,
-    /// The PNG files written, each with its LabelMe JSON beside it.
-    pub images: Vec<PathBuf>,
-}
-
 /// Analyses the series in `files` as the agent does and writes its images and pre-annotations
-/// into `out`. With `reviewed`, only the reviewed levels' axial images, labelled with the readers'
-/// classes, and the sagittal image only when every level on it was reviewed: a disc left
-/// unannotated on an image would teach the network that it is background.
+/// into `out`; returns the PNG files written, each with its LabelMe JSON beside it. With
+/// `reviewed`, only the reviewed levels' axial images, labelled with the readers' classes, and
+/// the sagittal image only when every level on it was reviewed: a disc left unannotated on an
+/// image would teach the network that it is background.
 pub fn export_series(
     files: &[PathBuf],
     series_config: &crate::config::SeriesConfig,
@@ -162,7 +155,7 @@ pub fn export_series(
     pseudonyms: &Pseudonyms,
     reviewed: Option<&BTreeMap<String, Reviewed>>,
     out: &Path,
-) -> Result<ExportedSeries, DatasetError> {
+) -> Result<Vec<PathBuf>, DatasetError> {
     let mut analysis = crate::pipeline::analyze_files(files, series_config, detector)?;
     if let Some(reviewed) = reviewed {
         for finding in &mut analysis.findings {
@@ -202,7 +195,7 @@ pub fn export_series(
         let shapes = vec![shape(finding, axial, View::AXIAL)];
         images.push(write_image(out, &name, axial, shapes, &context, Some(finding), &[review_of(finding)])?);
     }
-    Ok(ExportedSeries { case, images })
+    Ok(images)
 }
 
 struct Context<'a> {

@@ -254,29 +254,22 @@ fn extent(volume: &idaics::volume::Volume, d: usize) -> (f64, f64) {
 
 /// A reformat of a real series, as a workstation writes one: images 2 mm apart along
 /// `normal_axis` (0: sagittal, 1: coronal) within `half_width_mm` of `centre`, 1 mm pixels,
-/// rows running from head to feet.
+/// rows running from head to feet, written as `series_uid` from `template`.
 fn write_reformat(
     dir: &Path,
-    files: &[PathBuf],
+    (volume, template, series_uid): (&idaics::volume::Volume, &Path, &str),
     normal_axis: usize,
     centre: [f64; 3],
     half_width_mm: f64,
 ) -> Vec<PathBuf> {
-    let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
     let in_plane = 1 - normal_axis; // sagittal: columns run front to back (y); coronal: right to left (x)
-    let (across_from, across_to) = extent(&volume, in_plane);
-    let (z_from, z_to) = extent(&volume, 2);
+    let (across_from, across_to) = extent(volume, in_plane);
+    let (z_from, z_to) = extent(volume, 2);
     let size = [(z_to - z_from) as usize, (across_to - across_from) as usize];
     let mut row_direction = [0.0; 3];
     row_direction[in_plane] = 1.0;
-    let series_uid = format!("1.2.826.0.1.3680043.8.498.7700{normal_axis}");
-    let cut = Cut {
-        volume: &volume,
-        template: &files[0],
-        series_uid: &series_uid,
-        image_type: ["DERIVED", "SECONDARY", "REFORMATTED"],
-        thickness_mm: 2.0,
-    };
+    let cut =
+        Cut { volume, template, series_uid, image_type: ["DERIVED", "SECONDARY", "REFORMATTED"], thickness_mm: 2.0 };
     std::fs::create_dir_all(dir).unwrap();
     let planes = (half_width_mm as usize) + 1; // 2 mm apart over twice the half width
     (0..planes)
@@ -306,11 +299,12 @@ fn sagittal_and_coronal_reformats_with_a_stray_localizer() {
     let scored: Vec<&DiscLevel> = axial_levels.iter().filter(|l| l.name.starts_with('L')).collect();
     let centre: [f64; 3] =
         std::array::from_fn(|d| scored.iter().map(|l| l.center_lps_mm[d]).sum::<f64>() / scored.len() as f64);
+    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
     for (normal_axis, half_width) in [(0, 70.0), (1, 50.0)] {
         let dir = tmp.path().join(format!("reformat{normal_axis}"));
-        let mut reformat = write_reformat(&dir, &files, normal_axis, centre, half_width);
-        let mut localizer = dicom_object::open_file(&files[50]).unwrap();
         let series_uid = format!("1.2.826.0.1.3680043.8.498.7700{normal_axis}");
+        let mut reformat = write_reformat(&dir, (&volume, &files[0], &series_uid), normal_axis, centre, half_width);
+        let mut localizer = dicom_object::open_file(&files[50]).unwrap();
         localizer.put(DataElement::new(tags::SERIES_INSTANCE_UID, VR::UI, PrimitiveValue::from(series_uid.as_str())));
         localizer.put(DataElement::new(tags::IMAGE_TYPE, VR::CS, strs(&["ORIGINAL", "PRIMARY", "LOCALIZER"])));
         let uid = format!("{series_uid}.9999");
