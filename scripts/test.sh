@@ -3,8 +3,8 @@
 # real DICOM peers, Orthanc as a real PACS, cmake for the CharLS JPEG-LS codec build, PostgreSQL
 # whose server binaries the database tests run as throwaway clusters, dicom3tools for dciodvfy,
 # lintian, dpkg-dev and systemd-analyze for the Debian package, strace for the unit's system call
-# filter, and a Python venv with highdicom
-# in target/pyenv), then runs every test, including one that installs, runs and purges the Debian
+# filter, a Python venv with highdicom in target/pyenv, and one with the training recipe's pinned
+# torch and ultralytics in target/trainenv, about 6 GB and 2 minutes), then runs every test, including one that installs, runs and purges the Debian
 # package (as root; tests/package.rs refuses to touch a machine where IDAICS is installed).
 # IDAICS_TEST_DPKG=0 leaves that one out.
 # Usage: scripts/test.sh   (as root, or with sudo available; the install test needs root)
@@ -20,6 +20,16 @@ if ! "$pyenv/bin/python" -c "import highdicom" 2>/dev/null; then
   "$pyenv/bin/pip" install -q "highdicom==0.28.2"
 fi
 export IDAICS_PYTHON="$PWD/$pyenv/bin/python"
+
+# The training recipe (model/tools/train.py) runs once in the suite, one tiny epoch on the CPU, in
+# the test of the whole loop from export to a reloaded agent (tests/training_tools.rs). The agent
+# itself never needs Python; the CUDA wheels come with PyPI's torch but stay unused.
+trainenv=target/trainenv
+if ! "$trainenv/bin/python" -c "import torch, ultralytics, safetensors" 2>/dev/null; then
+  python3 -m venv "$trainenv"
+  "$trainenv/bin/pip" install -q --no-cache-dir -r model/tools/requirements.txt
+fi
+export IDAICS_TRAIN_PYTHON="$PWD/$trainenv/bin/python"
 
 test -d ../shared/data/corpora || { echo "shared test data not found at ../shared/data" >&2; exit 1; }
 

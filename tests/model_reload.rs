@@ -7,10 +7,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Agent, PHANTOM_MODEL, store_outcomes, wait_until};
+use common::{Agent, PHANTOM_MODEL, analyse_to_folder, names_weights, wait_until, write_model_config};
 use idaics::phantom::{PhantomSpec, parse_levels, write_phantom};
-
-const SR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.88.34";
 
 fn phantom(dir: &Path, seed: u64) -> Vec<PathBuf> {
     let spec = PhantomSpec {
@@ -40,47 +38,6 @@ fn weights_with_note(from: &Path, to: &Path, note: &str) {
     std::fs::write(to, out).unwrap();
 }
 
-fn write_config(path: &Path, weights: &Path) {
-    let text = format!("[model]\nweights = {:?}\ndevice = \"cpu\"\n", weights.to_str().unwrap());
-    std::fs::write(path, text).unwrap();
-}
-
-/// The SRs delivered to the folder so far.
-fn reports(folder: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![folder.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(object) = dicom_object::open_file(&path)
-                && object.meta().media_storage_sop_class_uid.trim_end_matches('\0') == SR_STORAGE
-            {
-                found.push(path);
-            }
-        }
-    }
-    found.sort();
-    found
-}
-
-/// Sends a new series and returns the SR it brings back.
-fn analyse(agent: &Agent, folder: &Path, series: &[PathBuf]) -> Vec<u8> {
-    let before = reports(folder);
-    assert_eq!(store_outcomes(&agent.storescu(&[], series)).0, series.len(), "{}", agent.log());
-    let mut new = Vec::new();
-    wait_until("the series' SR", Duration::from_secs(240), || {
-        new = reports(folder).into_iter().filter(|p| !before.contains(p)).collect();
-        !new.is_empty()
-    });
-    std::fs::read(&new[0]).unwrap()
-}
-
-fn names(sr: &[u8], sha256: &str) -> bool {
-    sr.windows(sha256.len()).any(|w| w == sha256.as_bytes())
-}
-
 #[test]
 fn sighup_puts_new_weights_in_place_and_refuses_a_bad_file() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,7 +51,7 @@ fn sighup_puts_new_weights_in_place_and_refuses_a_bad_file() {
     assert_ne!(first_sha, second_sha);
 
     let config = tmp.path().join("idaics.toml");
-    write_config(&config, &first);
+    write_model_config(&config, &first);
     let folder = tmp.path().join("pacs");
     std::fs::create_dir_all(&folder).unwrap();
     let agent = Agent::start_with_args(
@@ -102,31 +59,27 @@ fn sighup_puts_new_weights_in_place_and_refuses_a_bad_file() {
         &[],
         &["--config", config.to_str().unwrap(), "--destination", folder.to_str().unwrap()],
     );
-    let sr = analyse(&agent, &folder, &phantom(&tmp.path().join("s1"), 7101));
-    assert!(names(&sr, &first_sha), "the first SR names the weights the agent started with");
+    let sr = analyse_to_folder(&agent, &folder, &phantom(&tmp.path().join("s1"), 7101));
+    assert!(names_weights(&sr, &first_sha), "the first SR names the weights the agent started with");
 
-    write_config(&config, &second);
-    let hangup = |agent: &Agent| {
-        let status = std::process::Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status().unwrap();
-        assert!(status.success());
-    };
-    hangup(&agent);
+    write_model_config(&config, &second);
+    agent.hangup();
     wait_until("the reload", Duration::from_secs(60), || agent.log().contains("weights reloaded"));
     assert!(agent.echo(), "the agent answers after a reload:\n{}", agent.log());
-    let sr = analyse(&agent, &folder, &phantom(&tmp.path().join("s2"), 7102));
-    assert!(names(&sr, &second_sha) && !names(&sr, &first_sha), "the next SR names the new weights");
+    let sr = analyse_to_folder(&agent, &folder, &phantom(&tmp.path().join("s2"), 7102));
+    assert!(names_weights(&sr, &second_sha) && !names_weights(&sr, &first_sha), "the next SR names the new weights");
 
     // A truncated file is refused with the reason; the weights in use stay.
-    write_config(&config, &broken);
-    hangup(&agent);
+    write_model_config(&config, &broken);
+    agent.hangup();
     wait_until("the refusal", Duration::from_secs(60), || agent.log().contains("weights refused"));
     let refusal = agent.log().lines().find(|l| l.contains("weights refused")).unwrap().to_string();
     eprintln!("{refusal}");
     assert!(refusal.contains("broken.safetensors"), "the refusal names the file: {refusal}");
-    let sr = analyse(&agent, &folder, &phantom(&tmp.path().join("s3"), 7103));
-    assert!(names(&sr, &second_sha), "after a refused reload the weights in use stay");
+    let sr = analyse_to_folder(&agent, &folder, &phantom(&tmp.path().join("s3"), 7103));
+    assert!(names_weights(&sr, &second_sha), "after a refused reload the weights in use stay");
     // The same weights again: nothing to do.
-    write_config(&config, &second);
-    hangup(&agent);
+    write_model_config(&config, &second);
+    agent.hangup();
     wait_until("the unchanged weights", Duration::from_secs(60), || agent.log().contains("weights unchanged"));
 }

@@ -1,8 +1,14 @@
-//! The training recipe's own tools (model/tools, standard-library Python): their unit tests, and
-//! the agent's export converted into a YOLO-seg dataset with patient-grouped folds.
+//! The training recipe's own tools (model/tools): their unit tests, the agent's export converted
+//! into a YOLO-seg dataset with patient-grouped folds, and the whole loop from export to weights a
+//! running agent reloads.
+
+mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use common::{Agent, PHANTOM_MODEL, analyse_to_folder, names_weights, wait_until, write_model_config};
 
 use idaics::phantom::{PhantomSpec, parse_levels, write_phantom};
 
@@ -143,14 +149,17 @@ fn an_export_corrected_to_the_truth_converts_into_patient_grouped_folds() {
     assert!(card.contains(&sha) && card.contains("## Figures") && card.contains("mAP50"), "{card}");
 }
 
-/// The recipe itself, one epoch at 128 px on two folds of four phantom patients, then the agent
-/// scoring the exported weights. Needs torch and ultralytics, which CI does not install:
-/// `IDAICS_TRAIN_PYTHON=/path/to/venv/bin/python cargo test --test training_tools -- --ignored`.
+/// The whole loop a site runs, on phantoms, on the CPU: the agent analyses and exports them, a
+/// script stands in for the radiologist, the recipe converts and trains (one epoch at 128 px on two
+/// folds of four patients) and exports safetensors, `idaics evaluate` scores them on a phantom no
+/// fold has seen, and a running agent takes them by SIGHUP: the next SR names them. Needs torch and
+/// ultralytics: scripts/test.sh makes a Python with model/tools/requirements.txt and names it in
+/// IDAICS_TRAIN_PYTHON.
 #[test]
-#[ignore = "needs torch and ultralytics (IDAICS_TRAIN_PYTHON); CI installs neither"]
-fn the_recipe_trains_folds_and_exports_weights_the_agent_scores() {
-    let python =
-        std::env::var("IDAICS_TRAIN_PYTHON").expect("IDAICS_TRAIN_PYTHON: a Python with model/tools/requirements.txt");
+fn the_whole_loop_from_export_to_a_reloaded_agent() {
+    let python = std::env::var("IDAICS_TRAIN_PYTHON").expect(
+        "IDAICS_TRAIN_PYTHON: a Python with model/tools/requirements.txt (scripts/test.sh makes one in target/trainenv)",
+    );
     let tmp = tempfile::tempdir().unwrap();
     let export = tmp.path().join("export");
     export_corrected_to_truth(tmp.path(), &export, &[7301, 7302, 7303, 7304]);
@@ -181,12 +190,16 @@ fn the_recipe_trains_folds_and_exports_weights_the_agent_scores() {
     let folds: serde_json::Value = serde_json::from_str(metadata["fold_metrics"].as_str().unwrap()).unwrap();
     assert_eq!(folds.as_object().unwrap().len(), 2);
     // The agent loads them and scores a phantom no fold has seen.
+    let unseen_spec = |seed| PhantomSpec {
+        seed,
+        levels: parse_levels("L4/L5=protrusion").unwrap(),
+        pixel_spacing_mm: 1.5,
+        slice_thickness_mm: 2.0,
+        size: 192,
+        ..Default::default()
+    };
     let unseen = tmp.path().join("unseen");
-    write_phantom(
-        &unseen,
-        &PhantomSpec { seed: 7399, pixel_spacing_mm: 1.5, slice_thickness_mm: 2.0, size: 192, ..Default::default() },
-    )
-    .unwrap();
+    write_phantom(&unseen, &unseen_spec(7399)).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_idaics"))
         .args(["evaluate", "--device", "cpu", "--format", "json", "--weights"])
         .arg(&weights)
@@ -195,5 +208,27 @@ fn the_recipe_trains_folds_and_exports_weights_the_agent_scores() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let scored: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert!(scored.to_string().contains("kappa"), "{scored}");
+    assert!(scored.as_object().unwrap().contains_key("kappa"), "{scored}");
+    assert_eq!(scored["total"].as_u64(), Some(6), "{scored}");
+
+    // A running agent on the shipped weights takes the site's by SIGHUP, between two series.
+    let config = tmp.path().join("idaics.toml");
+    write_model_config(&config, Path::new(PHANTOM_MODEL));
+    let folder = tmp.path().join("pacs");
+    std::fs::create_dir_all(&folder).unwrap();
+    let agent = Agent::start_with_args(
+        &tmp.path().join("agent"),
+        &[],
+        &["--config", config.to_str().unwrap(), "--destination", folder.to_str().unwrap()],
+    );
+    let series = |seed: u64| write_phantom(&tmp.path().join(format!("sent{seed}")), &unseen_spec(seed)).unwrap().0.files;
+    let (shipped_sha, site_sha) =
+        (idaics::report::sha256_file(Path::new(PHANTOM_MODEL)).unwrap(), idaics::report::sha256_file(&weights).unwrap());
+    let sr = analyse_to_folder(&agent, &folder, &series(7398));
+    assert!(names_weights(&sr, &shipped_sha), "before the reload: the shipped weights");
+    write_model_config(&config, &weights);
+    agent.hangup();
+    wait_until("the reload", Duration::from_secs(60), || agent.log().contains("weights reloaded"));
+    let sr = analyse_to_folder(&agent, &folder, &series(7397));
+    assert!(names_weights(&sr, &site_sha) && !names_weights(&sr, &shipped_sha), "the next SR names the site's weights");
 }

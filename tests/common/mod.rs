@@ -204,6 +204,11 @@ impl Agent {
         self.signal(libc::SIGSTOP);
     }
 
+    /// Asks the agent to re-read its configuration and weights (SIGHUP, as `systemctl reload`).
+    pub fn hangup(&self) {
+        self.signal(libc::SIGHUP);
+    }
+
     /// Lets a frozen agent go on (SIGCONT).
     pub fn thaw(&self) {
         self.signal(libc::SIGCONT);
@@ -529,4 +534,49 @@ impl Drop for StoreScp {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+const SR_STORAGE: &str = "1.2.840.10008.5.1.4.1.1.88.34";
+
+/// A configuration file that names the weights (on the CPU), for `--config` and SIGHUP.
+pub fn write_model_config(path: &Path, weights: &Path) {
+    let text = format!("[model]\nweights = {:?}\ndevice = \"cpu\"\n", weights.to_str().unwrap());
+    std::fs::write(path, text).unwrap();
+}
+
+/// The SRs delivered to a folder destination so far.
+pub fn delivered_reports(folder: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![folder.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(object) = dicom_object::open_file(&path)
+                && object.meta().media_storage_sop_class_uid.trim_end_matches('\0') == SR_STORAGE
+            {
+                found.push(path);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Sends a new series to an agent whose destination is `folder`; returns the SR it brings back.
+pub fn analyse_to_folder(agent: &Agent, folder: &Path, series: &[PathBuf]) -> Vec<u8> {
+    let before = delivered_reports(folder);
+    assert_eq!(store_outcomes(&agent.storescu(&[], series)).0, series.len(), "{}", agent.log());
+    let mut new = Vec::new();
+    wait_until("the series' SR", Duration::from_secs(240), || {
+        new = delivered_reports(folder).into_iter().filter(|p| !before.contains(p)).collect();
+        !new.is_empty()
+    });
+    std::fs::read(&new[0]).unwrap()
+}
+
+/// Whether an object names the weights with this SHA-256 (the SR's algorithm identification).
+pub fn names_weights(object: &[u8], sha256: &str) -> bool {
+    object.windows(sha256.len()).any(|w| w == sha256.as_bytes())
 }
