@@ -66,10 +66,18 @@ pub struct DicomConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     pub max_associations: usize,
+    /// Associations one peer address may hold at once, so that one host cannot take every slot.
+    pub max_associations_per_peer: usize,
     pub max_pdu_length: u32,
     pub association_timeout_s: u64,
     pub idle_timeout_s: u64,
+    /// Seconds a response may wait for the peer to take it before the association is aborted.
+    pub write_timeout_s: u64,
     pub max_instance_size_mb: u64,
+    /// Largest data set of a Deflated Explicit VR Little Endian instance once inflated.
+    pub max_inflated_size_mb: u64,
+    /// Largest value of any element but the pixel data.
+    pub max_value_size_kb: u32,
     pub min_free_disk_mb: u64,
     pub shutdown_grace_s: u64,
 }
@@ -217,10 +225,14 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_associations: 16,
+            max_associations_per_peer: 8,
             max_pdu_length: 131_072,
             association_timeout_s: 30,
             idle_timeout_s: 120,
+            write_timeout_s: 60,
             max_instance_size_mb: 2048,
+            max_inflated_size_mb: 256,
+            max_value_size_kb: 1024,
             min_free_disk_mb: 2048,
             shutdown_grace_s: 30,
         }
@@ -275,8 +287,17 @@ impl LimitsConfig {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_s)
     }
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_secs(self.write_timeout_s)
+    }
     pub fn max_instance_bytes(&self) -> u64 {
         self.max_instance_size_mb.saturating_mul(1024 * 1024)
+    }
+    pub fn structure_limits(&self) -> crate::spool::StructureLimits {
+        crate::spool::StructureLimits {
+            max_inflated_bytes: self.max_inflated_size_mb.saturating_mul(1024 * 1024),
+            max_value_bytes: self.max_value_size_kb.saturating_mul(1024),
+        }
     }
     pub fn min_free_disk_bytes(&self) -> u64 {
         self.min_free_disk_mb.saturating_mul(1024 * 1024)
@@ -527,7 +548,28 @@ impl Config {
         );
         check("limits.association_timeout_s", positive(self.limits.association_timeout_s));
         check("limits.idle_timeout_s", positive(self.limits.idle_timeout_s));
+        check("limits.write_timeout_s", positive(self.limits.write_timeout_s));
         check("limits.max_instance_size_mb", positive(self.limits.max_instance_size_mb));
+        check("limits.max_inflated_size_mb", positive(self.limits.max_inflated_size_mb));
+        check(
+            "limits.max_value_size_kb",
+            if (1..=1024 * 1024).contains(&self.limits.max_value_size_kb) {
+                Ok(())
+            } else {
+                Err(format!("{} is outside 1 to 1048576 KiB", self.limits.max_value_size_kb))
+            },
+        );
+        check(
+            "limits.max_associations_per_peer",
+            if (1..=self.limits.max_associations).contains(&self.limits.max_associations_per_peer) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} is outside 1 to limits.max_associations ({})",
+                    self.limits.max_associations_per_peer, self.limits.max_associations
+                ))
+            },
+        );
         check("series.quiet_period_s", positive(self.series.quiet_period_s));
         check(
             "series.max_wait_s",

@@ -12,9 +12,10 @@ use dicom_core::header::HasLength;
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
-/// The largest single frame accepted, decoded: 16384 x 16384 16-bit pixels. CT frames are
-/// 512 x 512 to 2048 x 2048.
-pub const MAX_FRAME_BYTES: u64 = 16384 * 16384 * 2;
+/// The largest single frame accepted, decoded: 64 MiB, a 4096 x 4096 frame of 32-bit pixels or
+/// of 8-bit colour. CT frames are 512 x 512 to 2048 x 2048 16-bit pixels (8 MiB at most); the
+/// bound is what a compressed frame of a kilobyte can make a decoder allocate before Success.
+pub const MAX_FRAME_BYTES: u64 = 64 << 20;
 
 /// What the header says the pixel data holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +191,24 @@ impl PixelModule {
     }
 
     /// Explains why `held` bytes of native pixel data are too few.
+    /// Native pixel data holds exactly its frames (padded to even, PS3.5 8.1.1). A little more
+    /// is tolerated, as some writers leave it; a value larger by more than a frame is refused:
+    /// it would be held whole at analysis for pixels nobody declared.
+    pub fn excess(&self, held: u64) -> Option<String> {
+        let allowed = self.total_bytes().saturating_add(self.frame_bytes()).saturating_add(1);
+        (held > allowed).then(|| {
+            format!(
+                "PixelData holds {held} bytes; {} frame(s) of {} x {} pixels, {} sample(s) of {} bits need only {}",
+                self.number_of_frames,
+                self.columns,
+                self.rows,
+                self.samples_per_pixel,
+                self.bits_allocated,
+                self.total_bytes()
+            )
+        })
+    }
+
     pub fn shortfall(&self, held: u64) -> String {
         format!(
             "PixelData holds {held} bytes; {} frame(s) of {} x {} pixels, {} sample(s) of {} bits need {}",

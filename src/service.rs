@@ -80,6 +80,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         SpoolPolicy {
             fsync: config.storage.fsync,
             max_instance_bytes: config.limits.max_instance_bytes(),
+            structure: config.limits.structure_limits(),
             verify_compressed_pixel_data: config.storage.verify_compressed_pixel_data,
         },
     )?);

@@ -52,6 +52,10 @@ pub enum SpoolError {
     Io { path: PathBuf, source: io::Error },
     #[error("instance is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("the deflated data set inflates to more than the limit of {limit} bytes")]
+    InflatesTooLarge { limit: u64 },
+    #[error("{tag} ({vr:?}) holds {len} bytes, more than the {limit} bytes accepted for a value other than pixel data")]
+    ValueTooLarge { tag: Tag, vr: dicom_core::VR, len: u32, limit: u32 },
     #[error("not a readable DICOM data set: {0}")]
     Unparsable(String),
     #[error("invalid {attribute}: {reason}")]
@@ -67,7 +71,7 @@ pub enum SpoolError {
 impl SpoolError {
     /// True when the failure is ours (disk, permissions), not the sender's data.
     pub fn is_local_resource_problem(&self) -> bool {
-        matches!(self, SpoolError::Io { .. } | SpoolError::TooLarge { .. })
+        matches!(self, SpoolError::Io { .. } | SpoolError::TooLarge { .. } | SpoolError::InflatesTooLarge { .. })
     }
 }
 
@@ -396,6 +400,8 @@ pub struct SpoolPolicy {
     /// Sync data and directories before an instance counts as stored.
     pub fsync: bool,
     pub max_instance_bytes: u64,
+    /// What one instance may cost beyond its size on the wire (see [`StructureLimits`]).
+    pub structure: StructureLimits,
     /// Decode the first frame of compressed pixel data before accepting an instance.
     pub verify_compressed_pixel_data: bool,
 }
@@ -404,6 +410,7 @@ pub struct Spool {
     spool_dir: PathBuf,
     fsync: bool,
     max_instance_bytes: u64,
+    structure: StructureLimits,
     verify_compressed: bool,
     temporaries: TemporaryFiles,
     /// Held while an instance is renamed into the spool and while retention removes one: an
@@ -432,6 +439,7 @@ impl Spool {
             spool_dir,
             fsync: policy.fsync,
             max_instance_bytes: policy.max_instance_bytes,
+            structure: policy.structure,
             verify_compressed: policy.verify_compressed_pixel_data,
             temporaries: TemporaryFiles::new(tmp_dir),
             placing: std::sync::Mutex::new(()),
@@ -502,7 +510,7 @@ impl Spool {
     /// adds up, and it is the instance its command announced. Returns its header and size.
     fn validate(&self, partial: &PartialInstance) -> Result<(InstanceHeader, u64), SpoolError> {
         let bytes = partial.file.metadata().map(|m| m.len()).map_err(io_err(&partial.path))?;
-        let outline = check_structure(&partial.path, self.max_instance_bytes)?;
+        let outline = check_structure(&partial.path, self.structure)?;
         // Native pixel data is checked by its length, which the structure check has read: the
         // header up to it is all that needs parsing. Encapsulated pixel data is parsed whole
         // (up to a size), to count its fragments and look into its first frame.
@@ -520,6 +528,9 @@ impl Spool {
                 None => return Err(SpoolError::PixelDescription("no PixelData".into())),
                 Some(held) if held < pixels.total_bytes() => {
                     return Err(SpoolError::PixelDescription(pixels.shortfall(held)));
+                }
+                Some(held) if let Some(excess) = pixels.excess(held) => {
+                    return Err(SpoolError::PixelDescription(excess));
                 }
                 Some(_) => {}
             }
@@ -715,7 +726,7 @@ fn is_encapsulated(transfer_syntax_uid: &str) -> bool {
 /// [`MAX_SEQUENCE_DEPTH`], more than [`MAX_ELEMENTS`] elements, a value longer than what follows
 /// it, a binary value whose length is not a whole number of values, and a deflated data set that
 /// inflates beyond `max_bytes`.
-pub fn check_structure(path: &Path, max_bytes: u64) -> Result<DataSetOutline, SpoolError> {
+pub fn check_structure(path: &Path, limits: StructureLimits) -> Result<DataSetOutline, SpoolError> {
     use dicom_encoding::TransferSyntaxIndex;
     use dicom_parser::StatefulDecode;
     use dicom_parser::dataset::LazyDataToken;
@@ -741,10 +752,11 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<DataSetOutline, Sp
     let inflated_ts = EXPLICIT_VR_LITTLE_ENDIAN.erased();
     let (source, ts, total): (Box<dyn Read>, _, u64) = if ts.uid() == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN.uid() {
         // Inflated once to learn its size without holding it, then again to walk it.
+        let max_bytes = limits.max_inflated_bytes;
         let inflate = |reader| flate2::read::DeflateDecoder::new(reader).take(max_bytes.saturating_add(1));
         let inflated = io::copy(&mut inflate(reader), &mut io::sink()).map_err(|e| unparsable(&e))?;
         if inflated > max_bytes {
-            return Err(SpoolError::TooLarge { limit: max_bytes });
+            return Err(SpoolError::InflatesTooLarge { limit: max_bytes });
         }
         (Box::new(inflate(data_set()?.0)), &inflated_ts, inflated)
     } else {
@@ -785,7 +797,7 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<DataSetOutline, Sp
                 }
                 Some((header.tag, header.len.0, decoder.position()))
             }
-            LazyDataToken::LazyItemValue { len, decoder } => Some((Tag(0xFFFE, 0xE000), *len, decoder.position())),
+            LazyDataToken::LazyItemValue { len, decoder } => Some((ITEM, *len, decoder.position())),
             _ => None,
         };
         if let Some((tag, len, at)) = value {
@@ -793,6 +805,17 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<DataSetOutline, Sp
                 return Err(unparsable(&format!(
                     "{tag} claims {len} bytes at byte {at} of a data set of {total} bytes"
                 )));
+            }
+            // Every value but the image's own pixels is read into memory by every later parse:
+            // its size is bounded here, before the sender hears Success. Fragments of
+            // encapsulated pixel data arrive as item values, and only there.
+            let pixels = depth == 0 && PIXEL_DATA_TAGS.contains(&tag) || tag == ITEM;
+            if !pixels && len > limits.max_value_bytes {
+                let vr = match &token {
+                    LazyDataToken::LazyValue { header, .. } => header.vr,
+                    _ => dicom_core::VR::UN,
+                };
+                return Err(SpoolError::ValueTooLarge { tag, vr, len, limit: limits.max_value_bytes });
             }
             token.skip().map_err(|e| unparsable(&e))?;
             if depth == 0 && tag == tags::PIXEL_DATA {
@@ -818,6 +841,30 @@ pub fn check_structure(path: &Path, max_bytes: u64) -> Result<DataSetOutline, Sp
         }
     }
     Ok(outline)
+}
+
+/// The image's own pixels, in their three forms: the only values allowed past
+/// [`StructureLimits::max_value_bytes`].
+/// (FFFE,E000): an item; its value is read as one only for a fragment of encapsulated pixel data.
+const ITEM: Tag = Tag(0xFFFE, 0xE000);
+
+const PIXEL_DATA_TAGS: [Tag; 3] = [tags::PIXEL_DATA, tags::FLOAT_PIXEL_DATA, tags::DOUBLE_FLOAT_PIXEL_DATA];
+
+/// What one received instance may make the agent hold or read, beyond its size on the wire: a
+/// few megabytes of deflated data can inflate to gigabytes, and one oversized value (a private
+/// blob, a string of a million values) is held whole by every parse that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StructureLimits {
+    /// Largest data set, inflated, of a Deflated Explicit VR Little Endian instance.
+    pub max_inflated_bytes: u64,
+    /// Largest value of any element but the pixel data.
+    pub max_value_bytes: u32,
+}
+
+impl StructureLimits {
+    /// For files an operator names on the command line: structure is still checked (nesting,
+    /// element counts, lengths that run past the end), sizes are theirs to choose.
+    pub const LOCAL_FILES: StructureLimits = StructureLimits { max_inflated_bytes: u64::MAX, max_value_bytes: u32::MAX };
 }
 
 /// What `check_structure` learnt of a data set on its way through.

@@ -405,8 +405,7 @@ fn htj2k_from(source: &Path, out: &Path, ts: &str, args: &[&str], sop: &str) {
 #[test]
 fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let tmp = tempfile::tempdir().unwrap();
-    // A small instance limit, for the deflate bomb below.
-    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_LIMITS_MAX_INSTANCE_SIZE_MB", "16")]);
+    let agent = Agent::start(&tmp.path().join("state"), &[]);
     let corpus = shared_data().join("corpora/pydicom-test-files");
     let (good, ts) = dataset_bytes(&corpus.join("CT_small.dcm"));
     let good_sop = sop_instance_uid(&corpus.join("CT_small.dcm"));
@@ -447,6 +446,35 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     let mut overlong = vec![0x09, 0x00, 0x10, 0x10, b'U', b'T', 0, 0, 0xF0, 0xFF, 0xFF, 0xFF];
     overlong.extend_from_slice(&good);
     cases.push(("a value claiming 4 GB", good_sop.clone(), overlong, 0xC000));
+    // Values that are all there but too large to hold: a 2 MiB private OB, and a private string
+    // of a million numbers (2 MB), each in front of a good data set. Every later parse would
+    // hold them whole.
+    let with_value_in_front = |vr: &[u8; 2], value: Vec<u8>| {
+        let mut bytes = vec![0x09, 0x00, 0x10, 0x10, vr[0], vr[1], 0, 0];
+        bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&value);
+        bytes.extend_from_slice(&good);
+        bytes
+    };
+    cases.push(("a 2 MiB OB value", good_sop.clone(), with_value_in_front(b"OB", vec![0x5A; 2 << 20]), 0xC000));
+    cases.push((
+        "a string of a million values",
+        good_sop.clone(),
+        with_value_in_front(b"UT", b"1\\".repeat(1 << 20)),
+        0xC000,
+    ));
+    // Native pixel data a hundred times what Rows and Columns declare: held whole at analysis.
+    let oversized_pixels = {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let mut object = dicom_object::open_file(corpus.join("CT_small.dcm")).unwrap().into_inner();
+        object.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(vec![0u8; 128 * 128 * 2 * 100])));
+        let mut out = Vec::new();
+        object
+            .write_dataset_with_ts(&mut out, &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        out
+    };
+    cases.push(("pixel data a hundred times the image", good_sop.clone(), oversized_pixels, 0xC000));
     // Corpus files broken by their makers, sent byte for byte as data sets.
     for name in ["no_meta.dcm", "MR_truncated.dcm", "rtplan_truncated.dcm"] {
         let bytes = std::fs::read(corpus.join(name)).unwrap();
@@ -513,7 +541,24 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     for component in 0..usize::from(components) {
         many_components[siz + 40 + 3 * component..siz + 43 + 3 * component].copy_from_slice(&[0x8F, 1, 1]);
     }
-    crafted.push(("a JPEG 2000 stream with 400 components", j2k_ts, many_components));
+    crafted.push(("a JPEG 2000 stream with 400 components", j2k_ts.clone(), many_components));
+    // A JPEG 2000 CT whose header and codestream both claim 16384 x 16384 pixels over a few
+    // kilobytes: decoding its first frame would take 512 MiB.
+    let claims_16384 = {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        let (mut bytes, _) = dataset_bytes(&corpus.join("693_J2KI.dcm"));
+        let siz = bytes.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51]).unwrap() + 2;
+        bytes[siz + 6..siz + 14].copy_from_slice(&[0, 0, 0x40, 0, 0, 0, 0x40, 0]);
+        let ts = dicom_encoding::TransferSyntaxIndex::get(&dicom_transfer_syntax_registry::TransferSyntaxRegistry, &j2k_ts).unwrap();
+        let mut object = dicom_object::InMemDicomObject::read_dataset_with_ts(&bytes[..], ts).unwrap();
+        for tag in [tags::ROWS, tags::COLUMNS] {
+            object.put(DataElement::new(tag, VR::US, PrimitiveValue::from(16384u16)));
+        }
+        let mut out = Vec::new();
+        object.write_dataset_with_ts(&mut out, ts).unwrap();
+        out
+    };
+    crafted.push(("a JPEG 2000 CT claiming 16384 x 16384", j2k_ts, claims_16384));
     // A JPEG-LS frame cut short (its fragment's length amended to match): CharLS decodes such a
     // stream for seconds or for ever, and this one kept it busy for minutes.
     let cut_short = tmp.path().join("jls-cut.dcm");
@@ -570,17 +615,18 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
     sent += 1;
     assert_eq!(status, 0xC000, "corrupt JPEG-LS codestream: status {status:#06x}");
     assert!(agent.echo());
-    // A deflated data set of 160 kB that inflates to 160 MB, over the 16 MB instance limit.
+    // A deflated data set of 1 MB that inflates to 1 GiB, over the 256 MiB inflated limit.
     let bomb = {
         use std::io::Write;
         let mut encoder = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-        encoder.write_all(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0, 0x00, 0x00, 0x00, 0x0A]).unwrap();
+        encoder.write_all(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0, 0x00, 0x00, 0x00, 0x40]).unwrap();
         let zeros = vec![0u8; 1 << 20];
-        for _ in 0..160 {
+        for _ in 0..1024 {
             encoder.write_all(&zeros).unwrap();
         }
         encoder.finish().unwrap()
     };
+    assert!(bomb.len() < 2 << 20, "{} bytes deflated", bomb.len());
     let status = raw_store(agent.port, CT, &good_sop, "1.2.840.10008.1.2.1.99", &bomb);
     sent += 1;
     assert_eq!(status, 0xA700, "deflate bomb: status {status:#06x}");
@@ -599,6 +645,11 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         "the JPEG-LS stream ends without its end-of-image marker",
         "PixelData holds 32768 bytes; 1 frame(s) of 512 x 512 pixels",
         "no PixelData",
+        "(0009,1010) (OB) holds 2097152 bytes, more than the 1048576 bytes",
+        "(0009,1010) (UT) holds 2097152 bytes",
+        "need only 32768",
+        "a frame of 16384 x 16384 pixels",
+        "inflates to more than the limit of 268435456 bytes",
     ] {
         assert!(
             failures.iter().any(|f| f["fields"]["reason"].as_str().unwrap_or("").contains(reason)),
@@ -606,9 +657,12 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
             agent.log()
         );
     }
-    // And a good instance still goes through.
+    // And a good instance still goes through, and none of it took the agent's memory.
     assert_eq!(raw_store(agent.port, CT, &good_sop, EXPLICIT_LE, &good), 0x0000);
     assert_eq!(agent.spool_files().len(), 1);
+    let peak_mb = agent.peak_rss_kb() / 1024;
+    assert!(peak_mb < 512, "peak RSS {peak_mb} MB");
+    eprintln!("peak RSS after the broken instances: {peak_mb} MB");
 }
 
 #[test]
