@@ -142,6 +142,12 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         ],
     );
     family(
+        "idaics_rejections_unlogged_total",
+        "counter",
+        "Rejected connections beyond the rate at which they are logged and recorded (30 a minute).",
+        &[("", load(&scp.rejections_unreported))],
+    );
+    family(
         "idaics_instances_received_total",
         "counter",
         "Instances stored in the spool.",

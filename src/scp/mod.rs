@@ -9,8 +9,9 @@ pub mod dimse;
 mod storage_sop_classes;
 pub mod transfer_syntaxes;
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -48,6 +49,8 @@ pub const CT_SOP_CLASSES: &[&str] =
 pub struct ScpStats {
     pub associations_accepted: AtomicU64,
     pub associations_rejected: AtomicU64,
+    /// Rejections neither logged nor recorded, beyond the rate at which they are.
+    pub rejections_unreported: AtomicU64,
     pub instances_stored: AtomicU64,
     pub bytes_stored: AtomicU64,
     pub instances_discarded: AtomicU64,
@@ -66,6 +69,70 @@ pub struct ScpContext {
     pub agent_id: String,
     peer_rules: Vec<PeerRule>,
     next_association: AtomicU64,
+    /// Associations open (or being negotiated) per peer address.
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+    rejections: Arc<RejectionReports>,
+}
+
+/// How many rejected connections are logged and recorded in the finding log, per minute. A
+/// scanner of the network, or a sender retrying for ever, would otherwise write a WARN line and
+/// a database row for each connection; the rest are counted, and the count logged once a minute.
+const REJECTIONS_REPORTED_PER_MINUTE: u32 = 30;
+
+/// The budget of rejections reported in the current minute.
+#[derive(Debug)]
+struct RejectionReports {
+    window: Mutex<(std::time::Instant, u32, u64)>,
+    stats: Arc<ScpStats>,
+}
+
+impl RejectionReports {
+    fn new(stats: Arc<ScpStats>) -> RejectionReports {
+        RejectionReports { window: Mutex::new((std::time::Instant::now(), 0, 0)), stats }
+    }
+
+    /// Counts a rejection; true while this minute's budget lasts (then log and record it).
+    fn report(&self) -> bool {
+        self.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+        let mut window = self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (started, _, unreported) = &mut *window;
+        if started.elapsed() >= Duration::from_secs(60) {
+            if *unreported > 0 {
+                tracing::warn!(
+                    unreported = *unreported,
+                    "rejected connections in the last minute beyond those logged (see idaics_associations_total)"
+                );
+            }
+            *window = (std::time::Instant::now(), 0, 0);
+        }
+        let (_, reported, unreported) = &mut *window;
+        if *reported < REJECTIONS_REPORTED_PER_MINUTE {
+            *reported += 1;
+            true
+        } else {
+            *unreported += 1;
+            self.stats.rejections_unreported.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// A peer's claim on one of its associations; given back when dropped.
+struct PeerClaim {
+    ctx: Arc<ScpContext>,
+    peer: IpAddr,
+}
+
+impl Drop for PeerClaim {
+    fn drop(&mut self) {
+        let mut per_peer = self.ctx.per_peer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(open) = per_peer.get_mut(&self.peer) {
+            *open -= 1;
+            if *open == 0 {
+                per_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl ScpContext {
@@ -76,6 +143,8 @@ impl ScpContext {
         stats: Arc<ScpStats>,
     ) -> ScpContext {
         ScpContext {
+            rejections: Arc::new(RejectionReports::new(stats.clone())),
+            per_peer: Mutex::new(HashMap::new()),
             peer_rules: config.peer_rules(),
             agent_id: agent_id(&config.storage.effective_host_name()),
             config,
@@ -115,6 +184,21 @@ impl ScpContext {
         let _ = records.send(crate::db::Record::Association(row));
     }
 
+    fn peer_is_listed(&self, peer: IpAddr) -> bool {
+        self.peer_rules.is_empty() || self.peer_rules.iter().any(|r| r.matches(peer))
+    }
+
+    /// One more association for this peer, unless it holds `limits.max_associations_per_peer`.
+    fn claim_for_peer(self: &Arc<Self>, peer: IpAddr) -> Option<PeerClaim> {
+        let mut per_peer = self.per_peer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let open = per_peer.entry(peer).or_insert(0);
+        if *open >= self.config.limits.max_associations_per_peer {
+            return None;
+        }
+        *open += 1;
+        Some(PeerClaim { ctx: self.clone(), peer })
+    }
+
     fn disk_is_low(&self) -> Option<u64> {
         let free = spool::free_disk_bytes(self.spool.spool_dir()).ok()?;
         (free < self.config.limits.min_free_disk_bytes()).then_some(free)
@@ -125,6 +209,9 @@ impl ScpContext {
 /// grace period to finish before aborting them.
 pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
+    // Connections being turned away (each waits up to seconds for the request it answers): as
+    // many again as there are slots; beyond that a connection is closed at once.
+    let refusing = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
     let mut associations = JoinSet::new();
     loop {
         tokio::select! {
@@ -143,20 +230,40 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: wa
                 let id = ctx.next_association.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("association", id, peer = %peer, calling_ae = field::Empty, called_ae = field::Empty);
                 let ctx = ctx.clone();
-                match slots.clone().try_acquire_owned() {
-                    Ok(permit) => {
+                // Who may connect is decided before a slot is taken, and a peer may hold only
+                // its share of them: neither an unlisted host nor one listed host can keep the
+                // others out.
+                let admitted = if !ctx.peer_is_listed(peer.ip()) {
+                    Err(Refusal::UnlistedPeer)
+                } else {
+                    match ctx.claim_for_peer(peer.ip()) {
+                        None => Err(Refusal::PeerAtItsLimit),
+                        Some(claim) => {
+                            slots.clone().try_acquire_owned().map(|permit| (permit, claim)).map_err(|_| Refusal::AllSlotsTaken)
+                        }
+                    }
+                };
+                let refusal = match admitted {
+                    Ok(held) => {
                         associations.spawn(async move {
                             handle_connection(socket, peer, id, ctx).await;
+                            drop(held);
+                        }.instrument(span));
+                        continue;
+                    }
+                    Err(refusal) => refusal,
+                };
+                match refusing.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        associations.spawn(async move {
+                            refuse(socket, peer, id, &ctx, refusal).await;
                             drop(permit);
                         }.instrument(span));
                     }
                     Err(_) => {
-                        associations.spawn(async move {
-                            tracing::warn!(limit = ctx.config.limits.max_associations, "too many associations; rejecting (transient)");
-                            ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-                            reject(socket, AssociationRJResult::Transient, AssociationRJSource::ServiceProviderPresentation(
-                                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded)).await;
-                        }.instrument(span));
+                        // Closed without an answer: only a flood gets here.
+                        ctx.rejections.report();
+                        drop(socket);
                     }
                 }
             }
@@ -174,6 +281,56 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: wa
             while associations.join_next().await.is_some() {}
         }
     }
+}
+
+/// Why a connection is turned away before it takes a slot.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    UnlistedPeer,
+    PeerAtItsLimit,
+    AllSlotsTaken,
+}
+
+/// Turns a connection away with an A-ASSOCIATE-RJ, logged and recorded within the rate
+/// [`REJECTIONS_REPORTED_PER_MINUTE`] allows.
+async fn refuse(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: &ScpContext, refusal: Refusal) {
+    let limits = &ctx.config.limits;
+    let (detail, result, source) = match refusal {
+        Refusal::UnlistedPeer => (
+            "peer address not in the allow-list".to_string(),
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+        ),
+        Refusal::PeerAtItsLimit => (
+            format!("this peer already holds limits.max_associations_per_peer ({})", limits.max_associations_per_peer),
+            AssociationRJResult::Transient,
+            AssociationRJSource::ServiceProviderPresentation(
+                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+            ),
+        ),
+        Refusal::AllSlotsTaken => (
+            format!("limits.max_associations ({}) are open", limits.max_associations),
+            AssociationRJResult::Transient,
+            AssociationRJSource::ServiceProviderPresentation(
+                AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+            ),
+        ),
+    };
+    if ctx.rejections.report() {
+        match refusal {
+            Refusal::UnlistedPeer => tracing::warn!("peer address not in the allow-list; rejecting"),
+            Refusal::PeerAtItsLimit => tracing::warn!(
+                limit = limits.max_associations_per_peer,
+                "too many associations from this peer; rejecting (transient)"
+            ),
+            Refusal::AllSlotsTaken => {
+                tracing::warn!(limit = limits.max_associations, "too many associations; rejecting (transient)")
+            }
+        }
+        let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
+        ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail));
+    }
+    reject(socket, result, source).await;
 }
 
 /// What a connection that does not open with a PDU is, when its first bytes tell: a browser or a
@@ -258,7 +415,7 @@ impl AccessControl for AeTitlePolicy {
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
         if !self.allowed_calling.is_empty() && !self.allowed_calling.iter().any(|a| a == calling_ae_title.trim()) {
-            tracing::warn!(calling_ae = calling_ae_title.trim(), "calling AE title not in the allow-list; rejecting");
+            tracing::debug!(calling_ae = calling_ae_title.trim(), "calling AE title not in the allow-list; rejecting");
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         Ok(())
@@ -276,6 +433,7 @@ fn association_options(
         .ae_title(config.dicom.ae_title.clone())
         .max_pdu_length(config.limits.max_pdu_length)
         .read_timeout(config.limits.idle_timeout())
+        .write_timeout(config.limits.write_timeout())
         .with_abstract_syntax(uids::VERIFICATION);
     options = match config.dicom.other_sop_classes {
         OtherSopClassPolicy::Refuse => CT_SOP_CLASSES.iter().fold(options, |o, uid| o.with_abstract_syntax(*uid)),
@@ -337,28 +495,22 @@ struct OpenedAssociation {
 
 async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: Arc<ScpContext>) {
     let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
-    let rejected =
-        |detail: &str| ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail.into()));
-    if !ctx.peer_rules.is_empty() && !ctx.peer_rules.iter().any(|r| r.matches(peer.ip())) {
-        tracing::warn!("peer address not in the allow-list; rejecting");
-        rejected("peer address not in the allow-list");
-        ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-        reject(
-            socket,
-            AssociationRJResult::Permanent,
-            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
-        )
-        .await;
-        return;
-    }
+    // Counted always; logged (by the caller, when this says so) and recorded at a bounded rate.
+    let rejected = |detail: &str| {
+        let report = ctx.rejections.report();
+        if report {
+            ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail.into()));
+        }
+        report
+    };
     if let Some(free) = ctx.disk_is_low() {
-        tracing::error!(
-            free_mb = free / (1024 * 1024),
-            min_mb = ctx.config.limits.min_free_disk_mb,
-            "free disk below the minimum; rejecting association (transient)"
-        );
-        rejected("free disk below the minimum");
-        ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+        if rejected("free disk below the minimum") {
+            tracing::error!(
+                free_mb = free / (1024 * 1024),
+                min_mb = ctx.config.limits.min_free_disk_mb,
+                "free disk below the minimum; rejecting association (transient)"
+            );
+        }
         reject(
             socket,
             AssociationRJResult::Transient,
@@ -375,9 +527,9 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
         tokio::time::timeout(ctx.config.limits.association_timeout(), socket.peek(&mut first_bytes)).await
         && let Some(what) = not_dicom(&first_bytes[..seen])
     {
-        ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(what, "not a DICOM association request; closing the connection");
-        rejected(&format!("not a DICOM association request: {what}"));
+        if rejected(&format!("not a DICOM association request: {what}")) {
+            tracing::warn!(what, "not a DICOM association request; closing the connection");
+        }
         return;
     }
     let options = association_options(&ctx.config);
@@ -386,16 +538,16 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     let mut association = match established {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => {
-            ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
             let error = with_causes(&e);
-            tracing::warn!(%error, "association not established");
-            rejected(&format!("not established: {error}"));
+            if rejected(&format!("not established: {error}")) {
+                tracing::warn!(%error, "association not established");
+            }
             return;
         }
         Err(_) => {
-            ctx.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("no association request within the timeout; closing");
-            rejected("no association request within the timeout");
+            if rejected("no association request within the timeout") {
+                tracing::warn!("no association request within the timeout; closing");
+            }
             return;
         }
     };
@@ -478,7 +630,7 @@ impl Session<'_> {
                         ),
                         e => tracing::warn!(error = %with_causes(&e), "association broken; aborting it"),
                     }
-                    let _ = abort(association).await;
+                    abort(association).await;
                     return false;
                 }
             };
@@ -489,7 +641,7 @@ impl Session<'_> {
                             Ok(()) => {}
                             Err(reason) => {
                                 tracing::warn!(%reason, "protocol error; aborting association");
-                                let _ = abort(association).await;
+                                abort(association).await;
                                 return false;
                             }
                         }
@@ -508,7 +660,7 @@ impl Session<'_> {
                 }
                 other => {
                     tracing::warn!(pdu = ?std::mem::discriminant(&other), "unexpected PDU; aborting association");
-                    let _ = abort(association).await;
+                    abort(association).await;
                     return false;
                 }
             }
@@ -734,11 +886,11 @@ impl Session<'_> {
     }
 }
 
-async fn abort(association: &mut AsyncServerAssociation<TcpStream>) -> Result<(), dicom_ul::association::Error> {
+/// Sends an A-ABORT, waiting at most a moment: it often follows a peer that stopped reading,
+/// whose socket would hold the abort for another whole write timeout.
+async fn abort(association: &mut AsyncServerAssociation<TcpStream>) {
     use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
-    association
-        .send(&Pdu::AbortRQ {
-            source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified),
-        })
-        .await
+    let abort_rq =
+        Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) };
+    let _ = tokio::time::timeout(Duration::from_secs(2), association.send(&abort_rq)).await;
 }

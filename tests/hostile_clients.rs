@@ -1,0 +1,166 @@
+//! Clients that try to keep others out: idle sockets from one host, one that stops reading its
+//! responses, a flood from a host nobody listed. A listed PACS still gets in and stores; the
+//! slow reader is cut off; rejections are all counted and logged at a bounded rate.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+use dicom_core::{DataElement, PrimitiveValue, VR};
+use dicom_dictionary_std::tags;
+use dicom_ul::pdu::{AssociationRQ, PDataValue, PDataValueType, PresentationContextProposed, UserVariableItem};
+use dicom_ul::Pdu;
+
+const VERIFICATION: &str = "1.2.840.10008.1.1";
+const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
+
+/// A TCP connection to the agent from a loopback address of our choosing (127.0.0.0/8 is all
+/// ours), so that one test can play several hosts.
+fn connect_from(source: &str, port: u16) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(SocketAddr::from(([127, 0, 0, 1], port))).await.unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+fn write_pdu(stream: &mut TcpStream, pdu: &Pdu) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    dicom_ul::write_pdu(&mut bytes, pdu).unwrap();
+    stream.write_all(&bytes)
+}
+
+/// Opens a verification association on a connection made by hand; panics unless accepted.
+fn associate(stream: &mut TcpStream) {
+    let request = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "SLOWREADER".into(),
+        called_ae_title: AE.into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextProposed {
+            id: 1,
+            abstract_syntax: VERIFICATION.into(),
+            transfer_syntaxes: vec![IMPLICIT_LE.into()],
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(16384)],
+    });
+    write_pdu(stream, &request).unwrap();
+    let mut header = [0u8; 6];
+    stream.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], 0x02, "an A-ASSOCIATE-AC, not PDU type {:#04x}", header[0]);
+    let length = u32::from_be_bytes(header[2..6].try_into().unwrap());
+    let mut body = vec![0u8; length as usize];
+    stream.read_exact(&mut body).unwrap();
+}
+
+/// One C-ECHO-RQ command set, Implicit VR Little Endian with its group length.
+fn echo_command(message_id: u16) -> Vec<u8> {
+    let command = dicom_object::InMemDicomObject::command_from_element_iter([
+        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(VERIFICATION)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(0x0030u16)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
+        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, PrimitiveValue::from(0x0101u16)),
+    ]);
+    let mut bytes = Vec::new();
+    command
+        .write_dataset_with_ts(&mut bytes, &dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    bytes
+}
+
+fn metric(port: u16, sample: &str) -> u64 {
+    let (status, text) = http_get(port, "/metrics");
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or_else(|| panic!("no {sample} in\n{text}"))
+}
+
+#[test]
+fn idle_sockets_and_a_slow_reader_do_not_keep_a_listed_pacs_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The PACS is 127.0.0.1; 127.0.0.2 is a listed modality gone wrong.
+    let agent = Agent::start(
+        &tmp.path().join("state"),
+        &[("IDAICS_DICOM_ALLOWED_PEERS", "127.0.0.1,127.0.0.2"), ("IDAICS_LIMITS_WRITE_TIMEOUT_S", "2")],
+    );
+
+    // One that associates, sends echo requests and never reads a response. Its writes fill the
+    // agent's socket; the agent gives up on it after the write timeout.
+    let mut slow = connect_from("127.0.0.2", agent.port);
+    associate(&mut slow);
+    slow.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    // 16 sockets that open and say nothing: 7 more (up to limits.max_associations_per_peer, 8) wait
+    // in negotiation, the rest are refused at once.
+    let idle: Vec<TcpStream> = (0..16).map(|_| connect_from("127.0.0.2", agent.port)).collect();
+    let flood = std::thread::spawn(move || {
+        let mut sent = 0u32;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            let pdu = Pdu::PData {
+                data: vec![PDataValue {
+                    presentation_context_id: 1,
+                    value_type: PDataValueType::Command,
+                    is_last: true,
+                    data: echo_command((sent % 60000) as u16 + 1),
+                }],
+            };
+            if write_pdu(&mut slow, &pdu).is_err() {
+                // Our side is full too, or the agent closed it: either way it stopped taking.
+                break;
+            }
+            sent += 1;
+        }
+        (sent, slow)
+    });
+
+    // The PACS echoes and stores while all that goes on.
+    assert!(agent.echo(), "the listed PACS was kept out:\n{}", agent.log());
+    let series = tmp.path().join("series");
+    let spec = idaics::synthetic::SeriesSpec { slices: 5, ..Default::default() };
+    let written = idaics::synthetic::write_ct_series(&series, &spec).unwrap().files;
+    let out = agent.storescu(&[], &written);
+    assert_eq!(store_outcomes(&out), (5, 0), "{}", output_text(&out));
+
+    // The slow reader is cut off within the write timeout (and the idle ones by the association
+    // timeout, later).
+    wait_until("the slow reader cut off", Duration::from_secs(60), || {
+        agent.log().contains("cannot send response")
+    });
+    let (sent, _slow) = flood.join().unwrap();
+    assert!(sent > 0);
+    let refused = agent.events("too many associations from this peer; rejecting (transient)");
+    assert!(!refused.is_empty(), "{}", agent.log());
+    assert!(refused.iter().all(|e| e["span"]["peer"].as_str().unwrap().starts_with("127.0.0.2:")));
+    drop(idle);
+    assert_eq!(agent.spool_files().len(), 5, "every acknowledged instance is in the spool");
+}
+
+#[test]
+fn a_flood_from_an_unlisted_host_is_counted_not_logged_line_by_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let agent = Agent::start(
+        &tmp.path().join("state"),
+        &[("IDAICS_DICOM_ALLOWED_PEERS", "127.0.0.1"), ("IDAICS_HTTP_PORT", &http.to_string())],
+    );
+    // 200 connections from 127.0.0.3, each closed at once (a port scanner, a sender retrying).
+    for _ in 0..200 {
+        drop(connect_from("127.0.0.3", agent.port));
+    }
+    wait_until("200 rejections counted", Duration::from_secs(30), || {
+        metric(http, "idaics_associations_total{outcome=\"rejected\"}") >= 200
+    });
+    let logged = agent.events("peer address not in the allow-list; rejecting").len();
+    assert!((1..=30).contains(&logged), "{logged} rejections logged");
+    assert!(metric(http, "idaics_rejections_unlogged_total") >= 170);
+    // Nothing of it kept the listed host out.
+    assert!(agent.echo(), "{}", agent.log());
+}
