@@ -446,6 +446,9 @@ pub fn main() -> anyhow::Result<()> {
             } else {
                 println!("  model: {} on {}", cfg.model.weights, cfg.model.device);
             }
+            if let Some(why) = cfg.dicom.closed_until_configured() {
+                println!("  warning: {why}");
+            }
             Ok(())
         }
         Command::Detect { weights, imgsz, conf, iou, device, format, images } => {

@@ -59,7 +59,20 @@ pub struct DicomConfig {
     pub require_called_ae_title: bool,
     pub allowed_calling_ae_titles: Vec<String>,
     pub allowed_peers: Vec<String>,
+    /// Accept any peer when both allow-lists are empty. Off by default: until someone lists the
+    /// senders (or says that anyone may send), every association is refused.
+    pub allow_any_peer: bool,
     pub other_sop_classes: OtherSopClassPolicy,
+}
+
+impl DicomConfig {
+    /// Why every association is refused, when nobody has said who may send.
+    pub fn closed_until_configured(&self) -> Option<&'static str> {
+        (self.allowed_peers.is_empty() && self.allowed_calling_ae_titles.is_empty() && !self.allow_any_peer).then_some(
+            "no sender is allowed yet: set dicom.allowed_peers or dicom.allowed_calling_ae_titles \
+             (or dicom.allow_any_peer = true) and restart; until then every association is refused",
+        )
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -216,6 +229,7 @@ impl Default for DicomConfig {
             require_called_ae_title: true,
             allowed_calling_ae_titles: Vec::new(),
             allowed_peers: Vec::new(),
+            allow_any_peer: false,
             other_sop_classes: OtherSopClassPolicy::Discard,
         }
     }

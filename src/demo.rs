@@ -128,6 +128,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
         .arg("--destination")
         .arg(&pacs)
         .env("IDAICS_DICOM_BIND_ADDRESS", "127.0.0.1")
+        .env("IDAICS_DICOM_ALLOWED_PEERS", "127.0.0.1")
         .env("IDAICS_HTTP_BIND_ADDRESS", "127.0.0.1")
         .env("IDAICS_MODEL_WEIGHTS", weights.as_deref().map(|w| w.to_string_lossy().into_owned()).unwrap_or_default())
         .stdin(Stdio::null())

@@ -91,6 +91,8 @@ pub struct HttpState {
     /// The weights in use; configured but not loaded makes the agent not ready (no weights
     /// configured: it reports levels only, which is ready).
     pub model: Arc<crate::pipeline::ModelSlot>,
+    /// Why the DICOM listener refuses every association, while nobody has said who may send.
+    pub closed: Option<&'static str>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -117,8 +119,10 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         "database": database, "spool_writable": spool,
         "model": match loaded { None => "not configured", Some(true) => "loaded", Some(false) => "not loaded" },
         "weights_sha256": state.model.current().map(|d| d.sha256.clone()),
+        "accepting_associations": state.closed.is_none(),
+        "not_accepting_because": state.closed,
     });
-    let status = if database && spool && model { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if database && spool && model && state.closed.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }
 

@@ -233,6 +233,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             pipeline: pipeline_stats,
             spool_tmp: config.storage.tmp_dir(),
             model: model.clone(),
+            closed: config.dicom.closed_until_configured(),
         };
         tracing::info!(address = %addr, "HTTP listening (/healthz, /readyz, /metrics, /api/v1/findings)");
         Some(tokio::spawn(async move {
@@ -256,6 +257,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         version = env!("CARGO_PKG_VERSION"),
         "listening for DICOM associations"
     );
+    if let Some(why) = config.dicom.closed_until_configured() {
+        tracing::warn!("{why}");
+    }
     systemd::notify_ready();
     let watchdog = systemd::watchdog_interval().map(|interval| {
         tokio::spawn(async move {

@@ -900,6 +900,27 @@ fn access_control_and_limits_reject_with_reasons() {
     let stranger = echo("STRANGER", AE);
     assert!(output_text(&stranger).contains("Calling AE Title Not Recognized"), "{}", output_text(&stranger));
 
+    // Nobody said who may send: every association is refused, and the agent says why, in its log
+    // and in /readyz.
+    let http = free_port();
+    let closed = Agent::start(
+        &tmp.path().join("closed"),
+        &[("IDAICS_DICOM_ALLOW_ANY_PEER", "false"), ("IDAICS_HTTP_PORT", &http.to_string())],
+    );
+    assert!(!closed.echo(), "an agent nobody configured accepted an association");
+    assert!(closed.log().contains("no sender is allowed yet"), "{}", closed.log());
+    let (status, body) = http_get(http, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(ready["accepting_associations"], false, "{body}");
+    assert!(ready["not_accepting_because"].as_str().unwrap().contains("dicom.allowed_peers"), "{body}");
+    // Listing the sender's AE title is enough.
+    let by_title = Agent::start(
+        &tmp.path().join("by-title"),
+        &[("IDAICS_DICOM_ALLOW_ANY_PEER", "false"), ("IDAICS_DICOM_ALLOWED_CALLING_AE_TITLES", "ECHOSCU")],
+    );
+    assert!(by_title.echo(), "{}", by_title.log());
+
     let peers = Agent::start(&tmp.path().join("b"), &[("IDAICS_DICOM_ALLOWED_PEERS", "10.0.0.0/8")]);
     assert!(!peers.echo(), "loopback peer accepted despite the allow-list");
     assert!(peers.log().contains("peer address not in the allow-list"));

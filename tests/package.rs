@@ -191,6 +191,8 @@ fn package_installs_runs_as_its_own_user_and_purges_keeping_the_received_images(
     assert!(!nobody_reads.status.success(), "another user can read the configuration");
     let check = run(as_idaics("/usr/bin/idaics").args(["check-config", "--config", "/etc/idaics/idaics.toml"]));
     assert!(stdout(&check).contains("OK"));
+    // Installed, it accepts nobody until someone says who may send, and says so.
+    assert!(stdout(&check).contains("warning: no sender is allowed yet"), "{}", stdout(&check));
 
     // systemd's own check of the installed unit: its directives, user and ExecStart binary.
     run(Command::new("systemd-analyze").args(["verify", "/lib/systemd/system/idaics.service"]));
@@ -210,6 +212,25 @@ fn package_installs_runs_as_its_own_user_and_purges_keeping_the_received_images(
     );
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
     wait_until("the installed agent to listen", Duration::from_secs(30), || {
+        log().contains("listening for DICOM associations")
+    });
+    let echo = Command::new("echoscu").args(["-aec", "IDAICS", "127.0.0.1", &port.to_string()]).output().unwrap();
+    assert!(!echo.status.success(), "the installed agent accepted a sender nobody allowed");
+    assert!(log().contains("no sender is allowed yet"), "{}", log());
+    unsafe { libc::kill(agent.0.id() as i32, libc::SIGTERM) };
+    assert!(agent.0.wait().unwrap().success(), "{}", log());
+    // With the sender listed (here by the environment; on a server in the file), it stores.
+    let mut agent = Running(
+        as_idaics("/usr/bin/idaics")
+            .args(["serve", "--config", "/etc/idaics/idaics.toml", "--port", &port.to_string()])
+            .env("IDAICS_DICOM_BIND_ADDRESS", "127.0.0.1")
+            .env("IDAICS_DICOM_ALLOWED_PEERS", "127.0.0.1")
+            .env("IDAICS_HTTP_PORT", free_port().to_string())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the installed agent to listen again", Duration::from_secs(30), || {
         log().contains("listening for DICOM associations")
     });
     let series =

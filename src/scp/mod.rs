@@ -233,7 +233,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: wa
                 // Who may connect is decided before a slot is taken, and a peer may hold only
                 // its share of them: neither an unlisted host nor one listed host can keep the
                 // others out.
-                let admitted = if !ctx.peer_is_listed(peer.ip()) {
+                let admitted = if ctx.config.dicom.closed_until_configured().is_some() {
+                    Err(Refusal::NobodyAllowedYet)
+                } else if !ctx.peer_is_listed(peer.ip()) {
                     Err(Refusal::UnlistedPeer)
                 } else {
                     match ctx.claim_for_peer(peer.ip()) {
@@ -286,6 +288,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: wa
 /// Why a connection is turned away before it takes a slot.
 #[derive(Debug, Clone, Copy)]
 enum Refusal {
+    NobodyAllowedYet,
     UnlistedPeer,
     PeerAtItsLimit,
     AllSlotsTaken,
@@ -296,6 +299,11 @@ enum Refusal {
 async fn refuse(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: &ScpContext, refusal: Refusal) {
     let limits = &ctx.config.limits;
     let (detail, result, source) = match refusal {
+        Refusal::NobodyAllowedYet => (
+            "no sender is allowed yet (dicom.allowed_peers, dicom.allowed_calling_ae_titles)".to_string(),
+            AssociationRJResult::Permanent,
+            AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+        ),
         Refusal::UnlistedPeer => (
             "peer address not in the allow-list".to_string(),
             AssociationRJResult::Permanent,
@@ -318,6 +326,10 @@ async fn refuse(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: &Sc
     };
     if ctx.rejections.report() {
         match refusal {
+            Refusal::NobodyAllowedYet => tracing::warn!(
+                "no sender is allowed yet: set dicom.allowed_peers or dicom.allowed_calling_ae_titles \
+                 (or dicom.allow_any_peer = true); rejecting"
+            ),
             Refusal::UnlistedPeer => tracing::warn!("peer address not in the allow-list; rejecting"),
             Refusal::PeerAtItsLimit => tracing::warn!(
                 limit = limits.max_associations_per_peer,
