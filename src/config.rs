@@ -186,11 +186,28 @@ pub struct HttpConfig {
     pub enabled: bool,
     pub bind_address: String,
     pub port: u16,
+    /// Bearer token the findings API (/api/v1) asks for; required when bound beyond loopback,
+    /// where the API would otherwise hand patient data and reviews to anyone on the network.
+    pub api_token: String,
+    /// Connections served at once; more are closed as they arrive.
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers (a slow sender holds a connection).
+    pub header_timeout_s: u64,
+    /// Seconds a connection may stay open, its requests, bodies and responses included.
+    pub connection_timeout_s: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { enabled: true, bind_address: "127.0.0.1".into(), port: 8104 }
+        HttpConfig {
+            enabled: true,
+            bind_address: "127.0.0.1".into(),
+            port: 8104,
+            api_token: String::new(),
+            max_connections: 64,
+            header_timeout_s: 10,
+            connection_timeout_s: 300,
+        }
     }
 }
 
@@ -508,6 +525,21 @@ impl Config {
             "http.bind_address",
             self.http.bind_address.parse::<std::net::IpAddr>().map(|_| ()).map_err(|_| "not an IP address".into()),
         );
+        let beyond_loopback = self.http.bind_address.parse::<std::net::IpAddr>().is_ok_and(|a| !a.is_loopback());
+        check(
+            "http.api_token",
+            if self.http.enabled && beyond_loopback && self.http.api_token.is_empty() {
+                Err(format!(
+                    "required when http.bind_address ({}) is not a loopback address: the findings API \
+                     would be open to the network",
+                    self.http.bind_address
+                ))
+            } else if !self.http.api_token.is_empty() && self.http.api_token.len() < 16 {
+                Err("shorter than 16 characters".into())
+            } else {
+                Ok(())
+            },
+        );
         check(
             "dicom.bind_address",
             self.dicom
@@ -524,6 +556,9 @@ impl Config {
         }
         let positive = |v: u64| if v == 0 { Err("must be greater than 0".to_string()) } else { Ok(()) };
         check("outputs.max_retry_interval_s", positive(self.outputs.max_retry_interval_s));
+        check("http.max_connections", positive(self.http.max_connections as u64));
+        check("http.header_timeout_s", positive(self.http.header_timeout_s));
+        check("http.connection_timeout_s", positive(self.http.connection_timeout_s));
         let host_name = &self.storage.host_name;
         check(
             "storage.host_name",
@@ -742,6 +777,21 @@ fn describe_toml_error(text: &str, error: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_api_beyond_loopback_needs_a_token() {
+        let mut config = Config::default();
+        config.http.bind_address = "0.0.0.0".into();
+        let error = config.validate("test").unwrap_err().to_string();
+        assert!(error.contains("http.api_token: required when http.bind_address (0.0.0.0)"), "{error}");
+        config.http.api_token = "short".into();
+        assert!(config.validate("test").unwrap_err().to_string().contains("shorter than 16"));
+        config.http.api_token = "0123456789abcdef0123".into();
+        config.validate("test").unwrap();
+        config.http.bind_address = "::1".into();
+        config.http.api_token.clear();
+        config.validate("test").unwrap();
+    }
 
     #[test]
     fn an_installed_binary_reads_the_configuration_beside_its_prefix() {

@@ -95,18 +95,87 @@ pub struct HttpState {
     pub closed: Option<&'static str>,
 }
 
-pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+/// The routes. With a token, the findings API answers only requests that bear it; health and
+/// metrics stay open to the service manager and Prometheus (they hold no patient data).
+pub fn router(state: HttpState, api_token: &str) -> Router {
+    let mut api = Router::new()
         .route("/api/v1/findings", get(findings))
         .route("/api/v1/findings/{id}/review", post(review))
         .route("/api/v1/history", get(history))
         .route("/api/v1/series", get(series))
         .route("/api/v1/jobs", get(jobs))
-        .route("/api/v1/outbox", get(outbox))
+        .route("/api/v1/outbox", get(outbox));
+    if !api_token.is_empty() {
+        let expected: Arc<str> = format!("Bearer {api_token}").into();
+        api = api.route_layer(axum::middleware::from_fn(move |request, next| {
+            let expected = expected.clone();
+            require_token(expected, request, next)
+        }));
+    }
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(state)
+}
+
+async fn require_token(expected: Arc<str>, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let presented = request.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
+    if same_secret(presented, expected.as_bytes()) {
+        return next.run(request).await;
+    }
+    let mut response =
+        (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({ "error": "a bearer token is required (http.api_token)" })))
+            .into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// Compares in time that depends on the length only, so a token cannot be guessed byte by byte
+/// from how long refusals take.
+fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
+    presented.len() == expected.len() && presented.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+/// What one HTTP client may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    pub max_connections: usize,
+    pub header_timeout: std::time::Duration,
+    pub connection_timeout: std::time::Duration,
+}
+
+/// Serves HTTP/1.1 with bounds axum's own loop lacks: connections beyond the cap are closed as
+/// they arrive, headers must come within a timeout (a client that sends a byte a minute holds
+/// nothing for long), and a connection lives at most its timeout, bodies and responses included.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, limits: HttpLimits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, limit = limits.max_connections, "HTTP connections at their limit; closing");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if tokio::time::timeout(limits.connection_timeout, connection).await.is_err() {
+                tracing::debug!(%peer, "HTTP connection open longer than http.connection_timeout_s; closed");
+            }
+            drop(slot);
+        });
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> Response {

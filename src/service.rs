@@ -236,11 +236,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             closed: config.dicom.closed_until_configured(),
         };
         tracing::info!(address = %addr, "HTTP listening (/healthz, /readyz, /metrics, /api/v1/findings)");
-        Some(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, crate::http::router(state)).await {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
-        }))
+        let limits = crate::http::HttpLimits {
+            max_connections: config.http.max_connections,
+            header_timeout: std::time::Duration::from_secs(config.http.header_timeout_s),
+            connection_timeout: std::time::Duration::from_secs(config.http.connection_timeout_s),
+        };
+        let app = crate::http::router(state, &config.http.api_token);
+        Some(tokio::spawn(crate::http::serve(listener, app, limits)))
     } else {
         None
     };

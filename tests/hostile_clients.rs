@@ -164,3 +164,68 @@ fn a_flood_from_an_unlisted_host_is_counted_not_logged_line_by_line() {
     // Nothing of it kept the listed host out.
     assert!(agent.echo(), "{}", agent.log());
 }
+
+/// A raw HTTP/1.1 request with the headers given; (status, body).
+fn http_with(port: u16, path: &str, headers: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// Whether the server closed the connection (read returns end of file, or a reset) within the time.
+fn closed_within(stream: &mut TcpStream, time: Duration) -> bool {
+    stream.set_read_timeout(Some(time)).unwrap();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn the_findings_api_asks_for_its_token_and_slow_or_surplus_http_clients_are_cut_off() {
+    let tmp = tempfile::tempdir().unwrap();
+    let http = free_port();
+    let token = "s3cr3t-t0ken-of-the-site";
+    let agent = Agent::start(
+        &tmp.path().join("state"),
+        &[
+            ("IDAICS_HTTP_PORT", &http.to_string()),
+            ("IDAICS_HTTP_API_TOKEN", token),
+            ("IDAICS_HTTP_HEADER_TIMEOUT_S", "2"),
+            ("IDAICS_HTTP_MAX_CONNECTIONS", "4"),
+        ],
+    );
+    let (status, body) = http_with(http, "/api/v1/findings", "");
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(http_with(http, "/api/v1/findings", "Authorization: Bearer wrong-token-of-same-len\r\n").0, 401);
+    let (status, body) = http_with(http, "/api/v1/findings", &format!("Authorization: Bearer {token}\r\n"));
+    assert_eq!(status, 200, "{body}");
+    // Probes and metrics hold no patient data and stay open.
+    assert_eq!(http_with(http, "/readyz", "").0, 200);
+    assert_eq!(http_with(http, "/metrics", "").0, 200);
+
+    // Four clients that send half a request and then nothing take every connection: a fifth is
+    // closed at once, and the four are closed once the header timeout passes.
+    let mut slow: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = TcpStream::connect(("127.0.0.1", http)).unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut surplus = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    assert!(closed_within(&mut surplus, Duration::from_secs(1)), "a fifth connection was kept");
+    for stream in &mut slow {
+        assert!(closed_within(stream, Duration::from_secs(10)), "a client that never finished its headers was kept");
+    }
+    assert_eq!(http_with(http, "/healthz", "").0, 200, "{}", agent.log());
+}
