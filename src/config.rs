@@ -86,6 +86,9 @@ pub struct LimitsConfig {
     pub idle_timeout_s: u64,
     /// Seconds a response may wait for the peer to take it before the association is aborted.
     pub write_timeout_s: u64,
+    /// Seconds one analysis job may run before the agent counts as hung (the watchdog is then
+    /// no longer fed, and systemd restarts it; the job is tried again).
+    pub max_job_s: u64,
     pub max_instance_size_mb: u64,
     /// Largest data set of a Deflated Explicit VR Little Endian instance once inflated.
     pub max_inflated_size_mb: u64,
@@ -261,6 +264,7 @@ impl Default for LimitsConfig {
             association_timeout_s: 30,
             idle_timeout_s: 120,
             write_timeout_s: 60,
+            max_job_s: 1800,
             max_instance_size_mb: 2048,
             max_inflated_size_mb: 256,
             max_value_size_kb: 1024,
@@ -598,6 +602,7 @@ impl Config {
         check("limits.association_timeout_s", positive(self.limits.association_timeout_s));
         check("limits.idle_timeout_s", positive(self.limits.idle_timeout_s));
         check("limits.write_timeout_s", positive(self.limits.write_timeout_s));
+        check("limits.max_job_s", positive(self.limits.max_job_s));
         check("limits.max_instance_size_mb", positive(self.limits.max_instance_size_mb));
         check("limits.max_inflated_size_mb", positive(self.limits.max_inflated_size_mb));
         check(
@@ -608,17 +613,8 @@ impl Config {
                 Err(format!("{} is outside 1 to 1048576 KiB", self.limits.max_value_size_kb))
             },
         );
-        check(
-            "limits.max_associations_per_peer",
-            if (1..=self.limits.max_associations).contains(&self.limits.max_associations_per_peer) {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} is outside 1 to limits.max_associations ({})",
-                    self.limits.max_associations_per_peer, self.limits.max_associations
-                ))
-            },
-        );
+        // Above limits.max_associations it changes nothing: one peer may then take every slot.
+        check("limits.max_associations_per_peer", positive(self.limits.max_associations_per_peer as u64));
         check("series.quiet_period_s", positive(self.series.quiet_period_s));
         check(
             "series.max_wait_s",

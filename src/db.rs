@@ -1448,6 +1448,7 @@ pub struct Writer {
     /// Whether this writer has seen the migrations applied (a database down at start is migrated
     /// when it comes up).
     migrated: bool,
+    heartbeat: Option<crate::systemd::Heartbeat>,
 }
 
 impl Writer {
@@ -1466,15 +1467,33 @@ impl Writer {
             }
         }
         let journalled = !pending.is_empty();
-        Writer { db, journal, refused: state_dir.join("db-refused.jsonl"), pending, journalled, migrated: false }
+        Writer {
+            db,
+            journal,
+            refused: state_dir.join("db-refused.jsonl"),
+            pending,
+            journalled,
+            migrated: false,
+            heartbeat: None,
+        }
+    }
+
+    /// Reports to the watchdog at every turn, written, journalled or idle.
+    pub fn with_heartbeat(mut self, heartbeat: crate::systemd::Heartbeat) -> Writer {
+        self.heartbeat = Some(heartbeat);
+        self
     }
 
     /// Runs until the channel closes and everything is written or journalled.
     pub async fn run(mut self, mut records: tokio::sync::mpsc::UnboundedReceiver<Record>) {
         let mut backoff = Duration::from_millis(500);
         loop {
+            if let Some(heartbeat) = &self.heartbeat {
+                heartbeat.beat();
+            }
             self.flush().await;
-            let wait = if self.pending.is_empty() { Duration::from_secs(3600) } else { backoff };
+            // Idle, it still wakes to report that it is alive.
+            let wait = if self.pending.is_empty() { Duration::from_secs(10) } else { backoff };
             tokio::select! {
                 received = records.recv() => match received {
                     Some(record) => {

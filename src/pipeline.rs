@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tracing::Instrument;
 use candle_core::Device;
 
 use crate::db::{Db, JobOutcome, OutboxEntry};
@@ -362,10 +363,18 @@ pub const MAX_JOB_ATTEMPTS: i64 = 3;
 
 impl Worker {
     /// Takes up interrupted jobs, then claims and runs jobs until `shutdown` turns true.
-    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    /// Claims and runs jobs until shutdown. It reports to the watchdog between jobs and while
+    /// idle; a job that runs longer than the worker's allowance (`limits.max_job_s`) counts as
+    /// hung (a decoder in a loop, a read that never returns).
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+        heartbeat: crate::systemd::Heartbeat,
+    ) {
         let mut recovered = false;
         let mut next_stale_scan = std::time::Instant::now();
         loop {
+            heartbeat.beat();
             if *shutdown.borrow() {
                 return;
             }
@@ -400,53 +409,60 @@ impl Worker {
             }
             match self.db.claim_job(&self.claimant.name()).await {
                 Ok(Some(job)) => {
+                    // The span goes with the future (`instrument`), not with the thread: a guard
+                    // from `enter` held across the awaits below leaves the span on whichever
+                    // thread resumes, and tracing's registry then panics on a span already closed.
                     let span = tracing::info_span!("job", id = job.id, series_uid = %job.series_uid);
-                    let _enter = span.enter();
-                    tracing::info!(attempt = job.attempts, "job started");
-                    let started = std::time::Instant::now();
-                    let renewal = tokio::spawn(self.clone().keep_claim(job.id));
-                    // The weights of the whole job, whatever a reload puts in place meanwhile.
-                    let detector = self.model.current();
-                    let outcome = self.clone().run_job(job.series_uid.clone(), job.id, detector.clone()).await;
-                    renewal.abort();
-                    let weights = detector.as_ref().map(|d| d.sha256.clone());
-                    let ending = match &outcome {
-                        Ok(results) => JobOutcome::Done {
-                            weights_sha256: weights.as_deref(),
-                            findings: &results.findings,
-                            outbox: &results.outbox,
-                        },
-                        Err(e) => JobOutcome::Failed(e.as_str()),
-                    };
-                    match self.db.finish_job(job.id, &self.claimant.name(), ending).await {
-                        Ok(true) => {
-                            use std::sync::atomic::Ordering;
-                            match &outcome {
-                                Ok(results) => {
-                                    self.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
-                                    self.stats.observe_inference(started.elapsed().as_secs_f64());
-                                    for (stage, seconds) in &results.stage_seconds {
-                                        self.stats.observe_stage(stage, *seconds);
+                    async {
+                        tracing::info!(attempt = job.attempts, "job started");
+                        let started = std::time::Instant::now();
+                        let renewal = tokio::spawn(self.clone().keep_claim(job.id).in_current_span());
+                        // The weights of the whole job, whatever a reload puts in place meanwhile.
+                        let detector = self.model.current();
+                        let outcome = self.clone().run_job(job.series_uid.clone(), job.id, detector.clone()).await;
+                        renewal.abort();
+                        let weights = detector.as_ref().map(|d| d.sha256.clone());
+                        let ending = match &outcome {
+                            Ok(results) => JobOutcome::Done {
+                                weights_sha256: weights.as_deref(),
+                                findings: &results.findings,
+                                outbox: &results.outbox,
+                            },
+                            Err(e) => JobOutcome::Failed(e.as_str()),
+                        };
+                        match self.db.finish_job(job.id, &self.claimant.name(), ending).await {
+                            Ok(true) => {
+                                use std::sync::atomic::Ordering;
+                                match &outcome {
+                                    Ok(results) => {
+                                        self.stats.jobs_done.fetch_add(1, Ordering::Relaxed);
+                                        self.stats.observe_inference(started.elapsed().as_secs_f64());
+                                        for (stage, seconds) in &results.stage_seconds {
+                                            self.stats.observe_stage(stage, *seconds);
+                                        }
+                                        let stages: Vec<String> =
+                                            results.stage_seconds.iter().map(|(s, t)| format!("{s} {t:.3}")).collect();
+                                        let (levels, seconds) = (results.findings.len(), started.elapsed().as_secs_f64());
+                                        tracing::info!(levels, seconds, stages = %stages.join(", "), "job done");
                                     }
-                                    let stages: Vec<String> =
-                                        results.stage_seconds.iter().map(|(s, t)| format!("{s} {t:.3}")).collect();
-                                    let (levels, seconds) = (results.findings.len(), started.elapsed().as_secs_f64());
-                                    tracing::info!(levels, seconds, stages = %stages.join(", "), "job done");
-                                }
-                                Err(e) => {
-                                    self.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
-                                    tracing::error!(error = %e, "job failed");
+                                    Err(e) => {
+                                        self.stats.jobs_failed.fetch_add(1, Ordering::Relaxed);
+                                        tracing::error!(error = %e, "job failed");
+                                    }
                                 }
                             }
+                            Ok(false) => tracing::warn!(
+                                lease_s = self.job_lease.as_secs(),
+                                "another agent took this job over after its claim lapsed; its results are theirs to record"
+                            ),
+                            // The claim lapses and the job is taken up again, by this agent or another.
+                            Err(e) => tracing::error!(error = %e, "cannot record the job's end"),
                         }
-                        Ok(false) => tracing::warn!(
-                            lease_s = self.job_lease.as_secs(),
-                            "another agent took this job over after its claim lapsed; its results are theirs to record"
-                        ),
-                        // The claim lapses and the job is taken up again, by this agent or another.
-                        Err(e) => tracing::error!(error = %e, "cannot record the job's end"),
+                        self.wake.notify_waiters();
+                
                     }
-                    self.wake.notify_waiters();
+                    .instrument(span)
+                    .await;
                 }
                 Ok(None) => {
                     tokio::select! {
@@ -473,6 +489,11 @@ impl Worker {
     ) -> Result<JobResults, String> {
         let series =
             self.db.series_identity(&series_uid).await.map_err(|e| e.to_string())?.ok_or("series not in the log")?;
+        // UIDs read back from the database become paths: checked again, since a database shared
+        // with other agents (or edited by hand) is not the SCP that checked them at ingest.
+        for uid in [&series.study_uid, &series_uid] {
+            crate::spool::check_uid(uid).map_err(|e| format!("the log's UID {uid:?} cannot name a folder: {e}"))?;
+        }
         let dir = self.spool_dir.join(&series.study_uid).join(&series_uid);
         let out = self.outputs_dir.join(&series_uid);
         let worker = self.clone();
@@ -596,6 +617,7 @@ struct JobResults {
 /// A job's objects that are due together go to a DICOM destination over one association.
 pub async fn run_sender(
     db: Db,
+    outputs_dir: PathBuf,
     destination: Destination,
     calling_ae: String,
     max_retry_interval_s: u64,
@@ -614,7 +636,7 @@ pub async fn run_sender(
             }
         };
         for job_objects in due.chunk_by(|a, b| a.job_id == b.job_id) {
-            let outcomes = send_objects(&destination, &calling_ae, job_objects).await;
+            let outcomes = send_objects(&outputs_dir, &destination, &calling_ae, job_objects).await;
             for (item, outcome) in job_objects.iter().zip(outcomes) {
                 if let Err(e) = record_delivery(&db, &destination.name, item, outcome, max_retry_interval_s).await {
                     tracing::warn!(error = %e, "cannot record a delivery attempt");
@@ -670,9 +692,44 @@ enum Delivery {
     NotAttempted,
 }
 
+/// Where an outbox row's object may be: `<outputs>/<series UID>/<name>.dcm`, a plain file. The
+/// path comes from the database, which other agents share; a row naming any other file (another
+/// patient's, a key, a symbolic link to one) must never be sent to a PACS.
+fn check_object_path(outputs_dir: &Path, path: &Path) -> Result<(), String> {
+    let refused = |why: &str| Err(format!("outbox object {} refused: {why}", path.display()));
+    let (Some(series_dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return refused("no file name");
+    };
+    if series_dir.parent() != Some(outputs_dir) {
+        return refused(&format!("not in a series folder of {}", outputs_dir.display()));
+    }
+    let series = series_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if crate::spool::check_uid(series).is_err() {
+        return refused("its folder is not a series UID");
+    }
+    let stem = name.strip_suffix(".dcm").unwrap_or_default();
+    if stem.is_empty() || !stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        return refused("not an object name of this agent");
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_file() => Ok(()),
+        Ok(_) => refused("not a plain file"),
+        Err(e) => refused(&e.to_string()),
+    }
+}
+
 /// Delivers one job's due objects, in order; one outcome per object.
-async fn send_objects(destination: &Destination, calling_ae: &str, items: &[crate::db::OutboxItem]) -> Vec<Delivery> {
+async fn send_objects(
+    outputs_dir: &Path,
+    destination: &Destination,
+    calling_ae: &str,
+    items: &[crate::db::OutboxItem],
+) -> Vec<Delivery> {
     let paths: Vec<PathBuf> = items.iter().map(|item| PathBuf::from(&item.object_path)).collect();
+    if let Some(error) = paths.iter().find_map(|p| check_object_path(outputs_dir, p).err()) {
+        tracing::error!(%error, "a job's outbox names a file outside this agent's outputs; none of its objects is sent");
+        return paths.iter().map(|_| Delivery::Failed { status: None, error: error.clone() }).collect();
+    }
     match &destination.target {
         Target::Folder(dir) => {
             let mut outcomes = Vec::with_capacity(paths.len());
@@ -715,21 +772,47 @@ async fn send_objects(destination: &Destination, calling_ae: &str, items: &[crat
 }
 
 /// Copies a file into `dir/<its series folder>/`, synced, under its own name only once complete.
+/// The temporary file is created new (never opened through a link someone left in its place)
+/// under a name of its own, and the series folder must be a folder, not a link to elsewhere.
 async fn copy_to_folder(dir: &Path, path: PathBuf) -> Result<(), String> {
+    static COPIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     let series = path.parent().and_then(|p| p.file_name()).map(|n| n.to_os_string()).unwrap_or_default();
     let to_dir = dir.join(series);
     // The outbox records the object as sent once this returns: the copy, and its name in the
     // folder, must survive a power cut as an instance in the spool does.
     tokio::task::spawn_blocking(move || -> Result<(), String> {
-        crate::spool::create_dirs_durably(&to_dir, true).map_err(|e| e.to_string())?;
-        let tmp = to_dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        use std::os::unix::fs::OpenOptionsExt;
         fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
             move |e| format!("{}: {e}", what.display())
         }
-        std::fs::copy(&path, &tmp).map_err(io(&tmp))?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, to_dir.join(&name)).map_err(io(&to_dir))?;
+        crate::spool::create_dirs_durably(&to_dir, true).map_err(|e| e.to_string())?;
+        if !std::fs::symlink_metadata(&to_dir).map_err(io(&to_dir))?.file_type().is_dir() {
+            return Err(format!("{} is not a folder (a symbolic link?); nothing copied", to_dir.display()));
+        }
+        let unique = format!(
+            "{}-{}",
+            std::process::id(),
+            COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let tmp = to_dir.join(format!(".{}.{unique}.tmp", name.to_string_lossy()));
+        let copied = (|| -> Result<(), String> {
+            let mut from = std::fs::File::open(&path).map_err(io(&path))?;
+            let mut to = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .mode(0o640)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            std::io::copy(&mut from, &mut to).map_err(io(&tmp))?;
+            to.sync_all().map_err(io(&tmp))?;
+            std::fs::rename(&tmp, to_dir.join(&name)).map_err(io(&to_dir))
+        })();
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        copied?;
         crate::spool::sync_dir(&to_dir).map_err(|e| e.to_string())
     })
     .await
@@ -753,5 +836,52 @@ mod tests {
         assert_eq!(peer.name, "PACS@10.0.0.5:104");
         assert!(matches!(peer.target, Target::Dicom(p) if p.ae_title == "PACS" && p.port == 104));
         assert!(parse_destination("PACS@host:x").is_err());
+    }
+
+    #[test]
+    fn only_this_agents_objects_leave_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outputs = tmp.path().join("outputs");
+        let series = outputs.join("1.2.3.4");
+        std::fs::create_dir_all(&series).unwrap();
+        std::fs::write(series.join("sr.dcm"), b"x").unwrap();
+        std::fs::write(tmp.path().join("secret.dcm"), b"x").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("secret.dcm"), series.join("link.dcm")).unwrap();
+        assert_eq!(check_object_path(&outputs, &series.join("sr.dcm")), Ok(()));
+        for (path, why) in [
+            (tmp.path().join("secret.dcm"), "not in a series folder"),
+            (outputs.join("1.2.3.4/../../secret.dcm"), "not in a series folder"),
+            (series.join("link.dcm"), "not a plain file"),
+            (series.join("missing.dcm"), "No such file"),
+            (series.join("sr.txt"), "not an object name"),
+        ] {
+            let error = check_object_path(&outputs, &path).unwrap_err();
+            assert!(error.contains(why), "{}: {error}", path.display());
+        }
+        std::fs::create_dir_all(outputs.join("not-a-uid")).unwrap();
+        std::fs::write(outputs.join("not-a-uid/sr.dcm"), b"x").unwrap();
+        assert!(check_object_path(&outputs, &outputs.join("not-a-uid/sr.dcm")).unwrap_err().contains("series UID"));
+    }
+
+    #[tokio::test]
+    async fn a_folder_copy_follows_no_link_left_in_its_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let object = tmp.path().join("outputs/1.2.3/sr.dcm");
+        std::fs::create_dir_all(object.parent().unwrap()).unwrap();
+        std::fs::write(&object, b"the report").unwrap();
+        let folder = tmp.path().join("pacs");
+        std::fs::create_dir_all(&folder).unwrap();
+        // Someone made the series folder a link to a place of theirs.
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, folder.join("1.2.3")).unwrap();
+        let error = copy_to_folder(&folder, object.clone()).await.unwrap_err();
+        assert!(error.contains("not a folder"), "{error}");
+        assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+        // With a real folder it is copied, and no temporary file stays.
+        std::fs::remove_file(folder.join("1.2.3")).unwrap();
+        copy_to_folder(&folder, object).await.unwrap();
+        assert_eq!(std::fs::read(folder.join("1.2.3/sr.dcm")).unwrap(), b"the report");
+        assert_eq!(std::fs::read_dir(folder.join("1.2.3")).unwrap().count(), 1);
     }
 }

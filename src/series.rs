@@ -814,12 +814,17 @@ impl SeriesTracker {
 }
 
 /// Runs the tracker until the event channel closes.
-pub async fn run_tracker(mut tracker: SeriesTracker, mut events: mpsc::UnboundedReceiver<TrackerEvent>) {
+pub async fn run_tracker(
+    mut tracker: SeriesTracker,
+    mut events: mpsc::UnboundedReceiver<TrackerEvent>,
+    heartbeat: crate::systemd::Heartbeat,
+) {
     let period = (tracker.config.quiet_period() / 4)
         .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1));
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        heartbeat.beat();
         tokio::select! {
             event = events.recv() => match event {
                 Some(event) => tokio::task::block_in_place(|| tracker.handle(event)),

@@ -106,7 +106,18 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         }
     }
     let (records_tx, records_rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(Writer::new(db.clone(), state_dir).run(records_rx));
+    // What the watchdog waits to hear from: the accept loop, the tracker and the stage that
+    // records decided series wake every few seconds, the writer every 10 s (longer while a
+    // database that is down makes it wait), the worker between jobs.
+    let liveness = systemd::Liveness::new(&[
+        ("receiver", std::time::Duration::from_secs(30)),
+        ("tracker", std::time::Duration::from_secs(30)),
+        ("pipeline", std::time::Duration::from_secs(60)),
+        ("writer", std::time::Duration::from_secs(180)),
+        ("worker", std::time::Duration::from_secs(config.limits.max_job_s.saturating_add(10))),
+    ]);
+    let writer_task =
+        tokio::spawn(Writer::new(db.clone(), state_dir).with_heartbeat(liveness.heartbeat("writer")).run(records_rx));
 
     let (decisions_tx, decisions_rx) = mpsc::unbounded_channel();
     // One scan of the spool rebuilds the tracker and tells what the database may have missed.
@@ -143,9 +154,14 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let local: SocketAddr = listener.local_addr().map_err(|source| ServiceError::Bind { addr, source })?;
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let tracker_task = tokio::spawn(series::run_tracker(tracker, events_rx));
+    let tracker_task = tokio::spawn(series::run_tracker(tracker, events_rx, liveness.heartbeat("tracker")));
     let pipeline_stats = Arc::new(PipelineStats::default());
-    let pipeline_task = tokio::spawn(pipeline(decisions_rx, records_tx.clone(), pipeline_stats.clone()));
+    let pipeline_task = tokio::spawn(pipeline(
+        decisions_rx,
+        records_tx.clone(),
+        pipeline_stats.clone(),
+        liveness.heartbeat("pipeline"),
+    ));
 
     let (retention_stop_tx, retention_stop_rx) = watch::channel(false);
     let retention_task = (config.storage.retention_days > 0.0).then(|| {
@@ -210,11 +226,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         wake: wake.clone(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut background = vec![tokio::spawn(worker.run(stop_rx.clone()))];
+    let mut background = vec![tokio::spawn(worker.run(stop_rx.clone(), liveness.heartbeat("worker")))];
     for d in destinations {
         tracing::info!(destination = %d.name, "sending results");
         background.push(tokio::spawn(crate::pipeline::run_sender(
             db.clone(),
+            state_dir.join("outputs"),
             d,
             config.dicom.ae_title.clone(),
             config.outputs.max_retry_interval_s,
@@ -247,7 +264,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         None
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let scp_task = tokio::spawn(scp::serve(listener, ctx, shutdown_rx));
+    let scp_task = tokio::spawn(scp::serve(listener, ctx, shutdown_rx, liveness.heartbeat("receiver")));
     // Made once, before the agent says it is up: a SIGHUP from then on reloads rather than
     // terminates, and a signal that arrives while a reload runs is kept for the next wait.
     let mut signals = Signals::new()?;
@@ -263,15 +280,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         tracing::warn!("{why}");
     }
     systemd::notify_ready();
-    let watchdog = systemd::watchdog_interval().map(|interval| {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            loop {
-                tick.tick().await;
-                systemd::notify_watchdog();
-            }
-        })
-    });
+    let watchdog = systemd::watchdog_interval().map(|interval| tokio::spawn(systemd::feed_watchdog(interval, liveness)));
 
     loop {
         match signals.next().await {
@@ -437,9 +446,19 @@ async fn pipeline(
     mut decisions: mpsc::UnboundedReceiver<DecidedSeries>,
     records: mpsc::UnboundedSender<Record>,
     stats: Arc<PipelineStats>,
+    heartbeat: systemd::Heartbeat,
 ) {
     use std::sync::atomic::Ordering;
-    while let Some(series) = decisions.recv().await {
+    let mut alive = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        heartbeat.beat();
+        let series = tokio::select! {
+            decided = decisions.recv() => match decided {
+                Some(series) => series,
+                None => break,
+            },
+            _ = alive.tick() => continue,
+        };
         let counter = if series.is_complete() { &stats.series_completed } else { &stats.series_skipped };
         counter.fetch_add(1, Ordering::Relaxed);
         let (dir, record) = (series.dir.clone(), series.record.clone());

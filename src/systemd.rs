@@ -58,9 +58,114 @@ pub fn notify_watchdog() {
     send("WATCHDOG=1");
 }
 
+/// The parts of the agent that must keep going for it to be of use: the DICOM receiver's accept
+/// loop, the series tracker, the job worker and the finding log's writer. Each reports when it
+/// makes progress or finds nothing to do; the watchdog is fed only while every one of them has
+/// reported within its allowance. A timer alone would keep feeding it with a dead worker, and
+/// systemd would never restart the agent.
+#[derive(Debug)]
+pub struct Liveness {
+    started: std::time::Instant,
+    parts: Vec<Part>,
+}
+
+#[derive(Debug)]
+struct Part {
+    name: &'static str,
+    allowance: Duration,
+    /// Milliseconds after `started` of the last report.
+    last: std::sync::atomic::AtomicU64,
+}
+
+/// What one part holds to report with.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    liveness: std::sync::Arc<Liveness>,
+    index: usize,
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let now = self.liveness.started.elapsed().as_millis() as u64;
+        self.liveness.parts[self.index].last.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Liveness {
+    /// The parts, each with how long it may go without reporting.
+    pub fn new(parts: &[(&'static str, Duration)]) -> std::sync::Arc<Liveness> {
+        std::sync::Arc::new(Liveness {
+            started: std::time::Instant::now(),
+            parts: parts
+                .iter()
+                .map(|&(name, allowance)| Part { name, allowance, last: std::sync::atomic::AtomicU64::new(0) })
+                .collect(),
+        })
+    }
+
+    pub fn heartbeat(self: &std::sync::Arc<Self>, name: &str) -> Heartbeat {
+        let index = self.parts.iter().position(|p| p.name == name).unwrap_or_else(|| panic!("no part {name}"));
+        Heartbeat { liveness: self.clone(), index }
+    }
+
+    /// The parts silent for longer than their allowance, with how long.
+    pub fn silent(&self) -> Vec<(&'static str, Duration)> {
+        let now = self.started.elapsed();
+        self.parts
+            .iter()
+            .filter_map(|p| {
+                let quiet = now.saturating_sub(Duration::from_millis(p.last.load(std::sync::atomic::Ordering::Relaxed)));
+                (quiet > p.allowance).then_some((p.name, quiet))
+            })
+            .collect()
+    }
+}
+
+/// Feeds the watchdog every `interval` while every part reports; says once which went silent.
+pub async fn feed_watchdog(interval: Duration, liveness: std::sync::Arc<Liveness>) {
+    let mut tick = tokio::time::interval(interval);
+    let mut starving = false;
+    loop {
+        tick.tick().await;
+        let silent = liveness.silent();
+        if silent.is_empty() {
+            if starving {
+                tracing::info!("every part reports again; the watchdog is fed");
+                starving = false;
+            }
+            notify_watchdog();
+        } else if !starving {
+            starving = true;
+            for (part, quiet) in silent {
+                tracing::error!(
+                    part,
+                    silent_s = quiet.as_secs(),
+                    "a part of the agent stopped reporting; the watchdog is no longer fed, so systemd restarts the agent"
+                );
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_part_silent_past_its_allowance_is_named() {
+        let liveness = Liveness::new(&[("tracker", Duration::from_millis(50)), ("worker", Duration::from_secs(60))]);
+        let (tracker, worker) = (liveness.heartbeat("tracker"), liveness.heartbeat("worker"));
+        tracker.beat();
+        worker.beat();
+        assert!(liveness.silent().is_empty());
+        std::thread::sleep(Duration::from_millis(120));
+        worker.beat();
+        let silent = liveness.silent();
+        assert_eq!(silent.iter().map(|(p, _)| *p).collect::<Vec<_>>(), ["tracker"]);
+        assert!(silent[0].1 >= Duration::from_millis(100));
+        tracker.beat();
+        assert!(liveness.silent().is_empty());
+    }
 
     #[test]
     fn a_manager_that_reads_nothing_never_blocks_the_sender() {

@@ -91,6 +91,15 @@ impl RejectionReports {
         RejectionReports { window: Mutex::new((std::time::Instant::now(), 0, 0)), stats }
     }
 
+    /// Counts a connection closed without an answer (a flood beyond what is answered): neither
+    /// logged nor recorded, and not taking the budget from those that are.
+    fn count_unanswered(&self) {
+        self.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
+        self.stats.rejections_unreported.fetch_add(1, Ordering::Relaxed);
+        let mut window = self.window.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        window.2 += 1;
+    }
+
     /// Counts a rejection; true while this minute's budget lasts (then log and record it).
     fn report(&self) -> bool {
         self.stats.associations_rejected.fetch_add(1, Ordering::Relaxed);
@@ -207,15 +216,25 @@ impl ScpContext {
 
 /// Accepts associations until `shutdown` turns true, then gives open associations the configured
 /// grace period to finish before aborting them.
-pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    ctx: Arc<ScpContext>,
+    mut shutdown: watch::Receiver<bool>,
+    heartbeat: crate::systemd::Heartbeat,
+) {
     let slots = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
     // Connections being turned away (each waits up to seconds for the request it answers): as
     // many again as there are slots; beyond that a connection is closed at once.
     let refusing = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
     let mut associations = JoinSet::new();
+    // The accept loop reports to the watchdog between connections, and every few seconds when
+    // none come.
+    let mut alive = tokio::time::interval(Duration::from_secs(5));
     loop {
+        heartbeat.beat();
         tokio::select! {
             _ = shutdown.changed() => break,
+            _ = alive.tick() => {}
             Some(_) = associations.join_next(), if !associations.is_empty() => {}
             accepted = listener.accept() => {
                 let (socket, peer) = match accepted {
@@ -264,7 +283,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<ScpContext>, mut shutdown: wa
                     }
                     Err(_) => {
                         // Closed without an answer: only a flood gets here.
-                        ctx.rejections.report();
+                        ctx.rejections.count_unanswered();
                         drop(socket);
                     }
                 }
