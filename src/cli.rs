@@ -1093,8 +1093,8 @@ fn volumes_under(paths: &[PathBuf]) -> anyhow::Result<Vec<VolumeSource>> {
             continue;
         }
         // Parsed only once its headers are known to be sane (see `spool::check_structure`).
-        let header =
-            crate::spool::check_structure(&file, crate::spool::StructureLimits::LOCAL_FILES).and_then(|_| crate::spool::InstanceHeader::read(&file));
+        let header = crate::spool::check_structure(&file, crate::spool::StructureLimits::LOCAL_FILES)
+            .and_then(|_| crate::spool::InstanceHeader::read(&file));
         match header {
             Ok(h) => by_series.entry(h.series_instance_uid).or_default().push(file),
             Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),

@@ -352,8 +352,13 @@ impl StorageConfig {
     pub fn spool_dir(&self) -> PathBuf {
         self.state_dir.join("spool")
     }
+    /// Instances being received, per host: agents on several hosts may share a state directory,
+    /// and each removes what its own last run left at start, never another's files in flight.
     pub fn tmp_dir(&self) -> PathBuf {
-        self.state_dir.join("tmp")
+        let host = self.effective_host_name();
+        // A folder name, whatever the kernel says: never the state directory itself.
+        let host = if host.is_empty() || host == "." || host == ".." || host.contains('/') { "_".into() } else { host };
+        self.state_dir.join("tmp").join(host)
     }
 
     /// The configured host name, else the kernel's.
@@ -568,6 +573,7 @@ impl Config {
             "storage.host_name",
             if host_name.len() <= 64
                 && host_name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                && !matches!(host_name.as_str(), "." | "..")
             {
                 Ok(())
             } else {

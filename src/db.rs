@@ -1432,7 +1432,8 @@ impl Record {
 }
 
 /// Writes records to the database in order; while the database is unreachable it keeps them in
-/// memory and in a journal file (`<state>/db-pending.jsonl`, fsync'd), retries with back-off, and
+/// memory and in a journal file (`<state>/db-pending-<host>.jsonl`, fsync'd; one per host, since
+/// agents on several hosts may share a state directory), retries with back-off, and
 /// writes them once the database answers again, so an outage never stops ingest nor loses a row.
 /// A journal left by a crash is replayed at start. Every write is idempotent, so a record
 /// written just before a crash and replayed after it does no harm.
@@ -1452,8 +1453,18 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(db: Db, state_dir: &Path) -> Writer {
-        let journal = state_dir.join("db-pending.jsonl");
+    pub fn new(db: Db, state_dir: &Path, host: &str) -> Writer {
+        let journal = state_dir.join(format!("db-pending-{host}.jsonl"));
+        // Earlier builds kept one journal per state directory: its records move into this host's.
+        let shared = state_dir.join("db-pending.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&shared) {
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                if let Ok(record) = serde_json::from_str::<Record>(line) {
+                    Self::append_line(&journal, &record);
+                }
+            }
+            let _ = std::fs::remove_file(&shared);
+        }
         let mut pending = std::collections::VecDeque::new();
         if let Ok(text) = std::fs::read_to_string(&journal) {
             for line in text.lines().filter(|l| !l.trim().is_empty()) {

@@ -125,9 +125,11 @@ async fn require_token(expected: Arc<str>, request: axum::extract::Request, next
     if same_secret(presented, expected.as_bytes()) {
         return next.run(request).await;
     }
-    let mut response =
-        (StatusCode::UNAUTHORIZED, axum::Json(serde_json::json!({ "error": "a bearer token is required (http.api_token)" })))
-            .into_response();
+    let mut response = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({ "error": "a bearer token is required (http.api_token)" })),
+    )
+        .into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     response
 }
@@ -191,7 +193,11 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         "accepting_associations": state.closed.is_none(),
         "not_accepting_because": state.closed,
     });
-    let status = if database && spool && model && state.closed.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if database && spool && model && state.closed.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, axum::Json(body)).into_response()
 }
 

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::Instrument;
 use candle_core::Device;
+use tracing::Instrument;
 
 use crate::db::{Db, JobOutcome, OutboxEntry};
 use crate::detector::predict::{Detection, PredictOptions, RgbImage};
@@ -459,7 +459,7 @@ impl Worker {
                             Err(e) => tracing::error!(error = %e, "cannot record the job's end"),
                         }
                         self.wake.notify_waiters();
-                
+
                     }
                     .instrument(span)
                     .await;
@@ -510,6 +510,12 @@ impl Worker {
                 let algorithm = Algorithm::new(detector.as_ref().map(|d| d.sha256.clone()));
                 let objects =
                     write_objects(&source, &analysis, &algorithm, &worker.outputs, &out).map_err(|e| e.to_string())?;
+                // Each object is synced as it is written; their names, and the series folder's
+                // own name in the outputs folder, are made durable before the outbox rows that
+                // point at them commit.
+                for dir in [out.as_path(), worker.outputs_dir.as_path()] {
+                    crate::spool::sync_dir(dir).map_err(|e| e.to_string())?;
+                }
                 let mut stage_seconds = analysis.stage_seconds;
                 stage_seconds.push(("objects", writing.elapsed().as_secs_f64()));
                 Ok((analysis.findings, objects, source, stage_seconds))
@@ -790,11 +796,7 @@ async fn copy_to_folder(dir: &Path, path: PathBuf) -> Result<(), String> {
         if !std::fs::symlink_metadata(&to_dir).map_err(io(&to_dir))?.file_type().is_dir() {
             return Err(format!("{} is not a folder (a symbolic link?); nothing copied", to_dir.display()));
         }
-        let unique = format!(
-            "{}-{}",
-            std::process::id(),
-            COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
+        let unique = format!("{}-{}", std::process::id(), COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let tmp = to_dir.join(format!(".{}.{unique}.tmp", name.to_string_lossy()));
         let copied = (|| -> Result<(), String> {
             let mut from = std::fs::File::open(&path).map_err(io(&path))?;

@@ -190,34 +190,25 @@ impl PixelModule {
         Ok(())
     }
 
-    /// Explains why `held` bytes of native pixel data are too few.
     /// Native pixel data holds exactly its frames (padded to even, PS3.5 8.1.1). A little more
     /// is tolerated, as some writers leave it; a value larger by more than a frame is refused:
     /// it would be held whole at analysis for pixels nobody declared.
     pub fn excess(&self, held: u64) -> Option<String> {
         let allowed = self.total_bytes().saturating_add(self.frame_bytes()).saturating_add(1);
-        (held > allowed).then(|| {
-            format!(
-                "PixelData holds {held} bytes; {} frame(s) of {} x {} pixels, {} sample(s) of {} bits need only {}",
-                self.number_of_frames,
-                self.columns,
-                self.rows,
-                self.samples_per_pixel,
-                self.bits_allocated,
-                self.total_bytes()
-            )
-        })
+        (held > allowed)
+            .then(|| format!("PixelData holds {held} bytes; {} need only {}", self.frames(), self.total_bytes()))
     }
 
+    /// Explains why `held` bytes of native pixel data are too few.
     pub fn shortfall(&self, held: u64) -> String {
+        format!("PixelData holds {held} bytes; {} need {}", self.frames(), self.total_bytes())
+    }
+
+    /// "N frame(s) of C x R pixels, S sample(s) of B bits", for messages.
+    fn frames(&self) -> String {
         format!(
-            "PixelData holds {held} bytes; {} frame(s) of {} x {} pixels, {} sample(s) of {} bits need {}",
-            self.number_of_frames,
-            self.columns,
-            self.rows,
-            self.samples_per_pixel,
-            self.bits_allocated,
-            self.total_bytes()
+            "{} frame(s) of {} x {} pixels, {} sample(s) of {} bits",
+            self.number_of_frames, self.columns, self.rows, self.samples_per_pixel, self.bits_allocated
         )
     }
 }

@@ -885,6 +885,7 @@ mod tests {
             number_of_frames: 1,
             images_in_acquisition: None,
             lossy_image_compression: false,
+            patient_id: String::new(),
         }
     }
 

@@ -116,8 +116,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         ("writer", std::time::Duration::from_secs(180)),
         ("worker", std::time::Duration::from_secs(config.limits.max_job_s.saturating_add(10))),
     ]);
-    let writer_task =
-        tokio::spawn(Writer::new(db.clone(), state_dir).with_heartbeat(liveness.heartbeat("writer")).run(records_rx));
+    let writer_task = tokio::spawn(
+        Writer::new(db.clone(), state_dir, &config.storage.effective_host_name())
+            .with_heartbeat(liveness.heartbeat("writer"))
+            .run(records_rx),
+    );
 
     let (decisions_tx, decisions_rx) = mpsc::unbounded_channel();
     // One scan of the spool rebuilds the tracker and tells what the database may have missed.
@@ -280,7 +283,8 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         tracing::warn!("{why}");
     }
     systemd::notify_ready();
-    let watchdog = systemd::watchdog_interval().map(|interval| tokio::spawn(systemd::feed_watchdog(interval, liveness)));
+    let watchdog =
+        systemd::watchdog_interval().map(|interval| tokio::spawn(systemd::feed_watchdog(interval, liveness)));
 
     loop {
         match signals.next().await {

@@ -46,6 +46,9 @@ pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("IDAICS_", env!("CARGO_PKG
 /// Name of the per-series state file written when a series is completed or skipped.
 pub const SERIES_STATE_FILE: &str = "series.json";
 
+/// The PatientID a series' instances in the spool belong to (see `Spool::claim_for_patient`).
+const PATIENT_MARKER: &str = ".patient-id";
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
     #[error("I/O error on {path}: {source}")]
@@ -64,6 +67,11 @@ pub enum SpoolError {
     UndecodablePixelData(String),
     #[error("pixel data description does not hold: {0}")]
     PixelDescription(String),
+    #[error(
+        "PatientID differs from that of the instances of series {series} already received: \
+         one series cannot hold two patients"
+    )]
+    OtherPatient { series: String },
     #[error("{attribute} in the data set ({in_dataset}) differs from the C-STORE request ({in_command})")]
     Mismatch { attribute: &'static str, in_dataset: String, in_command: String },
 }
@@ -141,6 +149,9 @@ pub struct InstanceHeader {
     /// perhaps before this (lossless) copy was made.
     #[serde(default)]
     pub lossy_image_compression: bool,
+    /// Patient ID (0010,0020), trimmed; empty when absent.
+    #[serde(default)]
+    pub patient_id: String,
 }
 
 impl InstanceHeader {
@@ -196,6 +207,7 @@ impl InstanceHeader {
             image_type: text(tags::IMAGE_TYPE)
                 .map(|s| s.split('\\').map(|p| p.trim().to_string()).collect())
                 .unwrap_or_default(),
+            patient_id: text(tags::PATIENT_ID).unwrap_or_default(),
             series_description: text(tags::SERIES_DESCRIPTION),
             instance_number: int(tags::INSTANCE_NUMBER).and_then(|v| i32::try_from(v).ok()),
             image_position: floats(tags::IMAGE_POSITION_PATIENT).and_then(|v| <[f64; 3]>::try_from(v.as_slice()).ok()),
@@ -498,6 +510,7 @@ impl Spool {
         let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
         {
             let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.claim_for_patient(&series_dir, &header)?;
             fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
         }
         if self.fsync {
@@ -585,6 +598,40 @@ impl Spool {
             }
         }
         Ok((header, bytes))
+    }
+
+    /// A series belongs to the patient of its first instance (kept in the series folder) for as
+    /// long as any of its instances is in the spool: one with another PatientID is refused, since
+    /// its slices would be analysed, and reported, as the first patient's. Call with `placing`
+    /// held, so two first instances cannot both set it.
+    fn claim_for_patient(&self, series_dir: &Path, header: &InstanceHeader) -> Result<(), SpoolError> {
+        let marker = series_dir.join(PATIENT_MARKER);
+        match fs::read(&marker) {
+            Ok(owner) if owner == header.patient_id.as_bytes() => Ok(()),
+            Ok(_) if instance_files(series_dir)?.is_empty() => self.write_patient_marker(&marker, header),
+            Ok(_) => Err(SpoolError::OtherPatient { series: header.series_instance_uid.clone() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match instance_files(series_dir)?.first() {
+                // A series received before the marker existed: its first instance says.
+                Some(first) => {
+                    let owner = InstanceHeader::read(first).map(|h| h.patient_id).unwrap_or_default();
+                    if owner != header.patient_id {
+                        return Err(SpoolError::OtherPatient { series: header.series_instance_uid.clone() });
+                    }
+                    self.write_patient_marker(&marker, header)
+                }
+                None => self.write_patient_marker(&marker, header),
+            },
+            Err(e) => Err(io_err(&marker)(e)),
+        }
+    }
+
+    fn write_patient_marker(&self, marker: &Path, header: &InstanceHeader) -> Result<(), SpoolError> {
+        let mut file = File::create(marker).map_err(io_err(marker))?;
+        file.write_all(header.patient_id.as_bytes()).map_err(io_err(marker))?;
+        if self.fsync {
+            file.sync_data().map_err(io_err(marker))?;
+        }
+        Ok(())
     }
 
     fn create_dirs_durably(&self, dir: &Path) -> Result<(), SpoolError> {
@@ -864,7 +911,8 @@ pub struct StructureLimits {
 impl StructureLimits {
     /// For files an operator names on the command line: structure is still checked (nesting,
     /// element counts, lengths that run past the end), sizes are theirs to choose.
-    pub const LOCAL_FILES: StructureLimits = StructureLimits { max_inflated_bytes: u64::MAX, max_value_bytes: u32::MAX };
+    pub const LOCAL_FILES: StructureLimits =
+        StructureLimits { max_inflated_bytes: u64::MAX, max_value_bytes: u32::MAX };
 }
 
 /// What `check_structure` learnt of a data set on its way through.

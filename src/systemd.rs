@@ -114,7 +114,8 @@ impl Liveness {
         self.parts
             .iter()
             .filter_map(|p| {
-                let quiet = now.saturating_sub(Duration::from_millis(p.last.load(std::sync::atomic::Ordering::Relaxed)));
+                let quiet =
+                    now.saturating_sub(Duration::from_millis(p.last.load(std::sync::atomic::Ordering::Relaxed)));
                 (quiet > p.allowance).then_some((p.name, quiet))
             })
             .collect()

@@ -216,7 +216,8 @@ fn postgres_outage_while_series_arrive_loses_no_row() {
         });
     }
     assert!(agent.echo());
-    wait_until("the journal", Duration::from_secs(20), || agent.state_dir.join("db-pending.jsonl").exists());
+    let journal = agent.state_dir.join(format!("db-pending-{}.jsonl", idaics::scp::hostname()));
+    wait_until("the journal", Duration::from_secs(20), || journal.exists());
 
     pg.start_server();
     wait_until("every row after the outage", Duration::from_secs(60), || {

@@ -549,7 +549,7 @@ fn records_survive_a_postgres_outage() {
         let db = Db::connect(&url).await.unwrap();
         db.migrate().await.unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = tokio::spawn(Writer::new(db.clone(), state.path()).run(rx));
+        let writer = tokio::spawn(Writer::new(db.clone(), state.path(), "test-host").run(rx));
         tx.send(Record::Association(association("before"))).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         assert_eq!(db.count(Table::Associations).await.unwrap(), 1);
@@ -559,7 +559,7 @@ fn records_survive_a_postgres_outage() {
             tx.send(Record::Series(series_row(&format!("1.9.{n}"), "P1", "9.9", "2026-02-02", "complete", 1))).unwrap();
             tx.send(Record::Association(association(&format!("during/{n}")))).unwrap();
         }
-        let journal = state.path().join("db-pending.jsonl");
+        let journal = state.path().join("db-pending-test-host.jsonl");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while !journal.exists() {
             assert!(std::time::Instant::now() < deadline, "no journal written during the outage");
@@ -584,7 +584,7 @@ fn records_survive_a_postgres_outage() {
         let leftover = Record::Association(association("left-by-a-crash"));
         std::fs::write(&journal, serde_json::to_string(&leftover).unwrap() + "\n").unwrap();
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = tokio::spawn(Writer::new(db.clone(), state.path()).run(rx));
+        let writer = tokio::spawn(Writer::new(db.clone(), state.path(), "test-host").run(rx));
         drop(tx);
         writer.await.unwrap();
         assert_eq!(db.count(Table::Associations).await.unwrap(), 12);
@@ -835,7 +835,7 @@ async fn a_nul_byte_does_not_stop_the_log(url: String) {
     db.migrate().await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let writer = tokio::spawn(Writer::new(db.clone(), state.path()).run(rx));
+    let writer = tokio::spawn(Writer::new(db.clone(), state.path(), "test-host").run(rx));
     let mut evil = association("evil");
     evil.calling_ae = "EVIL\0AE".into();
     tx.send(Record::Association(evil)).unwrap();
@@ -848,7 +848,7 @@ async fn a_nul_byte_does_not_stop_the_log(url: String) {
     assert_eq!(db.count(Table::Jobs).await.unwrap(), 1);
     let series = db.series_identity("1.7.1").await.unwrap().unwrap();
     assert_eq!(series.patient_id.as_deref(), Some("P\u{FFFD}7"));
-    assert!(!state.path().join("db-pending.jsonl").exists());
+    assert!(!state.path().join("db-pending-test-host.jsonl").exists());
 }
 
 #[test]

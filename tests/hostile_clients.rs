@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
-use dicom_ul::pdu::{AssociationRQ, PDataValue, PDataValueType, PresentationContextProposed, UserVariableItem};
 use dicom_ul::Pdu;
+use dicom_ul::pdu::{AssociationRQ, PDataValue, PDataValueType, PresentationContextProposed, UserVariableItem};
 
 const VERIFICATION: &str = "1.2.840.10008.1.1";
 const IMPLICIT_LE: &str = "1.2.840.10008.1.2";
@@ -131,9 +131,7 @@ fn idle_sockets_and_a_slow_reader_do_not_keep_a_listed_pacs_out() {
 
     // The slow reader is cut off within the write timeout (and the idle ones by the association
     // timeout, later).
-    wait_until("the slow reader cut off", Duration::from_secs(60), || {
-        agent.log().contains("cannot send response")
-    });
+    wait_until("the slow reader cut off", Duration::from_secs(60), || agent.log().contains("cannot send response"));
     let (sent, _slow) = flood.join().unwrap();
     assert!(sent > 0);
     let refused = agent.events("too many associations from this peer; rejecting (transient)");
@@ -186,7 +184,9 @@ fn closed_within(stream: &mut TcpStream, time: Duration) -> bool {
         match stream.read(&mut buffer) {
             Ok(0) => return true,
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
             Err(_) => return true,
         }
     }

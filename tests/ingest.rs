@@ -470,7 +470,10 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         object.put(DataElement::new(tags::PIXEL_DATA, VR::OW, PrimitiveValue::from(vec![0u8; 128 * 128 * 2 * 100])));
         let mut out = Vec::new();
         object
-            .write_dataset_with_ts(&mut out, &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .write_dataset_with_ts(
+                &mut out,
+                &dicom_transfer_syntax_registry::entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+            )
             .unwrap();
         out
     };
@@ -549,7 +552,9 @@ fn broken_instances_get_failure_statuses_and_the_agent_stays_up() {
         let (mut bytes, _) = dataset_bytes(&corpus.join("693_J2KI.dcm"));
         let siz = bytes.windows(4).position(|w| w == [0xFF, 0x4F, 0xFF, 0x51]).unwrap() + 2;
         bytes[siz + 6..siz + 14].copy_from_slice(&[0, 0, 0x40, 0, 0, 0, 0x40, 0]);
-        let ts = dicom_encoding::TransferSyntaxIndex::get(&dicom_transfer_syntax_registry::TransferSyntaxRegistry, &j2k_ts).unwrap();
+        let ts =
+            dicom_encoding::TransferSyntaxIndex::get(&dicom_transfer_syntax_registry::TransferSyntaxRegistry, &j2k_ts)
+                .unwrap();
         let mut object = dicom_object::InMemDicomObject::read_dataset_with_ts(&bytes[..], ts).unwrap();
         for tag in [tags::ROWS, tags::COLUMNS] {
             object.put(DataElement::new(tag, VR::US, PrimitiveValue::from(16384u16)));
@@ -1304,4 +1309,38 @@ fn mutated_instances_never_take_the_agent_down() {
     // Length fields of gigabytes in a 20 kB data set must not make the agent allocate them.
     let peak_rss_mb = agent.peak_rss_kb() / 1024;
     assert!(peak_rss_mb < 256, "peak RSS {peak_rss_mb} MB");
+}
+
+/// One series, one patient: an instance of a series in the spool that names another PatientID
+/// (a merge gone wrong, a mislabelled resend) is refused, since its slices would be analysed and
+/// reported as the first patient's; the series' own later instances still go in.
+#[test]
+fn an_instance_of_another_patient_cannot_join_a_series() {
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "60")]);
+    let series =
+        write_ct_series(&tmp.path().join("in"), &SeriesSpec { slices: 4, size: 64, seed: 99, ..Default::default() })
+            .unwrap();
+    let (first, rest) = series.files.split_at(3);
+    assert_eq!(store_outcomes(&agent.storescu(&[], first)), (3, 0));
+    let intruder = tmp.path().join("intruder.dcm");
+    std::fs::copy(&rest[0], &intruder).unwrap();
+    dcmtk(
+        "dcmodify",
+        &["-nb", "-m", "PatientID=SOMEONE-ELSE", "-m", "SOPInstanceUID=1.2.826.0.1.3680043.8.498.4242"],
+        &intruder,
+        Path::new(""),
+    );
+    let (bytes, ts) = dataset_bytes(&intruder);
+    let status = raw_store(agent.port, CT, "1.2.826.0.1.3680043.8.498.4242", &ts, &bytes);
+    assert_eq!(status, 0xC000);
+    let failure = agent.events("store failed");
+    assert!(
+        failure[0]["fields"]["reason"].as_str().unwrap().contains("one series cannot hold two patients"),
+        "{failure:?}"
+    );
+    assert!(!agent.log().contains("SOMEONE-ELSE"), "the log names no patient");
+    // The series' own fourth slice is still welcome.
+    assert_eq!(store_outcomes(&agent.storescu(&[], rest)), (1, 0));
+    assert_eq!(agent.spool_files().len(), 4);
 }

@@ -221,9 +221,12 @@ fn the_whole_loop_from_export_to_a_reloaded_agent() {
         &[],
         &["--config", config.to_str().unwrap(), "--destination", folder.to_str().unwrap()],
     );
-    let series = |seed: u64| write_phantom(&tmp.path().join(format!("sent{seed}")), &unseen_spec(seed)).unwrap().0.files;
-    let (shipped_sha, site_sha) =
-        (idaics::report::sha256_file(Path::new(PHANTOM_MODEL)).unwrap(), idaics::report::sha256_file(&weights).unwrap());
+    let series =
+        |seed: u64| write_phantom(&tmp.path().join(format!("sent{seed}")), &unseen_spec(seed)).unwrap().0.files;
+    let (shipped_sha, site_sha) = (
+        idaics::report::sha256_file(Path::new(PHANTOM_MODEL)).unwrap(),
+        idaics::report::sha256_file(&weights).unwrap(),
+    );
     let sr = analyse_to_folder(&agent, &folder, &series(7398));
     assert!(names_weights(&sr, &shipped_sha), "before the reload: the shipped weights");
     write_model_config(&config, &weights);

@@ -61,8 +61,8 @@ fn a_hung_job_starves_the_watchdog() {
     agent.wait_for("the hung job to be named", Duration::from_secs(60), |a| {
         a.log().contains("a part of the agent stopped reporting")
     });
-    let stalled =
-        agent.events("a part of the agent stopped reporting; the watchdog is no longer fed, so systemd restarts the agent");
+    let stalled = agent
+        .events("a part of the agent stopped reporting; the watchdog is no longer fed, so systemd restarts the agent");
     assert_eq!(stalled[0]["fields"]["part"], "worker", "{}", agent.log());
     // What queued up before the pings stopped, then three seconds of silence.
     notifications(&socket, Duration::from_millis(200));

@@ -190,7 +190,8 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         use dicom_pixeldata::PixelDecoder;
         // Headers and pixel description checked first: a damaged file must not make the parser
         // or the decoder allocate what its lengths claim.
-        crate::spool::check_structure(path, crate::spool::StructureLimits::LOCAL_FILES).map_err(|e| image_err(e.to_string()))?;
+        crate::spool::check_structure(path, crate::spool::StructureLimits::LOCAL_FILES)
+            .map_err(|e| image_err(e.to_string()))?;
         let obj = dicom_object::open_file(path).map_err(|e| image_err(e.to_string()))?;
         let pixels = crate::pixel_module::PixelModule::from_object(&obj).map_err(image_err)?;
         pixels.check_against(&obj).map_err(image_err)?;

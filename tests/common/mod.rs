@@ -288,10 +288,11 @@ impl Drop for Agent {
     }
 }
 
-/// Partly received instances in a state directory's `tmp`. The empty files there are spares the
-/// agent creates ahead of need; an instance being received always holds at least its file meta.
+/// Partly received instances in a state directory's `tmp/<host>`. The empty files there are
+/// spares the agent creates ahead of need; an instance being received always holds at least its
+/// file meta.
 pub fn partial_files(state_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(state_dir.join("tmp"))
+    std::fs::read_dir(state_dir.join("tmp").join(idaics::scp::hostname()))
         .unwrap()
         .flatten()
         .filter(|entry| entry.metadata().is_ok_and(|m| m.len() > 0))
