@@ -434,6 +434,11 @@ pub fn main() -> anyhow::Result<()> {
         }),
         Command::CheckConfig { config } => {
             let (cfg, config) = load_config(config)?;
+            // The TLS files are read and checked too: a port that cannot serve is no OK.
+            let tls = crate::tls::server_config(&cfg.dicom)?;
+            for destination in &cfg.destinations {
+                crate::tls::client_config(destination)?;
+            }
             let source = config.map_or("built-in defaults".to_string(), |p| p.display().to_string());
             println!("{source}: OK");
             println!("  DICOM: AE {} on {}:{}", cfg.dicom.ae_title, cfg.dicom.bind_address, cfg.dicom.port);
@@ -445,6 +450,14 @@ pub fn main() -> anyhow::Result<()> {
                 println!("  model: none (series are received and tracked, not analysed)");
             } else {
                 println!("  model: {} on {}", cfg.model.weights, cfg.model.device);
+            }
+            match tls {
+                Some(_) => println!(
+                    "  DICOM over TLS: port {}, client certificates {}",
+                    cfg.dicom.tls_port,
+                    if cfg.dicom.tls_client_ca.is_empty() { "not asked" } else { "required" }
+                ),
+                None => println!("  DICOM over TLS: none (dicom.tls_port = 0)"),
             }
             if let Some(why) = cfg.dicom.closed_until_configured() {
                 println!("  warning: {why}");

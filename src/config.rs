@@ -63,6 +63,13 @@ pub struct DicomConfig {
     /// senders (or says that anyone may send), every association is refused.
     pub allow_any_peer: bool,
     pub other_sop_classes: OtherSopClassPolicy,
+    /// A second port that serves DICOM over TLS (0: none), beside the plain one.
+    pub tls_port: u16,
+    /// PEM certificate chain and private key of the TLS port.
+    pub tls_certificate: String,
+    pub tls_private_key: String,
+    /// PEM CA certificates; when set, a TLS peer must present a certificate one of them signed.
+    pub tls_client_ca: String,
 }
 
 impl DicomConfig {
@@ -238,6 +245,12 @@ pub struct Destination {
     pub port: u16,
     /// A folder instead of a DICOM peer: objects are copied into `<path>/<series UID>/`.
     pub path: String,
+    /// DICOM over TLS to this peer: `tls_ca` (PEM) is what its certificate must chain to, and
+    /// `tls_certificate` / `tls_private_key` our own, for a peer that asks for one.
+    pub tls: bool,
+    pub tls_ca: String,
+    pub tls_certificate: String,
+    pub tls_private_key: String,
 }
 
 impl Default for DicomConfig {
@@ -251,6 +264,10 @@ impl Default for DicomConfig {
             allowed_peers: Vec::new(),
             allow_any_peer: false,
             other_sop_classes: OtherSopClassPolicy::Discard,
+            tls_port: 0,
+            tls_certificate: String::new(),
+            tls_private_key: String::new(),
+            tls_client_ca: String::new(),
         }
     }
 }
@@ -530,6 +547,18 @@ impl Config {
             }
         };
         check("dicom.ae_title", check_ae_title(&self.dicom.ae_title));
+        if self.dicom.tls_port != 0 {
+            check(
+                "dicom.tls_port",
+                if self.dicom.tls_port == self.dicom.port { Err("the same as dicom.port".into()) } else { Ok(()) },
+            );
+            for (key, value) in [
+                ("dicom.tls_certificate", &self.dicom.tls_certificate),
+                ("dicom.tls_private_key", &self.dicom.tls_private_key),
+            ] {
+                check(key, if value.is_empty() { Err("required with dicom.tls_port".into()) } else { Ok(()) });
+            }
+        }
         check(
             "http.bind_address",
             self.http.bind_address.parse::<std::net::IpAddr>().map(|_| ()).map_err(|_| "not an IP address".into()),
@@ -734,6 +763,20 @@ impl Config {
                 if d.host.trim().is_empty() { Err("must not be empty".into()) } else { Ok(()) },
             );
             check(&format!("destinations[{i}].port"), positive(u64::from(d.port)));
+            if d.tls {
+                check(
+                    &format!("destinations[{i}].tls_ca"),
+                    if d.tls_ca.is_empty() { Err("required with tls = true".into()) } else { Ok(()) },
+                );
+                check(
+                    &format!("destinations[{i}].tls_private_key"),
+                    if d.tls_certificate.is_empty() != d.tls_private_key.is_empty() {
+                        Err("tls_certificate and tls_private_key go together".into())
+                    } else {
+                        Ok(())
+                    },
+                );
+            }
         }
         if problems.is_empty() {
             Ok(())

@@ -138,7 +138,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     println!("agent: DICOM on 127.0.0.1:{port}, HTTP on 127.0.0.1:{http_port}, log in {}", log_path.display());
     wait_for_listener(port, &mut agent, &log_path)?;
 
-    let peer = crate::scu::Peer { ae_title: "IDAICS".into(), host: "127.0.0.1".into(), port };
+    let peer = crate::scu::Peer { ae_title: "IDAICS".into(), host: "127.0.0.1".into(), port, tls: None };
     let started = Instant::now();
     let statuses = crate::scu::store_all(&peer, "IDAICS-DEMO", &series.files, Duration::from_secs(30))?;
     let refused = statuses.iter().filter(|s| **s != 0).count();

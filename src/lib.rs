@@ -29,4 +29,5 @@ pub mod spine;
 pub mod spool;
 pub mod synthetic;
 pub mod systemd;
+pub mod tls;
 pub mod volume;

@@ -310,7 +310,12 @@ pub fn parse_destination(text: &str) -> Result<Destination, String> {
         }
         return Ok(Destination {
             name: text.to_string(),
-            target: Target::Dicom(crate::scu::Peer { ae_title: ae.to_string(), host: host.to_string(), port }),
+            target: Target::Dicom(crate::scu::Peer {
+                ae_title: ae.to_string(),
+                host: host.to_string(),
+                port,
+                tls: None,
+            }),
         });
     }
     let folder = std::path::absolute(text).map_err(|e| format!("{text}: not a usable path: {e}"))?;

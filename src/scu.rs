@@ -38,6 +38,8 @@ pub struct Peer {
     pub ae_title: String,
     pub host: String,
     pub port: u16,
+    /// DICOM over TLS to this peer, with the trust (and client certificate) configured for it.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 /// Sends the files in order over one association; every file's DIMSE status, or the first reason
@@ -78,7 +80,7 @@ pub fn store_each(
         }
     }
     // Until it is sent, a readable file's outcome is that it was not.
-    let mut outcomes: Vec<Result<u16, ScuError>> = classes
+    let outcomes: Vec<Result<u16, ScuError>> = classes
         .iter()
         .map(|class| match class {
             Ok(_) => Err(ScuError::NotAttempted { destination: destination.clone() }),
@@ -95,63 +97,101 @@ pub fn store_each(
         options = options
             .with_presentation_context(*class, vec![uids::EXPLICIT_VR_LITTLE_ENDIAN, uids::IMPLICIT_VR_LITTLE_ENDIAN]);
     }
-    let established = options
-        .connection_timeout(timeout)
-        .read_timeout(timeout)
-        .write_timeout(timeout)
-        .establish(format!("{}:{}", peer.host, peer.port).as_str());
-    let mut association = match established {
-        Ok(association) => association,
-        Err(e) => {
-            let every_context_refused =
-                matches!(e, dicom_ul::association::Error::NoAcceptedPresentationContexts { .. });
-            let message = e.to_string();
-            for (outcome, class) in outcomes.iter_mut().zip(&classes) {
-                if let Ok(class) = class {
-                    // Every proposed context refused: say which class, since that is what a site fixes.
-                    *outcome = Err(if every_context_refused {
-                        ScuError::NoContext(class.clone())
-                    } else {
-                        assoc_err(message.clone())
-                    });
+    let options = options.connection_timeout(timeout).read_timeout(timeout).write_timeout(timeout);
+    let address = format!("{}:{}", peer.host, peer.port);
+    let failed = |e: dicom_ul::association::Error, mut outcomes: Vec<Result<u16, ScuError>>| {
+        let every_context_refused = matches!(e, dicom_ul::association::Error::NoAcceptedPresentationContexts { .. });
+        let message = with_causes(&e);
+        for (outcome, class) in outcomes.iter_mut().zip(&classes) {
+            if let Ok(class) = class {
+                // Every proposed context refused: say which class, since that is what a site fixes.
+                *outcome = Err(if every_context_refused {
+                    ScuError::NoContext(class.clone())
+                } else {
+                    assoc_err(message.clone())
+                });
+            }
+        }
+        outcomes
+    };
+    let sending = Sending { paths, classes: &classes, sop_classes: &sop_classes, destination: &destination };
+    match &peer.tls {
+        None => match options.establish(address.as_str()) {
+            Ok(association) => sending.over(association, outcomes),
+            Err(e) => failed(e, outcomes),
+        },
+        Some(tls) => match options.tls_config(tls.clone()).server_name(&peer.host).establish_tls(address.as_str()) {
+            Ok(association) => sending.over(association, outcomes),
+            Err(e) => failed(e, outcomes),
+        },
+    }
+}
+
+/// An error with the chain of its causes: a TLS failure says why only in its sources.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
+}
+
+/// The files of one `store_each`, sent over the association once it is established.
+struct Sending<'a> {
+    paths: &'a [PathBuf],
+    classes: &'a [Result<String, ScuError>],
+    sop_classes: &'a [&'a str],
+    destination: &'a str,
+}
+
+impl Sending<'_> {
+    fn over<S>(
+        &self,
+        mut association: dicom_ul::association::ClientAssociation<S>,
+        mut outcomes: Vec<Result<u16, ScuError>>,
+    ) -> Vec<Result<u16, ScuError>>
+    where
+        S: dicom_ul::association::CloseSocket + std::io::Read + std::io::Write,
+    {
+        let (paths, classes, destination) = (self.paths, self.classes, self.destination);
+        let assoc_err = |message: String| ScuError::Association { destination: destination.to_string(), message };
+        // Proposed contexts are numbered 1, 3, 5, ... in the order of `sop_classes`.
+        let accepted: Vec<_> = association
+            .presentation_contexts()
+            .iter()
+            .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+            .cloned()
+            .collect();
+        let peer_max = association.acceptor_max_pdu_length();
+        let Some(chunk) = dimse::fragment_length(peer_max) else {
+            let message = format!("its maximum PDU length of {peer_max} bytes leaves no room for data");
+            for (outcome, class) in outcomes.iter_mut().zip(classes) {
+                if class.is_ok() {
+                    *outcome = Err(assoc_err(message.clone()));
                 }
             }
+            let _ = association.abort();
             return outcomes;
-        }
-    };
-    // Proposed contexts are numbered 1, 3, 5, ... in the order of `sop_classes`.
-    let accepted: Vec<_> = association
-        .presentation_contexts()
-        .iter()
-        .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
-        .cloned()
-        .collect();
-    let peer_max = association.acceptor_max_pdu_length();
-    let Some(chunk) = dimse::fragment_length(peer_max) else {
-        let message = format!("its maximum PDU length of {peer_max} bytes leaves no room for data");
-        for (outcome, class) in outcomes.iter_mut().zip(&classes) {
-            if class.is_ok() {
-                *outcome = Err(assoc_err(message.clone()));
+        };
+        let negotiated = Negotiated { proposed: self.sop_classes, accepted: &accepted, chunk, destination };
+        let mut message_id: u16 = 0;
+        let mut broken = false;
+        for ((path, class), outcome) in paths.iter().zip(classes).zip(outcomes.iter_mut()) {
+            if class.is_err() || broken {
+                continue;
             }
+            message_id = message_id.checked_add(1).unwrap_or(1);
+            *outcome = store_one(&mut association, &negotiated, path, message_id);
+            broken = matches!(outcome, Err(ScuError::Transfer { .. }));
         }
-        let _ = association.abort();
-        return outcomes;
-    };
-    let negotiated = Negotiated { proposed: &sop_classes, accepted: &accepted, chunk, destination: &destination };
-    let mut message_id: u16 = 0;
-    let mut broken = false;
-    for ((path, class), outcome) in paths.iter().zip(&classes).zip(outcomes.iter_mut()) {
-        if class.is_err() || broken {
-            continue;
+        if !broken {
+            let _ = association.release();
         }
-        message_id = message_id.checked_add(1).unwrap_or(1);
-        *outcome = store_one(&mut association, &negotiated, path, message_id);
-        broken = matches!(outcome, Err(ScuError::Transfer { .. }));
+        outcomes
     }
-    if !broken {
-        let _ = association.release();
-    }
-    outcomes
 }
 
 /// What the association's negotiation settled, for each C-STORE on it.
@@ -167,7 +207,9 @@ struct Negotiated<'a> {
 /// One C-STORE on an established association: the file's DIMSE status, or why it was not stored.
 /// A `Transfer` error leaves the association unusable.
 fn store_one(
-    association: &mut dicom_ul::association::ClientAssociation<std::net::TcpStream>,
+    association: &mut dicom_ul::association::ClientAssociation<
+        impl dicom_ul::association::CloseSocket + std::io::Read + std::io::Write,
+    >,
     negotiated: &Negotiated,
     path: &Path,
     message_id: u16,

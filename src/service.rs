@@ -28,6 +28,8 @@ pub enum ServiceError {
     Spool(#[from] SpoolError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
@@ -109,13 +111,19 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     // What the watchdog waits to hear from: the accept loop, the tracker and the stage that
     // records decided series wake every few seconds, the writer every 10 s (longer while a
     // database that is down makes it wait), the worker between jobs.
-    let liveness = systemd::Liveness::new(&[
+    // Checked before anything listens: a TLS port that cannot serve is a configuration error.
+    let tls = crate::tls::server_config(&config.dicom)?;
+    let mut parts = vec![
         ("receiver", std::time::Duration::from_secs(30)),
         ("tracker", std::time::Duration::from_secs(30)),
         ("pipeline", std::time::Duration::from_secs(60)),
         ("writer", std::time::Duration::from_secs(180)),
         ("worker", std::time::Duration::from_secs(config.limits.max_job_s.saturating_add(10))),
-    ]);
+    ];
+    if tls.is_some() {
+        parts.push(("tls receiver", std::time::Duration::from_secs(30)));
+    }
+    let liveness = systemd::Liveness::new(&parts);
     let writer_task = tokio::spawn(
         Writer::new(db.clone(), state_dir, &config.storage.effective_host_name())
             .with_heartbeat(liveness.heartbeat("writer"))
@@ -155,6 +163,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let listener =
         TcpListener::bind(&addr).await.map_err(|source| ServiceError::Bind { addr: addr.clone(), source })?;
     let local: SocketAddr = listener.local_addr().map_err(|source| ServiceError::Bind { addr, source })?;
+    let tls_listener = match &tls {
+        Some(_) => {
+            let addr = format!("{}:{}", config.dicom.bind_address, config.dicom.tls_port);
+            Some(TcpListener::bind(&addr).await.map_err(|source| ServiceError::Bind { addr, source })?)
+        }
+        None => None,
+    };
 
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let tracker_task = tokio::spawn(series::run_tracker(tracker, events_rx, liveness.heartbeat("tracker")));
@@ -195,22 +210,25 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             }
         }
     }
-    let destinations: Vec<crate::pipeline::Destination> = config
+    let destinations = config
         .destinations
         .iter()
-        .map(|d| crate::pipeline::Destination {
-            name: if d.name.is_empty() { format!("{}@{}:{}", d.ae_title, d.host, d.port) } else { d.name.clone() },
-            target: if d.path.is_empty() {
-                crate::pipeline::Target::Dicom(crate::scu::Peer {
-                    ae_title: d.ae_title.clone(),
-                    host: d.host.clone(),
-                    port: d.port,
-                })
-            } else {
-                crate::pipeline::Target::Folder(d.path.clone().into())
-            },
+        .map(|d| -> Result<crate::pipeline::Destination, crate::tls::TlsError> {
+            Ok(crate::pipeline::Destination {
+                name: if d.name.is_empty() { format!("{}@{}:{}", d.ae_title, d.host, d.port) } else { d.name.clone() },
+                target: if d.path.is_empty() {
+                    crate::pipeline::Target::Dicom(crate::scu::Peer {
+                        ae_title: d.ae_title.clone(),
+                        host: d.host.clone(),
+                        port: d.port,
+                        tls: crate::tls::client_config(d)?,
+                    })
+                } else {
+                    crate::pipeline::Target::Folder(d.path.clone().into())
+                },
+            })
         })
-        .collect();
+        .collect::<Result<Vec<_>, _>>()?;
     let wake = Arc::new(tokio::sync::Notify::new());
     let worker = Arc::new(crate::pipeline::Worker {
         db: db.clone(),
@@ -267,7 +285,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         None
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let scp_task = tokio::spawn(scp::serve(listener, ctx, shutdown_rx, liveness.heartbeat("receiver")));
+    let tls_task = tls_listener.map(|listener| {
+        let receiver = scp::serve(listener, ctx.clone(), shutdown_rx.clone(), liveness.heartbeat("tls receiver"), tls);
+        tokio::spawn(receiver)
+    });
+    let scp_task = tokio::spawn(scp::serve(listener, ctx, shutdown_rx, liveness.heartbeat("receiver"), None));
     // Made once, before the agent says it is up: a SIGHUP from then on reloads rather than
     // terminates, and a signal that arrives while a reload runs is kept for the next wait.
     let mut signals = Signals::new()?;
@@ -279,6 +301,13 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         version = env!("CARGO_PKG_VERSION"),
         "listening for DICOM associations"
     );
+    if config.dicom.tls_port != 0 {
+        tracing::info!(
+            port = config.dicom.tls_port,
+            client_certificates = if config.dicom.tls_client_ca.is_empty() { "not asked" } else { "required" },
+            "listening for DICOM associations over TLS"
+        );
+    }
     if let Some(why) = config.dicom.closed_until_configured() {
         tracing::warn!("{why}");
     }
@@ -300,6 +329,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         let _ = task.await;
     }
     let _ = scp_task.await;
+    if let Some(task) = tls_task {
+        let _ = task.await;
+    }
     // The SCP context held the last event sender: the tracker drains its queue and stops.
     let _ = tracker_task.await;
     let _ = pipeline_task.await;

@@ -44,6 +44,10 @@ pub use storage_sop_classes::STORAGE_SOP_CLASSES;
 pub const CT_SOP_CLASSES: &[&str] =
     &[uids::CT_IMAGE_STORAGE, uids::ENHANCED_CT_IMAGE_STORAGE, uids::LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE];
 
+/// What an association runs over: plain TCP or TLS.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for S {}
+
 /// Counters for logs now and the metrics endpoint later.
 #[derive(Debug, Default)]
 pub struct ScpStats {
@@ -72,6 +76,11 @@ pub struct ScpContext {
     /// Associations open (or being negotiated) per peer address.
     per_peer: Mutex<HashMap<IpAddr, usize>>,
     rejections: Arc<RejectionReports>,
+    /// Associations served at once, over every listener (plain and TLS).
+    slots: Arc<Semaphore>,
+    /// Connections being turned away (each waits up to seconds for the request it answers): as
+    /// many again as there are slots; beyond that a connection is closed at once.
+    refusing: Arc<Semaphore>,
 }
 
 /// How many rejected connections are logged and recorded in the finding log, per minute. A
@@ -153,6 +162,8 @@ impl ScpContext {
     ) -> ScpContext {
         ScpContext {
             rejections: Arc::new(RejectionReports::new(stats.clone())),
+            slots: Arc::new(Semaphore::new(config.limits.max_associations)),
+            refusing: Arc::new(Semaphore::new(config.limits.max_associations)),
             per_peer: Mutex::new(HashMap::new()),
             peer_rules: config.peer_rules(),
             agent_id: agent_id(&config.storage.effective_host_name()),
@@ -216,16 +227,15 @@ impl ScpContext {
 
 /// Accepts associations until `shutdown` turns true, then gives open associations the configured
 /// grace period to finish before aborting them.
+/// With `tls`, every connection is DICOM over TLS (the TLS port); without, plain DICOM.
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<ScpContext>,
     mut shutdown: watch::Receiver<bool>,
     heartbeat: crate::systemd::Heartbeat,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    let slots = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
-    // Connections being turned away (each waits up to seconds for the request it answers): as
-    // many again as there are slots; beyond that a connection is closed at once.
-    let refusing = Arc::new(Semaphore::new(ctx.config.limits.max_associations));
+    let (slots, refusing) = (ctx.slots.clone(), ctx.refusing.clone());
     let mut associations = JoinSet::new();
     // The accept loop reports to the watchdog between connections, and every few seconds when
     // none come.
@@ -266,8 +276,9 @@ pub async fn serve(
                 };
                 let refusal = match admitted {
                     Ok(held) => {
+                        let tls = tls.clone();
                         associations.spawn(async move {
-                            handle_connection(socket, peer, id, ctx).await;
+                            handle_connection(socket, peer, id, ctx, tls).await;
                             drop(held);
                         }.instrument(span));
                         continue;
@@ -364,20 +375,31 @@ async fn refuse(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: &Sc
     reject(socket, result, source).await;
 }
 
-/// What a connection that does not open with a PDU is, when its first bytes tell: a browser or a
-/// probe on the DICOM port, or a peer configured for DICOM over TLS, which this agent does not
-/// speak. dicom-ul would report these as a PDU of absurd length.
-fn not_dicom(first_bytes: &[u8]) -> Option<String> {
+/// What a connection is when its first bytes show it is not what this port serves: on the plain
+/// port, a browser, a probe, or a peer configured for DICOM over TLS; on the TLS port, a peer
+/// speaking plain DICOM (or anything else). dicom-ul would report these as a PDU of absurd length
+/// or a failed handshake.
+fn not_what_this_port_serves(first_bytes: &[u8], tls_port: bool) -> Option<String> {
     let &first = first_bytes.first()?;
+    let text = String::from_utf8_lossy(first_bytes);
+    let http = ["GET ", "POST", "HEAD", "PUT ", "OPTI"].iter().any(|verb| text.starts_with(verb));
+    if tls_port {
+        return match first {
+            // A TLS handshake record.
+            0x16 => None,
+            0x01..=0x07 => Some("a plain DICOM association request on the TLS port (dicom.tls_port)".to_string()),
+            _ if http => Some("an HTTP request".to_string()),
+            _ => Some(format!("a connection that opens with byte 0x{first:02X}, which is no TLS handshake")),
+        };
+    }
     if (0x01..=0x07).contains(&first) {
         // A PDU type: an association request, or a protocol error dicom-ul answers with an abort.
         return None;
     }
-    let text = String::from_utf8_lossy(first_bytes);
-    Some(if ["GET ", "POST", "HEAD", "PUT ", "OPTI"].iter().any(|verb| text.starts_with(verb)) {
+    Some(if http {
         "an HTTP request".to_string()
     } else if first == 0x16 {
-        "a TLS handshake (this agent accepts DICOM without TLS only)".to_string()
+        "a TLS handshake on the plain DICOM port (DICOM over TLS is served on dicom.tls_port, when set)".to_string()
     } else {
         format!("a connection that opens with byte 0x{first:02X}, which is no PDU type")
     })
@@ -524,7 +546,13 @@ struct OpenedAssociation {
     started_at: String,
 }
 
-async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: Arc<ScpContext>) {
+async fn handle_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    id: AssociationId,
+    ctx: Arc<ScpContext>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
     let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
     // Counted always; logged (by the caller, when this says so) and recorded at a bounded rate.
     let rejected = |detail: &str| {
@@ -556,7 +584,7 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     let mut first_bytes = [0u8; 4];
     if let Ok(Ok(seen)) =
         tokio::time::timeout(ctx.config.limits.association_timeout(), socket.peek(&mut first_bytes)).await
-        && let Some(what) = not_dicom(&first_bytes[..seen])
+        && let Some(what) = not_what_this_port_serves(&first_bytes[..seen], tls.is_some())
     {
         if rejected(&format!("not a DICOM association request: {what}")) {
             tracing::warn!(what, "not a DICOM association request; closing the connection");
@@ -565,23 +593,54 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     }
     let options = association_options(&ctx.config);
     let remaining = ctx.config.limits.association_timeout().saturating_sub(started.elapsed());
-    let established = tokio::time::timeout(remaining, options.establish_async(socket)).await;
-    let mut association = match established {
-        Ok(Ok(a)) => a,
+    match tls {
+        None => {
+            let established = tokio::time::timeout(remaining, options.establish_async(socket)).await;
+            if let Some(association) = established_or_rejected(established, rejected) {
+                serve_association(association, &ctx, &opened).await;
+            }
+        }
+        Some(tls) => {
+            // The handshake counts against the association timeout too.
+            let options = options.tls_config(tls);
+            let established = tokio::time::timeout(remaining, options.establish_tls_async(socket)).await;
+            if let Some(association) = established_or_rejected(established, rejected) {
+                serve_association(association, &ctx, &opened).await;
+            }
+        }
+    }
+}
+
+/// The association, or the reason it is not there, logged (within the rate) and recorded.
+fn established_or_rejected<S>(
+    established: Result<Result<AsyncServerAssociation<S>, dicom_ul::association::Error>, tokio::time::error::Elapsed>,
+    rejected: impl Fn(&str) -> bool,
+) -> Option<AsyncServerAssociation<S>> {
+    match established {
+        Ok(Ok(association)) => Some(association),
         Ok(Err(e)) => {
             let error = with_causes(&e);
             if rejected(&format!("not established: {error}")) {
                 tracing::warn!(%error, "association not established");
             }
-            return;
+            None
         }
         Err(_) => {
             if rejected("no association request within the timeout") {
                 tracing::warn!("no association request within the timeout; closing");
             }
-            return;
+            None
         }
-    };
+    }
+}
+
+/// An established association, served until it ends, over plain TCP or TLS.
+async fn serve_association<S: Transport>(
+    mut association: AsyncServerAssociation<S>,
+    ctx: &Arc<ScpContext>,
+    opened: &OpenedAssociation,
+) {
+    let id = opened.id;
     ctx.stats.associations_accepted.fetch_add(1, Ordering::Relaxed);
     let span = tracing::Span::current();
     span.record("calling_ae", association.peer_ae_title().trim());
@@ -615,7 +674,7 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     }
 
     let mut session = Session {
-        ctx: &ctx,
+        ctx,
         id,
         calling_ae: association.peer_ae_title().trim().to_string(),
         contexts: association.presentation_contexts().to_vec(),
@@ -628,7 +687,7 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
     let t = &session.tally;
     let called = association.called_ae_title().trim().to_string();
     ctx.record_association(
-        &opened,
+        opened,
         (&session.calling_ae, &called),
         t,
         if released { "released" } else { "aborted" },
@@ -646,7 +705,7 @@ async fn handle_connection(socket: TcpStream, peer: SocketAddr, id: AssociationI
 
 impl Session<'_> {
     /// Serves DIMSE requests until release (true) or abort/error (false).
-    async fn run(&mut self, association: &mut AsyncServerAssociation<TcpStream>) -> bool {
+    async fn run<S: Transport>(&mut self, association: &mut AsyncServerAssociation<S>) -> bool {
         loop {
             let pdu = match association.receive().await {
                 Ok(pdu) => pdu,
@@ -700,7 +759,7 @@ impl Session<'_> {
 
     async fn on_pdv(
         &mut self,
-        association: &mut AsyncServerAssociation<TcpStream>,
+        association: &mut AsyncServerAssociation<impl Transport>,
         value: PDataValue,
     ) -> Result<(), String> {
         match value.value_type {
@@ -743,7 +802,7 @@ impl Session<'_> {
 
     async fn on_command(
         &mut self,
-        association: &mut AsyncServerAssociation<TcpStream>,
+        association: &mut AsyncServerAssociation<impl Transport>,
         request: dimse::Request,
         pc_id: u8,
     ) -> Result<(), String> {
@@ -899,7 +958,7 @@ impl Session<'_> {
 
     async fn respond(
         &mut self,
-        association: &mut AsyncServerAssociation<TcpStream>,
+        association: &mut AsyncServerAssociation<impl Transport>,
         request: &dimse::Request,
         pc_id: u8,
         code: u16,
@@ -919,7 +978,7 @@ impl Session<'_> {
 
 /// Sends an A-ABORT, waiting at most a moment: it often follows a peer that stopped reading,
 /// whose socket would hold the abort for another whole write timeout.
-async fn abort(association: &mut AsyncServerAssociation<TcpStream>) {
+async fn abort(association: &mut AsyncServerAssociation<impl Transport>) {
     use dicom_ul::pdu::{AbortRQServiceProviderReason, AbortRQSource};
     let abort_rq =
         Pdu::AbortRQ { source: AbortRQSource::ServiceProvider(AbortRQServiceProviderReason::ReasonNotSpecified) };

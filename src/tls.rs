@@ -1,0 +1,106 @@
+//! DICOM over TLS (PS3.15 B.9, the BCP 195 profile's TLS 1.2 and 1.3): the server side's
+//! certificate and key, and, when a CA is configured, the client certificates it accepts (mutual
+//! TLS, as IHE ATNA secure nodes authenticate each other).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{Destination, DicomConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{key} ({path}): {reason}")]
+    File { key: &'static str, path: String, reason: String },
+    #[error("dicom.tls_certificate and dicom.tls_private_key do not go together: {0}")]
+    Pair(String),
+}
+
+fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let error = |reason: String| TlsError::File { key, path: path.to_string(), reason };
+    let certificates: Vec<_> = CertificateDer::pem_file_iter(Path::new(path))
+        .map_err(|e| error(e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| error(e.to_string()))?;
+    if certificates.is_empty() {
+        return Err(error("no PEM certificate in it".into()));
+    }
+    Ok(certificates)
+}
+
+/// The TLS listener's configuration, checked: files readable, PEM that parses, the key that of
+/// the certificate, the CA a usable trust anchor. `None` when `dicom.tls_port` is 0.
+pub fn server_config(dicom: &DicomConfig) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
+    if dicom.tls_port == 0 {
+        return Ok(None);
+    }
+    let chain = certificates("dicom.tls_certificate", &dicom.tls_certificate)?;
+    let key = PrivateKeyDer::from_pem_file(Path::new(&dicom.tls_private_key)).map_err(|e| TlsError::File {
+        key: "dicom.tls_private_key",
+        path: dicom.tls_private_key.clone(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Pair(e.to_string()))?;
+    let builder = if dicom.tls_client_ca.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for certificate in certificates("dicom.tls_client_ca", &dicom.tls_client_ca)? {
+            roots.add(certificate).map_err(|e| TlsError::File {
+                key: "dicom.tls_client_ca",
+                path: dicom.tls_client_ca.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| TlsError::File {
+            key: "dicom.tls_client_ca",
+            path: dicom.tls_client_ca.clone(),
+            reason: e.to_string(),
+        })?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Pair(e.to_string()))?;
+    Ok(Some(Arc::new(config)))
+}
+
+/// A destination's TLS client: the CA its certificate must chain to (`tls_ca`; the peer's host
+/// name must be in it, as TLS checks it), and our certificate and key when it asks for one
+/// (mutual TLS). `None` for a destination without `tls`.
+pub fn client_config(destination: &Destination) -> Result<Option<Arc<rustls::ClientConfig>>, TlsError> {
+    if !destination.tls {
+        return Ok(None);
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates("destinations.tls_ca", &destination.tls_ca)? {
+        roots.add(certificate).map_err(|e| TlsError::File {
+            key: "destinations.tls_ca",
+            path: destination.tls_ca.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = if destination.tls_certificate.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let chain = certificates("destinations.tls_certificate", &destination.tls_certificate)?;
+        let key =
+            PrivateKeyDer::from_pem_file(Path::new(&destination.tls_private_key)).map_err(|e| TlsError::File {
+                key: "destinations.tls_private_key",
+                path: destination.tls_private_key.clone(),
+                reason: e.to_string(),
+            })?;
+        builder.with_client_auth_cert(chain, key).map_err(|e| TlsError::Pair(e.to_string()))?
+    };
+    Ok(Some(Arc::new(config)))
+}
