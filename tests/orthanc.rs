@@ -21,10 +21,18 @@ struct Orthanc {
 
 impl Orthanc {
     fn start(dir: &Path, agent_port: u16) -> Orthanc {
+        Self::start_with(
+            dir,
+            serde_json::json!({ "DicomModalities": { "idaics": ["IDAICS", "127.0.0.1", agent_port] } }),
+        )
+    }
+
+    /// With these keys of Orthanc's configuration set over the defaults below.
+    fn start_with(dir: &Path, overrides: serde_json::Value) -> Orthanc {
         require_tool("Orthanc");
         let (dicom_port, http_port) = (free_port(), free_port());
         std::fs::create_dir_all(dir).unwrap();
-        let config = serde_json::json!({
+        let mut config = serde_json::json!({
             "Name": "test PACS",
             "StorageDirectory": dir.join("storage"),
             "IndexDirectory": dir.join("index"),
@@ -35,9 +43,11 @@ impl Orthanc {
             "AuthenticationEnabled": false,
             "DicomCheckCalledAet": false,
             "DicomAlwaysAllowStore": true,
-            "DicomModalities": { "idaics": ["IDAICS", "127.0.0.1", agent_port] },
             "Plugins": []
         });
+        for (key, value) in overrides.as_object().unwrap() {
+            config[key] = value.clone();
+        }
         let config_path = dir.join("orthanc.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
         let log = std::fs::File::create(dir.join("orthanc.log")).unwrap();
@@ -130,4 +140,135 @@ fn orthanc_sends_a_series_and_files_the_results_under_its_study() {
     let completions = agent.events("series complete");
     assert_eq!(completions.len(), 1, "{}", agent.log());
     assert_eq!(completions[0]["fields"]["trigger"], "association-released");
+}
+
+/// The same round trip with every DICOM connection over mutual TLS: Orthanc's DICOM port speaks
+/// TLS only, it sends the series to the agent's TLS port with its certificate, and the agent
+/// sends the results back over TLS with its own; both trust the one test CA.
+#[test]
+fn orthanc_and_the_agent_over_mutual_tls() {
+    require_tool("openssl");
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(&pki).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", common::output_text(&out));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+    ]);
+    std::fs::write(pki.join("ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    for name in ["orthanc", "idaics"] {
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+    }
+    let file = |name: &str| pki.join(name).to_str().unwrap().to_string();
+
+    let spec = PhantomSpec {
+        seed: 7022,
+        levels: parse_levels("L4/L5=protrusion").unwrap(),
+        pixel_spacing_mm: 1.5,
+        slice_thickness_mm: 2.0,
+        size: 192,
+        ..Default::default()
+    };
+    let (series, truth) = write_phantom(&tmp.path().join("in"), &spec).unwrap();
+    let files: Vec<PathBuf> = series.files;
+    let levels = truth.levels.len();
+
+    let (agent_port, agent_tls_port) = (free_port(), free_port());
+    let orthanc = Orthanc::start_with(
+        &tmp.path().join("orthanc"),
+        serde_json::json!({
+            "DicomTlsEnabled": true,
+            "DicomTlsCertificate": file("orthanc.pem"),
+            "DicomTlsPrivateKey": file("orthanc.key"),
+            "DicomTlsTrustedCertificates": file("ca.pem"),
+            "DicomTlsRemoteCertificateRequired": true,
+            "DicomModalities": {
+                "idaics": { "AET": "IDAICS", "Host": "127.0.0.1", "Port": agent_tls_port, "UseDicomTls": true }
+            },
+        }),
+    );
+    let config = tmp.path().join("idaics.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[dicom]\ntls_port = {agent_tls_port}\ntls_certificate = {:?}\ntls_private_key = {:?}\ntls_client_ca = {:?}\n\
+             [[destinations]]\nae_title = \"ORTHANC\"\nhost = \"localhost\"\nport = {}\ntls = true\ntls_ca = {:?}\n\
+             tls_certificate = {:?}\ntls_private_key = {:?}\n",
+            file("idaics.pem"),
+            file("idaics.key"),
+            file("ca.pem"),
+            orthanc.dicom_port,
+            file("ca.pem"),
+            file("idaics.pem"),
+            file("idaics.key"),
+        ),
+    )
+    .unwrap();
+    let agent = Agent::start_on_with_args(
+        &tmp.path().join("state"),
+        agent_port,
+        &[("IDAICS_MODEL_WEIGHTS", PHANTOM_MODEL), ("IDAICS_MODEL_DEVICE", "cpu")],
+        &["--config", config.to_str().unwrap()],
+    );
+
+    // Into Orthanc over TLS (its DICOM port takes nothing else), then on to the agent's TLS port.
+    let tls = ["+tls", &file("idaics.key"), &file("idaics.pem"), "+cf", &file("ca.pem")];
+    assert_eq!(store_outcomes(&storescu(orthanc.dicom_port, &tls, &files)), (files.len(), 0));
+    let source_series = orthanc.json("/series");
+    let (status, body) = http_post(
+        orthanc.http_port,
+        "/modalities/idaics/store",
+        &serde_json::json!({ "Resources": [source_series[0]], "Synchronous": true }).to_string(),
+    );
+    assert_eq!(status, 200, "Orthanc's C-STORE over TLS to the agent: {body}\n{}", agent.log());
+    assert_eq!(agent.spool_files().len(), files.len());
+    let expected = files.len() + (1 + levels) + 1 + levels + 1;
+    wait_until("the results in Orthanc, over TLS", Duration::from_secs(240), || {
+        orthanc.json("/statistics")["CountInstances"].as_u64() == Some(expected as u64)
+    });
+    let statistics = orthanc.json("/statistics");
+    assert_eq!((statistics["CountPatients"].as_u64(), statistics["CountStudies"].as_u64()), (Some(1), Some(1)));
 }
