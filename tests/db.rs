@@ -861,3 +861,28 @@ fn a_nul_byte_does_not_stop_the_log_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(a_nul_byte_does_not_stop_the_log(pg.fresh_database("nul")));
 }
+
+/// The finding log over TLS: with `sslmode=verify-full` the server's certificate must chain to
+/// `sslrootcert` and name the host; a server that takes TLS only refuses a plain connection, and
+/// a certificate from another CA is refused by the agent.
+#[test]
+fn the_finding_log_over_tls_checks_the_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = common::pki::TestPki::make(&tmp.path().join("pki"));
+    let pg = Postgres::start();
+    pg.require_tls(&pki.path("a.pem"), &pki.path("a.key"));
+    let url = pg.fresh_database("tls");
+    runtime().block_on(async {
+        let verified = format!("{url}?sslmode=verify-full&sslrootcert={}", pki.path("ca.pem"));
+        let db = Db::connect(&verified).await.unwrap();
+        db.migrate().await.unwrap();
+        db.record_association(&association("over-tls")).await.unwrap();
+        assert_eq!(db.count(Table::Associations).await.unwrap(), 1);
+        let plain = Db::connect(&format!("{url}?sslmode=disable")).await;
+        assert!(plain.is_err(), "a plain connection was let in");
+        let other_ca =
+            Db::connect(&format!("{url}?sslmode=verify-full&sslrootcert={}", pki.path("stranger.pem"))).await;
+        let error = other_ca.err().expect("a server certificate from another CA was trusted").to_string();
+        assert!(error.to_lowercase().contains("certificate"), "{error}");
+    });
+}

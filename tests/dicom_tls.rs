@@ -5,92 +5,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::pki::TestPki;
 use common::*;
-
-/// A test CA, and a server and two client certificates: one the CA signed, one self-signed.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn make(dir: &Path) -> Pki {
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-            assert!(out.status.success(), "openssl {args:?}: {}", output_text(&out));
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=IDAICS test CA",
-        ]);
-        std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-        std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        for (name, ext) in [("server", "server.ext"), ("client", "client.ext")] {
-            openssl(&[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                &format!("/CN=idaics-{name}"),
-            ]);
-            openssl(&[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                "2",
-                "-extfile",
-                ext,
-            ]);
-        }
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "stranger.key",
-            "-out",
-            "stranger.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=stranger",
-        ]);
-        Pki { dir: dir.to_path_buf() }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).to_str().unwrap().to_string()
-    }
-}
 
 fn echo(port: u16, tls: &[&str]) -> std::process::Output {
     Command::new("echoscu").args(tls).args(["-aec", AE, "-to", "10", "127.0.0.1", &port.to_string()]).output().unwrap()
@@ -98,12 +16,11 @@ fn echo(port: u16, tls: &[&str]) -> std::process::Output {
 
 #[test]
 fn mutual_tls_beside_the_plain_port_with_dcmtk() {
-    require_tool("openssl");
     let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::make(tmp.path());
+    let pki = TestPki::make(&tmp.path().join("pki"));
     let tls_port = free_port();
     let tls_port_text = tls_port.to_string();
-    let (certificate, key, ca) = (pki.path("server.pem"), pki.path("server.key"), pki.path("ca.pem"));
+    let (certificate, key, ca) = (pki.path("a.pem"), pki.path("a.key"), pki.path("ca.pem"));
     let agent = Agent::start(
         &tmp.path().join("state"),
         &[
@@ -114,7 +31,7 @@ fn mutual_tls_beside_the_plain_port_with_dcmtk() {
         ],
     );
     assert!(agent.log().contains("listening for DICOM associations over TLS"), "{}", agent.log());
-    let (client_key, client_certificate) = (pki.path("client.key"), pki.path("client.pem"));
+    let (client_key, client_certificate) = (pki.path("b.key"), pki.path("b.pem"));
     let with_certificate = ["+tls", client_key.as_str(), client_certificate.as_str(), "+cf", ca.as_str()];
 
     // The CA's client: accepted, and it stores.
@@ -153,14 +70,13 @@ fn mutual_tls_beside_the_plain_port_with_dcmtk() {
 /// configured for it, kept in the outbox with the TLS reason.
 #[test]
 fn results_go_to_a_tls_pacs_with_our_certificate() {
-    require_tool("openssl");
     let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::make(tmp.path());
+    let pki = TestPki::make(&tmp.path().join("pki"));
     let (pacs_port, stranger_port) = (free_port(), free_port());
     let _pacs = StoreScp::start_with_args(
         pacs_port,
         &tmp.path().join("pacs"),
-        &["+tls", &pki.path("server.key"), &pki.path("server.pem"), "+cf", &pki.path("ca.pem")],
+        &["+tls", &pki.path("a.key"), &pki.path("a.pem"), "+cf", &pki.path("ca.pem")],
     );
     // A second TLS PACS whose certificate the configured CA did not sign.
     let _stranger = StoreScp::start_with_args(
@@ -173,8 +89,8 @@ fn results_go_to_a_tls_pacs_with_our_certificate() {
             "[[destinations]]\nae_title = \"PACS\"\nhost = \"localhost\"\nport = {port}\ntls = true\n\
              tls_ca = {:?}\ntls_certificate = {:?}\ntls_private_key = {:?}\n",
             pki.path("ca.pem"),
-            pki.path("client.pem"),
-            pki.path("client.key")
+            pki.path("b.pem"),
+            pki.path("b.key")
         )
     };
     let config = tmp.path().join("idaics.toml");
@@ -208,27 +124,26 @@ fn results_go_to_a_tls_pacs_with_our_certificate() {
 
 #[test]
 fn check_config_reads_the_tls_files() {
-    require_tool("openssl");
     let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::make(tmp.path());
+    let pki = TestPki::make(&tmp.path().join("pki"));
     let check = |key: &str| {
         let config = tmp.path().join("idaics.toml");
         let text = format!(
             "[dicom]\ntls_port = 2762\ntls_certificate = {:?}\ntls_private_key = {:?}\ntls_client_ca = {:?}\n",
-            pki.path("server.pem"),
+            pki.path("a.pem"),
             key,
             pki.path("ca.pem")
         );
         std::fs::write(&config, text).unwrap();
         Command::new(env!("CARGO_BIN_EXE_idaics")).args(["check-config", "--config"]).arg(&config).output().unwrap()
     };
-    let good = check(&pki.path("server.key"));
+    let good = check(&pki.path("a.key"));
     assert!(good.status.success(), "{}", output_text(&good));
     assert!(output_text(&good).contains("DICOM over TLS: port 2762, client certificates required"));
     // Another certificate's key, and a file that holds no key: refused, naming what is wrong.
-    let mismatched = check(&pki.path("client.key"));
+    let mismatched = check(&pki.path("b.key"));
     assert!(!mismatched.status.success(), "{}", output_text(&mismatched));
-    let not_a_key = check(&pki.path("server.ext"));
+    let not_a_key = check(&pki.path("node.ext"));
     assert!(!not_a_key.status.success());
     assert!(output_text(&not_a_key).contains("dicom.tls_private_key"), "{}", output_text(&not_a_key));
 }

@@ -147,62 +147,9 @@ fn orthanc_sends_a_series_and_files_the_results_under_its_study() {
 /// sends the results back over TLS with its own; both trust the one test CA.
 #[test]
 fn orthanc_and_the_agent_over_mutual_tls() {
-    require_tool("openssl");
     let tmp = tempfile::tempdir().unwrap();
-    let pki = tmp.path().join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(&pki).output().unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", common::output_text(&out));
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-    ]);
-    std::fs::write(pki.join("ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
-    for name in ["orthanc", "idaics"] {
-        openssl(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.csr"),
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            "ext",
-        ]);
-    }
-    let file = |name: &str| pki.join(name).to_str().unwrap().to_string();
+    let pki = common::pki::TestPki::make(&tmp.path().join("pki"));
+    let file = |name: &str| pki.path(name);
 
     let spec = PhantomSpec {
         seed: 7022,
@@ -221,8 +168,8 @@ fn orthanc_and_the_agent_over_mutual_tls() {
         &tmp.path().join("orthanc"),
         serde_json::json!({
             "DicomTlsEnabled": true,
-            "DicomTlsCertificate": file("orthanc.pem"),
-            "DicomTlsPrivateKey": file("orthanc.key"),
+            "DicomTlsCertificate": file("a.pem"),
+            "DicomTlsPrivateKey": file("a.key"),
             "DicomTlsTrustedCertificates": file("ca.pem"),
             "DicomTlsRemoteCertificateRequired": true,
             "DicomModalities": {
@@ -237,13 +184,13 @@ fn orthanc_and_the_agent_over_mutual_tls() {
             "[dicom]\ntls_port = {agent_tls_port}\ntls_certificate = {:?}\ntls_private_key = {:?}\ntls_client_ca = {:?}\n\
              [[destinations]]\nae_title = \"ORTHANC\"\nhost = \"localhost\"\nport = {}\ntls = true\ntls_ca = {:?}\n\
              tls_certificate = {:?}\ntls_private_key = {:?}\n",
-            file("idaics.pem"),
-            file("idaics.key"),
+            file("b.pem"),
+            file("b.key"),
             file("ca.pem"),
             orthanc.dicom_port,
             file("ca.pem"),
-            file("idaics.pem"),
-            file("idaics.key"),
+            file("b.pem"),
+            file("b.key"),
         ),
     )
     .unwrap();
@@ -255,7 +202,7 @@ fn orthanc_and_the_agent_over_mutual_tls() {
     );
 
     // Into Orthanc over TLS (its DICOM port takes nothing else), then on to the agent's TLS port.
-    let tls = ["+tls", &file("idaics.key"), &file("idaics.pem"), "+cf", &file("ca.pem")];
+    let tls = ["+tls", &file("b.key"), &file("b.pem"), "+cf", &file("ca.pem")];
     assert_eq!(store_outcomes(&storescu(orthanc.dicom_port, &tls, &files)), (files.len(), 0));
     let source_series = orthanc.json("/series");
     let (status, body) = http_post(

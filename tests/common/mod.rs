@@ -3,6 +3,7 @@
 //! send, with a raw dicom-ul SCU).
 #![allow(dead_code)]
 
+pub mod pki;
 pub mod postgres;
 
 use std::io::{BufRead, BufReader};

@@ -58,6 +58,28 @@ impl Postgres {
         assert!(out.status.success(), "pg_ctl start: {}", String::from_utf8_lossy(&out.stderr));
     }
 
+    /// Serves TCP clients over TLS only (plain ones are refused by pg_hba), with this PEM
+    /// certificate and key; restarts the server.
+    pub fn require_tls(&self, certificate: &str, key: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.dir.path().join("data");
+        for (from, to) in [(certificate, "server.crt"), (key, "server.key")] {
+            std::fs::copy(from, data.join(to)).unwrap();
+            if unsafe { libc::geteuid() } == 0 {
+                let out = Command::new("chown").arg("postgres").arg(data.join(to)).output().unwrap();
+                assert!(out.status.success());
+            }
+        }
+        std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        let conf = data.join("postgresql.conf");
+        let text = std::fs::read_to_string(&conf).unwrap() + "\nssl = on\n";
+        std::fs::write(&conf, text).unwrap();
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n";
+        std::fs::write(data.join("pg_hba.conf"), hba).unwrap();
+        self.stop();
+        self.start_server();
+    }
+
     /// Stops the server at once, as a crash or an outage would.
     pub fn stop(&self) {
         let out = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
