@@ -322,7 +322,7 @@ pub fn valid_date(text: &str) -> bool {
 /// The files of `migrations/`, as (version, description, PostgreSQL, SQLite), described as sqlx
 /// describes a file from its name so that the checksums existing databases recorded still match
 /// (a test compares them with sqlx's own reading of the folders).
-const MIGRATIONS: [(i64, &str, &str, &str); 5] = [
+const MIGRATIONS: [(i64, &str, &str, &str); 6] = [
     (
         1,
         "finding log",
@@ -352,6 +352,12 @@ const MIGRATIONS: [(i64, &str, &str, &str); 5] = [
         "reviews",
         include_str!("../migrations/postgres/0005_reviews.sql"),
         include_str!("../migrations/sqlite/0005_reviews.sql"),
+    ),
+    (
+        6,
+        "audit events",
+        include_str!("../migrations/postgres/0006_audit_events.sql"),
+        include_str!("../migrations/sqlite/0006_audit_events.sql"),
     ),
 ];
 
@@ -448,6 +454,50 @@ impl Db {
     /// True when a trivial query succeeds: what `/readyz` asks.
     pub async fn ping(&self) -> bool {
         sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    pub async fn record_audit(&self, a: &AuditRow) -> Result<(), DbError> {
+        sqlx::query(
+            "INSERT INTO audit_events (event_key, at, agent, event, peer, calling_ae, called_ae, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_key) DO NOTHING",
+        )
+        .bind(&a.event_key)
+        .bind(&a.at)
+        .bind(&a.agent)
+        .bind(&a.event)
+        .bind(&a.peer)
+        .bind(&a.calling_ae)
+        .bind(&a.called_ae)
+        .bind(&a.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The audit trail, oldest first, from `since` (RFC 3339) on.
+    pub async fn audit_events(&self, since: &str) -> Result<Vec<AuditRow>, DbError> {
+        let rows = sqlx::query(
+            "SELECT event_key, at, agent, event, peer, calling_ae, called_ae, detail FROM audit_events \
+             WHERE at >= $1 ORDER BY id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRow {
+                    event_key: row.try_get(0)?,
+                    at: row.try_get(1)?,
+                    agent: row.try_get(2)?,
+                    event: row.try_get(3)?,
+                    peer: row.try_get(4)?,
+                    calling_ae: row.try_get(5)?,
+                    called_ae: row.try_get(6)?,
+                    detail: row.try_get(7)?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(DbError::from)
     }
 
     pub async fn record_association(&self, a: &AssociationRow) -> Result<(), DbError> {
@@ -1311,6 +1361,7 @@ pub enum Table {
     Findings,
     Outbox,
     Reviews,
+    AuditEvents,
 }
 
 impl Table {
@@ -1322,6 +1373,7 @@ impl Table {
             Table::Findings => "findings",
             Table::Outbox => "outbox",
             Table::Reviews => "reviews",
+            Table::AuditEvents => "audit_events",
         }
     }
 }
@@ -1412,6 +1464,20 @@ fn finding_from_row(r: &AnyRow) -> Result<FindingRow, DbError> {
 pub enum Record {
     Association(AssociationRow),
     Series(SeriesRow),
+    Audit(AuditRow),
+}
+
+/// One line of the audit trail (see `crate::audit`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub event_key: String,
+    pub at: String,
+    pub agent: String,
+    pub event: String,
+    pub peer: Option<String>,
+    pub calling_ae: Option<String>,
+    pub called_ae: Option<String>,
+    pub detail: Option<String>,
 }
 
 impl Record {
@@ -1549,6 +1615,7 @@ impl Writer {
             let result = match &record {
                 Record::Association(a) => self.db.record_association(a).await,
                 Record::Series(s) => self.db.record_series(s).await.map(|_| ()),
+                Record::Audit(a) => self.db.record_audit(a).await,
             };
             match result {
                 Ok(()) => {

@@ -4,6 +4,7 @@
 //! Modules follow the data flow: [`scp`] receives instances into the [`spool`], [`series`]
 //! decides when a series is complete; the analysis stages attach to the decisions it emits.
 
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dataset;

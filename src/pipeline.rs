@@ -628,6 +628,7 @@ struct JobResults {
 /// A job's objects that are due together go to a DICOM destination over one association.
 pub async fn run_sender(
     db: Db,
+    audit: crate::audit::Audit,
     outputs_dir: PathBuf,
     destination: Destination,
     calling_ae: String,
@@ -649,6 +650,14 @@ pub async fn run_sender(
         for job_objects in due.chunk_by(|a, b| a.job_id == b.job_id) {
             let outcomes = send_objects(&outputs_dir, &destination, &calling_ae, job_objects).await;
             for (item, outcome) in job_objects.iter().zip(outcomes) {
+                if let Delivery::Stored(status) = &outcome {
+                    let party = crate::audit::Party { called_ae: Some(&destination.name), ..Default::default() };
+                    let detail =
+                        format!("object {} of job {} ({status})", item.sop_instance_uid, item.job_id.unwrap_or(0));
+                    if let Err(e) = db.record_audit(&audit.entry("export", party, &detail)).await {
+                        tracing::warn!(error = %e, "cannot record the export in the audit trail");
+                    }
+                }
                 if let Err(e) = record_delivery(&db, &destination.name, item, outcome, max_retry_interval_s).await {
                     tracing::warn!(error = %e, "cannot record a delivery attempt");
                 }

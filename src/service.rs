@@ -194,7 +194,10 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
 
     let stats = Arc::new(ScpStats::default());
     let mut ctx = ScpContext::new(config.clone(), spool, events_tx, stats.clone());
+    ctx.audit = Arc::new(crate::audit::Audit::new(ctx.agent_id.clone(), Some(records_tx.clone())));
     ctx.records = Some(records_tx);
+    // Held for reloads; dropped before the writer is waited for, whose channel it feeds.
+    let audit = ctx.audit.clone();
     let ctx = Arc::new(ctx);
 
     // The analysis worker and one sender per destination.
@@ -252,6 +255,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         tracing::info!(destination = %d.name, "sending results");
         background.push(tokio::spawn(crate::pipeline::run_sender(
             db.clone(),
+            crate::audit::Audit::new(format!("{}/sender/{}", ctx.agent_id, d.name), None),
             state_dir.join("outputs"),
             d,
             config.dicom.ae_title.clone(),
@@ -318,10 +322,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     loop {
         match signals.next().await {
             Signal::Terminate => break,
-            Signal::Reload => reload_model(config_path.as_deref(), &config.model, &model).await,
+            Signal::Reload => reload_model(config_path.as_deref(), &config.model, &model, &audit).await,
         }
     }
     tracing::info!("termination requested: finishing in-flight work");
+    drop(audit);
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
     let _ = retention_stop_tx.send(true);
@@ -436,9 +441,19 @@ impl Signals {
 /// is refused with the reason, and the weights in use stay. Only `[model]` is applied; other
 /// changes wait for a restart, and the log says so. `started_with` is the model section the agent
 /// started with (command-line overrides included), for comparison.
-async fn reload_model(config_path: Option<&Path>, started_with: &crate::config::ModelConfig, model: &ModelSlot) {
-    if let Err(reason) = reload_model_from(config_path, started_with, model).await {
-        tracing::error!(reason = %reason, "weights refused; the weights in use stay");
+async fn reload_model(
+    config_path: Option<&Path>,
+    started_with: &crate::config::ModelConfig,
+    model: &ModelSlot,
+    audit: &crate::audit::Audit,
+) {
+    let party = crate::audit::Party::default();
+    match reload_model_from(config_path, started_with, model).await {
+        Ok(outcome) => audit.record("reload", party, &outcome),
+        Err(reason) => {
+            tracing::error!(reason = %reason, "weights refused; the weights in use stay");
+            audit.record("reload", party, &format!("weights refused: {reason}"));
+        }
     }
 }
 
@@ -446,7 +461,7 @@ async fn reload_model_from(
     config_path: Option<&Path>,
     started_with: &crate::config::ModelConfig,
     model: &ModelSlot,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let config = Config::load(config_path).map_err(|e| format!("cannot read the configuration: {e}"))?;
     config.validate("reload").map_err(|e| format!("configuration not valid: {e}"))?;
     let wanted = config.model;
@@ -454,7 +469,7 @@ async fn reload_model_from(
     if wanted.weights.is_empty() {
         model.replace(false, None);
         tracing::warn!("no weights configured any more: series are analysed without findings");
-        return Ok(());
+        return Ok("no weights configured".into());
     }
     if wanted.device != started_with.device {
         tracing::warn!(device = %wanted.device, "model.device changes at the next restart");
@@ -467,12 +482,13 @@ async fn reload_model_from(
         .map_err(|e| e.to_string())?;
     if in_use.as_ref().is_some_and(|d| d.sha256 == detector.sha256) {
         tracing::info!(weights = %wanted.weights, sha256 = %detector.sha256, "weights unchanged");
-        return Ok(());
+        return Ok(format!("weights unchanged: {}", detector.sha256));
     }
     let previous = in_use.map(|d| d.sha256.clone()).unwrap_or_else(|| "none".into());
     tracing::info!(weights = %wanted.weights, sha256 = %detector.sha256, previous = %previous, "weights reloaded: the next job uses them");
+    let outcome = format!("weights reloaded: {} (was {previous})", detector.sha256);
     model.replace(true, Some(detector));
-    Ok(())
+    Ok(outcome)
 }
 
 /// Receives decided series and logs them in the finding log (a complete one queues its job).

@@ -886,3 +886,36 @@ fn the_finding_log_over_tls_checks_the_server() {
         assert!(error.to_lowercase().contains("certificate"), "{error}");
     });
 }
+
+/// The audit trail's rows: written once however often a record is replayed, read back in order.
+async fn audit_trail_rows(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    let row = |n: u32, event: &str| idaics::db::AuditRow {
+        event_key: format!("host:1:2/{n}"),
+        at: format!("2026-12-03T06:00:0{n}Z"),
+        agent: "host:1:2".into(),
+        event: event.into(),
+        peer: Some("10.0.0.9:40000".into()),
+        calling_ae: Some("PACS".into()),
+        called_ae: Some("IDAICS".into()),
+        detail: Some("over TLS".into()),
+    };
+    for record in [row(1, "association-accepted"), row(2, "instances-stored"), row(1, "association-accepted")] {
+        db.record_audit(&record).await.unwrap();
+    }
+    assert_eq!(db.count(Table::AuditEvents).await.unwrap(), 2);
+    let trail = db.audit_events("2026-12-03T06:00:02Z").await.unwrap();
+    assert_eq!(trail, [row(2, "instances-stored")]);
+}
+
+#[test]
+fn audit_trail_on_sqlite() {
+    runtime().block_on(on_sqlite(audit_trail_rows));
+}
+
+#[test]
+fn audit_trail_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(audit_trail_rows(pg.fresh_database("audit_trail")));
+}

@@ -57,6 +57,16 @@ fn mutual_tls_beside_the_plain_port_with_dcmtk() {
     agent.wait_for("the plain-text refusal", std::time::Duration::from_secs(10), |a| {
         a.log().contains("a plain DICOM association request on the TLS port")
     });
+    // The audit trail has each of them: the TLS association, what it stored, the failed
+    // handshakes and the plain-text client.
+    wait_until("the audit trail", std::time::Duration::from_secs(10), || {
+        let trail = audit_trail(&agent.state_dir);
+        let has = |event: &str, detail: &str| trail.iter().any(|(e, d)| e == event && d.contains(detail));
+        has("association-accepted", "over TLS")
+            && has("instances-stored", "3 instance(s) stored")
+            && trail.iter().filter(|(e, _)| e == "tls-failure").count() >= 2
+            && has("association-refused", "plain DICOM association request on the TLS port")
+    });
     // The plain port serves on beside it, and TLS there is named for what it is.
     assert!(agent.echo());
     assert!(!echo(agent.port, &with_certificate).status.success());

@@ -82,4 +82,14 @@ fn sighup_puts_new_weights_in_place_and_refuses_a_bad_file() {
     write_model_config(&config, &second);
     agent.hangup();
     wait_until("the unchanged weights", Duration::from_secs(60), || agent.log().contains("weights unchanged"));
+    // Each reload, and each object copied to the destination, is in the audit trail.
+    wait_until("the audit trail", Duration::from_secs(10), || {
+        let trail = common::audit_trail(&agent.state_dir);
+        let reloads: Vec<&str> = trail.iter().filter(|(e, _)| e == "reload").map(|(_, d)| d.as_str()).collect();
+        reloads.len() == 3
+            && reloads[0].starts_with(&format!("weights reloaded: {second_sha}"))
+            && reloads[1].starts_with("weights refused")
+            && reloads[2].starts_with("weights unchanged")
+            && trail.iter().any(|(e, d)| e == "export" && d.contains("(copied)"))
+    });
 }

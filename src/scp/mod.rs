@@ -71,6 +71,8 @@ pub struct ScpContext {
     pub records: Option<mpsc::UnboundedSender<crate::db::Record>>,
     /// Makes association keys unique across agents sharing a database and across restarts.
     pub agent_id: String,
+    /// The audit trail: who connected, refused or not, and what they stored.
+    pub audit: Arc<crate::audit::Audit>,
     peer_rules: Vec<PeerRule>,
     next_association: AtomicU64,
     /// Associations open (or being negotiated) per peer address.
@@ -167,6 +169,7 @@ impl ScpContext {
             per_peer: Mutex::new(HashMap::new()),
             peer_rules: config.peer_rules(),
             agent_id: agent_id(&config.storage.effective_host_name()),
+            audit: Arc::new(crate::audit::Audit::new(String::new(), None)),
             config,
             spool,
             tracker,
@@ -369,6 +372,9 @@ async fn refuse(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: &Sc
                 tracing::warn!(limit = limits.max_associations, "too many associations; rejecting (transient)")
             }
         }
+        let peer_text = peer.to_string();
+        let party = crate::audit::Party { peer: Some(&peer_text), ..Default::default() };
+        ctx.audit.record("association-refused", party, &detail);
         let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
         ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail));
     }
@@ -555,15 +561,17 @@ async fn handle_connection(
 ) {
     let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
     // Counted always; logged (by the caller, when this says so) and recorded at a bounded rate.
-    let rejected = |detail: &str| {
+    let peer_text = peer.to_string();
+    let rejected = |event: &'static str, detail: &str| {
         let report = ctx.rejections.report();
         if report {
+            ctx.audit.record(event, crate::audit::Party { peer: Some(&peer_text), ..Default::default() }, detail);
             ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail.into()));
         }
         report
     };
     if let Some(free) = ctx.disk_is_low() {
-        if rejected("free disk below the minimum") {
+        if rejected("association-refused", "free disk below the minimum") {
             tracing::error!(
                 free_mb = free / (1024 * 1024),
                 min_mb = ctx.config.limits.min_free_disk_mb,
@@ -586,7 +594,7 @@ async fn handle_connection(
         tokio::time::timeout(ctx.config.limits.association_timeout(), socket.peek(&mut first_bytes)).await
         && let Some(what) = not_what_this_port_serves(&first_bytes[..seen], tls.is_some())
     {
-        if rejected(&format!("not a DICOM association request: {what}")) {
+        if rejected("association-refused", &format!("not a DICOM association request: {what}")) {
             tracing::warn!(what, "not a DICOM association request; closing the connection");
         }
         return;
@@ -597,7 +605,7 @@ async fn handle_connection(
         None => {
             let established = tokio::time::timeout(remaining, options.establish_async(socket)).await;
             if let Some(association) = established_or_rejected(established, rejected) {
-                serve_association(association, &ctx, &opened).await;
+                serve_association(association, &ctx, &opened, false).await;
             }
         }
         Some(tls) => {
@@ -605,7 +613,7 @@ async fn handle_connection(
             let options = options.tls_config(tls);
             let established = tokio::time::timeout(remaining, options.establish_tls_async(socket)).await;
             if let Some(association) = established_or_rejected(established, rejected) {
-                serve_association(association, &ctx, &opened).await;
+                serve_association(association, &ctx, &opened, true).await;
             }
         }
     }
@@ -614,19 +622,25 @@ async fn handle_connection(
 /// The association, or the reason it is not there, logged (within the rate) and recorded.
 fn established_or_rejected<S>(
     established: Result<Result<AsyncServerAssociation<S>, dicom_ul::association::Error>, tokio::time::error::Elapsed>,
-    rejected: impl Fn(&str) -> bool,
+    rejected: impl Fn(&'static str, &str) -> bool,
 ) -> Option<AsyncServerAssociation<S>> {
     match established {
         Ok(Ok(association)) => Some(association),
         Ok(Err(e)) => {
             let error = with_causes(&e);
-            if rejected(&format!("not established: {error}")) {
+            // A handshake that failed is an event of its own in the audit trail: a missing or
+            // untrusted certificate, a protocol too old.
+            let event = match e {
+                dicom_ul::association::Error::TlsHandshake { .. } => "tls-failure",
+                _ => "association-refused",
+            };
+            if rejected(event, &format!("not established: {error}")) {
                 tracing::warn!(%error, "association not established");
             }
             None
         }
         Err(_) => {
-            if rejected("no association request within the timeout") {
+            if rejected("association-refused", "no association request within the timeout") {
                 tracing::warn!("no association request within the timeout; closing");
             }
             None
@@ -639,6 +653,7 @@ async fn serve_association<S: Transport>(
     mut association: AsyncServerAssociation<S>,
     ctx: &Arc<ScpContext>,
     opened: &OpenedAssociation,
+    tls: bool,
 ) {
     let id = opened.id;
     ctx.stats.associations_accepted.fetch_add(1, Ordering::Relaxed);
@@ -658,6 +673,13 @@ async fn serve_association<S: Transport>(
         })
         .collect();
     tracing::info!(accepted_contexts = accepted.len(), "association accepted");
+    let peer_text = opened.peer.to_string();
+    let party = crate::audit::Party {
+        peer: Some(&peer_text),
+        calling_ae: Some(association.peer_ae_title().trim()),
+        called_ae: Some(association.called_ae_title().trim()),
+    };
+    ctx.audit.record("association-accepted", party, if tls { "over TLS" } else { "plain TCP" });
     tracing::debug!(contexts = ?accepted, "accepted presentation contexts");
     if accepted.is_empty() {
         let mut proposed: Vec<&str> = association
@@ -693,6 +715,15 @@ async fn serve_association<S: Transport>(
         if released { "released" } else { "aborted" },
         None,
     );
+    if t.stored > 0 || t.failed > 0 {
+        let party = crate::audit::Party {
+            peer: Some(&peer_text),
+            calling_ae: Some(&session.calling_ae),
+            called_ae: Some(&called),
+        };
+        let detail = format!("{} instance(s) stored, {} bytes, {} failed", t.stored, t.bytes, t.failed);
+        ctx.audit.record("instances-stored", party, &detail);
+    }
     tracing::info!(
         released,
         stored = t.stored,

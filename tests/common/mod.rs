@@ -584,3 +584,14 @@ pub fn analyse_to_folder(agent: &Agent, folder: &Path, series: &[PathBuf]) -> Ve
 pub fn names_weights(object: &[u8], sha256: &str) -> bool {
     object.windows(sha256.len()).any(|w| w == sha256.as_bytes())
 }
+
+/// The audit trail an agent wrote to its embedded finding log so far: (event, detail) pairs.
+pub fn audit_trail(state_dir: &Path) -> Vec<(String, String)> {
+    let url = format!("sqlite://{}", state_dir.join("idaics.db").display());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let db = idaics::db::Db::connect(&url).await.unwrap();
+        let rows = db.audit_events("").await.unwrap_or_default();
+        rows.into_iter().map(|r| (r.event, r.detail.unwrap_or_default())).collect()
+    })
+}
