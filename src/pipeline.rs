@@ -623,19 +623,25 @@ struct JobResults {
     stage_seconds: Vec<(&'static str, f64)>,
 }
 
+/// What one destination's sender works with.
+pub struct Sender {
+    pub db: Db,
+    /// Where each export is recorded (its rows written directly: see `Audit::entry`).
+    pub audit: crate::audit::Audit,
+    /// Only objects under it are sent (see `check_object_path`).
+    pub outputs_dir: PathBuf,
+    pub destination: Destination,
+    pub calling_ae: String,
+    pub max_retry_interval_s: u64,
+    /// Notified when a job has queued objects.
+    pub wake: Arc<tokio::sync::Notify>,
+}
+
 /// Sends a destination's due objects, with capped exponential back-off per object, until
 /// `shutdown`. Objects survive restarts: they are rows in the outbox and files in the outputs.
 /// A job's objects that are due together go to a DICOM destination over one association.
-pub async fn run_sender(
-    db: Db,
-    audit: crate::audit::Audit,
-    outputs_dir: PathBuf,
-    destination: Destination,
-    calling_ae: String,
-    max_retry_interval_s: u64,
-    wake: Arc<tokio::sync::Notify>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+pub async fn run_sender(sender: Sender, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    let Sender { db, audit, outputs_dir, destination, calling_ae, max_retry_interval_s, wake } = sender;
     loop {
         if *shutdown.borrow() {
             return;

@@ -253,16 +253,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let mut background = vec![tokio::spawn(worker.run(stop_rx.clone(), liveness.heartbeat("worker")))];
     for d in destinations {
         tracing::info!(destination = %d.name, "sending results");
-        background.push(tokio::spawn(crate::pipeline::run_sender(
-            db.clone(),
-            crate::audit::Audit::new(format!("{}/sender/{}", ctx.agent_id, d.name), None),
-            state_dir.join("outputs"),
-            d,
-            config.dicom.ae_title.clone(),
-            config.outputs.max_retry_interval_s,
-            wake.clone(),
-            stop_rx.clone(),
-        )));
+        let sender = crate::pipeline::Sender {
+            db: db.clone(),
+            audit: crate::audit::Audit::new(format!("{}/sender/{}", ctx.agent_id, d.name), None),
+            outputs_dir: state_dir.join("outputs"),
+            destination: d,
+            calling_ae: config.dicom.ae_title.clone(),
+            max_retry_interval_s: config.outputs.max_retry_interval_s,
+            wake: wake.clone(),
+        };
+        background.push(tokio::spawn(crate::pipeline::run_sender(sender, stop_rx.clone())));
     }
 
     let http_task = if config.http.enabled {
