@@ -101,7 +101,7 @@ pub fn store_each(
     let address = format!("{}:{}", peer.host, peer.port);
     let failed = |e: dicom_ul::association::Error, mut outcomes: Vec<Result<u16, ScuError>>| {
         let every_context_refused = matches!(e, dicom_ul::association::Error::NoAcceptedPresentationContexts { .. });
-        let message = with_causes(&e);
+        let message = crate::scp::with_causes(&e);
         for (outcome, class) in outcomes.iter_mut().zip(&classes) {
             if let Ok(class) = class {
                 // Every proposed context refused: say which class, since that is what a site fixes.
@@ -125,18 +125,6 @@ pub fn store_each(
             Err(e) => failed(e, outcomes),
         },
     }
-}
-
-/// An error with the chain of its causes: a TLS failure says why only in its sources.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 /// The files of one `store_each`, sent over the association once it is established.

@@ -14,12 +14,17 @@ use crate::config::{Destination, DicomConfig};
 pub enum TlsError {
     #[error("{key} ({path}): {reason}")]
     File { key: &'static str, path: String, reason: String },
-    #[error("dicom.tls_certificate and dicom.tls_private_key do not go together: {0}")]
-    Pair(String),
+    #[error("{what}: {reason}")]
+    Refused { what: &'static str, reason: String },
+}
+
+/// What went wrong with the file a configuration key names.
+fn file_error<'p>(key: &'static str, path: &'p str) -> impl Fn(String) -> TlsError + 'p {
+    move |reason| TlsError::File { key, path: path.to_string(), reason }
 }
 
 fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let error = |reason: String| TlsError::File { key, path: path.to_string(), reason };
+    let error = file_error(key, path);
     let certificates: Vec<_> = CertificateDer::pem_file_iter(Path::new(path))
         .map_err(|e| error(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -30,6 +35,23 @@ fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'sta
     Ok(certificates)
 }
 
+fn private_key(key: &'static str, path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(Path::new(path)).map_err(|e| file_error(key, path)(e.to_string()))
+}
+
+fn refused(what: &'static str) -> impl Fn(rustls::Error) -> TlsError {
+    move |e| TlsError::Refused { what, reason: e.to_string() }
+}
+
+/// The CA certificates in a PEM file, as trust anchors.
+fn trust_anchors(key: &'static str, path: &str) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in certificates(key, path)? {
+        roots.add(certificate).map_err(|e| file_error(key, path)(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
 /// The TLS listener's configuration, checked: files readable, PEM that parses, the key that of
 /// the certificate, the CA a usable trust anchor. `None` when `dicom.tls_port` is 0.
 pub fn server_config(dicom: &DicomConfig) -> Result<Option<Arc<rustls::ServerConfig>>, TlsError> {
@@ -37,36 +59,22 @@ pub fn server_config(dicom: &DicomConfig) -> Result<Option<Arc<rustls::ServerCon
         return Ok(None);
     }
     let chain = certificates("dicom.tls_certificate", &dicom.tls_certificate)?;
-    let key = PrivateKeyDer::from_pem_file(Path::new(&dicom.tls_private_key)).map_err(|e| TlsError::File {
-        key: "dicom.tls_private_key",
-        path: dicom.tls_private_key.clone(),
-        reason: e.to_string(),
-    })?;
+    let key = private_key("dicom.tls_private_key", &dicom.tls_private_key)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Pair(e.to_string()))?;
+        .map_err(refused("TLS versions"))?;
     let builder = if dicom.tls_client_ca.is_empty() {
         builder.with_no_client_auth()
     } else {
-        let mut roots = rustls::RootCertStore::empty();
-        for certificate in certificates("dicom.tls_client_ca", &dicom.tls_client_ca)? {
-            roots.add(certificate).map_err(|e| TlsError::File {
-                key: "dicom.tls_client_ca",
-                path: dicom.tls_client_ca.clone(),
-                reason: e.to_string(),
-            })?;
-        }
+        let roots = trust_anchors("dicom.tls_client_ca", &dicom.tls_client_ca)?;
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
-            .map_err(|e| TlsError::File {
-            key: "dicom.tls_client_ca",
-            path: dicom.tls_client_ca.clone(),
-            reason: e.to_string(),
-        })?;
+            .map_err(|e| file_error("dicom.tls_client_ca", &dicom.tls_client_ca)(e.to_string()))?;
         builder.with_client_cert_verifier(verifier)
     };
-    let config = builder.with_single_cert(chain, key).map_err(|e| TlsError::Pair(e.to_string()))?;
+    let config =
+        builder.with_single_cert(chain, key).map_err(refused("dicom.tls_certificate and dicom.tls_private_key"))?;
     Ok(Some(Arc::new(config)))
 }
 
@@ -77,30 +85,20 @@ pub fn client_config(destination: &Destination) -> Result<Option<Arc<rustls::Cli
     if !destination.tls {
         return Ok(None);
     }
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in certificates("destinations.tls_ca", &destination.tls_ca)? {
-        roots.add(certificate).map_err(|e| TlsError::File {
-            key: "destinations.tls_ca",
-            path: destination.tls_ca.clone(),
-            reason: e.to_string(),
-        })?;
-    }
+    let roots = trust_anchors("destinations.tls_ca", &destination.tls_ca)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Pair(e.to_string()))?
+        .map_err(refused("TLS versions"))?
         .with_root_certificates(roots);
     let config = if destination.tls_certificate.is_empty() {
         builder.with_no_client_auth()
     } else {
         let chain = certificates("destinations.tls_certificate", &destination.tls_certificate)?;
-        let key =
-            PrivateKeyDer::from_pem_file(Path::new(&destination.tls_private_key)).map_err(|e| TlsError::File {
-                key: "destinations.tls_private_key",
-                path: destination.tls_private_key.clone(),
-                reason: e.to_string(),
-            })?;
-        builder.with_client_auth_cert(chain, key).map_err(|e| TlsError::Pair(e.to_string()))?
+        let key = private_key("destinations.tls_private_key", &destination.tls_private_key)?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(refused("destinations.tls_certificate and destinations.tls_private_key"))?
     };
     Ok(Some(Arc::new(config)))
 }

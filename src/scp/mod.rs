@@ -413,7 +413,7 @@ fn not_what_this_port_serves(first_bytes: &[u8], tls_port: bool) -> Option<Strin
 
 /// An error with the chain of its causes: dicom-ul's top-level errors ("failed to receive pdu")
 /// leave out what an administrator needs (that the peer spoke HTTP, or sent an invalid PDU type).
-fn with_causes(error: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {
