@@ -32,7 +32,77 @@ fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'sta
     if certificates.is_empty() {
         return Err(error("no PEM certificate in it".into()));
     }
+    // An expired certificate (or one not valid yet) would only fail each handshake later, with
+    // the peer's words for it; here the file and the date are named.
+    let now = crate::db::now().replace(['-', ':', 'T', 'Z'], "");
+    for certificate in &certificates {
+        let (not_before, not_after) =
+            validity(certificate).ok_or_else(|| error("a certificate without dates".into()))?;
+        if now.as_str() > not_after.as_str() {
+            return Err(error(format!("a certificate in it expired on {}", readable(&not_after))));
+        }
+        if now.as_str() < not_before.as_str() {
+            return Err(error(format!("a certificate in it is not valid before {}", readable(&not_before))));
+        }
+    }
     Ok(certificates)
+}
+
+/// A certificate's validity (notBefore, notAfter) as YYYYMMDDHHMMSS in UTC, read from its DER
+/// (RFC 5280 4.1: the fifth element of tbsCertificate, after an optional version, the serial
+/// number, the signature algorithm and the issuer).
+fn validity(certificate: &[u8]) -> Option<(String, String)> {
+    /// One DER element at the start of `bytes`: (tag, contents, the rest).
+    fn element(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = bytes.split_first()?;
+        let (&first, rest) = rest.split_first()?;
+        let (length, rest) = if first < 0x80 {
+            (usize::from(first), rest)
+        } else {
+            let count = usize::from(first & 0x7F);
+            if count == 0 || count > 4 || rest.len() < count {
+                return None;
+            }
+            (rest[..count].iter().fold(0usize, |n, &b| (n << 8) | usize::from(b)), &rest[count..])
+        };
+        (rest.len() >= length).then(|| (tag, &rest[..length], &rest[length..]))
+    }
+    fn time(tag: u8, contents: &[u8]) -> Option<String> {
+        let text = std::str::from_utf8(contents).ok()?.strip_suffix('Z')?;
+        match (tag, text.len()) {
+            // UTCTime: YYMMDDHHMMSS, years 50 to 99 being 19xx (RFC 5280 4.1.2.5.1).
+            (0x17, 12) => Some(format!("{}{text}", if text[..2] >= *"50" { "19" } else { "20" })),
+            // GeneralizedTime: YYYYMMDDHHMMSS.
+            (0x18, 14) => Some(text.to_string()),
+            _ => None,
+        }
+    }
+    let (_, certificate, _) = element(certificate)?;
+    let (_, tbs, _) = element(certificate)?;
+    let (tag, _, mut rest) = element(tbs)?;
+    if tag != 0xA0 {
+        rest = tbs; // no version: the serial number comes first
+    }
+    for _ in 0..3 {
+        rest = element(rest)?.2; // serial number, signature algorithm, issuer
+    }
+    let (_, validity, _) = element(rest)?;
+    let (before_tag, before, rest) = element(validity)?;
+    let (after_tag, after, _) = element(rest)?;
+    Some((time(before_tag, before)?, time(after_tag, after)?))
+}
+
+/// YYYYMMDDHHMMSS as YYYY-MM-DD HH:MM:SS UTC.
+fn readable(stamp: &str) -> String {
+    format!(
+        "{}-{}-{} {}:{}:{} UTC",
+        &stamp[..4],
+        &stamp[4..6],
+        &stamp[6..8],
+        &stamp[8..10],
+        &stamp[10..12],
+        &stamp[12..14]
+    )
 }
 
 fn private_key(key: &'static str, path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {

@@ -136,17 +136,16 @@ fn results_go_to_a_tls_pacs_with_our_certificate() {
 fn check_config_reads_the_tls_files() {
     let tmp = tempfile::tempdir().unwrap();
     let pki = TestPki::make(&tmp.path().join("pki"));
-    let check = |key: &str| {
+    let check_pair = |certificate: &str, key: &str| {
         let config = tmp.path().join("idaics.toml");
         let text = format!(
-            "[dicom]\ntls_port = 2762\ntls_certificate = {:?}\ntls_private_key = {:?}\ntls_client_ca = {:?}\n",
-            pki.path("a.pem"),
-            key,
+            "[dicom]\ntls_port = 2762\ntls_certificate = {certificate:?}\ntls_private_key = {key:?}\ntls_client_ca = {:?}\n",
             pki.path("ca.pem")
         );
         std::fs::write(&config, text).unwrap();
         Command::new(env!("CARGO_BIN_EXE_idaics")).args(["check-config", "--config"]).arg(&config).output().unwrap()
     };
+    let check = |key: &str| check_pair(&pki.path("a.pem"), key);
     let good = check(&pki.path("a.key"));
     assert!(good.status.success(), "{}", output_text(&good));
     assert!(output_text(&good).contains("DICOM over TLS: port 2762, client certificates required"));
@@ -156,4 +155,9 @@ fn check_config_reads_the_tls_files() {
     let not_a_key = check(&pki.path("node.ext"));
     assert!(!not_a_key.status.success());
     assert!(output_text(&not_a_key).contains("dicom.tls_private_key"), "{}", output_text(&not_a_key));
+    // A certificate past its date: refused with the date, before any peer would see it.
+    pki.make_expired();
+    let expired = check_pair(&pki.path("expired.pem"), &pki.path("a.key"));
+    assert!(!expired.status.success());
+    assert!(output_text(&expired).contains("expired on 2020-01-02 00:00:00 UTC"), "{}", output_text(&expired));
 }

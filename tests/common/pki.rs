@@ -75,6 +75,23 @@ impl TestPki {
         TestPki { dir: dir.to_path_buf() }
     }
 
+    /// `expired.pem`, the CA's certificate for `a.key` that was valid on 1 January 2020 only
+    /// (`openssl ca` sets dates; `x509 -req` cannot set them in the past).
+    pub fn make_expired(&self) {
+        let cnf = "[ca]\ndefault_ca = test\n[test]\ndir = .\ndatabase = index.txt\nnew_certs_dir = .\n\
+                   serial = serial\ndefault_md = sha256\npolicy = any\nunique_subject = no\n[any]\ncommonName = supplied\n";
+        std::fs::write(self.dir.join("ca.cnf"), cnf).unwrap();
+        std::fs::write(self.dir.join("index.txt"), "").unwrap();
+        std::fs::write(self.dir.join("serial"), "1000\n").unwrap();
+        let out = Command::new("openssl")
+            .args(["ca", "-batch", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile", "ca.key", "-in", "a.csr"])
+            .args(["-out", "expired.pem", "-notext", "-startdate", "20200101000000Z", "-enddate", "20200102000000Z"])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl ca: {}", super::output_text(&out));
+    }
+
     /// A file of it (`ca.pem`, `a.key`, `b.pem`, `stranger.key`, ...), as a string for configurations.
     pub fn path(&self, name: &str) -> String {
         self.dir.join(name).to_str().unwrap().to_string()
