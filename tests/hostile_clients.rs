@@ -232,3 +232,45 @@ fn the_findings_api_asks_for_its_token_and_slow_or_surplus_http_clients_are_cut_
     }
     assert_eq!(http_with(http, "/healthz", "").0, 200, "{}", agent.log());
 }
+
+/// A calling AE title with a NUL byte in it (PostgreSQL refuses NUL in text) between two good
+/// associations, on a running agent whose finding log is PostgreSQL: the log records the good
+/// ones after it, and every acknowledged instance is in the spool.
+#[test]
+fn a_nul_in_a_calling_ae_title_does_not_stop_the_finding_log_on_postgres() {
+    let pg = common::postgres::Postgres::start();
+    let url = pg.fresh_database("hostile");
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_DATABASE_URL", &url)]);
+    let mut stream = connect_from("127.0.0.4", agent.port);
+    let request = Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "BAD\0AE".into(),
+        called_ae_title: AE.into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: vec![PresentationContextProposed {
+            id: 1,
+            abstract_syntax: VERIFICATION.into(),
+            transfer_syntaxes: vec![IMPLICIT_LE.into()],
+        }],
+        user_variables: vec![UserVariableItem::MaxLength(16384)],
+    });
+    write_pdu(&mut stream, &request).unwrap();
+    let mut answer = [0u8; 1];
+    let _ = stream.read(&mut answer);
+    drop(stream);
+    // Then a sender that behaves: its series is stored, and logged.
+    let spec = idaics::synthetic::SeriesSpec { slices: 4, size: 64, seed: 777, ..Default::default() };
+    let series = idaics::synthetic::write_ct_series(&tmp.path().join("series"), &spec).unwrap();
+    assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)), (4, 0));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let db = runtime.block_on(idaics::db::Db::connect(&url)).unwrap();
+    wait_until("the good association and its series in PostgreSQL", Duration::from_secs(30), || {
+        runtime.block_on(async {
+            db.count(idaics::db::Table::Associations).await.unwrap_or(0) >= 2
+                && db.count(idaics::db::Table::Series).await.unwrap_or(0) == 1
+        })
+    });
+    assert!(!agent.log().contains("database unreachable"), "{}", agent.log());
+    assert_eq!(agent.spool_files().len(), 4);
+}
