@@ -108,11 +108,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         }
     }
     let (records_tx, records_rx) = mpsc::unbounded_channel();
-    // What the watchdog waits to hear from: the accept loop, the tracker and the stage that
-    // records decided series wake every few seconds, the writer every 10 s (longer while a
-    // database that is down makes it wait), the worker between jobs.
     // Checked before anything listens: a TLS port that cannot serve is a configuration error.
     let tls = crate::tls::server_config(&config.dicom)?;
+    // What the watchdog waits to hear from: the accept loops, the tracker and the stage that
+    // records decided series wake every few seconds, the writer every 10 s (longer while a
+    // database that is down makes it wait), the worker between jobs.
     let mut parts = vec![
         ("receiver", std::time::Duration::from_secs(30)),
         ("tracker", std::time::Duration::from_secs(30)),
