@@ -404,6 +404,17 @@ impl Db {
     /// A pool that connects on first use: the agent starts (and keeps receiving) while the
     /// database is down.
     pub fn open(url: &str) -> Result<Db, DbError> {
+        Self::pool(url, Access::ReadWrite)
+    }
+
+    /// A pool of its own for the HTTP API's listings: they never wait for the one SQLite
+    /// connection the writer and the job worker share, and cannot write (`query_only`; on
+    /// PostgreSQL a read-only session), whatever a handler asks.
+    pub fn open_reader(url: &str) -> Result<Db, DbError> {
+        Self::pool(url, Access::ReadOnly)
+    }
+
+    fn pool(url: &str, access: Access) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") {
             Backend::Sqlite
@@ -414,12 +425,21 @@ impl Db {
         };
         let mut connect_url = url.to_string();
         if backend == Backend::Sqlite && !connect_url.contains("mode=") {
-            connect_url.push_str(if connect_url.contains('?') { "&mode=rwc" } else { "?mode=rwc" });
+            // A reader never creates the file: the writer's pool does, at start.
+            let mode = if access == Access::ReadOnly { "mode=rw" } else { "mode=rwc" };
+            connect_url.push_str(if connect_url.contains('?') { "&" } else { "?" });
+            connect_url.push_str(mode);
         }
         let sqlite = backend == Backend::Sqlite;
+        let read_only = access == Access::ReadOnly;
         let options = AnyPoolOptions::new()
-            // SQLite has one writer; more connections only wait on its lock.
-            .max_connections(if sqlite { 1 } else { 8 })
+            // SQLite has one writer; more connections only wait on its lock. Readers of its
+            // write-ahead log do not wait for the writer.
+            .max_connections(match (sqlite, read_only) {
+                (true, false) => 1,
+                (_, true) => 4,
+                (false, false) => 8,
+            })
             // Fail fast during an outage: the writer keeps what it could not write.
             .acquire_timeout(Duration::from_secs(5))
             .after_connect(move |conn, _| {
@@ -427,6 +447,11 @@ impl Db {
                     if sqlite {
                         sqlx::query("PRAGMA journal_mode = WAL").execute(&mut *conn).await?;
                         sqlx::query("PRAGMA busy_timeout = 5000").execute(&mut *conn).await?;
+                        if read_only {
+                            sqlx::query("PRAGMA query_only = ON").execute(&mut *conn).await?;
+                        }
+                    } else if read_only {
+                        sqlx::query("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").execute(&mut *conn).await?;
                     }
                     Ok(())
                 })
@@ -1465,6 +1490,13 @@ pub enum Record {
     Association(AssociationRow),
     Series(SeriesRow),
     Audit(AuditRow),
+}
+
+/// Whether a pool may write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    ReadOnly,
 }
 
 /// One line of the audit trail (see `crate::audit`).

@@ -83,7 +83,10 @@ impl PipelineStats {
 /// What the handlers read.
 #[derive(Clone)]
 pub struct HttpState {
+    /// For reviews, the API's one write.
     pub db: Db,
+    /// For everything the API reads (see `Db::open_reader`).
+    pub reader: Db,
     pub scp: Arc<ScpStats>,
     pub pipeline: Arc<PipelineStats>,
     /// Where the spool writes its temporary files: checked writable by `/readyz`.
@@ -291,7 +294,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     }
     // The agent against its readers (each reviewed finding's latest review); left out with no
     // review or without the database.
-    if let Ok(agreement) = state.db.review_agreement().await
+    if let Ok(agreement) = state.reader.review_agreement().await
         && agreement.total() > 0
     {
         let _ = writeln!(
@@ -311,7 +314,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         }
     }
     // The outbox lives in the database; without it the gauge is left out rather than made up.
-    if let Ok(depth) = state.db.outbox_depth().await {
+    if let Ok(depth) = state.reader.outbox_depth().await {
         let _ = writeln!(
             out,
             "# HELP idaics_outbox_depth Objects waiting to be sent.\n# TYPE idaics_outbox_depth gauge\nidaics_outbox_depth {depth}"
@@ -356,7 +359,7 @@ fn parse_query<T: serde::de::DeserializeOwned>(query: &str) -> Result<T, String>
 
 async fn findings(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
     match paged_query::<FindingFilter>(raw.as_deref()) {
-        Ok((filter, page)) => listing("findings", page, state.db.findings(&filter, one_more(page)).await),
+        Ok((filter, page)) => listing("findings", page, state.reader.findings(&filter, one_more(page)).await),
         Err(message) => bad_request(message),
     }
 }
@@ -365,7 +368,7 @@ async fn findings(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Re
 /// reason, a failed job and its error), across every agent that shares the database.
 async fn series(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
     match paged_query::<SeriesFilter>(raw.as_deref()) {
-        Ok((filter, page)) => listing("series", page, state.db.series_log(&filter, one_more(page)).await),
+        Ok((filter, page)) => listing("series", page, state.reader.series_log(&filter, one_more(page)).await),
         Err(message) => bad_request(message),
     }
 }
@@ -381,7 +384,7 @@ async fn history(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Res
         Ok(q) => q,
         Err(message) => return bad_request(message),
     };
-    match state.db.history(&q.patient).await {
+    match state.reader.history(&q.patient).await {
         Ok(entries) => axum::Json(serde_json::json!({ "patient": q.patient, "history": entries })).into_response(),
         Err(e) => unavailable(e),
     }
@@ -467,7 +470,7 @@ fn listing<T: serde::Serialize>(key: &str, page: Page, rows: Result<Vec<T>, crat
 async fn jobs(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
     match listing_query(raw.as_deref(), &JOB_STATES) {
         Ok((q, page)) => {
-            listing("jobs", page, state.db.jobs(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
+            listing("jobs", page, state.reader.jobs(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
         }
         Err(message) => bad_request(message),
     }
@@ -477,7 +480,7 @@ async fn jobs(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Respon
 async fn outbox(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
     match listing_query(raw.as_deref(), &crate::db::OUTBOX_STATES) {
         Ok((q, page)) => {
-            listing("outbox", page, state.db.outbox(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
+            listing("outbox", page, state.reader.outbox(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
         }
         Err(message) => bad_request(message),
     }

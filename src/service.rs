@@ -271,6 +271,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             TcpListener::bind(&addr).await.map_err(|source| ServiceError::Bind { addr: addr.clone(), source })?;
         let state = HttpState {
             db: db.clone(),
+            reader: Db::open_reader(&db_url)?,
             scp: stats,
             pipeline: pipeline_stats,
             spool_tmp: config.storage.tmp_dir(),

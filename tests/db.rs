@@ -919,3 +919,25 @@ fn audit_trail_on_postgres() {
     let pg = Postgres::start();
     runtime().block_on(audit_trail_rows(pg.fresh_database("audit_trail")));
 }
+
+/// The HTTP API's pool reads and cannot write.
+async fn the_readers_pool_reads_only(url: String) {
+    let db = Db::connect(&url).await.unwrap();
+    db.migrate().await.unwrap();
+    db.record_association(&association("written")).await.unwrap();
+    let reader = Db::open_reader(&url).unwrap();
+    assert_eq!(reader.count(Table::Associations).await.unwrap(), 1);
+    assert!(reader.record_association(&association("through the reader")).await.is_err());
+    assert_eq!(db.count(Table::Associations).await.unwrap(), 1);
+}
+
+#[test]
+fn the_readers_pool_reads_only_on_sqlite() {
+    runtime().block_on(on_sqlite(the_readers_pool_reads_only));
+}
+
+#[test]
+fn the_readers_pool_reads_only_on_postgres() {
+    let pg = Postgres::start();
+    runtime().block_on(the_readers_pool_reads_only(pg.fresh_database("reader")));
+}
