@@ -234,9 +234,10 @@ fn the_findings_api_asks_for_its_token_and_slow_or_surplus_http_clients_are_cut_
     assert_eq!(http_with(http, "/healthz", "").0, 200, "{}", agent.log());
 }
 
-/// A calling AE title with a NUL byte in it (PostgreSQL refuses NUL in text) between two good
-/// associations, on a running agent whose finding log is PostgreSQL: the log records the good
-/// ones after it, and every acknowledged instance is in the spool.
+/// A calling AE title with a NUL byte in it (PostgreSQL refuses NUL in text), on a running agent
+/// whose finding log is PostgreSQL: the association is refused, its record (the NUL written as
+/// U+FFFD) does not stop the log, which records the next sender's association and series, and
+/// every acknowledged instance is in the spool.
 #[test]
 fn a_nul_in_a_calling_ae_title_does_not_stop_the_finding_log_on_postgres() {
     let pg = common::postgres::Postgres::start();
@@ -257,8 +258,10 @@ fn a_nul_in_a_calling_ae_title_does_not_stop_the_finding_log_on_postgres() {
         user_variables: vec![UserVariableItem::MaxLength(16384)],
     });
     write_pdu(&mut stream, &request).unwrap();
+    // Refused: an AE title holds no control characters.
     let mut answer = [0u8; 1];
-    let _ = stream.read(&mut answer);
+    stream.read_exact(&mut answer).unwrap();
+    assert_eq!(answer[0], 0x03, "an A-ASSOCIATE-RJ, not PDU type {:#04x}", answer[0]);
     drop(stream);
     // Then a sender that behaves: its series is stored, and logged.
     let spec = idaics::synthetic::SeriesSpec { slices: 4, size: 64, seed: 777, ..Default::default() };

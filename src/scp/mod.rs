@@ -473,6 +473,12 @@ impl AccessControl for AeTitlePolicy {
             tracing::warn!(called_ae = called_ae_title.trim(), "called AE title does not match ours; rejecting");
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
+        // An AE title is printable text (PS3.5 6.2, VR AE: no control characters). One with a NUL
+        // or an escape in it names no node anybody configured, and would go on into the log,
+        // the finding log and every record of what it sent.
+        if calling_ae_title.chars().any(char::is_control) {
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
         if !self.allowed_calling.is_empty() && !self.allowed_calling.iter().any(|a| a == calling_ae_title.trim()) {
             tracing::debug!(calling_ae = calling_ae_title.trim(), "calling AE title not in the allow-list; rejecting");
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
