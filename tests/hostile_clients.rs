@@ -37,11 +37,11 @@ fn write_pdu(stream: &mut TcpStream, pdu: &Pdu) -> std::io::Result<()> {
     stream.write_all(&bytes)
 }
 
-/// Opens a verification association on a connection made by hand; panics unless accepted.
-fn associate(stream: &mut TcpStream) {
-    let request = Pdu::AssociationRQ(AssociationRQ {
+/// An A-ASSOCIATE-RQ for verification from this calling AE title, whatever bytes it holds.
+fn verification_request(calling_ae_title: &str) -> Pdu {
+    Pdu::AssociationRQ(AssociationRQ {
         protocol_version: 1,
-        calling_ae_title: "SLOWREADER".into(),
+        calling_ae_title: calling_ae_title.into(),
         called_ae_title: AE.into(),
         application_context_name: "1.2.840.10008.3.1.1.1".into(),
         presentation_contexts: vec![PresentationContextProposed {
@@ -50,8 +50,12 @@ fn associate(stream: &mut TcpStream) {
             transfer_syntaxes: vec![IMPLICIT_LE.into()],
         }],
         user_variables: vec![UserVariableItem::MaxLength(16384)],
-    });
-    write_pdu(stream, &request).unwrap();
+    })
+}
+
+/// Opens a verification association on a connection made by hand; panics unless accepted.
+fn associate(stream: &mut TcpStream) {
+    write_pdu(stream, &verification_request("SLOWREADER")).unwrap();
     let mut header = [0u8; 6];
     stream.read_exact(&mut header).unwrap();
     assert_eq!(header[0], 0x02, "an A-ASSOCIATE-AC, not PDU type {:#04x}", header[0]);
@@ -245,19 +249,7 @@ fn a_nul_in_a_calling_ae_title_does_not_stop_the_finding_log_on_postgres() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_DATABASE_URL", &url)]);
     let mut stream = connect_from("127.0.0.4", agent.port);
-    let request = Pdu::AssociationRQ(AssociationRQ {
-        protocol_version: 1,
-        calling_ae_title: "BAD\0AE".into(),
-        called_ae_title: AE.into(),
-        application_context_name: "1.2.840.10008.3.1.1.1".into(),
-        presentation_contexts: vec![PresentationContextProposed {
-            id: 1,
-            abstract_syntax: VERIFICATION.into(),
-            transfer_syntaxes: vec![IMPLICIT_LE.into()],
-        }],
-        user_variables: vec![UserVariableItem::MaxLength(16384)],
-    });
-    write_pdu(&mut stream, &request).unwrap();
+    write_pdu(&mut stream, &verification_request("BAD\0AE")).unwrap();
     // Refused: an AE title holds no control characters.
     let mut answer = [0u8; 1];
     stream.read_exact(&mut answer).unwrap();
