@@ -462,6 +462,9 @@ pub fn main() -> anyhow::Result<()> {
             if let Some(why) = cfg.dicom.closed_until_configured() {
                 println!("  warning: {why}");
             }
+            for notice in crate::tls::expiring_soon(&cfg) {
+                println!("  warning: {notice}");
+            }
             Ok(())
         }
         Command::Detect { weights, imgsz, conf, iou, device, format, images } => {

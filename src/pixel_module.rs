@@ -238,6 +238,10 @@ struct FrameShape {
     subsampled: bool,
 }
 
+/// More tiles in one JPEG 2000 frame than any CT encoder writes: a 16384 x 16384 image in tiles
+/// of 256 x 256 is 4096.
+const MAX_JPEG2000_TILES: u64 = 4096;
+
 /// The image a JPEG 2000 or HTJ2K frame announces in its SIZ segment (ISO 15444-1 A.5.1), in a
 /// bare codestream or inside a JP2 file; `None` for a fragment that starts neither (the rest of
 /// a frame), an error for a SIZ segment cut short or at odds with itself.
@@ -265,6 +269,28 @@ fn jpeg2000_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
     // FF51, Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz, then
     // Ssiz, XRsiz, YRsiz for each component.
     let (x, y, x_offset, y_offset) = (u32_at(6)?, u32_at(10)?, u32_at(14)?, u32_at(18)?);
+    let (tile_width, tile_height, tile_x_offset, tile_y_offset) = (u32_at(22)?, u32_at(26)?, u32_at(30)?, u32_at(34)?);
+    // Decoders keep state per tile: a 512 x 512 frame cut into 1 x 1 tiles is 262144 of them
+    // from a stream of a few kilobytes. The grid must also hold the image as A.5.1 says (tile
+    // origin at or before the image's, first tile reaching into it).
+    if tile_width == 0
+        || tile_height == 0
+        || tile_x_offset > x_offset
+        || tile_y_offset > y_offset
+        || u64::from(tile_x_offset) + u64::from(tile_width) <= u64::from(x_offset)
+        || u64::from(tile_y_offset) + u64::from(tile_height) <= u64::from(y_offset)
+    {
+        return Err(format!(
+            "its tile grid ({tile_width} x {tile_height} from {tile_x_offset}, {tile_y_offset}) does not hold its image"
+        ));
+    }
+    let tiles = u64::from(x.saturating_sub(tile_x_offset).div_ceil(tile_width))
+        * u64::from(y.saturating_sub(tile_y_offset).div_ceil(tile_height));
+    if tiles > MAX_JPEG2000_TILES {
+        return Err(format!(
+            "it is cut into {tiles} tiles of {tile_width} x {tile_height}; at most {MAX_JPEG2000_TILES} are accepted"
+        ));
+    }
     let components = u16_at(38)?;
     if usize::from(u16_at(2)?) != 38 + 3 * usize::from(components) {
         return Err(format!("its SIZ segment's length does not fit its {components} components"));
@@ -421,6 +447,20 @@ mod tests {
         let mut many = j2k.clone();
         many[40..42].copy_from_slice(&3000u16.to_be_bytes());
         assert!(jpeg2000_shape(&many).unwrap_err().contains("3000 components"));
+        // Tiles: 8 x 8 ones make 4096 of them (accepted), 4 x 4 ones 16384 (refused); a tile
+        // grid of zero width, or starting after the image, holds nothing.
+        let with_tiles = |width: u32, height: u32, x_offset: u32| {
+            let mut tiled = j2k.clone();
+            tiled[24..28].copy_from_slice(&width.to_be_bytes());
+            tiled[28..32].copy_from_slice(&height.to_be_bytes());
+            tiled[32..36].copy_from_slice(&x_offset.to_be_bytes());
+            jpeg2000_shape(&tiled)
+        };
+        assert_eq!(with_tiles(8, 8, 100), shape(Some((512, 512)), 1, 16, false));
+        assert!(with_tiles(4, 4, 100).unwrap_err().contains("16384 tiles of 4 x 4"));
+        assert!(with_tiles(0, 512, 100).unwrap_err().contains("does not hold its image"));
+        assert!(with_tiles(512, 512, 101).unwrap_err().contains("does not hold its image"));
+        assert!(with_tiles(50, 512, 40).unwrap_err().contains("does not hold its image"));
     }
 
     #[test]

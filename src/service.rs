@@ -316,6 +316,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     if let Some(why) = config.dicom.closed_until_configured() {
         tracing::warn!("{why}");
     }
+    let expiry_task = tokio::spawn(warn_of_expiring_certificates(config.clone()));
     systemd::notify_ready();
     let watchdog =
         systemd::watchdog_interval().map(|interval| tokio::spawn(systemd::feed_watchdog(interval, liveness)));
@@ -327,6 +328,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         }
     }
     tracing::info!("termination requested: finishing in-flight work");
+    expiry_task.abort();
     drop(audit);
     systemd::notify_stopping();
     let _ = shutdown_tx.send(true);
@@ -561,5 +563,19 @@ fn series_row(dir: &std::path::Path, record: &crate::spool::SeriesRecord) -> Ser
         trigger_reason: record.trigger.clone(),
         revision: i64::from(record.revision),
         decided_at: record.decided_at.clone(),
+    }
+}
+
+/// Names the certificates about to expire at the start and once a day after: an agent runs for
+/// months, and its certificates end on dates of their own.
+async fn warn_of_expiring_certificates(config: Arc<Config>) {
+    let mut daily = tokio::time::interval(std::time::Duration::from_secs(86_400));
+    loop {
+        daily.tick().await;
+        let config = config.clone();
+        let notices = tokio::task::spawn_blocking(move || crate::tls::expiring_soon(&config)).await.unwrap_or_default();
+        for notice in notices {
+            tracing::warn!("{notice}; renew it before then, or associations over TLS will fail");
+        }
     }
 }

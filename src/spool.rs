@@ -10,6 +10,7 @@
 //! agent's whole cost per instance. Disk writing starts while fragments arrive, the check runs
 //! while the disk finishes, and the temporary file was created before the instance arrived.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -72,6 +73,11 @@ pub enum SpoolError {
          one series cannot hold two patients"
     )]
     OtherPatient { series: String },
+    #[error(
+        "StudyInstanceUID differs from that of the instances of series {series} already received: \
+         a series UID names one series of one study"
+    )]
+    OtherStudy { series: String },
     #[error("{attribute} in the data set ({in_dataset}) differs from the C-STORE request ({in_command})")]
     Mismatch { attribute: &'static str, in_dataset: String, in_command: String },
 }
@@ -428,6 +434,12 @@ pub struct Spool {
     /// Held while an instance is renamed into the spool and while retention removes one: an
     /// instance sent again just as its old copy is removed must not be removed in its place.
     placing: std::sync::Mutex<()>,
+    /// The study each series UID in the spool was first received in. Everything after the spool
+    /// (decisions, jobs, outputs, the finding log) knows a series by its UID alone, which DICOM
+    /// makes unique; an instance that files a known series UID under another study (a UID
+    /// generator gone wrong, a hostile sender) is refused rather than analysed as part of it.
+    /// Entries stay after retention, as the series' decision record does.
+    series_studies: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Spool {
@@ -447,6 +459,7 @@ impl Spool {
         if removed > 0 {
             tracing::info!(removed, "removed unacknowledged partial files from a previous run");
         }
+        let series_studies = series_studies(&spool_dir)?;
         Ok(Spool {
             spool_dir,
             fsync: policy.fsync,
@@ -455,6 +468,7 @@ impl Spool {
             verify_compressed: policy.verify_compressed_pixel_data,
             temporaries: TemporaryFiles::new(tmp_dir),
             placing: std::sync::Mutex::new(()),
+            series_studies: std::sync::Mutex::new(series_studies),
         })
     }
 
@@ -510,6 +524,7 @@ impl Spool {
         let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
         {
             let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.claim_for_study(&header)?;
             self.claim_for_patient(&series_dir, &header)?;
             fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
         }
@@ -598,6 +613,22 @@ impl Spool {
             }
         }
         Ok((header, bytes))
+    }
+
+    /// A series UID belongs to the study of its first instance (see `series_studies`). Call with
+    /// `placing` held.
+    fn claim_for_study(&self, header: &InstanceHeader) -> Result<(), SpoolError> {
+        let mut studies = self.series_studies.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match studies.get(&header.series_instance_uid) {
+            Some(study) if *study != header.study_instance_uid => {
+                Err(SpoolError::OtherStudy { series: header.series_instance_uid.clone() })
+            }
+            Some(_) => Ok(()),
+            None => {
+                studies.insert(header.series_instance_uid.clone(), header.study_instance_uid.clone());
+                Ok(())
+            }
+        }
     }
 
     /// A series belongs to the patient of its first instance (kept in the series folder) for as
@@ -702,6 +733,33 @@ impl Spool {
     pub fn scan(&self) -> Result<Vec<SpooledSeries>, SpoolError> {
         scan_spool(&self.spool_dir)
     }
+}
+
+/// Which study each series folder of the spool is filed under: folder names only, nothing read.
+/// Should two studies hold one series UID (a spool from before the rule), the first in name
+/// order keeps it.
+fn series_studies(spool_dir: &Path) -> Result<HashMap<String, String>, SpoolError> {
+    let mut studies = HashMap::new();
+    for study in fs::read_dir(spool_dir).map_err(io_err(spool_dir))?.flatten() {
+        let study_uid = study.file_name().to_string_lossy().into_owned();
+        if check_uid(&study_uid).is_err() || !study.path().is_dir() {
+            continue;
+        }
+        for series in fs::read_dir(study.path()).map_err(io_err(&study.path()))?.flatten() {
+            let series_uid = series.file_name().to_string_lossy().into_owned();
+            if check_uid(&series_uid).is_ok() && series.path().is_dir() {
+                studies
+                    .entry(series_uid)
+                    .and_modify(|kept: &mut String| {
+                        if study_uid < *kept {
+                            kept.clone_from(&study_uid)
+                        }
+                    })
+                    .or_insert_with(|| study_uid.clone());
+            }
+        }
+    }
+    Ok(studies)
 }
 
 /// The decision recorded in a series directory, if any.

@@ -48,6 +48,41 @@ fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'sta
     Ok(certificates)
 }
 
+/// How long before a certificate's end the agent starts saying so.
+const EXPIRY_NOTICE_DAYS: u64 = 30;
+
+/// The configured certificates (ours, the CAs we trust) that end within
+/// [`EXPIRY_NOTICE_DAYS`], one sentence each. An expired one stops the start; one about to
+/// expire would stop associations on a date nobody was told of, so `check-config`, the start and
+/// a daily look while running name it ahead of time. Files that cannot be read are left to the
+/// checks that refuse them.
+pub fn expiring_soon(config: &crate::config::Config) -> Vec<String> {
+    let mut files: Vec<(&'static str, &str)> = Vec::new();
+    if config.dicom.tls_port != 0 {
+        files.push(("dicom.tls_certificate", &config.dicom.tls_certificate));
+        files.push(("dicom.tls_client_ca", &config.dicom.tls_client_ca));
+    }
+    for destination in config.destinations.iter().filter(|d| d.tls) {
+        files.push(("destinations.tls_ca", &destination.tls_ca));
+        files.push(("destinations.tls_certificate", &destination.tls_certificate));
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
+    let stamp = |secs: u64| crate::series::rfc3339_at(secs).replace(['-', ':', 'T', 'Z'], "");
+    let notice_from = stamp(now + EXPIRY_NOTICE_DAYS * 86_400);
+    let mut notices = Vec::new();
+    for (key, path) in files.into_iter().filter(|(_, path)| !path.is_empty()) {
+        let Ok(found) = CertificateDer::pem_file_iter(Path::new(path)) else { continue };
+        for certificate in found.flatten() {
+            if let Some((_, not_after)) = validity(&certificate)
+                && not_after <= notice_from
+            {
+                notices.push(format!("{key} ({path}): a certificate in it expires on {}", readable(&not_after)));
+            }
+        }
+    }
+    notices
+}
+
 /// A certificate's validity (notBefore, notAfter) as YYYYMMDDHHMMSS in UTC, read from its DER
 /// (RFC 5280 4.1: the fifth element of tbsCertificate, after an optional version, the serial
 /// number, the signature algorithm and the issuer).

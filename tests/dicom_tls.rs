@@ -149,6 +149,11 @@ fn check_config_reads_the_tls_files() {
     let good = check(&pki.path("a.key"));
     assert!(good.status.success(), "{}", output_text(&good));
     assert!(output_text(&good).contains("DICOM over TLS: port 2762, client certificates required"));
+    // The node's certificate is valid for two days: named ahead of its end; the CA's (ten
+    // years) is not.
+    let notice = format!("warning: dicom.tls_certificate ({}): a certificate in it expires on ", pki.path("a.pem"));
+    assert!(output_text(&good).contains(&notice), "{}", output_text(&good));
+    assert!(!output_text(&good).contains("warning: dicom.tls_client_ca"), "{}", output_text(&good));
     // Another certificate's key, and a file that holds no key: refused, naming what is wrong.
     let mismatched = check(&pki.path("b.key"));
     assert!(!mismatched.status.success(), "{}", output_text(&mismatched));

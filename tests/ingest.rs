@@ -1311,11 +1311,11 @@ fn mutated_instances_never_take_the_agent_down() {
     assert!(peak_rss_mb < 256, "peak RSS {peak_rss_mb} MB");
 }
 
-/// One series, one patient: an instance of a series in the spool that names another PatientID
-/// (a merge gone wrong, a mislabelled resend) is refused, since its slices would be analysed and
+/// One series, one patient and one study: an instance of a series in the spool that names another
+/// PatientID or StudyInstanceUID (a merge gone wrong, a mislabelled resend) is refused, since its slices would be analysed and
 /// reported as the first patient's; the series' own later instances still go in.
 #[test]
-fn an_instance_of_another_patient_cannot_join_a_series() {
+fn an_instance_of_another_patient_or_study_cannot_join_a_series() {
     let tmp = tempfile::tempdir().unwrap();
     let agent = Agent::start(&tmp.path().join("state"), &[("IDAICS_SERIES_QUIET_PERIOD_S", "60")]);
     let series =
@@ -1340,6 +1340,23 @@ fn an_instance_of_another_patient_cannot_join_a_series() {
         "{failure:?}"
     );
     assert!(!agent.log().contains("SOMEONE-ELSE"), "the log names no patient");
+    // Same patient, same series UID, another study: refused too, since everything after the
+    // spool knows a series by its UID.
+    let stray = tmp.path().join("stray.dcm");
+    std::fs::copy(&rest[0], &stray).unwrap();
+    dcmtk(
+        "dcmodify",
+        &["-nb", "-m", "StudyInstanceUID=1.2.826.0.1.3680043.8.498.4343", "-m", "SOPInstanceUID=1.2.826.0.1.3680043.8.498.4344"],
+        &stray,
+        Path::new(""),
+    );
+    let (bytes, ts) = dataset_bytes(&stray);
+    assert_eq!(raw_store(agent.port, CT, "1.2.826.0.1.3680043.8.498.4344", &ts, &bytes), 0xC000);
+    let failure = agent.events("store failed");
+    assert!(
+        failure[1]["fields"]["reason"].as_str().unwrap().contains("a series UID names one series of one study"),
+        "{failure:?}"
+    );
     // The series' own fourth slice is still welcome.
     assert_eq!(store_outcomes(&agent.storescu(&[], rest)), (1, 0));
     assert_eq!(agent.spool_files().len(), 4);

@@ -29,7 +29,7 @@ impl TestPki {
                 "-out",
                 &format!("{name}.pem"),
                 "-days",
-                "2",
+                "3650",
                 "-subj",
                 subject,
             ])
