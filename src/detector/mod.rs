@@ -1,6 +1,6 @@
 //! The disc detector: YOLOv8-seg weights loaded into candle, on CUDA when available.
 
-mod cpu_conv;
+pub mod cpu_conv;
 pub mod detrand;
 pub mod predict;
 pub mod yolov8_seg;

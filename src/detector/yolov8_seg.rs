@@ -8,7 +8,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::cpu_conv::{ConvShape, conv2d_bias_act};
+use super::cpu_conv::{ConvShape, PackedConv};
 
 /// Width, depth and channel cap of the five published sizes (ultralytics `yolov8-seg.yaml`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -66,6 +66,8 @@ struct ConvBlock {
     bias: Tensor,
     shape: ConvShape,
     activation: bool,
+    /// The weights packed for the CPU kernels, when the network runs on the CPU.
+    packed: Option<PackedConv>,
 }
 
 impl ConvBlock {
@@ -81,29 +83,137 @@ impl ConvBlock {
         let weight =
             weight.to_dtype(DType::F64)?.broadcast_mul(&scale.reshape((c_out, 1, 1, 1))?)?.to_dtype(DType::F32)?;
         let bias = (beta.to_dtype(DType::F64)? - (mean.to_dtype(DType::F64)? * &scale)?)?.to_dtype(DType::F32)?;
-        let weight = weight.contiguous()?;
-        let shape = ConvShape { c_in, c_out, kernel: k, stride, padding: k / 2 };
-        Ok(ConvBlock { weight, bias, shape, activation: true })
+        let shape = ConvShape { c_in, c_out, kernel: k, stride };
+        ConvBlock::new(weight.contiguous()?, bias, shape, true)
     }
 
     /// A plain Conv2d with bias (the last layer of each head branch).
     fn load_plain(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
         let weight = vb.get((c_out, c_in, 1, 1), "weight")?.to_dtype(DType::F32)?;
         let bias = vb.get(c_out, "bias")?.to_dtype(DType::F32)?;
-        let shape = ConvShape { c_in, c_out, kernel: 1, stride: 1, padding: 0 };
-        Ok(ConvBlock { weight, bias, shape, activation: false })
+        ConvBlock::new(weight, bias, ConvShape { c_in, c_out, kernel: 1, stride: 1 }, false)
+    }
+
+    fn new(weight: Tensor, bias: Tensor, shape: ConvShape, activation: bool) -> Result<Self> {
+        let packed = if weight.device().is_cpu() {
+            let packed = PackedConv::new(
+                shape,
+                &weight.flatten_all()?.to_vec1::<f32>()?,
+                &bias.to_vec1::<f32>()?,
+                activation,
+            );
+            Some(packed.map_err(candle_core::Error::wrap)?)
+        } else {
+            None
+        };
+        Ok(ConvBlock { weight, bias, shape, activation, packed })
+    }
+
+    fn packed(&self) -> Result<&PackedConv> {
+        self.packed.as_ref().ok_or_else(|| candle_core::Error::Msg("a CPU forward on a network loaded on a GPU".into()))
+    }
+
+    /// Convolves `input` into `output` (each one image's planes), adding `residual` after the
+    /// activation.
+    fn run(&self, input: &[f32], size: (usize, usize), output: &mut [f32], residual: Option<&[f32]>) -> Result<()> {
+        self.packed()?.run(input, size, output, residual).map_err(candle_core::Error::wrap)
+    }
+
+    /// Convolves into new planes.
+    fn apply(&self, x: &Planes) -> Result<Planes> {
+        let (h, w) = self.shape.output_size(x.h, x.w);
+        let mut out = Planes::zeros(self.shape.c_out, h, w);
+        self.run(&x.data, (x.h, x.w), &mut out.data, None)?;
+        Ok(out)
     }
 }
 
 impl Module for ConvBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if xs.device().is_cpu() {
-            return conv2d_bias_act(xs, &self.weight, &self.bias, self.shape, self.activation);
+            let images = Planes::from_batch(xs)?;
+            let outputs = images.iter().map(|x| self.apply(x)).collect::<Result<Vec<_>>>()?;
+            return Planes::to_batch(&outputs, xs.device());
         }
-        let ys = xs.conv2d(&self.weight, self.shape.padding, self.shape.stride, 1, 1)?;
+        let ys = xs.conv2d(&self.weight, self.shape.padding(), self.shape.stride, 1, 1)?;
         let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         if self.activation { ys.silu() } else { Ok(ys) }
     }
+}
+
+/// One image's feature map on the CPU: `channels` planes of `h x w`, row-major, as NCHW holds
+/// them. The CPU forward passes these between layers instead of tensors, so that a layer can
+/// write into part of a larger map (C2f and SPPF outputs are concatenated where they are made)
+/// and read a channel range of one without copying it.
+#[derive(Debug, Clone)]
+struct Planes {
+    data: Vec<f32>,
+    channels: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Planes {
+    fn zeros(channels: usize, h: usize, w: usize) -> Planes {
+        Planes { data: vec![0f32; channels * h * w], channels, h, w }
+    }
+
+    fn from_batch(xs: &Tensor) -> Result<Vec<Planes>> {
+        let (batch, channels, h, w) = xs.dims4()?;
+        let data = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let size = channels * h * w;
+        Ok((0..batch).map(|b| Planes { data: data[b * size..(b + 1) * size].to_vec(), channels, h, w }).collect())
+    }
+
+    fn to_batch(images: &[Planes], device: &candle_core::Device) -> Result<Tensor> {
+        let first = images.first().ok_or_else(|| candle_core::Error::Msg("an empty batch".into()))?;
+        let data: Vec<f32> = images.iter().flat_map(|p| p.data.iter().copied()).collect();
+        Tensor::from_vec(data, (images.len(), first.channels, first.h, first.w), device)
+    }
+
+    /// These planes and `other`'s, one after the other (the neck's concatenations).
+    fn concat(mut self, other: &Planes) -> Planes {
+        self.data.extend_from_slice(&other.data);
+        self.channels += other.channels;
+        self
+    }
+
+    /// Nearest-neighbour upsampling by 2, as `nn.Upsample(scale_factor=2)`.
+    fn upsample2(&self) -> Planes {
+        use rayon::prelude::*;
+        let (h, w) = (self.h, self.w);
+        let mut out = Planes::zeros(self.channels, 2 * h, 2 * w);
+        out.data.par_chunks_mut(4 * h * w).zip(self.data.par_chunks(h * w)).for_each(|(dst, src)| {
+            for y in 0..2 * h {
+                let line = &src[(y / 2) * w..(y / 2 + 1) * w];
+                for (pair, &v) in dst[y * 2 * w..(y + 1) * 2 * w].chunks_exact_mut(2).zip(line) {
+                    pair.fill(v);
+                }
+            }
+        });
+        out
+    }
+}
+
+/// 5x5 max-pool, stride 1, padding 2, of every plane of `src` into `dst`: a row pass then a
+/// column pass, each over the values inside the image (the padding never wins a maximum).
+fn max_pool_5_planes(src: &[f32], dst: &mut [f32], (h, w): (usize, usize)) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(h * w).zip(src.par_chunks(h * w)).for_each(|(dst, src)| {
+        let mut rows = vec![0f32; h * w];
+        for y in 0..h {
+            for x in 0..w {
+                let line = &src[y * w + x.saturating_sub(2)..y * w + (x + 3).min(w)];
+                rows[y * w + x] = line.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            }
+        }
+        for y in 0..h {
+            for x in 0..w {
+                dst[y * w + x] =
+                    (y.saturating_sub(2)..(y + 3).min(h)).map(|r| rows[r * w + x]).fold(f32::NEG_INFINITY, f32::max);
+            }
+        }
+    });
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +260,25 @@ impl C2f {
     }
 }
 
+impl C2f {
+    /// Every part is written into its place in the concatenation that `cv2` reads: the two
+    /// halves of `cv1`, then each bottleneck's output, read back as the next one's input.
+    fn forward_cpu(&self, x: &Planes) -> Result<Planes> {
+        let (h, w) = (x.h, x.w);
+        let part = self.hidden * h * w;
+        let mut parts = Planes::zeros((2 + self.blocks.len()) * self.hidden, h, w);
+        self.cv1.run(&x.data, (h, w), &mut parts.data[..2 * part], None)?;
+        let mut inner = vec![0f32; part];
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (done, rest) = parts.data.split_at_mut((2 + i) * part);
+            let input = &done[(1 + i) * part..];
+            block.cv1.run(input, (h, w), &mut inner, None)?;
+            block.cv2.run(&inner, (h, w), &mut rest[..part], block.residual.then_some(input))?;
+        }
+        self.cv2.apply(&parts)
+    }
+}
+
 impl Module for C2f {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let ys = self.cv1.forward(xs)?;
@@ -185,6 +314,20 @@ fn max_pool_5(xs: &Tensor) -> Result<Tensor> {
     xs.pad_with_same(2, 2, 2)?.pad_with_same(3, 2, 2)?.max_pool2d_with_stride(5, 1)
 }
 
+impl Sppf {
+    fn forward_cpu(&self, x: &Planes) -> Result<Planes> {
+        let (h, w) = (x.h, x.w);
+        let part = self.cv1.shape.c_out * h * w;
+        let mut parts = Planes::zeros(4 * self.cv1.shape.c_out, h, w);
+        self.cv1.run(&x.data, (h, w), &mut parts.data[..part], None)?;
+        for i in 0..3 {
+            let (done, rest) = parts.data.split_at_mut((i + 1) * part);
+            max_pool_5_planes(&done[i * part..], &mut rest[..part], (h, w));
+        }
+        self.cv2.apply(&parts)
+    }
+}
+
 impl Module for Sppf {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let x = self.cv1.forward(xs)?;
@@ -201,19 +344,63 @@ struct Proto {
     cv1: ConvBlock,
     up_weight: Tensor,
     up_bias: Tensor,
+    /// The transposed convolution on the CPU: a 1x1 convolution to the four sub-pixel phases
+    /// (row-major 2x2) of every output channel, which `forward_cpu` then interleaves.
+    up_phases: Option<PackedConv>,
     cv2: ConvBlock,
     cv3: ConvBlock,
 }
 
 impl Proto {
     fn load(vb: VarBuilder, c_in: usize, hidden: usize, num_masks: usize, eps: f64) -> Result<Self> {
+        let up_weight = vb.get((hidden, hidden, 2, 2), "upsample.weight")?.to_dtype(DType::F32)?;
+        let up_bias = vb.get(hidden, "upsample.bias")?.to_dtype(DType::F32)?;
+        let up_phases = if up_weight.device().is_cpu() {
+            // ConvTranspose2d weights are (in, out, ky, kx): phase (ky, kx) of output channel o
+            // becomes output channel (2 ky + kx) * hidden + o of the 1x1 convolution.
+            let weight = up_weight.permute((2, 3, 1, 0))?.flatten_all()?.to_vec1::<f32>()?;
+            let bias = up_bias.to_vec1::<f32>()?.repeat(4);
+            let shape = ConvShape { c_in: hidden, c_out: 4 * hidden, kernel: 1, stride: 1 };
+            Some(PackedConv::new(shape, &weight, &bias, false).map_err(candle_core::Error::wrap)?)
+        } else {
+            None
+        };
         Ok(Proto {
             cv1: ConvBlock::load(vb.pp("cv1"), c_in, hidden, 3, 1, eps)?,
-            up_weight: vb.get((hidden, hidden, 2, 2), "upsample.weight")?.to_dtype(DType::F32)?,
-            up_bias: vb.get(hidden, "upsample.bias")?.to_dtype(DType::F32)?,
+            up_weight,
+            up_bias,
+            up_phases,
             cv2: ConvBlock::load(vb.pp("cv2"), hidden, hidden, 3, 1, eps)?,
             cv3: ConvBlock::load(vb.pp("cv3"), hidden, num_masks, 1, 1, eps)?,
         })
+    }
+
+    fn forward_cpu(&self, xs: &Planes) -> Result<Planes> {
+        use rayon::prelude::*;
+        let x = self.cv1.apply(xs)?;
+        let up = self
+            .up_phases
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("a CPU forward on a network loaded on a GPU".into()))?;
+        let hidden = x.channels;
+        let (h, w) = (x.h, x.w);
+        let mut phases = Planes::zeros(4 * hidden, h, w);
+        up.run(&x.data, (h, w), &mut phases.data, None).map_err(candle_core::Error::wrap)?;
+        let mut upsampled = Planes::zeros(hidden, 2 * h, 2 * w);
+        let phase_size = hidden * h * w;
+        upsampled.data.par_chunks_mut(4 * h * w).enumerate().for_each(|(o, dst)| {
+            for (phase, src) in phases.data.chunks(phase_size).enumerate() {
+                let (dy, dx) = (phase / 2, phase % 2);
+                let src = &src[o * h * w..(o + 1) * h * w];
+                for y in 0..h {
+                    let row = &mut dst[(2 * y + dy) * 2 * w..(2 * y + dy + 1) * 2 * w];
+                    for (x, &v) in src[y * w..(y + 1) * w].iter().enumerate() {
+                        row[2 * x + dx] = v;
+                    }
+                }
+            }
+        });
+        self.cv3.apply(&self.cv2.apply(&upsampled)?)
     }
 }
 
@@ -240,6 +427,12 @@ impl Branch {
     }
 }
 
+impl Branch {
+    fn forward_cpu(&self, xs: &Planes) -> Result<Planes> {
+        self.2.apply(&self.1.apply(&self.0.apply(xs)?)?)
+    }
+}
+
 impl Module for Branch {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         self.2.forward(&self.1.forward(&self.0.forward(xs)?)?)
@@ -260,6 +453,14 @@ struct SegmentHead {
 }
 
 const STRIDES: [usize; 3] = [8, 16, 32];
+
+/// One pyramid level's branch outputs, `(batch, channels, h * w)` each.
+struct LevelOutputs {
+    size: (usize, usize),
+    boxes: Tensor,
+    classes: Tensor,
+    masks: Tensor,
+}
 
 impl SegmentHead {
     fn load(vb: VarBuilder, levels: [usize; 3], cfg: &Config) -> Result<Self> {
@@ -292,17 +493,57 @@ impl SegmentHead {
     fn forward(&self, features: [&Tensor; 3]) -> Result<(Tensor, Tensor)> {
         let batch = features[0].dim(0)?;
         let proto = self.proto.forward(features[0])?;
+        let mut outputs = Vec::with_capacity(3);
+        for (level, x) in features.iter().enumerate() {
+            let (_, _, h, w) = x.dims4()?;
+            outputs.push(LevelOutputs {
+                size: (h, w),
+                boxes: self.boxes[level].forward(x)?.reshape((batch, 4 * self.reg_max, h * w))?,
+                classes: self.classes[level].forward(x)?.reshape((batch, self.num_classes, h * w))?,
+                masks: self.masks[level].forward(x)?.reshape((batch, self.num_masks, h * w))?,
+            });
+        }
+        self.decode(outputs, proto)
+    }
+
+    /// The head on the CPU, one image after another; the decoding then runs on the batch.
+    fn forward_cpu(&self, features: &[[Planes; 3]]) -> Result<(Tensor, Tensor)> {
+        let device = candle_core::Device::Cpu;
+        let protos = features.iter().map(|f| self.proto.forward_cpu(&f[0])).collect::<Result<Vec<_>>>()?;
+        let proto = Planes::to_batch(&protos, &device)?;
+        let batch = features.len();
+        let mut outputs = Vec::with_capacity(3);
+        for level in 0..3 {
+            let (h, w) = (features[0][level].h, features[0][level].w);
+            let branch = |branch: &Branch, channels: usize| -> Result<Tensor> {
+                let images = features.iter().map(|f| branch.forward_cpu(&f[level])).collect::<Result<Vec<_>>>()?;
+                Planes::to_batch(&images, &device)?.reshape((batch, channels, h * w))
+            };
+            outputs.push(LevelOutputs {
+                size: (h, w),
+                boxes: branch(&self.boxes[level], 4 * self.reg_max)?,
+                classes: branch(&self.classes[level], self.num_classes)?,
+                masks: branch(&self.masks[level], self.num_masks)?,
+            });
+        }
+        self.decode(outputs, proto)
+    }
+
+    /// From the three levels' branch outputs to ultralytics' inference outputs.
+    fn decode(&self, outputs: Vec<LevelOutputs>, proto: Tensor) -> Result<(Tensor, Tensor)> {
+        let batch = proto.dim(0)?;
+        let device = proto.device().clone();
+        let device = &device;
         let mut box_parts = Vec::with_capacity(3);
         let mut class_parts = Vec::with_capacity(3);
         let mut mask_parts = Vec::with_capacity(3);
         let mut anchor_parts = Vec::with_capacity(3);
         let mut stride_parts = Vec::with_capacity(3);
-        let device = features[0].device();
-        for (level, x) in features.iter().enumerate() {
-            let (_, _, h, w) = x.dims4()?;
-            box_parts.push(self.boxes[level].forward(x)?.reshape((batch, 4 * self.reg_max, h * w))?);
-            class_parts.push(self.classes[level].forward(x)?.reshape((batch, self.num_classes, h * w))?);
-            mask_parts.push(self.masks[level].forward(x)?.reshape((batch, self.num_masks, h * w))?);
+        for (level, outputs) in outputs.into_iter().enumerate() {
+            let (h, w) = outputs.size;
+            box_parts.push(outputs.boxes);
+            class_parts.push(outputs.classes);
+            mask_parts.push(outputs.masks);
             // Anchor points at cell centres, in grid units of this level.
             let xs = Tensor::arange(0u32, w as u32, device)?.to_dtype(DType::F32)?.affine(1.0, 0.5)?;
             let ys = Tensor::arange(0u32, h as u32, device)?.to_dtype(DType::F32)?.affine(1.0, 0.5)?;
@@ -400,6 +641,13 @@ impl YoloV8Seg {
     /// `images`: `(batch, 3, H, W)` RGB in [0, 1], H and W multiples of 32.
     /// Returns the raw head outputs, see [`SegmentHead::forward`].
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
+        if images.device().is_cpu() {
+            let features = Planes::from_batch(images)?
+                .iter()
+                .map(|image| self.features_cpu(image))
+                .collect::<Result<Vec<_>>>()?;
+            return self.head.forward_cpu(&features);
+        }
         let x = self.down1.forward(&self.stem.forward(images)?)?;
         let x = self.c2f2.forward(&x)?;
         let p3 = self.c2f4.forward(&self.down3.forward(&x)?)?;
@@ -412,6 +660,21 @@ impl YoloV8Seg {
         let out4 = self.c2f18.forward(&Tensor::cat(&[&self.down16.forward(&out3)?, &n4], 1)?)?;
         let out5 = self.c2f21.forward(&Tensor::cat(&[&self.down19.forward(&out4)?, &p5], 1)?)?;
         self.head.forward([&out3, &out4, &out5])
+    }
+}
+
+impl YoloV8Seg {
+    /// Backbone and neck of one image on the CPU: the three feature maps the head reads.
+    fn features_cpu(&self, image: &Planes) -> Result<[Planes; 3]> {
+        let x = self.c2f2.forward_cpu(&self.down1.apply(&self.stem.apply(image)?)?)?;
+        let p3 = self.c2f4.forward_cpu(&self.down3.apply(&x)?)?;
+        let p4 = self.c2f6.forward_cpu(&self.down5.apply(&p3)?)?;
+        let p5 = self.sppf9.forward_cpu(&self.c2f8.forward_cpu(&self.down7.apply(&p4)?)?)?;
+        let n4 = self.c2f12.forward_cpu(&p5.upsample2().concat(&p4))?;
+        let out3 = self.c2f15.forward_cpu(&n4.upsample2().concat(&p3))?;
+        let out4 = self.c2f18.forward_cpu(&self.down16.apply(&out3)?.concat(&n4))?;
+        let out5 = self.c2f21.forward_cpu(&self.down19.apply(&out4)?.concat(&p5))?;
+        Ok([out3, out4, out5])
     }
 }
 
