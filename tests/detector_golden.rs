@@ -60,9 +60,20 @@ fn check(model: &str) {
     let size = golden["input_size"].as_u64().unwrap() as usize;
     let pixels = detrand::image(golden["image_seed"].as_u64().unwrap(), 3 * size * size);
     let input = Tensor::from_vec(pixels, (1, 3, size, size), &device).unwrap();
-    let (y, proto) = network.forward(&input).unwrap();
+    // On the CPU the network has a path of its own kernels and the tensor path a GPU runs
+    // (candle's operations): both must give ultralytics' outputs.
+    let mut paths = vec![("forward", network.forward(&input).unwrap())];
+    if device.is_cpu() {
+        paths.push(("tensor path", network.forward_with_tensors(&input).unwrap()));
+    }
+    for (path, (y, proto)) in &paths {
+        let model = format!("{model} ({path}, {} kernels)", detector::cpu_conv::Kernel::detected().name());
+        compare(&golden, &model, y, proto);
+    }
+}
 
-    for (name, tensor) in [("y", &y), ("proto", &proto)] {
+fn compare(golden: &serde_json::Value, model: &str, y: &Tensor, proto: &Tensor) {
+    for (name, tensor) in [("y", y), ("proto", proto)] {
         let shape: Vec<usize> =
             golden[format!("{name}_shape")].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
         assert_eq!(tensor.dims(), shape.as_slice(), "{model} {name} shape");

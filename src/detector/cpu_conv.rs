@@ -456,22 +456,28 @@ mod x86 {
             starts[j] = unsafe { source.as_ptr().add(run.source) };
         }
         let w = weights.as_ptr();
-        for (tap, &offset) in offsets.iter().enumerate() {
-            // SAFETY: masked lanes are not read; the rest are inside `source`.
-            let x = unsafe {
-                [
-                    _mm512_maskz_loadu_ps(masks[0], starts[0].add(offset)),
-                    _mm512_maskz_loadu_ps(masks[1], starts[1].add(offset)),
-                    _mm512_maskz_loadu_ps(masks[2], starts[2].add(offset)),
-                ]
+        let whole = masks == [0xFFFF; 3];
+        // Masked loads take an ALU slot the multiplies need: only tiles at a row's end use them.
+        macro_rules! accumulate {
+            ($load:expr) => {
+                for (tap, &offset) in offsets.iter().enumerate() {
+                    let x = [$load(0, offset), $load(1, offset), $load(2, offset)];
+                    for (i, sums) in sums.iter_mut().enumerate() {
+                        // SAFETY: `weights` holds MR per tap.
+                        let b = _mm512_set1_ps(unsafe { *w.add(tap * MR + i) });
+                        sums[0] = _mm512_fmadd_ps(x[0], b, sums[0]);
+                        sums[1] = _mm512_fmadd_ps(x[1], b, sums[1]);
+                        sums[2] = _mm512_fmadd_ps(x[2], b, sums[2]);
+                    }
+                }
             };
-            for (i, sums) in sums.iter_mut().enumerate() {
-                // SAFETY: `weights` holds MR per tap.
-                let b = _mm512_set1_ps(unsafe { *w.add(tap * MR + i) });
-                sums[0] = _mm512_fmadd_ps(x[0], b, sums[0]);
-                sums[1] = _mm512_fmadd_ps(x[1], b, sums[1]);
-                sums[2] = _mm512_fmadd_ps(x[2], b, sums[2]);
-            }
+        }
+        if whole {
+            // SAFETY: sixteen pixels of each run are inside `source`.
+            accumulate!(|j: usize, offset: usize| unsafe { _mm512_loadu_ps(starts[j].add(offset)) });
+        } else {
+            // SAFETY: masked lanes are not read; the rest are inside `source`.
+            accumulate!(|j: usize, offset: usize| unsafe { _mm512_maskz_loadu_ps(masks[j], starts[j].add(offset)) });
         }
         let one = _mm512_set1_ps(1.0);
         for (i, sums) in sums.iter().enumerate().take(channels) {

@@ -122,19 +122,16 @@ impl ConvBlock {
     /// Convolves into new planes.
     fn apply(&self, x: &Planes) -> Result<Planes> {
         let (h, w) = self.shape.output_size(x.h, x.w);
-        let mut out = Planes::zeros(self.shape.c_out, h, w);
+        let mut out = Planes::uninitialised(self.shape.c_out, h, w);
         self.run(&x.data, (x.h, x.w), &mut out.data, None)?;
         Ok(out)
     }
 }
 
+/// The tensor path, with candle's own operations: what runs on a GPU, and on the CPU the
+/// reference the CPU path is tested against.
 impl Module for ConvBlock {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        if xs.device().is_cpu() {
-            let images = Planes::from_batch(xs)?;
-            let outputs = images.iter().map(|x| self.apply(x)).collect::<Result<Vec<_>>>()?;
-            return Planes::to_batch(&outputs, xs.device());
-        }
         let ys = xs.conv2d(&self.weight, self.shape.padding(), self.shape.stride, 1, 1)?;
         let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         if self.activation { ys.silu() } else { Ok(ys) }
@@ -153,9 +150,31 @@ struct Planes {
     w: usize,
 }
 
+/// Storage of feature maps no longer needed, for the next ones: a forward makes about a hundred
+/// maps of up to a few megabytes, and freshly allocated ones cost a page fault per 4 kB and a
+/// zeroing pass each time.
+static SPARE_STORAGE: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+const MAX_SPARES: usize = 32;
+
 impl Planes {
-    fn zeros(channels: usize, h: usize, w: usize) -> Planes {
-        Planes { data: vec![0f32; channels * h * w], channels, h, w }
+    /// Planes whose values are whatever was there before: every caller writes them all before
+    /// they are read.
+    fn uninitialised(channels: usize, h: usize, w: usize) -> Planes {
+        let len = channels * h * w;
+        let spare = {
+            let mut spares = SPARE_STORAGE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let fitting = spares
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| v.capacity() >= len)
+                .min_by_key(|(_, v)| v.capacity())
+                .map(|(i, _)| i);
+            fitting.map(|i| spares.swap_remove(i))
+        };
+        let mut data = spare.unwrap_or_default();
+        data.resize(len, 0.0);
+        data.truncate(len);
+        Planes { data, channels, h, w }
     }
 
     fn from_batch(xs: &Tensor) -> Result<Vec<Planes>> {
@@ -172,18 +191,22 @@ impl Planes {
     }
 
     /// These planes and `other`'s, one after the other (the neck's concatenations).
-    fn concat(mut self, other: &Planes) -> Planes {
-        self.data.extend_from_slice(&other.data);
-        self.channels += other.channels;
-        self
+    fn concat(&self, other: &Planes) -> Planes {
+        let mut out = Planes::uninitialised(self.channels + other.channels, self.h, self.w);
+        let (first, second) = out.data.split_at_mut(self.data.len());
+        first.copy_from_slice(&self.data);
+        second.copy_from_slice(&other.data);
+        out
     }
 
-    /// Nearest-neighbour upsampling by 2, as `nn.Upsample(scale_factor=2)`.
-    fn upsample2(&self) -> Planes {
+    /// These planes upsampled by 2 (nearest neighbour, as `nn.Upsample(scale_factor=2)`), then
+    /// `skip`'s: the neck's upsample and concatenation in one pass.
+    fn upsample2_concat(&self, skip: &Planes) -> Planes {
         use rayon::prelude::*;
         let (h, w) = (self.h, self.w);
-        let mut out = Planes::zeros(self.channels, 2 * h, 2 * w);
-        out.data.par_chunks_mut(4 * h * w).zip(self.data.par_chunks(h * w)).for_each(|(dst, src)| {
+        let mut out = Planes::uninitialised(self.channels + skip.channels, 2 * h, 2 * w);
+        let (upsampled, copied) = out.data.split_at_mut(self.channels * 4 * h * w);
+        upsampled.par_chunks_mut(4 * h * w).zip(self.data.par_chunks(h * w)).for_each(|(dst, src)| {
             for y in 0..2 * h {
                 let line = &src[(y / 2) * w..(y / 2 + 1) * w];
                 for (pair, &v) in dst[y * 2 * w..(y + 1) * 2 * w].chunks_exact_mut(2).zip(line) {
@@ -191,7 +214,21 @@ impl Planes {
                 }
             }
         });
+        copied.copy_from_slice(&skip.data);
         out
+    }
+}
+
+impl Drop for Planes {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        if data.capacity() == 0 {
+            return;
+        }
+        let mut spares = SPARE_STORAGE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if spares.len() < MAX_SPARES {
+            spares.push(data);
+        }
     }
 }
 
@@ -266,14 +303,14 @@ impl C2f {
     fn forward_cpu(&self, x: &Planes) -> Result<Planes> {
         let (h, w) = (x.h, x.w);
         let part = self.hidden * h * w;
-        let mut parts = Planes::zeros((2 + self.blocks.len()) * self.hidden, h, w);
+        let mut parts = Planes::uninitialised((2 + self.blocks.len()) * self.hidden, h, w);
         self.cv1.run(&x.data, (h, w), &mut parts.data[..2 * part], None)?;
-        let mut inner = vec![0f32; part];
+        let mut inner = Planes::uninitialised(self.hidden, h, w);
         for (i, block) in self.blocks.iter().enumerate() {
             let (done, rest) = parts.data.split_at_mut((2 + i) * part);
             let input = &done[(1 + i) * part..];
-            block.cv1.run(input, (h, w), &mut inner, None)?;
-            block.cv2.run(&inner, (h, w), &mut rest[..part], block.residual.then_some(input))?;
+            block.cv1.run(input, (h, w), &mut inner.data, None)?;
+            block.cv2.run(&inner.data, (h, w), &mut rest[..part], block.residual.then_some(input))?;
         }
         self.cv2.apply(&parts)
     }
@@ -318,7 +355,7 @@ impl Sppf {
     fn forward_cpu(&self, x: &Planes) -> Result<Planes> {
         let (h, w) = (x.h, x.w);
         let part = self.cv1.shape.c_out * h * w;
-        let mut parts = Planes::zeros(4 * self.cv1.shape.c_out, h, w);
+        let mut parts = Planes::uninitialised(4 * self.cv1.shape.c_out, h, w);
         self.cv1.run(&x.data, (h, w), &mut parts.data[..part], None)?;
         for i in 0..3 {
             let (done, rest) = parts.data.split_at_mut((i + 1) * part);
@@ -384,9 +421,9 @@ impl Proto {
             .ok_or_else(|| candle_core::Error::Msg("a CPU forward on a network loaded on a GPU".into()))?;
         let hidden = x.channels;
         let (h, w) = (x.h, x.w);
-        let mut phases = Planes::zeros(4 * hidden, h, w);
+        let mut phases = Planes::uninitialised(4 * hidden, h, w);
         up.run(&x.data, (h, w), &mut phases.data, None).map_err(candle_core::Error::wrap)?;
-        let mut upsampled = Planes::zeros(hidden, 2 * h, 2 * w);
+        let mut upsampled = Planes::uninitialised(hidden, 2 * h, 2 * w);
         let phase_size = hidden * h * w;
         upsampled.data.par_chunks_mut(4 * h * w).enumerate().for_each(|(o, dst)| {
             for (phase, src) in phases.data.chunks(phase_size).enumerate() {
@@ -506,27 +543,73 @@ impl SegmentHead {
         self.decode(outputs, proto)
     }
 
-    /// The head on the CPU, one image after another; the decoding then runs on the batch.
+    /// The head on the CPU, one image after another, decoded as [`SegmentHead::decode`] does.
     fn forward_cpu(&self, features: &[[Planes; 3]]) -> Result<(Tensor, Tensor)> {
         let device = candle_core::Device::Cpu;
         let protos = features.iter().map(|f| self.proto.forward_cpu(&f[0])).collect::<Result<Vec<_>>>()?;
         let proto = Planes::to_batch(&protos, &device)?;
-        let batch = features.len();
-        let mut outputs = Vec::with_capacity(3);
-        for level in 0..3 {
-            let (h, w) = (features[0][level].h, features[0][level].w);
-            let branch = |branch: &Branch, channels: usize| -> Result<Tensor> {
-                let images = features.iter().map(|f| branch.forward_cpu(&f[level])).collect::<Result<Vec<_>>>()?;
-                Planes::to_batch(&images, &device)?.reshape((batch, channels, h * w))
-            };
-            outputs.push(LevelOutputs {
-                size: (h, w),
-                boxes: branch(&self.boxes[level], 4 * self.reg_max)?,
-                classes: branch(&self.classes[level], self.num_classes)?,
-                masks: branch(&self.masks[level], self.num_masks)?,
-            });
+        let anchors: usize = features[0].iter().map(|level| level.h * level.w).sum();
+        let rows = 4 + self.num_classes + self.num_masks;
+        let mut predictions = vec![0f32; features.len() * rows * anchors];
+        for (image, levels) in predictions.chunks_mut(rows * anchors).zip(features) {
+            let mut first = 0;
+            for (level, x) in levels.iter().enumerate() {
+                let outputs = [&self.boxes[level], &self.classes[level], &self.masks[level]]
+                    .map(|branch| branch.forward_cpu(x));
+                let [boxes, classes, masks] = outputs;
+                self.decode_level_cpu(level, (x.h, x.w), [&boxes?, &classes?, &masks?], image, anchors, first);
+                first += x.h * x.w;
+            }
         }
-        self.decode(outputs, proto)
+        Ok((Tensor::from_vec(predictions, (features.len(), rows, anchors), &device)?, proto))
+    }
+
+    /// One level's branch outputs into one image's predictions (`rows x anchors`), at anchors
+    /// `first..`.
+    fn decode_level_cpu(
+        &self,
+        level: usize,
+        (h, w): (usize, usize),
+        [boxes, classes, masks]: [&Planes; 3],
+        image: &mut [f32],
+        anchors: usize,
+        first: usize,
+    ) {
+        let cells = h * w;
+        let stride = STRIDES[level] as f32;
+        let mut bins = vec![0f32; self.reg_max];
+        for cell in 0..cells {
+            // Expected distance per side (left, top, right, bottom): softmax over the bins,
+            // weighted by the bin index.
+            let mut distance = [0f32; 4];
+            for (side, distance) in distance.iter_mut().enumerate() {
+                for (bin, value) in bins.iter_mut().enumerate() {
+                    *value = boxes.data[(side * self.reg_max + bin) * cells + cell];
+                }
+                let max = bins.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let (mut total, mut weighted) = (0f32, 0f32);
+                for (bin, &value) in bins.iter().enumerate() {
+                    let e = (value - max).exp();
+                    total += e;
+                    weighted += e * bin as f32;
+                }
+                *distance = weighted / total;
+            }
+            let (ax, ay) = ((cell % w) as f32 + 0.5, (cell / w) as f32 + 0.5);
+            let (x1, y1, x2, y2) = (ax - distance[0], ay - distance[1], ax + distance[2], ay + distance[3]);
+            let anchor = first + cell;
+            image[anchor] = (x1 + x2) * 0.5 * stride;
+            image[anchors + anchor] = (y1 + y2) * 0.5 * stride;
+            image[2 * anchors + anchor] = (x2 - x1) * stride;
+            image[3 * anchors + anchor] = (y2 - y1) * stride;
+            for class in 0..self.num_classes {
+                let logit = classes.data[class * cells + cell];
+                image[(4 + class) * anchors + anchor] = 1.0 / (1.0 + (-logit).exp());
+            }
+            for mask in 0..self.num_masks {
+                image[(4 + self.num_classes + mask) * anchors + anchor] = masks.data[mask * cells + cell];
+            }
+        }
     }
 
     /// From the three levels' branch outputs to ultralytics' inference outputs.
@@ -648,6 +731,12 @@ impl YoloV8Seg {
                 .collect::<Result<Vec<_>>>()?;
             return self.head.forward_cpu(&features);
         }
+        self.forward_with_tensors(images)
+    }
+
+    /// The forward in candle tensor operations, on any device: how a GPU runs it. On the CPU it
+    /// is the reference for the CPU path (see the tests), several times slower.
+    pub fn forward_with_tensors(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         let x = self.down1.forward(&self.stem.forward(images)?)?;
         let x = self.c2f2.forward(&x)?;
         let p3 = self.c2f4.forward(&self.down3.forward(&x)?)?;
@@ -670,8 +759,8 @@ impl YoloV8Seg {
         let p3 = self.c2f4.forward_cpu(&self.down3.apply(&x)?)?;
         let p4 = self.c2f6.forward_cpu(&self.down5.apply(&p3)?)?;
         let p5 = self.sppf9.forward_cpu(&self.c2f8.forward_cpu(&self.down7.apply(&p4)?)?)?;
-        let n4 = self.c2f12.forward_cpu(&p5.upsample2().concat(&p4))?;
-        let out3 = self.c2f15.forward_cpu(&n4.upsample2().concat(&p3))?;
+        let n4 = self.c2f12.forward_cpu(&p5.upsample2_concat(&p4))?;
+        let out3 = self.c2f15.forward_cpu(&n4.upsample2_concat(&p3))?;
         let out4 = self.c2f18.forward_cpu(&self.down16.apply(&out3)?.concat(&n4))?;
         let out5 = self.c2f21.forward_cpu(&self.down19.apply(&out4)?.concat(&p5))?;
         Ok([out3, out4, out5])
