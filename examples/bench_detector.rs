@@ -32,7 +32,13 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(0);
     println!(
         "{}",
-        serde_json::json!({"peer": "candle", "median_ms": times[runs / 2], "min_ms": times[0], "peak_rss_mb": peak_kb as f64 / 1024.0})
+        serde_json::json!({
+            "peer": "candle",
+            "kernel": idaics::detector::cpu_conv::Kernel::detected().name(),
+            "median_ms": times[runs / 2],
+            "min_ms": times[0],
+            "peak_rss_mb": peak_kb as f64 / 1024.0
+        })
     );
     Ok(())
 }

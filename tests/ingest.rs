@@ -1346,7 +1346,13 @@ fn an_instance_of_another_patient_or_study_cannot_join_a_series() {
     std::fs::copy(&rest[0], &stray).unwrap();
     dcmtk(
         "dcmodify",
-        &["-nb", "-m", "StudyInstanceUID=1.2.826.0.1.3680043.8.498.4343", "-m", "SOPInstanceUID=1.2.826.0.1.3680043.8.498.4344"],
+        &[
+            "-nb",
+            "-m",
+            "StudyInstanceUID=1.2.826.0.1.3680043.8.498.4343",
+            "-m",
+            "SOPInstanceUID=1.2.826.0.1.3680043.8.498.4344",
+        ],
         &stray,
         Path::new(""),
     );

@@ -96,12 +96,8 @@ impl ConvBlock {
 
     fn new(weight: Tensor, bias: Tensor, shape: ConvShape, activation: bool) -> Result<Self> {
         let packed = if weight.device().is_cpu() {
-            let packed = PackedConv::new(
-                shape,
-                &weight.flatten_all()?.to_vec1::<f32>()?,
-                &bias.to_vec1::<f32>()?,
-                activation,
-            );
+            let packed =
+                PackedConv::new(shape, &weight.flatten_all()?.to_vec1::<f32>()?, &bias.to_vec1::<f32>()?, activation);
             Some(packed.map_err(candle_core::Error::wrap)?)
         } else {
             None
@@ -554,8 +550,8 @@ impl SegmentHead {
         for (image, levels) in predictions.chunks_mut(rows * anchors).zip(features) {
             let mut first = 0;
             for (level, x) in levels.iter().enumerate() {
-                let outputs = [&self.boxes[level], &self.classes[level], &self.masks[level]]
-                    .map(|branch| branch.forward_cpu(x));
+                let outputs =
+                    [&self.boxes[level], &self.classes[level], &self.masks[level]].map(|branch| branch.forward_cpu(x));
                 let [boxes, classes, masks] = outputs;
                 self.decode_level_cpu(level, (x.h, x.w), [&boxes?, &classes?, &masks?], image, anchors, first);
                 first += x.h * x.w;
@@ -725,10 +721,8 @@ impl YoloV8Seg {
     /// Returns the raw head outputs, see [`SegmentHead::forward`].
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         if images.device().is_cpu() {
-            let features = Planes::from_batch(images)?
-                .iter()
-                .map(|image| self.features_cpu(image))
-                .collect::<Result<Vec<_>>>()?;
+            let features =
+                Planes::from_batch(images)?.iter().map(|image| self.features_cpu(image)).collect::<Result<Vec<_>>>()?;
             return self.head.forward_cpu(&features);
         }
         self.forward_with_tensors(images)
