@@ -320,11 +320,17 @@ impl Layout {
                     row[1..=w].copy_from_slice(line);
                     row[w + 1] = 0.0;
                 } else {
-                    // Padded column c = input column c - 1: even c to c / 2, odd c to even + c / 2.
+                    // Padded column c is input column c - 1, and goes to evens[c / 2] or
+                    // odds[c / 2]: input columns 2j and 2j + 1 to odds[j] and evens[j + 1].
                     let (evens, odds) = row.split_at_mut(even);
                     evens[0] = 0.0;
-                    for (c, &v) in (1..=w).zip(line) {
-                        if c % 2 == 0 { evens[c / 2] = v } else { odds[c / 2] = v }
+                    let pairs = line.chunks_exact(2);
+                    if let [last] = pairs.remainder() {
+                        odds[w / 2] = *last;
+                    }
+                    for ((pair, odd), even) in pairs.zip(odds.iter_mut()).zip(evens[1..].iter_mut()) {
+                        *odd = pair[0];
+                        *even = pair[1];
                     }
                     if (w + 1) % 2 == 0 { evens[(w + 1) / 2] = 0.0 } else { odds[(w + 1) / 2] = 0.0 }
                 }
