@@ -1548,6 +1548,7 @@ pub struct Writer {
     /// when it comes up).
     migrated: bool,
     heartbeat: Option<crate::systemd::Heartbeat>,
+    jobs_queued: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 impl Writer {
@@ -1584,7 +1585,15 @@ impl Writer {
             journalled,
             migrated: false,
             heartbeat: None,
+            jobs_queued: None,
         }
+    }
+
+    /// Notified when a written record may have queued a job (a complete series), so that the
+    /// worker starts it now rather than at its next look.
+    pub fn with_jobs_queued(mut self, jobs_queued: std::sync::Arc<tokio::sync::Notify>) -> Writer {
+        self.jobs_queued = Some(jobs_queued);
+        self
     }
 
     /// Reports to the watchdog at every turn, written, journalled or idle.
@@ -1649,6 +1658,12 @@ impl Writer {
                 Record::Series(s) => self.db.record_series(s).await.map(|_| ()),
                 Record::Audit(a) => self.db.record_audit(a).await,
             };
+            if result.is_ok()
+                && matches!(record, Record::Series(_))
+                && let Some(jobs_queued) = &self.jobs_queued
+            {
+                jobs_queued.notify_waiters();
+            }
             match result {
                 Ok(()) => {
                     self.pending.pop_front();

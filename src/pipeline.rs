@@ -412,6 +412,11 @@ impl Worker {
                     }
                 }
             }
+            // Listening before looking: a job queued while the claim runs wakes the wait below
+            // instead of passing unheard (`notify_waiters` keeps nothing for later listeners).
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             match self.db.claim_job(&self.claimant.name()).await {
                 Ok(Some(job)) => {
                     // The span goes with the future (`instrument`), not with the thread: a guard
@@ -471,7 +476,7 @@ impl Worker {
                 }
                 Ok(None) => {
                     tokio::select! {
-                        _ = self.wake.notified() => {}
+                        _ = woken => {}
                         _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                         _ = shutdown.changed() => {}
                     }
@@ -646,6 +651,11 @@ pub async fn run_sender(sender: Sender, mut shutdown: tokio::sync::watch::Receiv
         if *shutdown.borrow() {
             return;
         }
+        // Listening before looking, as the worker does: a job that ends while the outbox is read
+        // is heard.
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
         let due = match db.due_outbox(&destination.name, 100).await {
             Ok(due) => due,
             Err(e) => {
@@ -671,7 +681,7 @@ pub async fn run_sender(sender: Sender, mut shutdown: tokio::sync::watch::Receiv
         }
         if due.is_empty() {
             tokio::select! {
-                _ = wake.notified() => {}
+                _ = woken => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = shutdown.changed() => {}
             }

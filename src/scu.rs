@@ -115,13 +115,21 @@ pub fn store_each(
         outcomes
     };
     let sending = Sending { paths, classes: &classes, sop_classes: &sop_classes, destination: &destination };
+    // Without TCP_NODELAY the last segment of each C-STORE waits for the acknowledgement of the
+    // one before, which a receiver delays by 40 ms: 44 ms per object to storescp, measured.
     match &peer.tls {
         None => match options.establish(address.as_str()) {
-            Ok(association) => sending.over(association, outcomes),
+            Ok(mut association) => {
+                let _ = association.inner_stream().set_nodelay(true);
+                sending.over(association, outcomes)
+            }
             Err(e) => failed(e, outcomes),
         },
         Some(tls) => match options.tls_config(tls.clone()).server_name(&peer.host).establish_tls(address.as_str()) {
-            Ok(association) => sending.over(association, outcomes),
+            Ok(mut association) => {
+                let _ = association.inner_stream().sock.set_nodelay(true);
+                sending.over(association, outcomes)
+            }
             Err(e) => failed(e, outcomes),
         },
     }

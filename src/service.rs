@@ -124,9 +124,12 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         parts.push(("tls receiver", std::time::Duration::from_secs(30)));
     }
     let liveness = systemd::Liveness::new(&parts);
+    // Wakes the job worker when a job is queued or ends, and the senders when objects are due.
+    let wake = Arc::new(tokio::sync::Notify::new());
     let writer_task = tokio::spawn(
         Writer::new(db.clone(), state_dir, &config.storage.effective_host_name())
             .with_heartbeat(liveness.heartbeat("writer"))
+            .with_jobs_queued(wake.clone())
             .run(records_rx),
     );
 
@@ -232,7 +235,6 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let wake = Arc::new(tokio::sync::Notify::new());
     let worker = Arc::new(crate::pipeline::Worker {
         db: db.clone(),
         spool_dir: config.storage.spool_dir(),

@@ -332,7 +332,8 @@ impl Layout {
                         *odd = pair[0];
                         *even = pair[1];
                     }
-                    if (w + 1) % 2 == 0 { evens[(w + 1) / 2] = 0.0 } else { odds[(w + 1) / 2] = 0.0 }
+                    let last = w + 1;
+                    if last % 2 == 0 { evens[last / 2] = 0.0 } else { odds[last / 2] = 0.0 }
                 }
             }
         });
