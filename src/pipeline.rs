@@ -55,13 +55,18 @@ impl Detector {
         Ok(Detector { network, info, device, sha256 })
     }
 
-    fn detect(&self, slice: &SliceImage) -> Result<Vec<Detection>, PipelineError> {
-        let image = RgbImage {
-            width: slice.size,
-            height: slice.size,
-            data: slice.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-        };
-        self.detect_image(&image)
+    /// The network on the views of one series, as one batch.
+    fn detect_all(&self, slices: &[&SliceImage]) -> Result<Vec<Vec<Detection>>, PipelineError> {
+        let images: Vec<RgbImage> = slices
+            .iter()
+            .map(|slice| RgbImage {
+                width: slice.size,
+                height: slice.size,
+                data: slice.pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+            })
+            .collect();
+        let options = PredictOptions { imgsz: self.info.input_size, conf: DETECTION_CONFIDENCE, ..Default::default() };
+        Ok(crate::detector::predict::predict_batch(&self.network, &images, &options, &self.device)?)
     }
 
     /// The network on one image, at the confidence the analysis uses.
@@ -219,8 +224,10 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
     let findings = match detector {
         None => crate::findings::undetermined(&levels),
         Some(d) => {
-            let sagittal_detections = sagittal.as_ref().map(|s| d.detect(s)).transpose()?;
-            let axial_detections: Vec<Vec<Detection>> = axials.iter().map(|a| d.detect(a)).collect::<Result<_, _>>()?;
+            let views: Vec<&SliceImage> = sagittal.iter().chain(axials.iter()).collect();
+            let mut detections = d.detect_all(&views)?.into_iter();
+            let sagittal_detections = if sagittal.is_some() { detections.next() } else { None };
+            let axial_detections: Vec<Vec<Detection>> = detections.collect();
             let axial_pairs: Vec<(&SliceImage, &[Detection])> =
                 axials.iter().zip(&axial_detections).map(|(a, d)| (a, d.as_slice())).collect();
             crate::findings::fuse(

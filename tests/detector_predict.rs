@@ -147,3 +147,33 @@ fn detect_reads_dicom_images_and_reports_bad_input() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("no CUDA support"));
     }
 }
+
+/// A batch (the views of one series go through the network together) gives each image the
+/// detections it gets alone: images of several sizes, some twice, in mixed order.
+#[test]
+fn a_batch_gives_each_image_its_own_detections() {
+    use idaics::detector::predict::{PredictOptions, predict, predict_batch};
+    let dir = fixtures();
+    let device = idaics::detector::select_device(&device()).unwrap();
+    let (network, _) = idaics::detector::load_network(&dir.join("shapes-yolov8n-seg.safetensors"), &device).unwrap();
+    let read = |name: &str| idaics::detector::read_image(&dir.join(name)).unwrap();
+    let (a, b, c) = (read("shapes_0_320x320.png"), read("shapes_1_400x260.png"), read("shapes_3_512x384.png"));
+    let images = vec![a.clone(), b.clone(), a, c, b];
+    let options = PredictOptions { imgsz: 320, conf: 0.25, ..Default::default() };
+    let batched = predict_batch(&network, &images, &options, &device).unwrap();
+    assert_eq!(batched.len(), images.len());
+    let mut detections = 0;
+    for (image, together) in images.iter().zip(&batched) {
+        let alone = predict(&network, image, &options, &device).unwrap();
+        assert_eq!(alone.len(), together.len());
+        for (x, y) in alone.iter().zip(together) {
+            assert_eq!(x.class_id, y.class_id);
+            assert!((x.confidence - y.confidence).abs() < 1e-4, "{} vs {}", x.confidence, y.confidence);
+            assert!(x.bbox.iter().zip(&y.bbox).all(|(p, q)| (p - q).abs() < 0.05), "{:?} vs {:?}", x.bbox, y.bbox);
+            let differing = x.mask.data.iter().zip(&y.mask.data).filter(|(p, q)| p != q).count();
+            assert!(differing * 1000 <= x.mask.data.len(), "{differing} mask pixels differ");
+        }
+        detections += alone.len();
+    }
+    assert!(detections > 5, "the fixtures have shapes to find: {detections}");
+}
