@@ -155,6 +155,10 @@ impl PixelModule {
                 ))
             } else if shape.subsampled {
                 Some("the compressed stream subsamples a component".to_string())
+            } else if let Some((tiles, width, height)) = shape.tiles.filter(|(tiles, ..)| *tiles > MAX_JPEG2000_TILES) {
+                Some(format!(
+                    "the compressed stream is cut into {tiles} tiles of {width} x {height}; at most {MAX_JPEG2000_TILES} are accepted"
+                ))
             } else if u32::from(shape.precision) > self.bits_allocated {
                 Some(format!(
                     "the compressed stream holds {}-bit samples, the header allocates {} bits",
@@ -230,6 +234,8 @@ pub(crate) fn jpeg_frame_fragments(fragments: &[Vec<u8>]) -> Vec<std::ops::Range
 /// What a compressed frame's own header says of its image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct FrameShape {
+    /// JPEG 2000: how many tiles, and their width and height.
+    tiles: Option<(u64, u32, u32)>,
     /// Columns and rows; `None` for a JPEG whose height is left to a DNL marker.
     size: Option<(u32, u32)>,
     components: u32,
@@ -286,11 +292,6 @@ fn jpeg2000_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
     }
     let tiles = u64::from(x.saturating_sub(tile_x_offset).div_ceil(tile_width))
         * u64::from(y.saturating_sub(tile_y_offset).div_ceil(tile_height));
-    if tiles > MAX_JPEG2000_TILES {
-        return Err(format!(
-            "it is cut into {tiles} tiles of {tile_width} x {tile_height}; at most {MAX_JPEG2000_TILES} are accepted"
-        ));
-    }
     let components = u16_at(38)?;
     if usize::from(u16_at(2)?) != 38 + 3 * usize::from(components) {
         return Err(format!("its SIZ segment's length does not fit its {components} components"));
@@ -298,6 +299,7 @@ fn jpeg2000_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
     let described = stream.get(at + 40..at + 40 + 3 * usize::from(components)).ok_or_else(cut_short)?;
     let size = (x.checked_sub(x_offset).ok_or_else(cut_short)?, y.checked_sub(y_offset).ok_or_else(cut_short)?);
     Ok(Some(FrameShape {
+        tiles: Some((tiles, tile_width, tile_height)),
         size: Some(size),
         components: u32::from(components),
         precision: described.chunks_exact(3).map(|c| (c[0] & 0x7F) + 1).max().unwrap_or(0),
@@ -338,6 +340,7 @@ fn jpeg_shape(stream: &[u8]) -> Result<Option<FrameShape>, String> {
             let (height, width) =
                 (u16::from_be_bytes([header[3], header[4]]), u16::from_be_bytes([header[5], header[6]]));
             return Ok(Some(FrameShape {
+                tiles: None,
                 size: (height > 0).then_some((u32::from(width), u32::from(height))),
                 components: u32::from(components),
                 precision: header[2],
@@ -408,8 +411,11 @@ mod tests {
 
     #[test]
     fn frame_headers_are_read_from_jpeg_jpeg_ls_and_jpeg_2000() {
-        let shape =
-            |size, components, precision, subsampled| Ok(Some(FrameShape { size, components, precision, subsampled }));
+        let shape = |size, components, precision, subsampled| {
+            Ok(Some(FrameShape { tiles: None, size, components, precision, subsampled }))
+        };
+        // JPEG 2000 shapes compared without their tiles (looked at last).
+        let jpeg2000_shape = |stream: &[u8]| jpeg2000_shape(stream).map(|s| s.map(|f| FrameShape { tiles: None, ..f }));
         // SOI, an APP0 segment, SOF3 (lossless): P 16, Y 300, X 200, one component.
         let jpeg = [
             0xFF, 0xD8, 0xFF, 0xE0, 0x00, 0x04, 0xAA, 0xBB, 0xFF, 0xC3, 0x00, 0x0B, 16, 0x01, 0x2C, 0x00, 0xC8, 1, 1,
@@ -447,17 +453,19 @@ mod tests {
         let mut many = j2k.clone();
         many[40..42].copy_from_slice(&3000u16.to_be_bytes());
         assert!(jpeg2000_shape(&many).unwrap_err().contains("3000 components"));
-        // Tiles: 8 x 8 ones make 4096 of them (accepted), 4 x 4 ones 16384 (refused); a tile
-        // grid of zero width, or starting after the image, holds nothing.
+        // Tiles: 8 x 8 ones make 4096 of them, 4 x 4 ones 16384 (their number is judged with
+        // the header, below); a tile grid of zero width, or starting after the image, holds
+        // nothing.
         let with_tiles = |width: u32, height: u32, x_offset: u32| {
             let mut tiled = j2k.clone();
             tiled[24..28].copy_from_slice(&width.to_be_bytes());
             tiled[28..32].copy_from_slice(&height.to_be_bytes());
             tiled[32..36].copy_from_slice(&x_offset.to_be_bytes());
-            jpeg2000_shape(&tiled)
+            super::jpeg2000_shape(&tiled)
         };
-        assert_eq!(with_tiles(8, 8, 100), shape(Some((512, 512)), 1, 16, false));
-        assert!(with_tiles(4, 4, 100).unwrap_err().contains("16384 tiles of 4 x 4"));
+        assert_eq!(with_tiles(8, 8, 100).unwrap().unwrap().tiles, Some((4096, 8, 8)));
+        assert_eq!(with_tiles(4, 4, 100).unwrap().unwrap().tiles, Some((16384, 4, 4)));
+        assert_eq!(super::jpeg2000_shape(&j2k).unwrap().unwrap().tiles, Some((1, 512, 512)));
         assert!(with_tiles(0, 512, 100).unwrap_err().contains("does not hold its image"));
         assert!(with_tiles(512, 512, 101).unwrap_err().contains("does not hold its image"));
         assert!(with_tiles(50, 512, 40).unwrap_err().contains("does not hold its image"));
@@ -493,7 +501,17 @@ mod tests {
         deep[42] = 0x90;
         assert!(with_frames(vec![deep, j2k.clone()]).unwrap_err().contains("17-bit samples"));
         // A continuation fragment (no SOC) is left to the decoder.
-        assert_eq!(with_frames(vec![j2k, vec![0x12; 64]]), Ok(()));
+        assert_eq!(with_frames(vec![j2k.clone(), vec![0x12; 64]]), Ok(()));
+        // A 128 x 128 frame in 1 x 1 tiles: 16384 of them, from a stream of a few bytes.
+        let mut tiled = j2k;
+        for (at, value) in [(8, 128u32), (12, 128), (24, 1), (28, 1)] {
+            tiled[at..at + 4].copy_from_slice(&value.to_be_bytes());
+        }
+        let mut object = image(128, 128, Some("1"), 0);
+        let fragments = PixelFragmentSequence::new(Vec::<u32>::new(), vec![tiled]);
+        object.put(DataElement::new(tags::PIXEL_DATA, VR::OB, Value::PixelSequence(fragments)));
+        let error = PixelModule::from_object(&object).unwrap().check_codestream(&object, "1.2.840.10008.1.2.4.90");
+        assert!(error.unwrap_err().contains("cut into 16384 tiles of 1 x 1"));
     }
 
     #[test]
