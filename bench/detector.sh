@@ -10,7 +10,12 @@
 # yolov8<model>-seg (4 classes) made for the occasion, or WEIGHTS=path (then MODELS is ignored).
 # PyTorch comes from $PYTHON (default: python3) with model/tools/requirements.txt installed;
 # without it only candle's times are printed. The first line says which CPU kernels ran.
+# ISA=avx2 holds both sides to AVX2 on a machine that has AVX-512 (IDAICS_CPU_KERNEL for candle,
+# ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY for PyTorch): how an AVX2-only server compares.
 set -euo pipefail
+if [ "${ISA:-}" = avx2 ]; then
+  export IDAICS_CPU_KERNEL=avx2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2
+fi
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 IFS=, read -r -a models <<<"${1:-n,s}"
@@ -27,7 +32,9 @@ if [ -n "${WEIGHTS:-}" ]; then
 fi
 have_torch=1
 "$python" -c "import torch, ultralytics" 2>/dev/null || have_torch=0
-echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs); threads: $threads"
+flags=$(grep -m1 '^flags' /proc/cpuinfo)
+width=$(case "$flags" in *avx512f*) echo "AVX-512";; *avx2*) echo "AVX2";; *) echo "no AVX2";; esac)
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) ($width); threads: $threads${ISA:+; both sides held to $ISA}"
 for model in "${models[@]}"; do
   if [ "$model" = given ]; then
     weights=$WEIGHTS

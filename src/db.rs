@@ -305,18 +305,24 @@ pub fn now() -> String {
     crate::series::now_rfc3339()
 }
 
-/// DICOM DA (YYYYMMDD) to YYYY-MM-DD; anything else is dropped rather than stored wrong.
+/// DICOM DA (YYYYMMDD) to YYYY-MM-DD; anything else, a day the calendar lacks included, is
+/// dropped rather than stored wrong.
 pub fn dicom_date(da: &str) -> Option<String> {
     let d = da.trim();
-    (d.len() == 8 && d.bytes().all(|b| b.is_ascii_digit())).then(|| format!("{}-{}-{}", &d[0..4], &d[4..6], &d[6..8]))
+    if d.len() != 8 || !d.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    chrono::NaiveDate::parse_from_str(d, "%Y%m%d").ok().map(|date| date.format("%Y-%m-%d").to_string())
 }
 
+/// A calendar date written YYYY-MM-DD (`2026-02-31` is not one).
 pub fn valid_date(text: &str) -> bool {
     let b = text.as_bytes();
     b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
         && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d").is_ok()
 }
 
 /// The files of `migrations/`, as (version, description, PostgreSQL, SQLite), described as sqlx
@@ -1724,6 +1730,20 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
+    /// Dates are calendar dates: days a month lacks are refused, leap days where they fall.
+    #[test]
+    fn dates_follow_the_calendar() {
+        assert!(super::valid_date("2026-12-03"));
+        assert!(super::valid_date("2024-02-29"));
+        for not_a_date in ["2026-02-31", "2025-02-29", "2026-13-01", "2026-00-10", "2026-1-03", "20261203", ""] {
+            assert!(!super::valid_date(not_a_date), "{not_a_date:?}");
+        }
+        assert_eq!(super::dicom_date("20240229").as_deref(), Some("2024-02-29"));
+        assert_eq!(super::dicom_date(" 20261203 ").as_deref(), Some("2026-12-03"));
+        assert_eq!(super::dicom_date("20260231"), None);
+        assert_eq!(super::dicom_date("2026123"), None);
+    }
+
     use super::*;
 
     /// The embedded migrations are the folders' files as sqlx reads them: same versions,

@@ -836,7 +836,7 @@ pub async fn run_tracker(
     tracing::debug!(pending = tracker.pending_count(), "series tracker stopped");
 }
 
-/// UTC time as RFC 3339 with seconds, without pulling in a date library for one format.
+/// UTC time as RFC 3339 with seconds, as the finding log's tables hold it.
 pub fn now_rfc3339() -> String {
     rfc3339_before(std::time::SystemTime::now(), std::time::Duration::ZERO)
 }
@@ -847,21 +847,10 @@ pub fn rfc3339_before(time: std::time::SystemTime, age: std::time::Duration) -> 
     rfc3339_at(then.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
 }
 
-/// ISO 8601 UTC of a Unix time in seconds.
+/// ISO 8601 UTC of a Unix time in seconds (`YYYY-MM-DDTHH:MM:SSZ`).
 pub fn rfc3339_at(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Civil-from-days (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
+    let time = chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(i64::MAX), 0).unwrap_or_default();
+    time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 #[cfg(test)]
@@ -1067,5 +1056,21 @@ mod tests {
         let t = now_rfc3339();
         assert_eq!(t.len(), 20);
         assert!(t.starts_with("20") && t.ends_with('Z'));
+        // Known instants, a leap day and the turn of a century among them, and back again.
+        for (secs, text) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_709_251_199, "2024-02-29T23:59:59Z"),
+            (4_102_444_800, "2100-01-01T00:00:00Z"),
+        ] {
+            assert_eq!(rfc3339_at(secs), text);
+            let parsed = chrono::DateTime::parse_from_rfc3339(text).unwrap();
+            assert_eq!(parsed.timestamp(), secs as i64);
+        }
+        let hour_ago = rfc3339_before(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(7200),
+            std::time::Duration::from_secs(3600),
+        );
+        assert_eq!(hour_ago, "1970-01-01T01:00:00Z");
     }
 }

@@ -958,3 +958,66 @@ fn gaps_in_the_series_are_named_in_the_report() {
     let analysis = idaics::pipeline::analyze_files(&files, &SeriesConfig::default(), None).unwrap();
     assert!(analysis.notes.is_empty(), "{:?}", analysis.notes);
 }
+
+/// IHE AI Results: the SR's "Procedure reported" names the imaging procedure analysed, from the
+/// study's Procedure Code Sequence, and falls back to CT for a study without one; dciodvfy still
+/// finds no error.
+#[test]
+fn the_sr_reports_the_studys_procedure() {
+    use dicom_dictionary_std::tags;
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, _truth) = phantom(&tmp.path().join("in"), 11);
+    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
+    let reported = |files: &[PathBuf], out: &str| -> (String, String, String) {
+        let source = Source::read(files).unwrap();
+        let objects = idaics::pipeline::write_objects(
+            &source,
+            &analysis,
+            &Algorithm::new(Some("ab".repeat(32))),
+            &OutputsConfig::default(),
+            &tmp.path().join(out),
+        )
+        .unwrap();
+        let sr_path = &objects.last().unwrap().path;
+        let errors = dciodvfy_errors(sr_path);
+        assert!(errors.is_empty(), "{}", errors.join("\n"));
+        let sr = dicom_object::open_file(sr_path).unwrap();
+        let text = |o: &dicom_object::InMemDicomObject, tag| {
+            o.element(tag).unwrap().to_str().unwrap().trim_end_matches(['\0', ' ']).to_string()
+        };
+        let first = |o: &dicom_object::InMemDicomObject, tag| o.element(tag).unwrap().items().unwrap()[0].clone();
+        let item = sr
+            .element(tags::CONTENT_SEQUENCE)
+            .unwrap()
+            .items()
+            .unwrap()
+            .iter()
+            .find(|item| {
+                item.element(tags::CONCEPT_NAME_CODE_SEQUENCE)
+                    .is_ok_and(|_| text(&first(item, tags::CONCEPT_NAME_CODE_SEQUENCE), tags::CODE_VALUE) == "121058")
+            })
+            .expect("a Procedure reported item")
+            .clone();
+        let code = first(&item, tags::CONCEPT_CODE_SEQUENCE);
+        (text(&code, tags::CODE_VALUE), text(&code, tags::CODING_SCHEME_DESIGNATOR), text(&code, tags::CODE_MEANING))
+    };
+    assert_eq!(reported(&files, "plain"), ("77477000".into(), "SCT".into(), "CT".into()));
+    for file in &files {
+        common::dcmtk(
+            "dcmodify",
+            &[
+                "-nb",
+                "-i",
+                "(0008,1032)[0].(0008,0100)=RPID16",
+                "-i",
+                "(0008,1032)[0].(0008,0102)=RADLEX",
+                "-i",
+                "(0008,1032)[0].(0008,0104)=CT LUMBAR SPINE WO CONTRAST",
+            ],
+            file,
+            Path::new(""),
+        );
+    }
+    assert_eq!(reported(&files, "coded"), ("RPID16".into(), "RADLEX".into(), "CT LUMBAR SPINE WO CONTRAST".into()));
+}

@@ -37,6 +37,11 @@ pub struct Source {
     pub frame_of_reference_uid: String,
     /// (SOP class, SOP instance) of every source instance, for the evidence sequence.
     pub instances: Vec<(String, String)>,
+    /// The imaging procedure the series belongs to, as (code value, coding scheme, meaning): the
+    /// first item of the source's Procedure Code Sequence, which the SR reports as "Procedure
+    /// reported" (IHE AIR asks for the procedure analysed, not the algorithm); `None` when the
+    /// source has none.
+    pub procedure: Option<(String, String, String)>,
     /// Set when a source instance was lossy compressed, in transit or before: images derived
     /// from it must say so (PS3.3 C.7.6.1.1.5), or a viewer shows them as faithful.
     pub lossy: Option<LossyHistory>,
@@ -148,6 +153,20 @@ impl Source {
                 Err(_) => patient_study.push(DataElement::new(tag, dicom_vr(tag), PrimitiveValue::Empty)),
             }
         }
+        let procedure = object
+            .element(tags::PROCEDURE_CODE_SEQUENCE)
+            .ok()
+            .and_then(|e| e.items().and_then(|items| items.first()).cloned())
+            .and_then(|item| {
+                let code = |tag| {
+                    item.element(tag)
+                        .ok()
+                        .and_then(|e| e.to_str().ok())
+                        .map(|s| s.trim_end_matches(['\0', ' ']).to_string())
+                        .filter(|s| !s.is_empty())
+                };
+                Some((code(tags::CODE_VALUE)?, code(tags::CODING_SCHEME_DESIGNATOR)?, code(tags::CODE_MEANING)?))
+            });
         let mut instances = Vec::with_capacity(files.len());
         let mut lossy = None;
         for f in files {
@@ -168,6 +187,7 @@ impl Source {
             frame_of_reference_uid: text(tags::FRAME_OF_REFERENCE_UID)
                 .ok_or_else(|| ReportError::Source("no FrameOfReferenceUID: results could not be placed".into()))?,
             instances,
+            procedure,
             lossy,
         })
     }

@@ -181,3 +181,28 @@ pub fn write(
     }
     write_object(object, uids::SECONDARY_CAPTURE_IMAGE_STORAGE, &sop_uid, &dir.join(format!("{role}.dcm")))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every letter, digit and mark a label can hold draws, and no two draw alike: a class name or
+    /// a weights name with a J, Q, X or Z drew blanks once.
+    #[test]
+    fn every_character_of_a_label_has_a_glyph_of_its_own() {
+        let characters: Vec<char> = ('A'..='Z').chain('0'..='9').chain("/.-:()?".chars()).collect();
+        for &c in &characters {
+            assert!(super::glyph(c).iter().any(|row| *row != 0), "{c:?} draws nothing");
+            assert_eq!(super::glyph(c), super::glyph(c.to_ascii_lowercase()), "{c:?} in lower case");
+        }
+        for (i, &a) in characters.iter().enumerate() {
+            for &b in &characters[i + 1..] {
+                assert_ne!(super::glyph(a), super::glyph(b), "{a:?} and {b:?} look alike");
+            }
+        }
+        let mut rgb = vec![0u8; 64 * 64 * 3];
+        super::draw_text(&mut rgb, 64, 0, 0, 1, "JQXZ", [255, 255, 255]);
+        for n in 0..4 {
+            let lit = (0..7).flat_map(|y| (0..5).map(move |x| (y * 64 + n * 6 + x) * 3)).filter(|&i| rgb[i] == 255);
+            assert!(lit.count() > 5, "letter {n} of JQXZ");
+        }
+    }
+}

@@ -146,7 +146,13 @@ pub fn write(
         code("en-US", "RFC5646", "English (United States)"),
     )];
     root.extend(observer);
-    root.push(code_item("HAS CONCEPT MOD", code("121058", "DCM", "Procedure reported"), code("77477000", "SCT", "CT")));
+    // The study's own procedure code when it has one; a CT otherwise (the modality is all that
+    // is known then).
+    let procedure = match &source.procedure {
+        Some((value, scheme, meaning)) => code(value, scheme, meaning),
+        None => code("77477000", "SCT", "CT"),
+    };
+    root.push(code_item("HAS CONCEPT MOD", code("121058", "DCM", "Procedure reported"), procedure));
     let library: Vec<InMemDicomObject> = key_slices.iter().map(|(_, o)| image_item(None, o)).collect();
     root.push(container(
         Some("CONTAINS"),
