@@ -1526,7 +1526,7 @@ fn refuse_root_in_an_agents_sqlite(url: &str) -> anyhow::Result<()> {
         Ok(meta) if meta.uid() != 0 => meta.uid(),
         _ => return Ok(()),
     };
-    let user = name_of(owner, "/etc/passwd");
+    let user = user_name(owner);
     let command: Vec<String> = std::env::args().collect();
     anyhow::bail!(
         "{} belongs to the user {user}, who runs the agent; as root this command could leave files there \
@@ -1536,14 +1536,33 @@ fn refuse_root_in_an_agents_sqlite(url: &str) -> anyhow::Result<()> {
     )
 }
 
-/// The name of a user (/etc/passwd) or group (/etc/group) id, for messages.
-fn name_of(id: u32, database: &str) -> String {
-    let names = std::fs::read_to_string(database).unwrap_or_default();
-    let name = names.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.get(2)?.parse::<u32>().ok()? == id).then(|| fields[0].to_string())
-    });
-    name.unwrap_or_else(|| format!("#{id}"))
+/// The name of a user or group id, for messages, as the system's name services know it (NSS:
+/// /etc/passwd and /etc/group, or a directory such as LDAP).
+fn user_name(uid: u32) -> String {
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: zeroed passwd is a valid out-parameter; getpwuid_r writes only into it and into
+    // `buffer` (whose length it is told), and `found` points at `entry` or is null.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+    if rc == 0 && !found.is_null() && !entry.pw_name.is_null() {
+        // SAFETY: a NUL-terminated name inside `buffer`, which outlives this line.
+        return unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_string_lossy().into_owned();
+    }
+    format!("#{uid}")
+}
+
+fn group_name(gid: u32) -> String {
+    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: as in `user_name`, with getgrgid_r.
+    let mut entry: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    let rc = unsafe { libc::getgrgid_r(gid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+    if rc == 0 && !found.is_null() && !entry.gr_name.is_null() {
+        // SAFETY: a NUL-terminated name inside `buffer`, which outlives this line.
+        return unsafe { std::ffi::CStr::from_ptr(entry.gr_name) }.to_string_lossy().into_owned();
+    }
+    format!("#{gid}")
 }
 
 /// Loads the named configuration, else the installed one (`config_path`), else the defaults; with
@@ -1561,8 +1580,8 @@ fn load_config(named: Option<PathBuf>) -> anyhow::Result<(Config, Option<PathBuf
                 .map(|m| {
                     format!(
                         "it belongs to {}:{} with mode {:o}",
-                        name_of(m.uid(), "/etc/passwd"),
-                        name_of(m.gid(), "/etc/group"),
+                        user_name(m.uid()),
+                        group_name(m.gid()),
                         m.mode() & 0o777
                     )
                 })
@@ -1855,6 +1874,16 @@ fn init_logging(cfg: &Config) {
 
 #[cfg(test)]
 mod tests {
+    /// Names come from the system's name services (getpwuid_r, getgrgid_r); an id without a name
+    /// is shown as a number.
+    #[test]
+    fn user_and_group_names_come_from_the_system() {
+        assert_eq!(super::user_name(0), "root");
+        assert_eq!(super::group_name(0), "root");
+        assert_eq!(super::user_name(3_999_999_999), "#3999999999");
+        assert_eq!(super::group_name(3_999_999_999), "#3999999999");
+    }
+
     #[test]
     fn database_commands_hold_back_slow_statement_warnings_unless_asked() {
         let quiet = super::database_cli_log_filter("warn").to_string();

@@ -128,3 +128,36 @@ fn missing_or_misshapen_tensor_is_named() {
     let err = detector::load_network(&misshapen, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("model.4.cv1.conv.weight"), "{err}");
 }
+
+/// A weights file whose tensors do not fill it as its header says (cut short, or an offset
+/// pointing past its end) is refused when read, naming the file.
+#[test]
+fn a_damaged_safetensors_file_is_refused_by_name() {
+    let golden = fixture("yolov8n-seg-random.json");
+    let dir = tempfile::tempdir().unwrap();
+    let weights = write_weights(&golden, dir.path(), |_, s| Some(s));
+    let bytes = std::fs::read(&weights).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 4]).unwrap();
+    let err = detector::load_network(&cut, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, DetectorError::Read { .. }), "{err}");
+    assert!(err.to_string().contains("cut.safetensors") && err.to_string().contains("safetensors"), "{err}");
+    // The header claims a byte range that runs past the data.
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + header_len].to_vec()).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&header).unwrap();
+    let entry = value.as_object_mut().unwrap().iter_mut().find(|(k, _)| *k != "__metadata__").unwrap().1;
+    let end = entry["data_offsets"][1].as_u64().unwrap();
+    entry["data_offsets"][1] = serde_json::json!(end + 4096);
+    let mut text = serde_json::to_string(&value).unwrap();
+    while !text.len().is_multiple_of(8) {
+        text.push(' ');
+    }
+    let mut damaged = (text.len() as u64).to_le_bytes().to_vec();
+    damaged.extend_from_slice(text.as_bytes());
+    damaged.extend_from_slice(&bytes[8 + header_len..]);
+    let overlapping = dir.path().join("overlapping.safetensors");
+    std::fs::write(&overlapping, damaged).unwrap();
+    let err = detector::load_network(&overlapping, &Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("overlapping.safetensors"), "{err}");
+}

@@ -45,37 +45,20 @@ struct Header {
     metadata: HashMap<String, String>,
 }
 
+/// Read by the safetensors crate, which also checks what a hand-written reader did not: that the
+/// tensors' byte ranges follow one another without gap or overlap, fit their shapes and dtypes,
+/// and end where the file does (a truncated or padded file is refused here, by name, rather than
+/// failing later inside candle).
 fn read_header(path: &Path) -> Result<Header, DetectorError> {
     let read_err = |message: String| DetectorError::Read { path: path.to_path_buf(), message };
-    let mut file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| read_err(format!("not a safetensors file: {e}")))?;
-    let len = u64::from_le_bytes(len);
-    if len > 100 * 1024 * 1024 {
-        return Err(read_err(format!("not a safetensors file: header of {len} bytes")));
-    }
-    let mut json = vec![0u8; len as usize];
-    file.read_exact(&mut json).map_err(|e| read_err(format!("truncated header: {e}")))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&json).map_err(|e| read_err(format!("header is not JSON: {e}")))?;
-    let object = value.as_object().ok_or_else(|| read_err("header is not a JSON object".into()))?;
-    let mut shapes = HashMap::new();
-    let mut metadata = HashMap::new();
-    for (name, entry) in object {
-        if name == "__metadata__" {
-            if let Some(m) = entry.as_object() {
-                for (k, v) in m {
-                    metadata.insert(k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string));
-                }
-            }
-            continue;
-        }
-        let shape = entry["shape"]
-            .as_array()
-            .map(|dims| dims.iter().filter_map(|d| d.as_u64().map(|d| d as usize)).collect())
-            .ok_or_else(|| read_err(format!("tensor {name} has no shape")))?;
-        shapes.insert(name.clone(), shape);
-    }
+    let file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
+    // SAFETY: mapped read-only and only read here; weights files are not modified while the
+    // agent runs (as for the VarBuilder that loads them).
+    let mapped = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| read_err(e.to_string()))?;
+    let (_, parsed) = safetensors::SafeTensors::read_metadata(&mapped)
+        .map_err(|e| read_err(format!("not a valid safetensors file: {e}")))?;
+    let shapes = parsed.tensors().into_iter().map(|(name, info)| (name, info.shape.clone())).collect();
+    let metadata = parsed.metadata().clone().unwrap_or_default();
     Ok(Header { shapes, metadata })
 }
 
