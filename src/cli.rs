@@ -1537,32 +1537,38 @@ fn refuse_root_in_an_agents_sqlite(url: &str) -> anyhow::Result<()> {
 }
 
 /// The name of a user or group id, for messages, as the system's name services know it (NSS:
-/// /etc/passwd and /etc/group, or a directory such as LDAP).
-fn user_name(uid: u32) -> String {
+/// /etc/passwd and /etc/group, or a directory such as LDAP); `#id` when it has none. `lookup`
+/// runs the reentrant libc call with the buffer it may use and returns the name it found in it,
+/// or null.
+fn looked_up_name(id: u32, lookup: impl FnOnce(&mut [libc::c_char]) -> *const libc::c_char) -> String {
     let mut buffer = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: zeroed passwd is a valid out-parameter; getpwuid_r writes only into it and into
-    // `buffer` (whose length it is told), and `found` points at `entry` or is null.
-    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::passwd = std::ptr::null_mut();
-    let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
-    if rc == 0 && !found.is_null() && !entry.pw_name.is_null() {
-        // SAFETY: a NUL-terminated name inside `buffer`, which outlives this line.
-        return unsafe { std::ffi::CStr::from_ptr(entry.pw_name) }.to_string_lossy().into_owned();
+    let name = lookup(&mut buffer);
+    if name.is_null() {
+        return format!("#{id}");
     }
-    format!("#{uid}")
+    // SAFETY: a NUL-terminated name that the call wrote into `buffer`, still alive here.
+    unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
+}
+
+fn user_name(uid: u32) -> String {
+    looked_up_name(uid, |buffer| {
+        // SAFETY: a zeroed passwd is a valid out-parameter; getpwuid_r writes only into it and
+        // into `buffer`, whose length it is told.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = unsafe { libc::getpwuid_r(uid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+        if rc == 0 && !found.is_null() { entry.pw_name } else { std::ptr::null() }
+    })
 }
 
 fn group_name(gid: u32) -> String {
-    let mut buffer = vec![0 as libc::c_char; 16 * 1024];
-    // SAFETY: as in `user_name`, with getgrgid_r.
-    let mut entry: libc::group = unsafe { std::mem::zeroed() };
-    let mut found: *mut libc::group = std::ptr::null_mut();
-    let rc = unsafe { libc::getgrgid_r(gid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
-    if rc == 0 && !found.is_null() && !entry.gr_name.is_null() {
-        // SAFETY: a NUL-terminated name inside `buffer`, which outlives this line.
-        return unsafe { std::ffi::CStr::from_ptr(entry.gr_name) }.to_string_lossy().into_owned();
-    }
-    format!("#{gid}")
+    looked_up_name(gid, |buffer| {
+        // SAFETY: as in `user_name`, with getgrgid_r.
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let rc = unsafe { libc::getgrgid_r(gid, &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found) };
+        if rc == 0 && !found.is_null() { entry.gr_name } else { std::ptr::null() }
+    })
 }
 
 /// Loads the named configuration, else the installed one (`config_path`), else the defaults; with
