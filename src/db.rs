@@ -1730,6 +1730,8 @@ impl Writer {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Dates are calendar dates: days a month lacks are refused, leap days where they fall.
     #[test]
     fn dates_follow_the_calendar() {
@@ -1743,8 +1745,6 @@ mod tests {
         assert_eq!(super::dicom_date("20260231"), None);
         assert_eq!(super::dicom_date("2026123"), None);
     }
-
-    use super::*;
 
     /// The embedded migrations are the folders' files as sqlx reads them: same versions,
     /// descriptions and checksums, so databases migrated by earlier builds stay valid.

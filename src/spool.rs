@@ -524,9 +524,14 @@ impl Spool {
         let final_path = series_dir.join(format!("{}.dcm", header.sop_instance_uid));
         {
             let _placing = self.placing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            self.claim_for_study(&header)?;
+            self.check_study(&header)?;
             self.claim_for_patient(&series_dir, &header)?;
             fs::rename(&partial.path, &final_path).map_err(io_err(&final_path))?;
+            self.series_studies
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .entry(header.series_instance_uid.clone())
+                .or_insert_with(|| header.study_instance_uid.clone());
         }
         if self.fsync {
             sync_dir(&series_dir)?;
@@ -615,19 +620,16 @@ impl Spool {
         Ok((header, bytes))
     }
 
-    /// A series UID belongs to the study of its first instance (see `series_studies`). Call with
-    /// `placing` held.
-    fn claim_for_study(&self, header: &InstanceHeader) -> Result<(), SpoolError> {
-        let mut studies = self.series_studies.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    /// A series UID belongs to the study of its first instance placed in the spool (see
+    /// `series_studies`, which `commit` fills once the instance is in place). Call with `placing`
+    /// held.
+    fn check_study(&self, header: &InstanceHeader) -> Result<(), SpoolError> {
+        let studies = self.series_studies.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match studies.get(&header.series_instance_uid) {
             Some(study) if *study != header.study_instance_uid => {
                 Err(SpoolError::OtherStudy { series: header.series_instance_uid.clone() })
             }
-            Some(_) => Ok(()),
-            None => {
-                studies.insert(header.series_instance_uid.clone(), header.study_instance_uid.clone());
-                Ok(())
-            }
+            _ => Ok(()),
         }
     }
 
