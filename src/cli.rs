@@ -1146,14 +1146,15 @@ fn read_labels(
     }
     if let Some(csv) = csv {
         let text = std::fs::read_to_string(csv).with_context(|| format!("cannot read {}", csv.display()))?;
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-        let header: Vec<String> =
-            lines.next().map(|(_, l)| l.split(',').map(|c| c.trim().to_lowercase()).collect()).unwrap_or_default();
+        let mut reader = csv::ReaderBuilder::new().trim(csv::Trim::All).flexible(true).from_reader(text.as_bytes());
+        let header: Vec<String> = reader.headers()?.iter().map(str::to_lowercase).collect();
         if header != ["series_uid", "level", "finding"] {
             anyhow::bail!("{}: the first line must be the header series_uid,level,finding", csv.display());
         }
-        for (number, line) in lines {
-            let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        for record in reader.records() {
+            let record = record.with_context(|| format!("{}: not CSV", csv.display()))?;
+            let number = record.position().map_or(0, |p| p.line() as usize - 1);
+            let fields: Vec<&str> = record.iter().collect();
             let [series, level, finding] = fields[..] else {
                 anyhow::bail!("{} line {}: expected 3 columns, found {}", csv.display(), number + 1, fields.len());
             };
@@ -1234,23 +1235,24 @@ fn evaluate_images(
         None => Default::default(),
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            let mut lines = text.lines();
-            let header: Vec<&str> = lines.next().unwrap_or("").split(',').collect();
-            let column = |name: &str| header.iter().position(|h| *h == name);
+            let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
+            let header = reader.headers()?.clone();
+            let column = |name: &str| header.iter().position(|h| h == name);
             let (Some(image), Some(fold)) = (column("image"), column("fold")) else {
                 anyhow::bail!(
                     "{}: expected the columns image and fold (labelme_to_yolo.py's cases.csv)",
                     path.display()
                 );
             };
-            lines
-                .filter(|l| !l.is_empty())
-                .map(|l| {
-                    let fields: Vec<&str> = l.split(',').collect();
-                    Some((fields.get(image)?.to_string(), fields.get(fold)?.to_string()))
-                })
-                .collect::<Option<_>>()
-                .with_context(|| format!("{}: a row lacks its image or fold", path.display()))?
+            let mut folds = std::collections::BTreeMap::new();
+            for record in reader.records() {
+                let record = record.with_context(|| format!("{}: not CSV", path.display()))?;
+                let (Some(name), Some(of)) = (record.get(image), record.get(fold)) else {
+                    anyhow::bail!("{}: a row lacks its image or fold", path.display());
+                };
+                folds.insert(name.to_string(), of.to_string());
+            }
+            folds
         }
     };
     let mut records = Vec::new();
@@ -1637,6 +1639,13 @@ fn one_shot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> any
 /// so that an export of any length costs a row's memory; the table once every row is in, its
 /// columns as wide as their widest cell. A reader that stops early (`| head`) ends the listing
 /// quietly: what follows is read and dropped.
+/// One CSV record and its line end, quoted where RFC 4180 asks (commas, quotes, CR, LF).
+fn csv_line<T: AsRef<[u8]>>(fields: &[T]) -> anyhow::Result<String> {
+    let mut writer = csv::WriterBuilder::new().terminator(csv::Terminator::Any(b'\n')).from_writer(Vec::new());
+    writer.write_record(fields)?;
+    Ok(String::from_utf8(writer.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)?)
+}
+
 struct RowPrinter<'a> {
     columns: &'a [&'a str],
     format: TableJsonCsv,
@@ -1654,8 +1663,8 @@ impl<'a> RowPrinter<'a> {
         let out = std::io::BufWriter::new(std::io::stdout().lock());
         let mut printer = RowPrinter { columns, format, key, out, rows: 0, table: Vec::new(), closed: false };
         if let TableJsonCsv::Csv = format {
-            let header = columns.join(",");
-            printer.write(|out| writeln!(out, "{header}"))?;
+            let header = csv_line(columns)?;
+            printer.write(|out| out.write_all(header.as_bytes()))?;
         }
         Ok(printer)
     }
@@ -1688,15 +1697,9 @@ impl<'a> RowPrinter<'a> {
                 })
             }
             TableJsonCsv::Csv => {
-                let fields: Vec<String> = self
-                    .columns
-                    .iter()
-                    .map(|c| {
-                        let v = cell(&row, c);
-                        if v.contains([',', '"', '\n']) { format!("\"{}\"", v.replace('"', "\"\"")) } else { v }
-                    })
-                    .collect();
-                self.write(|out| writeln!(out, "{}", fields.join(",")))
+                let fields: Vec<String> = self.columns.iter().map(|c| cell(&row, c)).collect();
+                let line = csv_line(&fields)?;
+                self.write(|out| out.write_all(line.as_bytes()))
             }
             TableJsonCsv::Table => {
                 self.table.push(self.columns.iter().map(|c| cell(&row, c)).collect());
@@ -1880,6 +1883,35 @@ fn init_logging(cfg: &Config) {
 
 #[cfg(test)]
 mod tests {
+    /// CSV fields with commas, quotes, line feeds and carriage returns come back as they were.
+    #[test]
+    fn csv_lines_quote_what_rfc_4180_asks() {
+        let fields = ["plain", "a,b", "say \"hi\"", "two\nlines", "cr\rhere", ""];
+        let line = super::csv_line(&fields).unwrap();
+        assert!(line.ends_with('\n') && line.starts_with("plain,\"a,b\",\"say \"\"hi\"\"\""), "{line}");
+        let mut reader = csv::ReaderBuilder::new().has_headers(false).from_reader(line.as_bytes());
+        let record = reader.records().next().unwrap().unwrap();
+        assert_eq!(record.iter().collect::<Vec<_>>(), fields);
+    }
+
+    /// A labels CSV with quoted fields (as a spreadsheet saves it) is read field by field.
+    #[test]
+    fn labels_csv_with_quoted_fields_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("labels.csv");
+        std::fs::write(
+            &path,
+            "series_uid,level,finding\r\n\"1.2.3\",\"L4/L5\",\"Protrusion\"\r\n1.2.3, L5/S1 ,normal\r\n\r\n",
+        )
+        .unwrap();
+        let labels = super::read_labels(&[], Some(&path)).unwrap();
+        let read: Vec<(&str, &str)> = labels["1.2.3"].iter().map(|l| (l.level.as_str(), l.class)).collect();
+        assert_eq!(read, [("L4/L5", "protrusion"), ("L5/S1", "normal")]);
+        std::fs::write(&path, "series_uid,level,finding\n1.2.3,L4/L5\n").unwrap();
+        let err = super::read_labels(&[], Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("line 2: expected 3 columns, found 2"), "{err}");
+    }
+
     /// Names come from the system's name services (getpwuid_r, getgrgid_r); an id without a name
     /// is shown as a number.
     #[test]
