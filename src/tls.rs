@@ -34,7 +34,7 @@ fn certificates(key: &'static str, path: &str) -> Result<Vec<CertificateDer<'sta
     }
     // An expired certificate (or one not valid yet) would only fail each handshake later, with
     // the peer's words for it; here the file and the date are named.
-    let now = crate::db::now().replace(['-', ':', 'T', 'Z'], "");
+    let now = stamp_in(std::time::Duration::ZERO);
     for certificate in &certificates {
         let (not_before, not_after) =
             validity(certificate).ok_or_else(|| error("a certificate without dates".into()))?;
@@ -66,9 +66,7 @@ pub fn expiring_soon(config: &crate::config::Config) -> Vec<String> {
         files.push(("destinations.tls_ca", &destination.tls_ca));
         files.push(("destinations.tls_certificate", &destination.tls_certificate));
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs();
-    let stamp = |secs: u64| crate::series::rfc3339_at(secs).replace(['-', ':', 'T', 'Z'], "");
-    let notice_from = stamp(now + EXPIRY_NOTICE_DAYS * 86_400);
+    let notice_from = stamp_in(std::time::Duration::from_secs(EXPIRY_NOTICE_DAYS * 86_400));
     let mut notices = Vec::new();
     for (key, path) in files.into_iter().filter(|(_, path)| !path.is_empty()) {
         let Ok(found) = CertificateDer::pem_file_iter(Path::new(path)) else { continue };
@@ -81,6 +79,12 @@ pub fn expiring_soon(config: &crate::config::Config) -> Vec<String> {
         }
     }
     notices
+}
+
+/// UTC `ahead` from now as YYYYMMDDHHMMSS, the form [`validity`] gives, so the two compare as text.
+fn stamp_in(ahead: std::time::Duration) -> String {
+    let then = std::time::SystemTime::now() + ahead;
+    crate::series::rfc3339_before(then, std::time::Duration::ZERO).replace(['-', ':', 'T', 'Z'], "")
 }
 
 /// A certificate's validity (notBefore, notAfter) as YYYYMMDDHHMMSS in UTC, read from its DER

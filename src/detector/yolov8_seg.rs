@@ -106,7 +106,7 @@ impl ConvBlock {
     }
 
     fn packed(&self) -> Result<&PackedConv> {
-        self.packed.as_ref().ok_or_else(|| candle_core::Error::Msg("a CPU forward on a network loaded on a GPU".into()))
+        self.packed.as_ref().ok_or_else(loaded_elsewhere)
     }
 
     /// Convolves `input` into `output` (each one image's planes), adding `residual` after the
@@ -132,6 +132,11 @@ impl Module for ConvBlock {
         let ys = ys.broadcast_add(&self.bias.reshape((1, (), 1, 1))?)?;
         if self.activation { ys.silu() } else { Ok(ys) }
     }
+}
+
+/// The CPU path asked of a network whose weights were loaded on a GPU (nothing packed for it).
+fn loaded_elsewhere() -> candle_core::Error {
+    candle_core::Error::Msg("a CPU forward on a network loaded on a GPU".into())
 }
 
 /// One image's feature map on the CPU: `channels` planes of `h x w`, row-major, as NCHW holds
@@ -411,10 +416,7 @@ impl Proto {
     fn forward_cpu(&self, xs: &Planes) -> Result<Planes> {
         use rayon::prelude::*;
         let x = self.cv1.apply(xs)?;
-        let up = self
-            .up_phases
-            .as_ref()
-            .ok_or_else(|| candle_core::Error::Msg("a CPU forward on a network loaded on a GPU".into()))?;
+        let up = self.up_phases.as_ref().ok_or_else(loaded_elsewhere)?;
         let hidden = x.channels;
         let (h, w) = (x.h, x.w);
         let mut phases = Planes::uninitialised(4 * hidden, h, w);
