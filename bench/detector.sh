@@ -32,6 +32,11 @@ if [ -n "${WEIGHTS:-}" ]; then
 fi
 have_torch=1
 "$python" -c "import torch, ultralytics" 2>/dev/null || have_torch=0
+if [ "$have_torch" = 0 ] && [ -z "${WEIGHTS:-}" ]; then
+  echo "bench/detector.sh: $python has no torch/ultralytics to make the weights with; install" \
+    "model/tools/requirements.txt and set PYTHON, or give WEIGHTS=path to time candle alone" >&2
+  exit 1
+fi
 flags=$(grep -m1 '^flags' /proc/cpuinfo)
 width=$(case "$flags" in *avx512f*) echo "AVX-512";; *avx2*) echo "AVX2";; *) echo "no AVX2";; esac)
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | xargs) ($width); threads: $threads${ISA:+; both sides held to $ISA}"
