@@ -11,7 +11,8 @@
 #   /etc/idaics/idaics.toml                           the configuration (a conffile: upgrades keep edits)
 #   /lib/systemd/system/idaics.service                the hardened unit
 #   /usr/share/idaics/phantom-yolov8n-seg.safetensors the phantom test model `idaics demo` uses
-#   /usr/share/doc/idaics/                            README (with the DICOM conformance statement),
+#   /usr/share/doc/idaics/                            README and docs/ (operations, the DICOM conformance
+#                                                     statement, design, benchmarks),
 #                                                     the model card, copyright, third-party licences
 #   /usr/share/man/man1/idaics.1.gz                   the manual page, from the binary's --help
 # Its maintainer scripts create the system user `idaics`, and enable and start the service where
@@ -64,6 +65,8 @@ install -m 0644 "$root/conf/idaics.toml" "$stage/etc/idaics/idaics.toml"
 install -m 0644 "$root/packaging/idaics.service" "$stage/lib/systemd/system/idaics.service"
 install -m 0644 "$root/model/phantom-yolov8n-seg.safetensors" "$stage/usr/share/idaics/"
 install -m 0644 "$root/README.md" "$stage/usr/share/doc/idaics/README.md"
+install -d "$stage/usr/share/doc/idaics/docs"
+install -m 0644 "$root"/docs/*.md "$stage/usr/share/doc/idaics/docs/"
 install -m 0644 "$root/model/README.md" "$stage/usr/share/doc/idaics/MODEL.md"
 install -m 0644 "$here/copyright" "$stage/usr/share/doc/idaics/copyright"
 gzip -9n < "$here/changelog" > "$stage/usr/share/doc/idaics/changelog.gz"

@@ -44,5 +44,6 @@ The phantom test model that \fBidaics demo\fR uses; not for clinical use.
 .SH SEE ALSO
 .BR systemctl (1),
 .BR journalctl (1);
-/usr/share/doc/idaics/README.md, with the DICOM conformance statement, and MODEL.md.
+/usr/share/doc/idaics/README.md; docs/operations.md, docs/conformance.md (the DICOM conformance
+statement), docs/design.md and docs/benchmarks.md beside it; MODEL.md.
 ROFF
