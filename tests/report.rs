@@ -134,13 +134,16 @@ fn results_reach_the_pacs_once_through_an_outage_and_a_restart() {
     assert_eq!(text.matches("Measurement Group").count(), truth.levels.len(), "{text}");
 }
 
-#[test]
-fn segmentation_holds_one_segment_per_finding_with_a_mask() {
+/// What the objects of a series look like when the detector outlined two discs: a phantom
+/// analysed, then L4/L5 given a protrusion seen in both views and L5/S1 a bulge seen axially, each
+/// with an elliptic mask where the disc is.
+fn objects_with_two_segmented_findings(
+    files: &[PathBuf],
+    out: &Path,
+) -> (idaics::pipeline::Analysis, Algorithm, Vec<idaics::report::WrittenObject>) {
     use idaics::detector::predict::Mask;
     use idaics::findings::ViewDetection;
-    let tmp = tempfile::tempdir().unwrap();
-    let (files, _truth) = phantom(&tmp.path().join("in"), 5);
-    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
     let mut analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     // What a detector would have said: an ellipse where the disc is, on the views named.
     let size = idaics::pipeline::SLICE_SIZE;
@@ -175,16 +178,98 @@ fn segmentation_holds_one_segment_per_finding_with_a_mask() {
     analysis.findings[l5s1].confidence = 0.7;
     analysis.findings[l5s1].views = vec!["axial"];
     analysis.findings[l5s1].evidence = vec![detection("axial", "bulge", ellipse(centre, centre, 90.0, 60.0))];
-    let source = Source::read(&files).unwrap();
+    let source = Source::read(files).unwrap();
     let algorithm = Algorithm::new(Some("ab".repeat(32)));
-    let objects = idaics::pipeline::write_objects(
-        &source,
-        &analysis,
-        &algorithm,
-        &OutputsConfig::default(),
-        &tmp.path().join("out"),
-    )
-    .unwrap();
+    let objects =
+        idaics::pipeline::write_objects(&source, &analysis, &algorithm, &OutputsConfig::default(), out).unwrap();
+    (analysis, algorithm, objects)
+}
+
+/// docs/conformance.md's IHE AI Results table, item by item, on the SR and SEG of a study with an
+/// accession number and a procedure code: every item the table lists is checked by
+/// tests/scripts/air_check.py (highdicom and pydicom), and DCMTK's dsrdump reads the same report.
+#[test]
+fn the_ai_results_conformance_table_holds_item_by_item() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, _truth) = phantom(&tmp.path().join("in"), 5);
+    for file in &files {
+        common::dcmtk(
+            "dcmodify",
+            &[
+                "-nb",
+                "-i",
+                "(0008,0050)=ACC-0042",
+                "-i",
+                "(0020,0010)=S42",
+                "-i",
+                "(0008,1032)[0].(0008,0100)=RPID16",
+                "-i",
+                "(0008,1032)[0].(0008,0102)=RADLEX",
+                "-i",
+                "(0008,1032)[0].(0008,0104)=CT LUMBAR SPINE WO CONTRAST",
+            ],
+            file,
+            Path::new(""),
+        );
+    }
+    let (_analysis, algorithm, objects) = objects_with_two_segmented_findings(&files, &tmp.path().join("out"));
+    let seg = objects.iter().find(|o| o.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4").expect("a SEG");
+    let sr = objects.last().unwrap();
+    let device = idaics::report::derived_uid("idaics-algorithm", algorithm.weights_sha256.as_deref(), "device");
+    for object in [sr, seg] {
+        let errors = dciodvfy_errors(&object.path);
+        assert!(errors.is_empty(), "{}", errors.join("\n"));
+    }
+
+    let python = std::env::var("IDAICS_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/scripts/air_check.py");
+    let out = Command::new(&python)
+        .arg(script)
+        .arg(&sr.path)
+        .arg(&seg.path)
+        .arg(&files[0])
+        .arg(&device)
+        .output()
+        .unwrap_or_else(|e| panic!("{python}: {e}; scripts/test.sh provides a Python with highdicom (IDAICS_PYTHON)"));
+    let checked = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "air_check.py: {}\n{checked}", String::from_utf8_lossy(&out.stderr));
+    let checked_items: Vec<&str> =
+        checked.lines().filter_map(|l| l.split_once(" ok: ")).map(|(item, _)| item).collect();
+    let table = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/conformance.md")).unwrap();
+    let listed: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| AIR-"))
+        .map(|rest| rest.split_once(' ').map_or(rest, |(n, _)| n))
+        .collect();
+    let listed: Vec<String> = listed.iter().map(|n| format!("AIR-{n}")).collect();
+    assert!(!listed.is_empty(), "docs/conformance.md has no AIR table");
+    assert_eq!(listed, checked_items, "the table's items and the checked ones differ:\n{checked}");
+
+    // DCMTK reads the same report and names the same things.
+    let dump = Command::new("dsrdump").args(["+Pl", "+Pc"]).arg(&sr.path).output().unwrap();
+    let dump = String::from_utf8_lossy(&dump.stdout).into_owned();
+    for expected in [
+        "Imaging Measurement Report",
+        "(121012,DCM,\"Device Observer UID\")",
+        "(121014,DCM,\"Device Observer Manufacturer\")=\"IDAICS\"",
+        "(121015,DCM,\"Device Observer Model Name\")",
+        "(RPID16,RADLEX,\"CT LUMBAR SPINE WO CONTRAST\")",
+        "(112039,DCM,\"Tracking Identifier\")",
+        "(112040,DCM,\"Tracking Unique Identifier\")",
+        "(121071,DCM,\"Finding\")",
+        "(111001,DCM,\"Algorithm Name\")",
+        "(121112,DCM,\"Source of Measurement\")",
+    ] {
+        assert!(dump.contains(expected), "dsrdump lacks {expected}:\n{dump}");
+    }
+    assert!(dump.contains(&device), "dsrdump lacks the Device Observer UID {device}:\n{dump}");
+}
+
+#[test]
+fn segmentation_holds_one_segment_per_finding_with_a_mask() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (files, _truth) = phantom(&tmp.path().join("in"), 5);
+    let (analysis, algorithm, objects) = objects_with_two_segmented_findings(&files, &tmp.path().join("out"));
     let seg = objects.iter().find(|o| o.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4").expect("a SEG");
     let errors = dciodvfy_errors(&seg.path);
     assert!(errors.is_empty(), "{}", errors.join("\n"));

@@ -291,6 +291,11 @@ pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject
     ])
 }
 
+/// The algorithm's Device UID: one per weights file, whatever the series.
+pub(crate) fn algorithm_device_uid(algorithm: &Algorithm) -> String {
+    derived_uid("idaics-algorithm", algorithm.weights_sha256.as_deref(), "device")
+}
+
 /// Enhanced General Equipment (as Comprehensive 3D SR and SEG require), the instance number and
 /// the creation and content date and time: the same in every multi-purpose object we write. And
 /// the algorithm as IHE AI Results identifies it: a Contributing Equipment item whose purpose is
@@ -298,7 +303,7 @@ pub(crate) fn code(value: &str, scheme: &str, meaning: &str) -> InMemDicomObject
 /// weights do, so a viewer can tell results of different weights apart.
 pub(crate) fn equipment_and_dates(algorithm: &Algorithm) -> Vec<DataElement<InMemDicomObject>> {
     let (date, time) = now_da_tm();
-    let device_uid = derived_uid("idaics-algorithm", algorithm.weights_sha256.as_deref(), "device");
+    let device_uid = algorithm_device_uid(algorithm);
     vec![
         sequence(
             tags::CONTRIBUTING_EQUIPMENT_SEQUENCE,

@@ -131,14 +131,16 @@ pub fn write(
     let sop_uid = derived_uid(&source.series_uid, weights, role);
     let observer = vec![
         code_item("HAS OBS CONTEXT", code("121005", "DCM", "Observer Type"), code("121007", "DCM", "Device")),
+        // The observer is the algorithm: the same Device UID as its Contributing Equipment item
+        // (TID 1004 codes: 121014 is the manufacturer, 121015 the model name).
         uid_item(
             "HAS OBS CONTEXT",
             code("121012", "DCM", "Device Observer UID"),
-            &derived_uid(&source.series_uid, weights, "device"),
+            &super::algorithm_device_uid(algorithm),
         ),
         text_item("HAS OBS CONTEXT", code("121013", "DCM", "Device Observer Name"), &algorithm.name),
-        text_item("HAS OBS CONTEXT", code("121015", "DCM", "Device Observer Manufacturer"), super::MANUFACTURER),
-        text_item("HAS OBS CONTEXT", code("121016", "DCM", "Device Observer Model Name"), &algorithm.name),
+        text_item("HAS OBS CONTEXT", code("121014", "DCM", "Device Observer Manufacturer"), super::MANUFACTURER),
+        text_item("HAS OBS CONTEXT", code("121015", "DCM", "Device Observer Model Name"), &algorithm.name),
     ];
     let mut root = vec![code_item(
         "HAS CONCEPT MOD",
