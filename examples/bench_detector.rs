@@ -7,9 +7,10 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(args.len() == 3, "usage: bench_detector WEIGHTS SIZE RUNS");
     let size: usize = args[1].parse()?;
     let runs: usize = args[2].parse()?;
-    let device =
-        idaics::detector::select_device(&std::env::var("IDAICS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()))?;
-    let (network, _) = idaics::detector::load_network(std::path::Path::new(&args[0]), &device)?;
+    let device = idaics::analysis::detector::select_device(
+        &std::env::var("IDAICS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
+    )?;
+    let (network, _) = idaics::analysis::detector::load_network(std::path::Path::new(&args[0]), &device)?;
     let input = Tensor::rand(0f32, 1f32, (1, 3, size, size), &device)?;
     for _ in 0..3 {
         network.forward(&input)?;
@@ -34,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "peer": "candle",
-            "kernel": idaics::detector::cpu_conv::Kernel::detected().name(),
+            "kernel": idaics::analysis::detector::cpu_conv::Kernel::detected().name(),
             "median_ms": times[runs / 2],
             "min_ms": times[0],
             "peak_rss_mb": peak_kb as f64 / 1024.0

@@ -148,10 +148,10 @@ fn main() -> anyhow::Result<()> {
     );
     wait_for_port(port)?;
 
-    let peer = idaics::scu::Peer { ae_title: "IDAICS".into(), host: "127.0.0.1".into(), port, tls: None };
+    let peer = idaics::report::scu::Peer { ae_title: "IDAICS".into(), host: "127.0.0.1".into(), port, tls: None };
     let mut latencies = Vec::new();
     for (round, series) in series.iter().enumerate() {
-        let statuses = idaics::scu::store_all(&peer, "BENCH", &series.files, Duration::from_secs(60))?;
+        let statuses = idaics::report::scu::store_all(&peer, "BENCH", &series.files, Duration::from_secs(60))?;
         // store_all returns once the last response is in and the association released.
         let last_response = Instant::now();
         if statuses.iter().any(|s| *s != 0) {

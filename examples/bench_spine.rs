@@ -41,14 +41,14 @@ fn main() -> anyhow::Result<()> {
     let before = peak_rss_mb();
 
     let t = Instant::now();
-    let volume = idaics::volume::load_series(&series.files, &Default::default())?;
+    let volume = idaics::analysis::volume::load_series(&series.files, &Default::default())?;
     let t_volume = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let levels = idaics::spine::locate_discs(&volume)?;
+    let levels = idaics::analysis::spine::locate_discs(&volume)?;
     let t_locate = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let sagittal = idaics::slices::sagittal(&volume, &levels, 512);
-    let axials: Vec<_> = levels.iter().map(|l| idaics::slices::axial(&volume, l, 512)).collect();
+    let sagittal = idaics::analysis::slices::sagittal(&volume, &levels, 512);
+    let axials: Vec<_> = levels.iter().map(|l| idaics::analysis::slices::axial(&volume, l, 512)).collect();
     let t_slices = t.elapsed().as_secs_f64();
     let volume_mb = volume.byte_size() as f64 / 1e6 * 1.048_576_f64.recip();
     println!(

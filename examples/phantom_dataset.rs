@@ -13,8 +13,8 @@
 
 use std::path::Path;
 
+use idaics::analysis::slices::SliceImage;
 use idaics::phantom::{Condition, DiscLabels, LEVELS, PhantomSpec, write_phantom};
-use idaics::slices::SliceImage;
 use serde_json::json;
 
 /// Grids of real lumbar CT, as the locator's tests use: (pixel spacing, slice thickness, size).
@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         let spec = spec_for(seed);
         let dir = kept.unwrap_or(scratch.path()).join(seed.to_string());
         let (series, _) = write_phantom(&dir, &spec)?;
-        let volume = idaics::volume::load_series(&series.files, &Default::default())?;
+        let volume = idaics::analysis::volume::load_series(&series.files, &Default::default())?;
         let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None)?;
         let labels = DiscLabels::new(&spec);
         for image in analysis.sagittal.iter() {

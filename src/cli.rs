@@ -1,6 +1,7 @@
 //! The command line: parses arguments, loads the configuration and dispatches to the library.
 //! This is the top of the program, so errors become `anyhow` here and nowhere below.
 
+use crate::common::redact_url;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -246,7 +247,7 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
         /// Only jobs in this state: queued, running, done or failed.
-        #[arg(long, value_parser = crate::db::JOB_STATES)]
+        #[arg(long, value_parser = crate::store::db::JOB_STATES)]
         state: Option<String>,
         /// Only the jobs of this Series Instance UID.
         #[arg(long)]
@@ -265,7 +266,7 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
         /// Only objects in this state: pending, sent or cancelled.
-        #[arg(long, value_parser = crate::db::OUTBOX_STATES)]
+        #[arg(long, value_parser = crate::store::db::OUTBOX_STATES)]
         state: Option<String>,
         /// Only the objects reporting on this Series Instance UID.
         #[arg(long)]
@@ -550,17 +551,18 @@ pub fn main() -> anyhow::Result<()> {
                 cfg.storage.state_dir = dir.clone();
             }
             if let Some(date) = &since {
-                anyhow::ensure!(crate::db::valid_date(date), "--since {date:?}: not a date (YYYY-MM-DD)");
+                anyhow::ensure!(crate::store::db::valid_date(date), "--since {date:?}: not a date (YYYY-MM-DD)");
             }
             // What the log says: the series decided since the date, or the reviews.
             let (decided, reviews) = if since.is_some() || reviewed {
                 let url = database_url_of(database)?;
                 tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
-                    let db = crate::db::Db::connect(&url).await?;
+                    let db = crate::store::db::Db::connect(&url).await?;
                     db.migrate().await?;
-                    let complete = crate::db::SeriesFilter { state: Some("complete".into()), ..Default::default() };
+                    let complete =
+                        crate::store::db::SeriesFilter { state: Some("complete".into()), ..Default::default() };
                     let decided = match since {
-                        Some(_) => Some(db.series_log(&complete, crate::db::Page::ALL).await?),
+                        Some(_) => Some(db.series_log(&complete, crate::store::db::Page::ALL).await?),
                         None => None,
                     };
                     let reviews = if reviewed { Some(db.reviews().await?) } else { None };
@@ -592,10 +594,11 @@ pub fn main() -> anyhow::Result<()> {
                 .or_else(|| std::env::var("USER").ok())
                 .ok_or_else(|| anyhow::anyhow!("who reviews? give --reviewer"))?;
             one_shot(async move {
-                let db = crate::db::Db::connect(&url).await?;
+                let db = crate::store::db::Db::connect(&url).await?;
                 db.migrate().await?;
-                let row =
-                    db.record_review(finding_id, &crate::db::NewReview { reviewer, class, confirm, comment }).await?;
+                let row = db
+                    .record_review(finding_id, &crate::store::db::NewReview { reviewer, class, confirm, comment })
+                    .await?;
                 println!(
                     "finding {} ({} {}): {} {} by {} at {}",
                     row.finding_id,
@@ -612,7 +615,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Migrate { database } => {
             let url = database_url_of(database)?;
             one_shot(async {
-                let db = crate::db::Db::connect(&url).await?;
+                let db = crate::store::db::Db::connect(&url).await?;
                 db.migrate().await?;
                 println!("{}: migrations applied", redact_url(&url));
                 Ok(())
@@ -635,15 +638,23 @@ pub fn main() -> anyhow::Result<()> {
             let url = database_url_of(database)?;
             if reviews {
                 return one_shot(async move {
-                    let db = crate::db::Db::connect(&url).await?;
+                    let db = crate::store::db::Db::connect(&url).await?;
                     db.migrate().await?;
                     print_reviews(&db, format).await
                 });
             }
-            let filter =
-                crate::db::FindingFilter { patient, accession, study, level, class, since, until, min_confidence };
+            let filter = crate::store::db::FindingFilter {
+                patient,
+                accession,
+                study,
+                level,
+                class,
+                since,
+                until,
+                min_confidence,
+            };
             one_shot(async move {
-                let db = crate::db::Db::connect(&url).await?;
+                let db = crate::store::db::Db::connect(&url).await?;
                 db.migrate().await?;
                 let columns: &[&str] = if history {
                     &["level", "study_date", "accession", "study_uid", "class", "confidence", "prior_class", "change"]
@@ -674,7 +685,7 @@ pub fn main() -> anyhow::Result<()> {
                     out.finish()
                 } else {
                     let mut out = RowPrinter::new(columns, format, "findings")?;
-                    db.each_finding(&filter, crate::db::Page::ALL, |f| out.row(&f)).await?;
+                    db.each_finding(&filter, crate::store::db::Page::ALL, |f| out.row(&f)).await?;
                     out.finish()
                 }
             })
@@ -682,7 +693,7 @@ pub fn main() -> anyhow::Result<()> {
         Command::Jobs { database, state, series, retry, format } => {
             let url = database_url_of(database)?;
             one_shot(async move {
-                let db = crate::db::Db::connect(&url).await?;
+                let db = crate::store::db::Db::connect(&url).await?;
                 db.migrate().await?;
                 if !retry.is_empty() {
                     let mut refused = Vec::new();
@@ -703,14 +714,14 @@ pub fn main() -> anyhow::Result<()> {
                 let columns =
                     ["id", "state", "attempts", "series_uid", "revision", "finished_at", "claimed_by", "error"];
                 let mut out = RowPrinter::new(&columns, format, "jobs")?;
-                db.each_job(state.as_deref(), series.as_deref(), crate::db::Page::ALL, |j| out.row(&j)).await?;
+                db.each_job(state.as_deref(), series.as_deref(), crate::store::db::Page::ALL, |j| out.row(&j)).await?;
                 out.finish()
             })
         }
         Command::Outbox { database, state, series, cancel, retry, format } => {
             let url = database_url_of(database)?;
             one_shot(async move {
-                let db = crate::db::Db::connect(&url).await?;
+                let db = crate::store::db::Db::connect(&url).await?;
                 db.migrate().await?;
                 if !cancel.is_empty() || !retry.is_empty() {
                     let mut left = Vec::new();
@@ -747,7 +758,8 @@ pub fn main() -> anyhow::Result<()> {
                     "last_error",
                 ];
                 let mut out = RowPrinter::new(&columns, format, "outbox")?;
-                db.each_outbox(state.as_deref(), series.as_deref(), crate::db::Page::ALL, |o| out.row(&o)).await?;
+                db.each_outbox(state.as_deref(), series.as_deref(), crate::store::db::Page::ALL, |o| out.row(&o))
+                    .await?;
                 out.finish()
             })
         }
@@ -756,7 +768,7 @@ pub fn main() -> anyhow::Result<()> {
             if let Some(dir) = state_dir {
                 cfg.storage.state_dir = dir;
             }
-            let series = crate::spool::scan_spool(&cfg.storage.spool_dir())?;
+            let series = crate::ingest::spool::scan_spool(&cfg.storage.spool_dir())?;
             let rows: Vec<serde_json::Value> = series
                 .iter()
                 .map(|s| {
@@ -806,7 +818,7 @@ fn detect(
     format: DetectFormat,
     images: &[PathBuf],
 ) -> anyhow::Result<()> {
-    use crate::detector::{self, predict};
+    use crate::analysis::detector::{self, predict};
     anyhow::ensure!((0.0..=1.0).contains(&conf), "--conf must be between 0 and 1");
     anyhow::ensure!((0.0..=1.0).contains(&iou), "--iou must be between 0 and 1");
     let device = detector::select_device(device)?;
@@ -937,7 +949,7 @@ fn analyze(
 }
 
 /// The reviews, then the agent's agreement with its readers.
-async fn print_reviews(db: &crate::db::Db, format: TableJsonCsv) -> anyhow::Result<()> {
+async fn print_reviews(db: &crate::store::db::Db, format: TableJsonCsv) -> anyhow::Result<()> {
     let reviews = db.reviews().await?;
     let agreement = db.review_agreement().await?;
     let per_class: Vec<serde_json::Value> = agreement
@@ -1036,7 +1048,7 @@ fn dataset_export(
             .map(|study| study.path().join(uid))
             .find(|dir| dir.is_dir())
             .ok_or_else(|| anyhow::anyhow!("series {uid} is not in the spool {}", spool.display()))?;
-        sources.push((uid.clone(), crate::spool::instance_files(&dir)?));
+        sources.push((uid.clone(), crate::ingest::spool::instance_files(&dir)?));
     }
     let (mut images, mut failed) = (0, 0);
     for (done, (uid, files)) in sources.iter().enumerate() {
@@ -1081,13 +1093,14 @@ impl VolumeSource {
 
     /// The contiguous blocks of slices the source holds (a NIfTI file is one), with what was
     /// split or set aside.
-    fn load(&self) -> Result<(Vec<crate::volume::Volume>, Vec<String>), String> {
+    fn load(&self) -> Result<(Vec<crate::analysis::volume::Volume>, Vec<String>), String> {
         match self {
             VolumeSource::Series { files, .. } => {
-                crate::volume::load_blocks(files, &crate::config::SeriesConfig::default()).map_err(|e| e.to_string())
+                crate::analysis::volume::load_blocks(files, &crate::config::SeriesConfig::default())
+                    .map_err(|e| e.to_string())
             }
             VolumeSource::Nifti { path } => {
-                crate::nifti::read(path).map(|v| (vec![v], Vec::new())).map_err(|e| e.to_string())
+                crate::analysis::nifti::read(path).map(|v| (vec![v], Vec::new())).map_err(|e| e.to_string())
             }
         }
     }
@@ -1109,8 +1122,8 @@ fn volumes_under(paths: &[PathBuf]) -> anyhow::Result<Vec<VolumeSource>> {
             continue;
         }
         // Parsed only once its headers are known to be sane (see `spool::check_structure`).
-        let header = crate::spool::check_structure(&file, crate::spool::StructureLimits::LOCAL_FILES)
-            .and_then(|_| crate::spool::InstanceHeader::read(&file));
+        let header = crate::ingest::spool::check_structure(&file, crate::ingest::spool::StructureLimits::LOCAL_FILES)
+            .and_then(|_| crate::ingest::spool::InstanceHeader::read(&file));
         match header {
             Ok(h) => by_series.entry(h.series_instance_uid).or_default().push(file),
             Err(e) => tracing::warn!(path = %file.display(), error = %e, "not a usable DICOM file; left out"),
@@ -1158,7 +1171,7 @@ fn read_labels(
             let [series, level, finding] = fields[..] else {
                 anyhow::bail!("{} line {}: expected 3 columns, found {}", csv.display(), number + 1, fields.len());
             };
-            let class = crate::findings::canonical_class(finding).with_context(|| {
+            let class = crate::analysis::findings::canonical_class(finding).with_context(|| {
                 format!(
                     "{} line {}: {finding:?} is not normal, schmorl, bulge or protrusion",
                     csv.display(),
@@ -1257,8 +1270,8 @@ fn evaluate_images(
     };
     let mut records = Vec::new();
     let mut labelled_counts: std::collections::BTreeMap<&'static str, u64> = Default::default();
+    use crate::analysis::findings::canonical_class;
     use crate::evaluation::{Evaluation, parse_yolo_labels, rasterize, score_image};
-    use crate::findings::canonical_class;
     let mut files = Vec::new();
     for path in paths {
         let image = |file: &std::path::Path| {
@@ -1282,7 +1295,7 @@ fn evaluate_images(
             );
             continue;
         }
-        let image = crate::detector::read_image(&file)?;
+        let image = crate::analysis::detector::read_image(&file)?;
         let labelled = match yolo_path {
             Some(label_path) => {
                 let text = std::fs::read_to_string(&label_path)
@@ -1365,7 +1378,7 @@ fn write_model_card(
     evaluation: &crate::evaluation::Evaluation,
 ) -> anyhow::Result<()> {
     use std::fmt::Write as _;
-    let metadata = crate::detector::weights_metadata(weights)?;
+    let metadata = crate::analysis::detector::weights_metadata(weights)?;
     let field = |key: &str| metadata.get(key).cloned().unwrap_or_else(|| "not recorded".into());
     let mut out = String::new();
     let name = weights.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -1388,7 +1401,7 @@ fn write_model_card(
         if images { "2D images, the paper's protocol" } else { "CT series, the agent's whole path" },
         evaluation.total,
         env!("CARGO_PKG_VERSION"),
-        crate::db::now()
+        crate::store::db::now()
     );
     let _ = writeln!(
         out,
@@ -1404,12 +1417,12 @@ fn write_model_card(
 /// view through the column with each located disc marked and named (green when the name is
 /// certain, orange with "?" when not), and each level's axial image.
 fn write_pngs(
-    blocks: &[crate::volume::Volume],
-    levels: &[crate::spine::DiscLevel],
+    blocks: &[crate::analysis::volume::Volume],
+    levels: &[crate::analysis::spine::DiscLevel],
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
+    use crate::analysis::slices;
     use crate::report::secondary_capture::draw_text;
-    use crate::slices;
     std::fs::create_dir_all(dir)?;
     let save_gray = |image: &slices::SliceImage, name: &str| -> anyhow::Result<()> {
         let img = image::GrayImage::from_raw(image.size as u32, image.size as u32, image.pixels.clone())
@@ -1418,11 +1431,11 @@ fn write_pngs(
         Ok(())
     };
     for (number, block) in blocks.iter().enumerate() {
-        let inside = |l: &&crate::spine::DiscLevel| {
+        let inside = |l: &&crate::analysis::spine::DiscLevel| {
             let k = block.lps_to_voxel(l.center_lps_mm)[2];
             (-0.5..=block.dims[2] as f64 - 0.5).contains(&k)
         };
-        let own: Vec<&crate::spine::DiscLevel> = levels.iter().filter(inside).collect();
+        let own: Vec<&crate::analysis::spine::DiscLevel> = levels.iter().filter(inside).collect();
         // Through the levels' mean centre, or the block's middle when it has none.
         let middle = block.voxel_to_lps(block.dims.map(|n| (n as f64 - 1.0) / 2.0));
         let centre: [f64; 3] = if own.is_empty() {
@@ -1825,20 +1838,6 @@ fn describe_selection(series: &crate::config::SeriesConfig) -> String {
     sentence
 }
 
-/// Hides the password of a database URL for printing and logging.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// The filter `spec` asks for, quieting dicom-rs' parser unless `spec` names it.
 ///
 /// Japanese and Korean sites write Specific Character Set as `\ISO 2022 IR 87`: an empty first
@@ -1929,14 +1928,5 @@ mod tests {
         let asked = super::database_cli_log_filter("warn,sqlx=info").to_string();
         assert!(!asked.contains("sqlx::query=error"), "{asked}");
         assert!(!super::log_filter("warn").to_string().contains("sqlx"));
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            super::redact_url("postgres://idaics:s3cret@db:5432/idaics"),
-            "postgres://idaics:***@db:5432/idaics"
-        );
-        assert_eq!(super::redact_url("sqlite:///var/lib/idaics/idaics.db"), "sqlite:///var/lib/idaics/idaics.db");
     }
 }

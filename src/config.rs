@@ -345,11 +345,11 @@ impl LimitsConfig {
     pub fn max_instance_bytes(&self) -> u64 {
         self.max_instance_size_mb.saturating_mul(1024 * 1024)
     }
-    pub fn structure_limits(&self) -> crate::spool::StructureLimits {
-        crate::spool::StructureLimits {
-            max_inflated_bytes: self.max_inflated_size_mb.saturating_mul(1024 * 1024),
-            max_value_bytes: self.max_value_size_kb.saturating_mul(1024),
-        }
+    pub fn max_inflated_bytes(&self) -> u64 {
+        self.max_inflated_size_mb.saturating_mul(1024 * 1024)
+    }
+    pub fn max_value_bytes(&self) -> u32 {
+        self.max_value_size_kb.saturating_mul(1024)
     }
     pub fn min_free_disk_bytes(&self) -> u64 {
         self.min_free_disk_mb.saturating_mul(1024 * 1024)
@@ -380,7 +380,7 @@ impl StorageConfig {
 
     /// The configured host name, else the kernel's.
     pub fn effective_host_name(&self) -> String {
-        if self.host_name.is_empty() { crate::scp::hostname() } else { self.host_name.clone() }
+        if self.host_name.is_empty() { crate::common::hostname() } else { self.host_name.clone() }
     }
 }
 

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::detector::predict::Mask;
-use crate::findings::LevelFinding;
+use crate::analysis::detector::predict::Mask;
+use crate::analysis::findings::LevelFinding;
+use crate::analysis::slices::{SliceImage, View};
 use crate::pipeline::Detector;
-use crate::slices::{SliceImage, View};
 
 /// The label of a shape whose class nobody has decided yet.
 pub const UNLABELLED: &str = "unlabelled";
@@ -125,7 +125,7 @@ pub struct Reviewed {
 
 impl ReviewedLabels {
     /// From the log's reviews, oldest first: a later review of a finding replaces an earlier one.
-    pub fn latest(reviews: Vec<crate::db::ReviewRow>) -> ReviewedLabels {
+    pub fn latest(reviews: Vec<crate::store::db::ReviewRow>) -> ReviewedLabels {
         let mut by_series: BTreeMap<String, BTreeMap<String, Reviewed>> = BTreeMap::new();
         for r in reviews {
             let reviewed = Reviewed { class: r.class, reviewer: r.reviewer, reviewed_at: r.reviewed_at };
@@ -160,7 +160,8 @@ pub fn export_series(
     if let Some(reviewed) = reviewed {
         for finding in &mut analysis.findings {
             if let Some(r) = reviewed.get(&finding.level.name) {
-                finding.class = crate::findings::canonical_class(&r.class).unwrap_or(crate::findings::UNDETERMINED);
+                finding.class = crate::analysis::findings::canonical_class(&r.class)
+                    .unwrap_or(crate::analysis::findings::UNDETERMINED);
             }
         }
     }

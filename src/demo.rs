@@ -138,9 +138,9 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
     println!("agent: DICOM on 127.0.0.1:{port}, HTTP on 127.0.0.1:{http_port}, log in {}", log_path.display());
     wait_for_listener(port, &mut agent, &log_path)?;
 
-    let peer = crate::scu::Peer { ae_title: "IDAICS".into(), host: "127.0.0.1".into(), port, tls: None };
+    let peer = crate::report::scu::Peer { ae_title: "IDAICS".into(), host: "127.0.0.1".into(), port, tls: None };
     let started = Instant::now();
-    let statuses = crate::scu::store_all(&peer, "IDAICS-DEMO", &series.files, Duration::from_secs(30))?;
+    let statuses = crate::report::scu::store_all(&peer, "IDAICS-DEMO", &series.files, Duration::from_secs(30))?;
     let refused = statuses.iter().filter(|s| **s != 0).count();
     if refused > 0 {
         bail!("the agent refused {refused} of {} instances; see {}", statuses.len(), log_path.display());
@@ -149,7 +149,7 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let findings = runtime.block_on(async {
-        let db = crate::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display()))?;
+        let db = crate::store::db::Db::open(&format!("sqlite://{}", state.join("idaics.db").display()))?;
         let deadline = Instant::now() + options.timeout;
         loop {
             if Instant::now() > deadline {
@@ -164,8 +164,8 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
                 // The agent writes while we read: a busy database is asked again.
                 Some((state, _)) if state == "done" && db.outbox_depth().await.unwrap_or(1) == 0 => {
                     let filter =
-                        crate::db::FindingFilter { study: Some(truth.study_uid.clone()), ..Default::default() };
-                    if let Ok(rows) = db.findings(&filter, crate::db::Page::ALL).await {
+                        crate::store::db::FindingFilter { study: Some(truth.study_uid.clone()), ..Default::default() };
+                    if let Ok(rows) = db.findings(&filter, crate::store::db::Page::ALL).await {
                         break Ok(rows);
                     }
                 }
@@ -185,7 +185,8 @@ pub fn run(options: &DemoOptions) -> anyhow::Result<()> {
         let agrees = if expected == f.class { "agrees" } else { "differs" };
         println!("{:<7} {:<13} {:>10.2}  {:<10}  {agrees}", f.level, f.class, f.confidence, expected);
     }
-    let delivered = crate::spool::instance_files(&pacs.join(&truth.series_uid)).map(|f| f.len()).unwrap_or_default();
+    let delivered =
+        crate::ingest::spool::instance_files(&pacs.join(&truth.series_uid)).map(|f| f.len()).unwrap_or_default();
     println!(
         "\nobjects for the PACS (key slices, SEG, Secondary Captures, SR): {delivered} in {}",
         pacs.join(&truth.series_uid).display()

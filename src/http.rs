@@ -12,73 +12,9 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use crate::db::{Db, FindingFilter, JOB_STATES, Page, SeriesFilter};
-use crate::scp::ScpStats;
-
-/// Upper bounds (seconds) of the inference latency histogram's buckets.
-pub const INFERENCE_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
-
-/// Counters of the stages after the SCP.
-#[derive(Debug, Default)]
-pub struct PipelineStats {
-    pub series_completed: AtomicU64,
-    pub series_skipped: AtomicU64,
-    pub jobs_done: AtomicU64,
-    pub jobs_failed: AtomicU64,
-    /// Jobs queued again because their agent stopped renewing its claim.
-    pub jobs_taken_over: AtomicU64,
-    /// Series whose instances and objects retention removed.
-    pub series_purged: AtomicU64,
-    /// Whole jobs.
-    inference: Histogram,
-    /// Each stage of a job, by [`crate::pipeline::STAGES`].
-    stages: [Histogram; crate::pipeline::STAGES.len()],
-}
-
-/// A Prometheus histogram over [`INFERENCE_BUCKETS`].
-#[derive(Debug, Default)]
-struct Histogram {
-    /// Per bucket (not cumulative), then the overflow bucket.
-    buckets: [AtomicU64; INFERENCE_BUCKETS.len() + 1],
-    micros_sum: AtomicU64,
-}
-
-impl Histogram {
-    fn observe(&self, seconds: f64) {
-        let bucket = INFERENCE_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(INFERENCE_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.micros_sum.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-    }
-
-    /// The series of `name` with `labels` (`stage="load",` or empty) before `le`.
-    fn write(&self, out: &mut String, name: &str, labels: &str) {
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let braces = labels.trim_end_matches(',');
-        let braces = if braces.is_empty() { String::new() } else { format!("{{{braces}}}") };
-        let mut cumulative = 0;
-        for (bound, count) in INFERENCE_BUCKETS.iter().zip(&self.buckets) {
-            cumulative += load(count);
-            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += load(&self.buckets[INFERENCE_BUCKETS.len()]);
-        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "{name}_sum{braces} {}", load(&self.micros_sum) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
-    }
-}
-
-impl PipelineStats {
-    pub fn observe_inference(&self, seconds: f64) {
-        self.inference.observe(seconds);
-    }
-
-    /// One stage of a job, named as in [`crate::pipeline::STAGES`].
-    pub fn observe_stage(&self, stage: &str, seconds: f64) {
-        if let Some(index) = crate::pipeline::STAGES.iter().position(|s| *s == stage) {
-            self.stages[index].observe(seconds);
-        }
-    }
-}
+use crate::ingest::scp::ScpStats;
+use crate::pipeline::PipelineStats;
+use crate::store::db::{Db, FindingFilter, JOB_STATES, Page, SeriesFilter};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -415,7 +351,7 @@ fn listing_query(raw: Option<&str>, states: &[&str]) -> Result<(StateAndSeriesQu
 async fn review(
     State(state): State<HttpState>,
     Path(id): Path<i64>,
-    body: Result<axum::Json<crate::db::NewReview>, axum::extract::rejection::JsonRejection>,
+    body: Result<axum::Json<crate::store::db::NewReview>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let axum::Json(review) = match body {
         Ok(body) => body,
@@ -426,10 +362,10 @@ async fn review(
             tracing::info!(finding = id, reviewer = %row.reviewer, class = %row.class, confirmed = row.confirmed, "review recorded");
             (StatusCode::CREATED, axum::Json(row)).into_response()
         }
-        Err(e @ crate::db::DbError::NoSuchFinding(_)) => {
+        Err(e @ crate::store::db::DbError::NoSuchFinding(_)) => {
             (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({ "error": e.to_string() }))).into_response()
         }
-        Err(e @ crate::db::DbError::Review(_)) => bad_request(e.to_string()),
+        Err(e @ crate::store::db::DbError::Review(_)) => bad_request(e.to_string()),
         Err(e) => {
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": e.to_string() }))).into_response()
         }
@@ -441,7 +377,7 @@ fn bad_request(message: String) -> Response {
 }
 
 /// The database did not answer: the agent itself is up, so 503 rather than 500.
-fn unavailable(error: crate::db::DbError) -> Response {
+fn unavailable(error: crate::store::db::DbError) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "error": error.to_string() }))).into_response()
 }
 
@@ -453,7 +389,7 @@ fn one_more(page: Page) -> Page {
 /// `{key: rows, "next_offset": N}` from the rows fetched for [`one_more`]`(page)`, where
 /// `next_offset` is the `offset` of the next page, or null on the last one; a 400 for a filter
 /// the query cannot take, or a 503 when the database does not answer.
-fn listing<T: serde::Serialize>(key: &str, page: Page, rows: Result<Vec<T>, crate::db::DbError>) -> Response {
+fn listing<T: serde::Serialize>(key: &str, page: Page, rows: Result<Vec<T>, crate::store::db::DbError>) -> Response {
     match rows {
         Ok(mut rows) => {
             let limit = page.limit.map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
@@ -461,7 +397,7 @@ fn listing<T: serde::Serialize>(key: &str, page: Page, rows: Result<Vec<T>, crat
             rows.truncate(limit);
             axum::Json(serde_json::json!({ key: rows, "next_offset": next_offset })).into_response()
         }
-        Err(crate::db::DbError::Filter(message)) => bad_request(message),
+        Err(crate::store::db::DbError::Filter(message)) => bad_request(message),
         Err(e) => unavailable(e),
     }
 }
@@ -478,7 +414,7 @@ async fn jobs(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Respon
 
 /// Deliveries, newest first: what `idaics outbox` lists, for monitoring a destination.
 async fn outbox(State(state): State<HttpState>, RawQuery(raw): RawQuery) -> Response {
-    match listing_query(raw.as_deref(), &crate::db::OUTBOX_STATES) {
+    match listing_query(raw.as_deref(), &crate::store::db::OUTBOX_STATES) {
         Ok((q, page)) => {
             listing("outbox", page, state.reader.outbox(q.state.as_deref(), q.series.as_deref(), one_more(page)).await)
         }

@@ -1,34 +1,34 @@
 //! IDAICS agent: receives spine CT series over DICOM, classifies each intervertebral disc with a
 //! YOLOv8-seg network and reports the findings back to the PACS.
 //!
-//! Modules follow the data flow: [`scp`] receives instances into the [`spool`], [`series`]
-//! decides when a series is complete; the analysis stages attach to the decisions it emits.
+//! Modules follow the data flow, and imports point one way, down this list:
+//! - [`common`], [`agreement`], [`geometry`], [`systemd`], [`config`], [`tls`]: what every stage may use;
+//! - [`store`]: the finding log every stage records into;
+//! - [`ingest`]: the SCP, the spool and the series decisions;
+//! - [`analysis`]: volume, disc levels, slices, the network, findings;
+//! - [`report`]: the DICOM objects written and delivered to the PACS;
+//! - [`pipeline`]: the job worker that takes a decided series through analysis and report;
+//! - [`http`], [`service`], [`cli`] and the tools ([`demo`], [`dataset`], [`evaluation`],
+//!   [`phantom`], [`synthetic`]) on top.
+//!
+//! `tests/module_graph.rs` checks that no import runs back up.
 
-pub mod audit;
+pub mod agreement;
+pub mod analysis;
 pub mod cli;
+pub mod common;
 pub mod config;
 pub mod dataset;
-pub mod db;
 pub mod demo;
-pub mod detector;
 pub mod evaluation;
-pub mod findings;
 pub mod geometry;
 pub mod http;
-pub mod jpeg_extended;
-pub mod nifti;
+pub mod ingest;
 pub mod phantom;
 pub mod pipeline;
-pub mod pixel_module;
 pub mod report;
-pub mod scp;
-pub mod scu;
-pub mod series;
 pub mod service;
-pub mod slices;
-pub mod spine;
-pub mod spool;
+pub mod store;
 pub mod synthetic;
 pub mod systemd;
 pub mod tls;
-pub mod volume;

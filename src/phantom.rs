@@ -35,7 +35,7 @@ impl Condition {
 
     /// The finding class the agent should report for a disc in this condition.
     pub fn class(self) -> &'static str {
-        use crate::findings::{BULGE, NORMAL, PROTRUSION, SCHMORL};
+        use crate::analysis::findings::{BULGE, NORMAL, PROTRUSION, SCHMORL};
         match self {
             Condition::Normal => NORMAL,
             Condition::Schmorl => SCHMORL,

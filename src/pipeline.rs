@@ -2,22 +2,24 @@
 //! one finding per level, the key slices and the SR, the finding log, and the outbox that sends
 //! them to every destination until each accepts.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use candle_core::Device;
 use tracing::Instrument;
 
-use crate::db::{Db, JobOutcome, OutboxEntry};
-use crate::detector::predict::{Detection, PredictOptions, RgbImage};
-use crate::detector::yolov8_seg::YoloV8Seg;
-use crate::detector::{WeightsInfo, load_network, select_device};
-use crate::findings::LevelFinding;
+use crate::analysis::detector::predict::{Detection, PredictOptions, RgbImage};
+use crate::analysis::detector::yolov8_seg::YoloV8Seg;
+use crate::analysis::detector::{WeightsInfo, load_network, select_device};
+use crate::analysis::findings::LevelFinding;
+use crate::analysis::slices::SliceImage;
+use crate::analysis::spine::DiscLevel;
+use crate::analysis::volume::Volume;
 use crate::report::{Algorithm, Source, WrittenObject};
-use crate::slices::SliceImage;
-use crate::spine::DiscLevel;
-use crate::volume::Volume;
+use crate::store::db::{Db, JobOutcome, OutboxEntry};
 
 /// Side of the images the network sees (the paper's 512 x 512 slices).
 pub const SLICE_SIZE: usize = 512;
@@ -28,11 +30,11 @@ pub const DETECTION_CONFIDENCE: f32 = 0.1;
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error(transparent)]
-    Volume(#[from] crate::volume::VolumeError),
+    Volume(#[from] crate::analysis::volume::VolumeError),
     #[error(transparent)]
-    Spine(#[from] crate::spine::SpineError),
+    Spine(#[from] crate::analysis::spine::SpineError),
     #[error(transparent)]
-    Detector(#[from] crate::detector::DetectorError),
+    Detector(#[from] crate::analysis::detector::DetectorError),
     #[error(transparent)]
     Report(#[from] crate::report::ReportError),
     #[error("cannot read the weights: {0}")]
@@ -66,13 +68,13 @@ impl Detector {
             })
             .collect();
         let options = PredictOptions { imgsz: self.info.input_size, conf: DETECTION_CONFIDENCE, ..Default::default() };
-        Ok(crate::detector::predict::predict_batch(&self.network, &images, &options, &self.device)?)
+        Ok(crate::analysis::detector::predict::predict_batch(&self.network, &images, &options, &self.device)?)
     }
 
     /// The network on one image, at the confidence the analysis uses.
     pub fn detect_image(&self, image: &RgbImage) -> Result<Vec<Detection>, PipelineError> {
         let options = PredictOptions { imgsz: self.info.input_size, conf: DETECTION_CONFIDENCE, ..Default::default() };
-        Ok(crate::detector::predict::predict(&self.network, image, &options, &self.device)?)
+        Ok(crate::analysis::detector::predict::predict(&self.network, image, &options, &self.device)?)
     }
 
     /// The weights' class names, by class index.
@@ -140,7 +142,7 @@ pub fn analyze_files(
     detector: Option<&Detector>,
 ) -> Result<Analysis, PipelineError> {
     let started = std::time::Instant::now();
-    let (blocks, loading_notes) = crate::volume::load_blocks(files, config)?;
+    let (blocks, loading_notes) = crate::analysis::volume::load_blocks(files, config)?;
     let loaded = started.elapsed().as_secs_f64();
     let mut analysis = analyze(&blocks, detector)?;
     analysis.notes.splice(0..0, loading_notes);
@@ -149,7 +151,7 @@ pub fn analyze_files(
 }
 
 /// Levels, slices and findings of a series, given as the contiguous blocks it holds
-/// ([`crate::volume::load_blocks`]); without a detector every finding is undetermined. Each
+/// ([`crate::analysis::volume::load_blocks`]); without a detector every finding is undetermined. Each
 /// block is located and named on its own: a name is anchored only by landmarks in its block.
 /// The sagittal image is cut through the block with the most levels.
 pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysis, PipelineError> {
@@ -163,7 +165,7 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
     let mut located: Vec<(usize, DiscLevel)> = Vec::new();
     let mut first_error = None;
     for (index, block) in blocks.iter().enumerate() {
-        match crate::spine::locate_discs(block) {
+        match crate::analysis::spine::locate_discs(block) {
             Ok(levels) => located.extend(levels.into_iter().map(|l| (index, l))),
             Err(e) if blocks.len() > 1 => {
                 tracing::warn!(block = index + 1, blocks = blocks.len(), error = %e, "no disc level in this block of the series");
@@ -174,7 +176,9 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
     }
     if located.is_empty() {
         return Err(first_error
-            .unwrap_or_else(|| crate::spine::SpineError::NotFound("the series holds no block of slices".into()))
+            .unwrap_or_else(|| {
+                crate::analysis::spine::SpineError::NotFound("the series holds no block of slices".into())
+            })
             .into());
     }
     // A block that no landmark anchors takes its names from one that is, across the gap.
@@ -191,7 +195,7 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
             if anchored_blocks.contains(&b) {
                 renamed.extend(levels.into_iter().map(|l| (b, l)));
             } else {
-                let named = crate::spine::name_across_gap(&anchored_levels, &levels, axis);
+                let named = crate::analysis::spine::name_across_gap(&anchored_levels, &levels, axis);
                 if !named.is_empty() {
                     let names: Vec<&str> = named.iter().map(|l| l.name.as_str()).collect();
                     notes.push(format!(
@@ -216,13 +220,13 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
     let main_levels: Vec<DiscLevel> =
         located.iter().filter(|(i, _)| *i == main_block).map(|(_, l)| l.clone()).collect();
     lap("levels");
-    let sagittal = crate::slices::sagittal(&blocks[main_block], &main_levels, SLICE_SIZE);
+    let sagittal = crate::analysis::slices::sagittal(&blocks[main_block], &main_levels, SLICE_SIZE);
     let axials: Vec<SliceImage> =
-        located.iter().map(|(block, l)| crate::slices::axial(&blocks[*block], l, SLICE_SIZE)).collect();
+        located.iter().map(|(block, l)| crate::analysis::slices::axial(&blocks[*block], l, SLICE_SIZE)).collect();
     lap("slices");
     let levels: Vec<DiscLevel> = located.into_iter().map(|(_, l)| l).collect();
     let findings = match detector {
-        None => crate::findings::undetermined(&levels),
+        None => crate::analysis::findings::undetermined(&levels),
         Some(d) => {
             let views: Vec<&SliceImage> = sagittal.iter().chain(axials.iter()).collect();
             let mut detections = d.detect_all(&views)?.into_iter();
@@ -230,7 +234,7 @@ pub fn analyze(blocks: &[Volume], detector: Option<&Detector>) -> Result<Analysi
             let axial_detections: Vec<Vec<Detection>> = detections.collect();
             let axial_pairs: Vec<(&SliceImage, &[Detection])> =
                 axials.iter().zip(&axial_detections).map(|(a, d)| (a, d.as_slice())).collect();
-            crate::findings::fuse(
+            crate::analysis::findings::fuse(
                 &levels,
                 sagittal.as_ref().zip(sagittal_detections.as_deref()),
                 &axial_pairs,
@@ -282,7 +286,7 @@ pub fn write_objects(
             // The image that shows the finding best: the view of its strongest detection (a
             // Schmorl's node is seen on the sagittal image), else the level's axial image.
             let image = match (finding.evidence.first(), &analysis.sagittal) {
-                (Some(best), Some(sagittal)) if best.view == crate::slices::View::SAGITTAL => sagittal,
+                (Some(best), Some(sagittal)) if best.view == crate::analysis::slices::View::SAGITTAL => sagittal,
                 _ => axial,
             };
             objects.push(crate::report::secondary_capture::write(source, algorithm, finding, image, n + 1, dir)?);
@@ -295,7 +299,7 @@ pub fn write_objects(
 /// Where objects go.
 #[derive(Debug, Clone)]
 pub enum Target {
-    Dicom(crate::scu::Peer),
+    Dicom(crate::report::scu::Peer),
     Folder(PathBuf),
 }
 
@@ -317,7 +321,7 @@ pub fn parse_destination(text: &str) -> Result<Destination, String> {
         }
         return Ok(Destination {
             name: text.to_string(),
-            target: Target::Dicom(crate::scu::Peer {
+            target: Target::Dicom(crate::report::scu::Peer {
                 ae_title: ae.to_string(),
                 host: host.to_string(),
                 port,
@@ -345,7 +349,7 @@ pub struct Worker {
     /// How long a claim lasts unrenewed (`database.job_lease_s`). The worker renews its claim
     /// four times per lease while a job runs, and takes over other agents' lapsed claims.
     pub job_lease: Duration,
-    pub stats: Arc<crate::http::PipelineStats>,
+    pub stats: Arc<PipelineStats>,
     /// Woken when a job is queued or an object enters the outbox.
     pub wake: Arc<tokio::sync::Notify>,
 }
@@ -509,7 +513,8 @@ impl Worker {
         // UIDs read back from the database become paths: checked again, since a database shared
         // with other agents (or edited by hand) is not the SCP that checked them at ingest.
         for uid in [&series.study_uid, &series_uid] {
-            crate::spool::check_uid(uid).map_err(|e| format!("the log's UID {uid:?} cannot name a folder: {e}"))?;
+            crate::ingest::spool::check_uid(uid)
+                .map_err(|e| format!("the log's UID {uid:?} cannot name a folder: {e}"))?;
         }
         let dir = self.spool_dir.join(&series.study_uid).join(&series_uid);
         let out = self.outputs_dir.join(&series_uid);
@@ -518,7 +523,7 @@ impl Worker {
         let (analysis_findings, objects, source, stage_seconds) =
             tokio::task::spawn_blocking(move || -> Result<_, String> {
                 let detector = job_detector;
-                let files = crate::spool::instance_files(&dir).map_err(|e| e.to_string())?;
+                let files = crate::ingest::spool::instance_files(&dir).map_err(|e| e.to_string())?;
                 // The tracker's tolerances, so a series it called complete loads here too.
                 let analysis =
                     analyze_files(&files, &worker.series_config, detector.as_deref()).map_err(|e| e.to_string())?;
@@ -531,7 +536,7 @@ impl Worker {
                 // own name in the outputs folder, are made durable before the outbox rows that
                 // point at them commit.
                 for dir in [out.as_path(), worker.outputs_dir.as_path()] {
-                    crate::spool::sync_dir(dir).map_err(|e| e.to_string())?;
+                    crate::ingest::spool::sync_dir(dir).map_err(|e| e.to_string())?;
                 }
                 let mut stage_seconds = analysis.stage_seconds;
                 stage_seconds.push(("objects", writing.elapsed().as_secs_f64()));
@@ -543,9 +548,9 @@ impl Worker {
             Some(d) => format!("{} weights {}", env!("CARGO_PKG_VERSION"), &d.sha256[..12]),
             None => format!("{} (no weights)", env!("CARGO_PKG_VERSION")),
         };
-        let rows: Vec<crate::db::FindingRow> = analysis_findings
+        let rows: Vec<crate::store::db::FindingRow> = analysis_findings
             .iter()
-            .map(|f| crate::db::FindingRow {
+            .map(|f| crate::store::db::FindingRow {
                 id: None,
                 job_id,
                 series_uid: series_uid.clone(),
@@ -561,7 +566,7 @@ impl Worker {
                 r#box: f.evidence.first().map(|e| e.bbox.map(f64::from)),
                 mask_area_mm2: f.evidence.first().map(|e| e.mask_area_mm2),
                 model_version: model_version.clone(),
-                created_at: crate::db::now(),
+                created_at: crate::store::db::now(),
             })
             .collect();
         let outbox = self
@@ -602,7 +607,7 @@ impl Worker {
 
     /// Queues again the jobs of agents that stopped renewing their claims.
     async fn take_over_stale_jobs(&self) {
-        let stale_before = crate::series::rfc3339_before(std::time::SystemTime::now(), self.job_lease);
+        let stale_before = crate::common::rfc3339_before(std::time::SystemTime::now(), self.job_lease);
         match self.db.take_over_stale_jobs(&stale_before, MAX_JOB_ATTEMPTS).await {
             Ok((queued, failed)) => {
                 if queued > 0 {
@@ -629,7 +634,7 @@ impl Worker {
 
 /// What a job found and what it queues, recorded together when it ends.
 struct JobResults {
-    findings: Vec<crate::db::FindingRow>,
+    findings: Vec<crate::store::db::FindingRow>,
     outbox: Vec<OutboxEntry>,
     /// Seconds per stage, by [`STAGES`].
     stage_seconds: Vec<(&'static str, f64)>,
@@ -639,7 +644,7 @@ struct JobResults {
 pub struct Sender {
     pub db: Db,
     /// Where each export is recorded (its rows written directly: see `Audit::entry`).
-    pub audit: crate::audit::Audit,
+    pub audit: crate::store::audit::Audit,
     /// Only objects under it are sent (see `check_object_path`).
     pub outputs_dir: PathBuf,
     pub destination: Destination,
@@ -674,7 +679,7 @@ pub async fn run_sender(sender: Sender, mut shutdown: tokio::sync::watch::Receiv
             let outcomes = send_objects(&outputs_dir, &destination, &calling_ae, job_objects).await;
             for (item, outcome) in job_objects.iter().zip(outcomes) {
                 if let Delivery::Stored(status) = &outcome {
-                    let party = crate::audit::Party { called_ae: Some(&destination.name), ..Default::default() };
+                    let party = crate::store::audit::Party { called_ae: Some(&destination.name), ..Default::default() };
                     let detail =
                         format!("object {} of job {} ({status})", item.sop_instance_uid, item.job_id.unwrap_or(0));
                     if let Err(e) = db.record_audit(&audit.entry("export", party, &detail)).await {
@@ -700,10 +705,10 @@ pub async fn run_sender(sender: Sender, mut shutdown: tokio::sync::watch::Receiv
 async fn record_delivery(
     db: &Db,
     destination: &str,
-    item: &crate::db::OutboxItem,
+    item: &crate::store::db::OutboxItem,
     outcome: Delivery,
     max_retry_interval_s: u64,
-) -> Result<(), crate::db::DbError> {
+) -> Result<(), crate::store::db::DbError> {
     match outcome {
         Delivery::Stored(status) => {
             tracing::info!(destination = %destination, sop_instance_uid = %item.sop_instance_uid, status = %status, "object delivered");
@@ -714,7 +719,7 @@ async fn record_delivery(
             let delay = (5u64 << item.attempts.clamp(0, 16) as u32).min(max_retry_interval_s.max(1));
             let secs =
                 std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-            let next = crate::series::rfc3339_at(secs + delay);
+            let next = crate::common::rfc3339_at(secs + delay);
             tracing::warn!(destination = %destination, sop_instance_uid = %item.sop_instance_uid,
                 status = status.as_deref().unwrap_or("none"), error = %error, retry_in_s = delay, "delivery failed; kept for a retry");
             db.outbox_failed(item.id, &next, status.as_deref(), &error).await
@@ -747,7 +752,7 @@ fn check_object_path(outputs_dir: &Path, path: &Path) -> Result<(), String> {
         return refused(&format!("not in a series folder of {}", outputs_dir.display()));
     }
     let series = series_dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    if crate::spool::check_uid(series).is_err() {
+    if crate::ingest::spool::check_uid(series).is_err() {
         return refused("its folder is not a series UID");
     }
     let stem = name.strip_suffix(".dcm").unwrap_or_default();
@@ -766,7 +771,7 @@ async fn send_objects(
     outputs_dir: &Path,
     destination: &Destination,
     calling_ae: &str,
-    items: &[crate::db::OutboxItem],
+    items: &[crate::store::db::OutboxItem],
 ) -> Vec<Delivery> {
     let paths: Vec<PathBuf> = items.iter().map(|item| PathBuf::from(&item.object_path)).collect();
     if let Some(error) = paths.iter().find_map(|p| check_object_path(outputs_dir, p).err()) {
@@ -788,7 +793,7 @@ async fn send_objects(
             let (peer, calling) = (peer.clone(), calling_ae.to_string());
             let count = paths.len();
             let sent = tokio::task::spawn_blocking(move || {
-                crate::scu::store_each(&peer, &calling, &paths, Duration::from_secs(30))
+                crate::report::scu::store_each(&peer, &calling, &paths, Duration::from_secs(30))
             })
             .await;
             let outcomes = match sent {
@@ -806,7 +811,7 @@ async fn send_objects(
                         let text = format!("0x{status:04X}");
                         Delivery::Failed { error: format!("refused with status {text}"), status: Some(text) }
                     }
-                    Err(crate::scu::ScuError::NotAttempted { .. }) => Delivery::NotAttempted,
+                    Err(crate::report::scu::ScuError::NotAttempted { .. }) => Delivery::NotAttempted,
                     Err(e) => Delivery::Failed { status: None, error: e.to_string() },
                 })
                 .collect()
@@ -829,7 +834,7 @@ async fn copy_to_folder(dir: &Path, path: PathBuf) -> Result<(), String> {
         fn io(what: &Path) -> impl FnOnce(std::io::Error) -> String + '_ {
             move |e| format!("{}: {e}", what.display())
         }
-        crate::spool::create_dirs_durably(&to_dir, true).map_err(|e| e.to_string())?;
+        crate::ingest::spool::create_dirs_durably(&to_dir, true).map_err(|e| e.to_string())?;
         if !std::fs::symlink_metadata(&to_dir).map_err(io(&to_dir))?.file_type().is_dir() {
             return Err(format!("{} is not a folder (a symbolic link?); nothing copied", to_dir.display()));
         }
@@ -852,10 +857,75 @@ async fn copy_to_folder(dir: &Path, path: PathBuf) -> Result<(), String> {
             let _ = std::fs::remove_file(&tmp);
         }
         copied?;
-        crate::spool::sync_dir(&to_dir).map_err(|e| e.to_string())
+        crate::ingest::spool::sync_dir(&to_dir).map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Upper bounds (seconds) of the inference latency histogram's buckets.
+pub const INFERENCE_BUCKETS: [f64; 10] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Counters of the stages after the SCP, which `/metrics` shows.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub series_completed: AtomicU64,
+    pub series_skipped: AtomicU64,
+    pub jobs_done: AtomicU64,
+    pub jobs_failed: AtomicU64,
+    /// Jobs queued again because their agent stopped renewing its claim.
+    pub jobs_taken_over: AtomicU64,
+    /// Series whose instances and objects retention removed.
+    pub series_purged: AtomicU64,
+    /// Whole jobs.
+    pub(crate) inference: Histogram,
+    /// Each stage of a job, by [`STAGES`].
+    pub(crate) stages: [Histogram; STAGES.len()],
+}
+
+/// A Prometheus histogram over [`INFERENCE_BUCKETS`].
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    /// Per bucket (not cumulative), then the overflow bucket.
+    buckets: [AtomicU64; INFERENCE_BUCKETS.len() + 1],
+    micros_sum: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let bucket = INFERENCE_BUCKETS.iter().position(|b| seconds <= *b).unwrap_or(INFERENCE_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.micros_sum.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The series of `name` with `labels` (`stage="load",` or empty) before `le`.
+    pub(crate) fn write(&self, out: &mut String, name: &str, labels: &str) {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let braces = labels.trim_end_matches(',');
+        let braces = if braces.is_empty() { String::new() } else { format!("{{{braces}}}") };
+        let mut cumulative = 0;
+        for (bound, count) in INFERENCE_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += load(count);
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += load(&self.buckets[INFERENCE_BUCKETS.len()]);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum{braces} {}", load(&self.micros_sum) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
+impl PipelineStats {
+    pub fn observe_inference(&self, seconds: f64) {
+        self.inference.observe(seconds);
+    }
+
+    /// One stage of a job, named as in [`STAGES`].
+    pub fn observe_stage(&self, stage: &str, seconds: f64) {
+        if let Some(index) = STAGES.iter().position(|s| *s == stage) {
+            self.stages[index].observe(seconds);
+        }
+    }
 }
 
 #[cfg(test)]

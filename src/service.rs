@@ -10,12 +10,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::db::{Db, Record, SeriesRow, Writer};
-use crate::http::{HttpState, PipelineStats};
+use crate::http::HttpState;
+use crate::ingest::scp::{self, ScpContext, ScpStats};
+use crate::ingest::series::{self, DecidedSeries, SeriesTracker};
+use crate::ingest::spool::{Spool, SpoolError, SpoolPolicy};
 use crate::pipeline::ModelSlot;
-use crate::scp::{self, ScpContext, ScpStats};
-use crate::series::{self, DecidedSeries, SeriesTracker};
-use crate::spool::{Spool, SpoolError, SpoolPolicy};
+use crate::pipeline::PipelineStats;
+use crate::store::db::{Db, Record, SeriesRow, Writer};
 use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +34,7 @@ pub enum ServiceError {
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
-    Database(#[from] crate::db::DbError),
+    Database(#[from] crate::store::db::DbError),
 }
 
 /// Takes this host's place in the state directory for as long as the returned file is open. Two
@@ -82,7 +83,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         SpoolPolicy {
             fsync: config.storage.fsync,
             max_instance_bytes: config.limits.max_instance_bytes(),
-            structure: config.limits.structure_limits(),
+            structure: crate::ingest::spool::StructureLimits::configured(&config.limits),
             verify_compressed_pixel_data: config.storage.verify_compressed_pixel_data,
         },
     )?);
@@ -96,7 +97,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
     let db = Db::open(&db_url)?;
     match db.migrate().await {
         Ok(()) => {
-            tracing::info!(database = %crate::cli::redact_url(&db_url), "database ready");
+            tracing::info!(database = %crate::common::redact_url(&db_url), "database ready");
             match db.outbox_retry_now().await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(objects = n, "objects left in the outbox are sent again"),
@@ -197,7 +198,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
 
     let stats = Arc::new(ScpStats::default());
     let mut ctx = ScpContext::new(config.clone(), spool, events_tx, stats.clone());
-    ctx.audit = Arc::new(crate::audit::Audit::new(ctx.agent_id.clone(), Some(records_tx.clone())));
+    ctx.audit = Arc::new(crate::store::audit::Audit::new(ctx.agent_id.clone(), Some(records_tx.clone())));
     ctx.records = Some(records_tx);
     // Held for reloads; dropped before the writer is waited for, whose channel it feeds.
     let audit = ctx.audit.clone();
@@ -223,7 +224,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
             Ok(crate::pipeline::Destination {
                 name: if d.name.is_empty() { format!("{}@{}:{}", d.ae_title, d.host, d.port) } else { d.name.clone() },
                 target: if d.path.is_empty() {
-                    crate::pipeline::Target::Dicom(crate::scu::Peer {
+                    crate::pipeline::Target::Dicom(crate::report::scu::Peer {
                         ae_title: d.ae_title.clone(),
                         host: d.host.clone(),
                         port: d.port,
@@ -257,7 +258,7 @@ pub async fn run(config: Config, config_path: Option<PathBuf>) -> Result<(), Ser
         tracing::info!(destination = %d.name, "sending results");
         let sender = crate::pipeline::Sender {
             db: db.clone(),
-            audit: crate::audit::Audit::new(format!("{}/sender/{}", ctx.agent_id, d.name), None),
+            audit: crate::store::audit::Audit::new(format!("{}/sender/{}", ctx.agent_id, d.name), None),
             outputs_dir: state_dir.join("outputs"),
             destination: d,
             calling_ae: config.dicom.ae_title.clone(),
@@ -377,7 +378,7 @@ async fn retention(db: Db, period: std::time::Duration, removal: Removal, mut st
     let every = (period / 24).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
     loop {
         let asked_at = std::time::SystemTime::now();
-        let decided_before = series::rfc3339_before(asked_at, period);
+        let decided_before = crate::common::rfc3339_before(asked_at, period);
         match db.series_past_retention(&decided_before).await {
             Ok(due) => {
                 for series in due {
@@ -450,9 +451,9 @@ async fn reload_model(
     config_path: Option<&Path>,
     started_with: &crate::config::ModelConfig,
     model: &ModelSlot,
-    audit: &crate::audit::Audit,
+    audit: &crate::store::audit::Audit,
 ) {
-    let party = crate::audit::Party::default();
+    let party = crate::store::audit::Party::default();
     match reload_model_from(config_path, started_with, model).await {
         Ok(outcome) => audit.record("reload", party, &outcome),
         Err(reason) => {
@@ -535,9 +536,9 @@ async fn pipeline(
 
 /// The finding log's row for a decided series: the tracker's record plus the identifiers a
 /// person searches by, read from one of its instances.
-fn series_row(dir: &std::path::Path, record: &crate::spool::SeriesRecord) -> SeriesRow {
+fn series_row(dir: &std::path::Path, record: &crate::ingest::spool::SeriesRecord) -> SeriesRow {
     use dicom_dictionary_std::tags;
-    let instance = crate::spool::instance_files(dir).ok().and_then(|files| files.into_iter().next());
+    let instance = crate::ingest::spool::instance_files(dir).ok().and_then(|files| files.into_iter().next());
     let object =
         instance.and_then(|p| dicom_object::OpenFileOptions::new().read_until(tags::PIXEL_DATA).open_file(&p).ok());
     let text = |tag| -> Option<String> {
@@ -555,7 +556,7 @@ fn series_row(dir: &std::path::Path, record: &crate::spool::SeriesRecord) -> Ser
         study_uid: record.study_instance_uid.clone(),
         patient_id: text(tags::PATIENT_ID),
         accession: text(tags::ACCESSION_NUMBER),
-        study_date: text(tags::STUDY_DATE).and_then(|d| crate::db::dicom_date(&d)),
+        study_date: text(tags::STUDY_DATE).and_then(|d| crate::store::db::dicom_date(&d)),
         body_part: text(tags::BODY_PART_EXAMINED),
         modality: text(tags::MODALITY),
         instances: record.instances as i64,

@@ -227,7 +227,7 @@ pub fn write_axial_series<F: Fn(usize) -> [f64; 3]>(
             .media_storage_sop_class_uid(uids::CT_IMAGE_STORAGE)
             .media_storage_sop_instance_uid(sop_uid.as_str())
             .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
-            .implementation_class_uid(crate::spool::IMPLEMENTATION_CLASS_UID)
+            .implementation_class_uid(crate::common::IMPLEMENTATION_CLASS_UID)
             .build()
             .map_err(|e| SyntheticError::Encode(e.to_string()))?;
         let file_obj = obj.with_exact_meta(meta);
@@ -408,7 +408,7 @@ pub fn write_enhanced_ct(single_frame: &[PathBuf], path: &Path, seed: u64) -> Re
         .media_storage_sop_class_uid(uids::ENHANCED_CT_IMAGE_STORAGE)
         .media_storage_sop_instance_uid(sop_uid.as_str())
         .transfer_syntax(uids::EXPLICIT_VR_LITTLE_ENDIAN)
-        .implementation_class_uid(crate::spool::IMPLEMENTATION_CLASS_UID)
+        .implementation_class_uid(crate::common::IMPLEMENTATION_CLASS_UID)
         .build()
         .map_err(|e| encode(e.to_string()))?;
     obj.with_exact_meta(meta).write_to_file(path).map_err(|e| encode(e.to_string()))?;

@@ -84,7 +84,7 @@ pub fn expiring_soon(config: &crate::config::Config) -> Vec<String> {
 /// UTC `ahead` from now as YYYYMMDDHHMMSS, the form [`validity`] gives, so the two compare as text.
 fn stamp_in(ahead: std::time::Duration) -> String {
     let then = std::time::SystemTime::now() + ahead;
-    crate::series::rfc3339_before(then, std::time::Duration::ZERO).replace(['-', ':', 'T', 'Z'], "")
+    crate::common::rfc3339_before(then, std::time::Duration::ZERO).replace(['-', ':', 'T', 'Z'], "")
 }
 
 /// A certificate's validity (notBefore, notAfter) as YYYYMMDDHHMMSS in UTC, read from its DER

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::postgres::Postgres;
 use common::{Agent, free_port, http_get as get, output_text, store_outcomes, wait_until};
-use idaics::db::{Db, SeriesRow, Table};
+use idaics::store::db::{Db, SeriesRow, Table};
 use idaics::synthetic::{SeriesSpec, write_ct_series};
 
 /// A plain HTTP/1.1 GET; the status code and the body.
@@ -142,7 +142,7 @@ fn embedded_database_metrics_and_api() {
         skip_reason: Some("1 slice(s); a stack needs at least 2".into()),
         trigger_reason: "quiet period".into(),
         revision: 1,
-        decided_at: idaics::db::now(),
+        decided_at: idaics::store::db::now(),
     };
     rt.block_on(db.record_series(&other)).unwrap();
     let whole = listing(http, "/api/v1/series");
@@ -216,7 +216,7 @@ fn postgres_outage_while_series_arrive_loses_no_row() {
         });
     }
     assert!(agent.echo());
-    let journal = agent.state_dir.join(format!("db-pending-{}.jsonl", idaics::scp::hostname()));
+    let journal = agent.state_dir.join(format!("db-pending-{}.jsonl", idaics::common::hostname()));
     wait_until("the journal", Duration::from_secs(20), || journal.exists());
 
     pg.start_server();

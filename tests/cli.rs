@@ -344,7 +344,7 @@ fn evaluate_scores_labelled_images_as_the_paper_did() {
         ..Default::default()
     };
     let (series, _) = write_phantom(&dir.path().join("series"), &spec).unwrap();
-    let volume = idaics::volume::load_series(&series.files, &Default::default()).unwrap();
+    let volume = idaics::analysis::volume::load_series(&series.files, &Default::default()).unwrap();
     let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     let labels = DiscLabels::new(&spec);
     let (images, label_dir) = (dir.path().join("set/images"), dir.path().join("set/labels"));
@@ -364,13 +364,13 @@ fn evaluate_scores_labelled_images_as_the_paper_did() {
             let data: Vec<bool> = (0..n * n)
                 .map(|i| labels.level_at(image.pixel_to_lps((i % n) as f64, (i / n) as f64)) == Some(level))
                 .collect();
-            let mask = idaics::detector::predict::Mask { width: n, height: n, data };
+            let mask = idaics::analysis::detector::predict::Mask { width: n, height: n, data };
             if mask.area() < 50 {
                 continue;
             }
             let class = class_index.iter().position(|c| *c == labels.condition(level).class()).unwrap();
             lines += &class.to_string();
-            for [x, y] in idaics::detector::predict::outline(&mask) {
+            for [x, y] in idaics::analysis::detector::predict::outline(&mask) {
                 lines += &format!(" {:.5} {:.5}", (f64::from(x) + 0.5) / n as f64, (f64::from(y) + 0.5) / n as f64);
             }
             lines.push('\n');

@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::postgres::Postgres;
-use idaics::db::{
+use idaics::store::db::{
     AssociationRow, Change, Db, DbError, FindingFilter, FindingRow, JobOutcome, OutboxEntry, Page, Record,
     SeriesFilter, SeriesRow, Table, Writer,
 };
@@ -30,7 +30,7 @@ fn series_row(uid: &str, patient: &str, study: &str, date: &str, state: &str, re
         skip_reason: (state == "skipped").then(|| "localizer (scout) images".into()),
         trigger_reason: "association-released".into(),
         revision,
-        decided_at: idaics::db::now(),
+        decided_at: idaics::store::db::now(),
     }
 }
 
@@ -41,8 +41,8 @@ fn association(key: &str) -> AssociationRow {
         peer: "127.0.0.1:5000".into(),
         calling_ae: "STORESCU".into(),
         called_ae: "IDAICS".into(),
-        started_at: idaics::db::now(),
-        ended_at: idaics::db::now(),
+        started_at: idaics::store::db::now(),
+        ended_at: idaics::store::db::now(),
         instances: 3,
         bytes: 1_500_000,
         discarded: 0,
@@ -129,7 +129,7 @@ fn finding(job: i64, study: &str, date: &str, level: &str, class: &str, confiden
         r#box: Some([10.0, 20.0, 110.0, 80.0]),
         mask_area_mm2: Some(f64::from(1_227.722_2_f32)),
         model_version: "test-1".into(),
-        created_at: idaics::db::now(),
+        created_at: idaics::store::db::now(),
     }
 }
 
@@ -160,7 +160,7 @@ async fn lapsed_claims_are_taken_over_and_late_results_refused(url: String) {
     let kept = db.claim_job(alive).await.unwrap().unwrap();
     assert!(db.renew_job(kept.id, alive).await.unwrap());
     assert!(!db.renew_job(kept.id, gone).await.unwrap(), "only the claimant renews");
-    let lease_start = idaics::db::now();
+    let lease_start = idaics::store::db::now();
     assert_eq!(db.take_over_stale_jobs("2000-01-01T00:00:00Z", 3).await.unwrap(), (0, 0), "nothing lapsed yet");
     assert_eq!(db.take_over_stale_jobs(&lease_start, 3).await.unwrap(), (1, 0), "only the older claim lapsed");
     assert_eq!(db.latest_job(&kept.series_uid).await.unwrap().unwrap().0, "running");
@@ -280,7 +280,8 @@ async fn the_series_log_says_what_became_of_each_series(url: String) {
         accession: accession.map(String::from),
         study: study.map(String::from),
     };
-    let uids = |rows: Vec<idaics::db::SeriesLogRow>| rows.into_iter().map(|r| r.series.series_uid).collect::<Vec<_>>();
+    let uids =
+        |rows: Vec<idaics::store::db::SeriesLogRow>| rows.into_iter().map(|r| r.series.series_uid).collect::<Vec<_>>();
     assert_eq!(uids(listed(by(Some("skipped"), None, None, None)).await), ["7.2"]);
     assert_eq!(uids(listed(by(None, Some("P7"), None, None)).await), ["7.1", "7.2"]);
     assert_eq!(uids(listed(by(None, None, Some("ACC-8"), None)).await), ["8.1"]);
@@ -777,7 +778,7 @@ async fn reviews(url: String) {
     finish_with_findings(&db, "t", &rows).await;
     let logged = db.findings(&FindingFilter::default(), Page::ALL).await.unwrap();
     let id_of = |level: &str| logged.iter().find(|f| f.level == level).unwrap().id.unwrap();
-    let review = |class: Option<&str>, confirm: bool| idaics::db::NewReview {
+    let review = |class: Option<&str>, confirm: bool| idaics::store::db::NewReview {
         reviewer: "dr.reader".into(),
         class: class.map(String::from),
         confirm,
@@ -797,12 +798,12 @@ async fn reviews(url: String) {
     // An undetermined finding gets a class but no agreement.
     db.record_review(id_of("L2/L3"), &review(Some("schmorl"), false)).await.unwrap();
     assert_eq!(db.reviews().await.unwrap().len(), 5);
-    assert_eq!(db.count(idaics::db::Table::Reviews).await.unwrap(), 5);
+    assert_eq!(db.count(idaics::store::db::Table::Reviews).await.unwrap(), 5);
     let agreement = db.review_agreement().await.unwrap();
     assert_eq!((agreement.total(), agreement.correct()), (3, 2));
     assert!(agreement.kappa().unwrap() > 0.0);
     // Refused, saying why.
-    let refused = |r: Result<idaics::db::ReviewRow, idaics::db::DbError>| r.unwrap_err().to_string();
+    let refused = |r: Result<idaics::store::db::ReviewRow, idaics::store::db::DbError>| r.unwrap_err().to_string();
     assert!(refused(db.record_review(9999, &review(None, true)).await).contains("no finding 9999"));
     assert!(
         refused(db.record_review(id_of("L3/L4"), &review(Some("herniated"), false)).await).contains("\"herniated\"")
@@ -891,7 +892,7 @@ fn the_finding_log_over_tls_checks_the_server() {
 async fn audit_trail_rows(url: String) {
     let db = Db::connect(&url).await.unwrap();
     db.migrate().await.unwrap();
-    let row = |n: u32, event: &str| idaics::db::AuditRow {
+    let row = |n: u32, event: &str| idaics::store::db::AuditRow {
         event_key: format!("host:1:2/{n}"),
         at: format!("2026-12-03T06:00:0{n}Z"),
         agent: "host:1:2".into(),

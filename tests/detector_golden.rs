@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use idaics::detector::{self, DetectorError, detrand};
+use idaics::analysis::detector::{self, DetectorError, detrand};
 
 /// The repository, also when a prebuilt test binary runs from another checkout (scripts/gpu-check.sh).
 fn repo_root() -> PathBuf {

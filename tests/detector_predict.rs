@@ -152,11 +152,12 @@ fn detect_reads_dicom_images_and_reports_bad_input() {
 /// detections it gets alone: images of several sizes, some twice, in mixed order.
 #[test]
 fn a_batch_gives_each_image_its_own_detections() {
-    use idaics::detector::predict::{PredictOptions, predict, predict_batch};
+    use idaics::analysis::detector::predict::{PredictOptions, predict, predict_batch};
     let dir = fixtures();
-    let device = idaics::detector::select_device(&device()).unwrap();
-    let (network, _) = idaics::detector::load_network(&dir.join("shapes-yolov8n-seg.safetensors"), &device).unwrap();
-    let read = |name: &str| idaics::detector::read_image(&dir.join(name)).unwrap();
+    let device = idaics::analysis::detector::select_device(&device()).unwrap();
+    let (network, _) =
+        idaics::analysis::detector::load_network(&dir.join("shapes-yolov8n-seg.safetensors"), &device).unwrap();
+    let read = |name: &str| idaics::analysis::detector::read_image(&dir.join(name)).unwrap();
     let (a, b, c) = (read("shapes_0_320x320.png"), read("shapes_1_400x260.png"), read("shapes_3_512x384.png"));
     let images = vec![a.clone(), b.clone(), a, c, b];
     let options = PredictOptions { imgsz: 320, conf: 0.25, ..Default::default() };

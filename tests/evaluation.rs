@@ -1,8 +1,8 @@
 //! The evaluation's figures against the IDAICS paper's own: its Table 2 (per-class figures) and
 //! its kappa must follow from its Table 1 (the confusion matrix) by our arithmetic.
 
+use idaics::analysis::findings::canonical_class;
 use idaics::evaluation::ConfusionMatrix;
-use idaics::findings::canonical_class;
 
 const TABLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/paper/idaics-tables.md");
 

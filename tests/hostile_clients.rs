@@ -260,11 +260,11 @@ fn a_nul_in_a_calling_ae_title_does_not_stop_the_finding_log_on_postgres() {
     let series = idaics::synthetic::write_ct_series(&tmp.path().join("series"), &spec).unwrap();
     assert_eq!(store_outcomes(&agent.storescu(&[], &series.files)), (4, 0));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let db = runtime.block_on(idaics::db::Db::connect(&url)).unwrap();
+    let db = runtime.block_on(idaics::store::db::Db::connect(&url)).unwrap();
     wait_until("the good association and its series in PostgreSQL", Duration::from_secs(30), || {
         runtime.block_on(async {
-            db.count(idaics::db::Table::Associations).await.unwrap_or(0) >= 2
-                && db.count(idaics::db::Table::Series).await.unwrap_or(0) == 1
+            db.count(idaics::store::db::Table::Associations).await.unwrap_or(0) >= 2
+                && db.count(idaics::store::db::Table::Series).await.unwrap_or(0) == 1
         })
     });
     assert!(!agent.log().contains("database unreachable"), "{}", agent.log());

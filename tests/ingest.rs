@@ -333,11 +333,11 @@ fn corpus_ct_in_every_transfer_syntax() {
         stored_ts.insert(kept_ts);
         // What was acknowledged can be decoded by this build (12-bit JPEG Extended by our own
         // decoder, as the volume loader does).
-        let obj = idaics::jpeg_extended::to_native(obj).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let obj = idaics::ingest::jpeg_extended::to_native(obj).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         obj.decode_pixel_data().unwrap_or_else(|e| panic!("{} stored but not decodable: {e}", file.display()));
     }
     assert!(failures.is_empty(), "failed to store:\n{}", failures.join("\n"));
-    for (uid, name) in idaics::scp::transfer_syntaxes::ACCEPTED {
+    for (uid, name) in idaics::ingest::scp::transfer_syntaxes::ACCEPTED {
         assert!(stored_ts.contains(*uid), "no CT stored in {name}; stored: {stored_ts:?}");
     }
     // Lossless HTJ2K reads back as the pixels that went in, through the decoder the pipeline uses.
@@ -823,7 +823,7 @@ fn a_spool_of_a_hundred_thousand_decided_instances_costs_little_memory() {
             std::fs::File::create(dir.join(format!("1.2.826.0.1.3680043.8.498.{s}.{i}.1234567890123456789.{i}.dcm")))
                 .unwrap();
         }
-        let record = idaics::spool::SeriesRecord {
+        let record = idaics::ingest::spool::SeriesRecord {
             study_instance_uid: study,
             series_instance_uid: series,
             state: "complete".into(),
@@ -1053,7 +1053,7 @@ fn responses_are_cut_to_fit_a_peer_that_takes_only_small_pdus() {
     };
     assert!(matches!(receive(), Pdu::AssociationAC(_)));
     let mut store = |data: &[u8]| -> u16 {
-        let command = idaics::scu::store_command(CT, &series.sop_uids[0]);
+        let command = idaics::report::scu::store_command(CT, &series.sop_uids[0]);
         for (value_type, bytes) in [(PDataValueType::Command, command), (PDataValueType::Data, data.to_vec())] {
             send(Pdu::PData {
                 data: vec![PDataValue { presentation_context_id: 1, value_type, is_last: true, data: bytes }],
@@ -1107,7 +1107,7 @@ fn a_sender_that_stalls_mid_instance_is_aborted_after_the_idle_timeout() {
     let pdv = |value_type, data: Vec<u8>, is_last| Pdu::PData {
         data: vec![PDataValue { presentation_context_id: pc, value_type, is_last, data }],
     };
-    let command = idaics::scu::store_command(CT, &series.sop_uids[0]);
+    let command = idaics::report::scu::store_command(CT, &series.sop_uids[0]);
     association.send(&pdv(PDataValueType::Command, command, true)).unwrap();
     association.send(&pdv(PDataValueType::Data, dataset[..16_000].to_vec(), false)).unwrap();
     agent.wait_for("the partial file", Duration::from_secs(5), |a| !partial_files(&a.state_dir).is_empty());

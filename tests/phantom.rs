@@ -3,9 +3,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use idaics::analysis::volume::load_series;
 use idaics::config::SeriesConfig;
 use idaics::phantom::{Condition, Truth};
-use idaics::volume::load_series;
 
 fn phantom(dir: &std::path::Path, seed: u64, levels: &str) -> (Truth, Vec<PathBuf>) {
     let out = Command::new(env!("CARGO_BIN_EXE_idaics"))

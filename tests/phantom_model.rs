@@ -2,15 +2,20 @@
 //! phantoms it never saw: each level's fused finding against the phantom's condition, and each
 //! supporting mask against the phantom's ground-truth disc in that view.
 
+use idaics::analysis::slices::SliceImage;
 use idaics::config::SeriesConfig;
 use idaics::phantom::{DiscLabels, LEVELS, PhantomSpec, parse_levels, write_phantom};
 use idaics::pipeline::Detector;
-use idaics::slices::SliceImage;
 
 const WEIGHTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/model/phantom-yolov8n-seg.safetensors");
 
 /// Dice overlap of a detection's mask with the level's disc as the phantom draws it.
-fn dice(image: &SliceImage, mask: &idaics::detector::predict::Mask, labels: &DiscLabels, level: usize) -> f64 {
+fn dice(
+    image: &SliceImage,
+    mask: &idaics::analysis::detector::predict::Mask,
+    labels: &DiscLabels,
+    level: usize,
+) -> f64 {
     let (mut both, mut detected, mut truth) = (0usize, 0usize, 0usize);
     for row in 0..image.size {
         for column in 0..image.size {
@@ -48,7 +53,7 @@ fn unseen_phantoms_get_each_level_classified_and_outlined() {
             ..Default::default()
         };
         let (series, truth) = write_phantom(&tmp.path().join(seed.to_string()), &spec).unwrap();
-        let volume = idaics::volume::load_series(&series.files, &SeriesConfig::default()).unwrap();
+        let volume = idaics::analysis::volume::load_series(&series.files, &SeriesConfig::default()).unwrap();
         let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), Some(&detector)).unwrap();
         let labels = DiscLabels::new(&spec);
         assert_eq!(analysis.findings.len(), truth.levels.len(), "seed {seed}");
@@ -108,7 +113,7 @@ fn a_lossy_jpeg_extended_series_gets_the_findings_of_the_original() {
         })
         .collect();
     let findings = |files: &[std::path::PathBuf]| {
-        let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
+        let volume = idaics::analysis::volume::load_series(files, &SeriesConfig::default()).unwrap();
         let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), Some(&detector)).unwrap();
         analysis.findings.iter().map(|f| (f.level.name.clone(), f.class)).collect::<Vec<_>>()
     };

@@ -16,8 +16,8 @@ fn real(path: &str) -> PathBuf {
 
 #[test]
 fn tptbox_crop_and_mask_load_aligned_in_lps() {
-    let ct = idaics::nifti::read(&real("tptbox-L3/sub-ct_label-22_ct.nii.gz")).unwrap();
-    let mask = idaics::nifti::read(&real("tptbox-L3/sub-ct_seg-vert_label-22_msk.nii.gz")).unwrap();
+    let ct = idaics::analysis::nifti::read(&real("tptbox-L3/sub-ct_label-22_ct.nii.gz")).unwrap();
+    let mask = idaics::analysis::nifti::read(&real("tptbox-L3/sub-ct_seg-vert_label-22_msk.nii.gz")).unwrap();
     assert_eq!(ct.dims, [73, 47, 73]);
     assert_eq!(ct.dims, mask.dims);
     assert_eq!(ct.origin, mask.origin);
@@ -48,8 +48,8 @@ fn tptbox_crop_and_mask_load_aligned_in_lps() {
 
 #[test]
 fn verse_crop_loads_through_its_qform() {
-    let ct = idaics::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_im.nii.gz")).unwrap();
-    let mask = idaics::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_seg.nii.gz")).unwrap();
+    let ct = idaics::analysis::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_im.nii.gz")).unwrap();
+    let mask = idaics::analysis::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_seg.nii.gz")).unwrap();
     assert_eq!(ct.dims, [100, 89, 74]);
     assert_eq!(mask.dims, ct.dims);
     let under: Vec<f32> = (0..mask.hu.len()).filter(|&n| mask.hu[n] > 0.0).map(|n| ct.hu[n]).collect();
@@ -69,7 +69,11 @@ struct BodyExtent {
     z_high: f64,
 }
 
-fn body_extent(mask: &idaics::volume::Volume, keep: impl Fn(f32) -> bool, axis: Option<[f64; 2]>) -> BodyExtent {
+fn body_extent(
+    mask: &idaics::analysis::volume::Volume,
+    keep: impl Fn(f32) -> bool,
+    axis: Option<[f64; 2]>,
+) -> BodyExtent {
     let [nx, ny, nz] = mask.dims;
     let (mut sum, mut n, mut z_low, mut z_high) = ([0.0; 3], 0.0, f64::MAX, f64::MIN);
     for k in 0..nz {
@@ -102,7 +106,7 @@ fn distance(a: [f64; 3], b: [f64; 3]) -> f64 {
 }
 
 /// Checks that every expected disc has a found disc within 5 mm, and that nothing else was found.
-fn assert_discs_match(found: &[idaics::spine::DiscLevel], expected: &[(&str, [f64; 3])]) {
+fn assert_discs_match(found: &[idaics::analysis::spine::DiscLevel], expected: &[(&str, [f64; 3])]) {
     assert_eq!(found.len(), expected.len(), "found {found:#?}, expected {expected:?}");
     for (name, truth) in expected {
         let nearest = found.iter().map(|f| distance(f.center_lps_mm, *truth)).fold(f64::MAX, f64::min);
@@ -115,10 +119,10 @@ fn assert_discs_match(found: &[idaics::spine::DiscLevel], expected: &[(&str, [f6
 
 #[test]
 fn tptbox_discs_between_the_vertebra_masks() {
-    let ct = idaics::nifti::read(&real("tptbox-L3/sub-ct_label-22_ct.nii.gz")).unwrap();
-    let vert = idaics::nifti::read(&real("tptbox-L3/sub-ct_seg-vert_label-22_msk.nii.gz")).unwrap();
-    let subregions = idaics::nifti::read(&real("tptbox-L3/sub-ct_seg-subreg_label-22_msk.nii.gz")).unwrap();
-    let found = idaics::spine::locate_discs(&ct).unwrap();
+    let ct = idaics::analysis::nifti::read(&real("tptbox-L3/sub-ct_label-22_ct.nii.gz")).unwrap();
+    let vert = idaics::analysis::nifti::read(&real("tptbox-L3/sub-ct_seg-vert_label-22_msk.nii.gz")).unwrap();
+    let subregions = idaics::analysis::nifti::read(&real("tptbox-L3/sub-ct_seg-subreg_label-22_msk.nii.gz")).unwrap();
+    let found = idaics::analysis::spine::locate_discs(&ct).unwrap();
     // Body voxels of one vertebra: its label in the vertebra mask, corpus (49 border, 50 interior)
     // in the sub-region mask. Both masks share the CT's grid.
     let body = |label: f32| {
@@ -147,9 +151,9 @@ fn tptbox_discs_between_the_vertebra_masks() {
 fn verse_discs_above_and_below_the_only_vertebra() {
     // This crop holds L2 alone, everything outside its mask set to 0, and its header puts the
     // neural arch in front of the body: the locator must recognise the body by its shape.
-    let ct = idaics::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_im.nii.gz")).unwrap();
-    let mask = idaics::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_seg.nii.gz")).unwrap();
-    let found = idaics::spine::locate_discs(&ct).unwrap();
+    let ct = idaics::analysis::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_im.nii.gz")).unwrap();
+    let mask = idaics::analysis::nifti::read(&real("verse004-L2/sub-verse004_0000_vertebra_21_seg.nii.gz")).unwrap();
+    let found = idaics::analysis::spine::locate_discs(&ct).unwrap();
     // Labels 1 and 2 are the body and its cortical border. The discs are cut off by the crop's
     // masking: their centres lie half a typical disc height (about 5 mm) beyond the endplates.
     let rough = body_extent(&mask, |v| v == 1.0 || v == 2.0, None);

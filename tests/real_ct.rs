@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use dicom_core::value::PrimitiveValue;
 use dicom_core::{DataElement, VR};
 use dicom_dictionary_std::tags;
+use idaics::analysis::spine::DiscLevel;
 use idaics::config::SeriesConfig;
-use idaics::spine::DiscLevel;
 
 const TOLERANCE_MM: f64 = 6.0;
 
@@ -53,7 +53,7 @@ fn series_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 fn levels_of(files: &[PathBuf]) -> Vec<DiscLevel> {
-    let (blocks, _notes) = idaics::volume::load_blocks(files, &SeriesConfig::default()).unwrap();
+    let (blocks, _notes) = idaics::analysis::volume::load_blocks(files, &SeriesConfig::default()).unwrap();
     idaics::pipeline::analyze(&blocks, None).unwrap().levels
 }
 
@@ -106,7 +106,7 @@ fn planning_ct_without_sacrum_is_named_from_the_ribs() {
 fn colonography_with_archive_gaps_is_analysed_on_its_blocks() {
     let name = "colonography-0518-gaps";
     let files = series_files(&real(name));
-    let (blocks, notes) = idaics::volume::load_blocks(&files, &SeriesConfig::default()).unwrap();
+    let (blocks, notes) = idaics::analysis::volume::load_blocks(&files, &SeriesConfig::default()).unwrap();
     assert!(notes.iter().any(|n| n.contains("35.20 mm")), "{notes:?}");
     assert!(blocks.len() >= 2, "{} blocks", blocks.len());
     let levels = idaics::pipeline::analyze(&blocks, None).unwrap().levels;
@@ -137,7 +137,7 @@ fn a_series_with_a_block_missing_keeps_its_levels_on_both_sides() {
             !(low..=high).contains(&z)
         })
         .collect();
-    let (blocks, notes) = idaics::volume::load_blocks(&files, &SeriesConfig::default()).unwrap();
+    let (blocks, notes) = idaics::analysis::volume::load_blocks(&files, &SeriesConfig::default()).unwrap();
     assert_eq!(blocks.len(), 2, "{notes:?}");
     let levels = idaics::pipeline::analyze(&blocks, None).unwrap().levels;
     // The discs well away from the gap (their flanks are imaged) are scored.
@@ -162,7 +162,7 @@ fn a_localizer_inside_the_series_is_set_aside() {
     let path = tmp.path().join("localizer.dcm");
     localizer.write_to_file(&path).unwrap();
     files.push(path);
-    let (blocks, notes) = idaics::volume::load_blocks(&files, &SeriesConfig::default()).unwrap();
+    let (blocks, notes) = idaics::analysis::volume::load_blocks(&files, &SeriesConfig::default()).unwrap();
     assert_eq!(blocks.len(), 1);
     assert_eq!(blocks[0].dims[2], 79);
     assert!(notes.iter().any(|n| n.contains("another orientation")), "{notes:?}");
@@ -175,7 +175,7 @@ fn a_localizer_inside_the_series_is_set_aside() {
 /// written as instance `number` of `series_uid` with one of the real files as a template
 /// (patient, study and equipment kept).
 struct Cut<'a> {
-    volume: &'a idaics::volume::Volume,
+    volume: &'a idaics::analysis::volume::Volume,
     template: &'a Path,
     series_uid: &'a str,
     image_type: [&'a str; 3],
@@ -244,7 +244,7 @@ impl Cut<'_> {
 }
 
 /// The volume's extent along LPS axis `d`, from its corners.
-fn extent(volume: &idaics::volume::Volume, d: usize) -> (f64, f64) {
+fn extent(volume: &idaics::analysis::volume::Volume, d: usize) -> (f64, f64) {
     let [nx, ny, nz] = volume.dims.map(|n| (n - 1) as f64);
     let values: Vec<f64> = (0..8)
         .map(|c| volume.voxel_to_lps([nx * (c & 1) as f64, ny * ((c >> 1) & 1) as f64, nz * (c >> 2) as f64])[d])
@@ -257,7 +257,7 @@ fn extent(volume: &idaics::volume::Volume, d: usize) -> (f64, f64) {
 /// rows running from head to feet, written as `series_uid` from `template`.
 fn write_reformat(
     dir: &Path,
-    (volume, template, series_uid): (&idaics::volume::Volume, &Path, &str),
+    (volume, template, series_uid): (&idaics::analysis::volume::Volume, &Path, &str),
     normal_axis: usize,
     centre: [f64; 3],
     half_width_mm: f64,
@@ -299,7 +299,7 @@ fn sagittal_and_coronal_reformats_with_a_stray_localizer() {
     let scored: Vec<&DiscLevel> = axial_levels.iter().filter(|l| l.name.starts_with('L')).collect();
     let centre: [f64; 3] =
         std::array::from_fn(|d| scored.iter().map(|l| l.center_lps_mm[d]).sum::<f64>() / scored.len() as f64);
-    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let volume = idaics::analysis::volume::load_series(&files, &SeriesConfig::default()).unwrap();
     for (normal_axis, half_width) in [(0, 70.0), (1, 50.0)] {
         let dir = tmp.path().join(format!("reformat{normal_axis}"));
         let series_uid = format!("1.2.826.0.1.3680043.8.498.7700{normal_axis}");
@@ -336,7 +336,7 @@ fn sagittal_and_coronal_reformats_with_a_stray_localizer() {
 fn disc_angled_stacks_are_declined_with_the_reason() {
     let name = "acrin-flt-breast-001-ct";
     let files = series_files(&real(name));
-    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let volume = idaics::analysis::volume::load_series(&files, &SeriesConfig::default()).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let series_uid = "1.2.826.0.1.3680043.8.498.77010";
     let cut =

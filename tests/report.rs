@@ -29,7 +29,7 @@ fn dciodvfy_errors(path: &Path) -> Vec<String> {
 fn sr_and_key_slices_are_valid_readable_and_deterministic() {
     let tmp = tempfile::tempdir().unwrap();
     let (files, truth) = phantom(&tmp.path().join("in"), 3);
-    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let volume = idaics::analysis::volume::load_series(&files, &SeriesConfig::default()).unwrap();
     let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     assert!(analysis.findings.iter().all(|f| f.class == "undetermined"));
     let source = Source::read(&files).unwrap();
@@ -141,9 +141,9 @@ fn objects_with_two_segmented_findings(
     files: &[PathBuf],
     out: &Path,
 ) -> (idaics::pipeline::Analysis, Algorithm, Vec<idaics::report::WrittenObject>) {
-    use idaics::detector::predict::Mask;
-    use idaics::findings::ViewDetection;
-    let volume = idaics::volume::load_series(files, &SeriesConfig::default()).unwrap();
+    use idaics::analysis::detector::predict::Mask;
+    use idaics::analysis::findings::ViewDetection;
+    let volume = idaics::analysis::volume::load_series(files, &SeriesConfig::default()).unwrap();
     let mut analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     // What a detector would have said: an ellipse where the disc is, on the views named.
     let size = idaics::pipeline::SLICE_SIZE;
@@ -679,7 +679,7 @@ fn a_phantom_series_comes_back_as_key_slices_seg_and_sr_from_the_model() {
     let key_slices: Vec<PathBuf> =
         received.iter().filter(|p| sop_class(p) == "1.2.840.10008.5.1.4.1.1.2").cloned().collect();
     assert_eq!(store_outcomes(&agent.storescu(&[], &key_slices)).0, key_slices.len());
-    let header = idaics::spool::InstanceHeader::read(&key_slices[0]).unwrap();
+    let header = idaics::ingest::spool::InstanceHeader::read(&key_slices[0]).unwrap();
     let decided = |a: &Agent| a.series_record(&header.study_instance_uid, &header.series_instance_uid);
     agent.wait_for("the key slices' series to be decided", Duration::from_secs(30), |a| decided(a).is_some());
     let record = decided(&agent).unwrap();
@@ -735,10 +735,11 @@ impl InterruptedJob {
     fn assert_logged_once(&self) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async {
-            let db = idaics::db::Db::open(&format!("sqlite://{}", self.state.join("idaics.db").display())).unwrap();
-            let jobs = db.jobs(None, None, idaics::db::Page::ALL).await.unwrap();
+            let db =
+                idaics::store::db::Db::open(&format!("sqlite://{}", self.state.join("idaics.db").display())).unwrap();
+            let jobs = db.jobs(None, None, idaics::store::db::Page::ALL).await.unwrap();
             assert_eq!(jobs.iter().map(|j| j.state.as_str()).collect::<Vec<_>>(), ["done"]);
-            let findings = db.count(idaics::db::Table::Findings).await.unwrap();
+            let findings = db.count(idaics::store::db::Table::Findings).await.unwrap();
             assert_eq!(findings, self.levels as i64, "one finding per level, once");
         });
     }
@@ -977,7 +978,7 @@ fn patient_names_come_back_byte_for_byte_in_their_character_set() {
             .unwrap();
         assert!(status.success(), "dcmodify");
         assert_eq!(store_outcomes(&agent.storescu(&[], &files)).0, files.len());
-        series.push(idaics::spool::InstanceHeader::read(&files[0]).unwrap().series_instance_uid);
+        series.push(idaics::ingest::spool::InstanceHeader::read(&files[0]).unwrap().series_instance_uid);
     }
     wait_until("both SRs", Duration::from_secs(180), || series.iter().all(|s| pacs.join(s).join("sr.dcm").exists()));
     let contains = |haystack: &[u8], needle: &[u8]| haystack.windows(needle.len()).any(|w| w == needle);
@@ -1052,7 +1053,7 @@ fn the_sr_reports_the_studys_procedure() {
     use dicom_dictionary_std::tags;
     let tmp = tempfile::tempdir().unwrap();
     let (files, _truth) = phantom(&tmp.path().join("in"), 11);
-    let volume = idaics::volume::load_series(&files, &SeriesConfig::default()).unwrap();
+    let volume = idaics::analysis::volume::load_series(&files, &SeriesConfig::default()).unwrap();
     let analysis = idaics::pipeline::analyze(std::slice::from_ref(&volume), None).unwrap();
     let reported = |files: &[PathBuf], out: &str| -> (String, String, String) {
         let source = Source::read(files).unwrap();

@@ -1,9 +1,9 @@
 //! Disc localisation and naming on phantoms with known truth.
 
+use idaics::analysis::spine::locate_discs;
+use idaics::analysis::volume::load_series;
 use idaics::config::SeriesConfig;
 use idaics::phantom::{PhantomSpec, parse_levels, write_phantom};
-use idaics::spine::locate_discs;
-use idaics::volume::load_series;
 
 /// Writes each phantom, locates its discs and checks every one: found, named with certainty,
 /// within `tolerance_mm` of the truth, and (with `min_normal_cos`) its plane's orientation.
@@ -133,7 +133,7 @@ fn without_the_sacrum_and_the_ribs_names_are_uncertain() {
 
 #[test]
 fn slices_are_cut_through_the_discs_with_their_geometry() {
-    use idaics::slices::{axial, sagittal, window};
+    use idaics::analysis::slices::{axial, sagittal, window};
     let tmp = tempfile::tempdir().unwrap();
     let spec =
         PhantomSpec { seed: 12, pixel_spacing_mm: 1.5, slice_thickness_mm: 1.5, size: 224, ..Default::default() };
@@ -142,7 +142,7 @@ fn slices_are_cut_through_the_discs_with_their_geometry() {
     let levels = locate_discs(&volume).unwrap();
     let sag = sagittal(&volume, &levels, 512).unwrap();
     assert_eq!(sag.pixels.len(), 512 * 512);
-    assert!((sag.pixel_spacing_mm * 512.0 - idaics::slices::SAGITTAL_FOV_MM).abs() < 1e-9);
+    assert!((sag.pixel_spacing_mm * 512.0 - idaics::analysis::slices::SAGITTAL_FOV_MM).abs() < 1e-9);
     for t in &truth.levels {
         let (c, r) = sag.lps_to_pixel(t.center_lps_mm);
         assert!((0.0..512.0).contains(&c) && (0.0..512.0).contains(&r), "{} outside the sagittal", t.name);
@@ -173,11 +173,11 @@ fn slices_are_cut_through_the_discs_with_their_geometry() {
 /// them (axial: patient's left on the right, anterior up; sagittal: anterior on the left, head up).
 #[test]
 fn slices_look_the_same_in_every_patient_position() {
-    use idaics::slices::{axial, sagittal};
+    use idaics::analysis::slices::{axial, sagittal};
     use idaics::synthetic::PatientPosition;
     let tmp = tempfile::tempdir().unwrap();
     let cos = |a: [f64; 3], b: [f64; 3]| (0..3).map(|d| a[d] * b[d]).sum::<f64>();
-    let mut reference: Option<Vec<idaics::slices::SliceImage>> = None;
+    let mut reference: Option<Vec<idaics::analysis::slices::SliceImage>> = None;
     for position in PatientPosition::ALL {
         let spec = PhantomSpec {
             seed: 12,

@@ -5,9 +5,9 @@ mod common;
 use std::path::PathBuf;
 
 use common::dcmtk;
+use idaics::analysis::volume::{VolumeError, load_series};
 use idaics::config::SeriesConfig;
 use idaics::synthetic::{SeriesSpec, write_ct_series};
-use idaics::volume::{VolumeError, load_series};
 
 #[test]
 fn synthetic_series_loads_sorted_with_its_geometry() {
@@ -171,8 +171,8 @@ fn gantry_tilted_series_keeps_each_pixel_where_its_file_puts_it() {
 /// gives, including the ones on the volume's surface and the ones outside it.
 #[test]
 fn resampling_to_an_axial_grid_gives_each_voxel_its_sampled_value() {
+    use idaics::analysis::volume::Volume;
     use idaics::geometry::{cross, normalize};
-    use idaics::volume::Volume;
     // Rotated about two axes and sheared like a tilted gantry; and, axis-aligned, one slice thin.
     let column = normalize([0.95, 0.2, 0.1]);
     let row = normalize(cross([0.1, -0.3, 1.0], column));
@@ -254,8 +254,8 @@ fn enhanced_ct_multi_frame_loads_like_its_single_frame_series() {
     let differing = volume.hu.iter().zip(&reference.hu).filter(|(a, b)| a != b).count();
     assert_eq!(differing, 0, "{differing} voxels differ");
     // The spine stage finds the same discs.
-    let a = idaics::spine::locate_discs(&volume).unwrap();
-    let b = idaics::spine::locate_discs(&reference).unwrap();
+    let a = idaics::analysis::spine::locate_discs(&volume).unwrap();
+    let b = idaics::analysis::spine::locate_discs(&reference).unwrap();
     assert_eq!(a.len(), b.len());
     // DCMTK agrees that it is a multi-frame Enhanced CT object.
     let dump = std::process::Command::new("dcmdump").arg("+P").arg("0028,0008").arg(&enhanced).output().unwrap();
@@ -268,7 +268,10 @@ fn enhanced_ct_multi_frame_loads_like_its_single_frame_series() {
     common::dcmtk("dcmdjpeg", &[], &lossy, &decompressed);
     let compressed = dicom_object::OpenFileOptions::new().read_until(dicom_dictionary_std::tags::PIXEL_DATA);
     let compressed = compressed.open_file(&lossy).unwrap();
-    assert_eq!(compressed.meta().transfer_syntax().trim_end_matches('\0'), idaics::jpeg_extended::JPEG_EXTENDED);
+    assert_eq!(
+        compressed.meta().transfer_syntax().trim_end_matches('\0'),
+        idaics::ingest::jpeg_extended::JPEG_EXTENDED
+    );
     let ours = load_series(std::slice::from_ref(&lossy), &SeriesConfig::default()).unwrap();
     let dcmtk_decoded = load_series(std::slice::from_ref(&decompressed), &SeriesConfig::default()).unwrap();
     assert_eq!(ours.dims, reference.dims);
@@ -480,7 +483,8 @@ fn jpeg_extended_decodes_as_dcmtk_does() {
         dcmtk("dcmdjpeg", &[], file, &reference);
         let expected = native_samples(&reference);
         let object = dicom_object::open_file(file).unwrap();
-        let native = idaics::jpeg_extended::to_native(object).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let native =
+            idaics::ingest::jpeg_extended::to_native(object).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let written = tmp.path().join(format!("ours_{i}.dcm"));
         native.write_to_file(&written).unwrap();
         let ours = native_samples(&written);
@@ -502,14 +506,14 @@ fn mutated_jpeg_extended_streams_fail_cleanly() {
     let object = dicom_object::open_file(&path).unwrap();
     let stream = object.element(tags::PIXEL_DATA).unwrap().value().fragments().unwrap().concat();
     let size = (256, 1024);
-    let original = idaics::jpeg_extended::decode(&stream, size).unwrap();
+    let original = idaics::ingest::jpeg_extended::decode(&stream, size).unwrap();
     let mut next = common::seeded_random(0x2545_F491_4F6C_DD1D);
     let (mut decoded, mut refused) = (0, 0);
     for _ in 0..1000 {
         let mut bytes = stream.clone();
         // The first 700 bytes are the marker segments before the coded data.
         common::mutate(&mut bytes, 700, &mut next);
-        match idaics::jpeg_extended::decode(&bytes, size) {
+        match idaics::ingest::jpeg_extended::decode(&bytes, size) {
             Ok(frame) => {
                 assert_eq!((frame.width, frame.height, frame.samples.len()), (256, 1024, 256 * 1024));
                 assert!(frame.samples.iter().all(|s| *s < 1 << frame.precision));
@@ -533,7 +537,7 @@ fn jpeg_restart_intervals_are_followed() {
     let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg");
     let stream = std::fs::read(fixtures.join("restart_every_2_blocks_53x37.jpg")).unwrap();
     let expected = std::fs::read(fixtures.join("restart_every_2_blocks_53x37.gray")).unwrap();
-    let frame = idaics::jpeg_extended::decode(&stream, (53, 37)).unwrap();
+    let frame = idaics::ingest::jpeg_extended::decode(&stream, (53, 37)).unwrap();
     assert_eq!(frame.precision, 8);
     assert_eq!(frame.samples.len(), expected.len());
     let worst = frame.samples.iter().zip(&expected).map(|(a, b)| a.abs_diff(u16::from(*b))).max().unwrap();
@@ -547,10 +551,10 @@ fn jpeg_restart_intervals_are_followed() {
     assert_eq!(markers.len(), 17, "35 blocks, a restart marker after every second but the last");
     let mut missing = stream.clone();
     missing.drain(markers[5]..markers[5] + 2);
-    let error = idaics::jpeg_extended::decode(&missing, (53, 37)).unwrap_err().to_string();
+    let error = idaics::ingest::jpeg_extended::decode(&missing, (53, 37)).unwrap_err().to_string();
     assert!(error.contains("restart marker"), "{error}");
     let mut out_of_turn = stream.clone();
     out_of_turn[markers[5] + 1] = 0xD0 + ((out_of_turn[markers[5] + 1] - 0xD0 + 1) % 8);
-    let error = idaics::jpeg_extended::decode(&out_of_turn, (53, 37)).unwrap_err().to_string();
+    let error = idaics::ingest::jpeg_extended::decode(&out_of_turn, (53, 37)).unwrap_err().to_string();
     assert!(error.contains("restart marker"), "{error}");
 }

@@ -1,4 +1,4 @@
-"""Deterministic pseudo-random tensors, bit-identical to src/detector/detrand.rs.
+"""Deterministic pseudo-random tensors, bit-identical to src/analysis/detector/detrand.rs.
 
 Golden tests need the same randomly initialised weights on both sides without committing
 megabytes of them: each tensor's values come from splitmix64 seeded by the FNV-1a hash of its

@@ -15,7 +15,7 @@ use dicom_object::InMemDicomObject;
 use super::{
     Algorithm, ReportError, Source, WrittenObject, derived_uid, ds, ds_multi, now_da_tm, sequence, text, write_object,
 };
-use crate::slices::{SliceImage, View, WINDOW_CENTER_HU, WINDOW_WIDTH_HU};
+use crate::analysis::slices::{SliceImage, View, WINDOW_CENTER_HU, WINDOW_WIDTH_HU};
 
 /// Series number of the key-slice series (the SR and SEG series follow it).
 pub const SERIES_NUMBER: u32 = 9901;
@@ -72,7 +72,7 @@ pub fn write(
         text(tags::SERIES_DATE, VR::DA, date),
         text(tags::SERIES_TIME, VR::TM, time),
         text(tags::MODALITY, VR::CS, "CT"),
-        text(tags::MANUFACTURER, VR::LO, super::MANUFACTURER),
+        text(tags::MANUFACTURER, VR::LO, crate::common::MANUFACTURER),
         text(tags::MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
         text(tags::SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
         text(tags::SERIES_DESCRIPTION, VR::LO, "IDAICS key slices"),

@@ -6,10 +6,12 @@
 //! resent series yields the same objects (a PACS replaces them) rather than duplicates.
 
 pub mod key_slices;
+pub mod scu;
 pub mod secondary_capture;
 pub mod seg;
 pub mod sr;
 
+use crate::common::MANUFACTURER;
 use std::path::{Path, PathBuf};
 
 use dicom_core::value::{DataSetSequence, PrimitiveValue};
@@ -86,7 +88,7 @@ impl LossyHistory {
             .or_else(|| LOSSY_METHODS.iter().find(|(uid, _)| *uid == transfer_syntax_uid).map(|(_, m)| m.to_string()));
         let measured = || {
             let object = object.as_ref()?;
-            let pixels = crate::pixel_module::PixelModule::from_object(object).ok()?;
+            let pixels = crate::ingest::pixel_module::PixelModule::from_object(object).ok()?;
             let fragments = object.element(tags::PIXEL_DATA).ok()?.value().fragments()?;
             let compressed: usize = fragments.iter().map(Vec::len).sum();
             (compressed > 0).then(|| format!("{:.2}", pixels.total_bytes() as f64 / compressed as f64))
@@ -170,7 +172,7 @@ impl Source {
         let mut instances = Vec::with_capacity(files.len());
         let mut lossy = None;
         for f in files {
-            let header = crate::spool::InstanceHeader::read(f)
+            let header = crate::ingest::spool::InstanceHeader::read(f)
                 .map_err(|e| ReportError::Source(format!("{}: {e}", f.display())))?;
             let jpeg_lossy = ALWAYS_LOSSY.contains(&header.transfer_syntax_uid.as_str());
             if lossy.is_none() && (header.lossy_image_compression || jpeg_lossy) {
@@ -204,10 +206,6 @@ fn dicom_vr(tag: Tag) -> VR {
         _ => VR::LO,
     }
 }
-
-/// Manufacturer (0008,0070) of every object the agent makes. The tracker knows its own objects by
-/// it when a PACS routes them back (see `series::assess`).
-pub const MANUFACTURER: &str = "IDAICS";
 
 /// Who made the objects.
 #[derive(Debug, Clone)]
@@ -344,7 +342,7 @@ pub(crate) fn private_scheme_identification() -> DataElement<InMemDicomObject> {
 
 /// DICOM date and time of now (UTC).
 pub(crate) fn now_da_tm() -> (String, String) {
-    let t = crate::series::now_rfc3339(); // 2026-11-27T22:50:00.123Z
+    let t = crate::common::now_rfc3339(); // 2026-11-27T22:50:00.123Z
     let date = t[0..10].replace('-', "");
     let time = t[11..19].replace(':', "");
     (date, time)
@@ -365,7 +363,7 @@ pub(crate) fn write_object(
         .media_storage_sop_class_uid(sop_class)
         .media_storage_sop_instance_uid(sop_uid)
         .transfer_syntax(dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN)
-        .implementation_class_uid(crate::spool::IMPLEMENTATION_CLASS_UID)
+        .implementation_class_uid(crate::common::IMPLEMENTATION_CLASS_UID)
         .build()
         .map_err(|e| err(e.to_string()))?;
     if let Some(dir) = path.parent() {

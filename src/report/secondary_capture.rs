@@ -11,18 +11,18 @@ use dicom_dictionary_std::{tags, uids};
 use dicom_object::InMemDicomObject;
 
 use super::{Algorithm, ReportError, Source, WrittenObject, derived_uid, now_da_tm, text, write_object};
-use crate::findings::LevelFinding;
-use crate::slices::SliceImage;
+use crate::analysis::findings::LevelFinding;
+use crate::analysis::slices::SliceImage;
 
 pub const SERIES_NUMBER: u32 = 9904;
 
 /// Outline and label colours per class (RGB).
 fn colour(class: &str) -> [u8; 3] {
     match class {
-        crate::findings::PROTRUSION => [255, 40, 40],
-        crate::findings::BULGE => [255, 160, 0],
-        crate::findings::SCHMORL => [60, 140, 255],
-        crate::findings::NORMAL => [40, 220, 80],
+        crate::analysis::findings::PROTRUSION => [255, 40, 40],
+        crate::analysis::findings::BULGE => [255, 160, 0],
+        crate::analysis::findings::SCHMORL => [60, 140, 255],
+        crate::analysis::findings::NORMAL => [40, 220, 80],
         _ => [230, 230, 230],
     }
 }
@@ -153,8 +153,8 @@ pub fn write(
         text(tags::SERIES_DESCRIPTION, VR::LO, "IDAICS disc findings (key images)"),
         text(tags::LATERALITY, VR::CS, ""),
         text(tags::CONVERSION_TYPE, VR::CS, "WSD"),
-        text(tags::MANUFACTURER, VR::LO, super::MANUFACTURER),
-        text(tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER, VR::LO, super::MANUFACTURER),
+        text(tags::MANUFACTURER, VR::LO, crate::common::MANUFACTURER),
+        text(tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER, VR::LO, crate::common::MANUFACTURER),
         text(tags::SECONDARY_CAPTURE_DEVICE_MANUFACTURER_MODEL_NAME, VR::LO, algorithm.name.clone()),
         text(tags::SECONDARY_CAPTURE_DEVICE_SOFTWARE_VERSIONS, VR::LO, algorithm.version.clone()),
         text(tags::INSTANCE_NUMBER, VR::IS, instance_number.to_string()),

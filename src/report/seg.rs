@@ -13,18 +13,18 @@ use super::sr::{PRIVATE_SCHEME, class_code, disc_site};
 use super::{
     Algorithm, ReportError, Source, WrittenObject, code, derived_uid, ds, ds_multi, item, sequence, text, write_object,
 };
-use crate::findings::LevelFinding;
-use crate::slices::SliceImage;
+use crate::analysis::findings::LevelFinding;
+use crate::analysis::slices::SliceImage;
 
 pub const SERIES_NUMBER: u32 = 9903;
 
 /// CIELab display colours (DICOM scaled), one per class, so viewers colour findings alike.
 fn colour(class: &str) -> [u16; 3] {
     match class {
-        crate::findings::PROTRUSION => [34_000, 53_000, 50_000], // red
-        crate::findings::BULGE => [55_000, 38_000, 60_000],      // orange
-        crate::findings::SCHMORL => [30_000, 40_000, 20_000],    // blue
-        _ => [50_000, 25_000, 45_000],                           // green
+        crate::analysis::findings::PROTRUSION => [34_000, 53_000, 50_000], // red
+        crate::analysis::findings::BULGE => [55_000, 38_000, 60_000],      // orange
+        crate::analysis::findings::SCHMORL => [30_000, 40_000, 20_000],    // blue
+        _ => [50_000, 25_000, 45_000],                                     // green
     }
 }
 
@@ -56,8 +56,8 @@ pub fn write(
             .filter(|(_, e)| e.mask.area() > 0)
             .filter_map(|(n, e)| {
                 let key = key_slices.iter().position(|(image, _)| match (&image.view, e.view) {
-                    (crate::slices::View::Sagittal, "sagittal") => true,
-                    (crate::slices::View::Axial { level }, "axial") => *level == f.level.name,
+                    (crate::analysis::slices::View::Sagittal, "sagittal") => true,
+                    (crate::analysis::slices::View::Axial { level }, "axial") => *level == f.level.name,
                     _ => false,
                 })?;
                 (key_slices[key].0.size == e.mask.width && key_slices[key].0.size == e.mask.height).then_some((n, key))

@@ -13,7 +13,7 @@ use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 
 use super::{Algorithm, ReportError, Source, WrittenObject, code, derived_uid, item, sequence, text, write_object};
-use crate::findings::LevelFinding;
+use crate::analysis::findings::LevelFinding;
 
 pub const SERIES_NUMBER: u32 = 9902;
 pub const PRIVATE_SCHEME: &str = "99IDAICS";
@@ -34,10 +34,10 @@ pub fn disc_site(level: &str) -> Option<(&'static str, &'static str)> {
 /// The private code of a class.
 pub fn class_code(class: &str) -> (&'static str, &'static str) {
     match class {
-        crate::findings::NORMAL => ("NORMAL", "Normal intervertebral disc"),
-        crate::findings::SCHMORL => ("SCHMORL", "Schmorl's node"),
-        crate::findings::BULGE => ("BULGE", "Disc bulge"),
-        crate::findings::PROTRUSION => ("PROTRUSION", "Disc protrusion"),
+        crate::analysis::findings::NORMAL => ("NORMAL", "Normal intervertebral disc"),
+        crate::analysis::findings::SCHMORL => ("SCHMORL", "Schmorl's node"),
+        crate::analysis::findings::BULGE => ("BULGE", "Disc bulge"),
+        crate::analysis::findings::PROTRUSION => ("PROTRUSION", "Disc protrusion"),
         _ => ("UNDETERMINED", "Undetermined"),
     }
 }
@@ -139,7 +139,11 @@ pub fn write(
             &super::algorithm_device_uid(algorithm),
         ),
         text_item("HAS OBS CONTEXT", code("121013", "DCM", "Device Observer Name"), &algorithm.name),
-        text_item("HAS OBS CONTEXT", code("121014", "DCM", "Device Observer Manufacturer"), super::MANUFACTURER),
+        text_item(
+            "HAS OBS CONTEXT",
+            code("121014", "DCM", "Device Observer Manufacturer"),
+            crate::common::MANUFACTURER,
+        ),
         text_item("HAS OBS CONTEXT", code("121015", "DCM", "Device Observer Model Name"), &algorithm.name),
     ];
     let mut root = vec![code_item(

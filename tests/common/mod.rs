@@ -293,7 +293,7 @@ impl Drop for Agent {
 /// spares the agent creates ahead of need; an instance being received always holds at least its
 /// file meta.
 pub fn partial_files(state_dir: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(state_dir.join("tmp").join(idaics::scp::hostname()))
+    std::fs::read_dir(state_dir.join("tmp").join(idaics::common::hostname()))
         .unwrap()
         .flatten()
         .filter(|entry| entry.metadata().is_ok_and(|m| m.len() > 0))
@@ -393,7 +393,7 @@ impl RawScu {
         use dicom_ul::Pdu;
         use dicom_ul::pdu::{PDataValue, PDataValueType};
         let pc = self.association.presentation_contexts()[0].id;
-        let command = idaics::scu::store_command(&self.sop_class, sop_instance);
+        let command = idaics::report::scu::store_command(&self.sop_class, sop_instance);
         self.association
             .send(&Pdu::PData {
                 data: vec![PDataValue {
@@ -590,7 +590,7 @@ pub fn audit_trail(state_dir: &Path) -> Vec<(String, String)> {
     let url = format!("sqlite://{}", state_dir.join("idaics.db").display());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let db = idaics::db::Db::connect(&url).await.unwrap();
+        let db = idaics::store::db::Db::connect(&url).await.unwrap();
         let rows = db.audit_events("").await.unwrap_or_default();
         rows.into_iter().map(|r| (r.event, r.detail.unwrap_or_default())).collect()
     })

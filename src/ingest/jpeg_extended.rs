@@ -507,7 +507,7 @@ impl<'a> EncapsulatedFrames<'a> {
             .ok()
             .and_then(|e| e.value().fragments())
             .ok_or("no encapsulated PixelData")?;
-        let frames = crate::pixel_module::jpeg_frame_fragments(fragments);
+        let frames = crate::ingest::pixel_module::jpeg_frame_fragments(fragments);
         if frames.len() != number_of_frames {
             return Err(format!(
                 "NumberOfFrames {number_of_frames} but the pixel data holds {} JPEG frame(s)",

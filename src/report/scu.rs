@@ -13,7 +13,7 @@ use dicom_ul::Pdu;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 
-use crate::scp::dimse;
+use crate::ingest::scp::dimse;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ScuError {
@@ -101,7 +101,7 @@ pub fn store_each(
     let address = format!("{}:{}", peer.host, peer.port);
     let failed = |e: dicom_ul::association::Error, mut outcomes: Vec<Result<u16, ScuError>>| {
         let every_context_refused = matches!(e, dicom_ul::association::Error::NoAcceptedPresentationContexts { .. });
-        let message = crate::scp::with_causes(&e);
+        let message = crate::common::with_causes(&e);
         for (outcome, class) in outcomes.iter_mut().zip(&classes) {
             if let Ok(class) = class {
                 // Every proposed context refused: say which class, since that is what a site fixes.

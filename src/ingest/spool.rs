@@ -10,6 +10,8 @@
 //! agent's whole cost per instance. Disk writing starts while fragments arrive, the check runs
 //! while the disk finishes, and the temporary file was created before the instance arrived.
 
+use crate::common::IMPLEMENTATION_CLASS_UID;
+use crate::common::IMPLEMENTATION_VERSION_NAME;
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -22,7 +24,7 @@ use dicom_object::meta::FileMetaTableBuilder;
 use dicom_object::{DefaultDicomObject, OpenFileOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::pixel_module::PixelModule;
+use crate::ingest::pixel_module::PixelModule;
 
 /// Instances with encapsulated pixel data up to this size are parsed whole before they are
 /// accepted, to check their fragments and first frame; larger ones (big Enhanced CT objects) are
@@ -39,10 +41,6 @@ const MAX_SEQUENCE_DEPTH: usize = 64;
 /// the parser about ten times its few bytes on the wire, so a flood of tiny elements would turn
 /// an instance of a few hundred megabytes into gigabytes.
 const MAX_ELEMENTS: usize = 1_000_000;
-
-/// Implementation Class UID written in the file meta of spooled files (a 2.25 UUID-derived root).
-pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.190116135946232479478412063364591935811";
-pub const IMPLEMENTATION_VERSION_NAME: &str = concat!("IDAICS_", env!("CARGO_PKG_VERSION"));
 
 /// Name of the per-series state file written when a series is completed or skipped.
 pub const SERIES_STATE_FILE: &str = "series.json";
@@ -581,8 +579,8 @@ impl Spool {
             // guard.
             let first_frame_bytes = || -> Result<u64, String> {
                 use dicom_pixeldata::PixelDecoder;
-                if header.transfer_syntax_uid == crate::jpeg_extended::JPEG_EXTENDED {
-                    let frame = crate::jpeg_extended::EncapsulatedFrames::of(&obj)?.decode(0)?;
+                if header.transfer_syntax_uid == crate::ingest::jpeg_extended::JPEG_EXTENDED {
+                    let frame = crate::ingest::jpeg_extended::EncapsulatedFrames::of(&obj)?.decode(0)?;
                     Ok(frame.samples.len() as u64 * u64::from(pixels.bits_allocated.div_ceil(8)))
                 } else {
                     let frame = obj.decode_pixel_data_frame(0).map_err(|e| e.to_string())?;
@@ -726,7 +724,7 @@ impl Spool {
                 Err(e) => return Err(io_err(&path)(e)),
             }
         }
-        let purged = SeriesRecord { purged_at: Some(crate::series::now_rfc3339()), ..record };
+        let purged = SeriesRecord { purged_at: Some(crate::common::now_rfc3339()), ..record };
         self.write_series_record(&purged)?;
         Ok(removed)
     }
@@ -969,6 +967,11 @@ pub struct StructureLimits {
 }
 
 impl StructureLimits {
+    /// The limits `[limits]` sets for instances received over the network.
+    pub fn configured(limits: &crate::config::LimitsConfig) -> StructureLimits {
+        StructureLimits { max_inflated_bytes: limits.max_inflated_bytes(), max_value_bytes: limits.max_value_bytes() }
+    }
+
     /// For files an operator names on the command line: structure is still checked (nesting,
     /// element counts, lengths that run past the end), sizes are theirs to choose.
     pub const LOCAL_FILES: StructureLimits =

@@ -23,7 +23,7 @@ pub mod profile;
 
 use serde::Serialize;
 
-use crate::volume::Volume;
+use crate::analysis::volume::Volume;
 
 /// Bone threshold, HU: cortical bone and endplates are far above it, muscle and disc below.
 const BONE_HU: f32 = 160.0;
@@ -108,7 +108,7 @@ pub enum SpineError {
     #[error("no vertebral column found: {0}")]
     NotFound(String),
     #[error(transparent)]
-    Volume(#[from] crate::volume::VolumeError),
+    Volume(#[from] crate::analysis::volume::VolumeError),
 }
 
 /// Row `j` of slice `k`.

@@ -2,7 +2,7 @@
 //! geometry, the input of the spine stage.
 //!
 //! Slices are ordered along the image normal by the same rules the series tracker applies
-//! ([`crate::series::stack_geometry`]), so a series the tracker called complete loads, and one it
+//! ([`crate::ingest::series::stack_geometry`]), so a series the tracker called complete loads, and one it
 //! would skip fails here with the same reason rather than yielding a silently wrong volume.
 
 use std::path::{Path, PathBuf};
@@ -14,9 +14,9 @@ use rayon::prelude::*;
 
 use crate::config::SeriesConfig;
 use crate::geometry::{dot, scale, sub};
-use crate::pixel_module::PixelModule;
-use crate::series::stack_geometry;
-use crate::spool::InstanceHeader;
+use crate::ingest::pixel_module::PixelModule;
+use crate::ingest::series::stack_geometry;
+use crate::ingest::spool::InstanceHeader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -393,7 +393,7 @@ fn read_planes(file: usize, path: &Path) -> Result<Vec<Plane>, VolumeError> {
 }
 
 /// Opens an instance whole for decoding, once its compressed frames' own headers agree with its
-/// pixel description; JPEG Extended comes back decoded ([`crate::jpeg_extended`]). The SCP
+/// pixel description; JPEG Extended comes back decoded ([`crate::ingest::jpeg_extended`]). The SCP
 /// checks this before it acknowledges an instance, but files also come from folders (`idaics
 /// analyze`), from instances too large to check whole while the sender waits, and from spools of
 /// earlier versions; a decoder trusts the stream's header and sizes its buffers by it.
@@ -402,7 +402,7 @@ fn open_for_decoding(path: &Path) -> Result<DefaultDicomObject, VolumeError> {
     let object: DefaultDicomObject = dicom_object::open_file(path).map_err(|e| err(e.to_string()))?;
     let pixels = PixelModule::from_object(&object).map_err(err)?;
     pixels.check_codestream(&object, object.meta().transfer_syntax().trim_end_matches('\0')).map_err(err)?;
-    crate::jpeg_extended::to_native(object).map_err(err)
+    crate::ingest::jpeg_extended::to_native(object).map_err(err)
 }
 
 /// Decodes a single-frame instance's pixels as Hounsfield units into `out` (one plane).
@@ -436,7 +436,7 @@ pub fn load_series(paths: &[PathBuf], config: &SeriesConfig) -> Result<Volume, V
 pub fn load_blocks(paths: &[PathBuf], config: &SeriesConfig) -> Result<(Vec<Volume>, Vec<String>), VolumeError> {
     let planes = read_all_planes(paths)?;
     let headers: Vec<&InstanceHeader> = planes.iter().map(|p| &p.header).collect();
-    let stacks = crate::series::stack_blocks(&headers, config).map_err(VolumeError::Geometry)?;
+    let stacks = crate::ingest::series::stack_blocks(&headers, config).map_err(VolumeError::Geometry)?;
     let series_uid = planes.first().map(|p| p.header.series_instance_uid.clone()).unwrap_or_default();
     for note in &stacks.notes {
         tracing::warn!(series_uid = %series_uid, "{note}");
@@ -491,7 +491,7 @@ fn check_consistent(paths: &[PathBuf], planes: &[&Plane]) -> Result<(), VolumeEr
 fn load_stack(
     paths: &[PathBuf],
     planes: &[Plane],
-    geometry: &crate::series::StackGeometry,
+    geometry: &crate::ingest::series::StackGeometry,
     config: &SeriesConfig,
 ) -> Result<Volume, VolumeError> {
     let first = &planes[geometry.order[0]];

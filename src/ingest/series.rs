@@ -7,6 +7,7 @@
 //! wait. Decisions are written to the series'
 //! `series.json` in the spool, so a restarted agent neither repeats nor forgets them.
 
+use crate::common::now_rfc3339;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::config::SeriesConfig;
 use crate::geometry::{cross, dot};
-use crate::spool::{InstanceHeader, SeriesRecord, Spool, SpoolError};
+use crate::ingest::spool::{InstanceHeader, SeriesRecord, Spool, SpoolError};
 
 /// Identifies one association for the tracker's bookkeeping.
 pub type AssociationId = u64;
@@ -184,7 +185,7 @@ pub fn assess(instances: &[&InstanceHeader], config: &SeriesConfig) -> Assessmen
         return Assessment::Skip(format!("modality {m} is not CT"));
     }
     // A PACS that forwards whole studies sends the agent's key slices (CT images) back to it.
-    if instances.iter().any(|h| h.manufacturer.as_deref() == Some(crate::report::MANUFACTURER)) {
+    if instances.iter().any(|h| h.manufacturer.as_deref() == Some(crate::common::MANUFACTURER)) {
         return Assessment::Skip("objects made by IDAICS (its key slices), not analysed again".into());
     }
     // A series of localizers is skipped; a localizer or two inside a series is set aside by the
@@ -289,7 +290,7 @@ pub struct StackGeometry {
     /// Median distance between neighbouring slices, mm.
     pub spacing: f64,
     /// In-plane displacement (LPS mm) of a slice's origin per mm it lies along the normal: zero
-    /// for a plain stack, `tan(tilt)` long for a gantry-tilted one (see [`crate::volume::Volume`]).
+    /// for a plain stack, `tan(tilt)` long for a gantry-tilted one (see [`crate::analysis::volume::Volume`]).
     pub shear: [f64; 3],
 }
 
@@ -568,7 +569,7 @@ impl SeriesTracker {
         config: SeriesConfig,
         spool: Arc<Spool>,
         decisions: mpsc::UnboundedSender<DecidedSeries>,
-        scanned: &[crate::spool::SpooledSeries],
+        scanned: &[crate::ingest::spool::SpooledSeries],
     ) -> Result<SeriesTracker, SpoolError> {
         let mut tracker = SeriesTracker { config, spool, pending: HashMap::new(), decided: HashMap::new(), decisions };
         let now = Instant::now();
@@ -583,12 +584,12 @@ impl SeriesTracker {
                 }
                 // Instances of a removed series are ones sent again since: pending, below.
                 Some(record) if record.purged_at.is_none() && record.instances == series.instances => {
-                    let files = crate::spool::instance_files(&series.dir)?;
+                    let files = crate::ingest::spool::instance_files(&series.dir)?;
                     let instances = fingerprints(files.iter().filter_map(|p| p.file_stem()?.to_str()));
                     tracker.decided.insert(series.series_instance_uid.clone(), Decided::recovered(instances, record));
                 }
                 record => {
-                    let files = crate::spool::instance_files(&series.dir)?;
+                    let files = crate::ingest::spool::instance_files(&series.dir)?;
                     let instances = read_headers(files.iter().map(|p| p.as_path()));
                     if instances.is_empty() {
                         continue;
@@ -688,7 +689,7 @@ impl SeriesTracker {
             let dir = self.spool.series_dir(&header.study_instance_uid, &series_uid);
             // The instances it was decided on; the new one is added below, and any other new one
             // when its own event arrives.
-            let files: Vec<std::path::PathBuf> = crate::spool::instance_files(&dir)
+            let files: Vec<std::path::PathBuf> = crate::ingest::spool::instance_files(&dir)
                 .unwrap_or_else(|e| {
                     tracing::warn!(series_uid = %series_uid, error = %e, "cannot list the series' instances");
                     Vec::new()
@@ -836,23 +837,6 @@ pub async fn run_tracker(
     tracing::debug!(pending = tracker.pending_count(), "series tracker stopped");
 }
 
-/// UTC time as RFC 3339 with seconds, as the finding log's tables hold it.
-pub fn now_rfc3339() -> String {
-    rfc3339_before(std::time::SystemTime::now(), std::time::Duration::ZERO)
-}
-
-/// ISO 8601 UTC of `age` before `time`: the cut-offs of leases and retention.
-pub fn rfc3339_before(time: std::time::SystemTime, age: std::time::Duration) -> String {
-    let then = time.checked_sub(age).unwrap_or(std::time::UNIX_EPOCH);
-    rfc3339_at(then.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
-}
-
-/// ISO 8601 UTC of a Unix time in seconds (`YYYY-MM-DDTHH:MM:SSZ`).
-pub fn rfc3339_at(secs: u64) -> String {
-    let time = chrono::DateTime::from_timestamp(i64::try_from(secs).unwrap_or(i64::MAX), 0).unwrap_or_default();
-    time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -951,7 +935,7 @@ mod tests {
         // The agent's own key slices, sent back by a PACS; a series made by another program
         // whose name starts the same way is not.
         let mut own: Vec<_> = (0..20).map(|i| slice(i, i as f64)).collect();
-        own.iter_mut().for_each(|h| h.manufacturer = Some(crate::report::MANUFACTURER.into()));
+        own.iter_mut().for_each(|h| h.manufacturer = Some(crate::common::MANUFACTURER.into()));
         assert!(matches!(judge(&own), Assessment::Skip(r) if r.contains("made by IDAICS")));
         own.iter_mut().for_each(|h| h.manufacturer = Some("IDAICS synthetic".into()));
         assert_eq!(judge(&own), Assessment::Stack { slices: 20 });
@@ -1049,28 +1033,5 @@ mod tests {
             assert!(!matches!(judge_with(&stray, &all), Assessment::Skip(r) if r.contains("orientations")));
             assert!(matches!(judge_with(&stray, &defaults), Assessment::Skip(r) if r.starts_with("sagittal stack")));
         }
-    }
-
-    #[test]
-    fn rfc3339_looks_right() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), 20);
-        assert!(t.starts_with("20") && t.ends_with('Z'));
-        // Known instants, a leap day and the turn of a century among them, and back again.
-        for (secs, text) in [
-            (0, "1970-01-01T00:00:00Z"),
-            (951_782_400, "2000-02-29T00:00:00Z"),
-            (1_709_251_199, "2024-02-29T23:59:59Z"),
-            (4_102_444_800, "2100-01-01T00:00:00Z"),
-        ] {
-            assert_eq!(rfc3339_at(secs), text);
-            let parsed = chrono::DateTime::parse_from_rfc3339(text).unwrap();
-            assert_eq!(parsed.timestamp(), secs as i64);
-        }
-        let hour_ago = rfc3339_before(
-            std::time::UNIX_EPOCH + std::time::Duration::from_secs(7200),
-            std::time::Duration::from_secs(3600),
-        );
-        assert_eq!(hour_ago, "1970-01-01T01:00:00Z");
     }
 }

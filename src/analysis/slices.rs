@@ -5,9 +5,9 @@
 
 use serde::Serialize;
 
+use crate::analysis::spine::DiscLevel;
+use crate::analysis::volume::Volume;
 use crate::geometry::{cross, normalize};
-use crate::spine::DiscLevel;
-use crate::volume::Volume;
 
 /// Field of view of the sagittal reformat: T12 to S1 with margin.
 pub const SAGITTAL_FOV_MM: f64 = 240.0;

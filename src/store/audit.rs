@@ -1,5 +1,5 @@
 //! The audit trail, in the spirit of IHE ATNA: security-relevant events as structured journal
-//! lines (target `idaics::audit`) and as rows of the finding log's `audit_events` table, written
+//! lines (target `idaics::store::audit`) and as rows of the finding log's `audit_events` table, written
 //! through the same writer as everything else (journalled while the database is down). Events:
 //! an association accepted or refused (with peer, AE titles, and whether over TLS), a TLS
 //! handshake that failed, what an association stored, each object exported to a destination, and
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::db::{AuditRow, Record};
+use crate::store::db::{AuditRow, Record};
 
 /// Where audit events go; cheap to share.
 #[derive(Debug)]
@@ -46,7 +46,7 @@ impl Audit {
     /// hold the writer's channel open (the destination senders outlive the writer at shutdown).
     pub fn entry(&self, event: &'static str, party: Party<'_>, detail: &str) -> AuditRow {
         tracing::info!(
-            target: "idaics::audit",
+            target: "idaics::store::audit",
             event,
             peer = party.peer.unwrap_or(""),
             calling_ae = party.calling_ae.unwrap_or(""),
@@ -56,7 +56,7 @@ impl Audit {
         );
         AuditRow {
             event_key: format!("{}/{}", self.agent, self.next.fetch_add(1, Ordering::Relaxed)),
-            at: crate::db::now(),
+            at: crate::store::db::now(),
             agent: self.agent.clone(),
             event: event.to_string(),
             peer: party.peer.map(str::to_string),

@@ -51,7 +51,7 @@ impl Request {
             obj.element(tag).ok().and_then(|e| e.to_int::<u16>().ok()).ok_or(CommandError::Missing(name))
         };
         let uid = |tag: Tag| -> Option<String> {
-            obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| crate::spool::trim_uid(&s).to_string())
+            obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| crate::ingest::spool::trim_uid(&s).to_string())
         };
         Ok(Request {
             command_field: uint(tags::COMMAND_FIELD, "CommandField")?,

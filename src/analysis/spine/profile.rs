@@ -8,7 +8,7 @@
 
 use super::canal::Canal;
 use super::{BONE_HU, row_step_towards_front};
-use crate::volume::Volume;
+use crate::analysis::volume::Volume;
 
 /// The box, mm: side to side around the canal's centre, and front to back from the canal's
 /// centre towards the front.

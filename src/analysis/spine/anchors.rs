@@ -14,7 +14,7 @@
 
 use super::canal::Canal;
 use super::row_step_towards_front;
-use crate::volume::Volume;
+use crate::analysis::volume::Volume;
 
 /// Dense bone, HU: cortical bone of ribs, alae and ilia.
 const DENSE_BONE_HU: f32 = 200.0;

@@ -2,9 +2,9 @@
 //! fully, so that nothing is acknowledged that the pipeline cannot read.
 //!
 //! JPEG Extended (1.2.840.10008.1.2.4.51) in its 12-bit form, the one CT uses, is not decoded by
-//! dicom-pixeldata 0.10's JPEG decoder; [`crate::jpeg_extended`] decodes it (grayscale).
+//! dicom-pixeldata 0.10's JPEG decoder; [`crate::ingest::jpeg_extended`] decodes it (grayscale).
 
-use crate::scp::STORAGE_SOP_CLASSES;
+use crate::ingest::scp::STORAGE_SOP_CLASSES;
 
 /// (UID, name) in our order of preference.
 pub const ACCEPTED: &[(&str, &str)] = &[
@@ -28,7 +28,7 @@ pub const ACCEPTED: &[(&str, &str)] = &[
 
 /// Human-readable transfer syntax name for logs.
 pub fn name(uid: &str) -> &str {
-    let uid = crate::spool::trim_uid(uid);
+    let uid = crate::ingest::spool::trim_uid(uid);
     ACCEPTED.iter().find(|(u, _)| *u == uid).map_or(uid, |(_, n)| n)
 }
 
@@ -36,7 +36,7 @@ pub fn name(uid: &str) -> &str {
 /// retrieve) are named from the standard's registry, so a log says what the peer wanted.
 pub fn short_sop_name(uid: &str) -> &str {
     use dicom_core::dictionary::UidDictionary;
-    let uid = crate::spool::trim_uid(uid);
+    let uid = crate::ingest::spool::trim_uid(uid);
     if uid == dicom_dictionary_std::uids::VERIFICATION {
         return "Verification";
     }
@@ -63,7 +63,7 @@ mod tests {
 
     #[test]
     fn ct_classes_are_storage_classes() {
-        for uid in crate::scp::CT_SOP_CLASSES {
+        for uid in crate::ingest::scp::CT_SOP_CLASSES {
             assert!(STORAGE_SOP_CLASSES.iter().any(|(u, _)| u == uid));
         }
         assert_eq!(short_sop_name("1.2.840.10008.5.1.4.1.1.2"), "CT Image Storage");

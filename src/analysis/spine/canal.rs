@@ -7,7 +7,7 @@
 
 use rayon::prelude::*;
 
-use crate::volume::Volume;
+use crate::analysis::volume::Volume;
 
 /// Bone, HU, for the ring around the canal.
 const RING_BONE_HU: f32 = 180.0;

@@ -173,18 +173,18 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         use dicom_pixeldata::PixelDecoder;
         // Headers and pixel description checked first: a damaged file must not make the parser
         // or the decoder allocate what its lengths claim.
-        crate::spool::check_structure(path, crate::spool::StructureLimits::LOCAL_FILES)
+        crate::ingest::spool::check_structure(path, crate::ingest::spool::StructureLimits::LOCAL_FILES)
             .map_err(|e| image_err(e.to_string()))?;
         let obj = dicom_object::open_file(path).map_err(|e| image_err(e.to_string()))?;
-        let pixels = crate::pixel_module::PixelModule::from_object(&obj).map_err(image_err)?;
+        let pixels = crate::ingest::pixel_module::PixelModule::from_object(&obj).map_err(image_err)?;
         pixels.check_against(&obj).map_err(image_err)?;
-        let transfer_syntax = crate::spool::trim_uid(obj.meta().transfer_syntax()).to_string();
+        let transfer_syntax = crate::ingest::spool::trim_uid(obj.meta().transfer_syntax()).to_string();
         pixels.check_codestream(&obj, &transfer_syntax).map_err(image_err)?;
         let frames = pixels.number_of_frames;
         if frames > 1 {
             return Err(image_err(format!("{frames} frames; detect takes single-frame images")));
         }
-        let obj = crate::jpeg_extended::to_native(obj).map_err(image_err)?;
+        let obj = crate::ingest::jpeg_extended::to_native(obj).map_err(image_err)?;
         let decoded = obj.decode_pixel_data().map_err(|e| image_err(e.to_string()))?;
         decoded.to_dynamic_image(0).map_err(|e| image_err(e.to_string()))?
     } else {

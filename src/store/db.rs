@@ -183,7 +183,7 @@ pub struct FindingRow {
     pub study_date: Option<String>,
     pub level: String,
     /// Whether the level's name was counted from an anatomical landmark (see
-    /// [`crate::spine::DiscLevel::name_certain`]); `None` for findings logged before the agent
+    /// [`crate::analysis::spine::DiscLevel::name_certain`]); `None` for findings logged before the agent
     /// said.
     pub level_certain: Option<bool>,
     pub class: String,
@@ -302,7 +302,7 @@ pub const CLASSES: [&str; 5] = ["normal", "schmorl", "bulge", "protrusion", "und
 
 /// Now, as the ISO 8601 UTC text the tables hold.
 pub fn now() -> String {
-    crate::series::now_rfc3339()
+    crate::common::now_rfc3339()
 }
 
 /// DICOM DA (YYYYMMDD) to YYYY-MM-DD; anything else, a day the calendar lacks included, is
@@ -332,38 +332,38 @@ const MIGRATIONS: [(i64, &str, &str, &str); 6] = [
     (
         1,
         "finding log",
-        include_str!("../migrations/postgres/0001_finding_log.sql"),
-        include_str!("../migrations/sqlite/0001_finding_log.sql"),
+        include_str!("../../migrations/postgres/0001_finding_log.sql"),
+        include_str!("../../migrations/sqlite/0001_finding_log.sql"),
     ),
     (
         2,
         "job heartbeat",
-        include_str!("../migrations/postgres/0002_job_heartbeat.sql"),
-        include_str!("../migrations/sqlite/0002_job_heartbeat.sql"),
+        include_str!("../../migrations/postgres/0002_job_heartbeat.sql"),
+        include_str!("../../migrations/sqlite/0002_job_heartbeat.sql"),
     ),
     (
         3,
         "series retention",
-        include_str!("../migrations/postgres/0003_series_retention.sql"),
-        include_str!("../migrations/sqlite/0003_series_retention.sql"),
+        include_str!("../../migrations/postgres/0003_series_retention.sql"),
+        include_str!("../../migrations/sqlite/0003_series_retention.sql"),
     ),
     (
         4,
         "level certainty",
-        include_str!("../migrations/postgres/0004_level_certainty.sql"),
-        include_str!("../migrations/sqlite/0004_level_certainty.sql"),
+        include_str!("../../migrations/postgres/0004_level_certainty.sql"),
+        include_str!("../../migrations/sqlite/0004_level_certainty.sql"),
     ),
     (
         5,
         "reviews",
-        include_str!("../migrations/postgres/0005_reviews.sql"),
-        include_str!("../migrations/sqlite/0005_reviews.sql"),
+        include_str!("../../migrations/postgres/0005_reviews.sql"),
+        include_str!("../../migrations/sqlite/0005_reviews.sql"),
     ),
     (
         6,
         "audit events",
-        include_str!("../migrations/postgres/0006_audit_events.sql"),
-        include_str!("../migrations/sqlite/0006_audit_events.sql"),
+        include_str!("../../migrations/postgres/0006_audit_events.sql"),
+        include_str!("../../migrations/sqlite/0006_audit_events.sql"),
     ),
 ];
 
@@ -403,7 +403,7 @@ impl Db {
     /// Connects (creating the SQLite file if needed). Does not migrate.
     pub async fn connect(url: &str) -> Result<Db, DbError> {
         let db = Self::open(url)?;
-        db.ping_or_error().await.map_err(|source| DbError::Connect { url: crate::cli::redact_url(url), source })?;
+        db.ping_or_error().await.map_err(|source| DbError::Connect { url: crate::common::redact_url(url), source })?;
         Ok(db)
     }
 
@@ -464,7 +464,7 @@ impl Db {
             });
         let pool = options
             .connect_lazy(&connect_url)
-            .map_err(|source| DbError::Connect { url: crate::cli::redact_url(url), source })?;
+            .map_err(|source| DbError::Connect { url: crate::common::redact_url(url), source })?;
         Ok(Db { pool, backend })
     }
 
@@ -928,12 +928,12 @@ impl Db {
     /// The agent against its readers: per reviewed finding (its latest review), the agent's
     /// class against the reader's (the reader's in the rows, as truth; the agent's in the columns).
     /// Findings the agent left undetermined are not counted: there is nothing to agree with.
-    pub async fn review_agreement(&self) -> Result<crate::evaluation::ConfusionMatrix, DbError> {
+    pub async fn review_agreement(&self) -> Result<crate::agreement::ConfusionMatrix, DbError> {
         let mut latest: BTreeMap<i64, ReviewRow> = BTreeMap::new();
         for review in self.reviews().await? {
             latest.insert(review.finding_id, review);
         }
-        let mut matrix = crate::evaluation::ConfusionMatrix::new(CLASSES[..4].iter().copied());
+        let mut matrix = crate::agreement::ConfusionMatrix::new(CLASSES[..4].iter().copied());
         for review in latest.values().filter(|r| r.agent_class != "undetermined") {
             // The reader is the truth (rows); the agent the prediction (columns).
             matrix.add(&review.class, &review.agent_class).map_err(|e| DbError::Review(e.to_string()))?;
@@ -1505,7 +1505,7 @@ enum Access {
     ReadOnly,
 }
 
-/// One line of the audit trail (see `crate::audit`).
+/// One line of the audit trail (see `crate::store::audit`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditRow {
     pub event_key: String,

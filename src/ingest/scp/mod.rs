@@ -9,6 +9,7 @@ pub mod dimse;
 mod storage_sop_classes;
 pub mod transfer_syntaxes;
 
+use crate::common::with_causes;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,8 +32,8 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, field};
 
 use crate::config::{Config, OtherSopClassPolicy, PeerRule};
-use crate::series::{AssociationId, TrackerEvent};
-use crate::spool::{self, PartialInstance, Spool, SpoolError, StoreRequest};
+use crate::ingest::series::{AssociationId, TrackerEvent};
+use crate::ingest::spool::{self, PartialInstance, Spool, SpoolError, StoreRequest};
 use dimse::status;
 
 pub use storage_sop_classes::STORAGE_SOP_CLASSES;
@@ -68,11 +69,11 @@ pub struct ScpContext {
     pub tracker: mpsc::UnboundedSender<TrackerEvent>,
     pub stats: Arc<ScpStats>,
     /// Where each association's record goes (the finding log's writer), when one is attached.
-    pub records: Option<mpsc::UnboundedSender<crate::db::Record>>,
+    pub records: Option<mpsc::UnboundedSender<crate::store::db::Record>>,
     /// Makes association keys unique across agents sharing a database and across restarts.
     pub agent_id: String,
     /// The audit trail: who connected, refused or not, and what they stored.
-    pub audit: Arc<crate::audit::Audit>,
+    pub audit: Arc<crate::store::audit::Audit>,
     peer_rules: Vec<PeerRule>,
     next_association: AtomicU64,
     /// Associations open (or being negotiated) per peer address.
@@ -169,7 +170,7 @@ impl ScpContext {
             per_peer: Mutex::new(HashMap::new()),
             peer_rules: config.peer_rules(),
             agent_id: agent_id(&config.storage.effective_host_name()),
-            audit: Arc::new(crate::audit::Audit::new(String::new(), None)),
+            audit: Arc::new(crate::store::audit::Audit::new(String::new(), None)),
             config,
             spool,
             tracker,
@@ -189,14 +190,14 @@ impl ScpContext {
         detail: Option<String>,
     ) {
         let Some(records) = &self.records else { return };
-        let row = crate::db::AssociationRow {
+        let row = crate::store::db::AssociationRow {
             association_key: format!("{}/{}", self.agent_id, opened.id),
             agent: self.agent_id.clone(),
             peer: opened.peer.to_string(),
             calling_ae: who.0.to_string(),
             called_ae: who.1.to_string(),
             started_at: opened.started_at.clone(),
-            ended_at: crate::db::now(),
+            ended_at: crate::store::db::now(),
             instances: tally.stored as i64,
             bytes: tally.bytes as i64,
             discarded: tally.discarded as i64,
@@ -204,7 +205,7 @@ impl ScpContext {
             outcome: outcome.to_string(),
             detail,
         };
-        let _ = records.send(crate::db::Record::Association(row));
+        let _ = records.send(crate::store::db::Record::Association(row));
     }
 
     fn peer_is_listed(&self, peer: IpAddr) -> bool {
@@ -373,9 +374,9 @@ async fn refuse(socket: TcpStream, peer: SocketAddr, id: AssociationId, ctx: &Sc
             }
         }
         let peer_text = peer.to_string();
-        let party = crate::audit::Party { peer: Some(&peer_text), ..Default::default() };
+        let party = crate::store::audit::Party { peer: Some(&peer_text), ..Default::default() };
         ctx.audit.record("association-refused", party, &detail);
-        let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
+        let opened = OpenedAssociation { id, peer, started_at: crate::store::db::now() };
         ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail));
     }
     reject(socket, result, source).await;
@@ -409,19 +410,6 @@ fn not_what_this_port_serves(first_bytes: &[u8], tls_port: bool) -> Option<Strin
     } else {
         format!("a connection that opens with byte 0x{first:02X}, which is no PDU type")
     })
-}
-
-/// An error with the chain of its causes: dicom-ul's top-level errors ("failed to receive pdu")
-/// leave out what an administrator needs (that the peer spoke HTTP, or sent an invalid PDU type).
-pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 /// Reads the association request (so the peer is waiting for an answer) and rejects it.
@@ -539,11 +527,6 @@ struct Session<'a> {
     tally: Tally,
 }
 
-/// This machine's host name; empty when the kernel does not say.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
-}
-
 /// This agent's identity in the finding log: host, process and start time.
 fn agent_id(host: &str) -> String {
     let started =
@@ -565,13 +548,17 @@ async fn handle_connection(
     ctx: Arc<ScpContext>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) {
-    let opened = OpenedAssociation { id, peer, started_at: crate::db::now() };
+    let opened = OpenedAssociation { id, peer, started_at: crate::store::db::now() };
     // Counted always; logged (by the caller, when this says so) and recorded at a bounded rate.
     let peer_text = peer.to_string();
     let rejected = |event: &'static str, detail: &str| {
         let report = ctx.rejections.report();
         if report {
-            ctx.audit.record(event, crate::audit::Party { peer: Some(&peer_text), ..Default::default() }, detail);
+            ctx.audit.record(
+                event,
+                crate::store::audit::Party { peer: Some(&peer_text), ..Default::default() },
+                detail,
+            );
             ctx.record_association(&opened, ("", ""), &Tally::default(), "rejected", Some(detail.into()));
         }
         report
@@ -680,7 +667,7 @@ async fn serve_association<S: Transport>(
         .collect();
     tracing::info!(accepted_contexts = accepted.len(), "association accepted");
     let peer_text = opened.peer.to_string();
-    let party = crate::audit::Party {
+    let party = crate::store::audit::Party {
         peer: Some(&peer_text),
         calling_ae: Some(association.peer_ae_title().trim()),
         called_ae: Some(association.called_ae_title().trim()),
@@ -722,7 +709,7 @@ async fn serve_association<S: Transport>(
         None,
     );
     if t.stored > 0 || t.failed > 0 {
-        let party = crate::audit::Party {
+        let party = crate::store::audit::Party {
             peer: Some(&peer_text),
             calling_ae: Some(&session.calling_ae),
             called_ae: Some(&called),

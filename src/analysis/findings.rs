@@ -14,9 +14,9 @@
 
 use serde::Serialize;
 
-use crate::detector::predict::{Detection, Mask};
-use crate::slices::SliceImage;
-use crate::spine::DiscLevel;
+use crate::analysis::detector::predict::{Detection, Mask};
+use crate::analysis::slices::SliceImage;
+use crate::analysis::spine::DiscLevel;
 
 /// The classes, as reported and stored.
 pub const NORMAL: &str = "normal";
@@ -43,7 +43,7 @@ pub fn canonical_class(name: &str) -> Option<&'static str> {
 /// What one view contributed to a level.
 #[derive(Debug, Clone)]
 pub struct ViewDetection {
-    /// [`crate::slices::View::kind`] of the image it was found on.
+    /// [`crate::analysis::slices::View::kind`] of the image it was found on.
     pub view: &'static str,
     pub class: &'static str,
     pub confidence: f32,
@@ -190,7 +190,7 @@ mod tests {
     /// protrusion apart but not a node above the disc's plane from a normal disc.
     #[test]
     fn each_view_decides_what_it_can_see() {
-        use crate::slices::View;
+        use crate::analysis::slices::View;
         let image = |view: View| SliceImage {
             view,
             size: 100,

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use crate::volume::Volume;
+use crate::analysis::volume::Volume;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NiftiError {
