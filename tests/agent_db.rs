@@ -127,7 +127,8 @@ fn embedded_database_metrics_and_api() {
     assert_eq!(get(http, "/api/v1/outbox?state=stuck").0, 400);
 
     // Listings come in pages (1000 rows unless `limit` says otherwise), each saying where the
-    // next one starts. A second series, as another agent sharing the database would record it:
+    // next one starts. The job ends first, so that no page sees it in another state than the
+    // whole listing it is compared with. A second series, as another agent sharing the database would record it:
     let other = SeriesRow {
         series_uid: "1.2.826.0.1.3680043.10.1".into(),
         study_uid: "1.2.826.0.1.3680043.10.2".into(),
@@ -145,6 +146,13 @@ fn embedded_database_metrics_and_api() {
         decided_at: idaics::store::db::now(),
     };
     rt.block_on(db.record_series(&other)).unwrap();
+    common::wait_until("the job to end", std::time::Duration::from_secs(60), || {
+        listing(http, "/api/v1/jobs")["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["state"] == "done" || j["state"] == "failed")
+    });
     let whole = listing(http, "/api/v1/series");
     assert_eq!(whole["series"].as_array().unwrap().len(), 2, "{whole}");
     assert_eq!(whole["next_offset"], serde_json::Value::Null);
