@@ -18,6 +18,23 @@ fn phantom(dir: &Path, seed: u64) -> (Vec<PathBuf>, idaics::phantom::Truth) {
     (series.files, truth)
 }
 
+/// Gives every file the study's Procedure Code Sequence item (RadLex RPID16), and `more` dcmodify
+/// arguments besides.
+fn give_a_procedure_code(files: &[PathBuf], more: &[&str]) {
+    let procedure = [
+        "-i",
+        "(0008,1032)[0].(0008,0100)=RPID16",
+        "-i",
+        "(0008,1032)[0].(0008,0102)=RADLEX",
+        "-i",
+        "(0008,1032)[0].(0008,0104)=CT LUMBAR SPINE WO CONTRAST",
+    ];
+    let args: Vec<&str> = ["-nb"].into_iter().chain(procedure).chain(more.iter().copied()).collect();
+    for file in files {
+        common::dcmtk("dcmodify", &args, file, Path::new(""));
+    }
+}
+
 fn dciodvfy_errors(path: &Path) -> Vec<String> {
     let out =
         Command::new("dciodvfy").arg(path).output().expect("dciodvfy (dicom3tools) is installed by the test script");
@@ -192,26 +209,7 @@ fn objects_with_two_segmented_findings(
 fn the_ai_results_conformance_table_holds_item_by_item() {
     let tmp = tempfile::tempdir().unwrap();
     let (files, _truth) = phantom(&tmp.path().join("in"), 5);
-    for file in &files {
-        common::dcmtk(
-            "dcmodify",
-            &[
-                "-nb",
-                "-i",
-                "(0008,0050)=ACC-0042",
-                "-i",
-                "(0020,0010)=S42",
-                "-i",
-                "(0008,1032)[0].(0008,0100)=RPID16",
-                "-i",
-                "(0008,1032)[0].(0008,0102)=RADLEX",
-                "-i",
-                "(0008,1032)[0].(0008,0104)=CT LUMBAR SPINE WO CONTRAST",
-            ],
-            file,
-            Path::new(""),
-        );
-    }
+    give_a_procedure_code(&files, &["-i", "(0008,0050)=ACC-0042", "-i", "(0020,0010)=S42"]);
     let (_analysis, algorithm, objects) = objects_with_two_segmented_findings(&files, &tmp.path().join("out"));
     let seg = objects.iter().find(|o| o.sop_class_uid == "1.2.840.10008.5.1.4.1.1.66.4").expect("a SEG");
     let sr = objects.last().unwrap();
@@ -1089,21 +1087,6 @@ fn the_sr_reports_the_studys_procedure() {
         (text(&code, tags::CODE_VALUE), text(&code, tags::CODING_SCHEME_DESIGNATOR), text(&code, tags::CODE_MEANING))
     };
     assert_eq!(reported(&files, "plain"), ("77477000".into(), "SCT".into(), "CT".into()));
-    for file in &files {
-        common::dcmtk(
-            "dcmodify",
-            &[
-                "-nb",
-                "-i",
-                "(0008,1032)[0].(0008,0100)=RPID16",
-                "-i",
-                "(0008,1032)[0].(0008,0102)=RADLEX",
-                "-i",
-                "(0008,1032)[0].(0008,0104)=CT LUMBAR SPINE WO CONTRAST",
-            ],
-            file,
-            Path::new(""),
-        );
-    }
+    give_a_procedure_code(&files, &[]);
     assert_eq!(reported(&files, "coded"), ("RPID16".into(), "RADLEX".into(), "CT LUMBAR SPINE WO CONTRAST".into()));
 }
