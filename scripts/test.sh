@@ -3,7 +3,8 @@
 # real DICOM peers, Orthanc as a real PACS, cmake for the CharLS JPEG-LS codec build, PostgreSQL
 # whose server binaries the database tests run as throwaway clusters, dicom3tools for dciodvfy,
 # lintian, dpkg-dev and systemd-analyze for the Debian package, strace for the unit's system call
-# filter, openssl for the DICOM TLS tests' certificates, a Python venv with highdicom in
+# filter, openssl for the DICOM TLS tests' certificates, promtool (package prometheus) that checks
+# /metrics as a Prometheus server would read it, a Python venv with highdicom in
 # target/pyenv, and one with the training recipe's pinned torch and ultralytics in
 # target/trainenv, about 6 GB and 2 minutes), then runs every test, including one that installs,
 # runs and purges the Debian package (as root; tests/package.rs refuses to touch a machine where
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd strace openjph-tools openssl
+scripts/ensure-packages.sh dcmtk orthanc cmake pkg-config postgresql dicom3tools python3-venv lintian dpkg-dev systemd strace openjph-tools openssl prometheus
 
 # highdicom (PyPI) reads the agent's SR and SEG back in tests/report.rs.
 pyenv=target/pyenv

@@ -50,6 +50,11 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Strips the padding DICOM allows at the end of UI values (NUL, and the space some peers use).
+pub fn trim_uid(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
 /// Manufacturer (0008,0070) of every object the agent makes. The tracker knows its own objects by
 /// it when a PACS routes them back (see `ingest::series::assess`).
 pub const MANUFACTURER: &str = "IDAICS";

@@ -2,7 +2,8 @@
 //! YOLOv8-seg network and reports the findings back to the PACS.
 //!
 //! Modules follow the data flow, and imports point one way, down this list:
-//! - [`common`], [`agreement`], [`geometry`], [`systemd`], [`config`], [`tls`]: what every stage may use;
+//! - [`common`], [`agreement`], [`geometry`], [`dimse`], [`systemd`], [`config`], [`tls`]: what every
+//!   stage may use;
 //! - [`store`]: the finding log every stage records into;
 //! - [`ingest`]: the SCP, the spool and the series decisions;
 //! - [`analysis`]: volume, disc levels, slices, the network, findings;
@@ -20,6 +21,7 @@ pub mod common;
 pub mod config;
 pub mod dataset;
 pub mod demo;
+pub mod dimse;
 pub mod evaluation;
 pub mod geometry;
 pub mod http;

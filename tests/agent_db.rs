@@ -11,41 +11,67 @@ use common::{Agent, free_port, http_get as get, output_text, store_outcomes, wai
 use idaics::store::db::{Db, SeriesRow, Table};
 use idaics::synthetic::{SeriesSpec, write_ct_series};
 
-/// A plain HTTP/1.1 GET; the status code and the body.
-/// Parses Prometheus text exposition: every sample line is `name{labels} value` with a number,
-/// every sampled family has a TYPE line. Returns (series with labels, value).
-fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
-    let mut typed = std::collections::HashSet::new();
-    let mut samples = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        // A chunked transfer's size lines are bare hex numbers: not part of the exposition.
-        if line.chars().all(|c| c.is_ascii_hexdigit()) {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut parts = rest.split_whitespace();
-            let name = parts.next().unwrap().to_string();
-            let kind = parts.next().unwrap();
-            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
-            typed.insert(name);
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
-        let name = series.split('{').next().unwrap();
-        let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
-        assert!(typed.contains(name) || typed.contains(family), "no TYPE for {name}");
-        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'), "bad name {name}");
-        samples.push((series.to_string(), value));
+/// /metrics as Prometheus reads it: `promtool check metrics` (the Prometheus server's own checker)
+/// must find nothing wrong with the exposition or its names, and prometheus-parse reads the samples
+/// with the types their TYPE lines gave them.
+fn scrape(http: u16) -> prometheus_parse::Scrape {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let (status, body) = get(http, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test.sh installs it)");
+    promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(checked.status.success(), "promtool check metrics: {}\n{body}", output_text(&checked));
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap();
+    for sample in &scrape.samples {
+        // Histograms' _sum and _count lines are the only ones the parser leaves untyped.
+        let untyped = matches!(sample.value, prometheus_parse::Value::Untyped(_));
+        let histogram_part = ["_sum", "_count"].iter().any(|s| sample.metric.ends_with(s));
+        assert!(!untyped || histogram_part, "{} has no TYPE", sample.metric);
     }
-    samples
+    scrape
 }
 
-fn sample(samples: &[(String, f64)], series: &str) -> f64 {
-    samples.iter().find(|(s, _)| s == series).unwrap_or_else(|| panic!("{series} not exported")).1
+/// The value of one series, written as in the exposition: `name{label="value",...}`; a
+/// histogram's `_bucket` series is read from the parsed histogram by its `le`.
+fn sample(scrape: &prometheus_parse::Scrape, series: &str) -> f64 {
+    use prometheus_parse::Value;
+    let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+    let mut wanted: std::collections::BTreeMap<String, String> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap();
+            (k.to_string(), v.trim_matches('"').to_string())
+        })
+        .collect();
+    let bucket = name.strip_suffix("_bucket").map(|family| (family, wanted.remove("le").unwrap()));
+    let metric = bucket.as_ref().map_or(name, |(family, _)| family);
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == metric
+                && s.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect::<std::collections::BTreeMap<_, _>>()
+                    == wanted
+        })
+        .unwrap_or_else(|| panic!("{series} not exported"));
+    match (&found.value, bucket) {
+        (Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v), None) => *v,
+        (Value::Histogram(buckets), Some((_, le))) => {
+            let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() };
+            buckets.iter().find(|b| b.less_than == le).unwrap_or_else(|| panic!("{series} not exported")).count
+        }
+        (value, _) => panic!("{series}: {value:?}"),
+    }
 }
 
 /// A listing's body, parsed, once its status is 200.
@@ -82,9 +108,7 @@ fn embedded_database_metrics_and_api() {
         rt.block_on(db.count(Table::Associations)).unwrap() >= 1
     });
 
-    let (status, body) = get(http, "/metrics");
-    assert_eq!(status, 200, "{body}");
-    let samples = parse_prometheus(&body);
+    let samples = scrape(http);
     assert_eq!(sample(&samples, "idaics_instances_received_total"), 12.0);
     assert_eq!(sample(&samples, "idaics_series_total{state=\"complete\"}"), 1.0);
     assert!(sample(&samples, "idaics_bytes_received_total") > 12.0 * 64.0 * 64.0 * 2.0);
@@ -315,7 +339,7 @@ fn readers_review_findings_through_the_api_and_the_cli() {
     );
     let table = cli(&["findings", "--reviews"]);
     assert!(table.contains("agreement: 0 of 2 reviewed findings kept"), "{table}");
-    let samples = parse_prometheus(&get(http, "/metrics").1);
+    let samples = scrape(http);
     assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"false\"}"), 2.0);
     assert_eq!(sample(&samples, "idaics_reviewed_findings{agreed=\"true\"}"), 0.0);
     // The job's stages, timed: in /metrics and on its log line.

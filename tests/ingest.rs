@@ -1053,7 +1053,7 @@ fn responses_are_cut_to_fit_a_peer_that_takes_only_small_pdus() {
     };
     assert!(matches!(receive(), Pdu::AssociationAC(_)));
     let mut store = |data: &[u8]| -> u16 {
-        let command = idaics::report::scu::store_command(CT, &series.sop_uids[0]);
+        let command = idaics::dimse::store_request(CT, &series.sop_uids[0], 1).unwrap();
         for (value_type, bytes) in [(PDataValueType::Command, command), (PDataValueType::Data, data.to_vec())] {
             send(Pdu::PData {
                 data: vec![PDataValue { presentation_context_id: 1, value_type, is_last: true, data: bytes }],
@@ -1107,7 +1107,7 @@ fn a_sender_that_stalls_mid_instance_is_aborted_after_the_idle_timeout() {
     let pdv = |value_type, data: Vec<u8>, is_last| Pdu::PData {
         data: vec![PDataValue { presentation_context_id: pc, value_type, is_last, data }],
     };
-    let command = idaics::report::scu::store_command(CT, &series.sop_uids[0]);
+    let command = idaics::dimse::store_request(CT, &series.sop_uids[0], 1).unwrap();
     association.send(&pdv(PDataValueType::Command, command, true)).unwrap();
     association.send(&pdv(PDataValueType::Data, dataset[..16_000].to_vec(), false)).unwrap();
     agent.wait_for("the partial file", Duration::from_secs(5), |a| !partial_files(&a.state_dir).is_empty());

@@ -10,8 +10,8 @@
 //! agent's whole cost per instance. Disk writing starts while fragments arrive, the check runs
 //! while the disk finishes, and the temporary file was created before the instance arrived.
 
-use crate::common::IMPLEMENTATION_CLASS_UID;
 use crate::common::IMPLEMENTATION_VERSION_NAME;
+use crate::common::{IMPLEMENTATION_CLASS_UID, trim_uid};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -112,11 +112,6 @@ pub fn check_uid(uid: &str) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Strips the padding DICOM allows at the end of UI values.
-pub fn trim_uid(uid: &str) -> &str {
-    uid.trim_end_matches(['\0', ' '])
 }
 
 /// Identifiers the C-STORE request announced, which the data set must repeat.

@@ -13,7 +13,7 @@ use dicom_ul::Pdu;
 use dicom_ul::association::client::ClientAssociationOptions;
 use dicom_ul::pdu::{PDataValueType, PresentationContextResultReason};
 
-use crate::ingest::scp::dimse;
+use crate::dimse;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ScuError {
@@ -234,7 +234,7 @@ fn store_one(
         })?;
     let mut dataset = Vec::new();
     object.write_dataset_with_ts(&mut dataset, ts).map_err(|e| read(e.to_string()))?;
-    let command = store_command_with_id(&sop_class, &sop_instance, message_id);
+    let command = dimse::store_request(&sop_class, &sop_instance, message_id).map_err(|e| transfer(e.to_string()))?;
     let command_pdus = dimse::pdata_pdus(context.id, PDataValueType::Command, &command, negotiated.chunk);
     for pdu in command_pdus.chain(dimse::pdata_pdus(context.id, PDataValueType::Data, &dataset, negotiated.chunk)) {
         association.send(&pdu).map_err(|e| transfer(e.to_string()))?;
@@ -283,38 +283,6 @@ fn read_meta(path: &Path) -> Result<dicom_object::meta::FileMetaTable, String> {
     let start = if head.get(128..132) == Some(b"DICM".as_slice()) { 128 } else { 0 };
     file.seek(SeekFrom::Start(start)).map_err(|e| e.to_string())?;
     dicom_object::meta::FileMetaTable::from_reader(std::io::BufReader::new(file)).map_err(|e| e.to_string())
-}
-
-/// A C-STORE-RQ command set (implicit VR little endian, as DIMSE commands always are).
-pub fn store_command(sop_class: &str, sop_instance: &str) -> Vec<u8> {
-    store_command_with_id(sop_class, sop_instance, 1)
-}
-
-fn store_command_with_id(sop_class: &str, sop_instance: &str, message_id: u16) -> Vec<u8> {
-    fn put(out: &mut Vec<u8>, element: u16, value: &[u8]) {
-        out.extend_from_slice(&0u16.to_le_bytes());
-        out.extend_from_slice(&element.to_le_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        out.extend_from_slice(value);
-    }
-    fn uid(s: &str) -> Vec<u8> {
-        let mut v = s.as_bytes().to_vec();
-        if v.len() % 2 == 1 {
-            v.push(0);
-        }
-        v
-    }
-    let mut body = Vec::new();
-    put(&mut body, 0x0002, &uid(sop_class)); // Affected SOP Class UID
-    put(&mut body, 0x0100, &1u16.to_le_bytes()); // C-STORE-RQ
-    put(&mut body, 0x0110, &message_id.to_le_bytes()); // Message ID
-    put(&mut body, 0x0700, &0u16.to_le_bytes()); // Priority: medium
-    put(&mut body, 0x0800, &0u16.to_le_bytes()); // a data set follows
-    put(&mut body, 0x1000, &uid(sop_instance)); // Affected SOP Instance UID
-    let mut out = Vec::new();
-    put(&mut out, 0x0000, &(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
 }
 
 /// What a site can do when its PACS refuses the report's storage class.

@@ -393,7 +393,7 @@ impl RawScu {
         use dicom_ul::Pdu;
         use dicom_ul::pdu::{PDataValue, PDataValueType};
         let pc = self.association.presentation_contexts()[0].id;
-        let command = idaics::report::scu::store_command(&self.sop_class, sop_instance);
+        let command = idaics::dimse::store_request(&self.sop_class, sop_instance, 1).unwrap();
         self.association
             .send(&Pdu::PData {
                 data: vec![PDataValue {
@@ -484,8 +484,25 @@ fn http_request(port: u16, method: &str, path: &str, body: &str) -> (u16, String
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let chunked = head.lines().any(|l| l.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    (status, if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// The body of a response sent in chunks (RFC 9112 section 7.1): each chunk's hex size line, its
+/// data and CRLF, until the chunk of size 0.
+fn dechunk(mut rest: &str) -> String {
+    let mut body = String::new();
+    while let Some((size_line, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("not a chunk size: {size_line:?}"));
+        if size == 0 {
+            break;
+        }
+        body.push_str(&after[..size]);
+        rest = after[size..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
+    body
 }
 
 /// DCMTK storescp as the destination PACS.

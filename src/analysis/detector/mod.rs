@@ -178,7 +178,7 @@ pub fn read_image(path: &Path) -> Result<predict::RgbImage, DetectorError> {
         let obj = dicom_object::open_file(path).map_err(|e| image_err(e.to_string()))?;
         let pixels = crate::ingest::pixel_module::PixelModule::from_object(&obj).map_err(image_err)?;
         pixels.check_against(&obj).map_err(image_err)?;
-        let transfer_syntax = crate::ingest::spool::trim_uid(obj.meta().transfer_syntax()).to_string();
+        let transfer_syntax = crate::common::trim_uid(obj.meta().transfer_syntax()).to_string();
         pixels.check_codestream(&obj, &transfer_syntax).map_err(image_err)?;
         let frames = pixels.number_of_frames;
         if frames > 1 {

@@ -5,7 +5,6 @@
 //! fragment by fragment (memory per association is bounded by the PDU size), made durable, checked,
 //! and only then answered with Success. Every failure maps to a DIMSE status and a log line.
 
-pub mod dimse;
 mod storage_sop_classes;
 pub mod transfer_syntaxes;
 
@@ -32,9 +31,9 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, field};
 
 use crate::config::{Config, OtherSopClassPolicy, PeerRule};
+use crate::dimse::{self, status};
 use crate::ingest::series::{AssociationId, TrackerEvent};
 use crate::ingest::spool::{self, PartialInstance, Spool, SpoolError, StoreRequest};
-use dimse::status;
 
 pub use storage_sop_classes::STORAGE_SOP_CLASSES;
 
@@ -881,9 +880,11 @@ impl Session<'_> {
 
     /// Decides where a C-STORE's data set goes before its first byte arrives.
     fn open_sink(&self, request: &dimse::Request, pc: &PresentationContextNegotiated) -> Sink {
-        let sop_class =
-            request.affected_sop_class_uid.clone().unwrap_or_else(|| spool::trim_uid(&pc.abstract_syntax).to_string());
-        if sop_class != spool::trim_uid(&pc.abstract_syntax) {
+        let sop_class = request
+            .affected_sop_class_uid
+            .clone()
+            .unwrap_or_else(|| crate::common::trim_uid(&pc.abstract_syntax).to_string());
+        if sop_class != crate::common::trim_uid(&pc.abstract_syntax) {
             return Sink::Fail {
                 status: status::SOP_CLASS_NOT_SUPPORTED,
                 reason: format!("SOP class {sop_class} sent on a context negotiated for {}", pc.abstract_syntax),
@@ -918,7 +919,7 @@ impl Session<'_> {
         let store = StoreRequest {
             sop_class_uid: sop_class,
             sop_instance_uid: sop_instance,
-            transfer_syntax_uid: spool::trim_uid(&pc.transfer_syntax).to_string(),
+            transfer_syntax_uid: crate::common::trim_uid(&pc.transfer_syntax).to_string(),
             calling_ae_title: self.calling_ae.clone(),
         };
         match self.ctx.spool.begin(store) {
@@ -988,7 +989,7 @@ impl Session<'_> {
         code: u16,
         reason: Option<&str>,
     ) -> Result<(), String> {
-        let data = dimse::response(request, code, reason);
+        let data = dimse::response(request, code, reason).map_err(|e| e.to_string())?;
         let peer_max = association.requestor_max_pdu_length();
         let fragment = dimse::fragment_length(peer_max).ok_or_else(|| {
             format!("the peer's maximum PDU length of {peer_max} bytes leaves no room for a response")

@@ -28,7 +28,7 @@ pub const ACCEPTED: &[(&str, &str)] = &[
 
 /// Human-readable transfer syntax name for logs.
 pub fn name(uid: &str) -> &str {
-    let uid = crate::ingest::spool::trim_uid(uid);
+    let uid = crate::common::trim_uid(uid);
     ACCEPTED.iter().find(|(u, _)| *u == uid).map_or(uid, |(_, n)| n)
 }
 
@@ -36,7 +36,7 @@ pub fn name(uid: &str) -> &str {
 /// retrieve) are named from the standard's registry, so a log says what the peer wanted.
 pub fn short_sop_name(uid: &str) -> &str {
     use dicom_core::dictionary::UidDictionary;
-    let uid = crate::ingest::spool::trim_uid(uid);
+    let uid = crate::common::trim_uid(uid);
     if uid == dicom_dictionary_std::uids::VERIFICATION {
         return "Verification";
     }

@@ -1,7 +1,9 @@
-//! DIMSE command sets (PS3.7 section 9 and annex E): the few fields the SCP reads from requests
-//! and the responses it writes. Command sets are always Implicit VR Little Endian.
+//! DIMSE messages (PS3.7 section 9 and annex E), shared by the SCP that receives series and the
+//! SCU that delivers reports: the command sets each side writes, the fields the SCP reads from
+//! requests, and the P-DATA-TF PDUs that carry them. Command sets are always Implicit VR Little
+//! Endian; dicom-object builds them, with their group length, so no byte is laid out by hand.
 
-use dicom_core::Tag;
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -14,6 +16,9 @@ pub const C_ECHO_RQ: u16 = 0x0030;
 const RESPONSE_BIT: u16 = 0x8000;
 /// CommandDataSetType value meaning "no data set follows".
 const NO_DATA_SET: u16 = 0x0101;
+/// CommandDataSetType value of a request whose data set follows (any value but 0x0101 says so).
+const DATA_SET_FOLLOWS: u16 = 0x0000;
+const PRIORITY_MEDIUM: u16 = 0x0000;
 
 /// DIMSE status codes used by this SCP (PS3.4 annex B.2.3 and PS3.7 annex C).
 pub mod status {
@@ -31,6 +36,8 @@ pub enum CommandError {
     Unparsable(String),
     #[error("command set lacks {0}")]
     Missing(&'static str),
+    #[error("command set cannot be encoded: {0}")]
+    Unencodable(String),
 }
 
 /// The fields of a request command set that the SCP acts on.
@@ -51,7 +58,7 @@ impl Request {
             obj.element(tag).ok().and_then(|e| e.to_int::<u16>().ok()).ok_or(CommandError::Missing(name))
         };
         let uid = |tag: Tag| -> Option<String> {
-            obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| crate::ingest::spool::trim_uid(&s).to_string())
+            obj.element(tag).ok().and_then(|e| e.to_str().ok()).map(|s| crate::common::trim_uid(&s).to_string())
         };
         Ok(Request {
             command_field: uint(tags::COMMAND_FIELD, "CommandField")?,
@@ -65,30 +72,51 @@ impl Request {
 
 /// Encodes the response to `request` with `status` and, for failures, an error comment that
 /// tells the sender's operator why (truncated to the 64 characters LO allows).
-pub fn response(request: &Request, status: u16, error_comment: Option<&str>) -> Vec<u8> {
-    let mut body = Vec::with_capacity(256);
+pub fn response(request: &Request, status: u16, error_comment: Option<&str>) -> Result<Vec<u8>, CommandError> {
+    let mut elements = vec![
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(request.command_field | RESPONSE_BIT)),
+        DataElement::new(tags::MESSAGE_ID_BEING_RESPONDED_TO, VR::US, PrimitiveValue::from(request.message_id)),
+        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, PrimitiveValue::from(NO_DATA_SET)),
+        DataElement::new(tags::STATUS, VR::US, PrimitiveValue::from(status)),
+    ];
     if let Some(uid) = &request.affected_sop_class_uid {
-        put_text(&mut body, tags::AFFECTED_SOP_CLASS_UID, uid, 0);
+        elements.push(DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
     }
-    put_u16(&mut body, tags::COMMAND_FIELD, request.command_field | RESPONSE_BIT);
-    put_u16(&mut body, tags::MESSAGE_ID_BEING_RESPONDED_TO, request.message_id);
-    put_u16(&mut body, tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET);
-    put_u16(&mut body, tags::STATUS, status);
+    if let Some(uid) = &request.affected_sop_instance_uid {
+        elements.push(DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(uid.as_str())));
+    }
     if let Some(comment) = error_comment {
         let clean: String = comment
             .chars()
             .map(|c| if c.is_ascii() && !c.is_ascii_control() && c != '\\' { c } else { ' ' })
             .take(64)
             .collect();
-        put_text(&mut body, tags::ERROR_COMMENT, &clean, b' ');
+        elements.push(DataElement::new(tags::ERROR_COMMENT, VR::LO, PrimitiveValue::from(clean)));
     }
-    if let Some(uid) = &request.affected_sop_instance_uid {
-        put_text(&mut body, tags::AFFECTED_SOP_INSTANCE_UID, uid, 0);
-    }
-    let mut out = Vec::with_capacity(body.len() + 12);
-    put_u32(&mut out, tags::COMMAND_GROUP_LENGTH, body.len() as u32);
-    out.extend_from_slice(&body);
-    out
+    encode(elements)
+}
+
+/// A C-STORE-RQ command set for one instance, priority medium, a data set following.
+pub fn store_request(sop_class: &str, sop_instance: &str, message_id: u16) -> Result<Vec<u8>, CommandError> {
+    encode([
+        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, PrimitiveValue::from(sop_class)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(C_STORE_RQ)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(message_id)),
+        DataElement::new(tags::PRIORITY, VR::US, PrimitiveValue::from(PRIORITY_MEDIUM)),
+        DataElement::new(tags::COMMAND_DATA_SET_TYPE, VR::US, PrimitiveValue::from(DATA_SET_FOLLOWS)),
+        DataElement::new(tags::AFFECTED_SOP_INSTANCE_UID, VR::UI, PrimitiveValue::from(sop_instance)),
+    ])
+}
+
+/// The command set of `elements` (group 0000 only) with the Command Group Length dicom-object
+/// computes, in ascending tag order as PS3.5 7.1 requires.
+fn encode(elements: impl IntoIterator<Item = DataElement<InMemDicomObject>>) -> Result<Vec<u8>, CommandError> {
+    let command = InMemDicomObject::command_from_element_iter(elements);
+    let mut bytes = Vec::with_capacity(256);
+    command
+        .write_dataset_with_ts(&mut bytes, &IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .map_err(|e| CommandError::Unencodable(e.to_string()))?;
+    Ok(bytes)
 }
 
 /// Bytes a P-DATA-TF PDU holding one value adds around that value's data: the PDU header (type,
@@ -131,31 +159,6 @@ pub fn pdata_pdus(
     })
 }
 
-fn put_header(out: &mut Vec<u8>, tag: Tag, len: u32) {
-    out.extend_from_slice(&tag.group().to_le_bytes());
-    out.extend_from_slice(&tag.element().to_le_bytes());
-    out.extend_from_slice(&len.to_le_bytes());
-}
-
-fn put_u16(out: &mut Vec<u8>, tag: Tag, value: u16) {
-    put_header(out, tag, 2);
-    out.extend_from_slice(&value.to_le_bytes());
-}
-
-fn put_u32(out: &mut Vec<u8>, tag: Tag, value: u32) {
-    put_header(out, tag, 4);
-    out.extend_from_slice(&value.to_le_bytes());
-}
-
-fn put_text(out: &mut Vec<u8>, tag: Tag, value: &str, pad: u8) {
-    let padded_len = value.len() + value.len() % 2;
-    put_header(out, tag, padded_len as u32);
-    out.extend_from_slice(value.as_bytes());
-    if value.len() % 2 == 1 {
-        out.push(pad);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +172,7 @@ mod tests {
             affected_sop_class_uid: Some("1.2.840.10008.5.1.4.1.1.2".into()),
             affected_sop_instance_uid: Some("1.2.3".into()),
         };
-        let bytes = response(&request, status::OUT_OF_RESOURCES, Some("disk full"));
+        let bytes = response(&request, status::OUT_OF_RESOURCES, Some("disk full")).unwrap();
         assert_ascending_tags(&bytes);
         let obj = InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
         assert_eq!(obj.element(tags::COMMAND_FIELD).unwrap().to_int::<u16>().unwrap(), 0x8001);
@@ -182,19 +185,55 @@ mod tests {
 
     #[test]
     fn store_request_is_parsed() {
-        let mut bytes = Vec::new();
-        put_text(&mut bytes, tags::AFFECTED_SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.2", 0);
-        put_u16(&mut bytes, tags::COMMAND_FIELD, C_STORE_RQ);
-        put_u16(&mut bytes, tags::MESSAGE_ID, 3);
-        put_u16(&mut bytes, tags::PRIORITY, 0);
-        put_u16(&mut bytes, tags::COMMAND_DATA_SET_TYPE, 0x0000);
-        put_text(&mut bytes, tags::AFFECTED_SOP_INSTANCE_UID, "1.2.345", 0);
+        let bytes = store_request("1.2.840.10008.5.1.4.1.1.2", "1.2.345", 3).unwrap();
+        assert_ascending_tags(&bytes);
         let parsed = Request::parse(&bytes).unwrap();
         assert_eq!(parsed.command_field, C_STORE_RQ);
         assert_eq!(parsed.message_id, 3);
         assert!(parsed.has_data_set);
         assert_eq!(parsed.affected_sop_instance_uid.as_deref(), Some("1.2.345"));
         assert_eq!(parsed.affected_sop_class_uid.as_deref(), Some("1.2.840.10008.5.1.4.1.1.2"));
+    }
+
+    /// The bytes PS3.7 annex E and PS3.5 section 7 give for a C-STORE-RQ, laid out by hand here
+    /// once: tag, 4-byte length, value; UIDs padded with NUL to even length; group length first.
+    #[test]
+    fn store_request_bytes_are_those_of_the_standard() {
+        // Group length: six 8-byte headers and 26 + 2 + 2 + 2 + 2 + 8 bytes of values.
+        let mut expected: Vec<u8> = vec![0, 0, 0, 0, 4, 0, 0, 0, 90, 0, 0, 0];
+        let mut element = |element: u16, value: &[u8]| {
+            expected.extend_from_slice(&[0, 0]);
+            expected.extend_from_slice(&element.to_le_bytes());
+            expected.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            expected.extend_from_slice(value);
+        };
+        element(0x0002, b"1.2.840.10008.5.1.4.1.1.2\0");
+        element(0x0100, &[0x01, 0x00]);
+        element(0x0110, &[0x07, 0x01]);
+        element(0x0700, &[0, 0]);
+        element(0x0800, &[0, 0]);
+        element(0x1000, b"1.2.345\0");
+        assert_eq!(store_request("1.2.840.10008.5.1.4.1.1.2", "1.2.345", 0x0107).unwrap(), expected);
+    }
+
+    #[test]
+    fn an_error_comment_is_cleaned_padded_and_cut_to_64_characters() {
+        let request = Request {
+            command_field: C_ECHO_RQ,
+            message_id: 1,
+            has_data_set: false,
+            affected_sop_class_uid: None,
+            affected_sop_instance_uid: None,
+        };
+        let bytes = response(&request, status::CANNOT_UNDERSTAND, Some("a\\b\n\u{e9}")).unwrap();
+        assert!(
+            bytes.ends_with(&[0x00, 0x00, 0x02, 0x09, 6, 0, 0, 0, b'a', b' ', b'b', b' ', b' ', b' ']),
+            "{bytes:?}"
+        );
+        let long = "x".repeat(100);
+        let bytes = response(&request, status::CANNOT_UNDERSTAND, Some(&long)).unwrap();
+        let obj = InMemDicomObject::read_dataset_with_ts(&bytes[..], &IMPLICIT_VR_LITTLE_ENDIAN.erased()).unwrap();
+        assert_eq!(obj.element(tags::ERROR_COMMENT).unwrap().to_str().unwrap().len(), 64);
     }
 
     /// Elements must be in ascending tag order (PS3.5 7.1), or peers warn or reject the response.
