@@ -19,6 +19,8 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
+use super::winograd::WinogradWeights;
+
 /// The instruction set the convolutions run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kernel {
@@ -63,7 +65,7 @@ impl Kernel {
     }
 
     /// Output channels per tile.
-    fn channels(self) -> usize {
+    pub(super) fn channels(self) -> usize {
         match self {
             Kernel::Avx512 => 8,
             Kernel::Avx2 | Kernel::Portable => 4,
@@ -71,7 +73,7 @@ impl Kernel {
     }
 
     /// Pixels per run (one vector).
-    fn run_length(self) -> usize {
+    pub(super) fn run_length(self) -> usize {
         match self {
             Kernel::Avx512 => 16,
             Kernel::Avx2 | Kernel::Portable => 8,
@@ -79,7 +81,7 @@ impl Kernel {
     }
 
     /// Runs per tile.
-    fn runs(self) -> usize {
+    pub(super) fn runs(self) -> usize {
         match self {
             Kernel::Avx512 | Kernel::Avx2 => 3,
             Kernel::Portable => 2,
@@ -123,8 +125,29 @@ pub struct PackedConv {
     shape: ConvShape,
     kernel: Kernel,
     packed: Vec<f32>,
+    /// The same weights transformed for F(2x2, 3x3), for 3x3 stride-1 convolutions wide enough.
+    winograd: Option<WinogradWeights>,
     bias: Vec<f32>,
     silu: bool,
+}
+
+/// Input and output channels below which a 3x3 convolution stays direct: the transforms cost per
+/// channel what the products save per pair of channels.
+const WINOGRAD_MIN_CHANNELS: usize = 16;
+
+/// `c_out x taps` weights (row-major) packed for `kernel`: for each block of output channels, for
+/// each tap, the block's weights side by side (zero beyond `c_out`).
+pub(super) fn pack_weights(kernel: Kernel, c_out: usize, taps: usize, weight: &[f32]) -> Vec<f32> {
+    let mr = kernel.channels();
+    let blocks = c_out.div_ceil(mr);
+    let mut packed = vec![0f32; blocks * taps * mr];
+    for co in 0..c_out {
+        let (block, lane) = (co / mr, co % mr);
+        for tap in 0..taps {
+            packed[(block * taps + tap) * mr + lane] = weight[co * taps + tap];
+        }
+    }
+    packed
 }
 
 impl PackedConv {
@@ -151,16 +174,13 @@ impl PackedConv {
         if bias.len() != shape.c_out {
             return Err(ConvError::Size { what: "bias", got: bias.len(), expected: shape.c_out });
         }
-        let mr = kernel.channels();
-        let blocks = shape.c_out.div_ceil(mr);
-        let mut packed = vec![0f32; blocks * taps * mr];
-        for co in 0..shape.c_out {
-            let (block, lane) = (co / mr, co % mr);
-            for tap in 0..taps {
-                packed[(block * taps + tap) * mr + lane] = weight[co * taps + tap];
-            }
-        }
-        Ok(PackedConv { shape, kernel, packed, bias: bias.to_vec(), silu })
+        let packed = pack_weights(kernel, shape.c_out, taps, weight);
+        let winograd = (shape.kernel == 3
+            && shape.stride == 1
+            && shape.c_in >= WINOGRAD_MIN_CHANNELS
+            && shape.c_out >= WINOGRAD_MIN_CHANNELS)
+            .then(|| WinogradWeights::new(kernel, shape.c_in, shape.c_out, weight));
+        Ok(PackedConv { shape, kernel, packed, winograd, bias: bias.to_vec(), silu })
     }
 
     pub fn shape(&self) -> ConvShape {
@@ -190,9 +210,18 @@ impl PackedConv {
         }
         // Taken out while in use: a thread that waits on rayon may run another convolution.
         let mut frame = FRAME.take();
-        let layout = Layout::prepare(s, input, (h, w), &mut frame);
-        let source: &[f32] = if s.kernel == 1 { input } else { &frame };
-        self.convolve(source, &layout, (out_h, out_w), output, residual);
+        match &self.winograd {
+            Some(winograd) if winograd.applies((h, w)) => {
+                // The stride-2 layout puts neighbouring tiles' columns side by side.
+                Layout::prepare(ConvShape { stride: 2, ..s }, input, (h, w), &mut frame);
+                winograd.run(self.kernel, &frame, (h, w), &self.bias, self.silu, output, residual);
+            }
+            _ => {
+                let layout = Layout::prepare(s, input, (h, w), &mut frame);
+                let source: &[f32] = if s.kernel == 1 { input } else { &frame };
+                self.convolve(source, &layout, (out_h, out_w), output, residual);
+            }
+        }
         FRAME.set(frame);
         Ok(())
     }
@@ -298,23 +327,23 @@ const WEIGHTS_IN_CACHE: usize = 256 * 1024;
 /// One run of output pixels: where its first pixel's window starts in the source, where it goes
 /// in an output plane, and how many pixels it has.
 #[derive(Debug, Clone, Copy)]
-struct Run {
-    source: usize,
-    target: usize,
-    len: usize,
+pub(super) struct Run {
+    pub(super) source: usize,
+    pub(super) target: usize,
+    pub(super) len: usize,
 }
 
-struct SyncPtr(*mut f32);
+pub(super) struct SyncPtr(pub(super) *mut f32);
 // SAFETY: shared only to write disjoint runs (see `convolve`).
 unsafe impl Sync for SyncPtr {}
 
 /// What happens to a tile's sums before they are stored.
-struct Epilogue<'a> {
-    bias: &'a [f32],
-    silu: bool,
+pub(super) struct Epilogue<'a> {
+    pub(super) bias: &'a [f32],
+    pub(super) silu: bool,
     /// From the block's first channel on.
-    residual: Option<&'a [f32]>,
-    plane: usize,
+    pub(super) residual: Option<&'a [f32]>,
+    pub(super) plane: usize,
 }
 
 thread_local! {
@@ -396,7 +425,7 @@ impl Layout {
 /// Every run's source window plus the largest offset must lie in `source`, and `target` must be
 /// valid for writes of `channels` planes of `epilogue.plane` at each run's target.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile_for(
+pub(super) unsafe fn tile_for(
     kernel: Kernel,
     source: &[f32],
     offsets: &[usize],
@@ -466,7 +495,7 @@ unsafe fn tile_portable(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Epilogue, Run};
@@ -474,7 +503,7 @@ mod x86 {
     /// e^x for 16 lanes, as [`super::fast_exp`] computes it, with the power of two by `scalef`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn exp_avx512(x: __m512) -> __m512 {
+    pub(crate) fn exp_avx512(x: __m512) -> __m512 {
         let x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0)), _mm512_set1_ps(-87.0));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
             x,
@@ -493,7 +522,7 @@ mod x86 {
     /// division takes ten times the cycles and the epilogue of a small convolution is mostly SiLU.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn reciprocal_avx512(d: __m512) -> __m512 {
+    pub(crate) fn reciprocal_avx512(d: __m512) -> __m512 {
         let r = _mm512_rcp14_ps(d);
         _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.0)))
     }
@@ -570,7 +599,7 @@ mod x86 {
     /// e^x for 8 lanes, as [`super::fast_exp`] computes it.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp_avx2(x: __m256) -> __m256 {
+    pub(crate) fn exp_avx2(x: __m256) -> __m256 {
         let x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0)), _mm256_set1_ps(-87.0));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
             x,
@@ -590,7 +619,7 @@ mod x86 {
     /// Newton steps.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn reciprocal_avx2(d: __m256) -> __m256 {
+    pub(crate) fn reciprocal_avx2(d: __m256) -> __m256 {
         let two = _mm256_set1_ps(2.0);
         let r = _mm256_rcp_ps(d);
         let r = _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, two));
@@ -600,7 +629,7 @@ mod x86 {
     /// Lanes `..len` of 8 set, as `maskload` and `maskstore` read a mask.
     #[inline]
     #[target_feature(enable = "avx2")]
-    fn lanes(len: usize) -> __m256i {
+    pub(crate) fn lanes(len: usize) -> __m256i {
         _mm256_cmpgt_epi32(_mm256_set1_epi32(len as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
     }
 
@@ -760,6 +789,11 @@ mod tests {
             (4, 6, 3, 2, 8, 8),
             (5, 12, 3, 2, 11, 13),
             (24, 20, 3, 1, 20, 37),
+            // Even sizes with enough tiles go through F(2x2, 3x3): tile rows narrower and wider
+            // than a lane array, groups that end inside a row, a partial block of channels.
+            (24, 20, 3, 1, 20, 38),
+            (16, 17, 3, 1, 16, 48),
+            (32, 40, 3, 1, 34, 50),
             (32, 9, 1, 1, 16, 16),
             // Enough input channels, on a 4 KiB plane, for the 1x1 tiles to be gathered first.
             (384, 9, 1, 1, 32, 32),
@@ -792,6 +826,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The shapes above meant for F(2x2, 3x3) do go through it, and the others do not.
+    #[test]
+    fn winograd_takes_the_wide_even_3x3_convolutions() {
+        let takes = |c_in: usize, c_out: usize, stride: usize, (h, w): (usize, usize)| {
+            let s = ConvShape { c_in, c_out, kernel: 3, stride };
+            let conv =
+                PackedConv::for_kernel(Kernel::Portable, s, &vec![0.0; c_out * c_in * 9], &vec![0.0; c_out], true)
+                    .unwrap();
+            conv.winograd.as_ref().is_some_and(|winograd| winograd.applies((h, w)))
+        };
+        assert!(takes(24, 20, 1, (20, 38)) && takes(16, 17, 1, (16, 48)) && takes(32, 40, 1, (34, 50)));
+        // Odd width, stride 2, too few channels, too few tiles.
+        assert!(!takes(24, 20, 1, (20, 37)) && !takes(24, 20, 2, (20, 38)));
+        assert!(!takes(8, 8, 1, (32, 32)) && !takes(24, 20, 1, (8, 8)));
     }
 
     #[test]

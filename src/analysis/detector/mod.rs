@@ -3,6 +3,7 @@
 pub mod cpu_conv;
 pub mod detrand;
 pub mod predict;
+mod winograd;
 pub mod yolov8_seg;
 
 use std::collections::HashMap;

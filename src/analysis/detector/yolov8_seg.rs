@@ -723,9 +723,16 @@ impl YoloV8Seg {
     /// Returns the raw head outputs, see [`SegmentHead::forward`].
     pub fn forward(&self, images: &Tensor) -> Result<(Tensor, Tensor)> {
         if images.device().is_cpu() {
-            let features =
-                Planes::from_batch(images)?.iter().map(|image| self.features_cpu(image)).collect::<Result<Vec<_>>>()?;
-            return self.head.forward_cpu(&features);
+            // The whole forward runs on one of rayon's threads, so that each layer's parallel
+            // loops share out work among threads already awake instead of waking the pool from
+            // outside and sleeping until it is done (a few hundred such hand-overs a forward).
+            return rayon::scope(|_| {
+                let features = Planes::from_batch(images)?
+                    .iter()
+                    .map(|image| self.features_cpu(image))
+                    .collect::<Result<Vec<_>>>()?;
+                self.head.forward_cpu(&features)
+            });
         }
         self.forward_with_tensors(images)
     }
