@@ -132,8 +132,8 @@ pub struct PackedConv {
 }
 
 /// Input and output channels below which a 3x3 convolution stays direct: the transforms cost per
-/// channel what the products save per pair of channels.
-const WINOGRAD_MIN_CHANNELS: usize = 16;
+/// channel what the products save per pair of channels (see [`WinogradWeights::applies`]).
+const WINOGRAD_MIN_CHANNELS: usize = 32;
 
 /// `c_out x taps` weights (row-major) packed for `kernel`: for each block of output channels, for
 /// each tap, the block's weights side by side (zero beyond `c_out`).
@@ -864,9 +864,9 @@ mod tests {
             (24, 20, 3, 1, 20, 37),
             // Even sizes with enough tiles go through F(2x2, 3x3): tile rows narrower and wider
             // than a lane array, groups that end inside a row, a partial block of channels.
-            (24, 20, 3, 1, 20, 38),
-            (16, 17, 3, 1, 16, 48),
-            (32, 40, 3, 1, 34, 50),
+            (32, 64, 3, 1, 34, 50),
+            (64, 33, 3, 1, 32, 48),
+            (128, 64, 3, 1, 16, 16),
             (32, 9, 1, 1, 16, 16),
             // Enough input channels, on a 4 KiB plane, for the 1x1 tiles to be gathered first.
             (384, 9, 1, 1, 32, 32),
@@ -911,10 +911,11 @@ mod tests {
                     .unwrap();
             conv.winograd.as_ref().is_some_and(|winograd| winograd.applies((h, w)))
         };
-        assert!(takes(24, 20, 1, (20, 38)) && takes(16, 17, 1, (16, 48)) && takes(32, 40, 1, (34, 50)));
-        // Odd width, stride 2, too few channels, too few tiles.
-        assert!(!takes(24, 20, 1, (20, 37)) && !takes(24, 20, 2, (20, 38)));
-        assert!(!takes(8, 8, 1, (32, 32)) && !takes(24, 20, 1, (8, 8)));
+        assert!(takes(32, 64, 1, (34, 50)) && takes(64, 33, 1, (32, 48)) && takes(128, 64, 1, (16, 16)));
+        // Odd width, stride 2, too few channels, too few tiles for the channels, too few tiles.
+        assert!(!takes(32, 64, 1, (34, 49)) && !takes(32, 64, 2, (34, 50)));
+        assert!(!takes(16, 16, 1, (128, 128)) && !takes(32, 32, 1, (64, 64)));
+        assert!(!takes(64, 64, 1, (16, 16)) && !takes(128, 128, 1, (8, 8)));
     }
 
     #[test]
