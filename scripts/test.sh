@@ -52,6 +52,8 @@ cargo test --all-targets --locked --no-fail-fast -- --test-threads="${TEST_THREA
 for kernel in avx2 portable; do
   IDAICS_CPU_KERNEL=$kernel cargo test --locked --test detector_golden --test detector_predict
 done
+# And with every 3x3 convolution direct, as before Winograd's F(2x2, 3x3) took the wide ones.
+IDAICS_CPU_WINOGRAD=0 cargo test --locked --test detector_golden --test detector_predict
 
 # The package's install test changes the machine it runs on (a package, a system user), so it is
 # ignored above and run here, on the throwaway machine this command is for.
