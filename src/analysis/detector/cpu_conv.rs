@@ -13,7 +13,8 @@
 //! Three kernels share that plan: AVX-512 (8 channels x 3 runs of 16 pixels), AVX2 with FMA
 //! (4 x 3 runs of 8) and a portable one (4 x 2 runs of 8, what the compiler makes of plain loops),
 //! picked at run time; `IDAICS_CPU_KERNEL=avx2|portable` picks a lesser one, for tests and for
-//! timing the AVX2 path on a machine that has AVX-512.
+//! timing the AVX2 path on a machine that has AVX-512. Wide 3x3 stride-1 convolutions go through
+//! Winograd's F(2x2, 3x3) instead (`winograd.rs`), whose products run on these kernels.
 
 use std::sync::OnceLock;
 

@@ -3,7 +3,8 @@
 //!
 //! Why: most of YOLOv8-seg's multiplies are in 3x3 stride-1 convolutions (the bottlenecks, the
 //! head's branches, the mask prototypes at a quarter of the input's size), and the direct kernel
-//! already runs them near what the cores' multipliers allow; fewer multiplies is what is left.
+//! already runs them at about three quarters of what the cores' multipliers allow; fewer
+//! multiplies is what is left.
 //! F(2x2, 3x3) is the variant whose transforms only add, subtract and halve, so its rounding stays
 //! that of a differently ordered sum.
 //!
@@ -24,7 +25,7 @@ type Lanes = [f32; LANES];
 
 /// Elements between the starts of two transformed taps' planes beyond their `channels x group`:
 /// without it a plane of a multiple of 4 KiB put the 16 values of one tile in the same few cache
-/// sets, where they evicted each other (the transforms ran ten times slower).
+/// sets, where they evicted each other (the transforms ran twice as slow).
 const TAP_PADDING: usize = 16;
 
 /// Elements from one transformed tap's planes to the next.
