@@ -8,7 +8,7 @@
 mod storage_sop_classes;
 pub mod transfer_syntaxes;
 
-use crate::common::with_causes;
+use crate::common::{trim_uid, with_causes};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -880,11 +880,9 @@ impl Session<'_> {
 
     /// Decides where a C-STORE's data set goes before its first byte arrives.
     fn open_sink(&self, request: &dimse::Request, pc: &PresentationContextNegotiated) -> Sink {
-        let sop_class = request
-            .affected_sop_class_uid
-            .clone()
-            .unwrap_or_else(|| crate::common::trim_uid(&pc.abstract_syntax).to_string());
-        if sop_class != crate::common::trim_uid(&pc.abstract_syntax) {
+        let sop_class =
+            request.affected_sop_class_uid.clone().unwrap_or_else(|| trim_uid(&pc.abstract_syntax).to_string());
+        if sop_class != trim_uid(&pc.abstract_syntax) {
             return Sink::Fail {
                 status: status::SOP_CLASS_NOT_SUPPORTED,
                 reason: format!("SOP class {sop_class} sent on a context negotiated for {}", pc.abstract_syntax),
@@ -919,7 +917,7 @@ impl Session<'_> {
         let store = StoreRequest {
             sop_class_uid: sop_class,
             sop_instance_uid: sop_instance,
-            transfer_syntax_uid: crate::common::trim_uid(&pc.transfer_syntax).to_string(),
+            transfer_syntax_uid: trim_uid(&pc.transfer_syntax).to_string(),
             calling_ae_title: self.calling_ae.clone(),
         };
         match self.ctx.spool.begin(store) {
