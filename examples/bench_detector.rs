@@ -1,5 +1,7 @@
 //! candle side of bench/detector.sh: YOLOv8-seg forward time and peak memory.
-//! `bench_detector WEIGHTS SIZE RUNS` prints one JSON line.
+//! `bench_detector WEIGHTS SIZE RUNS` prints one JSON line. IDAICS_BENCH_DEVICE picks the device
+//! (default cpu); IDAICS_BENCH_BATCH=N times batches of N images (default 1; a series' views go
+//! through the network as one batch of about seven).
 use candle_core::Tensor;
 
 fn main() -> anyhow::Result<()> {
@@ -11,7 +13,9 @@ fn main() -> anyhow::Result<()> {
         &std::env::var("IDAICS_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()),
     )?;
     let (network, _) = idaics::analysis::detector::load_network(std::path::Path::new(&args[0]), &device)?;
-    let input = Tensor::rand(0f32, 1f32, (1, 3, size, size), &device)?;
+    let batch: usize = std::env::var("IDAICS_BENCH_BATCH").ok().map(|b| b.parse()).transpose()?.unwrap_or(1);
+    anyhow::ensure!(batch >= 1, "IDAICS_BENCH_BATCH must be at least 1");
+    let input = Tensor::rand(0f32, 1f32, (batch, 3, size, size), &device)?;
     for _ in 0..3 {
         network.forward(&input)?;
     }
@@ -36,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "peer": "candle",
             "kernel": idaics::analysis::detector::cpu_conv::Kernel::detected().name(),
+            "device": format!("{device:?}"),
+            "batch": batch,
             "median_ms": times[runs / 2],
             "min_ms": times[0],
             "peak_rss_mb": peak_kb as f64 / 1024.0

@@ -3,7 +3,8 @@
 # has them in its Python environment) but no Rust: runs the binaries scripts/build-cuda.sh packed in
 # target/cuda/gpu-check.tar.xz (carry that file). Under a minute:
 #  1. the raw-output goldens (n and s) and the shapes-model predict goldens, on cuda:0;
-#  2. the forward pass of the shapes model at 512x512 on CPU and on cuda:0, same weights.
+#  2. the forward pass of the shapes model at 512x512 on CPU and on cuda:0, same weights, per
+#     image and per series (a batch of seven views), beside PyTorch's on the GPU where it is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=target/cuda/gpu-check
@@ -24,6 +25,17 @@ export IDAICS_REPO_ROOT=$PWD IDAICS_BIN=$PWD/$bin/idaics IDAICS_TEST_DEVICE=cuda
 "$bin/detector_golden" --test-threads 1
 "$bin/detector_predict" --test-threads 1 detect_matches_ultralytics_predict
 weights=tests/fixtures/shapes/shapes-yolov8n-seg.safetensors
-for device in cpu cuda:0; do
-  echo "$device: $(IDAICS_BENCH_DEVICE=$device "$bin/bench_detector" "$weights" 512 20)"
+# Per image (batch 1) and per series (its seven views in one batch), candle on both devices and,
+# where the image's Python has torch and ultralytics, PyTorch on the same GPU and weights.
+torch_side=0
+python3 -c "import torch, ultralytics; assert torch.cuda.is_available()" 2>/dev/null && torch_side=1
+for batch in 1 7; do
+  for device in cpu cuda:0; do
+    echo "candle $device, batch $batch: $(IDAICS_BENCH_BATCH=$batch IDAICS_BENCH_DEVICE=$device "$bin/bench_detector" "$weights" 512 20)"
+  done
+  if [ "$torch_side" = 1 ]; then
+    echo "pytorch cuda:0, batch $batch: $(python3 bench/torch_forward.py "$weights" 512 4 20 "$batch" cuda:0 2>/dev/null | tail -n 1)"
+  else
+    echo "pytorch cuda:0, batch $batch: not run (this Python has no torch with CUDA and ultralytics)"
+  fi
 done

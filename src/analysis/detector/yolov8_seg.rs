@@ -727,8 +727,9 @@ impl YoloV8Seg {
             // loops share out work among threads already awake instead of waking the pool from
             // outside and sleeping until it is done (a few hundred such hand-overs a forward).
             return rayon::scope(|_| {
+                use rayon::prelude::*;
                 let features = Planes::from_batch(images)?
-                    .iter()
+                    .par_iter()
                     .map(|image| self.features_cpu(image))
                     .collect::<Result<Vec<_>>>()?;
                 self.head.forward_cpu(&features)
